@@ -1,0 +1,5 @@
+import sys
+
+from tokensieve.cli import main
+
+sys.exit(main())

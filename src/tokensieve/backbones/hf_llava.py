@@ -1,0 +1,304 @@
+"""Adapter for transformers' ``LlavaForConditionalGeneration``.
+
+This file is the only place that knows LLaVA's module paths (NOTES.md, transformers 5.x):
+vision tower ``model.model.vision_tower`` (layers at ``.encoder.layers``), projector
+``model.model.multi_modal_projector``, LLM ``model.model.language_model``, head ``model.lm_head``.
+
+The adapter runs the model the way LLaVA does — one vision-tower pass through
+``get_image_features`` (honouring ``vision_feature_layer`` and
+``vision_feature_select_strategy``), features scattered into the ``<image>`` placeholders —
+but assembles the sequence itself, so fewer visual tokens than placeholders can enter the
+LLM: the placeholder run of each row is shrunk to the tokens kept and rows are re-padded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from torch import nn
+from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+from tokensieve.errors import TokensieveError
+from tokensieve.ops import query_attention
+
+STAGES = ("vision", "projector", "llm")
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where tokens can be reduced: before vision block ``layer``, before the projector, or
+    before LLM decoder layer ``layer``. Written ``vision.3``, ``projector``, ``llm.2``."""
+
+    stage: str
+    layer: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Site:
+        stage, _, layer = text.partition(".")
+        if stage not in STAGES or (stage == "projector") != (layer == ""):
+            raise TokensieveError(f"unknown site {text!r}; expected vision.<i>, projector or llm.<k>")
+        try:
+            return cls(stage, int(layer) if layer else None)
+        except ValueError:
+            raise TokensieveError(f"unknown site {text!r}: layer must be an integer") from None
+
+    def __str__(self) -> str:
+        return self.stage if self.layer is None else f"{self.stage}.{self.layer}"
+
+
+@dataclass
+class TokenLayout:
+    """Where things sit in a (left-padded) batch of prompts.
+
+    image_start, image_count: ``(B,)`` first position and length of each row's image run.
+    question_mask: ``(B, L)`` True on real tokens after the image run (question + answer cue).
+    """
+
+    image_start: torch.Tensor
+    image_count: torch.Tensor
+    question_mask: torch.Tensor
+
+
+@dataclass
+class AssembledInputs:
+    """What the LLM receives. All ``(B, L')``, except ``inputs_embeds`` ``(B, L', d)``."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    inputs_embeds: torch.Tensor
+
+    def model_kwargs(self) -> dict[str, torch.Tensor]:
+        return {"inputs_embeds": self.inputs_embeds, "attention_mask": self.attention_mask,
+                "position_ids": self.position_ids}
+
+
+def default_model_path() -> Path:
+    """The shipped testbed checkpoint (the embedded default)."""
+    return Path(__file__).resolve().parent.parent / "assets" / "testbed"
+
+
+def _check_is_llava(name_or_path: str) -> None:
+    from transformers import AutoConfig
+
+    path = Path(name_or_path)
+    if path.exists() and not (path / "config.json").is_file():
+        raise TokensieveError(f"{name_or_path} is not a model checkpoint folder: it has no config.json")
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TokensieveError(f"cannot load model {name_or_path!r}: {first}") from None
+    if config.model_type != "llava":
+        raise TokensieveError(
+            f"{name_or_path} is a {config.model_type!r} model; the LLaVA backbone needs model_type "
+            "'llava' (LlavaForConditionalGeneration)")
+
+
+class LlavaBackbone:
+    """A LLaVA model (and its processor) seen through named sites and a token layout."""
+
+    def __init__(self, model: LlavaForConditionalGeneration, processor: LlavaProcessor | None = None):
+        if not isinstance(model, LlavaForConditionalGeneration):
+            raise TokensieveError(f"expected a LlavaForConditionalGeneration, got {type(model).__name__}")
+        self.model = model
+        self.processor = processor
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path | None = None, dtype: torch.dtype | None = None,
+                        device: str | torch.device = "cpu") -> LlavaBackbone:
+        """Load a hub id or a local folder (default: the shipped testbed)."""
+        from transformers import AutoProcessor
+
+        name = str(name_or_path or default_model_path())
+        _check_is_llava(name)
+        try:
+            model = LlavaForConditionalGeneration.from_pretrained(name, dtype=dtype)
+        except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise TokensieveError(f"cannot load the weights of {name!r}: {first}") from None
+        try:
+            processor = AutoProcessor.from_pretrained(name)
+        except (OSError, ValueError):
+            processor = None  # some checkpoints ship weights only; callers that need one say so
+        return cls(model.to(device).eval(), processor)
+
+    # --- module paths -------------------------------------------------------------------
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.model.vision_tower
+
+    @property
+    def projector(self) -> nn.Module:
+        return self.model.model.multi_modal_projector
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def vision_layers(self) -> nn.ModuleList:
+        return self.vision_tower.encoder.layers
+
+    @property
+    def llm_layers(self) -> nn.ModuleList:
+        return self.language_model.layers
+
+    # --- geometry -----------------------------------------------------------------------
+    @property
+    def image_token_id(self) -> int:
+        return int(self.config.image_token_id)
+
+    @property
+    def feature_hidden_index(self) -> int:
+        """Index into the tower's ``hidden_states`` that LLaVA feeds the projector."""
+        layer = self.config.vision_feature_layer
+        if not isinstance(layer, int):
+            raise TokensieveError(f"multi-layer vision_feature_layer {layer} is not supported")
+        return layer % (len(self.vision_layers) + 1)
+
+    @property
+    def keeps_cls(self) -> bool:
+        return self.config.vision_feature_select_strategy == "full"
+
+    @property
+    def n_patches(self) -> int:
+        vc = self.config.vision_config
+        return (vc.image_size // vc.patch_size) ** 2
+
+    @property
+    def n_visual_tokens(self) -> int:
+        """Visual tokens per image that enter the LLM when nothing is removed."""
+        return self.n_patches + int(self.keeps_cls)
+
+    def sites(self) -> list[Site]:
+        """Every site where removing tokens changes the result.
+
+        Vision blocks after the feature layer never reach the LLM, so they are not sites.
+        """
+        vision = [Site("vision", i) for i in range(1, self.feature_hidden_index)]
+        llm = [Site("llm", k) for k in range(1, len(self.llm_layers))]
+        return vision + [Site("projector")] + llm
+
+    def site_module(self, site: Site) -> nn.Module:
+        """The module whose forward pre-hook sees the tokens at ``site``."""
+        if site not in self.sites():
+            raise TokensieveError(f"site {site} does not exist here; sites are {', '.join(map(str, self.sites()))}")
+        if site.stage == "vision":
+            return self.vision_layers[site.layer]
+        if site.stage == "projector":
+            return self.projector
+        return self.llm_layers[site.layer]
+
+    def prefix_tokens(self, site: Site) -> int:
+        """Leading tokens at ``site`` that are never removed (CLS in the tower)."""
+        if site.stage == "vision":
+            return 1
+        return int(self.keeps_cls) if site.stage == "projector" else 0
+
+    def layout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TokenLayout:
+        """Image run and question tokens of each row of ``input_ids`` ``(B, L)``."""
+        is_image = (input_ids == self.image_token_id) & attention_mask.bool()
+        count = is_image.sum(1)
+        if (count == 0).any():
+            raise TokensieveError("a prompt has no <image> token")
+        start = is_image.int().argmax(1)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        end = start + count
+        if not torch.equal(is_image.sum(1), ((positions >= start[:, None]) & (positions < end[:, None]) & is_image).sum(1)):
+            raise TokensieveError("the <image> tokens of a prompt are not one contiguous run")
+        question = attention_mask.bool() & (positions >= end[:, None])
+        return TokenLayout(start, count, question)
+
+    # --- running the model --------------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """One vision-tower pass + projector, as LLaVA does it: ``(B, 3, H, W)`` -> ``(B, N, d_text)``.
+
+        Hooks at vision and projector sites act during this call.
+        """
+        out = self.model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
+        return torch.stack(list(out.pooler_output))
+
+    def assemble(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 image_embeds: torch.Tensor | Sequence[torch.Tensor]) -> AssembledInputs:
+        """Put the visual tokens of each row into its placeholder run, shrinking the run to fit.
+
+        input_ids, attention_mask: ``(B, L)`` left-padded prompts with full placeholder runs.
+        image_embeds: ``(B, M, d)`` or one ``(M_b, d)`` per row (rows may keep different counts).
+        Positions follow the attention mask (``cumsum - 1``), as ``generate()`` computes them,
+        so a row gives the same result alone or in a padded batch.
+        """
+        layout = self.layout(input_ids, attention_mask)
+        rows = []
+        for b in range(input_ids.shape[0]):
+            real = input_ids[b][attention_mask[b].bool()]
+            start = int(layout.image_start[b]) - int((~attention_mask[b].bool()).sum())
+            kept = image_embeds[b].shape[0]
+            if kept > int(layout.image_count[b]):
+                raise TokensieveError(f"row {b}: {kept} visual tokens for {int(layout.image_count[b])} <image> placeholders")
+            run = real.new_full((kept,), self.image_token_id)
+            rows.append(torch.cat([real[:start], run, real[start + int(layout.image_count[b]):]]))
+        length = max(len(r) for r in rows)
+        pad = self.config.text_config.pad_token_id
+        pad = 0 if pad is None else pad
+        ids = torch.stack([torch.cat([r.new_full((length - len(r),), pad), r]) for r in rows])
+        mask = torch.stack([torch.cat([torch.zeros(length - len(r), dtype=attention_mask.dtype, device=r.device),
+                                       torch.ones(len(r), dtype=attention_mask.dtype, device=r.device)]) for r in rows])
+        embeds = self.model.get_input_embeddings()(ids)
+        features = torch.cat(list(image_embeds)).to(embeds.device, embeds.dtype)
+        slots = (ids == self.image_token_id).unsqueeze(-1).expand_as(embeds)
+        embeds = embeds.masked_scatter(slots, features)
+        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        return AssembledInputs(ids, mask, position_ids, embeds)
+
+    def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
+                keep: torch.Tensor | Sequence[torch.Tensor] | None = None) -> AssembledInputs:
+        """Encode images and assemble the LLM input.
+
+        keep: optional indices into the N visual tokens per row (``(B, M)`` or one ``(M_b,)``
+        per row): only these enter the LLM, in the order given.
+        """
+        features = self.encode_images(pixel_values)
+        if keep is not None:
+            features = [f[k] for f, k in zip(features, keep)]
+        return self.assemble(input_ids, attention_mask, features)
+
+    def forward(self, input_ids, attention_mask, pixel_values, keep=None, **kwargs):
+        """Logits ``(B, L', vocab)`` of the assembled sequence (``L' < L`` when tokens were dropped)."""
+        return self.model(**self.prepare(input_ids, attention_mask, pixel_values, keep).model_kwargs(), **kwargs)
+
+    def generate(self, input_ids, attention_mask, pixel_values, keep=None, **generate_kwargs) -> torch.Tensor:
+        """New token ids ``(B, T_new)``; decoding uses the KV cache of the assembled prompt."""
+        inputs = self.prepare(input_ids, attention_mask, pixel_values, keep)
+        return self.model.generate(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+                                   **generate_kwargs)
+
+    @contextlib.contextmanager
+    def capture_cls_attention(self, layer: int = -1) -> Iterator[list[torch.Tensor]]:
+        """Record vision block ``layer``'s CLS-row attention over the patch tokens.
+
+        Yields a list that receives one ``(B, N_patches)`` tensor (mean over heads) per tower
+        pass; recomputed from the block's q/k projections so fused attention stays on.
+        """
+        attn = self.vision_layers[layer].self_attn
+        captured: list[torch.Tensor] = []
+
+        def hook(_module, args, kwargs):
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            row = query_attention(hidden, attn.q_proj, attn.k_proj, attn.num_heads, 0, attn.scale)
+            captured.append(row[:, 1:].detach())
+
+        handle = attn.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            yield captured
+        finally:
+            handle.remove()

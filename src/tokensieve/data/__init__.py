@@ -1,0 +1,1 @@
+"""Data: the synthetic VQA set and loaders for user images."""

@@ -1,0 +1,1 @@
+"""The embedded default: a small LLaVA-architecture model trained here on the synthetic set."""

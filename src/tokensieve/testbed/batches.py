@@ -1,0 +1,85 @@
+"""Deterministic training batches for the two testbed stages (batch ``i`` depends only on ``i``)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import torch
+from transformers import LlavaProcessor
+
+from tokensieve.data.synthetic import COLOURS, SHAPES, SceneSpec, Sample, make_sample, patch_labels
+from tokensieve.testbed.processor import prompt
+
+# Tower-stage scenes come from a far index range so they never repeat LLM-stage scenes.
+TOWER_INDEX_OFFSET = 1_000_000_000
+
+
+def presence_targets(sample: Sample) -> np.ndarray:
+    """Multi-hot ``(len(COLOURS) * len(SHAPES),)`` of the colour-shape pairs in the scene."""
+    target = np.zeros(len(COLOURS) * len(SHAPES), dtype=np.float32)
+    for obj in sample.objects:
+        target[list(COLOURS).index(obj.colour) * len(SHAPES) + SHAPES.index(obj.shape)] = 1.0
+    return target
+
+
+def encode(processor: LlavaProcessor, samples: list[Sample]) -> dict[str, torch.Tensor]:
+    """Processor inputs (left-padded ``input_ids``, ``attention_mask``, ``pixel_values``)."""
+    return dict(processor(
+        images=[s.image for s in samples], text=[prompt(s.question) for s in samples],
+        return_tensors="pt", padding=True,
+    ))
+
+
+class TowerBatches(torch.utils.data.Dataset):
+    """Batch ``i``: pixel values, per-patch colour/shape ids and presence targets."""
+
+    def __init__(self, processor: LlavaProcessor, seed: int, batch_size: int, spec: SceneSpec = SceneSpec()):
+        self.processor, self.seed, self.batch_size, self.spec = processor, seed, batch_size, spec
+
+    def __len__(self) -> int:
+        return 2**31
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        first = TOWER_INDEX_OFFSET + i * self.batch_size
+        samples = [make_sample(self.seed, first + k, self.spec) for k in range(self.batch_size)]
+        labels = [patch_labels(s, self.spec) for s in samples]
+        pixels = self.processor.image_processor(images=[s.image for s in samples], return_tensors="pt")
+        return {
+            "pixel_values": pixels["pixel_values"],
+            "colour_ids": torch.from_numpy(np.stack([c for c, _ in labels])),
+            "shape_ids": torch.from_numpy(np.stack([s for _, s in labels])),
+            "presence": torch.from_numpy(np.stack([presence_targets(s) for s in samples])),
+        }
+
+
+class QuestionBatches(torch.utils.data.Dataset):
+    """Batch ``i``: processor inputs and the answer token id of each question.
+
+    object_curriculum: ``(first_batch, min_objects, max_objects)`` rows, sorted; batch ``i``
+    uses the last row whose ``first_batch <= i``.
+    """
+
+    def __init__(self, processor: LlavaProcessor, seed: int, batch_size: int,
+                 family_weights: dict[str, float], object_curriculum: list[tuple[int, int, int]],
+                 spec: SceneSpec = SceneSpec()):
+        self.processor, self.seed, self.batch_size = processor, seed, batch_size
+        self.family_weights, self.spec = family_weights, spec
+        self.curriculum = sorted(object_curriculum)
+
+    def spec_at(self, i: int) -> SceneSpec:
+        _, lo, hi = [row for row in self.curriculum if row[0] <= i][-1]
+        return replace(self.spec, min_objects=lo, max_objects=hi)
+
+    def __len__(self) -> int:
+        return 2**31
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        spec = self.spec_at(i)
+        samples = [
+            make_sample(self.seed, i * self.batch_size + k, spec, family_weights=self.family_weights)
+            for k in range(self.batch_size)
+        ]
+        batch = encode(self.processor, samples)
+        batch["answer_ids"] = torch.tensor(self.processor.tokenizer.convert_tokens_to_ids([s.answer for s in samples]))
+        return batch

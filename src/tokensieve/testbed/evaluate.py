@@ -1,0 +1,154 @@
+"""How well the testbed answers, and whether it is fit to rank pruning methods.
+
+Besides plain accuracy, the report holds the controls that show the model really uses its
+visual tokens: a question-only prior, a blank image, a random 11% of tokens, only the
+object tokens, and where the tower's CLS attention falls.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import replace
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from tokensieve.backbones import LlavaBackbone
+from tokensieve.data.synthetic import FAMILIES, SPLIT_SEEDS, Sample, SceneSpec, blank_image, make_sample
+from tokensieve.testbed.batches import encode
+
+# Targets from the foundation issue: what makes the testbed able to rank pruning methods.
+TARGETS: dict[str, Callable[[dict], bool]] = {
+    "accuracy >= 0.90": lambda r: r["accuracy"] >= 0.90,
+    "blank_image_accuracy <= question_only_accuracy + 0.05":
+        lambda r: r["blank_image_accuracy"] <= r["question_only_accuracy"] + 0.05,
+    "random_keep_11_accuracy <= 0.8 x accuracy": lambda r: r["random_keep_11_accuracy"] <= 0.8 * r["accuracy"],
+    "object_keep_accuracy >= 0.90 x accuracy": lambda r: r["object_keep_accuracy"] >= 0.9 * r["accuracy"],
+    "cls_attention_object_ratio >= 2": lambda r: r["cls_attention_object_ratio"] >= 2,
+    "n_visual_tokens >= 100": lambda r: r["n_visual_tokens"] >= 100,
+}
+
+KeepFn = Callable[[Sample], torch.Tensor]
+
+
+def heldout_samples(n: int, split: str = "heldout", spec: SceneSpec = SceneSpec()) -> list[Sample]:
+    """The first ``n`` samples of a split, families cycling so each gets ``n / 5``."""
+    return [make_sample(SPLIT_SEEDS[split], i, spec, family=FAMILIES[i % len(FAMILIES)]) for i in range(n)]
+
+
+def summarise(samples: list[Sample], predictions: list[str]) -> dict:
+    """Overall and per-family exact-match accuracy."""
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for s, p in zip(samples, predictions):
+        hits[s.family].append(s.answer == p)
+    flat = [h for v in hits.values() for h in v]
+    return {"accuracy": round(sum(flat) / len(flat), 4),
+            "per_family": {f: round(sum(v) / len(v), 4) for f, v in sorted(hits.items())}}
+
+
+@torch.no_grad()
+def predict(backbone: LlavaBackbone, samples: list[Sample], keep: KeepFn | None = None,
+            batch_size: int = 64, desc: str | None = None) -> list[str]:
+    """Greedy one-word answers: argmax over the whole vocabulary at the answer slot.
+
+    keep: optional per-sample indices of the visual tokens that enter the LLM.
+    """
+    tok = backbone.processor.tokenizer
+    out: list[str] = []
+    starts = range(0, len(samples), batch_size)
+    for i in tqdm(starts, desc=desc, unit="batch", disable=desc is None, leave=False):
+        chunk = samples[i : i + batch_size]
+        kept = [keep(s) for s in chunk] if keep else None
+        logits = backbone.forward(**encode(backbone.processor, chunk), keep=kept, logits_to_keep=1).logits
+        out.extend(tok.convert_ids_to_tokens(logits[:, -1].argmax(-1).tolist()))
+    return out
+
+
+def question_only_predictor(n_reference: int, spec: SceneSpec = SceneSpec()) -> Callable[[Sample], str]:
+    """Best guess from the question alone: the most frequent training answer to that exact
+    question (family majority for unseen questions), from ``n_reference`` training samples."""
+    by_question: dict[str, Counter] = defaultdict(Counter)
+    by_family: dict[str, Counter] = defaultdict(Counter)
+    for i in range(n_reference):
+        s = make_sample(SPLIT_SEEDS["train"], i, spec, family=FAMILIES[i % len(FAMILIES)], with_image=False)
+        by_question[s.question][s.answer] += 1
+        by_family[s.family][s.answer] += 1
+
+    def guess(sample: Sample) -> str:
+        counts = by_question.get(sample.question) or by_family[sample.family]
+        return counts.most_common(1)[0][0]
+
+    return guess
+
+
+def random_keep(fraction: float, n_tokens: int, seed: int = 0) -> KeepFn:
+    """A random ``round(fraction * n_tokens)`` tokens per sample, sorted, seeded by the sample."""
+    count = max(1, round(fraction * n_tokens))
+
+    def keep(sample: Sample) -> torch.Tensor:
+        rng = np.random.default_rng([seed, sample.seed, sample.index])
+        return torch.from_numpy(np.sort(rng.choice(n_tokens, size=count, replace=False)))
+
+    return keep
+
+
+def object_keep(sample: Sample) -> torch.Tensor:
+    """Only the tokens of patches covered by objects (the oracle)."""
+    return torch.tensor(sample.object_patches)
+
+
+def cls_attention_object_ratio(attention: torch.Tensor, samples: list[Sample]) -> float:
+    """Mean over samples of (CLS attention share on object patches) / (object patches' share).
+
+    attention: ``(B, N_patches)`` CLS-row attention over the patch tokens.
+    """
+    ratios = []
+    for row, s in zip(attention, samples):
+        share = float(row[list(s.object_patches)].sum() / row.sum())
+        ratios.append(share / (len(s.object_patches) / row.numel()))
+    return float(np.mean(ratios))
+
+
+def scene_spec_for(backbone: LlavaBackbone) -> SceneSpec:
+    """Scenes drawn at the model's own image and patch size, so patches are tokens."""
+    vision = backbone.config.vision_config
+    return SceneSpec(image_size=vision.image_size, patch_size=vision.patch_size)
+
+
+def evaluate_testbed(backbone: LlavaBackbone, n_samples: int = 1000, batch_size: int = 64,
+                     progress: bool = True) -> dict:
+    """All testbed metrics on ``n_samples`` held-out samples, with the targets checked.
+
+    The question-only prior is estimated from ``10 * n_samples`` training questions.
+    """
+    if backbone.processor is None:
+        raise ValueError("the testbed evaluation needs the model's processor")
+    spec = scene_spec_for(backbone)
+    samples = heldout_samples(n_samples, spec=spec)
+    n_tokens = backbone.n_visual_tokens
+    label = (lambda text: text) if progress else (lambda text: None)
+
+    with backbone.capture_cls_attention(-1) as captured:
+        full = summarise(samples, predict(backbone, samples, batch_size=batch_size, desc=label("full model")))
+    cls_ratio = cls_attention_object_ratio(torch.cat(captured), samples)
+    blank = blank_image(spec)
+    blanks = [replace(s, image=blank) for s in samples]
+    guess = question_only_predictor(10 * n_samples, spec)
+    report = {
+        "n_samples": n_samples,
+        "accuracy": full["accuracy"],
+        "per_family": full["per_family"],
+        "question_only_accuracy": summarise(samples, [guess(s) for s in samples])["accuracy"],
+        "blank_image_accuracy": summarise(samples, predict(backbone, blanks, batch_size=batch_size,
+                                                           desc=label("blank image")))["accuracy"],
+        "n_visual_tokens": n_tokens,
+        "random_keep_11_accuracy": summarise(samples, predict(
+            backbone, samples, random_keep(0.11, n_tokens), batch_size, label("random 11%")))["accuracy"],
+        "object_keep_accuracy": summarise(samples, predict(
+            backbone, samples, object_keep, batch_size, label("object tokens only")))["accuracy"],
+        "cls_attention_object_ratio": round(cls_ratio, 3),
+    }
+    report["targets"] = {name: check(report) for name, check in TARGETS.items()}
+    return report

@@ -1,0 +1,39 @@
+"""Shared fixtures: a tiny LLaVA-architecture model saved locally and reloaded, on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokensieve.data.synthetic import SceneSpec, make_sample
+from tokensieve.testbed.model import TestbedSize, build_testbed_model
+from tokensieve.testbed.processor import build_processor
+
+TINY_SPEC = SceneSpec(image_size=64)  # 8x8 = 64 visual tokens
+TINY_SIZE = TestbedSize(vision_hidden=32, vision_layers=3, vision_heads=2,
+                        text_hidden=32, text_layers=3, text_heads=2)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _threads():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory):
+    """A randomly initialised LLaVA + processor saved with ``save_pretrained``."""
+    torch.manual_seed(0)
+    processor = build_processor(TINY_SPEC)
+    tok = processor.tokenizer
+    model = build_testbed_model(len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id,
+                                tok.convert_tokens_to_ids("<image>"), spec=TINY_SPEC, size=TINY_SIZE)
+    out = tmp_path_factory.mktemp("tiny_llava")
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_samples():
+    """Six samples, one or more of every question family, so prompt lengths differ."""
+    return [make_sample(7, i, TINY_SPEC) for i in range(6)]
