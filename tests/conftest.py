@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from tokensieve.data.synthetic import SceneSpec, make_sample
-from tokensieve.testbed.model import TestbedSize, build_testbed_model
+from tokensieve.testbed import model as model_module
+from tokensieve.testbed.model import build_testbed_model
 from tokensieve.testbed.processor import build_processor
 
 TINY_SPEC = SceneSpec(image_size=64)  # 8x8 = 64 visual tokens
-TINY_SIZE = TestbedSize(vision_hidden=32, vision_layers=3, vision_heads=2,
+TINY_SIZE = model_module.TestbedSize(vision_hidden=32, vision_layers=3, vision_heads=2,
                         text_hidden=32, text_layers=3, text_heads=2)
 
 

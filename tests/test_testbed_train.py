@@ -7,24 +7,27 @@ import torch
 
 import tokensieve.testbed.train as train_module
 from tokensieve.backbones import LlavaBackbone
-from tokensieve.testbed.model import TestbedSize
-from tokensieve.testbed.train import STATE_FILE, TestbedTrainConfig, train_testbed
+from tokensieve.testbed import model as model_module
+from tokensieve.testbed.train import STATE_FILE, train_testbed
+
+# Module-qualified so pytest does not mistake the Test*-named dataclasses for test classes.
+TrainConfig = train_module.TestbedTrainConfig
 
 TINY = dict(tower_steps=3, tower_batch=8, llm_steps=6, llm_batch=8, warmup_steps=2, checkpoint_every=2,
             eval_every=1000, eval_samples=10, object_curriculum=[(0, 1, 2), (3, 3, 5)],
-            size=TestbedSize(vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=32,
+            size=model_module.TestbedSize(vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=32,
                              text_layers=2, text_heads=2))
 
 
 def test_training_writes_a_loadable_llava_checkpoint(tmp_path):
-    out = train_testbed(tmp_path / "run", TestbedTrainConfig(**TINY))
+    out = train_testbed(tmp_path / "run", TrainConfig(**TINY))
     backbone = LlavaBackbone.from_pretrained(out)
     assert backbone.n_visual_tokens == 100 and backbone.processor is not None
     assert (out / "train_log.jsonl").read_text().count("heldout_accuracy") == 1
 
 
 def test_interrupted_training_resumes_exactly(tmp_path, monkeypatch):
-    whole = train_testbed(tmp_path / "whole", TestbedTrainConfig(**TINY))
+    whole = train_testbed(tmp_path / "whole", TrainConfig(**TINY))
 
     real_lr_at = train_module.lr_at
 
@@ -35,11 +38,11 @@ def test_interrupted_training_resumes_exactly(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_module, "lr_at", interrupt_at_llm_step_5)
     with pytest.raises(KeyboardInterrupt):
-        train_testbed(tmp_path / "cut", TestbedTrainConfig(**TINY))
+        train_testbed(tmp_path / "cut", TrainConfig(**TINY))
     saved = torch.load(tmp_path / "cut" / STATE_FILE, weights_only=False)["state"]
     assert (saved["stage"], saved["step"]) == ("llm", 4)
     monkeypatch.undo()
-    resumed = train_testbed(tmp_path / "cut", TestbedTrainConfig(**TINY))
+    resumed = train_testbed(tmp_path / "cut", TrainConfig(**TINY))
 
     a = LlavaBackbone.from_pretrained(whole).model.state_dict()
     b = LlavaBackbone.from_pretrained(resumed).model.state_dict()

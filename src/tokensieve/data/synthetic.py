@@ -133,22 +133,22 @@ def render(objects: tuple[SceneObject, ...], spec: SceneSpec, rng: np.random.Gen
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+def _pick_unique(rng: np.random.Generator, objects: tuple[SceneObject, ...], attribute: str) -> SceneObject | None:
+    """A random object whose ``attribute`` (colour or shape) no other object shares, if any."""
+    values = [getattr(o, attribute) for o in objects]
+    unique = [o for o, v in zip(objects, values) if values.count(v) == 1]
+    return unique[rng.integers(len(unique))] if unique else None
+
+
 def _ask(rng: np.random.Generator, objects: tuple[SceneObject, ...], family: str) -> tuple[str, str] | None:
     """A (question, answer) of ``family`` about the scene, or None if the scene cannot support it."""
     colours = [o.colour for o in objects]
-    shapes = [o.shape for o in objects]
     if family == "color_of_shape":
-        unique = [o for o in objects if shapes.count(o.shape) == 1]
-        if not unique:
-            return None
-        obj = unique[rng.integers(len(unique))]
-        return f"What color is the {obj.shape}?", obj.colour
+        obj = _pick_unique(rng, objects, "shape")
+        return None if obj is None else (f"What color is the {obj.shape}?", obj.colour)
     if family == "shape_of_color":
-        unique = [o for o in objects if colours.count(o.colour) == 1]
-        if not unique:
-            return None
-        obj = unique[rng.integers(len(unique))]
-        return f"What shape is the {obj.colour} object?", obj.shape
+        obj = _pick_unique(rng, objects, "colour")
+        return None if obj is None else (f"What shape is the {obj.colour} object?", obj.shape)
     if family == "count":
         # Half the time a colour that is present, so counts are not almost always 0.
         pool = colours if rng.random() < 0.5 else list(COLOURS)

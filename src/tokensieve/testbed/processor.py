@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+from transformers import CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
 
 from tokensieve.data.synthetic import SceneSpec, vocabulary
 
@@ -33,7 +33,8 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 def build_processor(spec: SceneSpec = SceneSpec()) -> LlavaProcessor:
     """``LlavaProcessor`` that expands ``<image>`` to one token per patch (CLS dropped)."""
-    image_processor = CLIPImageProcessor(
+    # The PIL backend: torchvision (the default backend's need) has no CPU build here.
+    image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": spec.image_size},
         crop_size={"height": spec.image_size, "width": spec.image_size},
         image_mean=list(CLIP_MEAN),

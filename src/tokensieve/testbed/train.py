@@ -40,7 +40,7 @@ class TestbedTrainConfig:
     tower_steps: int = 300
     tower_batch: int = 64
     tower_lr: float = 2e-3
-    llm_steps: int = 7000
+    llm_steps: int = 6000
     llm_batch: int = 32
     llm_lr: float = 2e-3
     llm_min_lr: float = 2e-4
