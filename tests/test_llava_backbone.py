@@ -137,3 +137,12 @@ def test_corrupt_weights(tmp_path, tiny_llava_dir):
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(TokensieveError, match="cannot load the weights"):
         LlavaBackbone.from_pretrained(broken)
+
+
+def test_split_image_run_is_a_clear_error(backbone, tiny_samples):
+    batch = encode(backbone.processor, tiny_samples[:1])
+    ids = batch["input_ids"].clone()
+    run = (ids[0] == backbone.image_token_id).nonzero().flatten()
+    ids[0, run[10]] = backbone.processor.tokenizer.convert_tokens_to_ids("red")
+    with pytest.raises(TokensieveError, match="contiguous"):
+        backbone.layout(ids, batch["attention_mask"])

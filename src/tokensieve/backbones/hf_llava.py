@@ -212,10 +212,11 @@ class LlavaBackbone:
         if (count == 0).any():
             raise TokensieveError("a prompt has no <image> token")
         start = is_image.int().argmax(1)
+        last = input_ids.shape[1] - 1 - is_image.flip(1).int().argmax(1)
+        if (last - start + 1 != count).any():
+            raise TokensieveError("the <image> tokens of a prompt are not one contiguous run")
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         end = start + count
-        if not torch.equal(is_image.sum(1), ((positions >= start[:, None]) & (positions < end[:, None]) & is_image).sum(1)):
-            raise TokensieveError("the <image> tokens of a prompt are not one contiguous run")
         question = attention_mask.bool() & (positions >= end[:, None])
         return TokenLayout(start, count, question)
 

@@ -174,9 +174,9 @@ class _Run:
             loss.backward()
             opt.step()
             self.state["step"] += 1
-            bar.set_postfix(loss=f"{float(loss):.3f}", patch_acc=f"{stats['patch_colour_acc']:.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", patch_acc=f"{stats['patch_colour_acc']:.3f}")
             if self.state["step"] % 20 == 0:
-                self.record(loss=float(loss), **stats)
+                self.record(loss=loss.item(), **stats)
             if self.state["step"] % cfg.checkpoint_every == 0:
                 self.save(opt)
         self.state.update(stage="llm", step=0)
