@@ -212,9 +212,9 @@ class _Run:
             self.state["step"] += 1
             acc = float((logits.argmax(-1) == answers).float().mean())
             running = acc if running is None else 0.98 * running + 0.02 * acc
-            bar.set_postfix(loss=f"{float(loss):.3f}", train_acc=f"{running:.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", train_acc=f"{running:.3f}")
             if self.state["step"] % 50 == 0:
-                self.record(loss=float(loss), train_acc=running, lr=opt.param_groups[0]["lr"])
+                self.record(loss=loss.item(), train_acc=running, lr=opt.param_groups[0]["lr"])
             if self.state["step"] % cfg.checkpoint_every == 0 or self.state["step"] == cfg.llm_steps:
                 self.save(opt)
             if self.state["step"] % cfg.eval_every == 0 or self.state["step"] == cfg.llm_steps:
