@@ -40,10 +40,12 @@ class TestbedTrainConfig:
     tower_steps: int = 300
     tower_batch: int = 64
     tower_lr: float = 2e-3
+    tower_weight_decay: float = 0.01  # AdamW's default, as the shipped testbed was trained
     llm_steps: int = 6000
     llm_batch: int = 32
     llm_lr: float = 2e-3
     llm_min_lr: float = 2e-4
+    llm_weight_decay: float = 0.0
     warmup_steps: int = 200
     # Weighted towards the families that stall longest (count, exists, spatial).
     family_weights: dict[str, float] = field(default_factory=lambda: {
@@ -152,8 +154,8 @@ class _Run:
                                    "elapsed_s": round(time.time() - self.started, 1), **row}) + "\n")
         self.log.flush()
 
-    def optimizer(self, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    def optimizer(self, params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         if self.state["step"] > 0:  # mid-stage: continue exactly where the saved state stopped
             opt.load_state_dict(self.saved_optimizer)
         return opt
@@ -162,7 +164,8 @@ class _Run:
         """Stage 1: per-patch colour/shape/position and CLS presence on the tower alone."""
         cfg, tower = self.cfg, self.model.model.vision_tower
         tower.train()
-        opt = self.optimizer(list(tower.parameters()) + list(self.probe.parameters()), cfg.tower_lr)
+        opt = self.optimizer(list(tower.parameters()) + list(self.probe.parameters()), cfg.tower_lr,
+                             cfg.tower_weight_decay)
         data = TowerBatches(self.processor, SPLIT_SEEDS["train"], cfg.tower_batch)
         bar = tqdm(_batches(data, self.state["step"], cfg.tower_steps), total=cfg.tower_steps,
                    initial=self.state["step"], desc="stage 1: vision tower", unit="step")
@@ -190,7 +193,7 @@ class _Run:
         cfg, model = self.cfg, self.model
         model.model.vision_tower.eval().requires_grad_(False)
         trainable = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower")]
-        opt = self.optimizer(trainable, cfg.llm_lr)
+        opt = self.optimizer(trainable, cfg.llm_lr, cfg.llm_weight_decay)
         heldout = heldout_samples(cfg.eval_samples)
         data = QuestionBatches(self.processor, SPLIT_SEEDS["train"], cfg.llm_batch, cfg.family_weights,
                                cfg.object_curriculum)
