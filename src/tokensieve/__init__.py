@@ -1,3 +1,8 @@
-"""tokensieve: prune and merge visual tokens in VLMs and CLIP ViTs, and measure the cost."""
+"""tokensieve: prune and merge visual tokens in vision-language models and CLIP ViTs, and measure it."""
 
+from tokensieve.attach import Handle, attach
+from tokensieve.method import Budget, Method, Selection, SiteInputs, create_method, list_methods, register
+
+__all__ = ["Budget", "Handle", "Method", "Selection", "SiteInputs", "attach", "create_method", "list_methods",
+           "register"]
 __version__ = "0.1.0"

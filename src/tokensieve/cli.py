@@ -62,6 +62,65 @@ def _ask(args: argparse.Namespace) -> None:
     print(backbone.processor.tokenizer.decode(new[0], skip_special_tokens=True).strip())
 
 
+def _list_methods(_args: argparse.Namespace) -> None:
+    from tokensieve.method import list_methods, method_class
+
+    for name in list_methods():
+        cls = method_class(name)
+        print(f"{name:14s} default site {cls.default_site:9s} {cls.paper}")
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from tokensieve.backbones import LlavaBackbone
+    from tokensieve.evaluate.accuracy import compare_methods
+    from tokensieve.method import Budget, create_method
+
+    methods, keeps = _csv(args.method), _csv(args.keep)
+    for name in methods:
+        create_method(name)
+    for keep in keeps:
+        Budget.parse(keep)
+    backbone = LlavaBackbone.from_pretrained(args.model)
+    if backbone.processor is None:
+        raise TokensieveError(f"{args.model} has no processor files; the evaluation needs one")
+    rows = compare_methods(backbone, methods, keeps, mode=args.mode, site=args.site, n_samples=args.samples,
+                           batch_size=args.batch_size, progress=not args.json)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"{'method':14s} {'site':10s} {'keep':>6s} {'tokens':>6s} {'accuracy':>8s}")
+    for r in rows:
+        print(f"{r['method']:14s} {str(r['site'] or '-'):10s} {str(r['keep']):>6s} "
+              f"{r['visual_tokens_kept']:>6d} {r['accuracy']:8.3f}")
+
+
+def _bench_speed(args: argparse.Namespace) -> None:
+    from tokensieve.evaluate.speed import BenchShape, shape_summary, speed_benchmark
+    from tokensieve.method import Budget, create_method
+
+    methods, keeps = _csv(args.method), [float(Budget.parse(k).ratio or 0) for k in _csv(args.keep)]
+    for name in methods:
+        create_method(name)
+    if not all(keeps):
+        raise TokensieveError("bench speed takes keep ratios (0.33), not token counts")
+    shape = BenchShape.llava7b() if args.shape == "llava-7b" else BenchShape()
+    rows = speed_benchmark(shape, tuple(methods), tuple(keeps), repeats=args.repeats, threads=args.threads,
+                           progress=not args.json)
+    if args.json:
+        print(json.dumps({"shape": shape_summary(shape), "rows": rows}, indent=2))
+        return
+    print(f"{'method':10s} {'site':9s} {'keep':>5s} {'full ms':>8s} {'pruned ms':>9s} {'speedup':>7s} "
+          f"{'ideal':>6s} {'scoring':>7s}")
+    for r in rows:
+        print(f"{r['method']:10s} {r['site']:9s} {r['keep']:5.2f} {r['prefill_ms_full']:8.1f} "
+              f"{r['prefill_ms_pruned']:9.1f} {r['speedup']:7.2f} {r['ideal_speedup']:6.2f} "
+              f"{r['scoring_overhead']:7.3f}  " + " ".join("ok" if ok else "MISSED" for ok in r["targets"].values()))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokensieve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +141,31 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print the report as JSON")
     ev.set_defaults(func=_testbed_eval)
 
+    ev = sub.add_parser("eval", help="accuracy of methods at budgets, next to the unpruned model")
+    ev.add_argument("--model", default=None, help="LLaVA checkpoint folder or hub id (default: shipped testbed)")
+    ev.add_argument("--method", required=True, help="comma-separated method names (see `tokensieve methods`)")
+    ev.add_argument("--keep", required=True, help="comma-separated budgets: ratios (0.33) or counts (64)")
+    ev.add_argument("--site", default=None, help="where to reduce (default: each method's own site)")
+    ev.add_argument("--mode", default="hard", choices=["hard", "soft"])
+    ev.add_argument("--samples", type=_positive_int, default=500, help="held-out samples")
+    ev.add_argument("--batch-size", type=_positive_int, default=64)
+    ev.add_argument("--json", action="store_true", help="print the rows as JSON")
+    ev.set_defaults(func=_eval)
+
+    methods = sub.add_parser("methods", help="list the registered reduction methods")
+    methods.set_defaults(func=_list_methods)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    speed = bench.add_parser("speed", help="measured prefill speedup vs the FLOPs ideal on a LLaVA-shaped model")
+    speed.add_argument("--method", default="fastv,divprune", help="methods, each at its default site")
+    speed.add_argument("--keep", default="0.33,0.22,0.11", help="keep ratios")
+    speed.add_argument("--shape", default="cpu", choices=["cpu", "llava-7b"],
+                       help="cpu: 8 layers x 512 (default); llava-7b: LLaVA-1.5-7B's shape (needs a big machine)")
+    speed.add_argument("--repeats", type=_positive_int, default=7, help="timed runs per case (median)")
+    speed.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
+    speed.add_argument("--json", action="store_true")
+    speed.set_defaults(func=_bench_speed)
+
     ask = sub.add_parser("ask", help="answer a question about an image file")
     ask.add_argument("--image", required=True, type=Path)
     ask.add_argument("--question", required=True)
@@ -93,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bars show progress; weight loading is instant
     try:
         args.func(args)
     except TokensieveError as err:

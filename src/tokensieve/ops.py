@@ -7,11 +7,13 @@ from torch import nn
 
 
 def query_attention(hidden: torch.Tensor, q_proj: nn.Linear, k_proj: nn.Linear, num_heads: int,
-                    query_index: int = 0, scale: float | None = None) -> torch.Tensor:
+                    query_index: int = 0, scale: float | None = None,
+                    key_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention of one query position over all keys, averaged over heads.
 
     Recomputed from the layer's own projections so fused (SDPA) attention can stay on.
     hidden: ``(B, T, d)`` the states the attention layer receives (already normalised).
+    key_bias: optional ``(B, T)`` additive bias on the keys (a soft mask's ``log(mask)``).
     Returns ``(B, T)``; each row sums to 1.
     """
     b, t, _ = hidden.shape
@@ -19,4 +21,44 @@ def query_attention(hidden: torch.Tensor, q_proj: nn.Linear, k_proj: nn.Linear, 
     k = k_proj(hidden).view(b, t, num_heads, -1).transpose(1, 2)  # (B, H, T, dh)
     scale = scale if scale is not None else q.shape[-1] ** -0.5
     scores = (q @ k.transpose(-1, -2)).squeeze(2) * scale  # (B, H, T)
+    if key_bias is not None:
+        scores = scores + key_bias[:, None, :]
     return scores.softmax(-1).mean(1)
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` ``(B, N, ...)`` at ``index`` ``(B, K)`` -> ``(B, K, ...)``."""
+    expanded = index.reshape(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:])
+    return x.gather(1, expanded)
+
+
+def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices ``(B, k)`` of the ``k`` highest scores of each row of ``(B, N)``, in ascending order."""
+    return scores.topk(k, dim=1).indices.sort(1).values
+
+
+def complement(index: torch.Tensor, n: int) -> torch.Tensor:
+    """The sorted indices ``(B, n - K)`` of ``0..n-1`` not in ``index`` ``(B, K)`` (unique per row)."""
+    taken = torch.zeros(index.shape[0], n, dtype=torch.bool, device=index.device)
+    taken.scatter_(1, index, True)
+    return torch.arange(n, device=index.device).expand(index.shape[0], n)[~taken].view(index.shape[0], -1)
+
+
+def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every row of ``a`` ``(B, N, d)`` to every row of ``b`` ``(B, M, d)``: ``(B, N, M)``."""
+    return nn.functional.normalize(a, dim=-1) @ nn.functional.normalize(b, dim=-1).transpose(1, 2)
+
+
+def merge_into(kept: torch.Tensor, dropped: torch.Tensor, target: torch.Tensor,
+               kept_weight: torch.Tensor | None = None, dropped_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted mean of each kept token with the dropped tokens assigned to it.
+
+    kept: ``(B, K, d)``; dropped: ``(B, D, d)``; target: ``(B, D)`` index into ``K`` for each
+    dropped token; weights ``(B, K)`` / ``(B, D)`` default to 1 (e.g. ToMe's token sizes).
+    Returns ``(B, K, d)``; a kept token nothing merged into is unchanged.
+    """
+    kw = kept_weight if kept_weight is not None else kept.new_ones(kept.shape[:2])
+    dw = dropped_weight if dropped_weight is not None else dropped.new_ones(dropped.shape[:2])
+    total = (kept * kw[..., None]).scatter_add(1, target[..., None].expand_as(dropped), dropped * dw[..., None])
+    weight = kw.scatter_add(1, target, dw)
+    return total / weight[..., None]

@@ -108,6 +108,7 @@ class LlavaBackbone:
             raise TokensieveError(f"expected a LlavaForConditionalGeneration, got {type(model).__name__}")
         self.model = model
         self.processor = processor
+        self._sessions: list = []  # attached pruning sessions (tokensieve.attach)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path | None = None, dtype: torch.dtype | None = None,
@@ -220,6 +221,18 @@ class LlavaBackbone:
         question = attention_mask.bool() & (positions >= end[:, None])
         return TokenLayout(start, count, question)
 
+    # --- pruning ------------------------------------------------------------------------
+    def install(self, handle, seed: int = 0) -> None:
+        """Register the hooks of ``handle``'s stages (called by :func:`tokensieve.attach`)."""
+        from tokensieve.backbones.llava_pruning import LlavaPruningSession
+
+        session = LlavaPruningSession(self, handle, seed)
+        self._sessions.append(session)
+        handle.hooks.append(_Forget(self._sessions, session))
+
+    def _active_sessions(self) -> list:
+        return [s for s in self._sessions if s.handle.active]
+
     # --- running the model --------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """One vision-tower pass + projector, as LLaVA does it: ``(B, 3, H, W)`` -> ``(B, N, d_text)``.
@@ -258,7 +271,16 @@ class LlavaBackbone:
         features = torch.cat(list(image_embeds)).to(embeds.device, embeds.dtype)
         slots = (ids == self.image_token_id).unsqueeze(-1).expand_as(embeds)
         embeds = embeds.masked_scatter(slots, features)
+        is_image = ids == self.image_token_id
+        for session in self._active_sessions():
+            alive = session.image_mask_for_llm()
+            if alive is not None:  # soft: tokens dropped before the LLM are masked, positions skip them
+                if self.keeps_cls:
+                    alive = torch.cat([alive.new_ones(alive.shape[0], 1), alive], 1)
+                mask = mask.masked_scatter(is_image, alive.to(mask.dtype).flatten())
         position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        for session in self._active_sessions():
+            session.begin_llm_pass(is_image.int().argmax(1), int(is_image[0].sum()), ids.shape[1])
         return AssembledInputs(ids, mask, position_ids, embeds)
 
     def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
@@ -303,3 +325,15 @@ class LlavaBackbone:
             yield captured
         finally:
             handle.remove()
+
+
+@dataclass
+class _Forget:
+    """A hook-like handle whose ``remove()`` drops a session from its backbone."""
+
+    sessions: list
+    session: object
+
+    def remove(self) -> None:
+        if self.session in self.sessions:
+            self.sessions.remove(self.session)

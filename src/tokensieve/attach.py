@@ -1,0 +1,96 @@
+"""Attach reduction methods to a backbone through hooks, and detach them again.
+
+Nothing is copied or patched: the backbone adapter registers forward pre-hooks at the named
+sites and the returned :class:`Handle` removes them. ``hard`` mode removes tokens (later
+layers run on fewer); ``soft`` mode keeps them but masks them as attention keys with an
+additive ``log(mask)``, so a binary soft mask gives what hard removal gives on the kept tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from tokensieve.errors import TokensieveError
+from tokensieve.method import Budget, Method, create_method
+
+MODES = ("origin", "hard", "soft")
+
+
+@dataclass
+class Stage:
+    """One method acting at one site with one budget."""
+
+    method: Method
+    site: str
+    budget: Budget
+
+    def __str__(self) -> str:
+        return f"{self.method.name}@{self.site}:{self.budget}"
+
+
+@dataclass
+class Handle:
+    """What :func:`attach` returns: the attached stages, and the way back.
+
+    last_counts: visual tokens before and after each stage in the latest forward pass,
+    ``{str(stage): (before, after)}``.
+    scoring_seconds: time spent choosing tokens (signals + selection) since it was last reset.
+    """
+
+    stages: list[Stage]
+    mode: str
+    hooks: list = field(default_factory=list)
+    enabled: bool = True
+    last_counts: dict[str, tuple[int, int]] = field(default_factory=dict)
+    scoring_seconds: float = 0.0
+
+    def detach(self) -> None:
+        """Remove every hook; the model is exactly as it was before :func:`attach`."""
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks.clear()
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run the unpruned model inside this block, without detaching."""
+        previous, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = previous
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and self.mode != "origin" and bool(self.hooks)
+
+
+def make_stages(method: str | dict | Method | Sequence, budget: Budget | int | float | str | None = None,
+                site: str | None = None) -> list[Stage]:
+    """Stages from one method (with ``budget`` and optional ``site``) or a list of
+    ``(method, site, budget)`` triples."""
+    if isinstance(method, (list, tuple)):
+        if budget is not None or site is not None:
+            raise TokensieveError("give budgets and sites inside the (method, site, budget) list")
+        return [make_stages(m, b, s)[0] for m, s, b in method]
+    if budget is None:
+        raise TokensieveError("a budget is needed: a token count (64) or a ratio (0.25)")
+    m = create_method(method)
+    return [Stage(m, site or m.default_site, Budget.parse(budget))]
+
+
+def attach(backbone, method: str | dict | Method | Sequence, budget: Budget | int | float | str | None = None,
+           site: str | None = None, mode: str = "hard", seed: int = 0) -> Handle:
+    """Attach ``method`` at ``site`` (default: the method's own) keeping ``budget`` tokens.
+
+    ``method`` may also be a list of ``(method, site, budget)`` to reduce at several sites.
+    Returns a :class:`Handle`; ``handle.detach()`` restores the model bit for bit.
+    """
+    if mode not in MODES:
+        raise TokensieveError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+    stages = make_stages(method, budget, site)
+    handle = Handle(stages, mode)
+    if mode != "origin":
+        backbone.install(handle, seed)
+    return handle

@@ -1,0 +1,366 @@
+"""Reduction stages running inside a LLaVA model through forward pre-hooks.
+
+One :class:`LlavaPruningSession` per attached handle. It registers pre-hooks on
+
+* vision encoder blocks (``vision.i``): tokens after CLS are chosen before block ``i``;
+* the projector (``projector``): fewer tokens enter the LLM;
+* LLM decoder layers (``llm.k``): image tokens are chosen before layer ``k``;
+
+and keeps what one forward pass needs (where the image run sits, which tokens are still
+there). ``hard`` removes tokens: hidden states, RoPE ``cos``/``sin``, ``position_ids`` and the
+4D mask are gathered for every later layer, so kept tokens keep their original positions,
+and during cached decoding the mask's key axis is remapped to the shorter K/V of those layers.
+``soft`` keeps every token and adds ``log(mask)`` to the dropped tokens' attention-key columns
+(in the tower, in the LLM from the stage's layer on; tokens dropped before the LLM get a zero
+attention mask, so positions skip them exactly as after hard removal).
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from contextlib import contextmanager
+
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from tokensieve.errors import TokensieveError
+from tokensieve.method import SiteInputs, Selection
+from tokensieve.ops import query_attention
+
+
+def row_generator(seed: int, tokens: torch.Tensor) -> list[torch.Generator]:
+    """One generator per row, seeded by ``seed`` and the row's own content, so a sample draws
+    the same whether it is alone or in a batch. tokens: ``(B, N, d)``."""
+    gens = []
+    for row in tokens.detach().float().cpu():
+        digest = zlib.crc32(row[:, :4].mul(100).round().to(torch.int64).numpy().tobytes())
+        gens.append(torch.Generator().manual_seed(seed * 1_000_003 + digest))
+    return gens
+
+
+def check_selection(sel: Selection, batch: int, n: int, keep: int, where: str) -> None:
+    """Budgets met exactly; indices sorted, unique and in range."""
+    idx = sel.indices
+    if idx.shape != (batch, keep):
+        raise TokensieveError(f"{where}: a method returned indices of shape {tuple(idx.shape)}, "
+                              f"expected {(batch, keep)}")
+    if keep > 1 and not bool((idx[:, 1:] > idx[:, :-1]).all()):
+        raise TokensieveError(f"{where}: kept indices must be sorted and unique")
+    if bool((idx < 0).any()) or bool((idx >= n).any()):
+        raise TokensieveError(f"{where}: kept indices out of range 0..{n - 1}")
+
+
+def _negative(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).min
+
+
+def _log_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive key bias ``log(mask)``, finite (a fully masked row must not produce NaN)."""
+    return mask.to(dtype).log().clamp(min=_negative(dtype))
+
+
+def _as_additive(mask: torch.Tensor | None, batch: int, q: int, k: int, dtype, device) -> torch.Tensor:
+    """A 4D additive float mask ``(B, 1, q, k)`` from None (causal), bool or float masks."""
+    if mask is None:
+        allowed = torch.ones(q, k, dtype=torch.bool, device=device).tril(k - q)
+        return torch.where(allowed, 0.0, _negative(dtype)).to(dtype).expand(batch, 1, q, k).clone()
+    if mask.dtype == torch.bool:
+        return torch.where(mask, 0.0, _negative(dtype)).to(dtype)
+    return mask.to(dtype)
+
+
+class LlavaPruningSession:
+    """The hooks of one handle on one :class:`LlavaBackbone`, and the state of one forward pass."""
+
+    def __init__(self, backbone, handle, seed: int):
+        self.bb, self.handle, self.seed, self.mode = backbone, handle, seed, handle.mode
+        from tokensieve.backbones.hf_llava import Site
+
+        self.stages: dict = {}
+        for st in handle.stages:
+            site = Site.parse(st.site)
+            backbone.site_module(site)  # raises for a site this model does not have
+            if site.stage not in st.method.stages:
+                raise TokensieveError(f"method {st.method.name!r} cannot act at {site} "
+                                      f"(it acts at: {', '.join(st.method.stages)})")
+            if site in self.stages:
+                raise TokensieveError(f"two stages at site {site}")
+            self.stages[site] = st
+        self._captured: dict[str, torch.Tensor] = {}
+        self.begin_image_pass()
+        self.begin_llm_pass(None, 0, 0)
+        self._register()
+
+    @contextmanager
+    def _scoring(self):
+        """Charge the enclosed time to choosing tokens (the benchmark's scoring overhead)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.handle.scoring_seconds += time.perf_counter() - started
+
+    # --- per-pass state -----------------------------------------------------------------
+    def begin_image_pass(self) -> None:
+        """Reset before a vision-tower pass."""
+        self.vision_bias: torch.Tensor | None = None  # (B, 1, 1, 1 + N) soft key bias in the tower
+        self.patch_alive: torch.Tensor | None = None  # (B, n) patch indices not yet soft-dropped
+
+    def begin_llm_pass(self, image_start: torch.Tensor | None, image_count: int, length: int) -> None:
+        """Called by the adapter once the LLM input is assembled."""
+        self.image_start, self.image_count, self.length = image_start, image_count, length
+        self.image_alive: torch.Tensor | None = None  # (B, n) soft: image tokens not yet dropped
+        if self.mode == "soft" and self.patch_alive is not None and image_start is not None:
+            alive = self.patch_alive + int(self.bb.keeps_cls)
+            if self.bb.keeps_cls:
+                alive = torch.cat([alive.new_zeros(alive.shape[0], 1), alive], 1)
+            self.image_alive = alive
+        self.gathers: list[tuple[int, torch.Tensor]] = []  # hard: (layer, (B, L') into the L columns)
+        self.biases: list[tuple[int, torch.Tensor]] = []  # soft: (layer, (B, L) additive key bias)
+
+    def image_mask_for_llm(self) -> torch.Tensor | None:
+        """Soft: ``(B, N_patches)`` True for patches still alive when the LLM starts."""
+        if self.patch_alive is None:
+            return None
+        b = self.patch_alive.shape[0]
+        n = self.bb.n_patches
+        mask = torch.zeros(b, n, dtype=torch.bool, device=self.patch_alive.device)
+        return mask.scatter_(1, self.patch_alive, True)
+
+    # --- hooks --------------------------------------------------------------------------
+    def _register(self) -> None:
+        hooks, bb = self.handle.hooks, self.bb
+        hooks.append(bb.vision_layers[0].register_forward_pre_hook(self._tower_start))
+        for site, st in self.stages.items():
+            needs = st.method.signals
+            if site.stage in ("vision", "projector"):
+                source = site.layer - 1 if site.stage == "vision" else bb.feature_hidden_index - 1
+                if {"cls_attention", "keys"} & set(needs):
+                    hooks.append(bb.vision_layers[source].self_attn.register_forward_pre_hook(
+                        self._capture_vision(str(site)), with_kwargs=True))
+            if site.stage == "llm" and "text_attention" in needs:
+                hooks.append(bb.llm_layers[site.layer - 1].self_attn.register_forward_pre_hook(
+                    self._capture_text_attention(str(site)), with_kwargs=True))
+        vision = sorted(s.layer for s in self.stages if s.stage == "vision")
+        if vision:
+            for i in range(vision[0], len(bb.vision_layers)):
+                hooks.append(bb.vision_layers[i].register_forward_pre_hook(self._vision_layer(i)))
+        if any(s.stage == "projector" for s in self.stages):
+            hooks.append(bb.projector.register_forward_pre_hook(self._projector))
+        llm = sorted(s.layer for s in self.stages if s.stage == "llm")
+        if llm or self.mode == "soft":
+            first = llm[0] if llm else len(bb.llm_layers)
+            for k in range(first, len(bb.llm_layers)):
+                hooks.append(bb.llm_layers[k].register_forward_pre_hook(self._llm_layer(k), with_kwargs=True))
+
+    def _tower_start(self, _module, args):
+        if self.handle.active:
+            self.begin_image_pass()
+
+    def _capture_vision(self, key: str):
+        def hook(attn, args, kwargs):
+            if not self.handle.active:
+                return
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            with self._scoring():
+                self._captured[key + ":cls_attention"] = query_attention(
+                    hidden, attn.q_proj, attn.k_proj, attn.num_heads, 0, attn.scale, self._vision_key_bias())
+                b, t, _ = hidden.shape
+                self._captured[key + ":keys"] = attn.k_proj(hidden).view(b, t, attn.num_heads, -1).mean(2)
+        return hook
+
+    def _vision_key_bias(self) -> torch.Tensor | None:
+        return None if self.vision_bias is None else self.vision_bias[:, 0, 0]
+
+    def _capture_text_attention(self, key: str):
+        def hook(attn, args, kwargs):
+            if not self.handle.active or self._is_decoding(kwargs, attn.layer_idx):
+                return
+            with self._scoring():
+                self._text_attention(key, attn, args, kwargs)
+        return hook
+
+    def _text_attention(self, key: str, attn, args, kwargs) -> None:
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        cos, sin = kwargs["position_embeddings"]
+        b, t, _ = hidden.shape
+        q = attn.q_proj(hidden[:, -1:]).view(b, 1, -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(hidden).view(b, t, -1, attn.head_dim).transpose(1, 2)
+        q, _ = apply_rotary_pos_emb(q, q, cos[:, -1:], sin[:, -1:])
+        _, k = apply_rotary_pos_emb(k, k, cos, sin)
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # grouped-query attention
+        scores = (q @ k.transpose(-1, -2)).squeeze(2) * attn.scaling  # (B, H, T)
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            scores = scores + _as_additive(mask, b, t, t, scores.dtype, scores.device)[:, :, -1]
+        self._captured[key + ":text_attention"] = scores.softmax(-1).mean(1)  # (B, T)
+
+    # --- choosing ----------------------------------------------------------------------
+    def _choose(self, site, tokens: torch.Tensor, signals: dict) -> Selection:
+        """Run the stage at ``site`` on ``tokens`` ``(B, n, d)``; record counts."""
+        st = self.stages[site]
+        b, n, _ = tokens.shape
+        keep = st.budget.resolve(n, str(site))
+        with self._scoring():
+            inputs = SiteInputs(tokens, keep, str(site), row_generator(self.seed, tokens), signals)
+            sel = st.method.select(inputs)
+            check_selection(sel, b, n, keep, f"{st.method.name} at {site}")
+        self.handle.last_counts[str(st)] = (n, keep)
+        return sel
+
+    def _signals(self, key: str, alive: torch.Tensor | None, offset: int) -> dict:
+        """Captured signals over the candidate tokens (columns ``offset..``, alive ones only)."""
+        def pick(name):
+            def get():
+                full = self._captured[f"{key}:{name}"][:, offset:]
+                if alive is None:
+                    return full
+                index = alive if full.dim() == 2 else alive[..., None].expand(-1, -1, full.shape[-1])
+                return full.gather(1, index)
+            return get
+        return {name: pick(name) for name in ("cls_attention", "keys", "text_attention")
+                if f"{key}:{name}" in self._captured}
+
+    def _vision_layer(self, i: int):
+        from tokensieve.backbones.hf_llava import Site
+
+        site = Site("vision", i)
+
+        def hook(_module, args):
+            if not self.handle.active:
+                return None
+            hidden, mask = args[0], args[1] if len(args) > 1 else None
+            if site in self.stages:
+                hidden = self._reduce_tower(site, hidden, key=str(site), prefix=1)
+            if self.vision_bias is not None:
+                bias = self.vision_bias.to(hidden.dtype)
+                mask = bias if mask is None else mask + bias
+            return (hidden, mask, *args[2:])
+        return hook
+
+    def _projector(self, _module, args):
+        from tokensieve.backbones.hf_llava import Site
+
+        if not self.handle.active:
+            return None
+        prefix = int(self.bb.keeps_cls)
+        return (self._reduce_tower(Site("projector"), args[0], key="projector", prefix=prefix), *args[1:])
+
+    def _reduce_tower(self, site, hidden: torch.Tensor, key: str, prefix: int) -> torch.Tensor:
+        """Vision-side stage on ``hidden`` ``(B, prefix + N, d)``; hard shortens it."""
+        b = hidden.shape[0]
+        patches = hidden[:, prefix:]
+        alive = self.patch_alive
+        if self.mode == "soft" and alive is not None:
+            candidates = patches.gather(1, alive[..., None].expand(-1, -1, patches.shape[-1]))
+        else:
+            candidates = patches
+        signal_offset = 1  # captured tower signals always include CLS at column 0
+        sel = self._choose(site, candidates, self._signals(key, alive if self.mode == "soft" else None,
+                                                          signal_offset))
+        values = sel.tokens if sel.tokens is not None else candidates.gather(
+            1, sel.indices[..., None].expand(-1, -1, candidates.shape[-1]))
+        if self.mode == "hard":
+            return torch.cat([hidden[:, :prefix], values], 1)
+        chosen = sel.indices if alive is None else alive.gather(1, sel.indices)  # into all N patches
+        self.patch_alive = chosen
+        patches = patches.scatter(1, chosen[..., None].expand(-1, -1, patches.shape[-1]), values)
+        if site.stage == "vision":
+            keep = torch.ones(b, hidden.shape[1], dtype=torch.bool, device=hidden.device)
+            keep[:, prefix:] = False
+            keep[:, prefix:].scatter_(1, chosen, True)
+            self.vision_bias = _log_mask(keep, hidden.dtype)[:, None, None, :]
+        return torch.cat([hidden[:, :prefix], patches], 1)
+
+    # --- inside the LLM -----------------------------------------------------------------
+    @staticmethod
+    def _is_decoding(kwargs: dict, layer: int) -> bool:
+        cache = kwargs.get("past_key_values")
+        return cache is not None and cache.get_seq_length(layer) > 0
+
+    def _llm_layer(self, k: int):
+        from tokensieve.backbones.hf_llava import Site
+
+        site = Site("llm", k)
+
+        def hook(_module, args, kwargs):
+            if not self.handle.active:
+                return None
+            if self.image_start is None:
+                raise TokensieveError("tokens pruned inside the LLM need the image layout: run the model "
+                                      "through LlavaBackbone.forward or .generate")
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            args = args[1:]
+            decoding = self._is_decoding(kwargs, k)
+            if site in self.stages and not decoding:
+                hidden = self._reduce_llm(site, hidden, kwargs)
+            kwargs = self._adjust_llm_kwargs(k, hidden, kwargs, decoding)
+            return (hidden, *args), kwargs
+        return hook
+
+    def _reduce_llm(self, site, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        b, length, d = hidden.shape
+        start = self.image_start.to(hidden.device)
+        columns = start[:, None] + torch.arange(self.image_count, device=hidden.device)  # (B, n_img)
+        alive = self.image_alive if self.mode == "soft" else None
+        if alive is not None:
+            columns = columns.gather(1, alive)
+        tokens = hidden.gather(1, columns[..., None].expand(-1, -1, d))
+        signals = self._signals(str(site), None, 0)
+        signals = {name: (lambda get=get: get().gather(1, columns)) for name, get in signals.items()}
+        sel = self._choose(site, tokens, signals)
+        kept_columns = columns.gather(1, sel.indices)
+        if sel.tokens is not None:
+            hidden = hidden.scatter(1, kept_columns[..., None].expand(-1, -1, d), sel.tokens)
+        if self.mode == "hard":
+            positions = torch.arange(length, device=hidden.device).expand(b, length)
+            drop = torch.zeros(b, length, dtype=torch.bool, device=hidden.device)
+            drop.scatter_(1, columns, True).scatter_(1, kept_columns, False)
+            local = positions[~drop].view(b, -1)  # (B, L'): every row drops the same count
+            previous = self.gathers[-1][1] if self.gathers else positions
+            self.gathers.append((site.layer, previous.gather(1, local)))
+            self.image_count = sel.indices.shape[1]
+            return hidden.gather(1, local[..., None].expand(-1, -1, d))
+        base = self.image_alive if self.image_alive is not None else torch.arange(
+            self.image_count, device=hidden.device).expand(b, -1)
+        self.image_alive = base.gather(1, sel.indices)
+        keep = torch.ones(b, length, dtype=torch.bool, device=hidden.device)
+        keep.scatter_(1, columns, False).scatter_(1, kept_columns, True)
+        self.biases.append((site.layer, _log_mask(keep, hidden.dtype)))
+        return hidden
+
+    def _adjust_llm_kwargs(self, k: int, hidden: torch.Tensor, kwargs: dict, decoding: bool) -> dict:
+        """Gather positions/RoPE/mask to the kept tokens (hard); add key biases (soft)."""
+        gather = next((g for layer, g in reversed(self.gathers) if layer <= k), None)
+        active = [b for layer, b in self.biases if layer <= k]
+        bias = torch.stack(active).sum(0).clamp(min=_negative(hidden.dtype)) if active else None
+        if gather is None and bias is None:
+            return kwargs
+        kwargs = dict(kwargs)
+        mask = kwargs.get("attention_mask")
+        b, q = hidden.shape[:2]
+        if gather is not None and not decoding:
+            cos, sin = kwargs["position_embeddings"]
+            kwargs["position_embeddings"] = tuple(
+                t.expand(b, -1, -1).gather(1, gather[..., None].expand(-1, -1, t.shape[-1])) for t in (cos, sin))
+            if kwargs.get("position_ids") is not None:
+                kwargs["position_ids"] = kwargs["position_ids"].expand(b, -1).gather(1, gather)
+            if mask is not None:
+                mask = mask.expand(b, -1, -1, -1)
+                mask = mask.gather(2, gather[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[3]))
+                mask = mask.gather(3, gather[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1))
+        elif gather is not None and mask is not None:  # decoding: cached K/V of this layer are shorter
+            new = torch.arange(self.length, mask.shape[-1], device=mask.device).expand(b, -1)
+            columns = torch.cat([gather, new], 1)
+            mask = mask.expand(b, -1, -1, -1)
+            mask = mask.gather(3, columns[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1))
+        if bias is not None:
+            keys = self.length if not decoding else (mask.shape[-1] if mask is not None else
+                                                     kwargs["past_key_values"].get_seq_length(k) + q)
+            mask = _as_additive(mask, b, q, keys, hidden.dtype, hidden.device)
+            extra = keys - bias.shape[1]
+            full = torch.cat([bias, bias.new_zeros(b, extra)], 1) if extra > 0 else bias
+            mask = (mask + full[:, None, None, :]).clamp(min=_negative(hidden.dtype))
+        kwargs["attention_mask"] = mask
+        return kwargs

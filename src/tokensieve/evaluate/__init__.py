@@ -1,0 +1,1 @@
+"""Measuring what pruning costs in accuracy and buys in speed."""

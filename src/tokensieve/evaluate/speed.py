@@ -1,0 +1,145 @@
+"""Prefill speed of pruning on a LLaVA-shaped model: measured speedup against the FLOPs ideal.
+
+The model is randomly initialised (a random model of a given shape times like a trained one).
+For each (method at its site, keep ratio) the pruned and the unpruned prefill run alternately
+on the same inputs, and the medians are compared. ``ideal_speedup`` is the ratio of the linear
+FLOPs (dense matmuls, which grow linearly with tokens) of the whole prefill, full vs pruned;
+``scoring_overhead`` is the share of the pruned prefill spent choosing tokens.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from tokensieve.attach import attach
+from tokensieve.backbones import LlavaBackbone, Site
+
+TARGETS = {"speedup >= 0.95 x ideal_speedup": lambda r: r["speedup"] >= 0.95 * r["ideal_speedup"],
+           "scoring_overhead <= 0.03": lambda r: r["scoring_overhead"] <= 0.03}
+
+
+@dataclass(frozen=True)
+class BenchShape:
+    """A LLaVA-shaped model. The defaults fit a CPU; ``llava7b()`` is LLaVA-1.5-7B."""
+
+    llm_layers: int = 8
+    llm_hidden: int = 512
+    llm_heads: int = 8
+    llm_intermediate: int = 1376  # LLaMA's 11008 / 4096 ratio
+    vision_layers: int = 2
+    vision_hidden: int = 256
+    vision_heads: int = 4
+    image_size: int = 336
+    patch_size: int = 14  # 24 x 24 = 576 visual tokens, as LLaVA-1.5
+    text_tokens: int = 40
+    vocab: int = 32064
+
+    @classmethod
+    def llava7b(cls) -> BenchShape:
+        return cls(llm_layers=32, llm_hidden=4096, llm_heads=32, llm_intermediate=11008,
+                   vision_layers=24, vision_hidden=1024, vision_heads=16)
+
+    @property
+    def n_visual(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+def build_bench_model(shape: BenchShape, dtype: torch.dtype = torch.float32,
+                      device: str = "cpu") -> LlavaForConditionalGeneration:
+    vision = CLIPVisionConfig(hidden_size=shape.vision_hidden, intermediate_size=4 * shape.vision_hidden,
+                              num_hidden_layers=shape.vision_layers, num_attention_heads=shape.vision_heads,
+                              image_size=shape.image_size, patch_size=shape.patch_size)
+    text = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.llm_hidden, intermediate_size=shape.llm_intermediate,
+                       num_hidden_layers=shape.llm_layers, num_attention_heads=shape.llm_heads,
+                       max_position_embeddings=4096, pad_token_id=0)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=shape.vocab - 1,
+                         vision_feature_layer=-1, vision_feature_select_strategy="default",
+                         image_seq_length=shape.n_visual)
+    with torch.device(device):  # built where it runs: a 7B model need not fit in host memory
+        model = LlavaForConditionalGeneration(config)
+    return model.to(dtype).eval()
+
+
+def bench_inputs(shape: BenchShape, batch: int = 1) -> dict[str, torch.Tensor]:
+    """``<s> USER : <image>x576 question... ASSISTANT :`` as ids, with a random image."""
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(5, shape.vocab - 2, (batch, shape.text_tokens - 3), generator=g)
+    image = torch.full((batch, shape.n_visual), shape.vocab - 1)
+    ids = torch.cat([torch.ones(batch, 3, dtype=torch.long), image, text], 1)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "pixel_values": torch.randn(batch, 3, shape.image_size, shape.image_size, generator=g)}
+
+
+def linear_flops(shape: BenchShape, llm_tokens_per_layer: list[int]) -> float:
+    """Dense-matmul FLOPs of a prefill: the tower on all patches, the projector and each LLM layer
+    on the tokens it sees (attention scores, quadratic in tokens, are left out: "linear")."""
+    d, dv = shape.llm_hidden, shape.vision_hidden
+    tower = shape.vision_layers * (shape.n_visual + 1) * 2 * (4 * dv * dv + 2 * dv * 4 * dv)
+    projector = shape.n_visual * 2 * (dv * d + d * d)
+    per_token = 2 * (4 * d * d + 3 * d * shape.llm_intermediate)
+    return tower + projector + sum(t * per_token for t in llm_tokens_per_layer)
+
+
+def ideal_speedup(shape: BenchShape, site: Site, kept: int) -> float:
+    full_len = shape.n_visual + shape.text_tokens
+    pruned_len = kept + shape.text_tokens
+    first = 0 if site.stage == "projector" else site.layer
+    pruned = [full_len] * first + [pruned_len] * (shape.llm_layers - first)
+    return linear_flops(shape, [full_len] * shape.llm_layers) / linear_flops(shape, pruned)
+
+
+@torch.no_grad()
+def _time(backbone: LlavaBackbone, inputs: dict) -> float:
+    started = time.perf_counter()
+    backbone.forward(**inputs, logits_to_keep=1)
+    return time.perf_counter() - started
+
+
+def speed_benchmark(shape: BenchShape = BenchShape(), methods: tuple[str, ...] = ("fastv", "divprune"),
+                    keeps: tuple[float, ...] = (0.33, 0.22, 0.11), repeats: int = 7, threads: int | None = None,
+                    progress: bool = True) -> list[dict]:
+    """One row per (method at its default site, keep ratio); see the module docstring."""
+    from tokensieve.method import create_method
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    backbone = LlavaBackbone(build_bench_model(shape))
+    inputs = bench_inputs(shape)
+    _time(backbone, inputs)  # warm-up
+    rows = []
+    cases = [(m, k) for m in methods for k in keeps]
+    for name, keep in tqdm(cases, desc="speed", unit="case", disable=not progress):
+        site = Site.parse(create_method(name).default_site)
+        handle = attach(backbone, name, keep, site=str(site), mode="hard")
+        try:
+            _time(backbone, inputs)  # warm-up of the pruned path
+            full, pruned, scoring = [], [], []
+            for _ in range(repeats):
+                with handle.disabled():
+                    full.append(_time(backbone, inputs))
+                handle.scoring_seconds = 0.0
+                pruned.append(_time(backbone, inputs))
+                scoring.append(handle.scoring_seconds / pruned[-1])
+            kept = handle.last_counts[str(handle.stages[0])][1]
+        finally:
+            handle.detach()
+        row = {"method": name, "site": str(site), "keep": keep, "visual_tokens_kept": kept,
+               "prefill_ms_full": round(1000 * statistics.median(full), 2),
+               "prefill_ms_pruned": round(1000 * statistics.median(pruned), 2),
+               "scoring_overhead": round(statistics.median(scoring), 4),
+               "ideal_speedup": round(ideal_speedup(shape, site, kept), 3)}
+        row["speedup"] = round(row["prefill_ms_full"] / row["prefill_ms_pruned"], 3)
+        row["targets"] = {label: bool(check(row)) for label, check in TARGETS.items()}
+        rows.append(row)
+    return rows
+
+
+def shape_summary(shape: BenchShape) -> dict:
+    return {**asdict(shape), "n_visual": shape.n_visual, "threads": torch.get_num_threads()}

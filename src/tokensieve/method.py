@@ -1,0 +1,185 @@
+"""Token-reduction methods: the base class, budgets, what a method sees, and the registry.
+
+A method looks at the visual tokens at one site and says which of them stay (sorted,
+unique indices) and, if it merges, what the kept slots now hold. It never touches a model:
+the backbone adapter hands it the tokens and any signal it asks for (CLS attention, the
+last text token's attention, attention keys), and applies its choice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from tokensieve.errors import TokensieveError
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many visual tokens stay at a site: an exact ``count`` or a ``ratio`` of those there."""
+
+    count: int | None = None
+    ratio: float | None = None
+
+    def __post_init__(self):
+        if (self.count is None) == (self.ratio is None):
+            raise TokensieveError("a budget is either a token count or a ratio, not both or neither")
+        if self.count is not None and (isinstance(self.count, bool) or self.count < 1):
+            raise TokensieveError(f"budget {self.count}: keep at least one token")
+        if self.ratio is not None and not 0 < self.ratio <= 1:
+            raise TokensieveError(f"budget ratio {self.ratio} is not in (0, 1]")
+
+    @classmethod
+    def parse(cls, value: Budget | int | float | str) -> Budget:
+        """``64`` or ``"64"`` keeps 64 tokens; ``0.25``, ``"0.25"`` or ``"25%"`` keeps a quarter."""
+        if isinstance(value, Budget):
+            return value
+        if isinstance(value, str):
+            text = value.strip()
+            try:
+                if text.endswith("%"):
+                    return cls(ratio=float(text[:-1]) / 100)
+                return cls(count=int(text)) if text.isdigit() else cls(ratio=float(text))
+            except ValueError:
+                raise TokensieveError(f"cannot read budget {value!r}; write a count (64) or a ratio (0.25, 25%)") from None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return cls(count=value)
+        if isinstance(value, float):
+            return cls(ratio=value)
+        raise TokensieveError(f"cannot read budget {value!r}; write a count (64) or a ratio (0.25, 25%)")
+
+    def resolve(self, available: int, where: str = "this site") -> int:
+        """The exact number of tokens to keep out of ``available``."""
+        if self.count is not None:
+            if self.count > available:
+                raise TokensieveError(f"budget of {self.count} tokens is larger than the {available} "
+                                      f"visual tokens at {where}")
+            return self.count
+        return max(1, round(self.ratio * available))
+
+    def __str__(self) -> str:
+        return str(self.count) if self.count is not None else f"{self.ratio:g}"
+
+
+@dataclass
+class SiteInputs:
+    """What a method sees at a site, for one batch.
+
+    tokens: ``(B, N, d)`` the visual tokens that may be removed (prefix tokens such as CLS are
+        excluded and always kept).
+    keep: how many of the ``N`` must stay, per row.
+    site: where this is, e.g. ``"vision.2"``, ``"projector"``, ``"llm.2"``.
+    generator: one seeded generator per row (same draws for a sample alone or in a batch).
+    signals: name -> function computing it; asked for through :meth:`signal`.
+    """
+
+    tokens: torch.Tensor
+    keep: int
+    site: str
+    generator: list[torch.Generator]
+    signals: dict[str, Callable[[], torch.Tensor]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        n = self.tokens.shape[1]
+        if not 1 <= self.keep <= n:
+            raise TokensieveError(f"cannot keep {self.keep} of the {n} tokens at {self.site}")
+
+    def signal(self, name: str) -> torch.Tensor:
+        """A signal over the ``N`` tokens: ``cls_attention`` ``(B, N)``, ``text_attention``
+        ``(B, N)`` (the last text token's attention one layer earlier), ``keys`` ``(B, N, d_k)``."""
+        if name not in self.signals:
+            have = ", ".join(sorted(self.signals)) or "none"
+            raise TokensieveError(f"signal {name!r} is not available at {self.site} (available: {have})")
+        value = self.signals[name]()
+        if tuple(value.shape[:2]) != tuple(self.tokens.shape[:2]):
+            raise TokensieveError(f"signal {name!r} has shape {tuple(value.shape)}; it must start with "
+                                  f"{tuple(self.tokens.shape[:2])} like the tokens at {self.site}")
+        return value
+
+
+@dataclass
+class Selection:
+    """A method's decision for a batch.
+
+    indices: ``(B, K)`` sorted, unique indices into the ``N`` tokens that stay.
+    tokens: optional ``(B, K, d)`` new contents of those slots (merging methods); ``None``
+        means the kept tokens are unchanged.
+    """
+
+    indices: torch.Tensor
+    tokens: torch.Tensor | None = None
+
+
+class Method:
+    """Base of every reduction method. Subclasses are dataclasses of their parameters.
+
+    Class attributes: ``name`` (registry key), ``paper`` (citation), ``stages`` (where it may
+    act: any of ``vision``, ``projector``, ``llm``), ``default_site`` and ``signals`` (what it
+    asks the backbone for).
+    """
+
+    name: ClassVar[str]
+    paper: ClassVar[str] = ""
+    stages: ClassVar[tuple[str, ...]] = ("vision", "projector", "llm")
+    default_site: ClassVar[str] = "projector"
+    signals: ClassVar[tuple[str, ...]] = ()
+
+    def select(self, inputs: SiteInputs) -> Selection:
+        """Choose ``inputs.keep`` of the ``N`` tokens of every row."""
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        """``{"name": ..., **parameters}``: enough to :func:`create_method` it again."""
+        return {"name": self.name, **dataclasses.asdict(self)}
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available by its ``name``."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls.__name__} must be a dataclass of its parameters")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"method name {cls.name!r} is already registered")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_builtin_methods() -> None:
+    import tokensieve.methods  # noqa: F401  (registers the built-in methods on import)
+
+
+def list_methods() -> list[str]:
+    """Names of every registered method."""
+    _load_builtin_methods()
+    return sorted(_REGISTRY)
+
+
+def method_class(name: str) -> type[Method]:
+    _load_builtin_methods()
+    if name not in _REGISTRY:
+        raise TokensieveError(f"unknown method {name!r}; known methods: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def create_method(spec: str | dict[str, Any] | Method, **params: Any) -> Method:
+    """A method from a name (plus parameters), a config dict ``{"name": ..., ...}`` or an instance."""
+    if isinstance(spec, Method):
+        return dataclasses.replace(spec, **params) if params else spec
+    if isinstance(spec, dict):
+        params = {**{k: v for k, v in spec.items() if k != "name"}, **params}
+        if "name" not in spec:
+            raise TokensieveError(f"method config {spec} has no 'name'")
+        spec = spec["name"]
+    cls = method_class(spec)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise TokensieveError(f"unknown parameter(s) {', '.join(unknown)} for method {spec!r}; "
+                              f"its parameters are: {', '.join(sorted(known)) or 'none'}")
+    return cls(**params)

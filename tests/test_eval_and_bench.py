@@ -1,0 +1,57 @@
+"""`tokensieve eval` (methods side by side) and `tokensieve bench speed` on tiny shapes.
+
+No timing is asserted here: speed targets are checked by the benchmark command itself.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tokensieve.backbones import Site
+from tokensieve.cli import main
+from tokensieve.evaluate.speed import BenchShape, ideal_speedup, speed_benchmark
+
+MICRO = BenchShape(llm_layers=3, llm_hidden=32, llm_heads=2, llm_intermediate=64, vision_layers=1,
+                   vision_hidden=16, vision_heads=2, image_size=56, patch_size=14, text_tokens=8, vocab=100)
+
+
+def test_ideal_speedup_follows_the_tokens_each_layer_sees():
+    assert ideal_speedup(MICRO, Site("projector"), MICRO.n_visual) == pytest.approx(1.0)
+    before_llm = ideal_speedup(MICRO, Site("projector"), 4)
+    inside = ideal_speedup(MICRO, Site("llm", 2), 4)
+    assert before_llm > inside > 1.0
+
+
+def test_speed_benchmark_rows_on_a_micro_model():
+    rows = speed_benchmark(MICRO, ("fastv", "random"), (0.5, 0.25), repeats=1, progress=False)
+    assert [(r["method"], r["site"], r["visual_tokens_kept"]) for r in rows] == [
+        ("fastv", "llm.2", 8), ("fastv", "llm.2", 4), ("random", "projector", 8), ("random", "projector", 4)]
+    for r in rows:
+        assert r["prefill_ms_full"] > 0 and r["prefill_ms_pruned"] > 0 and 0 <= r["scoring_overhead"] < 1
+        assert r["speedup"] == pytest.approx(r["prefill_ms_full"] / r["prefill_ms_pruned"], rel=1e-2)
+        assert set(r["targets"]) == {"speedup >= 0.95 x ideal_speedup", "scoring_overhead <= 0.03"}
+
+
+def test_eval_compares_methods_with_the_unpruned_model(tiny_llava_dir, capsys):
+    assert main(["eval", "--model", str(tiny_llava_dir), "--method", "random,fastv", "--keep", "0.5,8",
+                 "--samples", "10", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["method"], r["visual_tokens_kept"]) for r in rows] == [
+        ("none", 64), ("random", 32), ("random", 8), ("fastv", 32), ("fastv", 8)]
+    assert all(0 <= r["accuracy"] <= 1 and len(r["per_family"]) == 5 for r in rows)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--method", "random", "--keep", "65"], "budget of 65 tokens is larger than the 64 visual tokens"),
+    (["--method", "random", "--keep", "0.5", "--site", "llm.9"], "site llm.9 does not exist"),
+    (["--method", "fastv", "--keep", "0.5", "--site", "projector"], "cannot act at projector"),
+    (["--method", "nope", "--keep", "0.5"], "unknown method 'nope'; known methods: anchor"),
+])
+def test_eval_bad_input_is_one_line(tiny_llava_dir, capsys, args, needle):
+    assert main(["eval", "--model", str(tiny_llava_dir), "--samples", "4", *args]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"tokensieve: error: {err.split('tokensieve: error: ')[1].strip()}"
+    assert needle in err.strip().splitlines()[-1]

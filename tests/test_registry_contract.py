@@ -1,0 +1,162 @@
+"""The engine's invariants (DESIGN.md), checked for every registered method at every stage it
+supports, on a tiny LLaVA on the CPU. A new method joins these tests by being registered."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokensieve.attach import attach
+from tokensieve.backbones import LlavaBackbone
+from tokensieve.errors import TokensieveError
+from tokensieve.method import list_methods, method_class
+from tokensieve.testbed.batches import encode
+
+SITE_OF_STAGE = {"vision": "vision.1", "projector": "projector", "llm": "llm.1"}
+BUDGET = 16  # of the tiny model's 64 visual tokens
+CASES = [(name, SITE_OF_STAGE[stage]) for name in list_methods() for stage in method_class(name).stages]
+
+
+@pytest.fixture(scope="module")
+def backbone(tiny_llava_dir):
+    return LlavaBackbone.from_pretrained(tiny_llava_dir)
+
+
+@pytest.fixture(scope="module")
+def batch(backbone, tiny_samples):
+    encoded = encode(backbone.processor, tiny_samples)
+    assert (encoded["attention_mask"] == 0).any(), "the batch must be padded"
+    return encoded
+
+
+def last_logits(backbone, batch) -> torch.Tensor:
+    return backbone.forward(**batch, logits_to_keep=1).logits[:, -1]
+
+
+@pytest.mark.parametrize("name,site", CASES)
+def test_keep_all_reproduces_unpruned_logits(backbone, batch, name, site):
+    plain = last_logits(backbone, batch)
+    handle = attach(backbone, name, 64, site=site, mode="hard")
+    try:
+        kept_all = last_logits(backbone, batch)
+    finally:
+        handle.detach()
+    assert torch.equal(plain, kept_all)
+
+
+@pytest.mark.parametrize("name,site", CASES)
+def test_budget_met_and_pruning_changes_the_answer_distribution(backbone, batch, name, site):
+    plain = last_logits(backbone, batch)
+    handle = attach(backbone, name, BUDGET, site=site, mode="hard")
+    try:
+        pruned = last_logits(backbone, batch)
+    finally:
+        handle.detach()
+    assert handle.last_counts == {str(handle.stages[0]): (64, BUDGET)}
+    assert not torch.allclose(plain, pruned)
+
+
+@pytest.mark.parametrize("name,site", CASES)
+def test_soft_binary_mask_equals_hard_removal(backbone, batch, name, site):
+    results = {}
+    for mode in ("hard", "soft"):
+        handle = attach(backbone, name, BUDGET, site=site, mode=mode)
+        try:
+            results[mode] = last_logits(backbone, batch)
+        finally:
+            handle.detach()
+    torch.testing.assert_close(results["soft"], results["hard"], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,site", CASES)
+def test_detach_restores_the_model_bit_for_bit(backbone, batch, name, site):
+    before_state = {k: v.clone() for k, v in backbone.model.state_dict().items()}
+    plain = last_logits(backbone, batch)
+    attach(backbone, name, BUDGET, site=site, mode="hard").detach()
+    assert torch.equal(plain, last_logits(backbone, batch))
+    assert all(torch.equal(v, before_state[k]) for k, v in backbone.model.state_dict().items())
+    assert not any(m._forward_pre_hooks for m in backbone.model.modules())
+
+
+@pytest.mark.parametrize("name,site", CASES)
+def test_batch_equals_each_sample_alone(backbone, tiny_samples, name, site):
+    handle = attach(backbone, name, BUDGET, site=site, mode="hard")
+    try:
+        together = last_logits(backbone, encode(backbone.processor, tiny_samples))
+        alone = torch.cat([last_logits(backbone, encode(backbone.processor, [s])) for s in tiny_samples])
+    finally:
+        handle.detach()
+    torch.testing.assert_close(together, alone, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,site", CASES)
+def test_cached_greedy_decoding_equals_recomputing(backbone, batch, name, site):
+    handle = attach(backbone, name, BUDGET, site=site, mode="hard")
+    try:
+        runs = [backbone.generate(**batch, max_new_tokens=4, do_sample=False, use_cache=cache,
+                                  output_scores=True, return_dict_in_generate=True) for cache in (True, False)]
+    finally:
+        handle.detach()
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    for with_cache, without in zip(runs[0].scores, runs[1].scores):
+        torch.testing.assert_close(with_cache, without, atol=2e-5, rtol=1e-5)
+
+
+def test_disabled_runs_the_unpruned_model(backbone, batch):
+    plain = last_logits(backbone, batch)
+    handle = attach(backbone, "random", BUDGET, site="llm.1")
+    try:
+        with handle.disabled():
+            assert torch.equal(plain, last_logits(backbone, batch))
+        assert not torch.allclose(plain, last_logits(backbone, batch))
+    finally:
+        handle.detach()
+
+
+def test_stages_at_several_sites_compose(backbone, batch):
+    handle = attach(backbone, [("random", "vision.1", 48), ("random", "projector", 32), ("random", "llm.1", 8)])
+    try:
+        backbone.forward(**batch)
+    finally:
+        handle.detach()
+    assert list(handle.last_counts.values()) == [(64, 48), (48, 32), (32, 8)]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(method="random", budget=65, site="projector"), "larger than the 64 visual tokens"),
+    (dict(method="nonesuch", budget=8), "unknown method 'nonesuch'"),
+    (dict(method={"name": "random", "colour": 1}, budget=8), "unknown parameter(s) colour"),
+    (dict(method="random", budget=8, site="llm.9"), "site llm.9 does not exist"),
+    (dict(method="random", budget=8, mode="fuzzy"), "unknown mode 'fuzzy'"),
+    (dict(method="random", budget="lots"), "cannot read budget 'lots'"),
+])
+def test_bad_requests_name_the_problem(backbone, batch, kwargs, message):
+    with pytest.raises(TokensieveError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        handle = attach(backbone, **kwargs)
+        try:
+            backbone.forward(**batch)
+        finally:
+            handle.detach()
+
+
+@pytest.mark.parametrize("name", [name for name, site in CASES if site == "vision.1"])
+def test_cls_is_kept_in_the_tower(backbone, batch, name):
+    """Hooks run in registration order, so one added after attach sees the pruned block input."""
+    seen = []
+
+    def grab(_module, args):
+        seen.append(args[0])
+
+    plain_hook = backbone.vision_layers[1].register_forward_pre_hook(grab)
+    backbone.forward(**batch)
+    plain_hook.remove()
+    handle = attach(backbone, name, BUDGET, site="vision.1")
+    pruned_hook = backbone.vision_layers[1].register_forward_pre_hook(grab)
+    try:
+        backbone.forward(**batch)
+    finally:
+        pruned_hook.remove()
+        handle.detach()
+    plain, pruned = seen
+    assert pruned.shape[1] == 1 + BUDGET
+    assert torch.equal(pruned[:, 0], plain[:, 0])
