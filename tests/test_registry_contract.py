@@ -129,14 +129,15 @@ def test_stages_at_several_sites_compose(backbone, batch):
     (dict(method="random", budget=8, site="llm.9"), "site llm.9 does not exist"),
     (dict(method="random", budget=8, mode="fuzzy"), "unknown mode 'fuzzy'"),
     (dict(method="random", budget="lots"), "cannot read budget 'lots'"),
+    (dict(method={"name": "anchor", "top_m": 60}, budget=70, site="vision.1"), "larger than the 64"),
+    (dict(method={"name": "anchor", "top_m": 60}, budget=64, site="vision.1"), "k_anchors + top_m + 1 > tokens"),
+    (dict(method=[("random", "projector", 32), ("random", "llm.1", 40)]), "budget of 40 tokens is larger than the 32"),
 ])
-def test_bad_requests_name_the_problem(backbone, batch, kwargs, message):
-    with pytest.raises(TokensieveError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        handle = attach(backbone, **kwargs)
-        try:
-            backbone.forward(**batch)
-        finally:
-            handle.detach()
+def test_bad_requests_are_refused_when_attaching(backbone, kwargs, message):
+    """Before any model work: attach itself raises, with a message naming the value."""
+    with pytest.raises(TokensieveError, match=message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
+        attach(backbone, **kwargs)
+    assert not any(m._forward_pre_hooks for m in backbone.model.modules())
 
 
 @pytest.mark.parametrize("name", [name for name, site in CASES if site == "vision.1"])

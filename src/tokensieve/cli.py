@@ -99,6 +99,8 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _bench_speed(args: argparse.Namespace) -> None:
+    import torch
+
     from tokensieve.evaluate.speed import BenchShape, shape_summary, speed_benchmark
     from tokensieve.method import Budget, create_method
 
@@ -108,10 +110,13 @@ def _bench_speed(args: argparse.Namespace) -> None:
     if not all(keeps):
         raise TokensieveError("bench speed takes keep ratios (0.33), not token counts")
     shape = BenchShape.llava7b() if args.shape == "llava-7b" else BenchShape()
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise TokensieveError(f"--device {args.device}: no CUDA device is available here")
     rows = speed_benchmark(shape, tuple(methods), tuple(keeps), repeats=args.repeats, threads=args.threads,
-                           progress=not args.json)
+                           device=args.device, dtype=dtype, progress=not args.json)
     if args.json:
-        print(json.dumps({"shape": shape_summary(shape), "rows": rows}, indent=2))
+        print(json.dumps({"shape": shape_summary(shape, args.device, dtype), "rows": rows}, indent=2))
         return
     print(f"{'method':10s} {'site':9s} {'keep':>5s} {'full ms':>8s} {'pruned ms':>9s} {'speedup':>7s} "
           f"{'ideal':>6s} {'scoring':>7s}")
@@ -163,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cpu: 8 layers x 512 (default); llava-7b: LLaVA-1.5-7B's shape (needs a big machine)")
     speed.add_argument("--repeats", type=_positive_int, default=7, help="timed runs per case (median)")
     speed.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
+    speed.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    speed.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     speed.add_argument("--json", action="store_true")
     speed.set_defaults(func=_bench_speed)
 

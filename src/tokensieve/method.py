@@ -132,6 +132,10 @@ class Method:
         """Choose ``inputs.keep`` of the ``N`` tokens of every row."""
         raise NotImplementedError
 
+    def check(self, n_tokens: int, keep: int, site: str) -> None:
+        """Raise :class:`TokensieveError` if keeping ``keep`` of ``n_tokens`` at ``site`` cannot
+        work with this method's parameters. Called when attaching, before any model work."""
+
     def config(self) -> dict[str, Any]:
         """``{"name": ..., **parameters}``: enough to :func:`create_method` it again."""
         return {"name": self.name, **dataclasses.asdict(self)}

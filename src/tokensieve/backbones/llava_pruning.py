@@ -87,10 +87,23 @@ class LlavaPruningSession:
             if site in self.stages:
                 raise TokensieveError(f"two stages at site {site}")
             self.stages[site] = st
+        self._check_budgets()
         self._captured: dict[str, torch.Tensor] = {}
         self.begin_image_pass()
         self.begin_llm_pass(None, 0, 0)
         self._register()
+
+    def _check_budgets(self) -> None:
+        """Resolve every budget against the tokens its site will see, before any model work."""
+        order = {"vision": 0, "projector": 1, "llm": 2}
+        n, in_llm = self.bb.n_patches, False
+        for site in sorted(self.stages, key=lambda s: (order[s.stage], s.layer or 0)):
+            if site.stage == "llm" and not in_llm:
+                n, in_llm = n + int(self.bb.keeps_cls), True  # CLS is an ordinary image token in the LLM
+            st = self.stages[site]
+            keep = st.budget.resolve(n, str(site))
+            st.method.check(n, keep, str(site))
+            n = keep
 
     @contextmanager
     def _scoring(self):

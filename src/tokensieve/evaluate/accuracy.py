@@ -6,7 +6,6 @@ from tqdm import tqdm
 
 from tokensieve.attach import attach
 from tokensieve.backbones import LlavaBackbone
-from tokensieve.method import Budget, create_method
 from tokensieve.testbed.evaluate import heldout_samples, predict, scene_spec_for, summarise
 
 
@@ -15,12 +14,9 @@ def compare_methods(backbone: LlavaBackbone, methods: list[str], keeps: list[str
                     progress: bool = True) -> list[dict]:
     """Rows ``{method, site, keep, visual_tokens_kept, accuracy, per_family}``; the first row
     is the unpruned model (``method`` ``"none"``), measured on the same held-out samples."""
-    for name in methods:  # names, sites and budgets are checked before any model work
+    for name in methods:  # names, sites, budgets and parameters are checked before any model work
         for keep in keeps:
             attach(backbone, name, keep, site=site, mode=mode).detach()
-            budget = Budget.parse(keep)
-            if budget.count is not None:
-                budget.resolve(backbone.n_visual_tokens, f"the input of {create_method(name).name}")
     samples = heldout_samples(n_samples, spec=scene_spec_for(backbone))
     full = summarise(samples, predict(backbone, samples, batch_size=batch_size))
     rows = [{"method": "none", "site": None, "keep": 1.0, "visual_tokens_kept": backbone.n_visual_tokens, **full}]

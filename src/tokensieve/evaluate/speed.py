@@ -61,9 +61,14 @@ def build_bench_model(shape: BenchShape, dtype: torch.dtype = torch.float32,
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=shape.vocab - 1,
                          vision_feature_layer=-1, vision_feature_select_strategy="default",
                          image_seq_length=shape.n_visual)
-    with torch.device(device):  # built where it runs: a 7B model need not fit in host memory
-        model = LlavaForConditionalGeneration(config)
-    return model.to(dtype).eval()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in its dtype, where it runs: a 7B model never sits in host memory
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
 
 
 def bench_inputs(shape: BenchShape, batch: int = 1) -> dict[str, torch.Tensor]:
@@ -94,24 +99,33 @@ def ideal_speedup(shape: BenchShape, site: Site, kept: int) -> float:
     return linear_flops(shape, [full_len] * shape.llm_layers) / linear_flops(shape, pruned)
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.no_grad()
 def _time(backbone: LlavaBackbone, inputs: dict) -> float:
+    device = inputs["input_ids"].device
+    _sync(device)
     started = time.perf_counter()
     backbone.forward(**inputs, logits_to_keep=1)
+    _sync(device)
     return time.perf_counter() - started
 
 
 def speed_benchmark(shape: BenchShape = BenchShape(), methods: tuple[str, ...] = ("fastv", "divprune"),
                     keeps: tuple[float, ...] = (0.33, 0.22, 0.11), repeats: int = 7, threads: int | None = None,
-                    progress: bool = True) -> list[dict]:
+                    device: str = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True) -> list[dict]:
     """One row per (method at its default site, keep ratio); see the module docstring."""
     from tokensieve.method import create_method
 
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
-    backbone = LlavaBackbone(build_bench_model(shape))
-    inputs = bench_inputs(shape)
+    backbone = LlavaBackbone(build_bench_model(shape, dtype, device))
+    inputs = {k: v.to(device) for k, v in bench_inputs(shape).items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     _time(backbone, inputs)  # warm-up
     rows = []
     cases = [(m, k) for m in methods for k in keeps]
@@ -141,5 +155,6 @@ def speed_benchmark(shape: BenchShape = BenchShape(), methods: tuple[str, ...] =
     return rows
 
 
-def shape_summary(shape: BenchShape) -> dict:
-    return {**asdict(shape), "n_visual": shape.n_visual, "threads": torch.get_num_threads()}
+def shape_summary(shape: BenchShape, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+    where = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"cpu, {torch.get_num_threads()} threads"
+    return {**asdict(shape), "n_visual": shape.n_visual, "device": where, "dtype": str(dtype).replace("torch.", "")}

@@ -111,6 +111,9 @@ class Anchor(Method):
                                   f"tokens at {site}; set the budget to {k + m} or leave top_m unset")
         return m
 
+    def check(self, n_tokens: int, keep: int, site: str) -> None:
+        self.resolve_top_m(keep, n_tokens, site)
+
     def select(self, inputs: SiteInputs) -> Selection:
         m = self.resolve_top_m(inputs.keep, inputs.tokens.shape[1], inputs.site)
         att, keys = inputs.signal("cls_attention"), inputs.signal("keys")
