@@ -3,13 +3,15 @@ supports, on a tiny LLaVA on the CPU. A new method joins these tests by being re
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 
 from tokensieve.attach import attach
 from tokensieve.backbones import LlavaBackbone
 from tokensieve.errors import TokensieveError
-from tokensieve.method import list_methods, method_class
+from tokensieve.method import Method, Selection, SiteInputs, list_methods, method_class
 from tokensieve.testbed.batches import encode
 
 SITE_OF_STAGE = {"vision": "vision.1", "projector": "projector", "llm": "llm.1"}
@@ -161,3 +163,37 @@ def test_cls_is_kept_in_the_tower(backbone, batch, name):
     plain, pruned = seen
     assert pruned.shape[1] == 1 + BUDGET
     assert torch.equal(pruned[:, 0], plain[:, 0])
+
+
+@dataclass
+class _RecordTextAttention(Method):
+    """Keeps the first tokens and remembers the text-attention signal it was given."""
+
+    name = "record_text_attention"
+    stages = ("llm",)
+    signals = ("text_attention",)
+
+    def select(self, inputs: SiteInputs) -> Selection:
+        self.seen = inputs.signal("text_attention")
+        return Selection(torch.arange(inputs.keep).expand(inputs.tokens.shape[0], -1))
+
+
+def test_text_attention_signal_equals_eager_attention(tiny_llava_dir, tiny_samples):
+    """The last token's attention, recomputed with SDPA on, equals eager attention's weights."""
+    eager = LlavaBackbone.from_pretrained(tiny_llava_dir)
+    eager.model.set_attn_implementation("eager")
+    batch = encode(eager.processor, tiny_samples)
+    inputs = eager.prepare(**batch)
+    weights = eager.model(**inputs.model_kwargs(), output_attentions=True).attentions[0]  # layer 0
+    layout = eager.layout(inputs.input_ids, inputs.attention_mask)
+    columns = layout.image_start[:, None] + torch.arange(64)
+    expected = weights[:, :, -1].mean(1).gather(1, columns)  # (B, 64)
+
+    sdpa = LlavaBackbone.from_pretrained(tiny_llava_dir)
+    recorder = _RecordTextAttention()
+    handle = attach(sdpa, recorder, 64, site="llm.1")
+    try:
+        sdpa.forward(**batch)
+    finally:
+        handle.detach()
+    torch.testing.assert_close(recorder.seen, expected, atol=1e-6, rtol=1e-5)

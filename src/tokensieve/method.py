@@ -73,20 +73,27 @@ class SiteInputs:
         excluded and always kept).
     keep: how many of the ``N`` must stay, per row.
     site: where this is, e.g. ``"vision.2"``, ``"projector"``, ``"llm.2"``.
-    generator: one seeded generator per row (same draws for a sample alone or in a batch).
+    generator: one seeded generator per row (same draws for a sample alone or in a batch), or a
+        function making them (so methods that never draw never pay for seeding); read it
+        through :meth:`generators`.
     signals: name -> function computing it; asked for through :meth:`signal`.
     """
 
     tokens: torch.Tensor
     keep: int
     site: str
-    generator: list[torch.Generator]
+    generator: list[torch.Generator] | Callable[[], list[torch.Generator]]
     signals: dict[str, Callable[[], torch.Tensor]] = field(default_factory=dict)
 
     def __post_init__(self):
         n = self.tokens.shape[1]
         if not 1 <= self.keep <= n:
             raise TokensieveError(f"cannot keep {self.keep} of the {n} tokens at {self.site}")
+
+    def generators(self) -> list[torch.Generator]:
+        if callable(self.generator):
+            self.generator = self.generator()
+        return self.generator
 
     def signal(self, name: str) -> torch.Tensor:
         """A signal over the ``N`` tokens: ``cls_attention`` ``(B, N)``, ``text_attention``

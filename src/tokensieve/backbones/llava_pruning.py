@@ -89,6 +89,7 @@ class LlavaPruningSession:
             self.stages[site] = st
         self._check_budgets()
         self._captured: dict[str, torch.Tensor] = {}
+        self._attention_kwargs: dict | None = None
         self.begin_image_pass()
         self.begin_llm_pass(None, 0, 0)
         self._register()
@@ -150,11 +151,12 @@ class LlavaPruningSession:
             if site.stage in ("vision", "projector"):
                 source = site.layer - 1 if site.stage == "vision" else bb.feature_hidden_index - 1
                 if {"cls_attention", "keys"} & set(needs):
-                    hooks.append(bb.vision_layers[source].self_attn.register_forward_pre_hook(
-                        self._capture_vision(str(site)), with_kwargs=True))
+                    attn = bb.vision_layers[source].self_attn
+                    hooks.append(attn.k_proj.register_forward_hook(self._capture_vision(str(site), attn)))
             if site.stage == "llm" and "text_attention" in needs:
-                hooks.append(bb.llm_layers[site.layer - 1].self_attn.register_forward_pre_hook(
-                    self._capture_text_attention(str(site)), with_kwargs=True))
+                attn = bb.llm_layers[site.layer - 1].self_attn
+                hooks.append(attn.register_forward_pre_hook(self._remember_attention_kwargs, with_kwargs=True))
+                hooks.append(attn.k_proj.register_forward_hook(self._capture_text_attention(str(site), attn)))
         vision = sorted(s.layer for s in self.stages if s.stage == "vision")
         if vision:
             for i in range(vision[0], len(bb.vision_layers)):
@@ -171,35 +173,40 @@ class LlavaPruningSession:
         if self.handle.active:
             self.begin_image_pass()
 
-    def _capture_vision(self, key: str):
-        def hook(attn, args, kwargs):
+    # Signals are computed in forward hooks on the layer's own k_proj, so keys are not recomputed.
+    def _capture_vision(self, key: str, attn):
+        def hook(_k_proj, args, keys):
             if not self.handle.active:
                 return
-            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            hidden = args[0]  # (B, T, d): the block's normalised input
             with self._scoring():
                 self._captured[key + ":cls_attention"] = query_attention(
-                    hidden, attn.q_proj, attn.k_proj, attn.num_heads, 0, attn.scale, self._vision_key_bias())
-                b, t, _ = hidden.shape
-                self._captured[key + ":keys"] = attn.k_proj(hidden).view(b, t, attn.num_heads, -1).mean(2)
+                    hidden, attn.q_proj, attn.k_proj, attn.num_heads, 0, attn.scale, self._vision_key_bias(), keys)
+                b, t, _ = keys.shape
+                self._captured[key + ":keys"] = keys.view(b, t, attn.num_heads, -1).mean(2)
         return hook
 
     def _vision_key_bias(self) -> torch.Tensor | None:
         return None if self.vision_bias is None else self.vision_bias[:, 0, 0]
 
-    def _capture_text_attention(self, key: str):
-        def hook(attn, args, kwargs):
-            if not self.handle.active or self._is_decoding(kwargs, attn.layer_idx):
-                return
-            with self._scoring():
-                self._text_attention(key, attn, args, kwargs)
+    def _remember_attention_kwargs(self, attn, args, kwargs):
+        """The rotary tables and mask the k_proj hook needs (None while decoding: no signal then)."""
+        decoding = self._is_decoding(kwargs, attn.layer_idx)
+        self._attention_kwargs = None if decoding or not self.handle.active else kwargs
+
+    def _capture_text_attention(self, key: str, attn):
+        def hook(_k_proj, args, keys):
+            if self._attention_kwargs is not None:
+                with self._scoring():
+                    self._text_attention(key, attn, args[0], keys, self._attention_kwargs)
         return hook
 
-    def _text_attention(self, key: str, attn, args, kwargs) -> None:
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    def _text_attention(self, key: str, attn, hidden: torch.Tensor, keys: torch.Tensor, kwargs: dict) -> None:
+        """The last position's attention over all positions, mean over heads -> ``(B, T)``."""
         cos, sin = kwargs["position_embeddings"]
         b, t, _ = hidden.shape
         q = attn.q_proj(hidden[:, -1:]).view(b, 1, -1, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(hidden).view(b, t, -1, attn.head_dim).transpose(1, 2)
+        k = keys.view(b, t, -1, attn.head_dim).transpose(1, 2)
         q, _ = apply_rotary_pos_emb(q, q, cos[:, -1:], sin[:, -1:])
         _, k = apply_rotary_pos_emb(k, k, cos, sin)
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # grouped-query attention
@@ -216,7 +223,7 @@ class LlavaPruningSession:
         b, n, _ = tokens.shape
         keep = st.budget.resolve(n, str(site))
         with self._scoring():
-            inputs = SiteInputs(tokens, keep, str(site), row_generator(self.seed, tokens), signals)
+            inputs = SiteInputs(tokens, keep, str(site), lambda: row_generator(self.seed, tokens), signals)
             sel = st.method.select(inputs)
             check_selection(sel, b, n, keep, f"{st.method.name} at {site}")
         self.handle.last_counts[str(st)] = (n, keep)

@@ -24,5 +24,5 @@ class RandomKeep(Method):
 
     def select(self, inputs: SiteInputs) -> Selection:
         n = inputs.tokens.shape[1]
-        rows = [torch.randperm(n, generator=g)[: inputs.keep] for g in inputs.generator]
+        rows = [torch.randperm(n, generator=g)[: inputs.keep] for g in inputs.generators()]
         return Selection(torch.stack(rows).sort(1).values.to(inputs.tokens.device))
