@@ -132,6 +132,7 @@ class LlavaPruningSession:
             self.image_alive = alive
         self.gathers: list[tuple[int, torch.Tensor]] = []  # hard: (layer, (B, L') into the L columns)
         self.biases: list[tuple[int, torch.Tensor]] = []  # soft: (layer, (B, L) additive key bias)
+        self._adjusted: dict = {}  # (gathers, biases, decoding) -> (original kwargs, adjusted kwargs)
 
     def image_mask_for_llm(self) -> torch.Tensor | None:
         """Soft: ``(B, N_patches)`` True for patches still alive when the LLM starts."""
@@ -351,12 +352,27 @@ class LlavaPruningSession:
         return hidden
 
     def _adjust_llm_kwargs(self, k: int, hidden: torch.Tensor, kwargs: dict, decoding: bool) -> dict:
-        """Gather positions/RoPE/mask to the kept tokens (hard); add key biases (soft)."""
-        gather = next((g for layer, g in reversed(self.gathers) if layer <= k), None)
-        active = [b for layer, b in self.biases if layer <= k]
-        bias = torch.stack(active).sum(0).clamp(min=_negative(hidden.dtype)) if active else None
-        if gather is None and bias is None:
+        """Gather positions/RoPE/mask to the kept tokens (hard); add key biases (soft).
+
+        Every layer receives the same original tensors from the model, so the adjusted ones are
+        computed once per (stages in effect, originals) and reused by the later layers.
+        """
+        n_gathers = sum(layer <= k for layer, _ in self.gathers)
+        n_biases = sum(layer <= k for layer, _ in self.biases)
+        if n_gathers == 0 and n_biases == 0:
             return kwargs
+        originals = tuple(kwargs.get(name) for name in ("attention_mask", "position_embeddings", "position_ids"))
+        cached = self._adjusted.get((n_gathers, n_biases, decoding))
+        if cached is None or any(a is not b for a, b in zip(cached[0], originals)):
+            cached = (originals, self._adjusted_kwargs(n_gathers, n_biases, k, hidden, kwargs, decoding))
+            self._adjusted[(n_gathers, n_biases, decoding)] = cached
+        return {**kwargs, **cached[1]}
+
+    def _adjusted_kwargs(self, n_gathers: int, n_biases: int, k: int, hidden: torch.Tensor, kwargs: dict,
+                         decoding: bool) -> dict:
+        gather = self.gathers[n_gathers - 1][1] if n_gathers else None
+        active = [b for _, b in self.biases[:n_biases]]
+        bias = torch.stack(active).sum(0).clamp(min=_negative(hidden.dtype)) if active else None
         kwargs = dict(kwargs)
         mask = kwargs.get("attention_mask")
         b, q = hidden.shape[:2]
@@ -383,4 +399,4 @@ class LlavaPruningSession:
             full = torch.cat([bias, bias.new_zeros(b, extra)], 1) if extra > 0 else bias
             mask = (mask + full[:, None, None, :]).clamp(min=_negative(hidden.dtype))
         kwargs["attention_mask"] = mask
-        return kwargs
+        return {name: kwargs.get(name) for name in ("attention_mask", "position_embeddings", "position_ids")}
