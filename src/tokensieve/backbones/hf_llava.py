@@ -269,9 +269,8 @@ class LlavaBackbone:
                                        torch.ones(len(r), dtype=attention_mask.dtype, device=r.device)]) for r in rows])
         embeds = self.model.get_input_embeddings()(ids)
         features = torch.cat(list(image_embeds)).to(embeds.device, embeds.dtype)
-        slots = (ids == self.image_token_id).unsqueeze(-1).expand_as(embeds)
-        embeds = embeds.masked_scatter(slots, features)
         is_image = ids == self.image_token_id
+        embeds = embeds.masked_scatter(is_image.unsqueeze(-1).expand_as(embeds), features)
         for session in self._active_sessions():
             alive = session.image_mask_for_llm()
             if alive is not None:  # soft: tokens dropped before the LLM are masked, positions skip them

@@ -231,7 +231,8 @@ class LlavaPruningSession:
         return sel
 
     def _signals(self, key: str, alive: torch.Tensor | None, offset: int) -> dict:
-        """Captured signals over the candidate tokens (columns ``offset..``, alive ones only)."""
+        """Captured signals over the candidate tokens: columns ``offset..``, then only the
+        ``alive`` ``(B, n)`` ones among those, if given."""
         def pick(name):
             def get():
                 full = self._captured[f"{key}:{name}"][:, offset:]
@@ -253,7 +254,7 @@ class LlavaPruningSession:
                 return None
             hidden, mask = args[0], args[1] if len(args) > 1 else None
             if site in self.stages:
-                hidden = self._reduce_tower(site, hidden, key=str(site), prefix=1)
+                hidden = self._reduce_tower(site, hidden, key=str(site), prefix=self.bb.prefix_tokens(site))
             if self.vision_bias is not None:
                 bias = self.vision_bias.to(hidden.dtype)
                 mask = bias if mask is None else mask + bias
@@ -265,8 +266,8 @@ class LlavaPruningSession:
 
         if not self.handle.active:
             return None
-        prefix = int(self.bb.keeps_cls)
-        return (self._reduce_tower(Site("projector"), args[0], key="projector", prefix=prefix), *args[1:])
+        site = Site("projector")
+        return (self._reduce_tower(site, args[0], key="projector", prefix=self.bb.prefix_tokens(site)), *args[1:])
 
     def _reduce_tower(self, site, hidden: torch.Tensor, key: str, prefix: int) -> torch.Tensor:
         """Vision-side stage on ``hidden`` ``(B, prefix + N, d)``; hard shortens it."""
@@ -328,8 +329,7 @@ class LlavaPruningSession:
         if alive is not None:
             columns = columns.gather(1, alive)
         tokens = hidden.gather(1, columns[..., None].expand(-1, -1, d))
-        signals = self._signals(str(site), None, 0)
-        signals = {name: (lambda get=get: get().gather(1, columns)) for name, get in signals.items()}
+        signals = self._signals(str(site), columns, 0)
         sel = self._choose(site, tokens, signals)
         kept_columns = columns.gather(1, sel.indices)
         if sel.tokens is not None:
