@@ -1,0 +1,136 @@
+"""Analytic prefill FLOPs of a LLaVA model, stage by stage, for the tokens each block sees.
+
+FLOPs are 2 x multiply-accumulates of the matmuls of one prefill of one sequence (a padded
+batch of B rows costs B times the FLOPs of its padded length). Counted: the patch-embedding
+convolution, every linear layer, and attention's ``Q K^T`` and ``A V`` over the full
+``n x n`` square of each layer — no causal halving, because that is what SDPA kernels compute
+on a dense mask and what ``torch.utils.flop_counter`` reports. Not counted: norms,
+activations, softmax, RoPE, residual adds, biases and the embedding lookup. See
+docs/evaluation.md ("Prefill FLOPs").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from transformers import LlavaConfig
+
+from tokensieve.backbones.hf_llava import Site
+from tokensieve.errors import TokensieveError
+
+
+class TokenCounts(NamedTuple):
+    """Tokens each block of one prefill sees: the arguments of :func:`prefill_flops`."""
+
+    vision_tokens: list[int]
+    projector_tokens: int
+    llm_tokens: list[int]
+
+
+def _config(backbone_or_config) -> LlavaConfig:
+    return backbone_or_config if isinstance(backbone_or_config, LlavaConfig) else backbone_or_config.config
+
+
+def _check_count(name: str, n: int, least: int = 1) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < least:
+        raise TokensieveError(f"{name} = {n!r}: a token count must be an integer >= {least}")
+
+
+def _check_counts(name: str, counts: Sequence[int], expected_length: int, layers: str) -> None:
+    if len(counts) != expected_length:
+        raise TokensieveError(f"{name} has {len(counts)} entries but the model has {expected_length} {layers}")
+    for i, n in enumerate(counts):
+        _check_count(f"{name}[{i}]", n)
+
+
+def vision_block_flops(config: LlavaConfig, tokens: int) -> int:
+    """FLOPs of one CLIP encoder block on ``tokens`` tokens: q/k/v/out, scores, fc1/fc2."""
+    vc = config.vision_config
+    d, n = vc.hidden_size, tokens
+    return 2 * n * (4 * d * d + 2 * d * vc.intermediate_size) + 2 * 2 * n * n * d
+
+
+def llm_layer_flops(config: LlavaConfig, tokens: int) -> int:
+    """FLOPs of one Llama decoder layer on ``tokens`` positions (grouped-query K/V projections)."""
+    tc = config.text_config
+    d, n = tc.hidden_size, tokens
+    q_width, kv_width = tc.num_attention_heads * tc.head_dim, tc.num_key_value_heads * tc.head_dim
+    projections = 2 * n * (2 * d * q_width + 2 * d * kv_width)  # q and o, then k and v
+    mlp = 2 * n * 3 * d * tc.intermediate_size  # gate, up, down
+    return projections + mlp + 2 * 2 * n * n * q_width  # K/V heads are shared, scores are per query head
+
+
+def prefill_flops(config: LlavaConfig, vision_tokens: Sequence[int], projector_tokens: int,
+                  llm_tokens: Sequence[int]) -> dict:
+    """FLOPs of one prefill, per stage and per layer.
+
+    vision_tokens: one count per vision encoder block, tokens entering it (CLS included).
+        Every block runs, also those after ``vision_feature_layer``.
+    projector_tokens: visual tokens entering the projector.
+    llm_tokens: one count per LLM decoder layer, positions entering it (text + visual).
+
+    Returns ``vision`` (patch embedding + blocks), ``projector``, ``llm`` (decoder layers only),
+    ``lm_head`` (the last position only, as ``generate`` computes in prefill), ``total`` (all four),
+    and the per-layer lists ``vision_layers`` and ``llm_layers``; all in FLOPs (ints).
+    """
+    vc, tc = config.vision_config, config.text_config
+    _check_counts("vision_tokens", vision_tokens, vc.num_hidden_layers, "vision blocks")
+    _check_counts("llm_tokens", llm_tokens, tc.num_hidden_layers, "LLM decoder layers")
+    _check_count("projector_tokens", projector_tokens)
+    patches = (vc.image_size // vc.patch_size) ** 2
+    patch_embedding = 2 * patches * vc.num_channels * vc.patch_size**2 * vc.hidden_size
+    vision_layers = [vision_block_flops(config, n) for n in vision_tokens]
+    feature_layers = 1 if isinstance(config.vision_feature_layer, int) else len(config.vision_feature_layer)
+    projector = 2 * projector_tokens * (vc.hidden_size * feature_layers + tc.hidden_size) * tc.hidden_size
+    llm_layers = [llm_layer_flops(config, n) for n in llm_tokens]
+    lm_head = 2 * tc.hidden_size * tc.vocab_size
+    vision = patch_embedding + sum(vision_layers)
+    llm = sum(llm_layers)
+    return {"vision": vision, "projector": projector, "llm": llm, "lm_head": lm_head,
+            "total": vision + projector + llm + lm_head,
+            "vision_layers": vision_layers, "llm_layers": llm_layers}
+
+
+def token_counts(backbone_or_config, text_tokens: int, handle=None) -> TokenCounts:
+    """Tokens each block sees in one prefill of a prompt with ``text_tokens`` non-image tokens.
+
+    Without ``handle`` (or for a handle not in ``hard`` mode, which removes nothing): the
+    unpruned model. With a hard-mode handle: its stages as they acted in the latest forward
+    pass, read from ``handle.last_counts`` (visual tokens kept after each stage, CLS excluded
+    in the tower).
+    """
+    _check_count("text_tokens", text_tokens, least=0)
+    config = _config(backbone_or_config)
+    vc = config.vision_config
+    patches = (vc.image_size // vc.patch_size) ** 2
+    keeps_cls = int(config.vision_feature_select_strategy == "full")
+    kept = {} if handle is None or handle.mode != "hard" else _kept_per_site(handle)
+    vision = []
+    for i in range(vc.num_hidden_layers):
+        patches = kept.get(Site("vision", i), patches)
+        vision.append(1 + patches)  # CLS always stays in the tower
+    # The projector stage removes from the patches after CLS; CLS (if kept) is then an image token.
+    visual = kept.get(Site("projector"), patches) + keeps_cls
+    projector = visual
+    llm = []
+    for k in range(config.text_config.num_hidden_layers):
+        visual = kept.get(Site("llm", k), visual)
+        llm.append(text_tokens + visual)
+    return TokenCounts(vision, projector, llm)
+
+
+def _kept_per_site(handle) -> dict[Site, int]:
+    """Visual tokens kept at each stage's site in the handle's latest forward pass."""
+    kept = {}
+    for stage in handle.stages:
+        if str(stage) not in handle.last_counts:
+            raise TokensieveError(f"stage {stage} has no token counts yet: run a forward pass first")
+        kept[Site.parse(stage.site)] = handle.last_counts[str(stage)][1]
+    return kept
+
+
+def full_prefill_flops(backbone_or_config, text_tokens: int) -> dict:
+    """:func:`prefill_flops` of the unpruned model on a prompt with ``text_tokens`` non-image tokens."""
+    config = _config(backbone_or_config)
+    return prefill_flops(config, *token_counts(config, text_tokens))
