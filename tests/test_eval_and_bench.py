@@ -8,9 +8,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from transformers import LlavaConfig
 
 from tokensieve.backbones import Site
 from tokensieve.cli import main
+from tokensieve.evaluate.flops import full_prefill_flops
+from tokensieve.evaluate.report import load_report
 from tokensieve.evaluate.speed import BenchShape, ideal_speedup, speed_benchmark
 
 MICRO = BenchShape(llm_layers=3, llm_hidden=32, llm_heads=2, llm_intermediate=64, vision_layers=1,
@@ -41,6 +44,25 @@ def test_eval_compares_methods_with_the_unpruned_model(tiny_llava_dir, capsys):
     assert [(r["method"], r["visual_tokens_kept"]) for r in rows] == [
         ("none", 64), ("random", 32), ("random", 8), ("fastv", 32), ("fastv", 8)]
     assert all(0 <= r["accuracy"] <= 1 and len(r["per_family"]) == 5 for r in rows)
+    baseline, random_half, _, fastv_half, _ = rows
+    text = baseline["tokens_per_llm_layer"][0] - 64
+    full = full_prefill_flops(LlavaConfig.from_pretrained(tiny_llava_dir), text)
+    assert baseline["flops"] == {k: full[k] for k in baseline["flops"]}
+    assert random_half["tokens_per_llm_layer"] == [text + 32] * 3  # removed before the LLM
+    assert fastv_half["tokens_per_llm_layer"] == [text + 64] * 2 + [text + 32]  # removed before layer 2
+    assert all(r["flops_ratio"] < 1 for r in rows[1:])
+
+
+def test_eval_writes_a_report_with_plots(tiny_llava_dir, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["eval", "--model", str(tiny_llava_dir), "--method", "random", "--keep", "8",
+                 "--samples", "6", "--json", "--out", str(out)]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert load_report(out)["rows"] == rows
+    assert load_report(out)["meta"]["command"] == (
+        f"tokensieve eval --model {tiny_llava_dir} --method random --keep 8 --samples 6 --json --out {out}")
+    for name in ("report.md", "accuracy_vs_tokens.png", "tokens_per_layer.png"):
+        assert (out / name).stat().st_size > 0
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
+from tokensieve import __version__
 from tokensieve.errors import TokensieveError
 
 
@@ -77,6 +79,7 @@ def _csv(text: str) -> list[str]:
 def _eval(args: argparse.Namespace) -> None:
     from tokensieve.backbones import LlavaBackbone
     from tokensieve.evaluate.accuracy import compare_methods
+    from tokensieve.evaluate.report import write_report
     from tokensieve.method import Budget, create_method
 
     methods, keeps = _csv(args.method), _csv(args.keep)
@@ -89,13 +92,20 @@ def _eval(args: argparse.Namespace) -> None:
         raise TokensieveError(f"{args.model} has no processor files; the evaluation needs one")
     rows = compare_methods(backbone, methods, keeps, mode=args.mode, site=args.site, n_samples=args.samples,
                            batch_size=args.batch_size, progress=not args.json)
+    if args.out:
+        meta = {"model": str(args.model or "shipped testbed"), "mode": args.mode, "samples": args.samples,
+                "text_tokens_for_flops": rows[0]["tokens_per_llm_layer"][0] - backbone.n_visual_tokens,
+                "command": args.command_line, "tokensieve_version": __version__,
+                "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        paths = write_report(rows, meta, args.out)
+        print(f"report written to {paths['report.md']}", file=sys.stderr)
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"{'method':14s} {'site':10s} {'keep':>6s} {'tokens':>6s} {'accuracy':>8s}")
+    print(f"{'method':14s} {'site':10s} {'keep':>6s} {'tokens':>6s} {'accuracy':>8s} {'FLOPs':>6s}")
     for r in rows:
         print(f"{r['method']:14s} {str(r['site'] or '-'):10s} {str(r['keep']):>6s} "
-              f"{r['visual_tokens_kept']:>6d} {r['accuracy']:8.3f}")
+              f"{r['visual_tokens_kept']:>6d} {r['accuracy']:8.3f} {r['flops_ratio']:6.3f}")
 
 
 def _bench_speed(args: argparse.Namespace) -> None:
@@ -155,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--samples", type=_positive_int, default=500, help="held-out samples")
     ev.add_argument("--batch-size", type=_positive_int, default=64)
     ev.add_argument("--json", action="store_true", help="print the rows as JSON")
+    ev.add_argument("--out", type=Path, default=None,
+                    help="folder for report.json, report.md and plots (accuracy vs tokens, tokens per layer)")
     ev.set_defaults(func=_eval)
 
     methods = sub.add_parser("methods", help="list the registered reduction methods")
@@ -183,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.command_line = "tokensieve " + " ".join(argv)  # recorded in reports
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bars show progress; weight loading is instant

@@ -2,32 +2,60 @@
 
 from __future__ import annotations
 
+import statistics
+
 from tqdm import tqdm
 
-from tokensieve.attach import attach
+from tokensieve.attach import Handle, attach
 from tokensieve.backbones import LlavaBackbone
+from tokensieve.data.synthetic import Sample
+from tokensieve.evaluate.flops import prefill_flops, token_counts
 from tokensieve.testbed.evaluate import heldout_samples, predict, scene_spec_for, summarise
+from tokensieve.testbed.processor import prompt
+
+FLOPS_STAGES = ("vision", "projector", "llm", "lm_head", "total")
+
+
+def median_text_tokens(backbone: LlavaBackbone, samples: list[Sample]) -> int:
+    """Median non-image tokens of the samples' prompts (the prompt length FLOPs are reported for)."""
+    tok = backbone.processor.tokenizer
+    lengths = [sum(t != backbone.image_token_id for t in tok(prompt(s.question))["input_ids"]) for s in samples]
+    return int(statistics.median(lengths))
+
+
+def cost_fields(backbone: LlavaBackbone, text_tokens: int, handle: Handle | None = None) -> dict:
+    """``flops`` per stage and ``tokens_per_llm_layer`` of one prefill, as the handle's latest
+    forward pass reduced it (the unpruned model without a handle)."""
+    counts = token_counts(backbone, text_tokens, handle)
+    flops = prefill_flops(backbone.config, *counts)
+    return {"flops": {k: flops[k] for k in FLOPS_STAGES}, "tokens_per_llm_layer": counts.llm_tokens}
 
 
 def compare_methods(backbone: LlavaBackbone, methods: list[str], keeps: list[str], mode: str = "hard",
                     site: str | None = None, n_samples: int = 500, batch_size: int = 64,
                     progress: bool = True) -> list[dict]:
-    """Rows ``{method, site, keep, visual_tokens_kept, accuracy, per_family}``; the first row
-    is the unpruned model (``method`` ``"none"``), measured on the same held-out samples."""
+    """Rows ``{method, site, keep, visual_tokens_kept, accuracy, per_family, flops, flops_ratio,
+    tokens_per_llm_layer}``; the first row is the unpruned model (``method`` ``"none"``),
+    measured on the same held-out samples. FLOPs are for one prefill of the median prompt."""
     for name in methods:  # names, sites, budgets and parameters are checked before any model work
         for keep in keeps:
             attach(backbone, name, keep, site=site, mode=mode).detach()
     samples = heldout_samples(n_samples, spec=scene_spec_for(backbone))
+    text_tokens = median_text_tokens(backbone, samples)
     full = summarise(samples, predict(backbone, samples, batch_size=batch_size))
-    rows = [{"method": "none", "site": None, "keep": 1.0, "visual_tokens_kept": backbone.n_visual_tokens, **full}]
+    baseline = cost_fields(backbone, text_tokens)
+    rows = [{"method": "none", "site": None, "keep": 1.0, "visual_tokens_kept": backbone.n_visual_tokens,
+             **full, **baseline, "flops_ratio": 1.0}]
     cases = [(m, k) for m in methods for k in keeps]
     for name, keep in tqdm(cases, desc="methods x budgets", unit="run", disable=not progress):
         handle = attach(backbone, name, keep, site=site, mode=mode)
         try:
             result = summarise(samples, predict(backbone, samples, batch_size=batch_size))
+            cost = cost_fields(backbone, text_tokens, handle)
         finally:
             handle.detach()
         stage = handle.stages[0]
         rows.append({"method": name, "site": stage.site, "keep": keep,
-                     "visual_tokens_kept": handle.last_counts[str(stage)][1], **result})
+                     "visual_tokens_kept": handle.last_counts[str(stage)][1], **result, **cost,
+                     "flops_ratio": round(cost["flops"]["total"] / baseline["flops"]["total"], 4)})
     return rows

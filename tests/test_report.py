@@ -1,0 +1,144 @@
+"""The eval report: JSON that round-trips, a Markdown summary with the right numbers, two valid plots."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+from PIL import Image
+
+from tokensieve.errors import TokensieveError
+from tokensieve.evaluate.report import format_gflops, load_report, markdown_table, write_report
+
+FAMILIES = ("color_of_shape", "count", "spatial")
+TEXT, VISUAL, LAYERS = 20, 64, 4
+FILES = ("report.json", "report.md", "accuracy_vs_tokens.png", "tokens_per_layer.png")
+
+
+def make_row(method: str, site: str | None, keep, kept: int, accuracy: float, cut_layer: int) -> dict:
+    """A row as ``compare_methods`` returns it: ``kept`` visual tokens from decoder layer ``cut_layer`` on."""
+    tokens = [TEXT + (VISUAL if k < cut_layer else kept) for k in range(LAYERS)]
+    llm = sum(1_000_000 * n for n in tokens)
+    flops = {"vision": 5_000_000, "projector": 300_000, "llm": llm, "lm_head": 70_000}
+    flops["total"] = sum(flops.values())
+    return {"method": method, "site": site, "keep": keep, "visual_tokens_kept": kept, "accuracy": accuracy,
+            "per_family": {f: round(accuracy - 0.01 * i, 4) for i, f in enumerate(FAMILIES)},
+            "flops": flops, "flops_ratio": None, "tokens_per_llm_layer": tokens}
+
+
+@pytest.fixture
+def rows() -> list[dict]:
+    rows = [make_row("none", None, 1.0, VISUAL, 0.9, 0)]
+    for kept, acc_random, acc_fastv in ((32, 0.8, 0.85), (16, 0.6, 0.75), (8, 0.4, 0.55)):
+        rows.append(make_row("random", "projector", str(kept), kept, acc_random, 0))
+        rows.append(make_row("fastv", "llm:2", str(kept), kept, acc_fastv, 2))
+    for r in rows:
+        r["flops_ratio"] = round(r["flops"]["total"] / rows[0]["flops"]["total"], 4)
+    return rows
+
+
+META = {"model": "shipped testbed", "mode": "hard", "samples": 500, "text_tokens_for_flops": TEXT,
+        "command": "tokensieve eval --method random,fastv --keep 32,16,8 --out r", "tokensieve_version": "0.1.0",
+        "date": "2025-01-01T00:00:00+00:00"}
+
+
+def main_table(md: str) -> list[list[str]]:
+    """Cells of the first Markdown table (the main one), header and separator dropped."""
+    lines = md.split("## Accuracy and prefill cost", 1)[1].split("## ", 1)[0].splitlines()
+    table = [ln for ln in lines if ln.startswith("|")]
+    return [[c.strip() for c in ln.strip("|").split("|")] for ln in table[2:]]
+
+
+def test_writes_four_non_empty_files_and_returns_them_by_name(rows, tmp_path):
+    out = tmp_path / "new" / "report"
+    paths = write_report(rows, META, out)
+    assert set(paths) == set(FILES)
+    for name in FILES:
+        assert paths[name] == out / name and paths[name].stat().st_size > 0
+
+
+def test_plots_are_valid_pngs_of_sensible_size(rows, tmp_path):
+    paths = write_report(rows, META, tmp_path)
+    for name in ("accuracy_vs_tokens.png", "tokens_per_layer.png"):
+        with Image.open(paths[name]) as im:
+            im.verify()
+        with Image.open(paths[name]) as im:
+            assert im.format == "PNG"
+            w, h = im.size
+            assert 400 <= w <= 3000 and 300 <= h <= 2000, im.size
+
+
+def test_json_round_trips_through_load_report(rows, tmp_path):
+    original = copy.deepcopy(rows)
+    write_report(rows, META, tmp_path)
+    assert load_report(tmp_path) == {"meta": META, "rows": original}
+    assert rows == original  # the input is not modified
+
+
+def test_markdown_names_methods_baseline_and_families(rows, tmp_path):
+    md = write_report(rows, META, tmp_path)["report.md"].read_text()
+    for name in ("none", "random", "fastv", *FAMILIES, "accuracy_vs_tokens.png", "tokens_per_layer.png"):
+        assert name in md
+    assert "0.900" in md  # the baseline accuracy, 3 decimals
+    assert META["command"] in md
+    family_header = next(ln for ln in md.splitlines() if ln.startswith("| method") and "count" in ln)
+    assert [c.strip() for c in family_header.strip("|").split("|")][3:] == list(FAMILIES)
+
+
+def test_change_vs_baseline_is_accuracy_minus_baseline(rows, tmp_path):
+    table = main_table(write_report(rows, META, tmp_path)["report.md"].read_text())
+    assert [r[0] for r in table] == [r["method"] for r in rows]
+    assert table[0][5] == "—"
+    for cells, row in zip(table[1:], rows[1:]):
+        assert float(cells[4]) == pytest.approx(row["accuracy"], abs=5e-4)
+        assert float(cells[5]) == pytest.approx(row["accuracy"] - rows[0]["accuracy"], abs=5e-4)
+    fastv_8 = next(c for c in table if c[0] == "fastv" and c[2] == "8")
+    assert fastv_8[5] == "-0.350" and fastv_8[3] == "8"
+    assert float(fastv_8[7]) == pytest.approx(rows[-1]["flops_ratio"], abs=5e-4)
+
+
+def test_gflops_have_three_significant_digits_without_exponents():
+    assert format_gflops(8_437_000_000_000) == "8,440"
+    assert format_gflops(12_345_000_000) == "12.3"
+    assert format_gflops(12_345) == "0.0000123"
+
+
+def test_markdown_table_escapes_pipes():
+    assert markdown_table(["a", "b"], [["x|y", 1]]) == "| a | b |\n| --- | --- |\n| x\\|y | 1 |"
+
+
+def drop(index: int, *keys: str):
+    """A mutation removing ``keys`` from row ``index``."""
+    def mutate(rows: list[dict]) -> None:
+        for key in keys:
+            del rows[index][key]
+    return mutate
+
+
+@pytest.mark.parametrize("mutate,needle", [
+    (list.clear, "the report has no rows"),
+    (lambda rows: rows.pop(0), "the first report row must be the unpruned baseline (method 'none'), not 'random'"),
+    (drop(2, "accuracy"), "report row 2 (fastv) lacks accuracy"),
+    (drop(3, "flops", "tokens_per_llm_layer"), "report row 3 (random) lacks flops, tokens_per_llm_layer"),
+    (lambda rows: rows[1]["flops"].pop("total"), "report row 1 (random): flops must be a dict with a 'total'"),
+    (lambda rows: rows.__setitem__(1, "random"), "report row 1 is a str, not a dict"),
+])
+def test_bad_rows_raise_and_write_nothing(rows, tmp_path, mutate, needle):
+    mutate(rows)
+    out = tmp_path / "report"
+    with pytest.raises(TokensieveError, match=re.escape(needle)):
+        write_report(rows, META, out)
+    assert not out.exists()
+
+
+def test_unserialisable_meta_raises_before_writing(rows, tmp_path):
+    out = tmp_path / "report"
+    with pytest.raises(TokensieveError, match="cannot be written as JSON"):
+        write_report(rows, {"model": object()}, out)
+    assert not out.exists()
+
+
+def test_load_report_without_a_report_names_the_file(tmp_path):
+    with pytest.raises(TokensieveError, match="report.json does not exist"):
+        load_report(tmp_path)
