@@ -77,6 +77,8 @@ class SiteInputs:
         function making them (so methods that never draw never pay for seeding); read it
         through :meth:`generators`.
     signals: name -> function computing it; asked for through :meth:`signal`.
+    question_states: function giving the question tokens as the site sees them, read through
+        :meth:`question`.
     """
 
     tokens: torch.Tensor
@@ -84,6 +86,7 @@ class SiteInputs:
     site: str
     generator: list[torch.Generator] | Callable[[], list[torch.Generator]]
     signals: dict[str, Callable[[], torch.Tensor]] = field(default_factory=dict)
+    question_states: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def __post_init__(self):
         n = self.tokens.shape[1]
@@ -107,6 +110,14 @@ class SiteInputs:
                                   f"{tuple(self.tokens.shape[:2])} like the tokens at {self.site}")
         return value
 
+    def question(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(states (B, T, d), valid (B, T) bool)``: the question tokens of each row (its
+        embeddings before the LLM, its hidden states at an LLM layer), padded on the left."""
+        if self.question_states is None:
+            raise TokensieveError(f"the question is not available at {self.site}: run the model through "
+                                  "LlavaBackbone.forward or .generate")
+        return self.question_states()
+
 
 @dataclass
 class Selection:
@@ -115,10 +126,14 @@ class Selection:
     indices: ``(B, K)`` sorted, unique indices into the ``N`` tokens that stay.
     tokens: optional ``(B, K, d)`` new contents of those slots (merging methods); ``None``
         means the kept tokens are unchanged.
+    key_mask: optional ``(B, K)`` keep weights in [0, 1] of the kept tokens, used in ``soft``
+        mode inside the LLM only: a differentiable (e.g. straight-through Gumbel) mask that a
+        trained method learns through. ``None`` means every kept token counts fully.
     """
 
     indices: torch.Tensor
     tokens: torch.Tensor | None = None
+    key_mask: torch.Tensor | None = None
 
 
 class Method:

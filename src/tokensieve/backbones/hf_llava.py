@@ -283,20 +283,26 @@ class LlavaBackbone:
         return AssembledInputs(ids, mask, position_ids, embeds)
 
     def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
-                keep: torch.Tensor | Sequence[torch.Tensor] | None = None) -> AssembledInputs:
+                keep: torch.Tensor | Sequence[torch.Tensor] | None = None,
+                answer_mask: torch.Tensor | None = None) -> AssembledInputs:
         """Encode images and assemble the LLM input.
 
         keep: optional indices into the N visual tokens per row (``(B, M)`` or one ``(M_b,)``
         per row): only these enter the LLM, in the order given.
+        answer_mask: optional ``(B, L)`` answer positions of a teacher-forced sequence; methods
+        that read the question never see them.
         """
+        for session in self._active_sessions():
+            session.begin_prompt(input_ids, attention_mask, answer_mask)
         features = self.encode_images(pixel_values)
         if keep is not None:
             features = [f[k] for f, k in zip(features, keep)]
         return self.assemble(input_ids, attention_mask, features)
 
-    def forward(self, input_ids, attention_mask, pixel_values, keep=None, **kwargs):
+    def forward(self, input_ids, attention_mask, pixel_values, keep=None, answer_mask=None, **kwargs):
         """Logits ``(B, L', vocab)`` of the assembled sequence (``L' < L`` when tokens were dropped)."""
-        return self.model(**self.prepare(input_ids, attention_mask, pixel_values, keep).model_kwargs(), **kwargs)
+        inputs = self.prepare(input_ids, attention_mask, pixel_values, keep, answer_mask)
+        return self.model(**inputs.model_kwargs(), **kwargs)
 
     def generate(self, input_ids, attention_mask, pixel_values, keep=None, **generate_kwargs) -> torch.Tensor:
         """New token ids ``(B, T_new)``; decoding uses the KV cache of the assembled prompt."""

@@ -60,6 +60,17 @@ def _log_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.to(dtype).log().clamp(min=_negative(dtype))
 
 
+# A differentiable key mask m becomes the bias log(floor + (1 - floor) m): a dropped token keeps
+# a 1e-6 share of its weight, so the gradient reaching m is the attention it would have had
+# (log(0) would give none), while the forward pass stays within 1e-6 of removing it.
+SOFT_MASK_FLOOR = 1e-6
+
+
+def _soft_key_bias(key_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive key bias of a differentiable keep mask ``(B, K)`` in [0, 1]."""
+    return (SOFT_MASK_FLOOR + (1 - SOFT_MASK_FLOOR) * key_mask.to(dtype)).log()
+
+
 def _as_additive(mask: torch.Tensor | None, batch: int, q: int, k: int, dtype, device) -> torch.Tensor:
     """A 4D additive float mask ``(B, 1, q, k)`` from None (causal), bool or float masks."""
     if mask is None:
@@ -90,6 +101,7 @@ class LlavaPruningSession:
         self._check_budgets()
         self._captured: dict[str, torch.Tensor] = {}
         self._attention_kwargs: dict | None = None
+        self.question_ids: torch.Tensor | None = None
         self.begin_image_pass()
         self.begin_llm_pass(None, 0, 0)
         self._register()
@@ -116,6 +128,31 @@ class LlavaPruningSession:
             self.handle.scoring_seconds += time.perf_counter() - started
 
     # --- per-pass state -----------------------------------------------------------------
+    def begin_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     exclude: torch.Tensor | None = None) -> None:
+        """Remember where each row's question is, for methods that read it.
+
+        input_ids, attention_mask: ``(B, L)`` left-padded prompts. exclude: optional ``(B, L)``
+        positions that are not question (the answers of a teacher-forced training sequence,
+        which a method must never see). Questions follow the image run, so they are the last
+        ``T`` columns of every row, before and after any visual tokens are removed.
+        """
+        question = self.bb.layout(input_ids, attention_mask).question_mask
+        if exclude is not None:
+            question = question & ~exclude.bool()
+        first = int(question.int().argmax(1)[question.any(1)].min()) if bool(question.any()) else input_ids.shape[1]
+        self.question_ids = input_ids[:, first:]
+        self.question_valid = question[:, first:]
+
+    def _question_before_llm(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.bb.model.get_input_embeddings()(self.question_ids), self.question_valid
+
+    def _question_in_llm(self, hidden: torch.Tensor):
+        def get() -> tuple[torch.Tensor, torch.Tensor]:
+            t = self.question_ids.shape[1]
+            return hidden[:, hidden.shape[1] - t:], self.question_valid
+        return get
+
     def begin_image_pass(self) -> None:
         """Reset before a vision-tower pass."""
         self.vision_bias: torch.Tensor | None = None  # (B, 1, 1, 1 + N) soft key bias in the tower
@@ -218,13 +255,19 @@ class LlavaPruningSession:
         self._captured[key + ":text_attention"] = scores.softmax(-1).mean(1)  # (B, T)
 
     # --- choosing ----------------------------------------------------------------------
-    def _choose(self, site, tokens: torch.Tensor, signals: dict) -> Selection:
-        """Run the stage at ``site`` on ``tokens`` ``(B, n, d)``; record counts."""
+    def _choose(self, site, tokens: torch.Tensor, signals: dict, question=None) -> Selection:
+        """Run the stage at ``site`` on ``tokens`` ``(B, n, d)``; record counts.
+
+        question: a function giving the question states at this site, when the prompt is known.
+        """
         st = self.stages[site]
         b, n, _ = tokens.shape
         keep = st.budget.resolve(n, str(site))
+        if self.question_ids is None:
+            question = None
         with self._scoring():
-            inputs = SiteInputs(tokens, keep, str(site), lambda: row_generator(self.seed, tokens), signals)
+            inputs = SiteInputs(tokens, keep, str(site), lambda: row_generator(self.seed, tokens), signals,
+                                question)
             sel = st.method.select(inputs)
             check_selection(sel, b, n, keep, f"{st.method.name} at {site}")
         self.handle.last_counts[str(st)] = (n, keep)
@@ -280,7 +323,10 @@ class LlavaPruningSession:
             candidates = patches
         signal_offset = 1  # captured tower signals always include CLS at column 0
         sel = self._choose(site, candidates, self._signals(key, alive if self.mode == "soft" else None,
-                                                          signal_offset))
+                                                          signal_offset), self._question_before_llm)
+        if sel.key_mask is not None and self.mode == "soft":
+            raise TokensieveError(f"{self.stages[site].method.name} at {site}: a soft key mask is only "
+                                  "supported inside the LLM")
         values = sel.tokens if sel.tokens is not None else candidates.gather(
             1, sel.indices[..., None].expand(-1, -1, candidates.shape[-1]))
         if self.mode == "hard":
@@ -330,7 +376,7 @@ class LlavaPruningSession:
             columns = columns.gather(1, alive)
         tokens = hidden.gather(1, columns[..., None].expand(-1, -1, d))
         signals = self._signals(str(site), columns, 0)
-        sel = self._choose(site, tokens, signals)
+        sel = self._choose(site, tokens, signals, self._question_in_llm(hidden))
         kept_columns = columns.gather(1, sel.indices)
         if sel.tokens is not None:
             hidden = hidden.scatter(1, kept_columns[..., None].expand(-1, -1, d), sel.tokens)
@@ -348,7 +394,10 @@ class LlavaPruningSession:
         self.image_alive = base.gather(1, sel.indices)
         keep = torch.ones(b, length, dtype=torch.bool, device=hidden.device)
         keep.scatter_(1, columns, False).scatter_(1, kept_columns, True)
-        self.biases.append((site.layer, _log_mask(keep, hidden.dtype)))
+        bias = _log_mask(keep, hidden.dtype)
+        if sel.key_mask is not None:
+            bias = bias.scatter(1, kept_columns, _soft_key_bias(sel.key_mask, hidden.dtype))
+        self.biases.append((site.layer, bias))
         return hidden
 
     def _adjust_llm_kwargs(self, k: int, hidden: torch.Tensor, kwargs: dict, decoding: bool) -> dict:
