@@ -1,0 +1,182 @@
+"""Stage 1 of the learned pruner: merge N vision-tower tokens into M centres before the projector.
+
+A scorer gives every token an importance logit; Gumbel-top-k picks M centre tokens (plain
+top-k at inference); every token is softly assigned to the centres and each centre becomes
+the assignment-weighted mean of the tokens. A straight-through gate on the centres carries
+the task gradient back into the scorer even though the top-k choice itself is discrete.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tokensieve.errors import TokensieveError
+from tokensieve.ops import gather_tokens, topk_sorted
+
+VARIANTS = ("simple", "question_aware")
+
+
+def check_heads(d_internal: int, num_heads: int) -> None:
+    """Raise unless ``num_heads`` attention heads can split ``d_internal`` channels."""
+    if num_heads < 1 or d_internal % num_heads:
+        raise TokensieveError(f"num_heads={num_heads} must be a positive divisor of d_internal={d_internal}")
+
+
+class QuestionCrossAttention(nn.Module):
+    """Tokens (queries) attend to the question (keys/values), with a residual, in ``d_internal`` channels.
+
+    Shared by the question-aware merger and the layer pruner heads.
+    """
+
+    def __init__(self, d_tokens: int, d_question: int, d_internal: int, num_heads: int):
+        super().__init__()
+        check_heads(d_internal, num_heads)
+        self.d_question = d_question
+        self.token_proj = nn.Sequential(nn.LayerNorm(d_tokens), nn.Linear(d_tokens, d_internal))
+        self.question_proj = nn.Sequential(nn.LayerNorm(d_question), nn.Linear(d_question, d_internal))
+        self.attention = nn.MultiheadAttention(d_internal, num_heads, batch_first=True)
+
+    def forward(self, tokens: torch.Tensor, question: torch.Tensor,
+                question_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens ``(B, N, d_tokens)``; question ``(B, T, d_question)``; question_mask ``(B, T)``,
+        True (or 1) = a real question token, None = all real. Returns ``(B, N, d_internal)``."""
+        if question.dim() != 3 or question.shape[0] != tokens.shape[0] or question.shape[-1] != self.d_question:
+            raise TokensieveError(f"question of shape {tuple(question.shape)} should be "
+                                  f"(B={tokens.shape[0]}, T, d_question={self.d_question})")
+        if question_mask is None:
+            valid = torch.ones(question.shape[:2], dtype=torch.bool, device=question.device)
+        else:
+            if question_mask.shape != question.shape[:2]:
+                raise TokensieveError(f"question_mask of shape {tuple(question_mask.shape)} should be "
+                                      f"{tuple(question.shape[:2])}, one flag per question token")
+            valid = question_mask.bool()
+            # A row with no valid key would make every attention weight NaN.
+            if not bool(valid.any(1).all()):
+                raise TokensieveError("question_mask has a row with no valid question token")
+        x = self.token_proj(tokens)
+        q = self.question_proj(question)
+        attended, _ = self.attention(x, q, q, key_padding_mask=~valid, need_weights=False)
+        return x + attended
+
+
+@dataclass
+class MergeResult:
+    """What :class:`TokenMerger` returns for a batch of ``B`` rows of ``N`` tokens merged into ``M``.
+
+    tokens: ``(B, M, d_vision)`` the merged centres, in the order of ``indices``.
+    indices: ``(B, M)`` ascending, unique indices of the centre tokens among the ``N``.
+    assignment: ``(B, N, M)`` soft assignment of each token to the centres; rows sum to 1 and a
+        centre token's row is one-hot on its own centre.
+    logits: ``(B, N)`` importance logits (before any Gumbel noise).
+    gate: ``(B, M)`` straight-through selection gate the centres were multiplied by: exactly 1
+        in value, differentiable towards ``logits``.
+    """
+
+    tokens: torch.Tensor
+    indices: torch.Tensor
+    assignment: torch.Tensor
+    logits: torch.Tensor
+    gate: torch.Tensor
+
+
+class TokenMerger(nn.Module):
+    """Learned merge of ``N`` vision-tower tokens ``(B, N, d_vision)`` into ``M`` centres ``(B, M, d_vision)``.
+
+    variant ``"simple"`` scores each token from itself; ``"question_aware"`` lets the tokens
+    cross-attend to the question first (needs ``d_question``, the width of the question
+    embeddings). ``d_question`` and ``num_heads`` are used only by ``"question_aware"``.
+    """
+
+    def __init__(self, d_vision: int, d_internal: int = 128, variant: str = "simple",
+                 d_question: int | None = None, num_heads: int = 4):
+        super().__init__()
+        if variant not in VARIANTS:
+            raise TokensieveError(f"unknown token merger variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+        self.d_vision, self.d_internal, self.variant = d_vision, d_internal, variant
+        if variant == "simple":
+            self.scorer = nn.Sequential(nn.LayerNorm(d_vision), nn.Linear(d_vision, d_internal), nn.GELU(),
+                                        nn.Linear(d_internal, 1))
+        else:
+            if d_question is None:
+                raise TokensieveError("the question_aware token merger needs d_question, the width of the "
+                                      "question embeddings")
+            self.question_attention = QuestionCrossAttention(d_vision, d_question, d_internal, num_heads)
+            self.scorer = nn.Sequential(nn.LayerNorm(d_internal), nn.Linear(d_internal, d_internal), nn.GELU(),
+                                        nn.Linear(d_internal, 1))
+        # Assignment compares tokens with centres in a learned space; the norm tames the
+        # vision tower's large-magnitude outlier channels.
+        self.assign_norm = nn.LayerNorm(d_vision)
+        self.q_proj = nn.Linear(d_vision, d_internal)
+        self.k_proj = nn.Linear(d_vision, d_internal)
+
+    def _check_tokens(self, tokens: torch.Tensor) -> None:
+        if tokens.dim() != 3 or tokens.shape[-1] != self.d_vision:
+            raise TokensieveError(f"tokens of shape {tuple(tokens.shape)} should be (B, N, d_vision={self.d_vision})")
+
+    def importance(self, tokens: torch.Tensor, question: torch.Tensor | None = None,
+                   question_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Importance logits ``(B, N)`` of tokens ``(B, N, d_vision)``.
+
+        question ``(B, T, d_question)`` and question_mask ``(B, T)`` (True = real token) are
+        required by ``"question_aware"`` (the mask may be None) and ignored by ``"simple"``.
+        """
+        self._check_tokens(tokens)
+        if self.variant == "simple":
+            return self.scorer(tokens).squeeze(-1)
+        if question is None:
+            raise TokensieveError("the question_aware token merger needs the question embeddings")
+        return self.scorer(self.question_attention(tokens, question, question_mask)).squeeze(-1)
+
+    def forward(self, tokens: torch.Tensor, n_centres: int, *, question: torch.Tensor | None = None,
+                question_mask: torch.Tensor | None = None, stochastic: bool = False,
+                gumbel_tau: float = 1.0, assign_tau: float = 1.0) -> MergeResult:
+        """Merge tokens ``(B, N, d_vision)`` into ``n_centres`` centres; see :class:`MergeResult`.
+
+        stochastic: Gumbel-top-k with noise from the global torch RNG (training); False picks
+            the plain top-``n_centres`` logits (inference).
+        gumbel_tau: temperature of the relaxed selection behind the straight-through gradient.
+        assign_tau: temperature of the soft assignment (smaller = closer to hard).
+        """
+        self._check_tokens(tokens)
+        b, n, _ = tokens.shape
+        m = n_centres
+        if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= n:
+            raise TokensieveError(f"n_centres={n_centres} must be between 1 and the {n} tokens per row")
+        if gumbel_tau <= 0 or assign_tau <= 0:
+            raise TokensieveError(f"temperatures must be positive (gumbel_tau={gumbel_tau}, assign_tau={assign_tau})")
+
+        logits = self.importance(tokens, question, question_mask)
+        perturbed = logits
+        if stochastic:
+            # Same draw as F.gumbel_softmax, from the global RNG so a saved RNG state replays it.
+            perturbed = logits - torch.empty_like(logits).exponential_().log()
+        indices = topk_sorted(perturbed.detach(), m)
+
+        # Straight-through top-k: hard 0/1 forward, gradient of a sigmoid around the cut-off.
+        # The threshold is a constant so each logit's gradient says "move across the cut".
+        hard = torch.zeros_like(logits).scatter(1, indices, 1.0)
+        if m < n:
+            top = perturbed.detach().topk(m + 1, dim=1).values
+            threshold = (top[:, m - 1 : m] + top[:, m:]) / 2
+        else:
+            # Every token is selected for certain: gate exactly 1, no gradient.
+            threshold = torch.full_like(logits[:, :1], -math.inf)
+        relaxed = torch.sigmoid((perturbed - threshold) / gumbel_tau)
+        # Bracketed so the forward value is exactly the hard one (h + s - s can round).
+        gate = (hard + (relaxed - relaxed.detach())).gather(1, indices)
+
+        normed = self.assign_norm(tokens)
+        q = self.q_proj(normed)
+        k = self.k_proj(gather_tokens(normed, indices))
+        soft = (q @ k.transpose(1, 2) / (math.sqrt(self.d_internal) * assign_tau)).softmax(-1)
+        # Each centre token belongs to its own centre only, so no centre loses its own content
+        # and every centre's weight is >= 1 (the mean is defined even when M == N).
+        own = torch.eye(m, dtype=soft.dtype, device=soft.device).expand(b, m, m)
+        assignment = soft.scatter(1, indices[..., None].expand(b, m, m), own)
+
+        centres = assignment.transpose(1, 2) @ tokens / assignment.sum(1)[..., None]
+        return MergeResult(centres * gate[..., None], indices, assignment, logits, gate)
