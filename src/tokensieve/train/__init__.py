@@ -1,0 +1,1 @@
+"""Training the learned pruner: schedules, losses, and the trainer."""
