@@ -76,13 +76,28 @@ def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def _train(args: argparse.Namespace) -> None:
+    from tokensieve.config import load_config
+    from tokensieve.train.trainer import train_two_stage
+    from tokensieve.train.two_stage_config import TwoStageConfig
+
+    cfg = load_config(TwoStageConfig, args.config, args.set)
+    out = args.out or Path("runs") / args.config.stem
+    train_two_stage(cfg, out, resume=args.resume)
+    print(f"trained pruner written to {out} (best validation checkpoint in {out / 'best'})")
+
+
 def _eval(args: argparse.Namespace) -> None:
     from tokensieve.backbones import LlavaBackbone
     from tokensieve.evaluate.accuracy import compare_methods
     from tokensieve.evaluate.report import write_report
     from tokensieve.method import Budget, create_method
 
-    methods, keeps = _csv(args.method), _csv(args.keep)
+    methods, keeps = _csv(args.method or ""), _csv(args.keep or "")
+    if not methods and args.pruner is None:
+        raise TokensieveError("give --method NAMES, --pruner RUN_DIR, or both")
+    if methods and not keeps:
+        raise TokensieveError("--method needs --keep budgets: ratios (0.33) or counts (64)")
     for name in methods:
         create_method(name)
     for keep in keeps:
@@ -90,8 +105,13 @@ def _eval(args: argparse.Namespace) -> None:
     backbone = LlavaBackbone.from_pretrained(args.model)
     if backbone.processor is None:
         raise TokensieveError(f"{args.model} has no processor files; the evaluation needs one")
+    pruner = None
+    if args.pruner is not None:
+        from tokensieve.train.parts import load_parts
+
+        pruner = load_parts(args.pruner, backbone)
     rows = compare_methods(backbone, methods, keeps, mode=args.mode, site=args.site, n_samples=args.samples,
-                           batch_size=args.batch_size, progress=not args.json)
+                           batch_size=args.batch_size, progress=not args.json, pruner=pruner)
     if args.out:
         meta = {"model": str(args.model or "shipped testbed"), "mode": args.mode, "samples": args.samples,
                 "text_tokens_for_flops": rows[0]["tokens_per_llm_layer"][0] - backbone.n_visual_tokens,
@@ -158,8 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="accuracy of methods at budgets, next to the unpruned model")
     ev.add_argument("--model", default=None, help="LLaVA checkpoint folder or hub id (default: shipped testbed)")
-    ev.add_argument("--method", required=True, help="comma-separated method names (see `tokensieve methods`)")
-    ev.add_argument("--keep", required=True, help="comma-separated budgets: ratios (0.33) or counts (64)")
+    ev.add_argument("--method", default=None, help="comma-separated method names (see `tokensieve methods`)")
+    ev.add_argument("--keep", default=None, help="comma-separated budgets: ratios (0.33) or counts (64); for "
+                    "--pruner, the tokens entering the LLM (default: as trained)")
+    ev.add_argument("--pruner", type=Path, default=None, help="a trained two-stage pruner run folder")
     ev.add_argument("--site", default=None, help="where to reduce (default: each method's own site)")
     ev.add_argument("--mode", default="hard", choices=["hard", "soft"])
     ev.add_argument("--samples", type=_positive_int, default=500, help="held-out samples")
@@ -168,6 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", type=Path, default=None,
                     help="folder for report.json, report.md and plots (accuracy vs tokens, tokens per layer)")
     ev.set_defaults(func=_eval)
+
+    train = sub.add_parser("train", help="train the two-stage pruner (merger + layer heads) on a frozen backbone")
+    train.add_argument("config", type=Path, help="YAML config (e.g. configs/two_stage_testbed.yaml)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set optim.steps=200 (repeatable)")
+    train.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<config name>)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    train.set_defaults(func=_train)
 
     methods = sub.add_parser("methods", help="list the registered reduction methods")
     methods.set_defaults(func=_list_methods)

@@ -33,13 +33,19 @@ def cost_fields(backbone: LlavaBackbone, text_tokens: int, handle: Handle | None
 
 def compare_methods(backbone: LlavaBackbone, methods: list[str], keeps: list[str], mode: str = "hard",
                     site: str | None = None, n_samples: int = 500, batch_size: int = 64,
-                    progress: bool = True) -> list[dict]:
+                    progress: bool = True, pruner=None) -> list[dict]:
     """Rows ``{method, site, keep, visual_tokens_kept, accuracy, per_family, flops, flops_ratio,
     tokens_per_llm_layer}``; the first row is the unpruned model (``method`` ``"none"``),
-    measured on the same held-out samples. FLOPs are for one prefill of the median prompt."""
+    measured on the same held-out samples. FLOPs are for one prefill of the median prompt.
+
+    pruner: optional trained :class:`tokensieve.train.parts.PrunerParts`, evaluated at each
+    budget (tokens entering the LLM; its heads then keep their trained shares) as ``two_stage``.
+    """
     for name in methods:  # names, sites, budgets and parameters are checked before any model work
         for keep in keeps:
             attach(backbone, name, keep, site=site, mode=mode).detach()
+    for keep in (keeps or [None]) if pruner is not None else []:
+        pruner.attach(backbone, mode, keep=keep)[0].detach()
     samples = heldout_samples(n_samples, spec=scene_spec_for(backbone))
     text_tokens = median_text_tokens(backbone, samples)
     full = summarise(samples, predict(backbone, samples, batch_size=batch_size))
@@ -47,15 +53,21 @@ def compare_methods(backbone: LlavaBackbone, methods: list[str], keeps: list[str
     rows = [{"method": "none", "site": None, "keep": 1.0, "visual_tokens_kept": backbone.n_visual_tokens,
              **full, **baseline, "flops_ratio": 1.0}]
     cases = [(m, k) for m in methods for k in keeps]
+    if pruner is not None:
+        cases += [(pruner, k) for k in keeps or [None]]
     for name, keep in tqdm(cases, desc="methods x budgets", unit="run", disable=not progress):
-        handle = attach(backbone, name, keep, site=site, mode=mode)
+        if isinstance(name, str):
+            handle = attach(backbone, name, keep, site=site, mode=mode)
+        else:
+            handle = name.attach(backbone, mode, keep=keep)[0]
+            name = "two_stage"
         try:
             result = summarise(samples, predict(backbone, samples, batch_size=batch_size))
             cost = cost_fields(backbone, text_tokens, handle)
         finally:
             handle.detach()
         stage = handle.stages[0]
-        rows.append({"method": name, "site": stage.site, "keep": keep,
+        rows.append({"method": name, "site": stage.site, "keep": keep if keep is not None else "trained",
                      "visual_tokens_kept": handle.last_counts[str(stage)][1], **result, **cost,
                      "flops_ratio": round(cost["flops"]["total"] / baseline["flops"]["total"], 4)})
     return rows

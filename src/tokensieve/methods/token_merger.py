@@ -1,0 +1,72 @@
+"""The learned token merger (stage 1 of tokensieve's two-stage pruner), as a registry method.
+
+Between the vision tower and the projector, a trained scorer picks M centre tokens and every
+token is softly assigned to the centres; the centres become the assignment-weighted means
+(:class:`tokensieve.learned.TokenMerger`). M is the site's budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tokensieve.errors import TokensieveError
+from tokensieve.learned import TokenMerger
+from tokensieve.method import Method, Selection, SiteInputs, register
+
+VARIANTS = ("simple", "question_aware")
+
+
+@register
+@dataclass
+class LearnedTokenMerger(Method):
+    """Merge the visual tokens into ``budget`` learned centres.
+
+    module: the trained :class:`TokenMerger`; when absent, one is initialised from
+    ``init_seed`` on first use (an untrained merger: usable, but no better than chance).
+    While the module is in training mode the centres are drawn by Gumbel-top-k with
+    temperature ``gumbel_tau``; in eval mode they are the top-``budget`` scores.
+    """
+
+    name = "token_merger"
+    paper = "tokensieve two-stage pruning (learned merger; Gumbel-top-k centres, soft assignment)"
+    stages = ("projector",)
+    default_site = "projector"
+
+    variant: str = "simple"
+    d_internal: int = 128
+    num_heads: int = 4
+    assign_tau: float = 1.0
+    gumbel_tau: float = 1.0
+    init_seed: int = 0
+    module: TokenMerger | None = field(default=None, repr=False, compare=False)
+    last: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise TokensieveError(f"unknown merger variant {self.variant!r}; expected one of {', '.join(VARIANTS)}")
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "variant": self.variant, "d_internal": self.d_internal,
+                "num_heads": self.num_heads, "assign_tau": self.assign_tau, "gumbel_tau": self.gumbel_tau,
+                "init_seed": self.init_seed}
+
+    def build(self, d_vision: int, d_question: int | None) -> TokenMerger:
+        """A fresh module for tokens of width ``d_vision`` (seeded, without touching the global RNG)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.init_seed)
+            return TokenMerger(d_vision, self.d_internal, self.variant,
+                               d_question if self.variant == "question_aware" else None, self.num_heads)
+
+    def select(self, inputs: SiteInputs) -> Selection:
+        question, valid = inputs.question() if self.variant == "question_aware" else (None, None)
+        if self.module is None:
+            self.module = self.build(inputs.tokens.shape[-1], None if question is None else question.shape[-1])
+            self.module.to(inputs.tokens.device, inputs.tokens.dtype).eval()
+        result = self.module(inputs.tokens, inputs.keep, question=question, question_mask=valid,
+                             stochastic=self.module.training, gumbel_tau=self.gumbel_tau,
+                             assign_tau=self.assign_tau)
+        self.last = result
+        return Selection(result.indices, result.tokens)

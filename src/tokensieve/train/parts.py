@@ -1,0 +1,174 @@
+"""The trainable parts of a two-stage pruner, how they attach to a backbone, and how they are saved.
+
+All parts live under one ``nn.Module`` (prefixes ``token_merger.``, ``layer_pruners.<layer>.``,
+``discriminator.``) and are saved alone (safetensors + the resolved config); the backbone is
+never saved with them and they load onto any copy of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tokensieve.attach import Handle, attach
+from tokensieve.config import load_config, save_config
+from tokensieve.errors import TokensieveError
+from tokensieve.method import Budget
+from tokensieve.learned import HiddenStateDiscriminator, LayerPrunerHead, TokenMerger
+from tokensieve.methods.layer_pruner import LearnedLayerPruner
+from tokensieve.methods.token_merger import LearnedTokenMerger
+from tokensieve.train.two_stage_config import TwoStageConfig, default_pruning_layers, stage_targets
+
+PARTS_FILE = "parts.safetensors"
+CONFIG_FILE = "config.yaml"
+
+
+def backbone_signature(backbone) -> dict[str, int]:
+    """The backbone facts the parts' shapes and sites depend on (checked when loading)."""
+    text = backbone.config.text_config
+    return {"vision_hidden": backbone.config.vision_config.hidden_size, "text_hidden": text.hidden_size,
+            "llm_layers": len(backbone.llm_layers), "n_patches": backbone.n_patches,
+            "visual_tokens": backbone.n_visual_tokens}
+
+
+class PrunerParts(nn.Module):
+    """Token merger, layer pruner heads and discriminator for one backbone and config."""
+
+    def __init__(self, cfg: TwoStageConfig, backbone):
+        super().__init__()
+        self.cfg, self.signature = cfg, backbone_signature(backbone)
+        n, d_vision, d_text = backbone.n_patches, self.signature["vision_hidden"], self.signature["text_hidden"]
+        m = cfg.merger
+        self.n_centres = None
+        if m.enabled:
+            self.n_centres = m.target_merge_tokens if m.target_merge_tokens is not None else max(1, round(m.merge_ratio * n))
+            if not 1 <= self.n_centres <= n:
+                raise TokensieveError(f"merger.target_merge_tokens {self.n_centres} is not between 1 and "
+                                      f"the {n} visual tokens")
+        self.token_merger = TokenMerger(d_vision, m.d_internal, m.variant,
+                                        d_text if m.variant == "question_aware" else None, m.num_heads) if m.enabled else None
+        layers = self.pruning_layers(cfg, len(backbone.llm_layers))
+        p = cfg.pruner
+        self.layer_pruners = nn.ModuleDict({
+            str(k): LayerPrunerHead(d_text, p.d_internal, p.num_heads, init_keep_bias=p.init_keep_bias) for k in layers})
+        disc = cfg.discriminator
+        n_states = len(backbone.llm_layers) + 1  # the embeddings and every layer's output
+        bad = [k for k in disc.layers if not -n_states <= k < n_states]
+        if disc.enabled and bad:
+            raise TokensieveError(f"discriminator.layers {bad} do not exist: this LLM has {n_states} hidden "
+                                  f"states (indices {-n_states} .. {n_states - 1})")
+        self.discriminator = HiddenStateDiscriminator(d_text, len(disc.layers), disc.d_internal) if disc.enabled else None
+
+    @staticmethod
+    def pruning_layers(cfg: TwoStageConfig, n_layers: int) -> list[int]:
+        if not cfg.pruner.enabled:
+            return []
+        layers = cfg.pruner.pruning_layers or default_pruning_layers(n_layers)
+        bad = [k for k in layers if not 1 <= k < n_layers]
+        if bad:
+            raise TokensieveError(f"pruner.pruning_layers {bad} are beyond this LLM: it has {n_layers} decoder "
+                                  f"layers, so a head can act before layers 1 .. {n_layers - 1}")
+        if len(set(layers)) != len(layers):
+            raise TokensieveError(f"pruner.pruning_layers {layers} repeats a layer")
+        return sorted(layers)
+
+    @property
+    def layers(self) -> list[int]:
+        return [int(k) for k in self.layer_pruners]
+
+    def centres_for(self, keep: Budget | int | float | str | None) -> int | None:
+        """Merger centres for a budget of tokens entering the LLM (None: as trained)."""
+        if keep is None:
+            return self.n_centres
+        if self.token_merger is None:
+            raise TokensieveError("this pruner has no token merger, so its budget is fixed by pruner.target_ratio; "
+                                  "evaluate it without --keep")
+        return Budget.parse(keep).resolve(self.signature["n_patches"], "the token merger")
+
+    def inference_counts(self, centres: int | None) -> list[int]:
+        """Tokens each head keeps at inference: its share of the tokens entering the LLM."""
+        extra = self.signature["visual_tokens"] - self.signature["n_patches"]  # a kept CLS
+        total = (centres if centres is not None else self.signature["n_patches"]) + extra
+        return [max(1, round(r * total)) for r in stage_targets(self.cfg.pruner.target_ratio, len(self.layers))]
+
+    def methods(self) -> tuple[LearnedTokenMerger | None, list[LearnedLayerPruner]]:
+        """Registry methods wrapping these modules (they share the weights)."""
+        m, p = self.cfg.merger, self.cfg.pruner
+        merger = None if self.token_merger is None else LearnedTokenMerger(
+            variant=m.variant, d_internal=m.d_internal, num_heads=m.num_heads, assign_tau=m.assign_tau,
+            module=self.token_merger)
+        pruners = [LearnedLayerPruner(d_internal=p.d_internal, num_heads=p.num_heads, init_keep_bias=p.init_keep_bias,
+                                      module=self.layer_pruners[str(k)]) for k in self.layers]
+        return merger, pruners
+
+    def attach(self, backbone, mode: str = "hard", training: bool = False,
+               keep: Budget | int | float | str | None = None) -> tuple[Handle, LearnedTokenMerger | None, list[LearnedLayerPruner]]:
+        """Attach the parts: for training (soft mode, heads keep everything and mask by Gumbel
+        samples) or for inference (heads keep their share by keep probability).
+
+        keep: tokens entering the LLM (the merger's centres) at inference; default as trained.
+        """
+        merger, pruners = self.methods()
+        centres = self.centres_for(keep)
+        stages = []
+        if merger is not None:
+            stages.append((merger, "projector", centres))
+        counts = self.inference_counts(centres)
+        for k, method, count in zip(self.layers, pruners, counts):
+            stages.append((method, f"llm.{k}", 1.0 if training else count))
+        return attach(backbone, stages, mode=mode), merger, pruners
+
+    # --- saving -------------------------------------------------------------------------
+    def inference_state(self) -> dict[str, torch.Tensor]:
+        """Merger and heads only: what inference needs (the discriminator stays with the run)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("discriminator.")}
+
+    def save(self, folder: str | Path, metadata: dict[str, str] | None = None) -> None:
+        """``parts.safetensors`` + ``config.yaml`` in ``folder``, each written atomically."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, folder / CONFIG_FILE)
+        meta = {"signature": json.dumps(self.signature), **(metadata or {})}
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{PARTS_FILE}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({k: v.detach().contiguous() for k, v in self.inference_state().items()}, tmp, metadata=meta)
+            os.replace(tmp, folder / PARTS_FILE)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def load_parts(folder: str | Path, backbone) -> PrunerParts:
+    """Trained parts from a run folder (its ``best/`` if there is one) onto ``backbone``."""
+    folder = Path(folder)
+    if (folder / "best" / PARTS_FILE).is_file():
+        folder = folder / "best"
+    weights, config = folder / PARTS_FILE, folder / CONFIG_FILE
+    if not weights.is_file() or not config.is_file():
+        raise TokensieveError(f"{folder} is not a trained pruner: it needs {PARTS_FILE} and {CONFIG_FILE}")
+    cfg = load_config(TwoStageConfig, config)
+    parts = PrunerParts(cfg, backbone)
+    try:
+        state = load_file(weights)
+        from safetensors import safe_open
+
+        with safe_open(weights, "pt") as f:
+            saved_signature = json.loads((f.metadata() or {}).get("signature", "{}"))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise TokensieveError(f"cannot read {weights}: {err}") from None
+    if saved_signature and saved_signature != parts.signature:
+        raise TokensieveError(f"{weights} was trained on a different backbone ({saved_signature}); "
+                              f"this one is {parts.signature}")
+    missing, unexpected = parts.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("discriminator.")]
+    if missing or unexpected:
+        raise TokensieveError(f"{weights} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return parts.eval()

@@ -1,0 +1,305 @@
+"""Train the two-stage pruner on a frozen backbone (``tokensieve train CONFIG.yaml``).
+
+Each step runs the batch twice: the unpruned backbone (teacher, no gradients) and the pruned
+one in ``soft`` mode, where the merger's centres replace the visual tokens and every head's
+hard Gumbel-softmax mask weights the tokens as attention keys. Losses: answer cross-entropy,
+KL distillation from the teacher, target-ratio sparsity of the heads' keep probabilities
+(visual tokens only), merge sparsity, optional hidden-state MSE and adversarial loss.
+
+Run folder: ``config.yaml`` (resolved), ``state.pt`` (everything needed to resume exactly:
+parts, optimizer, step, RNG), ``parts.safetensors`` (latest trainable parts), ``best/`` (the
+parts with the best validation accuracy), ``log.jsonl`` and TensorBoard events in ``tb/``.
+``done.json`` marks a finished run.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from tokensieve.backbones import LlavaBackbone
+from tokensieve.checkpoint import atomic_torch_save
+from tokensieve.config import load_config, save_config, to_dict
+from tokensieve.data.instruct import InstructExample, collate, load_instruct, synthetic_examples
+from tokensieve.data.synthetic import SPLIT_SEEDS
+from tokensieve.errors import TokensieveError
+from tokensieve.learned import keep_probability
+from tokensieve.train import losses, schedules
+from tokensieve.train.parts import CONFIG_FILE, PrunerParts
+from tokensieve.train.two_stage_config import TwoStageConfig, stage_targets
+
+STATE_FILE = "state.pt"
+DONE_FILE = "done.json"
+LOG_FILE = "log.jsonl"
+
+
+class TrainingData:
+    """Batch ``i`` depends only on ``i`` (so a resumed run sees exactly the same batches)."""
+
+    def __init__(self, cfg: TwoStageConfig, spec):
+        self.cfg, self.spec = cfg, spec
+        # The testbed answers one word and was never trained on what follows it.
+        self.label_eos = cfg.data.kind == "instruct"
+        self.records: list[InstructExample] | None = None
+        if cfg.data.kind == "instruct":
+            self.records = load_instruct(Path(cfg.data.path), Path(cfg.data.image_folder))
+            if len(self.records) <= cfg.validation.samples:
+                raise TokensieveError(f"{cfg.data.path} has {len(self.records)} records; validation alone takes "
+                                      f"{cfg.validation.samples}")
+
+    def batch(self, step: int) -> list[InstructExample]:
+        b = self.cfg.optim.batch_size
+        if self.records is None:
+            return synthetic_examples(SPLIT_SEEDS["train"] + self.cfg.data.seed, step * b, b, self.spec)
+        pool = self.records[self.cfg.validation.samples:]
+        return [pool[(step * b + k) % len(pool)] for k in range(b)]
+
+    def validation(self) -> list[InstructExample]:
+        if self.records is None:
+            return synthetic_examples(SPLIT_SEEDS["heldout"], 0, self.cfg.validation.samples, self.spec)
+        return self.records[: self.cfg.validation.samples]
+
+
+@dataclass
+class StepLosses:
+    total: torch.Tensor
+    parts: dict[str, float]
+    keep_ratios: list[float]
+
+
+class TwoStageTrainer:
+    def __init__(self, cfg: TwoStageConfig, out: str | Path, resume: bool = False, progress: bool = True):
+        self.cfg, self.out, self.progress = cfg, Path(out), progress
+        torch.set_num_threads(cfg.run.threads)
+        self._check_folder(resume)
+        self.backbone = LlavaBackbone.from_pretrained(cfg.model)
+        if self.backbone.processor is None:
+            raise TokensieveError(f"{cfg.model} has no processor; training needs one")
+        self.backbone.model.requires_grad_(False).eval()
+        from tokensieve.testbed.evaluate import scene_spec_for
+
+        self.data = TrainingData(cfg, scene_spec_for(self.backbone))
+        torch.manual_seed(cfg.run.seed)
+        self.parts = PrunerParts(cfg, self.backbone)
+        o = cfg.optim
+        groups = [{"name": "token_merger", "params": [] if self.parts.token_merger is None else
+                   list(self.parts.token_merger.parameters()), "lr": o.lr_token_merger},
+                  {"name": "layer_pruners", "params": list(self.parts.layer_pruners.parameters()), "lr": o.lr_layer_pruners},
+                  {"name": "discriminator", "params": [] if self.parts.discriminator is None else
+                   list(self.parts.discriminator.parameters()), "lr": o.lr_discriminator}]
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=o.weight_decay)
+        self.step, self.best = 0, None
+        if resume and (self.out / STATE_FILE).exists():
+            self._load_state()
+        else:
+            save_config(cfg, self.out / CONFIG_FILE)
+
+    # --- run folder ---------------------------------------------------------------------
+    def _check_folder(self, resume: bool) -> None:
+        saved = self.out / CONFIG_FILE
+        if (self.out / DONE_FILE).exists() and not resume:
+            raise TokensieveError(f"{self.out} holds a finished run; choose another folder")
+        if saved.exists() and not resume:
+            raise TokensieveError(f"{self.out} already holds a run; pass --resume to continue it or choose another folder")
+        if resume and saved.exists():
+            before = _flatten(to_dict(load_config(TwoStageConfig, saved)))
+            now = _flatten(to_dict(self.cfg))
+            differ = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+            if differ:
+                raise TokensieveError(f"cannot resume {self.out}: its run had a different config "
+                                      f"({', '.join(f'{k}: {before.get(k)!r} -> {now.get(k)!r}' for k in differ[:4])})")
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def _save_state(self) -> None:
+        atomic_torch_save({"parts": self.parts.state_dict(), "optimizer": self.optimizer.state_dict(),
+                           "step": self.step, "best": self.best, "signature": self.parts.signature,
+                           "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                                   "python": random.getstate()}}, self.out / STATE_FILE)
+        self.parts.save(self.out, {"step": str(self.step)})
+
+    def _load_state(self) -> None:
+        try:
+            saved = torch.load(self.out / STATE_FILE, weights_only=False)
+            if saved["signature"] != self.parts.signature:
+                raise TokensieveError(f"cannot resume {self.out}: it was trained on a different backbone "
+                                      f"({saved['signature']}; this one is {self.parts.signature})")
+            self.parts.load_state_dict(saved["parts"])
+            self.optimizer.load_state_dict(saved["optimizer"])
+        except TokensieveError:
+            raise
+        except Exception as err:  # a truncated or foreign file means the same thing to the user
+            raise TokensieveError(f"cannot resume from {self.out / STATE_FILE}: {type(err).__name__}: {err}") from None
+        self.step, self.best = saved["step"], saved["best"]
+        torch.set_rng_state(saved["rng"]["torch"])
+        np.random.set_state(saved["rng"]["numpy"])
+        random.setstate(saved["rng"]["python"])
+
+    # --- one step -----------------------------------------------------------------------
+    def _losses(self, batch: dict, student, teacher, merger, pruners) -> StepLosses:
+        cfg, step, total = self.cfg, self.step, self.cfg.optim.steps
+        w, labels = cfg.loss, batch["labels"]
+        parts = {"task": losses.answer_cross_entropy(student.logits, labels)}
+        if w.distill:
+            parts["distill"] = losses.distillation_kl(student.logits, teacher.logits, labels, w.distill_temperature)
+        keep_ratios = []
+        if pruners:
+            cumulative, sparsity = None, []
+            final = stage_targets(cfg.pruner.target_ratio, len(pruners))
+            for method, target in zip(pruners, final):
+                p = keep_probability(method.last_logits)  # (B, n) of the tokens entering the LLM
+                cumulative = p if cumulative is None else cumulative * p
+                now = schedules.target_ratio_at(step, total, target, cfg.schedule.target_curriculum)
+                sparsity.append(losses.target_ratio_sparsity(cumulative, torch.ones_like(p, dtype=torch.bool), now))
+                keep_ratios.append(float(cumulative.detach().mean()))
+            parts["sparsity"] = torch.stack(sparsity).mean()
+        if merger is not None and w.merge_sparsity:
+            n = merger.last.logits.shape[1]
+            p = torch.sigmoid(merger.last.logits)
+            parts["merge_sparsity"] = losses.target_ratio_sparsity(p, torch.ones_like(p, dtype=torch.bool),
+                                                                   self.parts.n_centres / n)
+        text = batch["attention_mask"].bool() & (batch["input_ids"] != self.backbone.image_token_id)
+        if w.hidden_mse:
+            parts["hidden_mse"] = losses.hidden_state_mse(student.hidden_states[-1], teacher.hidden_states[-1], text)
+        weights = {"task": w.task, "distill": w.distill, "merge_sparsity": w.merge_sparsity, "hidden_mse": w.hidden_mse,
+                   "sparsity": schedules.warmup_weight_at(step, total, w.sparsity, cfg.schedule.sparsity_warmup)}
+        loss = sum(weights[k] * v for k, v in parts.items())
+        if self.parts.discriminator is not None:
+            fake = self._disc_states(student)
+            if w.adversarial:
+                parts["adversarial"] = losses.adversarial_loss(self.parts.discriminator(fake, text))
+                loss = loss + w.adversarial * parts["adversarial"]
+        return StepLosses(loss, {k: float(v.detach()) for k, v in parts.items()}, keep_ratios)
+
+    def _disc_states(self, output) -> list[torch.Tensor]:
+        return [output.hidden_states[k] for k in self.cfg.discriminator.layers]
+
+    def _discriminator_step(self, student, teacher, text) -> dict[str, float]:
+        disc = self.parts.discriminator
+        real = disc([h.detach() for h in self._disc_states(teacher)], text)
+        fake = disc([h.detach() for h in self._disc_states(student)], text)
+        loss = losses.discriminator_loss(real, fake)
+        loss.backward()  # only the discriminator's inputs are detached: its own parameters get these
+        return {"discriminator": float(loss.detach()), "disc_prob_real": float(torch.sigmoid(real.detach()).mean()),
+                "disc_prob_fake": float(torch.sigmoid(fake.detach()).mean())}
+
+    def train_step(self, handle, merger, pruners) -> dict:
+        cfg = self.cfg
+        tau = schedules.temperature_at(self.step, cfg.optim.steps, cfg.schedule.tau_start, cfg.schedule.tau_end,
+                                       cfg.schedule.tau_kind, cfg.schedule.anneal_fraction, cfg.schedule.tau_floor)
+        for method in pruners:
+            method.tau = tau
+        if merger is not None:
+            merger.gumbel_tau = tau
+        batch = collate(self.backbone.processor, self.data.batch(self.step), label_eos=self.data.label_eos)
+        need_hidden = cfg.loss.hidden_mse > 0 or self.parts.discriminator is not None
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+        with torch.no_grad(), handle.disabled():
+            teacher = self.backbone.forward(**inputs, output_hidden_states=need_hidden)
+        student = self.backbone.forward(**inputs, answer_mask=batch["labels"] != -100, output_hidden_states=need_hidden)
+        step_losses = self._losses(batch, student, teacher, merger, pruners)
+        self.optimizer.zero_grad(set_to_none=True)
+        step_losses.total.backward()
+        row = {"loss": float(step_losses.total.detach()), **step_losses.parts, "tau": tau,
+               "keep_ratio": step_losses.keep_ratios}
+        if self.parts.discriminator is not None:
+            disc = self.parts.discriminator
+            for p in disc.parameters():
+                p.grad = None  # the adversarial term trains the pruners, not the discriminator
+            text = batch["attention_mask"].bool() & (batch["input_ids"] != self.backbone.image_token_id)
+            row.update(self._discriminator_step(student, teacher, text))
+        torch.nn.utils.clip_grad_norm_(self.parts.parameters(), cfg.optim.grad_clip)
+        self.optimizer.step()
+        if self.parts.discriminator is not None and random.random() < cfg.discriminator.reinit_prob:
+            self.parts.discriminator.reinitialise()
+            for p in self.parts.discriminator.parameters():
+                self.optimizer.state.pop(p, None)  # a fresh discriminator starts with fresh moments
+            row["disc_reinitialised"] = 1
+        self.step += 1
+        return row
+
+    # --- validation ---------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Teacher-forced exact match of every answer token, heads and merger deterministic,
+        in ``soft`` mode with binary masks (equal to ``hard`` removal on the kept tokens)."""
+        self.parts.eval()
+        handle, _, _ = self.parts.attach(self.backbone, "soft", training=False)
+        try:
+            examples, hits = self.data.validation(), []
+            for i in range(0, len(examples), 32):
+                batch = collate(self.backbone.processor, examples[i: i + 32], label_eos=self.data.label_eos)
+                logits = self.backbone.forward(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                                               answer_mask=batch["labels"] != -100).logits
+                labels = batch["labels"][:, 1:]
+                right = (logits[:, :-1].argmax(-1) == labels) | (labels == -100)
+                hits += right.all(1).tolist()
+        finally:
+            handle.detach()
+            self.parts.train()
+        return sum(hits) / len(hits)
+
+    # --- the loop -----------------------------------------------------------------------
+    def run(self) -> Path:
+        from torch.utils.tensorboard import SummaryWriter
+
+        cfg = self.cfg
+        self.parts.train()
+        handle, merger, pruners = self.parts.attach(self.backbone, "soft", training=True)
+        log = (self.out / LOG_FILE).open("a")
+        writer = SummaryWriter(str(self.out / "tb"), purge_step=self.step)
+        started = time.time()
+        bar = tqdm(total=cfg.optim.steps, initial=self.step, desc="training the two-stage pruner", unit="step",
+                   disable=not self.progress)
+        try:
+            while self.step < cfg.optim.steps:
+                row = self.train_step(handle, merger, pruners)
+                if self.step % cfg.validation.every == 0 or self.step == cfg.optim.steps:
+                    handle.detach()
+                    row["val_accuracy"] = self.validate()
+                    if self.best is None or row["val_accuracy"] > self.best:
+                        self.best = row["val_accuracy"]
+                        self.parts.save(self.out / "best", {"step": str(self.step), "val_accuracy": str(self.best)})
+                    handle, merger, pruners = self.parts.attach(self.backbone, "soft", training=True)
+                row = {"step": self.step, "elapsed_s": round(time.time() - started, 1), **row}
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                for key, value in row.items():
+                    if isinstance(value, (int, float)) and key != "step":
+                        writer.add_scalar(key, value, self.step)
+                for i, ratio in enumerate(row["keep_ratio"]):
+                    writer.add_scalar(f"keep_ratio/stage{i}", ratio, self.step)
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", tau=f"{row['tau']:.2f}",
+                                keep="/".join(f"{r:.2f}" for r in row["keep_ratio"]))
+                if self.step % cfg.run.checkpoint_every == 0 or self.step == cfg.optim.steps:
+                    self._save_state()
+        finally:
+            handle.detach()
+            bar.close()
+            writer.close()
+            log.close()
+        (self.out / DONE_FILE).write_text(json.dumps({"steps": self.step, "best_val_accuracy": self.best}) + "\n")
+        return self.out
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def train_two_stage(cfg: TwoStageConfig, out: str | Path, resume: bool = False, progress: bool = True) -> Path:
+    """Train (or resume) a two-stage pruner into ``out``; returns ``out``."""
+    return TwoStageTrainer(cfg, out, resume, progress).run()

@@ -1,0 +1,156 @@
+"""Every setting of a two-stage pruner training run (``tokensieve train CONFIG.yaml``).
+
+These dataclasses are the source of truth; YAML files store them (``tokensieve.config``), and
+the resolved config is saved beside the run so a run can always be told what it was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from tokensieve.errors import TokensieveError
+
+
+@dataclass
+class MergerConfig:
+    """The token merger between the vision tower and the projector."""
+
+    enabled: bool = True
+    variant: Literal["simple", "question_aware"] = "simple"
+    merge_ratio: float | None = 0.5  # M = round(merge_ratio * N) centres ...
+    target_merge_tokens: int | None = None  # ... or exactly this many (takes precedence)
+    d_internal: int = 128
+    num_heads: int = 4
+    assign_tau: float = 1.0  # softmax temperature of the soft assignment to the centres
+
+
+@dataclass
+class PrunerConfig:
+    """The layer pruner heads inside the LLM."""
+
+    enabled: bool = True
+    # Decoder layers a head acts before; None spreads them like [10, 20, 31] of 32 layers.
+    pruning_layers: list[int] | None = None
+    d_internal: int = 128
+    num_heads: int = 4
+    init_keep_bias: float = 2.0  # a fresh head keeps tokens with probability sigmoid(2) = 0.88
+    # Share of the visual tokens entering the LLM still kept after the last head; head i of K
+    # aims at target_ratio ** (i / K) of them, so every head removes the same share.
+    target_ratio: float = 0.5
+
+
+@dataclass
+class DiscriminatorConfig:
+    """The optional discriminator of pruned vs unpruned hidden states."""
+
+    enabled: bool = False
+    layers: list[int] = field(default_factory=lambda: [-1, -3, -5])
+    d_internal: int = 128
+    reinit_prob: float = 0.0  # chance per step of re-initialising it (keeps it from winning outright)
+
+
+@dataclass
+class LossConfig:
+    """Weights of the loss terms (0 switches a term off)."""
+
+    task: float = 1.0
+    distill: float = 1.0
+    distill_temperature: float = 1.0
+    sparsity: float = 2.0
+    merge_sparsity: float = 0.1
+    hidden_mse: float = 0.0
+    adversarial: float = 0.0
+
+
+@dataclass
+class ScheduleConfig:
+    """Gumbel temperature, sparsity warm-up and target-ratio curriculum over training."""
+
+    tau_start: float = 5.0
+    tau_end: float = 0.1
+    tau_kind: Literal["exponential", "linear"] = "exponential"
+    anneal_fraction: float = 1.0
+    tau_floor: float = 0.1
+    sparsity_warmup: float = 0.1  # fraction of training with sparsity weight 0
+    target_curriculum: float = 0.5  # fraction of training over which the target goes 1.0 -> target
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer groups (one learning rate each) and the step budget."""
+
+    steps: int = 400
+    batch_size: int = 16
+    lr_token_merger: float = 1e-3
+    lr_layer_pruners: float = 1e-3
+    lr_discriminator: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    """Training data: the synthetic set, or LLaVA-format instruction JSON with an image folder."""
+
+    kind: Literal["synthetic", "instruct"] = "synthetic"
+    path: str | None = None
+    image_folder: str | None = None
+    seed: int = 0
+
+
+@dataclass
+class ValidationConfig:
+    """Held-out accuracy in ``hard`` mode, used to keep the best checkpoint."""
+
+    every: int = 100
+    samples: int = 200
+
+
+@dataclass
+class RunConfig:
+    checkpoint_every: int = 50
+    seed: int = 0
+    threads: int = 2
+
+
+@dataclass
+class TwoStageConfig:
+    """A whole training run. ``model``: a LLaVA checkpoint (None: the shipped testbed)."""
+
+    model: str | None = None
+    merger: MergerConfig = field(default_factory=MergerConfig)
+    pruner: PrunerConfig = field(default_factory=PrunerConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        m = self.merger
+        if m.merge_ratio is not None and not 0 < m.merge_ratio <= 1:
+            raise TokensieveError(f"merger.merge_ratio {m.merge_ratio} is not in (0, 1]")
+        if m.enabled and m.merge_ratio is None and m.target_merge_tokens is None:
+            raise TokensieveError("merger: set merge_ratio or target_merge_tokens")
+        if not 0 < self.pruner.target_ratio <= 1:
+            raise TokensieveError(f"pruner.target_ratio {self.pruner.target_ratio} is not in (0, 1]")
+        if not (m.enabled or self.pruner.enabled):
+            raise TokensieveError("nothing to train: enable the merger, the pruner heads or both")
+        if self.data.kind == "instruct" and not (self.data.path and self.data.image_folder):
+            raise TokensieveError("data.kind 'instruct' needs data.path and data.image_folder")
+
+
+def default_pruning_layers(n_layers: int) -> list[int]:
+    """Layers 10, 20 and 31 of a 32-layer LLM, scaled to ``n_layers`` (distinct, 1 .. n-1)."""
+    layers = sorted({min(n_layers - 1, max(1, round(k * n_layers / 32))) for k in (10, 20, 31)})
+    if not layers:
+        raise TokensieveError(f"an LLM of {n_layers} layer(s) has no layer to prune before")
+    return layers
+
+
+def stage_targets(target_ratio: float, n_stages: int) -> list[float]:
+    """Cumulative keep share after each of ``n_stages`` heads: ``target ** (i / n)``."""
+    return [target_ratio ** ((i + 1) / n_stages) for i in range(n_stages)]

@@ -1,0 +1,213 @@
+"""The learned two-stage pruner: gradients reach only its parts, soft key masks learn, runs
+resume exactly, trained parts load for evaluation, and bad settings are named."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tokensieve.attach import attach
+from tokensieve.backbones import LlavaBackbone
+from tokensieve.cli import main
+from tokensieve.config import from_dict
+from tokensieve.errors import TokensieveError
+from tokensieve.method import Method, Selection, SiteInputs
+from tokensieve.testbed.batches import encode
+from tokensieve.train.parts import load_parts
+from tokensieve.train.trainer import TwoStageTrainer, train_two_stage
+from tokensieve.train.two_stage_config import TwoStageConfig
+
+TINY_SETTINGS = {
+    "merger": {"variant": "question_aware", "merge_ratio": 0.5, "d_internal": 16, "num_heads": 2},
+    "pruner": {"d_internal": 16, "num_heads": 2, "target_ratio": 0.5},
+    "optim": {"steps": 4, "batch_size": 4},
+    "validation": {"every": 100, "samples": 8},
+    "run": {"checkpoint_every": 2, "threads": 1},
+}
+
+
+def tiny_config(model_dir, **sections) -> TwoStageConfig:
+    data = {"model": str(model_dir), **{k: dict(v) for k, v in TINY_SETTINGS.items()}}
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    return from_dict(TwoStageConfig, data)
+
+
+@pytest.fixture(scope="module")
+def backbone(tiny_llava_dir):
+    return LlavaBackbone.from_pretrained(tiny_llava_dir)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_llava_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "uninterrupted"
+    train_two_stage(tiny_config(tiny_llava_dir), out, progress=False)
+    return out
+
+
+def test_only_the_trainable_parts_get_gradients(tiny_llava_dir, tmp_path):
+    cfg = tiny_config(tiny_llava_dir, discriminator={"enabled": True, "d_internal": 16, "layers": [-1, -2, -3]},
+                      loss={"adversarial": 0.1, "hidden_mse": 0.1})
+    trainer = TwoStageTrainer(cfg, tmp_path / "run", progress=False)
+    before = {k: v.clone() for k, v in trainer.backbone.model.state_dict().items()}
+    trainer.parts.train()
+    handle, merger, pruners = trainer.parts.attach(trainer.backbone, "soft", training=True)
+    try:
+        row = trainer.train_step(handle, merger, pruners)
+    finally:
+        handle.detach()
+    assert {"task", "distill", "sparsity", "merge_sparsity", "hidden_mse", "adversarial", "discriminator",
+            "disc_prob_real", "disc_prob_fake"} <= set(row)
+    assert all(p.grad is None for p in trainer.backbone.model.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in trainer.backbone.model.state_dict().items())
+    for part in (trainer.parts.token_merger, trainer.parts.layer_pruners, trainer.parts.discriminator):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+
+
+@dataclass
+class FixedKeyMask(Method):
+    """Keeps every token and weights them by a fixed differentiable mask (test only)."""
+
+    name = "fixed_key_mask"
+    stages = ("llm",)
+    mask: torch.Tensor | None = None
+
+    def select(self, inputs: SiteInputs) -> Selection:
+        b, n = inputs.tokens.shape[:2]
+        return Selection(torch.arange(n).expand(b, n), key_mask=self.mask.expand(b, n))
+
+
+@dataclass
+class KeepIndices(Method):
+    """Keeps the same tokens in every row (test only)."""
+
+    name = "keep_indices"
+    stages = ("llm",)
+    indices: torch.Tensor | None = None
+
+    def select(self, inputs: SiteInputs) -> Selection:
+        return Selection(self.indices.expand(inputs.tokens.shape[0], -1))
+
+
+def test_a_soft_key_mask_removes_tokens_and_passes_gradients_through_the_dropped_ones(backbone, tiny_samples):
+    batch = encode(backbone.processor, tiny_samples[:1])
+    n = backbone.n_visual_tokens
+    values = torch.ones(n)
+    values[::3] = 0.0
+    mask = values.clone().requires_grad_(True)
+    handle = attach(backbone, FixedKeyMask(mask=mask), 1.0, site="llm.1", mode="soft")
+    try:
+        soft = backbone.forward(**batch).logits[:, -1]
+    finally:
+        handle.detach()
+    kept = values.nonzero().flatten()
+    handle = attach(backbone, KeepIndices(indices=kept), len(kept), site="llm.1", mode="hard")
+    try:
+        hard = backbone.forward(**batch).logits[:, -1]
+    finally:
+        handle.detach()
+    torch.testing.assert_close(soft, hard, atol=1e-4, rtol=1e-4)
+    soft.logsumexp(-1).sum().backward()
+    assert mask.grad[values == 0].abs().sum() > 0  # dropped tokens still tell the mask what they were worth
+
+
+def test_an_interrupted_run_resumes_to_the_same_parts(tiny_llava_dir, tmp_path, finished_run, monkeypatch):
+    out = tmp_path / "interrupted"
+    calls = {"n": 0}
+    original = TwoStageTrainer.train_step
+
+    def stop_after_three(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    monkeypatch.setattr(TwoStageTrainer, "train_step", stop_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        train_two_stage(tiny_config(tiny_llava_dir), out, progress=False)
+    assert not (out / "done.json").exists()
+    monkeypatch.setattr(TwoStageTrainer, "train_step", original)
+    with pytest.raises(TokensieveError, match="--resume"):
+        train_two_stage(tiny_config(tiny_llava_dir), out, progress=False)
+    train_two_stage(tiny_config(tiny_llava_dir), out, resume=True, progress=False)
+    resumed, straight = load_file(out / "parts.safetensors"), load_file(finished_run / "parts.safetensors")
+    assert resumed.keys() == straight.keys()
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_a_run_folder_holds_config_best_and_logs(finished_run):
+    assert (finished_run / "best" / "parts.safetensors").is_file()
+    assert (finished_run / "config.yaml").is_file() and (finished_run / "tb").is_dir()
+    last = json.loads((finished_run / "log.jsonl").read_text().splitlines()[-1])
+    assert {"loss", "task", "distill", "sparsity", "tau", "keep_ratio", "val_accuracy"} <= set(last)
+    assert not any(k.startswith("model.") for k in load_file(finished_run / "parts.safetensors"))
+
+
+def test_trained_parts_evaluate_in_hard_mode_at_their_budget_and_at_others(finished_run, tiny_llava_dir, capsys):
+    assert main(["eval", "--model", str(tiny_llava_dir), "--pruner", str(finished_run), "--keep", "0.25,24",
+                 "--samples", "10", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    learned = [r for r in rows if r["method"] == "two_stage"]
+    assert [r["visual_tokens_kept"] for r in learned] == [16, 24]
+    # of the 16 tokens entering the LLM, the head at llm.1 keeps sqrt(0.5) (11), the one at llm.2 half (8)
+    per_layer = learned[0]["tokens_per_llm_layer"]
+    assert (per_layer[0] - per_layer[1], per_layer[0] - per_layer[2]) == (16 - 11, 16 - 8)
+
+
+def test_loaded_parts_are_the_saved_ones(finished_run, backbone):
+    parts = load_parts(finished_run, backbone)
+    saved = load_file(finished_run / "best" / "parts.safetensors")
+    assert all(torch.equal(parts.state_dict()[k], v) for k, v in saved.items())
+
+
+@pytest.mark.parametrize("sections,message", [
+    ({"pruner": {"pruning_layers": [5]}}, "beyond this LLM"),
+    ({"merger": {"merge_ratio": 1.5}}, "not in \\(0, 1\\]"),
+    ({"merger": {"target_merge_tokens": 1000}}, "1000 is not between 1 and"),
+    ({"merger": {"enabled": False}, "pruner": {"enabled": False}}, "nothing to train"),
+    ({"discriminator": {"enabled": True, "layers": [-1, -9]}}, "do not exist"),
+])
+def test_bad_settings_are_named_before_any_training(tiny_llava_dir, tmp_path, sections, message):
+    with pytest.raises(TokensieveError, match=message):
+        train_two_stage(tiny_config(tiny_llava_dir, **sections), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "state.pt").exists()
+
+
+def test_resuming_with_a_different_config_is_refused(tiny_llava_dir, finished_run):
+    changed = tiny_config(tiny_llava_dir, optim={"lr_layer_pruners": 5e-3})
+    with pytest.raises(TokensieveError, match="optim.lr_layer_pruners"):
+        train_two_stage(changed, finished_run, resume=True, progress=False)
+
+
+def test_a_corrupt_state_file_is_named(tiny_llava_dir, tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny_config(tiny_llava_dir)
+    TwoStageTrainer(cfg, out, progress=False)  # writes the config
+    (out / "state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(TokensieveError, match="cannot resume from .*state.pt"):
+        TwoStageTrainer(cfg, out, resume=True, progress=False)
+
+
+def test_train_cli_reads_yaml_and_overrides_and_names_unknown_keys(tiny_llava_dir, tmp_path, capsys):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(f"model: {tiny_llava_dir}\nmerger:\n  merge_ratoi: 0.5\n")
+    assert main(["train", str(config), "--out", str(tmp_path / "run")]) == 2
+    assert "merger.merge_ratoi" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_question_aware_merger_treats_each_sample_alone(backbone, tiny_samples, mode):
+    handle = attach(backbone, {"name": "token_merger", "variant": "question_aware"}, 16, mode=mode)
+    try:
+        together = backbone.forward(**encode(backbone.processor, tiny_samples), logits_to_keep=1).logits[:, -1]
+        alone = torch.cat([backbone.forward(**encode(backbone.processor, [s]), logits_to_keep=1).logits[:, -1]
+                           for s in tiny_samples])
+    finally:
+        handle.detach()
+    torch.testing.assert_close(together, alone, atol=2e-5, rtol=1e-5)
