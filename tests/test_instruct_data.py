@@ -189,7 +189,6 @@ def _with_messages(*messages):
 
 
 @pytest.mark.parametrize(("record", "message"), [
-    (_without(MULTI, "image"), r" \(id conv-1\): missing field 'image'"),
     (_without(MULTI, "conversations"), r" \(id conv-1\): missing field 'conversations'"),
     (_without(MULTI, "id"), r": missing field 'id'"),
     ({**MULTI, "conversations": "hello"}, r" \(id conv-1\): field 'conversations' must be a non-empty list"),
@@ -267,3 +266,11 @@ def test_in_memory_example_is_built_from_an_array():
     pixels = PIXELS[1]
     example = InstructExample.from_array("a", [("Is there a red circle?", "yes")], pixels)
     assert example.image_path is None and example.image is pixels
+
+
+def test_text_only_records_are_skipped(tmp_path, folder):
+    text_only = _without(MULTI, "image")
+    examples = load_instruct(write_records(tmp_path / "mix.json", [text_only, MULTI]), folder)
+    assert [e.id for e in examples] == ["conv-1"]
+    with pytest.raises(TokensieveError, match=r"no record with an image"):
+        load_instruct(write_records(tmp_path / "text.json", [text_only]), folder)

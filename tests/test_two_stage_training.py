@@ -211,3 +211,38 @@ def test_question_aware_merger_treats_each_sample_alone(backbone, tiny_samples, 
     finally:
         handle.detach()
     torch.testing.assert_close(together, alone, atol=2e-5, rtol=1e-5)
+
+
+@dataclass
+class RecordQuestion(Method):
+    """Keeps everything and records the question it was shown (test only)."""
+
+    name = "record_question"
+    stages = ("projector", "llm")
+    seen: list | None = None
+
+    def select(self, inputs: SiteInputs) -> Selection:
+        self.seen.append(inputs.question())
+        b, n = inputs.tokens.shape[:2]
+        return Selection(torch.arange(n).expand(b, n))
+
+
+@pytest.mark.parametrize("site", ["projector", "llm.1"])
+def test_methods_never_see_the_answer_or_anything_after_it(backbone, site):
+    from tokensieve.data.instruct import collate, synthetic_examples
+    from tokensieve.train.trainer import after_first_answer
+    from tokensieve.testbed.evaluate import scene_spec_for
+
+    batch = collate(backbone.processor, synthetic_examples(3, 0, 4, scene_spec_for(backbone)), label_eos=False)
+    method = RecordQuestion(seen=[])
+    handle = attach(backbone, method, 1.0, site=site, mode="hard")
+    try:
+        backbone.forward(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                         answer_mask=after_first_answer(batch["labels"]))
+    finally:
+        handle.detach()
+    _, valid = method.seen[0]
+    tok = backbone.processor.tokenizer
+    for row, ids in zip(valid, batch["input_ids"]):
+        shown = tok.convert_ids_to_tokens(ids[len(ids) - len(row):][row].tolist())
+        assert shown[-2:] == ["ASSISTANT", ":"]  # the question and the answer cue, no answer, no </s>

@@ -289,8 +289,8 @@ class LlavaBackbone:
 
         keep: optional indices into the N visual tokens per row (``(B, M)`` or one ``(M_b,)``
         per row): only these enter the LLM, in the order given.
-        answer_mask: optional ``(B, L)`` answer positions of a teacher-forced sequence; methods
-        that read the question never see them.
+        answer_mask: optional ``(B, L)`` positions of a teacher-forced sequence that methods
+        reading the question must not see (the answers and every token after the first one).
         """
         for session in self._active_sessions():
             session.begin_prompt(input_ids, attention_mask, answer_mask)

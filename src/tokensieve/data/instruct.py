@@ -78,13 +78,19 @@ def load_instruct(path: Path, image_folder: Path) -> list[InstructExample]:
     ``from`` alternating ``"human"`` / ``"gpt"``, starting with human and ending with gpt. The
     ``<image>`` marker appears exactly once, in the first human message, before or after the
     text; it is taken out of the question (LLaVA-1.5 puts it in front when rendering).
+    Text-only records (no ``image`` field, as in LLaVA's mix665k) are skipped: there are no
+    visual tokens to prune in them.
     """
     path, image_folder = Path(path), Path(image_folder)
     if not image_folder.is_dir():
         raise TokensieveError(f"image folder {image_folder} does not exist")
-    examples = [_example(row, where, image_folder) for where, row in _records(path)]
-    if not examples:
+    records = _records(path)
+    if not records:
         raise TokensieveError(f"{path} holds no records")
+    examples = [_example(row, where, image_folder) for where, row in records
+                if not (isinstance(row, dict) and "image" not in row)]
+    if not examples:
+        raise TokensieveError(f"{path} holds no record with an image (text-only records are skipped)")
     return examples
 
 

@@ -79,7 +79,7 @@ class TwoStageTrainer:
         self.cfg, self.out, self.progress = cfg, Path(out), progress
         torch.set_num_threads(cfg.run.threads)
         self._check_folder(resume)
-        self.backbone = LlavaBackbone.from_pretrained(cfg.model)
+        self.backbone = LlavaBackbone.from_pretrained(cfg.model, device=cfg.run.device)
         if self.backbone.processor is None:
             raise TokensieveError(f"{cfg.model} has no processor; training needs one")
         self.backbone.model.requires_grad_(False).eval()
@@ -87,7 +87,7 @@ class TwoStageTrainer:
 
         self.data = TrainingData(cfg, scene_spec_for(self.backbone))
         torch.manual_seed(cfg.run.seed)
-        self.parts = PrunerParts(cfg, self.backbone)
+        self.parts = PrunerParts(cfg, self.backbone).to(cfg.run.device)
         o = cfg.optim
         groups = [{"name": "token_merger", "params": [] if self.parts.token_merger is None else
                    list(self.parts.token_merger.parameters()), "lr": o.lr_token_merger},
@@ -142,6 +142,9 @@ class TwoStageTrainer:
         random.setstate(saved["rng"]["python"])
 
     # --- one step -----------------------------------------------------------------------
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.cfg.run.device) for k, v in batch.items()}
+
     def _losses(self, batch: dict, student, teacher, merger, pruners) -> StepLosses:
         cfg, step, total = self.cfg, self.step, self.cfg.optim.steps
         w, labels = cfg.loss, batch["labels"]
@@ -197,12 +200,14 @@ class TwoStageTrainer:
             method.tau = tau
         if merger is not None:
             merger.gumbel_tau = tau
-        batch = collate(self.backbone.processor, self.data.batch(self.step), label_eos=self.data.label_eos)
+        batch = self._to_device(collate(self.backbone.processor, self.data.batch(self.step),
+                                        label_eos=self.data.label_eos))
         need_hidden = cfg.loss.hidden_mse > 0 or self.parts.discriminator is not None
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
         with torch.no_grad(), handle.disabled():
             teacher = self.backbone.forward(**inputs, output_hidden_states=need_hidden)
-        student = self.backbone.forward(**inputs, answer_mask=batch["labels"] != -100, output_hidden_states=need_hidden)
+        student = self.backbone.forward(**inputs, answer_mask=after_first_answer(batch["labels"]),
+                                        output_hidden_states=need_hidden)
         step_losses = self._losses(batch, student, teacher, merger, pruners)
         self.optimizer.zero_grad(set_to_none=True)
         step_losses.total.backward()
@@ -227,23 +232,26 @@ class TwoStageTrainer:
     # --- validation ---------------------------------------------------------------------
     @torch.no_grad()
     def validate(self) -> float:
-        """Teacher-forced exact match of every answer token, heads and merger deterministic,
-        in ``soft`` mode with binary masks (equal to ``hard`` removal on the kept tokens)."""
+        """Teacher-forced accuracy over the answer tokens (for one-word answers: the answer
+        accuracy), merger and heads deterministic, in ``soft`` mode with binary masks (equal to
+        ``hard`` removal on the kept tokens)."""
         self.parts.eval()
         handle, _, _ = self.parts.attach(self.backbone, "soft", training=False)
         try:
-            examples, hits = self.data.validation(), []
+            examples, right, total = self.data.validation(), 0, 0
             for i in range(0, len(examples), 32):
-                batch = collate(self.backbone.processor, examples[i: i + 32], label_eos=self.data.label_eos)
+                batch = self._to_device(collate(self.backbone.processor, examples[i: i + 32],
+                                                label_eos=self.data.label_eos))
                 logits = self.backbone.forward(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                                               answer_mask=batch["labels"] != -100).logits
+                                               answer_mask=after_first_answer(batch["labels"])).logits
                 labels = batch["labels"][:, 1:]
-                right = (logits[:, :-1].argmax(-1) == labels) | (labels == -100)
-                hits += right.all(1).tolist()
+                scored = labels != -100
+                right += int((logits[:, :-1].argmax(-1) == labels)[scored].sum())
+                total += int(scored.sum())
         finally:
             handle.detach()
             self.parts.train()
-        return sum(hits) / len(hits)
+        return right / total
 
     # --- the loop -----------------------------------------------------------------------
     def run(self) -> Path:
@@ -287,6 +295,12 @@ class TwoStageTrainer:
             log.close()
         (self.out / DONE_FILE).write_text(json.dumps({"steps": self.step, "best_val_accuracy": self.best}) + "\n")
         return self.out
+
+
+def after_first_answer(labels: torch.Tensor) -> torch.Tensor:
+    """``(B, L)`` True from each row's first answer token on. In a teacher-forced sequence
+    every later token has seen an answer, so methods reading the question stop before it."""
+    return (labels != -100).cumsum(1) > 0
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -101,7 +101,7 @@ class DataConfig:
 
 @dataclass
 class ValidationConfig:
-    """Held-out accuracy in ``hard`` mode, used to keep the best checkpoint."""
+    """Held-out answer-token accuracy of the deterministic parts, used to keep the best checkpoint."""
 
     every: int = 100
     samples: int = 200
@@ -112,6 +112,7 @@ class RunConfig:
     checkpoint_every: int = 50
     seed: int = 0
     threads: int = 2
+    device: str = "cpu"  # or "cuda", "cuda:1": where the backbone and the parts run
 
 
 @dataclass
