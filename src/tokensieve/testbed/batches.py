@@ -9,6 +9,7 @@ import torch
 from transformers import LlavaProcessor
 
 from tokensieve.data.synthetic import COLOURS, SHAPES, SceneSpec, Sample, make_sample, patch_labels
+from tokensieve.testbed.mention_probe import batch_targets
 from tokensieve.testbed.processor import prompt
 
 # Tower-stage scenes come from a far index range so they never repeat LLM-stage scenes.
@@ -53,8 +54,21 @@ class TowerBatches(torch.utils.data.Dataset):
         }
 
 
+def shortened_runs(samples: list[Sample], rng: np.random.Generator, n_patches: int) -> list[torch.Tensor]:
+    """Per row: every object patch plus a random share (uniform in [0, 1)) of the background,
+    sorted. Training on such runs teaches the LLM lookups that survive token removal."""
+    keep = []
+    for s in samples:
+        background = np.setdiff1d(np.arange(n_patches), s.object_patches)
+        chosen = rng.choice(background, size=int(rng.random() * len(background)), replace=False)
+        keep.append(torch.from_numpy(np.sort(np.concatenate([np.array(s.object_patches), chosen]))).long())
+    return keep
+
+
 class QuestionBatches(torch.utils.data.Dataset):
-    """Batch ``i``: processor inputs and the answer token id of each question.
+    """Batch ``i``: processor inputs, the answer token id of each question, the mention lookups
+    (:func:`tokensieve.testbed.mention_probe.batch_targets`) and, for a ``short_run_share`` of
+    batches, the visual tokens each row keeps (``keep``; None: all).
 
     object_curriculum: ``(first_batch, min_objects, max_objects)`` rows, sorted; batch ``i``
     uses the last row whose ``first_batch <= i``.
@@ -62,9 +76,9 @@ class QuestionBatches(torch.utils.data.Dataset):
 
     def __init__(self, processor: LlavaProcessor, seed: int, batch_size: int,
                  family_weights: dict[str, float], object_curriculum: list[tuple[int, int, int]],
-                 spec: SceneSpec = SceneSpec()):
+                 spec: SceneSpec = SceneSpec(), short_run_share: float = 0.0):
         self.processor, self.seed, self.batch_size = processor, seed, batch_size
-        self.family_weights, self.spec = family_weights, spec
+        self.family_weights, self.spec, self.short_run_share = family_weights, spec, short_run_share
         self.curriculum = sorted(object_curriculum)
 
     def spec_at(self, i: int) -> SceneSpec:
@@ -81,5 +95,10 @@ class QuestionBatches(torch.utils.data.Dataset):
             for k in range(self.batch_size)
         ]
         batch = encode(self.processor, samples)
-        batch["answer_ids"] = torch.tensor(self.processor.tokenizer.convert_tokens_to_ids([s.answer for s in samples]))
+        tok = self.processor.tokenizer
+        batch["answer_ids"] = torch.tensor(tok.convert_tokens_to_ids([s.answer for s in samples]))
+        words = [tok.convert_ids_to_tokens(row) for row in batch["input_ids"].tolist()]
+        batch["mention_targets"] = batch_targets(samples, batch["input_ids"], words)
+        rng = np.random.default_rng([self.seed, i, 7])
+        batch["keep"] = shortened_runs(samples, rng, spec.n_patches) if rng.random() < self.short_run_share else None
         return batch

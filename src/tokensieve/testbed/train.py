@@ -3,7 +3,10 @@
 Stage 1 (``tower``): the CLIP vision tower alone learns per-patch colour, shape and position
 and, through its CLS token, which colour-shape pairs are present (so CLS attention lands on
 objects because presence needs them, not because attention was supervised).
-Stage 2 (``llm``): the tower is frozen; projector and LLM learn to answer questions.
+Stage 2 (``llm``): the tower is frozen; projector and LLM learn to answer questions, and
+every object the question mentions is looked up at its mention word (auxiliary heads,
+:mod:`tokensieve.testbed.mention_probe`); some batches see shortened image runs (objects and
+part of the background) so that lookups survive token removal.
 A resumable state is written atomically every ``checkpoint_every`` steps.
 """
 
@@ -23,8 +26,9 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from tokensieve.checkpoint import atomic_torch_save
 from tokensieve.errors import TokensieveError
-from tokensieve.data.synthetic import COLOURS, SHAPES, SPLIT_SEEDS, SceneSpec
+from tokensieve.data.synthetic import COLOURS, FAMILIES, SHAPES, SPLIT_SEEDS, SceneSpec
 from tokensieve.testbed.batches import QuestionBatches, TowerBatches
+from tokensieve.testbed.mention_probe import MentionProbe
 from tokensieve.testbed.model import TestbedSize, build_testbed_model
 from tokensieve.testbed.processor import build_processor
 
@@ -41,24 +45,39 @@ class TestbedTrainConfig:
     tower_batch: int = 64
     tower_lr: float = 2e-3
     tower_weight_decay: float = 0.01  # AdamW's default, as the shipped testbed was trained
-    llm_steps: int = 6000
+    llm_steps: int = 5000
     llm_batch: int = 32
     llm_lr: float = 2e-3
+    # The tower's features have norm ~40, so an Adam step on the projector's first layer moves
+    # its outputs ~40x more than on one-hot inputs; a lower rate keeps the readouts it starts from.
+    projector_lr: float = 1e-4
     llm_min_lr: float = 2e-4
     llm_weight_decay: float = 0.0
     warmup_steps: int = 200
     # Weighted towards the families that stall longest (count, exists, spatial).
-    family_weights: dict[str, float] = field(default_factory=lambda: {
-        "color_of_shape": 2.0, "shape_of_color": 2.0, "count": 3.0, "exists": 3.0, "spatial": 3.0})
-    # (first step, min objects, max objects). Straight on 3-5 objects the LLM stayed at the
-    # question-only prior for 2,500 steps; with 1-2 objects first, lookups formed in ~200.
-    object_curriculum: list[tuple[int, int, int]] = field(default_factory=lambda: [
-        (0, 1, 2), (800, 2, 4), (2000, 3, 5)])
+    family_weights: dict[str, float] = field(default_factory=lambda: {f: 1.0 for f in FAMILIES})
+    # (first step, min objects, max objects); with the mention lookups no curriculum is needed.
+    object_curriculum: list[tuple[int, int, int]] = field(default_factory=lambda: [(0, 3, 5)])
+    mention_layer: int = 2  # LLM hidden state (0 = embeddings) the mention lookups read
+    mention_weight: float = 1.0
+    short_run_share: float = 0.25  # share of batches with shortened image runs
     checkpoint_every: int = 200
     eval_every: int = 1000
     eval_samples: int = 400
     threads: int = 2
     size: TestbedSize = field(default_factory=TestbedSize)
+
+
+def init_projector_from_probe(projector: nn.Module, probe: "TowerProbe") -> None:
+    """Start the projector's first layer as the stage-1 per-patch readouts (colour, shape, row,
+    column logits in its first units): the LLM then starts from features it can look up in,
+    as LLaVA's projector-alignment stage gives it."""
+    heads = [probe.colour, probe.shape, probe.row, probe.col]
+    weight = torch.cat([h.weight for h in heads])
+    bias = torch.cat([h.bias for h in heads])
+    with torch.no_grad():
+        projector.linear_1.weight[: len(weight)] = weight
+        projector.linear_1.bias[: len(bias)] = bias
 
 
 class TowerProbe(nn.Module):
@@ -126,6 +145,7 @@ class _Run:
         self.processor = build_processor()
         self.model = _fresh_model(self.processor, cfg)
         self.probe = TowerProbe(cfg.size.vision_hidden, SceneSpec().grid)
+        self.mentions = MentionProbe(cfg.size.text_hidden, SceneSpec().grid)
         self.state = {"stage": "tower", "step": 0, "elapsed_s": 0.0}
         self.saved_optimizer = None
         self.state_path = out / STATE_FILE
@@ -135,6 +155,7 @@ class _Run:
                 saved = torch.load(self.state_path, weights_only=False)
                 self.model.load_state_dict(saved["model"])
                 self.probe.load_state_dict(saved["probe"])
+                self.mentions.load_state_dict(saved["mentions"])
             except Exception as err:  # any unreadable state means the same thing to the user
                 raise TokensieveError(f"cannot resume from {self.state_path}: {type(err).__name__}; "
                                       "delete it or pass --no-resume") from None
@@ -146,6 +167,7 @@ class _Run:
     def save(self, optimizer: torch.optim.Optimizer) -> None:
         self.state["elapsed_s"] = time.time() - self.started
         atomic_torch_save({"model": self.model.state_dict(), "probe": self.probe.state_dict(),
+                           "mentions": self.mentions.state_dict(),
                            "state": self.state, "optimizer": optimizer.state_dict(),
                            "config": asdict(self.cfg)}, self.state_path)
 
@@ -154,7 +176,7 @@ class _Run:
                                    "elapsed_s": round(time.time() - self.started, 1), **row}) + "\n")
         self.log.flush()
 
-    def optimizer(self, params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    def optimizer(self, params: list, lr: float, weight_decay: float) -> torch.optim.Optimizer:
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         if self.state["step"] > 0:  # mid-stage: continue exactly where the saved state stopped
             opt.load_state_dict(self.saved_optimizer)
@@ -186,17 +208,26 @@ class _Run:
         self.save(opt)
 
     def train_llm(self) -> None:
-        """Stage 2: tower frozen; projector + LLM learn to answer (loss on the answer token)."""
+        """Stage 2: tower frozen; projector + LLM learn to answer (loss on the answer token) and
+        to look up every mentioned object at its mention (auxiliary loss)."""
         from tokensieve.backbones import LlavaBackbone
         from tokensieve.testbed.evaluate import heldout_samples, predict, summarise
 
         cfg, model = self.cfg, self.model
         model.model.vision_tower.eval().requires_grad_(False)
-        trainable = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower")]
-        opt = self.optimizer(trainable, cfg.llm_lr, cfg.llm_weight_decay)
+        if self.state["step"] == 0:
+            init_projector_from_probe(model.model.multi_modal_projector, self.probe)
+        projector = list(model.model.multi_modal_projector.parameters())
+        rest = [p for n, p in model.named_parameters()
+                if not n.startswith(("model.vision_tower", "model.multi_modal_projector"))]
+        rest += list(self.mentions.parameters())
+        trainable = rest + projector
+        opt = self.optimizer([{"params": rest, "peak": cfg.llm_lr}, {"params": projector, "peak": cfg.projector_lr}],
+                             cfg.llm_lr, cfg.llm_weight_decay)
         heldout = heldout_samples(cfg.eval_samples)
         data = QuestionBatches(self.processor, SPLIT_SEEDS["train"], cfg.llm_batch, cfg.family_weights,
-                               cfg.object_curriculum)
+                               cfg.object_curriculum, short_run_share=cfg.short_run_share)
+        backbone = LlavaBackbone(model, self.processor)
         bar = tqdm(_batches(data, self.state["step"], cfg.llm_steps), total=cfg.llm_steps,
                    initial=self.state["step"], desc="stage 2: projector + LLM", unit="step")
         running = None
@@ -204,10 +235,13 @@ class _Run:
             model.model.language_model.train()
             model.model.multi_modal_projector.train()
             for group in opt.param_groups:
-                group["lr"] = lr_at(self.state["step"], cfg.llm_steps, cfg.llm_lr, cfg.llm_min_lr, cfg.warmup_steps)
-            answers = batch.pop("answer_ids")
-            logits = model(**batch, logits_to_keep=1).logits[:, -1]  # (B, vocab) after "ASSISTANT:"
-            loss = F.cross_entropy(logits, answers)
+                group["lr"] = lr_at(self.state["step"], cfg.llm_steps, group["peak"],
+                                    group["peak"] * cfg.llm_min_lr / cfg.llm_lr, cfg.warmup_steps)
+            answers, targets = batch.pop("answer_ids"), batch.pop("mention_targets")
+            out = backbone.forward(**batch, output_hidden_states=True)
+            logits = out.logits[:, -1]  # (B, vocab) after "ASSISTANT:"
+            mention_loss = self.mentions.loss(out.hidden_states[cfg.mention_layer], targets)
+            loss = F.cross_entropy(logits, answers) + cfg.mention_weight * mention_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -215,14 +249,15 @@ class _Run:
             self.state["step"] += 1
             acc = float((logits.argmax(-1) == answers).float().mean())
             running = acc if running is None else 0.98 * running + 0.02 * acc
-            bar.set_postfix(loss=f"{loss.item():.3f}", train_acc=f"{running:.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", mentions=f"{mention_loss.item():.3f}", train_acc=f"{running:.3f}")
             if self.state["step"] % 50 == 0:
-                self.record(loss=loss.item(), train_acc=running, lr=opt.param_groups[0]["lr"])
+                self.record(loss=loss.item(), mention_loss=mention_loss.item(), train_acc=running,
+                            lr=opt.param_groups[0]["lr"])
             if self.state["step"] % cfg.checkpoint_every == 0 or self.state["step"] == cfg.llm_steps:
                 self.save(opt)
             if self.state["step"] % cfg.eval_every == 0 or self.state["step"] == cfg.llm_steps:
                 model.eval()
-                result = summarise(heldout, predict(LlavaBackbone(model, self.processor), heldout))
+                result = summarise(heldout, predict(backbone, heldout))
                 self.record(heldout_accuracy=result["accuracy"], per_family=result["per_family"])
                 tqdm.write(f"step {self.state['step']}: held-out accuracy {result['accuracy']:.3f} "
                            f"{result['per_family']}")
