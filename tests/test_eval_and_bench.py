@@ -77,3 +77,27 @@ def test_eval_bad_input_is_one_line(tiny_llava_dir, capsys, args, needle):
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1] == f"tokensieve: error: {err.split('tokensieve: error: ')[1].strip()}"
     assert needle in err.strip().splitlines()[-1]
+
+
+def test_the_object_oracle_takes_one_token_per_object_before_a_second():
+    from tokensieve.data.synthetic import make_sample
+    from tokensieve.testbed.evaluate import object_oracle
+
+    sample = make_sample(0, 3)
+    n = len(sample.objects)
+    firsts = {o.patch_indices(10)[0] for o in sample.objects}
+    assert set(object_oracle(n, 10)(sample).tolist()) == firsts
+    two = object_oracle(n + 1, 10)(sample).tolist()
+    assert len(two) == n + 1 and firsts < set(two)
+    assert object_oracle(100, 10)(sample).tolist() == list(sample.object_patches)  # objects only, never more
+
+
+def test_eval_adds_the_object_oracle_at_each_budget(tiny_llava_dir, capsys):
+    assert main(["eval", "--model", str(tiny_llava_dir), "--method", "random", "--keep", "4,64",
+                 "--oracle", "--samples", "10", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    oracle = [r for r in rows if r["method"] == "object_oracle"]
+    assert [r["keep"] for r in oracle] == ["4", "64"]
+    assert oracle[0]["visual_tokens_kept"] <= 4 and 4 < oracle[1]["visual_tokens_kept"] < 64
+    text = rows[0]["tokens_per_llm_layer"][0] - 64
+    assert oracle[1]["tokens_per_llm_layer"] == [text + oracle[1]["visual_tokens_kept"]] * 3

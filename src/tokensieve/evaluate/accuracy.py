@@ -9,8 +9,9 @@ from tqdm import tqdm
 from tokensieve.attach import Handle, attach
 from tokensieve.backbones import LlavaBackbone
 from tokensieve.data.synthetic import Sample
-from tokensieve.evaluate.flops import prefill_flops, token_counts
-from tokensieve.testbed.evaluate import heldout_samples, predict, scene_spec_for, summarise
+from tokensieve.evaluate.flops import TokenCounts, prefill_flops, token_counts
+from tokensieve.method import Budget
+from tokensieve.testbed.evaluate import heldout_samples, object_oracle, predict, scene_spec_for, summarise
 from tokensieve.testbed.processor import prompt
 
 FLOPS_STAGES = ("vision", "projector", "llm", "lm_head", "total")
@@ -33,13 +34,15 @@ def cost_fields(backbone: LlavaBackbone, text_tokens: int, handle: Handle | None
 
 def compare_methods(backbone: LlavaBackbone, methods: list[str], keeps: list[str], mode: str = "hard",
                     site: str | None = None, n_samples: int = 500, batch_size: int = 64,
-                    progress: bool = True, pruner=None) -> list[dict]:
+                    progress: bool = True, pruner=None, oracle: bool = False) -> list[dict]:
     """Rows ``{method, site, keep, visual_tokens_kept, accuracy, per_family, flops, flops_ratio,
     tokens_per_llm_layer}``; the first row is the unpruned model (``method`` ``"none"``),
     measured on the same held-out samples. FLOPs are for one prefill of the median prompt.
 
     pruner: optional trained :class:`tokensieve.train.parts.PrunerParts`, evaluated at each
     budget (tokens entering the LLM; its heads then keep their trained shares) as ``two_stage``.
+    oracle: add the object oracle at each budget (``object_oracle``: tokens on objects only,
+    one per object before a second; fewer than the budget when the objects cover fewer).
     """
     for name in methods:  # names, sites, budgets and parameters are checked before any model work
         for keep in keeps:
@@ -70,4 +73,21 @@ def compare_methods(backbone: LlavaBackbone, methods: list[str], keeps: list[str
         rows.append({"method": name, "site": stage.site, "keep": keep if keep is not None else "trained",
                      "visual_tokens_kept": handle.last_counts[str(stage)][1], **result, **cost,
                      "flops_ratio": round(cost["flops"]["total"] / baseline["flops"]["total"], 4)})
+    for keep in keeps if oracle else []:
+        rows.append(_oracle_row(backbone, samples, keep, text_tokens, baseline, batch_size))
     return rows
+
+
+def _oracle_row(backbone: LlavaBackbone, samples: list[Sample], keep: str, text_tokens: int, baseline: dict,
+                batch_size: int) -> dict:
+    """The object oracle's row: chosen between the projector and the LLM, like a projector-site method."""
+    count = Budget.parse(keep).resolve(backbone.n_patches, "the object oracle")
+    choose = object_oracle(count, scene_spec_for(backbone).grid)
+    result = summarise(samples, predict(backbone, samples, choose, batch_size))
+    kept = round(statistics.mean(len(choose(s)) for s in samples))
+    full = token_counts(backbone, text_tokens)
+    counts = TokenCounts(full.vision_tokens, full.projector_tokens, [text_tokens + kept] * len(full.llm_tokens))
+    flops = prefill_flops(backbone.config, *counts)
+    return {"method": "object_oracle", "site": "projector", "keep": keep, "visual_tokens_kept": kept, **result,
+            "flops": {k: flops[k] for k in FLOPS_STAGES}, "tokens_per_llm_layer": counts.llm_tokens,
+            "flops_ratio": round(flops["total"] / baseline["flops"]["total"], 4)}

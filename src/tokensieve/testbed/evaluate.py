@@ -99,6 +99,18 @@ def object_keep(sample: Sample) -> torch.Tensor:
     return torch.tensor(sample.object_patches)
 
 
+def object_oracle(count: int, grid: int) -> KeepFn:
+    """The object oracle at a budget of ``count`` tokens: tokens on objects only, one per object
+    before a second (each object's 4 patches taken in turn), at most ``count``, sorted."""
+
+    def keep(sample: Sample) -> torch.Tensor:
+        per_object = [o.patch_indices(grid) for o in sample.objects]
+        order = [patches[rank] for rank in range(4) for patches in per_object]
+        return torch.tensor(sorted(order[:count]))
+
+    return keep
+
+
 def cls_attention_object_ratio(attention: torch.Tensor, samples: list[Sample]) -> float:
     """Mean over samples of (CLS attention share on object patches) / (object patches' share).
 
