@@ -101,3 +101,45 @@ def test_eval_adds_the_object_oracle_at_each_budget(tiny_llava_dir, capsys):
     assert oracle[0]["visual_tokens_kept"] <= 4 and 4 < oracle[1]["visual_tokens_kept"] < 64
     text = rows[0]["tokens_per_llm_layer"][0] - 64
     assert oracle[1]["tokens_per_llm_layer"] == [text + oracle[1]["visual_tokens_kept"]] * 3
+
+
+def test_an_interrupted_eval_resumes_from_its_sample_lines(tiny_llava_dir, tmp_path, capsys, monkeypatch):
+    import tokensieve.evaluate.accuracy as accuracy
+
+    args = ["eval", "--model", str(tiny_llava_dir), "--method", "random,fastv", "--keep", "8",
+            "--samples", "10", "--batch-size", "4", "--json"]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    whole = json.loads(capsys.readouterr().out)
+
+    real_predict, calls = accuracy.predict, {"n": 0}
+
+    def interrupted(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:  # the baseline's 3 batches, then random's first, then stop
+            raise KeyboardInterrupt
+        return real_predict(*a, **k)
+
+    monkeypatch.setattr(accuracy, "predict", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main([*args, "--out", str(tmp_path / "resumed")])
+    lines = (tmp_path / "resumed" / "samples.jsonl").read_text().splitlines()
+    assert len(lines) == 1 + 10 + 4
+    monkeypatch.setattr(accuracy, "predict", real_predict)
+    with open(tmp_path / "resumed" / "samples.jsonl", "a") as f:
+        f.write('{"run": "random@projector:8", "ind')  # a line cut short by the interruption
+    assert main([*args, "--out", str(tmp_path / "resumed")]) == 0
+    resumed = json.loads(capsys.readouterr().out)
+    assert resumed == whole
+    records = [json.loads(line) for line in (tmp_path / "resumed" / "samples.jsonl").read_text().splitlines()[1:]]
+    assert len(records) == 30
+    for row in resumed:
+        run = "none" if row["method"] == "none" else f"{row['method']}@{row['site']}:{row['keep']}"
+        mine = [r["correct"] for r in records if r["run"] == run]
+        assert len(mine) == 10 and row["accuracy"] == round(sum(mine) / len(mine), 4)
+
+
+def test_an_eval_folder_from_other_settings_is_refused(tiny_llava_dir, tmp_path, capsys):
+    base = ["eval", "--model", str(tiny_llava_dir), "--method", "random", "--keep", "8", "--out", str(tmp_path)]
+    assert main([*base, "--samples", "4"]) == 0
+    assert main([*base, "--samples", "6"]) == 2
+    assert "other settings (samples)" in capsys.readouterr().err

@@ -110,8 +110,16 @@ def _eval(args: argparse.Namespace) -> None:
         from tokensieve.train.parts import load_parts
 
         pruner = load_parts(args.pruner, backbone)
+    log = None
+    if args.out:
+        from tokensieve.evaluate.sample_log import SampleLog
+
+        log = SampleLog(args.out, {"model": str(args.model or "shipped testbed"), "mode": args.mode,
+                                   "samples": args.samples, "site": args.site,
+                                   "pruner": None if args.pruner is None else str(args.pruner)})
     rows = compare_methods(backbone, methods, keeps, mode=args.mode, site=args.site, n_samples=args.samples,
-                           batch_size=args.batch_size, progress=not args.json, pruner=pruner, oracle=args.oracle)
+                           batch_size=args.batch_size, progress=not args.json, pruner=pruner, oracle=args.oracle,
+                           log=log)
     if args.out:
         meta = {"model": str(args.model or "shipped testbed"), "mode": args.mode, "samples": args.samples,
                 "text_tokens_for_flops": rows[0]["tokens_per_llm_layer"][0] - backbone.n_visual_tokens,
@@ -190,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=_positive_int, default=64)
     ev.add_argument("--json", action="store_true", help="print the rows as JSON")
     ev.add_argument("--out", type=Path, default=None,
-                    help="folder for report.json, report.md and plots (accuracy vs tokens, tokens per layer)")
+                    help="folder for report.json, report.md, plots (accuracy vs tokens, tokens per layer) and "
+                         "samples.jsonl (one line per scored sample; rerun the same command to resume)")
     ev.set_defaults(func=_eval)
 
     train = sub.add_parser("train", help="train the two-stage pruner (merger + layer heads) on a frozen backbone")
