@@ -16,4 +16,7 @@ def test_shipped_testbed_beats_the_question_only_prior():
     guess = question_only_predictor(3000)
     prior = summarise(samples, [guess(s) for s in samples])["accuracy"]
     result = summarise(samples, predict(backbone, samples))
-    assert result["accuracy"] >= prior + 0.08, (result, prior)
+    assert result["accuracy"] >= prior + 0.4, (result, prior)
+    # The four families the shipped model has learned (spatial has not; see docs/testbed.md).
+    for family in ("color_of_shape", "shape_of_color", "count", "exists"):
+        assert result["per_family"][family] >= 0.95, result
