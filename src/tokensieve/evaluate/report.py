@@ -113,6 +113,13 @@ def _methods(rows: list[dict]) -> dict[str, list[dict]]:
     return groups
 
 
+def _colour(i: int):
+    """Method ``i``'s colour: tab20 keeps 11+ methods apart (the default cycle repeats after 10)."""
+    import matplotlib
+
+    return matplotlib.colormaps["tab20"](i % 20)
+
+
 def plot_accuracy_vs_tokens(rows: list[dict], path: Path) -> None:
     """Accuracy against visual tokens kept, one line per method, the baseline as a dashed reference."""
     fig = Figure(figsize=(8, 5))
@@ -120,9 +127,10 @@ def plot_accuracy_vs_tokens(rows: list[dict], path: Path) -> None:
     base = rows[0]
     ax.axhline(base["accuracy"], color="black", linestyle="--", linewidth=1,
                label=f"no pruning ({base['visual_tokens_kept']} tokens): {base['accuracy']:.3f}")
-    for method, group in _methods(rows).items():
+    for i, (method, group) in enumerate(_methods(rows).items()):
         group = sorted(group, key=lambda r: r["visual_tokens_kept"])
-        ax.plot([r["visual_tokens_kept"] for r in group], [r["accuracy"] for r in group], marker="o", label=method)
+        ax.plot([r["visual_tokens_kept"] for r in group], [r["accuracy"] for r in group], marker="os^Dv"[i % 5],
+                color=_colour(i), label=method)
     ax.set_xlabel("visual tokens kept")
     ax.set_ylabel("accuracy")
     ax.set_title("Accuracy vs visual tokens kept")
@@ -148,7 +156,7 @@ def plot_tokens_per_layer(rows: list[dict], path: Path) -> None:
     for colour, group in enumerate(_methods(rows).values()):
         for i, row in enumerate(group):
             counts = row["tokens_per_llm_layer"]
-            ax.stairs(counts, _layer_edges(counts), baseline=None, color=f"C{colour}",
+            ax.stairs(counts, _layer_edges(counts), baseline=None, color=_colour(colour),
                       linestyle=styles[i % len(styles)], linewidth=1.5, label=row_label(row))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("LLM decoder layer")
