@@ -107,7 +107,7 @@ def test_an_interrupted_eval_resumes_from_its_sample_lines(tiny_llava_dir, tmp_p
     import tokensieve.evaluate.accuracy as accuracy
 
     args = ["eval", "--model", str(tiny_llava_dir), "--method", "random,fastv", "--keep", "8",
-            "--samples", "10", "--batch-size", "4", "--json"]
+            "--samples", "10", "--batch-size", "4", "--timing-samples", "0", "--json"]  # timings differ per run
     assert main([*args, "--out", str(tmp_path / "whole")]) == 0
     whole = json.loads(capsys.readouterr().out)
 
@@ -143,3 +143,15 @@ def test_an_eval_folder_from_other_settings_is_refused(tiny_llava_dir, tmp_path,
     assert main([*base, "--samples", "4"]) == 0
     assert main([*base, "--samples", "6"]) == 2
     assert "other settings (samples)" in capsys.readouterr().err
+
+
+def test_every_row_has_measured_latency_and_its_kv_cache(tiny_llava_dir, capsys):
+    assert main(["eval", "--model", str(tiny_llava_dir), "--method", "random", "--keep", "8", "--oracle",
+                 "--samples", "6", "--timing-samples", "2", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    config = LlavaConfig.from_pretrained(tiny_llava_dir).text_config
+    per_token = 2 * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 2
+    for row in rows:
+        assert row["ttft_ms"] > 0 and row["decode_ms_per_token"] >= 0 and row["peak_memory_mb"] is None  # CPU
+        assert row["kv_cache_bytes"] == per_token * sum(row["tokens_per_llm_layer"])
+    assert rows[1]["kv_cache_bytes"] < rows[0]["kv_cache_bytes"]

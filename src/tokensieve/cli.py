@@ -119,7 +119,7 @@ def _eval(args: argparse.Namespace) -> None:
                                    "pruner": None if args.pruner is None else str(args.pruner)})
     rows = compare_methods(backbone, methods, keeps, mode=args.mode, site=args.site, n_samples=args.samples,
                            batch_size=args.batch_size, progress=not args.json, pruner=pruner, oracle=args.oracle,
-                           log=log)
+                           log=log, timing_samples=args.timing_samples)
     if args.out:
         meta = {"model": str(args.model or "shipped testbed"), "mode": args.mode, "samples": args.samples,
                 "text_tokens_for_flops": rows[0]["tokens_per_llm_layer"][0] - backbone.n_visual_tokens,
@@ -190,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--keep", default=None, help="comma-separated budgets: ratios (0.33) or counts (64); for "
                     "--pruner, the tokens entering the LLM (default: as trained)")
     ev.add_argument("--pruner", type=Path, default=None, help="a trained two-stage pruner run folder")
+    ev.add_argument("--timing-samples", type=int, default=8,
+                    help="samples timed one at a time for TTFT and decode latency per row (0: no timing)")
     ev.add_argument("--oracle", action="store_true",
                     help="add the object oracle at each budget (synthetic set: tokens on objects only)")
     ev.add_argument("--site", default=None, help="where to reduce (default: each method's own site)")

@@ -73,12 +73,18 @@ def families(rows: list[dict]) -> list[str]:
     return list(names)
 
 
+def _number(value: float | None, digits: int = 2) -> str:
+    return MISSING if value is None else f"{value:.{digits}f}"
+
+
 def render_markdown(rows: list[dict], meta: dict) -> str:
     """The Markdown report: meta, main table, per-family table and the two plots."""
     base = rows[0]["accuracy"]
     main = [[r["method"], r["site"] or MISSING, r["keep"], r["visual_tokens_kept"], f"{r['accuracy']:.3f}",
              MISSING if i == 0 else format_change(r["accuracy"], base), format_gflops(r["flops"]["total"]),
-             f"{r['flops_ratio']:.3f}"] for i, r in enumerate(rows)]
+             f"{r['flops_ratio']:.3f}", _number(r.get("ttft_ms")), _number(r.get("decode_ms_per_token")),
+             _number(None if r.get("kv_cache_bytes") is None else r["kv_cache_bytes"] / 1024, 1)]
+            for i, r in enumerate(rows)]
     names = families(rows)
     per_family = [[r["method"], r["site"] or MISSING, r["keep"],
                    *(f"{r['per_family'][f]:.3f}" if f in r["per_family"] else MISSING for f in names)] for r in rows]
@@ -87,10 +93,12 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
         *(f"- **{key}**: {value}" for key, value in meta.items()), "",
         "## Accuracy and prefill cost", "",
         markdown_table(["method", "site", "keep", "visual tokens kept", "accuracy", "change vs baseline",
-                        "prefill GFLOPs", "FLOPs ratio"], main), "",
+                        "prefill GFLOPs", "FLOPs ratio", "TTFT ms", "decode ms/token", "KV cache KiB"], main), "",
         "Change vs baseline: accuracy minus the unpruned model's accuracy. Prefill GFLOPs: analytic FLOPs of one "
         "prefill of one sequence (vision tower, projector, LLM, LM head); FLOPs ratio: that total over the "
-        "baseline's.", "",
+        "baseline's. TTFT (time to first token, image encoding and pruning included) and decode time per further "
+        "token: measured medians over a few samples, one at a time, on this machine. KV cache: bf16 keys and "
+        "values after one prefill, from the tokens each layer keeps.", "",
         "## Accuracy per question family", "",
         markdown_table(["method", "site", "keep", *names], per_family), "",
         "## Plots", "",
