@@ -76,6 +76,13 @@ def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def _demo(args: argparse.Namespace) -> None:
+    from tokensieve.demo import run_demo
+
+    out = run_demo(args.out, args.set, samples=args.samples, budgets=tuple(_csv(args.keep)))
+    print(f"demo report: {out / 'report' / 'report.md'} (plots beside it; the trained pruner in {out / 'pruner'})")
+
+
 def _train(args: argparse.Namespace) -> None:
     from tokensieve.config import load_config
     from tokensieve.train.trainer import train_two_stage
@@ -203,6 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="folder for report.json, report.md, plots (accuracy vs tokens, tokens per layer) and "
                          "samples.jsonl (one line per scored sample; rerun the same command to resume)")
     ev.set_defaults(func=_eval)
+
+    demo = sub.add_parser("demo", help="train the two-stage pruner on the testbed, compare it with every method "
+                                       "at 33/22/11%% in hard mode, write the report (about 4 minutes)")
+    demo.add_argument("--out", type=Path, default=None, help="folder (default: a new tokensieve-demo-<date> folder)")
+    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a key of the packaged two_stage_testbed.yaml (repeatable)")
+    demo.add_argument("--samples", type=_positive_int, default=500, help="held-out samples")
+    demo.add_argument("--keep", default="0.33,0.22,0.11", help="budgets (default: LLaVA's 192/128/64 of 576)")
+    demo.set_defaults(func=_demo)
 
     train = sub.add_parser("train", help="train the two-stage pruner (merger + layer heads) on a frozen backbone")
     train.add_argument("config", type=Path, help="YAML config (e.g. configs/two_stage_testbed.yaml)")

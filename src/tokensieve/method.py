@@ -140,8 +140,8 @@ class Method:
     """Base of every reduction method. Subclasses are dataclasses of their parameters.
 
     Class attributes: ``name`` (registry key), ``paper`` (citation), ``stages`` (where it may
-    act: any of ``vision``, ``projector``, ``llm``), ``default_site`` and ``signals`` (what it
-    asks the backbone for).
+    act: any of ``vision``, ``projector``, ``llm``), ``default_site``, ``signals`` (what it
+    asks the backbone for) and ``trained`` (its weights come from ``tokensieve train``).
     """
 
     name: ClassVar[str]
@@ -149,6 +149,7 @@ class Method:
     stages: ClassVar[tuple[str, ...]] = ("vision", "projector", "llm")
     default_site: ClassVar[str] = "projector"
     signals: ClassVar[tuple[str, ...]] = ()
+    trained: ClassVar[bool] = False  # True for methods whose weights come from training (tokensieve train)
 
     def select(self, inputs: SiteInputs) -> Selection:
         """Choose ``inputs.keep`` of the ``N`` tokens of every row."""

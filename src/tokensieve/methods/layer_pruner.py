@@ -29,6 +29,7 @@ class LearnedLayerPruner(Method):
     """
 
     name = "layer_pruner"
+    trained = True
     paper = "tokensieve two-stage pruning (learned pruner heads; hard Gumbel-softmax keep masks)"
     stages = ("llm",)
     default_site = "llm.1"

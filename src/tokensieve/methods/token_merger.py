@@ -31,6 +31,7 @@ class LearnedTokenMerger(Method):
     """
 
     name = "token_merger"
+    trained = True
     paper = "tokensieve two-stage pruning (learned merger; Gumbel-top-k centres, soft assignment)"
     stages = ("projector",)
     default_site = "projector"

@@ -1,0 +1,34 @@
+"""``tokensieve demo`` end to end on a tiny model, in seconds (the real one takes minutes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokensieve.cli import main
+from tokensieve.config import load_config
+from tokensieve.demo import demo_config
+from tokensieve.evaluate.report import load_report
+from tokensieve.method import list_methods, method_class
+from tokensieve.train.two_stage_config import TwoStageConfig
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_the_demo_config_is_the_documented_one():
+    assert demo_config() == load_config(TwoStageConfig, REPO / "configs" / "two_stage_testbed.yaml")
+
+
+def test_demo_trains_compares_every_method_and_writes_the_report(tiny_llava_dir, tmp_path, capsys):
+    out = tmp_path / "demo"
+    # The tiny model has 64 tokens: 11% would leave fewer than the anchor rule's 10 anchors.
+    assert main(["demo", "--out", str(out), "--samples", "5", "--keep", "0.33,0.22,0.2", "--set", f"model={tiny_llava_dir}",
+                 "--set", "optim.steps=2", "--set", "optim.batch_size=2", "--set", "validation.samples=4",
+                 "--set", "pruner.d_internal=16", "--set", "merger.d_internal=16"]) == 0
+    assert str(out / "report" / "report.md") in capsys.readouterr().out
+    rows = load_report(out / "report")["rows"]
+    free = [name for name in list_methods() if not method_class(name).trained]
+    assert {r["method"] for r in rows} == {"none", "two_stage", "object_oracle", *free}
+    assert {r["keep"] for r in rows if r["method"] == "two_stage"} == {"0.33", "0.22", "0.2"}
+    for name in ("accuracy_vs_tokens.png", "tokens_per_layer.png", "samples.jsonl"):
+        assert (out / "report" / name).stat().st_size > 0
+    assert (out / "pruner" / "done.json").exists()
