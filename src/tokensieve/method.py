@@ -160,8 +160,10 @@ class Method:
         work with this method's parameters. Called when attaching, before any model work."""
 
     def config(self) -> dict[str, Any]:
-        """``{"name": ..., **parameters}``: enough to :func:`create_method` it again."""
-        return {"name": self.name, **dataclasses.asdict(self)}
+        """``{"name": ..., **parameters}``: enough to :func:`create_method` it again. Fields marked
+        ``metadata={"state": True}`` (trained modules, the last forward's outputs) are not parameters."""
+        return {"name": self.name, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                                      if not f.metadata.get("state")}}
 
 
 _REGISTRY: dict[str, type[Method]] = {}

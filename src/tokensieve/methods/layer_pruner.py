@@ -7,7 +7,6 @@ state to the question and gives keep/drop logits (:class:`tokensieve.learned.Lay
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -39,12 +38,8 @@ class LearnedLayerPruner(Method):
     init_keep_bias: float = 2.0
     tau: float = 1.0
     init_seed: int = 0
-    module: LayerPrunerHead | None = field(default=None, repr=False, compare=False)
-    last_logits: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
-
-    def config(self) -> dict[str, Any]:
-        return {"name": self.name, "d_internal": self.d_internal, "num_heads": self.num_heads,
-                "init_keep_bias": self.init_keep_bias, "tau": self.tau, "init_seed": self.init_seed}
+    module: LayerPrunerHead | None = field(default=None, repr=False, compare=False, metadata={"state": True})
+    last_logits: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False, metadata={"state": True})
 
     def build(self, d_model: int) -> LayerPrunerHead:
         """A fresh head for hidden states of width ``d_model`` (seeded, global RNG untouched)."""

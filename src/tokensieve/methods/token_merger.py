@@ -42,17 +42,12 @@ class LearnedTokenMerger(Method):
     assign_tau: float = 1.0
     gumbel_tau: float = 1.0
     init_seed: int = 0
-    module: TokenMerger | None = field(default=None, repr=False, compare=False)
-    last: Any = field(default=None, init=False, repr=False, compare=False)
+    module: TokenMerger | None = field(default=None, repr=False, compare=False, metadata={"state": True})
+    last: Any = field(default=None, init=False, repr=False, compare=False, metadata={"state": True})
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise TokensieveError(f"unknown merger variant {self.variant!r}; expected one of {', '.join(VARIANTS)}")
-
-    def config(self) -> dict[str, Any]:
-        return {"name": self.name, "variant": self.variant, "d_internal": self.d_internal,
-                "num_heads": self.num_heads, "assign_tau": self.assign_tau, "gumbel_tau": self.gumbel_tau,
-                "init_seed": self.init_seed}
 
     def build(self, d_vision: int, d_question: int | None) -> TokenMerger:
         """A fresh module for tokens of width ``d_vision`` (seeded, without touching the global RNG)."""

@@ -68,18 +68,6 @@ class TestbedTrainConfig:
     size: TestbedSize = field(default_factory=TestbedSize)
 
 
-def init_projector_from_probe(projector: nn.Module, probe: "TowerProbe") -> None:
-    """Start the projector's first layer as the stage-1 per-patch readouts (colour, shape, row,
-    column logits in its first units): the LLM then starts from features it can look up in,
-    as LLaVA's projector-alignment stage gives it."""
-    heads = [probe.colour, probe.shape, probe.row, probe.col]
-    weight = torch.cat([h.weight for h in heads])
-    bias = torch.cat([h.bias for h in heads])
-    with torch.no_grad():
-        projector.linear_1.weight[: len(weight)] = weight
-        projector.linear_1.bias[: len(bias)] = bias
-
-
 class TowerProbe(nn.Module):
     """Stage-1 heads on the tower: per-patch colour/shape/row/column, CLS presence."""
 
@@ -110,6 +98,18 @@ class TowerProbe(nn.Module):
         stats = {k: float(v.detach()) for k, v in losses.items()}
         stats["patch_colour_acc"] = float((colour_logits.argmax(-1) == batch["colour_ids"]).float().mean())
         return sum(losses.values()), stats
+
+
+def init_projector_from_probe(projector: nn.Module, probe: TowerProbe) -> None:
+    """Start the projector's first layer as the stage-1 per-patch readouts (colour, shape, row,
+    column logits in its first units): the LLM then starts from features it can look up in,
+    as LLaVA's projector-alignment stage gives it."""
+    heads = [probe.colour, probe.shape, probe.row, probe.col]
+    weight = torch.cat([h.weight for h in heads])
+    bias = torch.cat([h.bias for h in heads])
+    with torch.no_grad():
+        projector.linear_1.weight[: len(weight)] = weight
+        projector.linear_1.bias[: len(bias)] = bias
 
 
 def lr_at(step: int, total: int, peak: float, floor: float, warmup: int) -> float:

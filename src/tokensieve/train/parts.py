@@ -13,8 +13,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from tokensieve.attach import Handle, attach
@@ -157,10 +157,8 @@ def load_parts(folder: str | Path, backbone) -> PrunerParts:
     cfg = load_config(TwoStageConfig, config)
     parts = PrunerParts(cfg, backbone)
     try:
-        state = load_file(weights)
-        from safetensors import safe_open
-
         with safe_open(weights, "pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
             saved_signature = json.loads((f.metadata() or {}).get("signature", "{}"))
     except (SafetensorError, OSError, ValueError) as err:
         raise TokensieveError(f"cannot read {weights}: {err}") from None
