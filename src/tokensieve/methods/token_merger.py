@@ -14,9 +14,8 @@ import torch
 
 from tokensieve.errors import TokensieveError
 from tokensieve.learned import TokenMerger
+from tokensieve.learned.token_merger import VARIANTS
 from tokensieve.method import Method, Selection, SiteInputs, register
-
-VARIANTS = ("simple", "question_aware")
 
 
 @register

@@ -145,7 +145,8 @@ class TwoStageTrainer:
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.cfg.run.device) for k, v in batch.items()}
 
-    def _losses(self, batch: dict, student, teacher, merger, pruners) -> StepLosses:
+    def _losses(self, batch: dict, text: torch.Tensor, student, teacher, merger, pruners) -> StepLosses:
+        """text: ``(B, L)`` the real non-image positions (hidden-state and discriminator losses)."""
         cfg, step, total = self.cfg, self.step, self.cfg.optim.steps
         w, labels = cfg.loss, batch["labels"]
         parts = {"task": losses.answer_cross_entropy(student.logits, labels)}
@@ -167,7 +168,6 @@ class TwoStageTrainer:
             p = torch.sigmoid(merger.last.logits)
             parts["merge_sparsity"] = losses.target_ratio_sparsity(p, torch.ones_like(p, dtype=torch.bool),
                                                                    self.parts.n_centres / n)
-        text = batch["attention_mask"].bool() & (batch["input_ids"] != self.backbone.image_token_id)
         if w.hidden_mse:
             parts["hidden_mse"] = losses.hidden_state_mse(student.hidden_states[-1], teacher.hidden_states[-1], text)
         weights = {"task": w.task, "distill": w.distill, "merge_sparsity": w.merge_sparsity, "hidden_mse": w.hidden_mse,
@@ -208,7 +208,8 @@ class TwoStageTrainer:
             teacher = self.backbone.forward(**inputs, output_hidden_states=need_hidden)
         student = self.backbone.forward(**inputs, answer_mask=after_first_answer(batch["labels"]),
                                         output_hidden_states=need_hidden)
-        step_losses = self._losses(batch, student, teacher, merger, pruners)
+        text = batch["attention_mask"].bool() & (batch["input_ids"] != self.backbone.image_token_id)
+        step_losses = self._losses(batch, text, student, teacher, merger, pruners)
         self.optimizer.zero_grad(set_to_none=True)
         step_losses.total.backward()
         row = {"loss": float(step_losses.total.detach()), **step_losses.parts, "tau": tau,
@@ -217,7 +218,6 @@ class TwoStageTrainer:
             disc = self.parts.discriminator
             for p in disc.parameters():
                 p.grad = None  # the adversarial term trains the pruners, not the discriminator
-            text = batch["attention_mask"].bool() & (batch["input_ids"] != self.backbone.image_token_id)
             row.update(self._discriminator_step(student, teacher, text))
         torch.nn.utils.clip_grad_norm_(self.parts.parameters(), cfg.optim.grad_clip)
         self.optimizer.step()
