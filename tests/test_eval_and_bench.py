@@ -126,7 +126,7 @@ def test_an_interrupted_eval_resumes_from_its_sample_lines(tiny_llava_dir, tmp_p
     assert len(lines) == 1 + 10 + 4
     monkeypatch.setattr(accuracy, "predict", real_predict)
     with open(tmp_path / "resumed" / "samples.jsonl", "a") as f:
-        f.write('{"run": "random@projector:8", "ind')  # a line cut short by the interruption
+        f.write('{"run": "random@projector:8", "i')  # a line cut short by the interruption
     assert main([*args, "--out", str(tmp_path / "resumed")]) == 0
     resumed = json.loads(capsys.readouterr().out)
     assert resumed == whole
@@ -134,7 +134,7 @@ def test_an_interrupted_eval_resumes_from_its_sample_lines(tiny_llava_dir, tmp_p
     assert len(records) == 30
     for row in resumed:
         run = "none" if row["method"] == "none" else f"{row['method']}@{row['site']}:{row['keep']}"
-        mine = [r["correct"] for r in records if r["run"] == run]
+        mine = [r["score"] for r in records if r["run"] == run]
         assert len(mine) == 10 and row["accuracy"] == round(sum(mine) / len(mine), 4)
 
 
@@ -142,7 +142,7 @@ def test_an_eval_folder_from_other_settings_is_refused(tiny_llava_dir, tmp_path,
     base = ["eval", "--model", str(tiny_llava_dir), "--method", "random", "--keep", "8", "--out", str(tmp_path)]
     assert main([*base, "--samples", "4"]) == 0
     assert main([*base, "--samples", "6"]) == 2
-    assert "other settings (samples)" in capsys.readouterr().err
+    assert "other settings (data)" in capsys.readouterr().err
 
 
 def test_every_row_has_measured_latency_and_its_kv_cache(tiny_llava_dir, capsys):

@@ -104,6 +104,42 @@ def test_cached_greedy_decoding_equals_recomputing(backbone, batch, name, site):
         torch.testing.assert_close(with_cache, without, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name,site", CASES)
+def test_kept_patches_are_recorded_alike_in_hard_and_soft_mode(backbone, batch, name, site):
+    kept = {}
+    for mode in ("hard", "soft"):
+        handle = attach(backbone, name, BUDGET, site=site, mode=mode)
+        try:
+            backbone.forward(**batch)
+        finally:
+            handle.detach()
+        (kept[mode],) = handle.last_kept.values()
+    assert torch.equal(kept["hard"], kept["soft"])
+    assert kept["hard"].shape == (batch["input_ids"].shape[0], BUDGET)
+    assert all(row.tolist() == sorted(set(row.tolist())) and 0 <= row.min() and row.max() < 64 for row in kept["hard"])
+
+
+def test_kept_patches_are_the_tokens_the_llm_receives(backbone, batch):
+    handle = attach(backbone, "random", BUDGET, site="projector")
+    try:
+        pruned = last_logits(backbone, batch)
+    finally:
+        handle.detach()
+    (kept,) = handle.last_kept.values()
+    assert torch.equal(pruned, backbone.forward(**batch, keep=list(kept), logits_to_keep=1).logits[:, -1])
+
+
+def test_kept_patches_of_later_stages_are_among_the_earlier_ones(backbone, batch):
+    handle = attach(backbone, [("random", "vision.1", 48), ("random", "projector", 32), ("fastv", "llm.1", 8)])
+    try:
+        backbone.forward(**batch)
+    finally:
+        handle.detach()
+    tower, projector, llm = handle.last_kept.values()
+    for a, b, c in zip(tower.tolist(), projector.tolist(), llm.tolist()):
+        assert set(c) < set(b) < set(a) and (len(a), len(b), len(c)) == (48, 32, 8)
+
+
 def test_disabled_runs_the_unpruned_model(backbone, batch):
     plain = last_logits(backbone, batch)
     handle = attach(backbone, "random", BUDGET, site="llm.1")

@@ -142,3 +142,15 @@ def test_unserialisable_meta_raises_before_writing(rows, tmp_path):
 def test_load_report_without_a_report_names_the_file(tmp_path):
     with pytest.raises(TokensieveError, match="report.json does not exist"):
         load_report(tmp_path)
+
+
+def test_highlight_keeps_the_kept_patches_and_dims_the_rest():
+    import numpy as np
+
+    from tokensieve.evaluate.kept_overlays import DIM, highlight
+
+    image = np.full((6, 6, 3), 200, np.uint8)  # a 3 x 3 grid of 2-pixel patches
+    shown = highlight(image, [-1, 0, 5], grid=3)  # CLS (-1) has no square
+    bright = np.zeros((3, 3), bool)
+    bright[0, 0] = bright[1, 2] = True
+    assert (shown[::2, ::2, 0] == np.where(bright, 200, int(200 * DIM))).all()

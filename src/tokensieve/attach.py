@@ -37,6 +37,8 @@ class Handle:
     last_counts: visual tokens before and after each stage in the latest forward pass,
     ``{str(stage): (before, after)}``.
     scoring_seconds: time spent choosing tokens (signals + selection) since it was last reset.
+    last_kept: the tokens each stage kept in the latest forward pass, ``{str(stage): (B, keep)}``
+    indices of the image patches behind them (-1: the CLS token), for pictures of what was kept.
     """
 
     stages: list[Stage]
@@ -45,6 +47,7 @@ class Handle:
     enabled: bool = True
     last_counts: dict[str, tuple[int, int]] = field(default_factory=dict)
     scoring_seconds: float = 0.0
+    last_kept: dict = field(default_factory=dict)
 
     def detach(self) -> None:
         """Remove every hook; the model is exactly as it was before :func:`attach`."""

@@ -109,9 +109,20 @@ def _eval(args: argparse.Namespace) -> None:
         create_method(name)
     for keep in keeps:
         Budget.parse(keep)
+    real = any(v is not None for v in (args.questions, args.images, args.answers, args.dataset, args.spec))
+    if real:
+        from tokensieve.evaluate.eval_data import REAL_ANSWER_TOKENS, file_data
+
+        data = file_data(args.questions, args.images, args.answers, args.dataset, args.spec, limit=args.samples,
+                         max_new_tokens=args.max_new_tokens or REAL_ANSWER_TOKENS)
     backbone = LlavaBackbone.from_pretrained(args.model)
     if backbone.processor is None:
         raise TokensieveError(f"{args.model} has no processor files; the evaluation needs one")
+    if not real:
+        from tokensieve.evaluate.eval_data import synthetic_data
+
+        data = synthetic_data(backbone, args.samples or 500)
+        data.max_new_tokens = args.max_new_tokens or data.max_new_tokens
     pruner = None
     if args.pruner is not None:
         from tokensieve.train.parts import load_parts
@@ -122,17 +133,22 @@ def _eval(args: argparse.Namespace) -> None:
         from tokensieve.evaluate.sample_log import SampleLog
 
         log = SampleLog(args.out, {"model": str(args.model or "shipped testbed"), "mode": args.mode,
-                                   "samples": args.samples, "site": args.site,
+                                   "data": data.name, "max_new_tokens": data.max_new_tokens, "site": args.site,
                                    "pruner": None if args.pruner is None else str(args.pruner)})
-    rows = compare_methods(backbone, methods, keeps, mode=args.mode, site=args.site, n_samples=args.samples,
+    rows = compare_methods(backbone, data, methods, keeps, mode=args.mode, site=args.site,
                            batch_size=args.batch_size, progress=not args.json, pruner=pruner, oracle=args.oracle,
-                           log=log, timing_samples=args.timing_samples)
+                           log=log, timing_samples=args.timing_samples,
+                           kept_examples=args.kept_examples if args.out else 0)
     if args.out:
-        meta = {"model": str(args.model or "shipped testbed"), "mode": args.mode, "samples": args.samples,
+        from tokensieve.evaluate.kept_overlays import model_views
+
+        meta = {"model": str(args.model or "shipped testbed"), "mode": args.mode, "data": data.name,
+                "items": len(data.items), "max_new_tokens": data.max_new_tokens,
                 "text_tokens_for_flops": rows[0]["tokens_per_llm_layer"][0] - backbone.n_visual_tokens,
                 "command": args.command_line, "tokensieve_version": __version__,
                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        paths = write_report(rows, meta, args.out)
+        paths = write_report(rows, meta, args.out, model_views(backbone, data.items[:args.kept_examples]),
+                             backbone.patch_grid)
         print(f"report written to {paths['report.md']}", file=sys.stderr)
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -203,12 +219,26 @@ def build_parser() -> argparse.ArgumentParser:
                     help="add the object oracle at each budget (synthetic set: tokens on objects only)")
     ev.add_argument("--site", default=None, help="where to reduce (default: each method's own site)")
     ev.add_argument("--mode", default="hard", choices=["hard", "soft"])
-    ev.add_argument("--samples", type=_positive_int, default=500, help="held-out samples")
+    ev.add_argument("--samples", type=_positive_int, default=None,
+                    help="items scored (default: 500 synthetic held-out samples, or every item of a real set)")
+    ev.add_argument("--questions", type=Path, default=None,
+                    help="real VQA set, LLaVA layout: question JSONL (question_id, image, text[, category])")
+    ev.add_argument("--images", type=Path, default=None, help="real VQA set: the folder the questions' images are in")
+    ev.add_argument("--answers", type=Path, default=None,
+                    help="real VQA set: answers JSONL (question_id, answer or answers)")
+    ev.add_argument("--dataset", type=Path, default=None,
+                    help="real VQA set: a Hugging Face dataset saved to disk, or parquet (with --spec)")
+    ev.add_argument("--spec", type=Path, default=None,
+                    help="YAML mapping image/question/answers[/question_id/family/split] to the dataset's columns")
+    ev.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                    help="answer length: 1 scores the first token (synthetic default), more generates (real: 16)")
     ev.add_argument("--batch-size", type=_positive_int, default=64)
     ev.add_argument("--json", action="store_true", help="print the rows as JSON")
+    ev.add_argument("--kept-examples", type=int, default=3,
+                    help="with --out: samples pictured with the tokens every row kept (0: no pictures)")
     ev.add_argument("--out", type=Path, default=None,
-                    help="folder for report.json, report.md, plots (accuracy vs tokens, tokens per layer) and "
-                         "samples.jsonl (one line per scored sample; rerun the same command to resume)")
+                    help="folder for report.json, report.md, plots (accuracy vs tokens, tokens per layer, kept "
+                         "tokens) and samples.jsonl (one line per scored item; rerun the same command to resume)")
     ev.set_defaults(func=_eval)
 
     demo = sub.add_parser("demo", help="train the two-stage pruner on the testbed, compare it with every method "

@@ -15,6 +15,8 @@ from tokensieve import __version__
 from tokensieve.backbones import LlavaBackbone
 from tokensieve.config import load_config
 from tokensieve.evaluate.accuracy import compare_methods
+from tokensieve.evaluate.eval_data import synthetic_data
+from tokensieve.evaluate.kept_overlays import model_views
 from tokensieve.evaluate.report import write_report
 from tokensieve.evaluate.sample_log import SampleLog
 from tokensieve.method import list_methods, method_class
@@ -37,7 +39,8 @@ def demo_config(overrides: list[str] = ()) -> TwoStageConfig:
 
 
 def run_demo(out: str | Path | None = None, overrides: list[str] = (), samples: int = 500,
-             budgets: tuple[str, ...] = BUDGETS, timing_samples: int = 8, progress: bool = True) -> Path:
+             budgets: tuple[str, ...] = BUDGETS, timing_samples: int = 8, kept_examples: int = 3,
+             progress: bool = True) -> Path:
     """Train, evaluate and report into ``out`` (default: a new dated folder); returns ``out``.
 
     ``out/pruner`` holds the training run, ``out/report`` the report (resumable: rerun the same
@@ -49,13 +52,16 @@ def run_demo(out: str | Path | None = None, overrides: list[str] = (), samples: 
     train_two_stage(cfg, run, resume=True, progress=progress)
     backbone = LlavaBackbone.from_pretrained(cfg.model)
     methods = [name for name in list_methods() if not method_class(name).trained]
+    data = synthetic_data(backbone, samples)
     log = SampleLog(out / "report", {"model": str(cfg.model or "shipped testbed"), "mode": "hard",
-                                     "samples": samples, "site": None, "pruner": str(run)})
-    rows = compare_methods(backbone, methods, list(budgets), mode="hard", n_samples=samples, progress=progress,
-                           pruner=load_parts(run, backbone), oracle=True, log=log, timing_samples=timing_samples)
-    meta = {"model": str(cfg.model or "shipped testbed"), "mode": "hard", "samples": samples,
+                                     "data": data.name, "max_new_tokens": data.max_new_tokens, "site": None,
+                                     "pruner": str(run)})
+    rows = compare_methods(backbone, data, methods, list(budgets), mode="hard", progress=progress,
+                           pruner=load_parts(run, backbone), oracle=True, log=log, timing_samples=timing_samples,
+                           kept_examples=kept_examples)
+    meta = {"model": str(cfg.model or "shipped testbed"), "mode": "hard", "data": data.name,
             "text_tokens_for_flops": rows[0]["tokens_per_llm_layer"][0] - backbone.n_visual_tokens,
             "pruner": str(run), "command": "tokensieve demo", "tokensieve_version": __version__,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    write_report(rows, meta, out / "report")
+    write_report(rows, meta, out / "report", model_views(backbone, data.items[:kept_examples]), backbone.patch_grid)
     return out

@@ -172,9 +172,14 @@ class LlavaBackbone:
         return self.config.vision_feature_select_strategy == "full"
 
     @property
-    def n_patches(self) -> int:
+    def patch_grid(self) -> int:
+        """Patches per side of the (square) image: patch ``p`` is at row ``p // grid``, column ``p % grid``."""
         vc = self.config.vision_config
-        return (vc.image_size // vc.patch_size) ** 2
+        return vc.image_size // vc.patch_size
+
+    @property
+    def n_patches(self) -> int:
+        return self.patch_grid ** 2
 
     @property
     def n_visual_tokens(self) -> int:

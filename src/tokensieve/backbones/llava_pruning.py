@@ -157,6 +157,7 @@ class LlavaPruningSession:
         """Reset before a vision-tower pass."""
         self.vision_bias: torch.Tensor | None = None  # (B, 1, 1, 1 + N) soft key bias in the tower
         self.patch_alive: torch.Tensor | None = None  # (B, n) patch indices not yet soft-dropped
+        self.tower_origin: torch.Tensor | None = None  # hard: (B, n) patch index of each remaining tower token
 
     def begin_llm_pass(self, image_start: torch.Tensor | None, image_count: int, length: int) -> None:
         """Called by the adapter once the LLM input is assembled."""
@@ -167,9 +168,22 @@ class LlavaPruningSession:
             if self.bb.keeps_cls:
                 alive = torch.cat([alive.new_zeros(alive.shape[0], 1), alive], 1)
             self.image_alive = alive
+        self.run_origin = None if image_start is None else self._run_origin(image_start.shape[0], image_count)
         self.gathers: list[tuple[int, torch.Tensor]] = []  # hard: (layer, (B, L') into the L columns)
         self.biases: list[tuple[int, torch.Tensor]] = []  # soft: (layer, (B, L) additive key bias)
         self._adjusted: dict = {}  # (gathers, biases, decoding) -> (original kwargs, adjusted kwargs)
+
+    def _run_origin(self, b: int, image_count: int) -> torch.Tensor:
+        """``(B, image_count)``: the patch index behind each position of the LLM's image run (-1: CLS)."""
+        cls = int(self.bb.keeps_cls)
+        if self.mode == "hard" and self.tower_origin is not None:
+            origin = self.tower_origin
+            return torch.cat([origin.new_full((b, 1), -1), origin], 1) if cls else origin
+        return (torch.arange(image_count, device=self.bb.model.device) - cls).expand(b, -1)
+
+    def _record_kept(self, site, patches: torch.Tensor) -> None:
+        """``handle.last_kept[stage]``: ``(B, keep)`` patch indices (-1: CLS) of the tokens ``site`` kept."""
+        self.handle.last_kept[str(self.stages[site])] = patches
 
     def image_mask_for_llm(self) -> torch.Tensor | None:
         """Soft: ``(B, N_patches)`` True for patches still alive when the LLM starts."""
@@ -330,8 +344,13 @@ class LlavaPruningSession:
         values = sel.tokens if sel.tokens is not None else candidates.gather(
             1, sel.indices[..., None].expand(-1, -1, candidates.shape[-1]))
         if self.mode == "hard":
+            origin = self.tower_origin if self.tower_origin is not None else torch.arange(
+                patches.shape[1], device=hidden.device).expand(b, -1)
+            self.tower_origin = origin.gather(1, sel.indices)
+            self._record_kept(site, self.tower_origin)
             return torch.cat([hidden[:, :prefix], values], 1)
         chosen = sel.indices if alive is None else alive.gather(1, sel.indices)  # into all N patches
+        self._record_kept(site, chosen)
         self.patch_alive = chosen
         patches = patches.scatter(1, chosen[..., None].expand(-1, -1, patches.shape[-1]), values)
         if site.stage == "vision":
@@ -378,6 +397,10 @@ class LlavaPruningSession:
         signals = self._signals(str(site), columns, 0)
         sel = self._choose(site, tokens, signals, self._question_in_llm(hidden))
         kept_columns = columns.gather(1, sel.indices)
+        kept_run = kept_columns - start[:, None]  # positions in the image run as the LLM received it
+        self._record_kept(site, self.run_origin.gather(1, kept_run))
+        if self.mode == "hard":
+            self.run_origin = self.run_origin.gather(1, sel.indices)
         if sel.tokens is not None:
             hidden = hidden.scatter(1, kept_columns[..., None].expand(-1, -1, d), sel.tokens)
         if self.mode == "hard":

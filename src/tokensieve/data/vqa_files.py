@@ -66,7 +66,7 @@ def load_llava_eval(questions: Path, image_folder: Path, answers: Path | None = 
         if not image.is_file():
             raise TokensieveError(f"{questions} line {n}: image {name} not found in {image_folder}")
         items.append(VQAItem(str(qid), str(text), [], str(row.get("category", "all")),
-                             read_image=partial(_read_file_image, image)))
+                             read_image=partial(_read_file_image, image, f"{questions} line {n}")))
     _check_unique_ids(items, questions)
     if references is None:
         return items
@@ -239,8 +239,12 @@ def _pick_split(loaded: Any, split: str | None, path: Path) -> Any:
     return loaded[split]
 
 
-def _read_file_image(path: Path) -> np.ndarray:
-    return np.asarray(load_image(path))
+def _read_file_image(path: Path, where: str) -> np.ndarray:
+    """The image at ``path`` as ``(H, W, 3)`` uint8; an unreadable one names ``where`` it was asked for."""
+    try:
+        return np.asarray(load_image(path))
+    except TokensieveError as err:
+        raise TokensieveError(f"{where}: {err}") from None
 
 
 def _decode_row_image(images: Any, column: str, row: int) -> np.ndarray:

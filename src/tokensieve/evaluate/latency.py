@@ -16,7 +16,6 @@ import time
 import torch
 
 from tokensieve.backbones import LlavaBackbone
-from tokensieve.data.synthetic import Sample
 from tokensieve.testbed.batches import encode
 
 
@@ -30,9 +29,10 @@ def _generate_seconds(backbone: LlavaBackbone, batch: dict, new_tokens: int) -> 
 
 
 @torch.no_grad()
-def measure_latency(backbone: LlavaBackbone, samples: list[Sample], new_tokens: int = 8, keep=None) -> dict:
-    """``{"ttft_ms", "decode_ms_per_token", "peak_memory_mb"}``: medians over ``samples``, one at
-    a time, after one warm-up generation; ``peak_memory_mb`` is None off CUDA.
+def measure_latency(backbone: LlavaBackbone, samples: list, new_tokens: int = 8, keep=None) -> dict:
+    """``{"ttft_ms", "decode_ms_per_token", "peak_memory_mb"}``: medians over ``samples`` (anything
+    with ``image`` and ``question``), one at a time, after one warm-up generation;
+    ``peak_memory_mb`` is None off CUDA.
 
     keep: optional function giving each sample's kept visual-token indices (an oracle).
     """

@@ -1,5 +1,6 @@
 """A report of ``tokensieve eval``: the rows of :func:`~tokensieve.evaluate.accuracy.compare_methods`
-as JSON, a Markdown summary, and two plots (accuracy vs visual tokens, tokens per LLM layer)."""
+as JSON, a Markdown summary, two plots (accuracy vs visual tokens, tokens per LLM layer), and
+for rows that carry ``kept_tokens``, a picture per row of the tokens each stage kept."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from tokensieve.errors import TokensieveError
+from tokensieve.evaluate.kept_overlays import overlay_file, plot_kept_tokens
 
 ROW_KEYS = ("method", "site", "keep", "visual_tokens_kept", "accuracy", "per_family", "flops", "flops_ratio",
             "tokens_per_llm_layer")
@@ -104,7 +106,19 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
         "## Plots", "",
         f"![accuracy vs visual tokens kept]({ACCURACY_PLOT})", "",
         f"![tokens entering each LLM decoder layer]({LAYERS_PLOT})", "",
+        *_kept_section(rows),
     ])
+
+
+def _kept_section(rows: list[dict]) -> list[str]:
+    """Markdown lines linking each row's kept-token picture (none when no row has one)."""
+    pictured = [r for r in rows if "kept_tokens" in r]
+    if not pictured:
+        return []
+    return ["## Kept tokens", "",
+            "The first samples' images as the vision tower sees them, with the patches each stage kept bright "
+            "and the dropped ones dimmed (a merging method's kept tokens hold the merged ones).", "",
+            *(f"- [{row_label(r)}]({overlay_file(r)})" for r in pictured), ""]
 
 
 def _save(fig: Figure, path: Path) -> None:
@@ -176,10 +190,19 @@ def plot_tokens_per_layer(rows: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
-def write_report(rows: list[dict], meta: dict, out_dir: Path) -> dict[str, Path]:
+def write_report(rows: list[dict], meta: dict, out_dir: Path, example_images: dict | None = None,
+                 patch_grid: int | None = None) -> dict[str, Path]:
     """Write ``report.json``, ``report.md`` and the two plots into ``out_dir`` (created if needed);
-    return their paths by file name. Rows and meta are checked first, so bad input writes nothing."""
+    return their paths by file name. Rows and meta are checked first, so bad input writes nothing.
+
+    example_images: ``{question_id: (S, S, 3) uint8}`` model views (see
+    :func:`~tokensieve.evaluate.kept_overlays.model_views`) of the items in rows' ``kept_tokens``,
+    on a ``patch_grid`` x ``patch_grid`` grid: each such row's picture is written too.
+    """
     check_rows(rows)
+    pictured = [r for r in rows if "kept_tokens" in r]
+    if pictured and (example_images is None or patch_grid is None):
+        raise TokensieveError("rows carry kept_tokens: give example_images and patch_grid to draw them")
     if not isinstance(meta, dict):
         raise TokensieveError(f"report meta must be a dict, not a {type(meta).__name__}")
     try:
@@ -191,6 +214,9 @@ def write_report(rows: list[dict], meta: dict, out_dir: Path) -> dict[str, Path]
     paths = {name: out_dir / name for name in ("report.json", "report.md", ACCURACY_PLOT, LAYERS_PLOT)}
     plot_accuracy_vs_tokens(rows, paths[ACCURACY_PLOT])
     plot_tokens_per_layer(rows, paths[LAYERS_PLOT])
+    for row in pictured:
+        paths[overlay_file(row)] = out_dir / overlay_file(row)
+        plot_kept_tokens(row, example_images, patch_grid, paths[overlay_file(row)])
     paths["report.md"].write_text(render_markdown(rows, meta), encoding="utf-8")
     paths["report.json"].write_text(report_json, encoding="utf-8")
     return paths

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tokensieve.data.synthetic import Sample
+from tokensieve.data.vqa_files import VQAItem
 from tokensieve.errors import TokensieveError
 
 FILE = "samples.jsonl"
@@ -22,7 +22,7 @@ class SampleLog:
 
     def __init__(self, folder: str | Path, fingerprint: dict):
         self.path = Path(folder) / FILE
-        self.records: dict[str, dict[int, dict]] = {}
+        self.records: dict[str, dict[str, dict]] = {}
         if self.path.exists():
             self._read(fingerprint)
         else:
@@ -48,17 +48,18 @@ class SampleLog:
                 # The last line was cut short by the interruption: drop it, that sample is scored again.
                 self.path.write_text("".join(kept + "\n" for kept in lines[:-1]))
                 break
-            self.records.setdefault(record["run"], {})[record["index"]] = record
+            self.records.setdefault(record["run"], {})[record["id"]] = record
 
-    def done(self, run: str) -> dict[int, dict]:
-        """Scored samples of ``run`` by sample index."""
+    def done(self, run: str) -> dict[str, dict]:
+        """Scored items of ``run`` by question id."""
         return self.records.get(run, {})
 
-    def append(self, run: str, samples: list[Sample], predictions: list[str]) -> None:
-        """Record ``predictions`` of ``samples`` for ``run`` (flushed at once)."""
-        rows = [{"run": run, "index": s.index, "family": s.family, "question": s.question, "answer": s.answer,
-                 "prediction": p, "correct": p == s.answer} for s, p in zip(samples, predictions)]
+    def append(self, run: str, items: list[VQAItem], predictions: list[str], scores: list[float]) -> None:
+        """Record the ``predictions`` for ``items`` and their ``scores`` under ``run`` (flushed at once)."""
+        rows = [{"run": run, "id": item.question_id, "family": item.family, "question": item.question,
+                 "answers": item.answers, "prediction": p, "score": score}
+                for item, p, score in zip(items, predictions, scores, strict=True)]
         with self.path.open("a") as f:
             f.write("".join(json.dumps(r) + "\n" for r in rows))
         for r in rows:
-            self.records.setdefault(run, {})[r["index"]] = r
+            self.records.setdefault(run, {})[r["id"]] = r

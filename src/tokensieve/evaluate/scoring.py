@@ -108,3 +108,16 @@ def score(prediction: str, answers: list[str]) -> float:
     if len(answers) >= SOFT_SCORE_MIN_ANSWERS:
         return vqa_soft_score(prediction, answers)
     return exact_match(prediction, answers)
+
+
+def accuracy_summary(families: list[str], scores: list[float]) -> dict:
+    """``{"accuracy", "per_family"}``: the mean score overall and per family, to 4 decimals.
+
+    families, scores: one entry per scored item."""
+    if not scores:
+        raise TokensieveError("no scored items to summarise")
+    by_family: dict[str, list[float]] = {}
+    for family, value in zip(families, scores, strict=True):
+        by_family.setdefault(family, []).append(value)
+    return {"accuracy": round(sum(scores) / len(scores), 4),
+            "per_family": {f: round(sum(v) / len(v), 4) for f, v in sorted(by_family.items())}}

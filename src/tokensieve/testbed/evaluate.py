@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from tokensieve.backbones import LlavaBackbone
 from tokensieve.data.synthetic import FAMILIES, SPLIT_SEEDS, Sample, SceneSpec, blank_image, make_sample
+from tokensieve.evaluate.scoring import accuracy_summary
 from tokensieve.testbed.batches import encode
 
 # Targets from the foundation issue: what makes the testbed able to rank pruning methods.
@@ -40,19 +41,16 @@ def heldout_samples(n: int, split: str = "heldout", spec: SceneSpec = SceneSpec(
 
 def summarise(samples: list[Sample], predictions: list[str]) -> dict:
     """Overall and per-family exact-match accuracy."""
-    hits: dict[str, list[bool]] = defaultdict(list)
-    for s, p in zip(samples, predictions):
-        hits[s.family].append(s.answer == p)
-    flat = [h for v in hits.values() for h in v]
-    return {"accuracy": round(sum(flat) / len(flat), 4),
-            "per_family": {f: round(sum(v) / len(v), 4) for f, v in sorted(hits.items())}}
+    return accuracy_summary([s.family for s in samples], [float(s.answer == p) for s, p in zip(samples, predictions)])
 
 
 @torch.no_grad()
-def predict(backbone: LlavaBackbone, samples: list[Sample], keep: KeepFn | None = None,
-            batch_size: int = 64, desc: str | None = None) -> list[str]:
-    """Greedy one-word answers: argmax over the whole vocabulary at the answer slot.
+def predict(backbone: LlavaBackbone, samples: list, keep: KeepFn | None = None,
+            batch_size: int = 64, desc: str | None = None, max_new_tokens: int = 1) -> list[str]:
+    """Greedy answers to ``samples`` (anything with ``image`` and ``question``), decoded.
 
+    max_new_tokens: 1 takes the argmax over the whole vocabulary at the answer slot (one prefill,
+    the testbed's one-word answers); more generates up to that many tokens with the KV cache.
     keep: optional per-sample indices of the visual tokens that enter the LLM.
     """
     tok = backbone.processor.tokenizer
@@ -61,8 +59,12 @@ def predict(backbone: LlavaBackbone, samples: list[Sample], keep: KeepFn | None 
     for i in tqdm(starts, desc=desc, unit="batch", disable=desc is None, leave=False):
         chunk = samples[i : i + batch_size]
         kept = [keep(s) for s in chunk] if keep else None
-        logits = backbone.forward(**encode(backbone.processor, chunk), keep=kept, logits_to_keep=1).logits
-        out.extend(tok.convert_ids_to_tokens(logits[:, -1].argmax(-1).tolist()))
+        batch = encode(backbone.processor, chunk)
+        if max_new_tokens == 1:
+            ids = backbone.forward(**batch, keep=kept, logits_to_keep=1).logits[:, -1].argmax(-1)[:, None]
+        else:
+            ids = backbone.generate(**batch, keep=kept, max_new_tokens=max_new_tokens, do_sample=False)
+        out.extend(text.strip() for text in tok.batch_decode(ids, skip_special_tokens=True))
     return out
 
 
