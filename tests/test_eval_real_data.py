@@ -139,3 +139,16 @@ def test_an_unreadable_image_mid_run_loses_nothing_already_scored(llava_files, t
     rows = json.loads(capsys.readouterr().out)
     assert len((tmp_path / "out" / "samples.jsonl").read_text().splitlines()) == 1 + 2 * N
     assert rows == _eval(capsys, *args[1:-3])
+
+
+def test_origin_mode_measures_the_unpruned_model_alone(capsys):
+    rows = _eval(capsys, "--mode", "origin", "--samples", "6")
+    assert [r["method"] for r in rows] == ["none"] and rows[0]["visual_tokens_mean_llm"] == 100
+    assert "--mode origin measures the unpruned model alone" in _fails(capsys, "--mode", "origin")
+
+
+def test_rows_count_visual_tokens_per_stage_and_on_average(capsys):
+    two_sites = _eval(capsys, "--method", "fastv", "--keep", "0.5", "--site", "llm.2", "--samples", "4")
+    row = two_sites[1]
+    assert row["visual_tokens_per_stage"] == {"fastv@llm.2:0.5": 50}
+    assert row["visual_tokens_mean_llm"] == (100 + 100 + 50 + 50) / 4  # 4 decoder layers, cut before layer 2

@@ -89,13 +89,13 @@ def test_markdown_names_methods_baseline_and_families(rows, tmp_path):
 def test_change_vs_baseline_is_accuracy_minus_baseline(rows, tmp_path):
     table = main_table(write_report(rows, META, tmp_path)["report.md"].read_text())
     assert [r[0] for r in table] == [r["method"] for r in rows]
-    assert table[0][5] == "—"
+    assert table[0][6] == "—"
     for cells, row in zip(table[1:], rows[1:]):
-        assert float(cells[4]) == pytest.approx(row["accuracy"], abs=5e-4)
-        assert float(cells[5]) == pytest.approx(row["accuracy"] - rows[0]["accuracy"], abs=5e-4)
+        assert float(cells[5]) == pytest.approx(row["accuracy"], abs=5e-4)
+        assert float(cells[6]) == pytest.approx(row["accuracy"] - rows[0]["accuracy"], abs=5e-4)
     fastv_8 = next(c for c in table if c[0] == "fastv" and c[2] == "8")
-    assert fastv_8[5] == "-0.350" and fastv_8[3] == "8"
-    assert float(fastv_8[7]) == pytest.approx(rows[-1]["flops_ratio"], abs=5e-4)
+    assert fastv_8[6] == "-0.350" and fastv_8[3] == "8"
+    assert float(fastv_8[8]) == pytest.approx(rows[-1]["flops_ratio"], abs=5e-4)
 
 
 def test_gflops_have_three_significant_digits_without_exponents():

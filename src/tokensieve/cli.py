@@ -101,8 +101,10 @@ def _eval(args: argparse.Namespace) -> None:
     from tokensieve.method import Budget, create_method
 
     methods, keeps = _csv(args.method or ""), _csv(args.keep or "")
-    if not methods and args.pruner is None:
-        raise TokensieveError("give --method NAMES, --pruner RUN_DIR, or both")
+    if args.mode == "origin" and (methods or args.pruner is not None):
+        raise TokensieveError("--mode origin measures the unpruned model alone; drop --method and --pruner")
+    if not methods and args.pruner is None and args.mode != "origin":
+        raise TokensieveError("give --method NAMES, --pruner RUN_DIR, or both (or --mode origin)")
     if methods and not keeps:
         raise TokensieveError("--method needs --keep budgets: ratios (0.33) or counts (64)")
     for name in methods:
@@ -218,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--oracle", action="store_true",
                     help="add the object oracle at each budget (synthetic set: tokens on objects only)")
     ev.add_argument("--site", default=None, help="where to reduce (default: each method's own site)")
-    ev.add_argument("--mode", default="hard", choices=["hard", "soft"])
+    ev.add_argument("--mode", default="hard", choices=["hard", "soft", "origin"],
+                    help="hard removes tokens, soft masks them as attention keys, origin runs the unpruned model only")
     ev.add_argument("--samples", type=_positive_int, default=None,
                     help="items scored (default: 500 synthetic held-out samples, or every item of a real set)")
     ev.add_argument("--questions", type=Path, default=None,

@@ -31,12 +31,15 @@ def median_text_tokens(backbone: LlavaBackbone, items: list[VQAItem]) -> int:
 
 def cost_fields(backbone: LlavaBackbone, text_tokens: int, handle: Handle | None = None,
                 counts: TokenCounts | None = None) -> dict:
-    """``flops`` per stage, ``tokens_per_llm_layer`` and ``kv_cache_bytes`` (bf16) of one
-    prefill, as the handle's latest forward pass reduced it (the unpruned model without a
-    handle), or for the given ``counts``."""
+    """``flops`` per stage, ``tokens_per_llm_layer``, ``visual_tokens_mean_llm`` (visual tokens
+    averaged over the LLM's layers) and ``kv_cache_bytes`` (bf16) of one prefill, as the
+    handle's latest forward pass reduced it (the unpruned model without a handle), or for the
+    given ``counts``."""
     counts = counts or token_counts(backbone, text_tokens, handle)
     flops = prefill_flops(backbone.config, *counts)
+    mean_visual = statistics.mean(counts.llm_tokens) - text_tokens
     return {"flops": {k: flops[k] for k in FLOPS_STAGES}, "tokens_per_llm_layer": counts.llm_tokens,
+            "visual_tokens_mean_llm": round(mean_visual, 2),
             "kv_cache_bytes": kv_cache_bytes(backbone.config, counts.llm_tokens)}
 
 
@@ -79,7 +82,7 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str],
         pruner.attach(backbone, mode, keep=keep)[0].detach()
     items = data.items
     text_tokens = median_text_tokens(backbone, items)
-    scored = _Scorer(backbone, data, log, batch_size)
+    scored = _Scorer(backbone, data, log, batch_size, progress)
     timed, examples = items[:timing_samples], items[:kept_examples]
     baseline = cost_fields(backbone, text_tokens)
     rows = [{"method": "none", "site": None, "keep": 1.0, "visual_tokens_kept": backbone.n_visual_tokens,
@@ -104,7 +107,9 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str],
         finally:
             handle.detach()
         rows.append({"method": name, "site": stage.site, "keep": keep if keep is not None else "trained",
-                     "visual_tokens_kept": handle.last_counts[str(stage)][1], **result, **cost,
+                     "visual_tokens_kept": handle.last_counts[str(stage)][1],
+                     "visual_tokens_per_stage": {st: after for st, (_, after) in handle.last_counts.items()},
+                     **result, **cost,
                      "flops_ratio": round(cost["flops"]["total"] / baseline["flops"]["total"], 4), **timing,
                      **kept})
     for keep in keeps if oracle else []:
@@ -117,25 +122,25 @@ class _Scorer:
     items it holds are read back, the rest answered and appended batch by batch (an
     interruption loses at most one batch)."""
 
-    def __init__(self, backbone: LlavaBackbone, data: EvalData, log: SampleLog | None, batch_size: int):
-        self.backbone, self.data, self.log, self.batch_size = backbone, data, log, batch_size
+    def __init__(self, backbone: LlavaBackbone, data: EvalData, log: SampleLog | None, batch_size: int,
+                 progress: bool):
+        self.backbone, self.data, self.log, self.batch_size, self.progress = backbone, data, log, batch_size, progress
 
     def __call__(self, run: str, keep=None) -> dict:
         items = self.data.items
-        if self.log is None:
-            predictions = self._answer(items, keep)
-            scores = [score(p, item.answers) for item, p in zip(items, predictions)]
-        else:
-            todo = [item for item in items if item.question_id not in self.log.done(run)]
-            for i in range(0, len(todo), self.batch_size):
-                chunk = todo[i: i + self.batch_size]
-                answers = self._answer(chunk, keep)
-                self.log.append(run, chunk, answers, [score(p, item.answers) for item, p in zip(chunk, answers)])
-            scores = [self.log.done(run)[item.question_id]["score"] for item in items]
-        return accuracy_summary([item.family for item in items], scores)
-
-    def _answer(self, items: list[VQAItem], keep) -> list[str]:
-        return predict(self.backbone, items, keep, self.batch_size, max_new_tokens=self.data.max_new_tokens)
+        done = self.log.done(run) if self.log is not None else {}
+        todo = [item for item in items if item.question_id not in done]
+        scores = {}
+        for i in tqdm(range(0, len(todo), self.batch_size), desc=run, unit="batch", leave=False,
+                      disable=not self.progress or not todo):
+            chunk = todo[i: i + self.batch_size]
+            answers = predict(self.backbone, chunk, keep, self.batch_size, max_new_tokens=self.data.max_new_tokens)
+            chunk_scores = [score(p, item.answers) for item, p in zip(chunk, answers)]
+            if self.log is not None:
+                self.log.append(run, chunk, answers, chunk_scores)
+            scores.update(zip((item.question_id for item in chunk), chunk_scores))
+        scores.update((qid, record["score"]) for qid, record in done.items())
+        return accuracy_summary([item.family for item in items], [scores[item.question_id] for item in items])
 
 
 def _kept_tokens(backbone: LlavaBackbone, handle: Handle, items: list[VQAItem]) -> dict:

@@ -82,7 +82,8 @@ def _number(value: float | None, digits: int = 2) -> str:
 def render_markdown(rows: list[dict], meta: dict) -> str:
     """The Markdown report: meta, main table, per-family table and the two plots."""
     base = rows[0]["accuracy"]
-    main = [[r["method"], r["site"] or MISSING, r["keep"], r["visual_tokens_kept"], f"{r['accuracy']:.3f}",
+    main = [[r["method"], r["site"] or MISSING, r["keep"], r["visual_tokens_kept"],
+             _number(r.get("visual_tokens_mean_llm"), 1), f"{r['accuracy']:.3f}",
              MISSING if i == 0 else format_change(r["accuracy"], base), format_gflops(r["flops"]["total"]),
              f"{r['flops_ratio']:.3f}", _number(r.get("ttft_ms")), _number(r.get("decode_ms_per_token")),
              _number(None if r.get("kv_cache_bytes") is None else r["kv_cache_bytes"] / 1024, 1)]
@@ -94,8 +95,11 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
         "# tokensieve eval report", "",
         *(f"- **{key}**: {value}" for key, value in meta.items()), "",
         "## Accuracy and prefill cost", "",
-        markdown_table(["method", "site", "keep", "visual tokens kept", "accuracy", "change vs baseline",
-                        "prefill GFLOPs", "FLOPs ratio", "TTFT ms", "decode ms/token", "KV cache KiB"], main), "",
+        markdown_table(["method", "site", "keep", "visual tokens kept", "mean visual tokens in LLM", "accuracy",
+                        "change vs baseline", "prefill GFLOPs", "FLOPs ratio", "TTFT ms", "decode ms/token",
+                        "KV cache KiB"], main), "",
+        "Visual tokens kept: after the row's first stage; mean visual tokens in LLM: averaged over the decoder "
+        "layers (a method inside the LLM keeps all tokens up to its layer). "
         "Change vs baseline: accuracy minus the unpruned model's accuracy. Prefill GFLOPs: analytic FLOPs of one "
         "prefill of one sequence (vision tower, projector, LLM, LM head); FLOPs ratio: that total over the "
         "baseline's. TTFT (time to first token, image encoding and pruning included) and decode time per further "
