@@ -109,6 +109,39 @@ def test_straight_through_gate_is_one_and_gives_the_scorer_a_gradient(stochastic
         assert p.grad is not None and p.grad.abs().sum() > 0
 
 
+def test_diverse_topk_is_top_k_at_weight_zero_and_skips_lookalikes_above_it():
+    from tokensieve.ops import diverse_topk, topk_sorted
+
+    scores, features = randn(3, 20), randn(3, 20, 6, seed=2)
+    assert torch.equal(diverse_topk(scores, features, 7, 0.0), topk_sorted(scores, 7))
+    scores = torch.tensor([[3.0, 2.9, 2.8, 0.0, -1.0]])
+    features = torch.tensor([[[1.0, 0], [1, 0.01], [1, -0.01], [0, 1], [-1, 0]]])  # 0, 1, 2 look alike
+    assert diverse_topk(scores, features, 2, 0.0).tolist() == [[0, 1]]
+    assert diverse_topk(scores, features, 2, 2.0).tolist() == [[0, 3]]
+    assert diverse_topk(scores, features, 3, 2.0).tolist() == [[0, 1, 3]]  # a lookalike beats a poor token
+
+
+def test_diverse_centres_keep_a_straight_through_gate_for_the_scorer():
+    merger = make_merger()
+    result = merger(randn(2, 12, D_VISION), 5, stochastic=True, diversity=2.0)
+    assert torch.equal(result.gate, torch.ones(2, 5)) and result.indices.shape == (2, 5)
+    (result.tokens * randn(2, 5, D_VISION, seed=3)).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in merger.scorer.parameters())
+
+
+def test_a_high_null_logit_drops_instead_of_merging_and_learns():
+    torch.manual_seed(0)
+    merger = TokenMerger(D_VISION, D_INTERNAL, null_logit=30.0)
+    tokens = randn(2, 12, D_VISION)
+    result = merger(tokens, 4)
+    assert (result.assignment.sum(-1) <= 1 + 1e-6).all()
+    torch.testing.assert_close(result.tokens, tokens.gather(1, result.indices[..., None].expand(-1, -1, D_VISION)))
+    merger.null_logit.data.fill_(0.0)  # a reachable null: merging happens and the logit gets a gradient
+    result = merger(tokens, 4)
+    (result.tokens * randn(2, 4, D_VISION, seed=3)).sum().backward()
+    assert merger.null_logit.grad is not None and merger.null_logit.grad != 0
+
+
 def test_all_tokens_as_centres_return_the_tokens_even_at_tiny_assign_temperature():
     merger = make_merger()
     tokens = randn(2, 9, D_VISION)

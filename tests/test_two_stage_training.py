@@ -17,12 +17,13 @@ from tokensieve.config import from_dict
 from tokensieve.errors import TokensieveError
 from tokensieve.method import Method, Selection, SiteInputs
 from tokensieve.testbed.batches import encode
-from tokensieve.train.parts import load_parts
+from tokensieve.train.parts import PrunerParts, load_parts
 from tokensieve.train.trainer import TwoStageTrainer, train_two_stage
 from tokensieve.train.two_stage_config import TwoStageConfig
 
 TINY_SETTINGS = {
-    "merger": {"variant": "question_aware", "merge_ratio": 0.5, "d_internal": 16, "num_heads": 2},
+    "merger": {"variant": "question_aware", "merge_ratio": 0.5, "d_internal": 16, "num_heads": 2,
+               "diversity": 2.0, "null_logit": 4.0, "train_merge_range": [0.25, 0.75]},
     "pruner": {"d_internal": 16, "num_heads": 2, "target_ratio": 0.5},
     "optim": {"steps": 4, "batch_size": 4},
     "validation": {"every": 100, "samples": 8},
@@ -141,6 +142,15 @@ def test_an_interrupted_run_resumes_to_the_same_parts(tiny_llava_dir, tmp_path, 
     assert steps == [1, 2, 3, 4]
 
 
+def test_each_step_draws_its_merge_budget_from_the_range_the_same_way_every_time(tiny_llava_dir, backbone):
+    parts = PrunerParts(tiny_config(tiny_llava_dir), backbone)
+    draws = [parts.training_centres(step) for step in range(20)]
+    assert draws == [parts.training_centres(step) for step in range(20)]  # a resumed run replays them
+    assert all(16 <= d <= 48 for d in draws) and len(set(draws)) > 5  # 0.25 .. 0.75 of 64 patches
+    fixed = PrunerParts(tiny_config(tiny_llava_dir, merger={"train_merge_range": None}), backbone)
+    assert {fixed.training_centres(step) for step in range(5)} == {32}
+
+
 def test_a_run_folder_holds_config_best_and_logs(finished_run):
     assert (finished_run / "best" / "parts.safetensors").is_file()
     assert (finished_run / "config.yaml").is_file() and (finished_run / "tb").is_dir()
@@ -169,6 +179,7 @@ def test_loaded_parts_are_the_saved_ones(finished_run, backbone):
 @pytest.mark.parametrize("sections,message", [
     ({"pruner": {"pruning_layers": [5]}}, "beyond this LLM"),
     ({"merger": {"merge_ratio": 1.5}}, "not in \\(0, 1\\]"),
+    ({"merger": {"train_merge_range": [0.5, 0.2]}}, "train_merge_range \\[0.5, 0.2\\] must be \\[low, high\\]"),
     ({"merger": {"target_merge_tokens": 1000}}, "1000 is not between 1 and"),
     ({"merger": {"enabled": False}, "pruner": {"enabled": False}}, "nothing to train"),
     ({"discriminator": {"enabled": True, "layers": [-1, -9]}}, "do not exist"),

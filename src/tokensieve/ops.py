@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -36,6 +38,32 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices ``(B, k)`` of the ``k`` highest scores of each row of ``(B, N)``, in ascending order."""
     return scores.topk(k, dim=1).indices.sort(1).values
+
+
+def diverse_topk(scores: torch.Tensor, features: torch.Tensor, k: int, weight: float) -> torch.Tensor:
+    """Indices ``(B, k)``, ascending, of high-scoring tokens that are not alike: a greedy top-k.
+
+    scores: ``(B, N)``; features: ``(B, N, d)``. Each row's scores are standardised (zero mean,
+    unit deviation, so ``weight`` means the same for any scorer), then ``k`` times the token
+    maximising ``score - weight * max(0, highest cosine similarity to a token already picked)``
+    is picked. ``weight`` 0 is plain top-k; larger spreads the picks over distinct content.
+    """
+    if weight == 0:
+        return topk_sorted(scores, k)
+    b, n = scores.shape
+    x = nn.functional.normalize(features.float(), dim=-1)
+    z = scores.float()
+    z = (z - z.mean(1, keepdim=True)) / z.std(1, keepdim=True).clamp_min(1e-6)
+    rows = torch.arange(b, device=scores.device)
+    picked = torch.zeros(b, n, dtype=torch.bool, device=scores.device)
+    likeness = torch.zeros(b, n, device=scores.device)  # highest similarity to a pick, floored at 0
+    picks = []
+    for _ in range(k):
+        pick = (z - weight * likeness).masked_fill(picked, -math.inf).argmax(1)
+        picks.append(pick)
+        picked[rows, pick] = True
+        likeness = torch.maximum(likeness, (x @ x[rows, pick][..., None]).squeeze(-1))
+    return torch.stack(picks, 1).sort(1).values
 
 
 def complement(index: torch.Tensor, n: int) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """Stage 1 of the learned pruner: merge N vision-tower tokens into M centres before the projector.
 
 A scorer gives every token an importance logit; Gumbel-top-k picks M centre tokens (plain
-top-k at inference); every token is softly assigned to the centres and each centre becomes
-the assignment-weighted mean of the tokens. A straight-through gate on the centres carries
-the task gradient back into the scorer even though the top-k choice itself is discrete.
+top-k at inference), optionally spread over distinct content (``diversity``); every token is
+softly assigned to the centres, or to none (a learned "drop" option, ``null_logit``), and each
+centre becomes the assignment-weighted mean of the tokens. A straight-through gate on the
+centres carries the task gradient back into the scorer even though the choice is discrete.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from tokensieve.errors import TokensieveError
-from tokensieve.ops import gather_tokens, topk_sorted
+from tokensieve.ops import diverse_topk, gather_tokens
 
 VARIANTS = ("simple", "question_aware")
 
@@ -69,8 +70,9 @@ class MergeResult:
 
     tokens: ``(B, M, d_vision)`` the merged centres, in the order of ``indices``.
     indices: ``(B, M)`` ascending, unique indices of the centre tokens among the ``N``.
-    assignment: ``(B, N, M)`` soft assignment of each token to the centres; rows sum to 1 and a
-        centre token's row is one-hot on its own centre.
+    assignment: ``(B, N, M)`` soft assignment of each token to the centres; rows sum to 1 (to
+        at most 1 with a drop option: the rest of the token is dropped) and a centre token's row
+        is one-hot on its own centre.
     logits: ``(B, N)`` importance logits (before any Gumbel noise).
     gate: ``(B, M)`` straight-through selection gate the centres were multiplied by: exactly 1
         in value, differentiable towards ``logits``.
@@ -89,10 +91,13 @@ class TokenMerger(nn.Module):
     variant ``"simple"`` scores each token from itself; ``"question_aware"`` lets the tokens
     cross-attend to the question first (needs ``d_question``, the width of the question
     embeddings). ``d_question`` and ``num_heads`` are used only by ``"question_aware"``.
+    null_logit: when set, every token may also go to no centre, with this learned assignment
+    logit (initial value): a token unlike every centre is dropped instead of diluting one. A
+    high start begins as plain pruning and lets training learn how much to merge.
     """
 
     def __init__(self, d_vision: int, d_internal: int = 128, variant: str = "simple",
-                 d_question: int | None = None, num_heads: int = 4):
+                 d_question: int | None = None, num_heads: int = 4, null_logit: float | None = None):
         super().__init__()
         if variant not in VARIANTS:
             raise TokensieveError(f"unknown token merger variant {variant!r}; choose one of {', '.join(VARIANTS)}")
@@ -112,6 +117,7 @@ class TokenMerger(nn.Module):
         self.assign_norm = nn.LayerNorm(d_vision)
         self.q_proj = nn.Linear(d_vision, d_internal)
         self.k_proj = nn.Linear(d_vision, d_internal)
+        self.null_logit = None if null_logit is None else nn.Parameter(torch.tensor(float(null_logit)))
 
     def _check_tokens(self, tokens: torch.Tensor) -> None:
         if tokens.dim() != 3 or tokens.shape[-1] != self.d_vision:
@@ -133,11 +139,14 @@ class TokenMerger(nn.Module):
 
     def forward(self, tokens: torch.Tensor, n_centres: int, *, question: torch.Tensor | None = None,
                 question_mask: torch.Tensor | None = None, stochastic: bool = False,
-                gumbel_tau: float = 1.0, assign_tau: float = 1.0) -> MergeResult:
+                gumbel_tau: float = 1.0, assign_tau: float = 1.0, diversity: float = 0.0) -> MergeResult:
         """Merge tokens ``(B, N, d_vision)`` into ``n_centres`` centres; see :class:`MergeResult`.
 
         stochastic: Gumbel-top-k with noise from the global torch RNG (training); False picks
             the plain top-``n_centres`` logits (inference).
+        diversity: 0 takes the top logits; more picks them greedily, each penalised by its
+            likeness to centres already picked (:func:`tokensieve.ops.diverse_topk`), so a few
+            salient regions cannot take every centre.
         gumbel_tau: temperature of the relaxed selection behind the straight-through gradient.
         assign_tau: temperature of the soft assignment (smaller = closer to hard).
         """
@@ -154,14 +163,19 @@ class TokenMerger(nn.Module):
         if stochastic:
             # Same draw as F.gumbel_softmax, from the global RNG so a saved RNG state replays it.
             perturbed = logits - torch.empty_like(logits).exponential_().log()
-        indices = topk_sorted(perturbed.detach(), m)
+        if diversity < 0:
+            raise TokensieveError(f"diversity={diversity} must be >= 0")
+        indices = diverse_topk(perturbed.detach(), tokens.detach(), m, diversity)
 
-        # Straight-through top-k: hard 0/1 forward, gradient of a sigmoid around the cut-off.
-        # The threshold is a constant so each logit's gradient says "move across the cut".
+        # Straight-through choice: hard 0/1 forward, gradient of a sigmoid around the cut-off
+        # between the lowest picked and the highest unpicked logit (for plain top-k, between
+        # the m-th and the (m+1)-th). The threshold is a constant, so each logit's gradient
+        # says "move across the cut".
         hard = torch.zeros_like(logits).scatter(1, indices, 1.0)
         if m < n:
-            top = perturbed.detach().topk(m + 1, dim=1).values
-            threshold = (top[:, m - 1 : m] + top[:, m:]) / 2
+            picked = perturbed.detach()
+            threshold = (picked.masked_fill(hard == 0, math.inf).amin(1, keepdim=True)
+                         + picked.masked_fill(hard == 1, -math.inf).amax(1, keepdim=True)) / 2
         else:
             # Every token is selected for certain: gate exactly 1, no gradient.
             threshold = torch.full_like(logits[:, :1], -math.inf)
@@ -172,7 +186,12 @@ class TokenMerger(nn.Module):
         normed = self.assign_norm(tokens)
         q = self.q_proj(normed)
         k = self.k_proj(gather_tokens(normed, indices))
-        soft = (q @ k.transpose(1, 2) / (math.sqrt(self.d_internal) * assign_tau)).softmax(-1)
+        affinity = q @ k.transpose(1, 2) / (math.sqrt(self.d_internal) * assign_tau)  # (B, N, M)
+        if self.null_logit is None:
+            soft = affinity.softmax(-1)
+        else:  # a last column for "no centre", dropped after the softmax
+            null = self.null_logit.to(affinity.dtype).expand(b, n, 1)
+            soft = torch.cat([affinity, null], -1).softmax(-1)[..., :m]
         # Each centre token belongs to its own centre only, so no centre loses its own content
         # and every centre's weight is >= 1 (the mean is defined even when M == N).
         own = torch.eye(m, dtype=soft.dtype, device=soft.device).expand(b, m, m)

@@ -35,21 +35,24 @@ def divprune_keep(tokens: torch.Tensor, keep: int) -> torch.Tensor:
         raise TokensieveError(f"divprune: cannot keep {keep} of {n} tokens")
     if keep == n:
         return torch.arange(n, device=tokens.device).expand(b, n).clone()
-    x = tokens.float()
+    x = tokens.detach().float()  # choosing is not differentiable
     dist = 1.0 - cosine_matrix(x, x)  # (B, N, N)
     eye = torch.eye(n, dtype=torch.bool, device=tokens.device)
     rows = torch.arange(b, device=tokens.device)
-    chosen = torch.zeros(b, n, dtype=torch.bool, device=tokens.device)
     picks = torch.empty(b, keep, dtype=torch.long, device=tokens.device)
 
     # Distance of every token to the chosen set; before any pick, to all the other tokens.
+    # A chosen token's entry is -inf, which the running minimum keeps, so it is never picked
+    # again: a few small in-place steps per pick keep the loop's overhead low.
     to_chosen = dist.masked_fill(eye, float("inf")).amin(-1)  # (B, N)
     for step in range(keep):
-        pick = to_chosen.masked_fill(chosen, float("-inf")).argmax(-1)  # (B,)
+        pick = to_chosen.argmax(-1)  # (B,)
         picks[:, step] = pick
-        chosen[rows, pick] = True
-        row_of_pick = dist[rows, pick]  # (B, N)
-        to_chosen = row_of_pick if step == 0 else torch.minimum(to_chosen, row_of_pick)
+        if step == 0:
+            to_chosen = dist[rows, pick]  # distances to the first pick replace those to all others
+        else:
+            torch.minimum(to_chosen, dist[rows, pick], out=to_chosen)
+        to_chosen[rows, pick] = float("-inf")
     return picks.sort(-1).values
 
 

@@ -27,6 +27,9 @@ class LearnedTokenMerger(Method):
     ``init_seed`` on first use (an untrained merger: usable, but no better than chance).
     While the module is in training mode the centres are drawn by Gumbel-top-k with
     temperature ``gumbel_tau``; in eval mode they are the top-``budget`` scores.
+    diversity: > 0 spreads the centres over distinct tokens (greedy, penalising likeness to
+    centres already picked); null_logit: a fresh module's "assign to no centre" logit (None:
+    every token is merged into some centre).
     """
 
     name = "token_merger"
@@ -40,6 +43,8 @@ class LearnedTokenMerger(Method):
     num_heads: int = 4
     assign_tau: float = 1.0
     gumbel_tau: float = 1.0
+    diversity: float = 0.0
+    null_logit: float | None = None
     init_seed: int = 0
     module: TokenMerger | None = field(default=None, repr=False, compare=False, metadata={"state": True})
     last: Any = field(default=None, init=False, repr=False, compare=False, metadata={"state": True})
@@ -53,7 +58,8 @@ class LearnedTokenMerger(Method):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.init_seed)
             return TokenMerger(d_vision, self.d_internal, self.variant,
-                               d_question if self.variant == "question_aware" else None, self.num_heads)
+                               d_question if self.variant == "question_aware" else None, self.num_heads,
+                               self.null_logit)
 
     def select(self, inputs: SiteInputs) -> Selection:
         question, valid = inputs.question() if self.variant == "question_aware" else (None, None)
@@ -62,6 +68,6 @@ class LearnedTokenMerger(Method):
             self.module.to(inputs.tokens.device, inputs.tokens.dtype).eval()
         result = self.module(inputs.tokens, inputs.keep, question=question, question_mask=valid,
                              stochastic=self.module.training, gumbel_tau=self.gumbel_tau,
-                             assign_tau=self.assign_tau)
+                             assign_tau=self.assign_tau, diversity=self.diversity)
         self.last = result
         return Selection(result.indices, result.tokens)

@@ -12,6 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -28,6 +29,9 @@ from tokensieve.train.two_stage_config import TwoStageConfig, default_pruning_la
 
 PARTS_FILE = "parts.safetensors"
 CONFIG_FILE = "config.yaml"
+
+
+MERGE_RANGE_SEED = 20261124  # seeds the per-step merge-ratio draws (with the step number)
 
 
 def backbone_signature(backbone) -> dict[str, int]:
@@ -53,7 +57,8 @@ class PrunerParts(nn.Module):
                 raise TokensieveError(f"merger.target_merge_tokens {self.n_centres} is not between 1 and "
                                       f"the {n} visual tokens")
         self.token_merger = TokenMerger(d_vision, m.d_internal, m.variant,
-                                        d_text if m.variant == "question_aware" else None, m.num_heads) if m.enabled else None
+                                        d_text if m.variant == "question_aware" else None, m.num_heads,
+                                        m.null_logit) if m.enabled else None
         layers = self.pruning_layers(cfg, len(backbone.llm_layers))
         p = cfg.pruner
         self.layer_pruners = nn.ModuleDict({
@@ -83,6 +88,15 @@ class PrunerParts(nn.Module):
     def layers(self) -> list[int]:
         return [int(k) for k in self.layer_pruners]
 
+    def training_centres(self, step: int) -> int | None:
+        """Centres at training ``step``: drawn from ``merger.train_merge_range`` when set (the same
+        draw for the same step, so a resumed run replays it), else the configured count."""
+        low_high = self.cfg.merger.train_merge_range
+        if self.n_centres is None or low_high is None:
+            return self.n_centres
+        ratio = np.random.default_rng([MERGE_RANGE_SEED, step]).uniform(*low_high)
+        return max(1, round(ratio * self.signature["n_patches"]))
+
     def centres_for(self, keep: Budget | int | float | str | None) -> int | None:
         """Merger centres for a budget of tokens entering the LLM (None: as trained)."""
         if keep is None:
@@ -103,7 +117,7 @@ class PrunerParts(nn.Module):
         m, p = self.cfg.merger, self.cfg.pruner
         merger = None if self.token_merger is None else LearnedTokenMerger(
             variant=m.variant, d_internal=m.d_internal, num_heads=m.num_heads, assign_tau=m.assign_tau,
-            module=self.token_merger)
+            diversity=m.diversity, null_logit=m.null_logit, module=self.token_merger)
         pruners = [LearnedLayerPruner(d_internal=p.d_internal, num_heads=p.num_heads, init_keep_bias=p.init_keep_bias,
                                       module=self.layer_pruners[str(k)]) for k in self.layers]
         return merger, pruners

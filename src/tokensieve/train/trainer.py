@@ -31,6 +31,7 @@ from tokensieve.data.instruct import InstructExample, collate, load_instruct, sy
 from tokensieve.data.synthetic import SPLIT_SEEDS
 from tokensieve.errors import TokensieveError
 from tokensieve.learned import keep_probability
+from tokensieve.method import Budget
 from tokensieve.train import losses, schedules
 from tokensieve.train.parts import CONFIG_FILE, PrunerParts
 from tokensieve.train.two_stage_config import TwoStageConfig, stage_targets
@@ -164,10 +165,10 @@ class TwoStageTrainer:
                 keep_ratios.append(float(cumulative.detach().mean()))
             parts["sparsity"] = torch.stack(sparsity).mean()
         if merger is not None and w.merge_sparsity:
-            n = merger.last.logits.shape[1]
+            n, centres = merger.last.logits.shape[1], merger.last.indices.shape[1]  # this step's centres
             p = torch.sigmoid(merger.last.logits)
             parts["merge_sparsity"] = losses.target_ratio_sparsity(p, torch.ones_like(p, dtype=torch.bool),
-                                                                   self.parts.n_centres / n)
+                                                                   centres / n)
         if w.hidden_mse:
             parts["hidden_mse"] = losses.hidden_state_mse(student.hidden_states[-1], teacher.hidden_states[-1], text)
         weights = {"task": w.task, "distill": w.distill, "merge_sparsity": w.merge_sparsity, "hidden_mse": w.hidden_mse,
@@ -200,6 +201,7 @@ class TwoStageTrainer:
             method.tau = tau
         if merger is not None:
             merger.gumbel_tau = tau
+            handle.stages[0].budget = Budget(count=self.parts.training_centres(self.step))  # the merger's stage
         batch = self._to_device(collate(self.backbone.processor, self.data.batch(self.step),
                                         label_eos=self.data.label_eos))
         need_hidden = cfg.loss.hidden_mse > 0 or self.parts.discriminator is not None

@@ -23,6 +23,16 @@ class MergerConfig:
     d_internal: int = 128
     num_heads: int = 4
     assign_tau: float = 1.0  # softmax temperature of the soft assignment to the centres
+    # Centres spread over distinct content: 0 takes the top scores; ~2 keeps a few salient
+    # regions from taking every centre (ops.diverse_topk). Applies in training and inference.
+    diversity: float = 0.0
+    # Learned logit of assigning a token to no centre (dropping it); None: every token is merged
+    # somewhere. A high start (e.g. 4) begins as pruning and learns how much to merge.
+    null_logit: float | None = None
+    # [low, high]: every training step draws its merge ratio uniformly from this range (a
+    # deterministic draw per step), so one merger learns to serve every budget in it; None:
+    # always merge_ratio / target_merge_tokens. Validation and inference use the fixed count.
+    train_merge_range: list[float] | None = None
 
 
 @dataclass
@@ -134,6 +144,10 @@ class TwoStageConfig:
         m = self.merger
         if m.merge_ratio is not None and not 0 < m.merge_ratio <= 1:
             raise TokensieveError(f"merger.merge_ratio {m.merge_ratio} is not in (0, 1]")
+        low_high = m.train_merge_range
+        if low_high is not None and not (len(low_high) == 2 and 0 < low_high[0] <= low_high[1] <= 1):
+            raise TokensieveError(f"merger.train_merge_range {low_high} must be [low, high] with "
+                                  "0 < low <= high <= 1")
         if m.enabled and m.merge_ratio is None and m.target_merge_tokens is None:
             raise TokensieveError("merger: set merge_ratio or target_merge_tokens")
         if not 0 < self.pruner.target_ratio <= 1:
