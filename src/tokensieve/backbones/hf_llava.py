@@ -124,7 +124,9 @@ class LlavaBackbone:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise TokensieveError(f"cannot load the weights of {name!r}: {first}") from None
         try:
-            processor = AutoProcessor.from_pretrained(name)
+            # PIL: the image processing LLaVA and the testbed were trained with, and the same with
+            # or without torchvision installed (transformers would otherwise switch backends).
+            processor = AutoProcessor.from_pretrained(name, backend="pil")
         except (OSError, ValueError):
             processor = None  # some checkpoints ship weights only; callers that need one say so
         return cls(model.to(device).eval(), processor)
