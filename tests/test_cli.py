@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 from PIL import Image
 
 from tokensieve.cli import main

@@ -1,5 +1,9 @@
 """tokensieve: prune and merge visual tokens in vision-language models and CLIP ViTs, and measure it."""
 
+from tokensieve.clip.compat import ensure_torchvision_importable
+
+ensure_torchvision_importable()  # before transformers imports torchvision: see tokensieve/clip/compat.py
+
 from tokensieve.attach import Handle, attach
 from tokensieve.method import Budget, Method, Selection, SiteInputs, create_method, list_methods, register
 

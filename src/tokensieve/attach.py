@@ -9,6 +9,7 @@ additive ``log(mask)``, so a binary soft mask gives what hard removal gives on t
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -54,6 +55,16 @@ class Handle:
         for hook in self.hooks:
             hook.remove()
         self.hooks.clear()
+
+    @contextlib.contextmanager
+    def scoring(self) -> Iterator[None]:
+        """Charge the enclosed time to choosing tokens (``scoring_seconds``, the benchmarks'
+        scoring overhead)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.scoring_seconds += time.perf_counter() - started
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:

@@ -94,6 +94,12 @@ def _train(args: argparse.Namespace) -> None:
     print(f"trained pruner written to {out} (best validation checkpoint in {out / 'best'})")
 
 
+def _search(args: argparse.Namespace) -> None:
+    from tokensieve.integrations.optuna_search import search_command
+
+    search_command(args)
+
+
 def _eval(args: argparse.Namespace) -> None:
     from tokensieve.backbones import LlavaBackbone
     from tokensieve.evaluate.accuracy import compare_methods
@@ -261,6 +267,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.set_defaults(func=_train)
 
+    search = sub.add_parser("search", help="Optuna search over the two-stage pruner's config (see docs/search.md)")
+    search.add_argument("config", type=Path, help="search file: training config, space, objective, study")
+    search.add_argument("--trials", type=_positive_int, required=True,
+                        help="run trials until the study holds this many finished (complete or pruned) ones")
+    search.add_argument("--storage", default=None, help="Optuna RDB URL shared by all workers "
+                        "(default: sqlite:///OUT/study.db)")
+    search.add_argument("--out", type=Path, default=None, help="folder for trial runs and best_config.yaml "
+                        "(default: runs/<search file name>)")
+    search.set_defaults(func=_search)
+
     methods = sub.add_parser("methods", help="list the registered reduction methods")
     methods.set_defaults(func=_list_methods)
 
@@ -283,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--model", default=None, help="LLaVA checkpoint folder or hub id (default: shipped testbed)")
     ask.add_argument("--max-new-tokens", type=_positive_int, default=4)
     ask.set_defaults(func=_ask)
+
+    from tokensieve.integrations.clip_benchmark_cli import add_clip_benchmark_parser
+
+    add_clip_benchmark_parser(sub)  # tokensieve clip-benchmark eval|compare|train-tiny|write-data|speed
     return parser
 
 

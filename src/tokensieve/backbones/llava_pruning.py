@@ -17,9 +17,7 @@ attention mask, so positions skip them exactly as after hard removal).
 
 from __future__ import annotations
 
-import time
 import zlib
-from contextlib import contextmanager
 
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -117,15 +115,6 @@ class LlavaPruningSession:
             keep = st.budget.resolve(n, str(site))
             st.method.check(n, keep, str(site))
             n = keep
-
-    @contextmanager
-    def _scoring(self):
-        """Charge the enclosed time to choosing tokens (the benchmark's scoring overhead)."""
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.handle.scoring_seconds += time.perf_counter() - started
 
     # --- per-pass state -----------------------------------------------------------------
     def begin_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -231,7 +220,7 @@ class LlavaPruningSession:
             if not self.handle.active:
                 return
             hidden = args[0]  # (B, T, d): the block's normalised input
-            with self._scoring():
+            with self.handle.scoring():
                 self._captured[key + ":cls_attention"] = query_attention(
                     hidden, attn.q_proj, attn.k_proj, attn.num_heads, 0, attn.scale, self._vision_key_bias(), keys)
                 b, t, _ = keys.shape
@@ -249,7 +238,7 @@ class LlavaPruningSession:
     def _capture_text_attention(self, key: str, attn):
         def hook(_k_proj, args, keys):
             if self._attention_kwargs is not None:
-                with self._scoring():
+                with self.handle.scoring():
                     self._text_attention(key, attn, args[0], keys, self._attention_kwargs)
         return hook
 
@@ -279,7 +268,7 @@ class LlavaPruningSession:
         keep = st.budget.resolve(n, str(site))
         if self.question_ids is None:
             question = None
-        with self._scoring():
+        with self.handle.scoring():
             inputs = SiteInputs(tokens, keep, str(site), lambda: row_generator(self.seed, tokens), signals,
                                 question)
             sel = st.method.select(inputs)

@@ -25,6 +25,15 @@ def anchor_importance(keys: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor
     return attention.mean(-1)
 
 
+def anchor_attention_importance(attention: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """``(B, N)`` mean attention from each token to the anchors, read from the block's attention.
+
+    attention: ``(B, N, N)`` head-averaged attention among the tokens (row ``i`` is token ``i``'s
+    attention, normalised over every token of the block); anchors: ``(B, k)`` indices.
+    """
+    return attention.float().gather(2, anchors[:, None, :].expand(-1, attention.shape[1], -1)).mean(-1)
+
+
 def anchor_diversity(keys: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     """``(B, N)`` ``1 -`` the highest key cosine similarity of each token to any anchor."""
     keys = keys.float()
@@ -41,19 +50,22 @@ def minmax_rows(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 def anchor_keep(cls_attention: torch.Tensor, keys: torch.Tensor, k_anchors: int, top_m: int,
-                alpha: float) -> torch.Tensor:
+                alpha: float, attention: torch.Tensor | None = None) -> torch.Tensor:
     """``(B, k_anchors + top_m)`` sorted indices: the anchors and the ``top_m`` best-scored others.
 
-    cls_attention: ``(B, N)``; keys: ``(B, N, d_k)``. Anchors are the ``k_anchors`` tokens of
-    highest CLS attention. Every other token is scored ``alpha * I + (1 - alpha) * D`` with
-    importance ``I`` (:func:`anchor_importance`) and diversity ``D`` (:func:`anchor_diversity`)
-    each min-max normalised to [0, 1] over the row's non-anchor tokens before mixing.
+    cls_attention: ``(B, N)``; keys: ``(B, N, d_k)``; attention: optional ``(B, N, N)`` block
+    attention. Anchors are the ``k_anchors`` tokens of highest CLS attention. Every other token is
+    scored ``alpha * I + (1 - alpha) * D`` with importance ``I`` (:func:`anchor_attention_importance`
+    when ``attention`` is given, else the key estimate :func:`anchor_importance`) and diversity
+    ``D`` (:func:`anchor_diversity`), each min-max normalised to [0, 1] over the row's non-anchor
+    tokens before mixing.
     """
     anchors = cls_attention.topk(k_anchors, dim=1).indices
     if top_m == 0:
         return anchors.sort(1).values
     is_anchor = torch.zeros_like(cls_attention, dtype=torch.bool).scatter_(1, anchors, True)
-    importance = minmax_rows(anchor_importance(keys, anchors), ~is_anchor)
+    raw = anchor_importance(keys, anchors) if attention is None else anchor_attention_importance(attention, anchors)
+    importance = minmax_rows(raw, ~is_anchor)
     diversity = minmax_rows(anchor_diversity(keys, anchors), ~is_anchor)
     score = (alpha * importance + (1 - alpha) * diversity).masked_fill(is_anchor, -math.inf)
     return torch.cat([anchors, score.topk(top_m, dim=1).indices], 1).sort(1).values
@@ -65,10 +77,11 @@ class Anchor(Method):
     """The anchor rule (docs/DESIGN.md): CLS + anchors + the top-m tokens by importance and diversity.
 
     Picks ``k_anchors`` anchors by ``cls_attention`` (B, N); scores every other token by
-    ``alpha * I + (1 - alpha) * D`` computed on ``keys`` (B, N, d_k), where ``I`` is the mean
-    attention from the token to the anchors (rebuilt from keys: ``softmax_j(k_i . k_j /
-    sqrt(d_k))``, since only keys are captured, not the block's attention matrix) and ``D`` is
-    ``1 -`` its highest key cosine similarity to an anchor; both are min-max normalised to
+    ``alpha * I + (1 - alpha) * D``, where ``I`` is the mean attention from the token to the
+    anchors — read from the block's ``attention`` (B, N, N) where the backbone provides it (CLIP
+    ViT adapters recompute it from the block's own q/k projections), else rebuilt from ``keys``
+    (B, N, d_k) as ``softmax_j(k_i . k_j / sqrt(d_k))`` (LLaVA sites capture keys only) — and
+    ``D`` is ``1 -`` its highest key cosine similarity to an anchor; both are min-max normalised to
     [0, 1] over the row's non-anchor tokens before they are mixed, so ``alpha`` weighs
     comparable ranges. Keeps the anchors and the ``top_m`` best (CLS is a prefix token the
     backbone always keeps). Acts before a CLIP ViT block ``l >= 1`` (default ``vision.1``) or on
@@ -77,13 +90,14 @@ class Anchor(Method):
     ``top_m=None`` fills the budget (``top_m = keep - k_anchors``); a ``top_m`` set explicitly
     must match the budget (``keep == k_anchors + top_m``). The design note gives the rule, not
     a published implementation; the key-based estimate of ``I`` is ours.
+    ``attention`` is optional: a site without it falls back to the key estimate.
     """
 
     name = "anchor"
     paper = "the anchor rule of the tokensieve design (training-free; CLS-attention anchors, importance + diversity)"
     stages = ("vision", "projector")
     default_site = "vision.1"
-    signals = ("cls_attention", "keys")
+    signals = ("cls_attention", "keys", "attention")
 
     k_anchors: int = 10
     top_m: int | None = None
@@ -117,4 +131,5 @@ class Anchor(Method):
     def select(self, inputs: SiteInputs) -> Selection:
         m = self.resolve_top_m(inputs.keep, inputs.tokens.shape[1], inputs.site)
         att, keys = inputs.signal("cls_attention"), inputs.signal("keys")
-        return Selection(anchor_keep(att, keys, self.k_anchors, m, self.alpha))
+        attention = inputs.signal("attention") if "attention" in inputs.signals and m > 0 else None
+        return Selection(anchor_keep(att, keys, self.k_anchors, m, self.alpha, attention))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from tokensieve.errors import TokensieveError
 from tokensieve.learned import keep_probability
 from tokensieve.method import Budget
 from tokensieve.train import losses, schedules
+from tokensieve.train.distributed import Distributed
 from tokensieve.train.parts import CONFIG_FILE, PrunerParts
 from tokensieve.train.two_stage_config import TwoStageConfig, stage_targets
 
@@ -76,9 +78,15 @@ class StepLosses:
 
 
 class TwoStageTrainer:
-    def __init__(self, cfg: TwoStageConfig, out: str | Path, resume: bool = False, progress: bool = True):
-        self.cfg, self.out, self.progress = cfg, Path(out), progress
+    """on_validation: called as ``on_validation(step, val_accuracy)`` after each validation step
+    is logged (and checkpointed, if due); it may raise to stop the run, e.g. ``optuna.TrialPruned``."""
+
+    def __init__(self, cfg: TwoStageConfig, out: str | Path, resume: bool = False, progress: bool = True,
+                 on_validation: Callable[[int, float], None] | None = None):
+        self.cfg, self.out, self.progress, self.on_validation = cfg, Path(out), progress, on_validation
         torch.set_num_threads(cfg.run.threads)
+        self.dist = Distributed(cfg.run.device)  # one process unless launched by accelerate or torchrun
+        self.dist.check_batch(cfg.optim.batch_size)
         self._check_folder(resume)
         self.backbone = LlavaBackbone.from_pretrained(cfg.model, device=cfg.run.device)
         if self.backbone.processor is None:
@@ -97,9 +105,10 @@ class TwoStageTrainer:
                    list(self.parts.discriminator.parameters()), "lr": o.lr_discriminator}]
         self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=o.weight_decay)
         self.step, self.best = 0, None
+        self.dist.barrier()  # every process has checked the folder before the main one writes to it
         if resume and (self.out / STATE_FILE).exists():
             self._load_state()
-        else:
+        elif self.dist.is_main:
             save_config(cfg, self.out / CONFIG_FILE)
 
     # --- run folder ---------------------------------------------------------------------
@@ -119,6 +128,8 @@ class TwoStageTrainer:
         self.out.mkdir(parents=True, exist_ok=True)
 
     def _save_state(self) -> None:
+        if not self.dist.is_main:
+            return
         atomic_torch_save({"parts": self.parts.state_dict(), "optimizer": self.optimizer.state_dict(),
                            "step": self.step, "best": self.best, "signature": self.parts.signature,
                            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
@@ -202,7 +213,7 @@ class TwoStageTrainer:
         if merger is not None:
             merger.gumbel_tau = tau
             handle.stages[0].budget = Budget(count=self.parts.training_centres(self.step))  # the merger's stage
-        batch = self._to_device(collate(self.backbone.processor, self.data.batch(self.step),
+        batch = self._to_device(collate(self.backbone.processor, self.dist.shard(self.data.batch(self.step)),
                                         label_eos=self.data.label_eos))
         need_hidden = cfg.loss.hidden_mse > 0 or self.parts.discriminator is not None
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
@@ -221,6 +232,7 @@ class TwoStageTrainer:
             for p in disc.parameters():
                 p.grad = None  # the adversarial term trains the pruners, not the discriminator
             row.update(self._discriminator_step(student, teacher, text))
+        self.dist.sync_gradients(self.parts.parameters())
         torch.nn.utils.clip_grad_norm_(self.parts.parameters(), cfg.optim.grad_clip)
         self.optimizer.step()
         if self.parts.discriminator is not None and random.random() < cfg.discriminator.reinit_prob:
@@ -229,7 +241,7 @@ class TwoStageTrainer:
                 self.optimizer.state.pop(p, None)  # a fresh discriminator starts with fresh moments
             row["disc_reinitialised"] = 1
         self.step += 1
-        return row
+        return self.dist.average(row)
 
     # --- validation ---------------------------------------------------------------------
     @torch.no_grad()
@@ -240,7 +252,7 @@ class TwoStageTrainer:
         self.parts.eval()
         handle, _, _ = self.parts.attach(self.backbone, "soft", training=False)
         try:
-            examples, right, total = self.data.validation(), 0, 0
+            examples, right, total = self.dist.shard(self.data.validation()), 0, 0
             for i in range(0, len(examples), 32):
                 batch = self._to_device(collate(self.backbone.processor, examples[i: i + 32],
                                                 label_eos=self.data.label_eos))
@@ -250,6 +262,7 @@ class TwoStageTrainer:
                 scored = labels != -100
                 right += int((logits[:, :-1].argmax(-1) == labels)[scored].sum())
                 total += int(scored.sum())
+            right, total = self.dist.sum([right, total])
         finally:
             handle.detach()
             self.parts.train()
@@ -262,11 +275,12 @@ class TwoStageTrainer:
         cfg = self.cfg
         self.parts.train()
         handle, merger, pruners = self.parts.attach(self.backbone, "soft", training=True)
-        log = (self.out / LOG_FILE).open("a")
-        writer = SummaryWriter(str(self.out / "tb"), purge_step=self.step)
+        main = self.dist.is_main  # the only process that writes the run folder
+        log = (self.out / LOG_FILE).open("a") if main else None
+        writer = SummaryWriter(str(self.out / "tb"), purge_step=self.step) if main else None
         started = time.time()
         bar = tqdm(total=cfg.optim.steps, initial=self.step, desc="training the two-stage pruner", unit="step",
-                   disable=not self.progress)
+                   disable=not (self.progress and main))
         try:
             while self.step < cfg.optim.steps:
                 row = self.train_step(handle, merger, pruners)
@@ -275,28 +289,38 @@ class TwoStageTrainer:
                     row["val_accuracy"] = self.validate()
                     if self.best is None or row["val_accuracy"] > self.best:
                         self.best = row["val_accuracy"]
-                        self.parts.save(self.out / "best", {"step": str(self.step), "val_accuracy": str(self.best)})
+                        if main:
+                            self.parts.save(self.out / "best", {"step": str(self.step), "val_accuracy": str(self.best)})
                     handle, merger, pruners = self.parts.attach(self.backbone, "soft", training=True)
                 row = {"step": self.step, "elapsed_s": round(time.time() - started, 1), **row}
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-                for key, value in row.items():
-                    if isinstance(value, (int, float)) and key != "step":
-                        writer.add_scalar(key, value, self.step)
-                for i, ratio in enumerate(row["keep_ratio"]):
-                    writer.add_scalar(f"keep_ratio/stage{i}", ratio, self.step)
+                if main:
+                    self._record(row, log, writer)
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tau=f"{row['tau']:.2f}",
                                 keep="/".join(f"{r:.2f}" for r in row["keep_ratio"]))
                 if self.step % cfg.run.checkpoint_every == 0 or self.step == cfg.optim.steps:
                     self._save_state()
+                if "val_accuracy" in row and self.on_validation is not None:
+                    self.on_validation(self.step, row["val_accuracy"])
         finally:
             handle.detach()
             bar.close()
-            writer.close()
-            log.close()
-        (self.out / DONE_FILE).write_text(json.dumps({"steps": self.step, "best_val_accuracy": self.best}) + "\n")
+            if main:
+                writer.close()
+                log.close()
+        if main:
+            (self.out / DONE_FILE).write_text(json.dumps({"steps": self.step, "best_val_accuracy": self.best}) + "\n")
         return self.out
+
+    def _record(self, row: dict, log, writer) -> None:
+        """One row of ``log.jsonl`` and its TensorBoard scalars."""
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and key != "step":
+                writer.add_scalar(key, value, self.step)
+        for i, ratio in enumerate(row["keep_ratio"]):
+            writer.add_scalar(f"keep_ratio/stage{i}", ratio, self.step)
 
 
 def after_first_answer(labels: torch.Tensor) -> torch.Tensor:

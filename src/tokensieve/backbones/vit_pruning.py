@@ -1,0 +1,137 @@
+"""Reduction stages inside a CLIP vision transformer, through forward pre-hooks.
+
+Shared by the open_clip and transformers CLIP adapters (``open_clip_vit.py``, ``hf_clip.py``),
+which supply the module paths through a small interface:
+
+* ``blocks``: the transformer blocks; a pre-hook on block ``i`` sees its input ``(B, 1 + n, d)``
+  (CLS first) as the first positional argument;
+* ``hook_attention_input(i, fn)``: call ``fn(x)`` with the normalised ``(B, T, d)`` states block
+  ``i``'s attention receives, return a removable hook;
+* ``queries(i, x)`` / ``keys(i, x)``: block ``i``'s own projections of ``x`` as ``(B, H, T, d_h)``,
+  and ``attention_scale(i)``;
+* ``depth``, ``n_patches`` and ``sites()`` (``geometry``, ``image_size`` and ``encode_images`` serve
+  the speed benchmark).
+
+A stage at site ``vision.i`` (``1 <= i < depth``) chooses patch tokens before block ``i``, from
+the signals of block ``i - 1``'s attention (so block 0, which has no earlier attention, is
+never a site): ``cls_attention`` ``(B, n)``, ``keys`` ``(B, n, d_h)`` (mean over heads) and
+``attention`` ``(B, n, n)`` (head-averaged, rows normalised over all ``1 + n`` tokens). They are
+recomputed from the block's own q/k projections only when a method asks, so the model's fused
+attention stays on. Every row chooses for itself; the kept tokens are gathered (``hard`` mode),
+CLS stays at index 0, and later blocks run on the shorter sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokensieve.backbones.llava_pruning import check_selection, row_generator
+from tokensieve.errors import TokensieveError
+from tokensieve.method import SiteInputs
+
+SIGNALS = ("cls_attention", "keys", "attention")
+
+
+class ViTPruningSession:
+    """The hooks of one handle on one ViT adapter, and the state of one forward pass."""
+
+    def __init__(self, backbone, handle, seed: int):
+        from tokensieve.backbones.hf_llava import Site
+
+        if handle.mode != "hard":
+            raise TokensieveError(f"mode {handle.mode!r} is not available in a CLIP vision tower; use hard")
+        self.bb, self.handle, self.seed = backbone, handle, seed
+        self.stages: dict = {}
+        for st in handle.stages:
+            site = Site.parse(st.site)
+            if site not in backbone.sites():
+                raise TokensieveError(f"site {site} does not exist in this {backbone.depth}-block ViT; sites are "
+                                      f"vision.1 .. vision.{backbone.depth - 1}")
+            if "vision" not in st.method.stages:
+                raise TokensieveError(f"method {st.method.name!r} cannot act in a vision tower "
+                                      f"(it acts at: {', '.join(st.method.stages)})")
+            missing = sorted(set(st.method.signals) - set(SIGNALS))
+            if missing:
+                raise TokensieveError(f"method {st.method.name!r} needs {', '.join(missing)}, which a CLIP "
+                                      "vision tower does not have")
+            if site in self.stages:
+                raise TokensieveError(f"two stages at site {site}")
+            self.stages[site] = st
+        self._check_budgets()
+        self._inputs: dict[int, torch.Tensor] = {}  # block -> the normalised states its attention saw
+        self.positions: torch.Tensor | None = None  # (B, n) original patch index of each patch token
+        self._register()
+
+    def _check_budgets(self) -> None:
+        """Resolve every budget against the patch tokens its site will see, before any model work."""
+        n = self.bb.n_patches
+        for site in sorted(self.stages, key=lambda s: s.layer):
+            st = self.stages[site]
+            keep = st.budget.resolve(n, f"{site} ({n} patch tokens + CLS)")
+            st.method.check(n, keep, str(site))
+            n = keep
+
+    def _register(self) -> None:
+        hooks = self.handle.hooks
+        hooks.append(self.bb.blocks[0].register_forward_pre_hook(self._start))
+        for site, st in self.stages.items():
+            if set(SIGNALS) & set(st.method.signals):
+                hooks.append(self.bb.hook_attention_input(site.layer - 1, self._remember(site.layer - 1)))
+            hooks.append(self.bb.blocks[site.layer].register_forward_pre_hook(self._reduce(site)))
+
+    def _start(self, _module, args):
+        if self.handle.active:
+            self._inputs.clear()
+            b, t = args[0].shape[:2]
+            self.positions = torch.arange(t - 1, device=args[0].device).expand(b, -1)
+
+    def _remember(self, block: int):
+        def fn(x: torch.Tensor) -> None:
+            if self.handle.active:
+                self._inputs[block] = x
+        return fn
+
+    def _signals(self, block: int) -> dict:
+        """Lazy signals over the patch tokens from block ``block``'s attention input."""
+        if block not in self._inputs:
+            return {}
+        x = self._inputs[block]
+        bb, cache = self.bb, {}
+
+        def keys() -> torch.Tensor:  # (B, H, T, d_h)
+            if "k" not in cache:
+                cache["k"] = bb.keys(block, x)
+            return cache["k"]
+
+        def cls_attention() -> torch.Tensor:
+            scores = bb.queries(block, x[:, :1]) @ keys().transpose(-1, -2) * bb.attention_scale(block)
+            return scores.float().softmax(-1).mean(1)[:, 0, 1:]
+
+        def attention() -> torch.Tensor:
+            scores = bb.queries(block, x[:, 1:]) @ keys().transpose(-1, -2) * bb.attention_scale(block)
+            return scores.float().softmax(-1).mean(1)[:, :, 1:]
+
+        return {"cls_attention": cls_attention, "keys": lambda: keys().mean(1)[:, 1:], "attention": attention}
+
+    def _reduce(self, site):
+        st = self.stages[site]
+
+        def hook(_module, args):
+            if not self.handle.active:
+                return None
+            hidden = args[0]  # (B, 1 + n, d)
+            b, t, d = hidden.shape
+            patches = hidden[:, 1:]
+            keep = st.budget.resolve(t - 1, str(site))
+            with self.handle.scoring():
+                inputs = SiteInputs(patches, keep, str(site), lambda: row_generator(self.seed, patches),
+                                    self._signals(site.layer - 1))
+                sel = st.method.select(inputs)
+                check_selection(sel, b, t - 1, keep, f"{st.method.name} at {site}")
+            self._inputs.pop(site.layer - 1, None)
+            values = sel.tokens if sel.tokens is not None else patches.gather(1, sel.indices[..., None].expand(-1, -1, d))
+            self.positions = self.positions.gather(1, sel.indices)
+            self.handle.last_counts[str(st)] = (t - 1, keep)
+            self.handle.last_kept[str(st)] = self.positions
+            return (torch.cat([hidden[:, :1], values.to(hidden.dtype)], 1), *args[1:])
+        return hook

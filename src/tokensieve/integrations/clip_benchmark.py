@@ -1,0 +1,356 @@
+"""Token pruning inside CLIP image towers, evaluated by clip_benchmark's own code (pinned 1.6.2).
+
+clip_benchmark has no plugin mechanism. :func:`run_clip_benchmark` hands the arguments to
+clip_benchmark's own parser and ``main_eval`` (so every ``clip_benchmark eval`` argument works)
+inside :func:`patched_clip_benchmark`, which for the duration of the call only:
+
+* wraps every loader in ``clip_benchmark.models.TYPE2FUNC`` (the table ``load_clip`` reads):
+  the original loader runs (or the tiny model's, for ``--model tokensieve-tiny-clip``), then the
+  pruning is attached to the image tower it returned, through hooks, before any evaluation;
+* wraps ``clip_benchmark.cli.run`` (called once per model x dataset x language) so that after it
+  has written its result JSON the pruning settings and the image tokens per block are added
+  under ``"tokensieve"``, and the attention record is saved;
+* replaces ``clip_benchmark.metrics.zeroshot_classification.accuracy`` by a copy that returns
+  the same numbers, only if the original fails on this NumPy: 1.6.2 calls
+  ``float(array_of_shape_1)``, which NumPy >= 2.4 refuses ("only 0-dimensional arrays can be
+  converted to Python scalars").
+
+Everything is put back on exit; hooks are removed by the handles' ``detach()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from tokensieve.attach import Handle, attach
+from tokensieve.errors import TokensieveError
+
+CLIP_BENCHMARK_VERSION = "1.6.2"
+DEFAULT_METHOD = "anchor"
+VIT_METHODS = ("anchor", "random", "tome", "visionzip", "prumerge", "prumerge_plus")
+
+
+@dataclass
+class PruningSettings:
+    """The pruning flags of ``tokensieve clip-benchmark eval``.
+
+    Every method keeps ``k_anchors + top_m`` patch tokens (plus CLS) before each block in
+    ``prune_layers`` (default: every block from 1 on); ``k_anchors``, ``top_m`` and ``alpha``
+    are the anchor rule's own parameters, the other methods only take the budget.
+    """
+
+    enable_pruning: bool = False
+    prune_method: str = DEFAULT_METHOD
+    k_anchors: int = 10
+    top_m: int = 50
+    alpha: float = 0.5
+    prune_layers: list[int] | None = None
+    extract_attention: bool = False
+    attention_output: str | None = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Refuse values that cannot work on any model (before anything is loaded)."""
+        if self.prune_method not in VIT_METHODS:
+            raise TokensieveError(f"--prune_method {self.prune_method!r} cannot act in a CLIP image tower; "
+                                  f"choose one of {', '.join(VIT_METHODS)}")
+        if self.k_anchors < 1:
+            raise TokensieveError(f"--k_anchors {self.k_anchors}: need at least one anchor")
+        if self.top_m < 0:
+            raise TokensieveError(f"--top_m {self.top_m}: must be >= 0")
+        if not 0 <= self.alpha <= 1:
+            raise TokensieveError(f"--alpha {self.alpha} is not in [0, 1]")
+        if self.prune_layers is not None and any(i < 1 for i in self.prune_layers):
+            raise TokensieveError(f"--prune_layers {','.join(map(str, self.prune_layers))}: block 0 has no earlier "
+                                  "attention to choose by; use blocks >= 1")
+
+    @property
+    def budget(self) -> int:
+        return self.k_anchors + self.top_m
+
+    def method_spec(self) -> dict:
+        if self.prune_method == "anchor":
+            return {"name": "anchor", "k_anchors": self.k_anchors, "top_m": self.top_m, "alpha": self.alpha}
+        return {"name": self.prune_method}
+
+    def record(self, backbone) -> dict:
+        """What the result JSON says about the pruning."""
+        layers = self.layers(backbone) if self.enable_pruning else []
+        out = {"enabled": self.enable_pruning}
+        if self.enable_pruning:
+            out.update(method=self.method_spec(), keep_patch_tokens=self.budget, prune_layers=layers,
+                       mode="hard", seed=self.seed)
+        return out
+
+    def layers(self, backbone) -> list[int]:
+        return sorted(set(self.prune_layers)) if self.prune_layers else list(range(1, backbone.depth))
+
+
+def vit_backbone(model):
+    """The ViT adapter for ``model`` (open_clip or transformers CLIP), or a :class:`TokensieveError`."""
+    from tokensieve.backbones.hf_clip import HFClipViTBackbone
+    from tokensieve.backbones.open_clip_vit import OpenClipViTBackbone
+
+    if hasattr(model, "visual") or type(model).__module__.startswith("open_clip"):
+        return OpenClipViTBackbone(model)
+    if hasattr(model, "vision_model") or hasattr(model, "embeddings"):
+        return HFClipViTBackbone(model)
+    raise TokensieveError(f"{type(model).__name__} is neither an open_clip model with a ViT image tower nor a "
+                          "transformers CLIP vision model; tokensieve prunes ViT image tokens only")
+
+
+def attach_pruning(backbone, settings: PruningSettings) -> Handle:
+    """Attach ``settings``' method before every block of its ``prune_layers`` of a ViT adapter
+    (:func:`vit_backbone`); refuses budgets and blocks this tower does not have."""
+    n = backbone.n_patches
+    if settings.budget + 1 > n + 1:
+        raise TokensieveError(f"k_anchors + top_m + 1 = {settings.k_anchors} + {settings.top_m} + 1 = "
+                              f"{settings.budget + 1} is more than the {n + 1} tokens ({n} patches + CLS) of this "
+                              f"model's image tower")
+    layers = settings.layers(backbone)
+    if layers[-1] >= backbone.depth:
+        raise TokensieveError(f"--prune_layers {layers[-1]}: this image tower has blocks 0..{backbone.depth - 1}")
+    stages = [(settings.method_spec(), f"vision.{i}", settings.budget) for i in layers]
+    return attach(backbone, stages, mode="hard", seed=settings.seed)
+
+
+def tokens_per_block(backbone, handle: Handle | None) -> list[int]:
+    """Image tokens (CLS included) each block of the tower runs on with ``handle``'s stages."""
+    n, counts = backbone.n_patches, []
+    stages = {} if handle is None else {int(st.site.split(".")[1]): st for st in handle.stages}
+    for i in range(backbone.depth):
+        if i in stages:
+            n = stages[i].budget.resolve(n)
+        counts.append(n + 1)
+    return counts
+
+
+class AttentionRecorder:
+    """CLS attention of every block and the kept patch indices of every stage, per image.
+
+    ``cls_attention[i]``: ``(images, T_i - 1)`` block ``i``'s head-averaged CLS attention over the
+    patch tokens it runs on (in the order of ``kept`` of the last stage before it); ``kept[stage]``:
+    ``(images, K)`` original patch indices kept there.
+    """
+
+    def __init__(self, backbone, handle: Handle | None):
+        self.bb, self.handle = backbone, handle
+        self.cls_attention: dict[int, list[torch.Tensor]] = {i: [] for i in range(backbone.depth)}
+        self.kept: dict[str, list[torch.Tensor]] = {}
+        self.hooks = [backbone.hook_attention_input(i, self._record(i)) for i in range(backbone.depth)]
+        self.hooks.append(backbone.blocks[-1].register_forward_hook(self._record_kept))
+
+    def _record(self, block: int):
+        def fn(x: torch.Tensor) -> None:
+            with torch.no_grad():
+                scores = self.bb.queries(block, x[:, :1]) @ self.bb.keys(block, x).transpose(-1, -2)
+                row = (scores * self.bb.attention_scale(block)).float().softmax(-1).mean(1)[:, 0, 1:]
+            self.cls_attention[block].append(row.half().cpu())
+        return fn
+
+    def _record_kept(self, *_):
+        if self.handle is not None and self.handle.active:
+            for name, kept in self.handle.last_kept.items():
+                self.kept.setdefault(name, []).append(kept.cpu())
+
+    def detach(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+    def save(self, path: Path, meta: dict) -> None:
+        from tokensieve.checkpoint import atomic_torch_save
+
+        atomic_torch_save({"cls_attention": {i: torch.cat(v) for i, v in self.cls_attention.items() if v},
+                           "kept": {k: torch.cat(v) for k, v in self.kept.items()}, **meta}, path)
+
+
+@dataclass
+class EvalRun:
+    """One clip_benchmark ``run()``: its arguments, result file and the model it loaded."""
+
+    args: object
+    output: Path | None = None
+    model: object = None
+    backbone: object = None
+    handle: Handle | None = None
+    recorder: AttentionRecorder | None = None
+
+
+def load_model(load_func, model_type: str, model_name: str, pretrained: str, cache_dir, device):
+    """clip_benchmark's loader contract ``-> (model, transform, tokenizer)``; the tiny CLIP by name."""
+    from tokensieve.clip.tiny import TINY_NAME, load_tiny
+
+    if model_type == "open_clip" and model_name == TINY_NAME:
+        return load_tiny(None if pretrained in ("", "tokensieve") else Path(pretrained), device)
+    return load_func(model_name=model_name, pretrained=pretrained, cache_dir=cache_dir, device=device)
+
+
+def output_path(args) -> Path:
+    """The result file clip_benchmark 1.6.2's ``run(args)`` writes (its own naming rule)."""
+    from clip_benchmark.datasets.builder import get_dataset_default_task
+
+    name = args.dataset.replace("wds/", "", 1) if args.dataset.startswith("wds/") else args.dataset
+    task = get_dataset_default_task(name) if args.task == "auto" else args.task
+    is_file = os.path.isfile(args.pretrained)
+    return Path(args.output.format(
+        model=args.model, pretrained=os.path.basename(args.pretrained) if is_file else args.pretrained,
+        pretrained_full_path=args.pretrained.replace("/", "_") if is_file else args.pretrained,
+        task=task, dataset=name.replace("/", "_"), language=args.language))
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """Replace ``path`` atomically (a temporary file beside it, then a rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+def _accuracy_numpy2(output: torch.Tensor, target: torch.Tensor, topk=(1,)) -> list[float]:
+    """clip_benchmark 1.6.2's ``accuracy`` with the scalar taken by ``.item()`` (same numbers)."""
+    pred = output.topk(max(topk), 1, True, True)[1].t()
+    correct = pred.eq(target.view(1, -1).expand_as(pred))
+    return [correct[:k].reshape(-1).float().sum().item() / len(target) for k in topk]
+
+
+def _accuracy_needs_fix(accuracy) -> bool:
+    try:
+        accuracy(torch.tensor([[0.0, 1.0]]), torch.tensor([1]))
+        return False
+    except TypeError:
+        return True
+
+
+class ClipBenchmarkSession:
+    """The state of one ``tokensieve clip-benchmark`` call: settings and the runs made."""
+
+    def __init__(self, settings: PruningSettings, keep_models: bool = False):
+        self.settings, self.keep_models = settings, keep_models
+        self.runs: list[EvalRun] = []
+        self.workarounds: list[str] = []
+
+    def loader(self, model_type: str, original):
+        def load(model_name, pretrained, cache_dir=None, device="cpu"):
+            model, transform, tokenizer = load_model(original, model_type, model_name, pretrained, cache_dir, device)
+            run = self.runs[-1]
+            run.model = model
+            try:
+                run.backbone = vit_backbone(model)
+            except TokensieveError:
+                if self.settings.enable_pruning or self.settings.extract_attention:
+                    raise
+                return model, transform, tokenizer  # an unpruned run of another model: evaluated as is
+            if self.settings.enable_pruning:
+                run.handle = attach_pruning(run.backbone, self.settings)
+            if self.settings.extract_attention:
+                run.recorder = AttentionRecorder(run.backbone, run.handle)
+            return model, transform, tokenizer
+        return load
+
+    def run(self, original):
+        def run(args):
+            self.runs.append(EvalRun(args))
+            output_path(args).parent.mkdir(parents=True, exist_ok=True)  # clip_benchmark does not create it
+            try:
+                result = original(args)
+            except BaseException:
+                self.release(self.runs[-1])
+                raise
+            current = self.runs[-1]
+            if current.model is not None:  # not skipped as existing
+                current.output = output_path(args)
+                self._annotate(current)
+                if not self.keep_models:
+                    self.release(current)
+            return result
+        return run
+
+    def _annotate(self, run: EvalRun) -> None:
+        from importlib.metadata import version
+
+        from tokensieve import __version__
+
+        tower = {} if run.backbone is None else {
+            "image_tokens_per_block": tokens_per_block(run.backbone, run.handle),
+            "patch_tokens": run.backbone.n_patches, "blocks": run.backbone.depth}
+        info = {"pruning": self.settings.record(run.backbone), **tower,
+                "measured_counts": dict(run.handle.last_counts) if run.handle else {},
+                "versions": {"tokensieve": __version__, "clip_benchmark": version("clip_benchmark"),
+                             "open_clip_torch": version("open_clip_torch"), "torch": torch.__version__},
+                "workarounds": self.workarounds, "command": " ".join(sys.argv)}
+        if run.recorder is not None:
+            path = Path(self.attention_path(run))
+            run.recorder.save(path, {"settings": asdict(self.settings), "image_tokens_per_block":
+                                     info["image_tokens_per_block"]})
+            info["attention_output"] = str(path)
+        if not run.output.is_file():
+            raise TokensieveError(f"clip_benchmark did not write {run.output}; cannot add the pruning record")
+        result = json.loads(run.output.read_text())
+        result["tokensieve"] = info
+        write_json(run.output, result)
+
+    def attention_path(self, run: EvalRun) -> str:
+        if self.settings.attention_output:
+            args = run.args
+            return self.settings.attention_output.format(model=args.model, dataset=args.dataset.replace("/", "_"),
+                                                         language=args.language, pretrained=os.path.basename(
+                                                             args.pretrained), task=args.task)
+        return str(output_path(run.args).with_suffix("")) + "_attention.pt"
+
+    @staticmethod
+    def release(run: EvalRun) -> None:
+        for part in (run.recorder, run.handle):
+            if part is not None:
+                part.detach()
+
+    @contextlib.contextmanager
+    def patched(self) -> Iterator[None]:
+        """clip_benchmark's loader table, ``run`` and (if broken here) ``accuracy``, wrapped for this call."""
+        from clip_benchmark import cli, models
+        from clip_benchmark.metrics import zeroshot_classification
+
+        saved_types, saved_run = dict(models.TYPE2FUNC), cli.run
+        saved_accuracy = zeroshot_classification.accuracy
+        try:
+            for name, func in saved_types.items():
+                models.TYPE2FUNC[name] = self.loader(name, func)
+            cli.run = self.run(saved_run)
+            if _accuracy_needs_fix(saved_accuracy):
+                zeroshot_classification.accuracy = _accuracy_numpy2
+                self.workarounds.append("clip_benchmark.metrics.zeroshot_classification.accuracy replaced for this "
+                                        "run by a copy using .item() (1.6.2 calls float() on a 1-element array, "
+                                        "which NumPy >= 2.4 refuses)")
+            yield
+        finally:
+            models.TYPE2FUNC.clear()
+            models.TYPE2FUNC.update(saved_types)
+            cli.run = saved_run
+            zeroshot_classification.accuracy = saved_accuracy
+
+
+def run_clip_benchmark(clip_benchmark_args: list[str], settings: PruningSettings,
+                       keep_models: bool = False) -> ClipBenchmarkSession:
+    """``clip_benchmark eval ARGS`` with ``settings`` applied; returns the session (its runs)."""
+    from tokensieve.clip.compat import ensure_torchvision_importable
+
+    settings.validate()
+    ensure_torchvision_importable()
+    from clip_benchmark import cli
+
+    session = ClipBenchmarkSession(settings, keep_models)
+    argv = sys.argv
+    sys.argv = ["clip_benchmark", "eval", *clip_benchmark_args]  # clip_benchmark's parser reads sys.argv
+    try:
+        _parser, base = cli.get_parser_args()
+    finally:
+        sys.argv = argv
+    with session.patched():
+        cli.main_eval(base)
+    return session

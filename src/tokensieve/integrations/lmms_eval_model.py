@@ -1,0 +1,200 @@
+"""An lmms-eval model: a LLaVA checkpoint with a tokensieve method or a trained pruner attached.
+
+Registered through the ``lmms_eval.models`` entry point as ``tokensieve``::
+
+    lmms-eval --model tokensieve --model_args pretrained=llava-hf/llava-1.5-7b-hf,method=fastv,keep=0.25 \\
+        --tasks mme,pope --batch_size 1
+
+Model arguments: ``pretrained`` (checkpoint folder or hub id; default the shipped testbed),
+``method`` (a registered method name) or ``pruner`` (a ``tokensieve train`` run folder),
+``keep`` (budget: a count or a ratio; for a pruner, the tokens entering the LLM; default as
+trained), ``site`` (default the method's own), ``mode`` (``hard``, ``soft`` or ``origin``),
+``dtype`` (``float32``, ``bfloat16``, ``float16``), ``device`` and ``batch_size``.
+
+Every prompt is one image and a question in the LLaVA-1.5 format (``USER: <image>\\n...
+ASSISTANT:``). The image is in the context of both request types: ``loglikelihood`` scores the
+continuation tokens of the full image + context + continuation sequence, and a generation
+error is raised, never turned into an empty answer.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from lmms_eval.api.instance import Instance
+from lmms_eval.api.model import lmms
+
+from tokensieve.errors import TokensieveError
+
+MODEL_NAME = "tokensieve"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+IMAGE_TOKEN = "<image>"
+
+
+def manifest():
+    """The ``lmms_eval.models`` entry point: registers :class:`TokensieveLlava` as ``tokensieve``."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id=MODEL_NAME, simple_class_path=f"{__name__}.TokensieveLlava")
+
+
+def _default_device() -> str:
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{os.environ.get('LOCAL_RANK', 0)}"  # one GPU per process under accelerate launch
+
+
+class TokensieveLlava(lmms):
+    """A LLaVA backbone with ``method`` or ``pruner`` attached at budget ``keep`` (see the module)."""
+
+    is_simple = True
+
+    def __init__(self, pretrained: str | None = None, method: str | None = None, keep: int | float | str | None = None,
+                 site: str | None = None, mode: str = "hard", pruner: str | None = None, dtype: str | None = None,
+                 device: str | None = None, batch_size: int | str = 1, **unknown):
+        super().__init__()
+        from tokensieve.backbones import LlavaBackbone
+        from tokensieve.method import Budget, method_class
+
+        if unknown:
+            raise TokensieveError(f"unknown tokensieve model argument(s) {', '.join(sorted(unknown))}; known: "
+                                  "pretrained, method, keep, site, mode, pruner, dtype, device, batch_size")
+        if method is not None and pruner is not None:
+            raise TokensieveError("give method=NAME or pruner=RUN_DIR, not both")
+        if method is not None:
+            if method_class(method).trained:  # an unknown name fails here, before the model loads
+                raise TokensieveError(f"method={method} is learned; give pruner=RUN_DIR (a tokensieve train run folder)")
+            if keep is None:
+                raise TokensieveError(f"method={method} needs keep=: a count (64) or a ratio (0.25)")
+        if keep is not None:
+            if method is None and pruner is None:
+                raise TokensieveError(f"keep={keep} needs method=NAME or pruner=RUN_DIR")
+            Budget.parse(str(keep))
+        if dtype is not None and dtype not in DTYPES:
+            raise TokensieveError(f"dtype={dtype} is not one of {', '.join(DTYPES)}")
+        self.batch_size_per_gpu = int(batch_size)
+        self._device = torch.device(device or _default_device())
+        self.backbone = LlavaBackbone.from_pretrained(pretrained, dtype=DTYPES.get(dtype), device=self._device)
+        if self.backbone.processor is None:
+            raise TokensieveError(f"{pretrained} has no processor files; lmms-eval needs one to read prompts")
+        self.backbone.processor.tokenizer.padding_side = "left"  # every row ends at the last position
+        self.handle = self._attach(method, keep, site, mode, pruner)
+
+    def _attach(self, method, keep, site, mode, pruner):
+        from tokensieve.attach import attach
+
+        if pruner is not None:
+            from tokensieve.train.parts import load_parts
+
+            handle, _, _ = load_parts(pruner, self.backbone).to(self._device).attach(
+                self.backbone, mode, keep=None if keep is None else str(keep))
+            return handle
+        if method is not None:
+            return attach(self.backbone, method, str(keep), site=site, mode=mode)
+        return None
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def tokenizer(self):
+        return self.backbone.processor.tokenizer
+
+    # --- requests -----------------------------------------------------------------------
+    def _image(self, doc_to_visual, doc_id, task, split):
+        visuals = doc_to_visual(self.task_dict[task][split][doc_id])
+        if len(visuals) != 1:
+            raise TokensieveError(f"task {task}, doc {doc_id}: tokensieve evaluates prompts with exactly one image, "
+                                  f"this one has {len(visuals)}")
+        return visuals[0].convert("RGB")
+
+    @staticmethod
+    def _prompt(context: str) -> str:
+        from tokensieve.testbed.processor import prompt
+
+        return prompt(context.replace(IMAGE_TOKEN, "").strip())
+
+    def _encode(self, texts: Sequence[str], images: list) -> dict[str, torch.Tensor]:
+        batch = self.backbone.processor(images=images, text=list(texts), return_tensors="pt", padding=True)
+        dtype = self.backbone.model.dtype
+        return {"input_ids": batch["input_ids"].to(self._device),
+                "attention_mask": batch["attention_mask"].to(self._device),
+                "pixel_values": batch["pixel_values"].to(self._device, dtype)}
+
+    def _chunks(self, requests: list[Instance], same=lambda args: None):
+        """Consecutive runs of at most ``batch_size`` requests on which ``same(args)`` agrees."""
+        chunk: list[Instance] = []
+        for request in requests:
+            if chunk and (len(chunk) == self.batch_size or same(request.args) != same(chunk[0].args)):
+                yield chunk
+                chunk = []
+            chunk.append(request)
+        if chunk:
+            yield chunk
+
+    @torch.no_grad()
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        """``(loss, is_greedy)`` per request: loss is minus the log-probability of the continuation
+        given the image and the context (summed over its tokens), the convention lmms-eval's own
+        scorers assume (``multiple_choice`` takes the argmin); is_greedy: every continuation token
+        is the argmax."""
+        results = []
+        for chunk in self._chunks(requests):
+            contexts, continuations, images = [], [], []
+            for context, target, doc_to_visual, doc_id, task, split in (r.args for r in chunk):
+                doc = self.task_dict[task][split][doc_id]
+                contexts.append(self._prompt(context))
+                continuations.append(target if isinstance(target, str) else target(doc))
+                images.append(self._image(doc_to_visual, doc_id, task, split))
+            full = [c + k for c, k in zip(contexts, continuations)]
+            # The placeholder expands to the same visual tokens in both, so the difference counts the continuation.
+            tokenize = self.tokenizer
+            lengths = [len(tokenize(f)["input_ids"]) - len(tokenize(c)["input_ids"]) for f, c in zip(full, contexts)]
+            if min(lengths) < 1:
+                empty = continuations[lengths.index(min(lengths))]
+                raise TokensieveError(f"an empty continuation cannot be scored: {empty!r}")
+            batch = self._encode(full, images)
+            logits = self.backbone.forward(**batch).logits.float()
+            for row, n in enumerate(lengths):
+                # Left padding: each row ends at the last position, whatever was removed from its image run.
+                logp = torch.log_softmax(logits[row, -n - 1:-1], -1)
+                target = batch["input_ids"][row, -n:]
+                loss = -logp.gather(-1, target[:, None]).sum()
+                results.append((float(loss), bool((logp.argmax(-1) == target).all())))
+        return results
+
+    @torch.no_grad()
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        """Greedy (or sampled, with ``temperature`` > 0) answers, cut at the first ``until`` string."""
+        results = []
+        for chunk in self._chunks(requests, same=lambda args: repr(sorted(args[1].items()))):
+            gen = dict(chunk[0].args[1])
+            until = gen.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            texts, images = [], []
+            for context, _, doc_to_visual, doc_id, task, split in (r.args for r in chunk):
+                texts.append(self._prompt(context))
+                images.append(self._image(doc_to_visual, doc_id, task, split))
+            temperature = float(gen.get("temperature") or 0)
+            sampling = {"do_sample": True, "temperature": temperature, "top_p": gen.get("top_p")} if temperature > 0 \
+                else {"do_sample": False}
+            new = self.backbone.generate(**self._encode(texts, images),
+                                         max_new_tokens=int(gen.get("max_new_tokens", 128)),
+                                         num_beams=int(gen.get("num_beams") or 1),
+                                         pad_token_id=self.tokenizer.pad_token_id,
+                                         eos_token_id=self.tokenizer.eos_token_id, **sampling)
+            for answer in self.tokenizer.batch_decode(new, skip_special_tokens=True):
+                for stop in until:
+                    answer = answer.split(stop)[0] if stop else answer
+                results.append(answer.strip())
+        return results
+
+    def generate_until_multi_round(self, requests) -> list[str]:
+        raise TokensieveError("the tokensieve lmms-eval model does not support multi-round generation")
