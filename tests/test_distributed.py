@@ -138,3 +138,33 @@ def test_a_batch_that_does_not_split_evenly_is_refused(tiny_llava_dir, tmp_path)
 
     save_config(tiny_config(tiny_llava_dir, optim={"steps": 1, "batch_size": 3}), tmp_path / "config.yaml")
     run_in_two_processes(_indivisible, tmp_path / "config.yaml", tmp_path / "run")
+
+
+def _evaluate(rank: int, args: list[str], counts) -> None:
+    import tokensieve.evaluate.accuracy as accuracy
+
+    answered, real_predict = [], accuracy.predict
+
+    def counting(backbone, items, *rest, **kwargs):
+        answered.extend(item.question_id for item in items)
+        return real_predict(backbone, items, *rest, **kwargs)
+
+    accuracy.predict = counting
+    assert main(args) == 0
+    (counts / f"rank{rank}.json").write_text(json.dumps(answered))
+
+
+def test_eval_in_two_processes_scores_each_item_once_and_reports_what_one_process_does(tiny_llava_dir, tmp_path):
+    from tokensieve.evaluate.report import load_report
+
+    args = ["eval", "--model", str(tiny_llava_dir), "--method", "random,fastv", "--keep", "8", "--samples", "10",
+            "--batch-size", "3", "--timing-samples", "0", "--kept-examples", "0", "--json", "--out"]
+    run_in_two_processes(_evaluate, [*args, str(tmp_path / "two")], tmp_path)
+    shares = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert all(shares) and sorted(shares[0] + shares[1]) == sorted([str(i) for i in range(10)] * 3)
+    assert main([*args, str(tmp_path / "one")]) == 0
+    two, one = load_report(tmp_path / "two"), load_report(tmp_path / "one")
+    assert two["rows"] == one["rows"]
+    lines = (tmp_path / "two" / "samples.jsonl").read_text().splitlines()
+    assert len(lines) == 1 + 3 * 10  # the main process alone wrote each run's 10 items, once each
+    assert lines[1:] == (tmp_path / "one" / "samples.jsonl").read_text().splitlines()[1:]

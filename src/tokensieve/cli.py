@@ -136,17 +136,26 @@ def _eval(args: argparse.Namespace) -> None:
         from tokensieve.train.parts import load_parts
 
         pruner = load_parts(args.pruner, backbone)
+    from tokensieve.train.distributed import Distributed
+
+    dist = Distributed()  # one process unless launched by torchrun / accelerate launch: then each scores a share
     log = None
     if args.out:
         from tokensieve.evaluate.sample_log import SampleLog
 
-        log = SampleLog(args.out, {"model": str(args.model or "shipped testbed"), "mode": args.mode,
-                                   "data": data.name, "max_new_tokens": data.max_new_tokens, "site": args.site,
-                                   "pruner": None if args.pruner is None else str(args.pruner)})
+        fingerprint = {"model": str(args.model or "shipped testbed"), "mode": args.mode, "data": data.name,
+                       "max_new_tokens": data.max_new_tokens, "site": args.site,
+                       "pruner": None if args.pruner is None else str(args.pruner)}
+        if dist.is_main:  # creates the file (or checks it) before the other processes read it
+            log = SampleLog(args.out, fingerprint)
+        dist.barrier()
+        log = log or SampleLog(args.out, fingerprint)
     rows = compare_methods(backbone, data, methods, keeps, mode=args.mode, site=args.site,
-                           batch_size=args.batch_size, progress=not args.json, pruner=pruner, oracle=args.oracle,
-                           log=log, timing_samples=args.timing_samples,
-                           kept_examples=args.kept_examples if args.out else 0)
+                           batch_size=args.batch_size, progress=not args.json and dist.is_main, pruner=pruner,
+                           oracle=args.oracle, log=log, timing_samples=args.timing_samples,
+                           kept_examples=args.kept_examples if args.out else 0, dist=dist)
+    if not dist.is_main:
+        return
     if args.out:
         from tokensieve.evaluate.kept_overlays import model_views
 

@@ -16,6 +16,7 @@ from tokensieve.evaluate.latency import kv_cache_bytes, measure_latency
 from tokensieve.evaluate.sample_log import SampleLog
 from tokensieve.evaluate.scoring import accuracy_summary, score
 from tokensieve.method import Budget
+from tokensieve.train.distributed import Distributed
 from tokensieve.testbed.evaluate import object_oracle, predict, scene_spec_for
 from tokensieve.testbed.processor import prompt
 
@@ -53,7 +54,7 @@ def timing_fields(backbone: LlavaBackbone, samples: list[VQAItem], keep=None) ->
 def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str], keeps: list[str],
                     mode: str = "hard", site: str | None = None, batch_size: int = 64, progress: bool = True,
                     pruner=None, oracle: bool = False, log: SampleLog | None = None, timing_samples: int = 8,
-                    kept_examples: int = 0) -> list[dict]:
+                    kept_examples: int = 0, dist: Distributed | None = None) -> list[dict]:
     """Rows ``{method, site, keep, visual_tokens_kept, accuracy, per_family, flops, flops_ratio,
     tokens_per_llm_layer}``; the first row is the unpruned model (``method`` ``"none"``),
     measured on the same items of ``data``. FLOPs are for one prefill of the median prompt.
@@ -72,6 +73,9 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str],
     kept_examples: for the first that many items, every pruned row gets ``kept_tokens``:
     ``{"ids": [question ids], "stages": {stage: [patch indices kept, per item]}}`` (-1: CLS).
     Every row also has ``kv_cache_bytes``, the bf16 KV cache after one prefill.
+    dist: under ``torchrun`` / ``accelerate launch``, each process answers its share of every
+    batch and the answers are gathered, so every process returns the same rows (only the main
+    one writes the log).
     """
     if oracle and data.scenes is None:
         raise TokensieveError("--oracle needs the synthetic set: the object oracle knows where its objects are")
@@ -82,7 +86,7 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str],
         pruner.attach(backbone, mode, keep=keep)[0].detach()
     items = data.items
     text_tokens = median_text_tokens(backbone, items)
-    scored = _Scorer(backbone, data, log, batch_size, progress)
+    scored = _Scorer(backbone, data, log, batch_size, progress, dist or Distributed())
     timed, examples = items[:timing_samples], items[:kept_examples]
     baseline = cost_fields(backbone, text_tokens)
     rows = [{"method": "none", "site": None, "keep": 1.0, "visual_tokens_kept": backbone.n_visual_tokens,
@@ -123,21 +127,26 @@ class _Scorer:
     interruption loses at most one batch)."""
 
     def __init__(self, backbone: LlavaBackbone, data: EvalData, log: SampleLog | None, batch_size: int,
-                 progress: bool):
+                 progress: bool, dist: Distributed):
         self.backbone, self.data, self.log, self.batch_size, self.progress = backbone, data, log, batch_size, progress
+        self.dist = dist
 
     def __call__(self, run: str, keep=None) -> dict:
         items = self.data.items
         done = self.log.done(run) if self.log is not None else {}
         todo = [item for item in items if item.question_id not in done]
         scores = {}
-        for i in tqdm(range(0, len(todo), self.batch_size), desc=run, unit="batch", leave=False,
-                      disable=not self.progress or not todo):
-            chunk = todo[i: i + self.batch_size]
-            answers = predict(self.backbone, chunk, keep, self.batch_size, max_new_tokens=self.data.max_new_tokens)
+        step = self.batch_size * self.dist.world_size  # every process answers batch_size items a step
+        for i in tqdm(range(0, len(todo), step), desc=run, unit="batch", leave=False,
+                      disable=not self.progress or not todo or not self.dist.is_main):
+            chunk = todo[i: i + step]
+            mine = self.dist.shard(chunk)
+            answers = predict(self.backbone, mine, keep, self.batch_size, max_new_tokens=self.data.max_new_tokens)
+            by_id = dict(self.dist.gather([(item.question_id, p) for item, p in zip(mine, answers)]))
+            answers = [by_id[item.question_id] for item in chunk]
             chunk_scores = [score(p, item.answers) for item, p in zip(chunk, answers)]
             if self.log is not None:
-                self.log.append(run, chunk, answers, chunk_scores)
+                self.log.append(run, chunk, answers, chunk_scores, write=self.dist.is_main)
             scores.update(zip((item.question_id for item in chunk), chunk_scores))
         scores.update((qid, record["score"]) for qid, record in done.items())
         return accuracy_summary([item.family for item in items], [scores[item.question_id] for item in items])

@@ -54,12 +54,15 @@ class SampleLog:
         """Scored items of ``run`` by question id."""
         return self.records.get(run, {})
 
-    def append(self, run: str, items: list[VQAItem], predictions: list[str], scores: list[float]) -> None:
-        """Record the ``predictions`` for ``items`` and their ``scores`` under ``run`` (flushed at once)."""
+    def append(self, run: str, items: list[VQAItem], predictions: list[str], scores: list[float],
+               write: bool = True) -> None:
+        """Record the ``predictions`` for ``items`` and their ``scores`` under ``run`` (flushed at
+        once). write: False only remembers them (a process other than the one writing the file)."""
         rows = [{"run": run, "id": item.question_id, "family": item.family, "question": item.question,
                  "answers": item.answers, "prediction": p, "score": score}
                 for item, p, score in zip(items, predictions, scores, strict=True)]
-        with self.path.open("a") as f:
-            f.write("".join(json.dumps(r) + "\n" for r in rows))
+        if write:
+            with self.path.open("a") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in rows))
         for r in rows:
             self.records.setdefault(run, {})[r["id"]] = r

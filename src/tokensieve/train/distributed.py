@@ -76,6 +76,14 @@ class Distributed:
             p.grad = flat[offset: offset + p.numel()].view_as(p).clone()
             offset += p.numel()
 
+    def gather(self, items: list[T]) -> list[T]:
+        """Every process's ``items`` (picklable), concatenated in rank order, on every process."""
+        if self.state is None:
+            return list(items)
+        parts: list[list[T] | None] = [None] * self.world_size
+        torch.distributed.all_gather_object(parts, list(items))
+        return [item for part in parts for item in part]
+
     def sum(self, values: Sequence[int]) -> list[int]:
         """Integers summed across processes (e.g. validation counts)."""
         if self.state is None:
