@@ -119,18 +119,17 @@ def _eval(args: argparse.Namespace) -> None:
         Budget.parse(keep)
     real = any(v is not None for v in (args.questions, args.images, args.answers, args.dataset, args.spec))
     if real:
-        from tokensieve.evaluate.eval_data import REAL_ANSWER_TOKENS, file_data
+        from tokensieve.evaluate.eval_data import file_data
 
         data = file_data(args.questions, args.images, args.answers, args.dataset, args.spec, limit=args.samples,
-                         max_new_tokens=args.max_new_tokens or REAL_ANSWER_TOKENS)
+                         max_new_tokens=args.max_new_tokens)
     backbone = LlavaBackbone.from_pretrained(args.model)
     if backbone.processor is None:
         raise TokensieveError(f"{args.model} has no processor files; the evaluation needs one")
     if not real:
         from tokensieve.evaluate.eval_data import synthetic_data
 
-        data = synthetic_data(backbone, args.samples or 500)
-        data.max_new_tokens = args.max_new_tokens or data.max_new_tokens
+        data = synthetic_data(backbone, args.samples or 500, args.max_new_tokens)
     pruner = None
     if args.pruner is not None:
         from tokensieve.train.parts import load_parts

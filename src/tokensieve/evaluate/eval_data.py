@@ -35,20 +35,23 @@ class EvalData:
     scenes: dict[str, Sample] | None = field(default=None, repr=False)
 
 
-def synthetic_data(backbone: LlavaBackbone, n: int) -> EvalData:
-    """The first ``n`` held-out synthetic samples, drawn at the model's image and patch size."""
+def synthetic_data(backbone: LlavaBackbone, n: int, max_new_tokens: int | None = None) -> EvalData:
+    """The first ``n`` held-out synthetic samples, drawn at the model's image and patch size;
+    answered in one token unless ``max_new_tokens`` says otherwise."""
     samples = heldout_samples(n, spec=scene_spec_for(backbone))
     items = [VQAItem(str(s.index), s.question, [s.answer], s.family, read_image=lambda s=s: s.image)
              for s in samples]
-    return EvalData(items, f"synthetic held-out, {n} samples", 1, {str(s.index): s for s in samples})
+    return EvalData(items, f"synthetic held-out, {n} samples", max_new_tokens or 1,
+                    {str(s.index): s for s in samples})
 
 
 def file_data(questions: Path | None = None, images: Path | None = None, answers: Path | None = None,
               dataset: Path | None = None, spec: Path | None = None, limit: int | None = None,
-              max_new_tokens: int = REAL_ANSWER_TOKENS) -> EvalData:
+              max_new_tokens: int | None = None) -> EvalData:
     """A real set: LLaVA evaluation files (``questions`` JSONL + ``images`` folder + ``answers``)
     or a Hugging Face dataset on disk (``dataset`` + a ``spec`` YAML mapping its columns);
-    the first ``limit`` items when given. Every item must have reference answers."""
+    the first ``limit`` items when given, answered in up to ``max_new_tokens`` tokens (default
+    ``REAL_ANSWER_TOKENS``). Every item must have reference answers."""
     if dataset is not None:
         if questions is not None or images is not None or answers is not None:
             raise TokensieveError("give either --dataset with --spec, or --questions/--images/--answers, not both")
@@ -65,4 +68,4 @@ def file_data(questions: Path | None = None, images: Path | None = None, answers
         items, name = items[:limit], f"{name}, first {limit}"
     if not items:
         raise TokensieveError(f"{name} holds no questions")
-    return EvalData(items, name, max_new_tokens)
+    return EvalData(items, name, max_new_tokens or REAL_ANSWER_TOKENS)
