@@ -26,7 +26,7 @@ BEFORE, AFTER, OVERLAP = 0, 1, 2
 def lookup_sizes(grid: int) -> dict[str, int]:
     """Classes of every lookup a mention is trained to make."""
     return {"count": len(COUNT_WORDS), "shape": len(SHAPES), "colour": len(COLOURS), "exists": 2,
-            "row": grid, "col": grid, "relrow": 3, "relcol": 3}
+            "row": grid, "col": grid, "relrow": 3, "relcol": 3, "holds": 2}
 
 
 def _placement(a: int, b: int) -> int:
@@ -61,7 +61,8 @@ def mention_targets(sample: Sample, words: list[str]) -> list[tuple[int, str, in
                 out += [(i, "colour", list(COLOURS).index(obj.colour)), (i, "row", obj.row), (i, "col", obj.col)]
     if sample.family == "spatial" and len(pairs) == 2:
         (_, a), (i, b) = pairs
-        out += [(i, "relrow", _placement(a.row, b.row)), (i, "relcol", _placement(a.col, b.col))]
+        out += [(i, "relrow", _placement(a.row, b.row)), (i, "relcol", _placement(a.col, b.col)),
+                (i, "holds", int(sample.answer == "yes"))]
     return out
 
 
