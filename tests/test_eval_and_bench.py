@@ -6,25 +6,42 @@ No timing is asserted here: speed targets are checked by the benchmark command i
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from transformers import LlavaConfig
 
 from tokensieve.backbones import Site
 from tokensieve.cli import main
-from tokensieve.evaluate.flops import full_prefill_flops
+from tokensieve.evaluate.flops import TokenCounts, full_prefill_flops, prefill_flops
 from tokensieve.evaluate.report import load_report
-from tokensieve.evaluate.speed import BenchShape, ideal_speedup, speed_benchmark
+from tokensieve.evaluate.speed import BenchShape, bench_config, ideal_speedup, speed_benchmark
 
 MICRO = BenchShape(llm_layers=3, llm_hidden=32, llm_heads=2, llm_intermediate=64, vision_layers=1,
                    vision_hidden=16, vision_heads=2, image_size=56, patch_size=14, text_tokens=8, vocab=100)
 
 
 def test_ideal_speedup_follows_the_tokens_each_layer_sees():
-    assert ideal_speedup(MICRO, Site("projector"), MICRO.n_visual) == pytest.approx(1.0)
-    before_llm = ideal_speedup(MICRO, Site("projector"), 4)
-    inside = ideal_speedup(MICRO, Site("llm", 2), 4)
+    config, n, text = bench_config(MICRO), MICRO.n_visual, MICRO.text_tokens
+    full = TokenCounts([n + 1], n, [n + text] * 3)
+    assert ideal_speedup(config, full, full) == 1.0
+    before_llm = ideal_speedup(config, full, TokenCounts([n + 1], 4, [4 + text] * 3))
+    inside = ideal_speedup(config, full, TokenCounts([n + 1], n, [n + text] * 2 + [4 + text]))
     assert before_llm > inside > 1.0
+    # Linear FLOPs: the tokens' share of the matmuls, without the quadratic attention scores.
+    linear = prefill_flops(config, *full, attention_scores=False)
+    assert linear["llm_layers"][0] == 2 * (n + text) * (4 * 32 * 32 + 3 * 32 * 64)
+    assert prefill_flops(config, *full)["llm_layers"][0] == linear["llm_layers"][0] + 4 * (n + text) ** 2 * 32
+
+
+def test_speed_rows_take_the_ideal_from_the_tokens_each_block_saw():
+    shape = replace(MICRO, vision_layers=2)  # ToMe's default site, vision.1, is inside this tower
+    row, = speed_benchmark(shape, ("tome",), (0.5,), repeats=1, progress=False)
+    config, n, text, k = bench_config(shape), shape.n_visual, shape.text_tokens, row["visual_tokens_kept"]
+    full = TokenCounts([n + 1] * 2, n, [n + text] * 3)
+    pruned = TokenCounts([n + 1, k + 1], k, [k + text] * 3)  # block 1 on, projector and LLM: k tokens
+    assert (row["site"], k) == ("vision.1", 8)
+    assert row["ideal_speedup"] == pytest.approx(ideal_speedup(config, full, pruned), abs=1e-3)
 
 
 def test_speed_benchmark_rows_on_a_micro_model():

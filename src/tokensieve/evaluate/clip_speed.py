@@ -10,11 +10,11 @@ the same inputs and the medians are compared.
 from __future__ import annotations
 
 import statistics
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
+
+from tokensieve.evaluate.timing import alternate_timings
 
 TARGET = 0.9  # measured speedup >= 90% of the ideal (issue 6)
 
@@ -61,22 +61,6 @@ def ideal_speedup(width: int, patch_size: int, mlp_ratio: float, n_patches: int,
     full = [n_patches + 1] * len(pruned_tokens)
     return (linear_flops(width, patch_size, mlp_ratio, n_patches, full)
             / linear_flops(width, patch_size, mlp_ratio, n_patches, pruned_tokens))
-
-
-@torch.no_grad()
-def alternate_timings(full: Callable[[], object], pruned: Callable[[], object], repeats: int,
-                      warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds of each of ``repeats`` runs of ``full()`` and ``pruned()``, run alternately."""
-    for _ in range(warmup):
-        full()
-        pruned()
-    times: dict[str, list[float]] = {"full": [], "pruned": []}
-    for _ in range(repeats):
-        for name, fn in (("full", full), ("pruned", pruned)):
-            started = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - started)
-    return times
 
 
 def speed_row(backbone, handle, pixels: torch.Tensor, tokens_per_block: list[int], repeats: int) -> dict:

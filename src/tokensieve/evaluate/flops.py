@@ -44,31 +44,36 @@ def _check_counts(name: str, counts: Sequence[int], expected_length: int, layers
         _check_count(f"{name}[{i}]", n)
 
 
-def vision_block_flops(config: LlavaConfig, tokens: int) -> int:
-    """FLOPs of one CLIP encoder block on ``tokens`` tokens: q/k/v/out, scores, fc1/fc2."""
+def vision_block_flops(config: LlavaConfig, tokens: int, attention_scores: bool = True) -> int:
+    """FLOPs of one CLIP encoder block on ``tokens`` tokens: q/k/v/out, fc1/fc2 and, with
+    ``attention_scores``, the quadratic ``Q K^T`` and ``A V``."""
     vc = config.vision_config
     d, n = vc.hidden_size, tokens
-    return 2 * n * (4 * d * d + 2 * d * vc.intermediate_size) + 2 * 2 * n * n * d
+    return 2 * n * (4 * d * d + 2 * d * vc.intermediate_size) + attention_scores * 2 * 2 * n * n * d
 
 
-def llm_layer_flops(config: LlavaConfig, tokens: int) -> int:
-    """FLOPs of one Llama decoder layer on ``tokens`` positions (grouped-query K/V projections)."""
+def llm_layer_flops(config: LlavaConfig, tokens: int, attention_scores: bool = True) -> int:
+    """FLOPs of one Llama decoder layer on ``tokens`` positions (grouped-query K/V projections),
+    with or without the quadratic attention-score term."""
     tc = config.text_config
     d, n = tc.hidden_size, tokens
     q_width, kv_width = tc.num_attention_heads * tc.head_dim, tc.num_key_value_heads * tc.head_dim
     projections = 2 * n * (2 * d * q_width + 2 * d * kv_width)  # q and o, then k and v
     mlp = 2 * n * 3 * d * tc.intermediate_size  # gate, up, down
-    return projections + mlp + 2 * 2 * n * n * q_width  # K/V heads are shared, scores are per query head
+    scores = 2 * 2 * n * n * q_width  # K/V heads are shared, scores are per query head
+    return projections + mlp + attention_scores * scores
 
 
 def prefill_flops(config: LlavaConfig, vision_tokens: Sequence[int], projector_tokens: int,
-                  llm_tokens: Sequence[int]) -> dict:
+                  llm_tokens: Sequence[int], attention_scores: bool = True) -> dict:
     """FLOPs of one prefill, per stage and per layer.
 
     vision_tokens: one count per vision encoder block, tokens entering it (CLS included).
         Every block runs, also those after ``vision_feature_layer``.
     projector_tokens: visual tokens entering the projector.
     llm_tokens: one count per LLM decoder layer, positions entering it (text + visual).
+    attention_scores: False leaves out the quadratic ``Q K^T`` / ``A V`` terms, which gives the
+        linear FLOPs (dense matmuls only) that ``tokensieve bench speed`` takes as its ideal.
 
     Returns ``vision`` (patch embedding + blocks), ``projector``, ``llm`` (decoder layers only),
     ``lm_head`` (the last position only, as ``generate`` computes in prefill), ``total`` (all four),
@@ -80,10 +85,10 @@ def prefill_flops(config: LlavaConfig, vision_tokens: Sequence[int], projector_t
     _check_count("projector_tokens", projector_tokens)
     patches = (vc.image_size // vc.patch_size) ** 2
     patch_embedding = 2 * patches * vc.num_channels * vc.patch_size**2 * vc.hidden_size
-    vision_layers = [vision_block_flops(config, n) for n in vision_tokens]
+    vision_layers = [vision_block_flops(config, n, attention_scores) for n in vision_tokens]
     feature_layers = 1 if isinstance(config.vision_feature_layer, int) else len(config.vision_feature_layer)
     projector = 2 * projector_tokens * (vc.hidden_size * feature_layers + tc.hidden_size) * tc.hidden_size
-    llm_layers = [llm_layer_flops(config, n) for n in llm_tokens]
+    llm_layers = [llm_layer_flops(config, n, attention_scores) for n in llm_tokens]
     lm_head = 2 * tc.hidden_size * tc.vocab_size
     vision = patch_embedding + sum(vision_layers)
     llm = sum(llm_layers)

@@ -3,14 +3,14 @@
 The model is randomly initialised (a random model of a given shape times like a trained one).
 For each (method at its site, keep ratio) the pruned and the unpruned prefill run alternately
 on the same inputs, and the medians are compared. ``ideal_speedup`` is the ratio of the linear
-FLOPs (dense matmuls, which grow linearly with tokens) of the whole prefill, full vs pruned;
-``scoring_overhead`` is the share of the pruned prefill spent choosing tokens.
+FLOPs (dense matmuls, which grow linearly with tokens: :func:`tokensieve.evaluate.flops.prefill_flops`
+without the attention-score term) of the whole prefill, full vs pruned, each block counted on
+the tokens it saw; ``scoring_overhead`` is the share of the pruned prefill spent choosing tokens.
 """
 
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -19,6 +19,8 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 from tokensieve.attach import attach
 from tokensieve.backbones import LlavaBackbone, Site
+from tokensieve.evaluate.flops import TokenCounts, prefill_flops, token_counts
+from tokensieve.evaluate.timing import alternate_timings, synchronizer
 
 TARGETS = {"speedup >= 0.95 x ideal_speedup": lambda r: r["speedup"] >= 0.95 * r["ideal_speedup"],
            "scoring_overhead <= 0.03": lambda r: r["scoring_overhead"] <= 0.03}
@@ -50,17 +52,21 @@ class BenchShape:
         return (self.image_size // self.patch_size) ** 2
 
 
-def build_bench_model(shape: BenchShape, dtype: torch.dtype = torch.float32,
-                      device: str = "cpu") -> LlavaForConditionalGeneration:
+def bench_config(shape: BenchShape) -> LlavaConfig:
     vision = CLIPVisionConfig(hidden_size=shape.vision_hidden, intermediate_size=4 * shape.vision_hidden,
                               num_hidden_layers=shape.vision_layers, num_attention_heads=shape.vision_heads,
                               image_size=shape.image_size, patch_size=shape.patch_size)
     text = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.llm_hidden, intermediate_size=shape.llm_intermediate,
                        num_hidden_layers=shape.llm_layers, num_attention_heads=shape.llm_heads,
                        max_position_embeddings=4096, pad_token_id=0)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=shape.vocab - 1,
-                         vision_feature_layer=-1, vision_feature_select_strategy="default",
-                         image_seq_length=shape.n_visual)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=shape.vocab - 1,
+                       vision_feature_layer=-1, vision_feature_select_strategy="default",
+                       image_seq_length=shape.n_visual)
+
+
+def build_bench_model(shape: BenchShape, dtype: torch.dtype = torch.float32,
+                      device: str = "cpu") -> LlavaForConditionalGeneration:
+    config = bench_config(shape)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built in its dtype, where it runs: a 7B model never sits in host memory
     try:
@@ -81,37 +87,13 @@ def bench_inputs(shape: BenchShape, batch: int = 1) -> dict[str, torch.Tensor]:
             "pixel_values": torch.randn(batch, 3, shape.image_size, shape.image_size, generator=g)}
 
 
-def linear_flops(shape: BenchShape, llm_tokens_per_layer: list[int]) -> float:
-    """Dense-matmul FLOPs of a prefill: the tower on all patches, the projector and each LLM layer
-    on the tokens it sees (attention scores, quadratic in tokens, are left out: "linear")."""
-    d, dv = shape.llm_hidden, shape.vision_hidden
-    tower = shape.vision_layers * (shape.n_visual + 1) * 2 * (4 * dv * dv + 2 * dv * 4 * dv)
-    projector = shape.n_visual * 2 * (dv * d + d * d)
-    per_token = 2 * (4 * d * d + 3 * d * shape.llm_intermediate)
-    return tower + projector + sum(t * per_token for t in llm_tokens_per_layer)
+def ideal_speedup(config: LlavaConfig, full: TokenCounts, pruned: TokenCounts) -> float:
+    """Linear-FLOPs ratio of a prefill that sees ``full`` tokens per block to one that sees
+    ``pruned`` (:func:`tokensieve.evaluate.flops.token_counts`)."""
+    def linear(counts: TokenCounts) -> int:
+        return prefill_flops(config, *counts, attention_scores=False)["total"]
 
-
-def ideal_speedup(shape: BenchShape, site: Site, kept: int) -> float:
-    full_len = shape.n_visual + shape.text_tokens
-    pruned_len = kept + shape.text_tokens
-    first = 0 if site.stage == "projector" else site.layer
-    pruned = [full_len] * first + [pruned_len] * (shape.llm_layers - first)
-    return linear_flops(shape, [full_len] * shape.llm_layers) / linear_flops(shape, pruned)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
-def _time(backbone: LlavaBackbone, inputs: dict) -> float:
-    device = inputs["input_ids"].device
-    _sync(device)
-    started = time.perf_counter()
-    backbone.forward(**inputs, logits_to_keep=1)
-    _sync(device)
-    return time.perf_counter() - started
+    return linear(full) / linear(pruned)
 
 
 def speed_benchmark(shape: BenchShape = BenchShape(), methods: tuple[str, ...] = ("fastv", "divprune"),
@@ -126,29 +108,40 @@ def speed_benchmark(shape: BenchShape = BenchShape(), methods: tuple[str, ...] =
     backbone = LlavaBackbone(build_bench_model(shape, dtype, device))
     inputs = {k: v.to(device) for k, v in bench_inputs(shape).items()}
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    _time(backbone, inputs)  # warm-up
+    full_counts = token_counts(backbone, shape.text_tokens)
+
+    def prefill():
+        backbone.forward(**inputs, logits_to_keep=1)
+
     rows = []
     cases = [(m, k) for m in methods for k in keeps]
     for name, keep in tqdm(cases, desc="speed", unit="case", disable=not progress):
         site = Site.parse(create_method(name).default_site)
         handle = attach(backbone, name, keep, site=str(site), mode="hard")
+        scoring_seconds = []
+
+        def pruned_prefill():
+            handle.scoring_seconds = 0.0
+            prefill()
+            scoring_seconds.append(handle.scoring_seconds)
+
+        def full_prefill():
+            with handle.disabled():
+                prefill()
+
         try:
-            _time(backbone, inputs)  # warm-up of the pruned path
-            full, pruned, scoring = [], [], []
-            for _ in range(repeats):
-                with handle.disabled():
-                    full.append(_time(backbone, inputs))
-                handle.scoring_seconds = 0.0
-                pruned.append(_time(backbone, inputs))
-                scoring.append(handle.scoring_seconds / pruned[-1])
+            times = alternate_timings(full_prefill, pruned_prefill, repeats, sync=synchronizer(device))
             kept = handle.last_counts[str(handle.stages[0])][1]
+            ideal = ideal_speedup(backbone.config, full_counts, token_counts(backbone, shape.text_tokens, handle))
         finally:
             handle.detach()
+        full, pruned = times["full"], times["pruned"]
+        scoring = [s / t for s, t in zip(scoring_seconds[1:], pruned)]  # the first run is the warm-up
         row = {"method": name, "site": str(site), "keep": keep, "visual_tokens_kept": kept,
                "prefill_ms_full": round(1000 * statistics.median(full), 2),
                "prefill_ms_pruned": round(1000 * statistics.median(pruned), 2),
                "scoring_overhead": round(statistics.median(scoring), 4),
-               "ideal_speedup": round(ideal_speedup(shape, site, kept), 3)}
+               "ideal_speedup": round(ideal, 3)}
         row["speedup"] = round(row["prefill_ms_full"] / row["prefill_ms_pruned"], 3)
         row["targets"] = {label: bool(check(row)) for label, check in TARGETS.items()}
         rows.append(row)
