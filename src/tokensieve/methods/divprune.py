@@ -61,9 +61,10 @@ def divprune_keep(tokens: torch.Tensor, keep: int) -> torch.Tensor:
     if keep == n:
         return torch.arange(n, device=tokens.device).expand(b, n).clone()
     x = tokens.detach().float()  # choosing is not differentiable
-    dist = 1.0 - cosine_matrix(x, x)  # (B, N, N)
-    eye = torch.eye(n, dtype=torch.bool, device=tokens.device)
-    nearest = dist.masked_fill(eye, float("inf")).amin(-1)  # (B, N)
+    dist = cosine_matrix(x, x).neg_().add_(1.0)  # (B, N, N) 1 - cos, in place: no second N x N
+    # A token is not its own neighbour. Harmless to the loop: a pick's own entry is set to -inf.
+    dist.diagonal(dim1=-2, dim2=-1).fill_(float("inf"))
+    nearest = dist.amin(-1)  # (B, N)
     dist_np, nearest_np = dist.cpu().numpy(), nearest.cpu().numpy()
     picks = np.stack([greedy_max_min(dist_np[r], nearest_np[r], keep) for r in range(b)])
     return torch.from_numpy(np.sort(picks, -1)).to(tokens.device)
