@@ -15,8 +15,8 @@ from tokensieve.testbed.processor import build_processor
 OBJECTS = (SceneObject("red", "circle", 1, 1), SceneObject("blue", "square", 6, 5), SceneObject("red", "triangle", 2, 7))
 
 
-def sample(question: str, family: str):
-    return replace(make_sample(0, 0), objects=OBJECTS, question=question, family=family)
+def sample(question: str, family: str, answer: str = "yes"):
+    return replace(make_sample(0, 0), objects=OBJECTS, question=question, family=family, answer=answer)
 
 
 def test_a_unique_colour_looks_up_its_count_shape_and_place():
@@ -47,8 +47,15 @@ def test_the_second_object_of_a_spatial_question_places_the_first():
     targets = mention_targets(sample(" ".join(words), "spatial"), words)
     assert (8, "relrow", BEFORE) in targets and (8, "relcol", BEFORE) in targets
     words = "Is the blue square above the red circle ?".split()
-    targets = mention_targets(sample(" ".join(words), "spatial"), words)
+    targets = mention_targets(sample(" ".join(words), "spatial", answer="no"), words)
     assert (7, "relrow", AFTER) in targets and (7, "relcol", AFTER) in targets
+
+
+def test_the_second_object_of_a_spatial_question_says_whether_the_relation_holds():
+    words = "Is the red circle left of the blue square ?".split()
+    assert (8, "holds", 1) in mention_targets(sample(" ".join(words), "spatial", answer="yes"), words)
+    words = "Is the blue square left of the red circle ?".split()
+    assert (8, "holds", 0) in mention_targets(sample(" ".join(words), "spatial", answer="no"), words)
 
 
 def test_batch_targets_point_at_the_mention_tokens_from_the_end_of_padded_rows():
@@ -61,12 +68,16 @@ def test_batch_targets_point_at_the_mention_tokens_from_the_end_of_padded_rows()
     length = batch["input_ids"].shape[1]
     for b, from_end, _, _ in rows.tolist():
         assert words[b][length - from_end] in set(COLOURS) | set(SHAPES)
-    probe = MentionProbe(8, 10)
-    hidden = torch.randn(6, length, 8, requires_grad=True)
-    loss = probe.loss(hidden, rows)
+    probe = MentionProbe(8, 10, layer=2, relation_layer=3)
+    hidden = [torch.randn(6, length, 8, requires_grad=True) for _ in range(5)]
+    loss = probe.loss(tuple(hidden), rows)
     loss.backward()
-    touched = hidden.grad.abs().sum(-1).nonzero().tolist()
-    assert sorted(map(tuple, touched)) == sorted({(b, length - f) for b, f, _, _ in rows.tolist()})
+    holds = list(probe.heads).index("holds")
+    assert (rows[:, 2] == holds).any()  # the batch has spatial questions
+    for layer, wanted in ((2, rows[rows[:, 2] != holds]), (3, rows[rows[:, 2] == holds])):
+        touched = hidden[layer].grad.abs().sum(-1).nonzero().tolist()
+        assert sorted(map(tuple, touched)) == sorted({(b, length - f) for b, f, _, _ in wanted.tolist()})
+    assert all(h.grad is None for k, h in enumerate(hidden) if k not in (2, 3))
     assert set(lookup_sizes(10)) == set(probe.heads)
 
 

@@ -7,6 +7,7 @@ import torch
 
 import tokensieve.testbed.train as train_module
 from tokensieve.backbones import LlavaBackbone
+from tokensieve.errors import TokensieveError
 from tokensieve.testbed import model as model_module
 from tokensieve.testbed.train import STATE_FILE, train_testbed
 
@@ -15,8 +16,14 @@ TrainConfig = train_module.TestbedTrainConfig
 
 TINY = dict(tower_steps=3, tower_batch=8, llm_steps=6, llm_batch=8, warmup_steps=2, checkpoint_every=2,
             eval_every=1000, eval_samples=10, object_curriculum=[(0, 1, 2), (3, 3, 5)],
+            mention_layer=1, relation_layer=2,
             size=model_module.TestbedSize(vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=32,
                              text_layers=2, text_heads=2))
+
+
+def test_lookup_layers_beyond_the_llm_are_refused():
+    with pytest.raises(TokensieveError, match="relation_layer 3 .* <= 2"):
+        TrainConfig(**{**TINY, "relation_layer": 3})
 
 
 def test_training_writes_a_loadable_llava_checkpoint(tmp_path):

@@ -6,9 +6,10 @@ the question-only prior for thousands of steps, even given perfect symbolic patc
 With these losses each mention word learns the one-hop lookup itself (a colour word: how many
 objects have that colour, and the shape and place of the only one; a shape word: likewise; a
 "colour shape" pair: whether it exists and where; the second object of a spatial question:
-how it lies relative to the first), and the answer slot only has to read the mention. On
-symbolic features this took colour/shape/count questions from the prior to >= 0.97 in 1,000
-steps. The probe heads are discarded after training: the checkpoint stays an ordinary LLaVA.
+how it lies relative to the first, and whether the asked relation holds), and the answer
+slot only has to read the mention. On symbolic features this took colour/shape/count
+questions from the prior to >= 0.97 in 1,000 steps. The probe heads are discarded after
+training: the checkpoint stays an ordinary LLaVA.
 """
 
 from __future__ import annotations
@@ -81,20 +82,28 @@ def batch_targets(samples: list[Sample], input_ids: torch.Tensor, tokens: list[l
 
 
 class MentionProbe(nn.Module):
-    """One linear head per lookup on the LLM's hidden states after a chosen layer."""
+    """One linear head per lookup on the LLM's hidden states after a chosen layer.
 
-    def __init__(self, hidden: int, grid: int):
+    layer: the hidden state (0 = embeddings) every lookup reads, except "holds", which reads
+    ``relation_layer``: whether "left of" holds combines the relation word with the placements
+    that are themselves looked up at ``layer``, so it is given a layer more.
+    """
+
+    def __init__(self, hidden: int, grid: int, layer: int = 2, relation_layer: int = 3):
         super().__init__()
         self.heads = nn.ModuleDict({name: nn.Linear(hidden, n) for name, n in lookup_sizes(grid).items()})
+        self.layers = {name: relation_layer if name == "holds" else layer for name in self.heads}
 
-    def loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of every lookup. hidden: ``(B, L, d)``; targets: ``(R, 4)`` from
-        :func:`batch_targets` (positions from the end of ``L``)."""
+    def loss(self, hidden_states: tuple[torch.Tensor, ...], targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of every lookup. hidden_states: the LLM's ``(B, L, d)`` states per
+        layer (``output_hidden_states``); targets: ``(R, 4)`` from :func:`batch_targets`
+        (positions from the end of ``L``)."""
         names = list(self.heads)
-        total, count = hidden.new_zeros(()), 0
+        total, count = hidden_states[0].new_zeros(()), 0
         for k, name in enumerate(names):
             rows = targets[targets[:, 2] == k]
             if len(rows):
+                hidden = hidden_states[self.layers[name]]
                 states = hidden[rows[:, 0], hidden.shape[1] - rows[:, 1]]
                 total = total + F.cross_entropy(self.heads[name](states), rows[:, 3], reduction="sum")
                 count += len(rows)

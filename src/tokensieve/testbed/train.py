@@ -54,11 +54,14 @@ class TestbedTrainConfig:
     llm_min_lr: float = 2e-4
     llm_weight_decay: float = 0.0
     warmup_steps: int = 200
-    # Weighted towards the families that stall longest (count, exists, spatial).
-    family_weights: dict[str, float] = field(default_factory=lambda: {f: 1.0 for f in FAMILIES})
+    # Spatial questions twice as often: their answer slot learns last (it reads the second
+    # object's "holds" lookup, which only settles once both placements are looked up).
+    family_weights: dict[str, float] = field(default_factory=lambda: {f: 2.0 if f == "spatial" else 1.0
+                                                                       for f in FAMILIES})
     # (first step, min objects, max objects); with the mention lookups no curriculum is needed.
     object_curriculum: list[tuple[int, int, int]] = field(default_factory=lambda: [(0, 3, 5)])
     mention_layer: int = 2  # LLM hidden state (0 = embeddings) the mention lookups read
+    relation_layer: int = 3  # the hidden state the spatial "holds" lookup reads
     mention_weight: float = 1.0
     short_run_share: float = 0.25  # share of batches with shortened image runs
     checkpoint_every: int = 200
@@ -66,6 +69,12 @@ class TestbedTrainConfig:
     eval_samples: int = 400
     threads: int = 2
     size: TestbedSize = field(default_factory=TestbedSize)
+
+    def __post_init__(self):
+        if not 1 <= self.mention_layer <= self.relation_layer <= self.size.text_layers:
+            raise TokensieveError(
+                f"mention_layer {self.mention_layer} and relation_layer {self.relation_layer} must satisfy "
+                f"1 <= mention_layer <= relation_layer <= {self.size.text_layers} (the LLM's layers)")
 
 
 class TowerProbe(nn.Module):
@@ -145,7 +154,7 @@ class _Run:
         self.processor = build_processor()
         self.model = _fresh_model(self.processor, cfg)
         self.probe = TowerProbe(cfg.size.vision_hidden, SceneSpec().grid)
-        self.mentions = MentionProbe(cfg.size.text_hidden, SceneSpec().grid)
+        self.mentions = MentionProbe(cfg.size.text_hidden, SceneSpec().grid, cfg.mention_layer, cfg.relation_layer)
         self.state = {"stage": "tower", "step": 0, "elapsed_s": 0.0}
         self.saved_optimizer = None
         self.state_path = out / STATE_FILE
@@ -240,7 +249,7 @@ class _Run:
             answers, targets = batch.pop("answer_ids"), batch.pop("mention_targets")
             out = backbone.forward(**batch, output_hidden_states=True)
             logits = out.logits[:, -1]  # (B, vocab) after "ASSISTANT:"
-            mention_loss = self.mentions.loss(out.hidden_states[cfg.mention_layer], targets)
+            mention_loss = self.mentions.loss(out.hidden_states, targets)
             loss = F.cross_entropy(logits, answers) + cfg.mention_weight * mention_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
