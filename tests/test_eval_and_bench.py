@@ -11,11 +11,11 @@ from dataclasses import replace
 import pytest
 from transformers import LlavaConfig
 
-from tokensieve.backbones import Site
 from tokensieve.cli import main
 from tokensieve.evaluate.flops import TokenCounts, full_prefill_flops, prefill_flops
 from tokensieve.evaluate.report import load_report
-from tokensieve.evaluate.speed import BenchShape, bench_config, ideal_speedup, speed_benchmark
+from tokensieve.evaluate import speed
+from tokensieve.evaluate.speed import BenchShape, bench_config, ideal_speedup, native_llm_reference, speed_benchmark
 
 MICRO = BenchShape(llm_layers=3, llm_hidden=32, llm_heads=2, llm_intermediate=64, vision_layers=1,
                    vision_hidden=16, vision_heads=2, image_size=56, patch_size=14, text_tokens=8, vocab=100)
@@ -52,6 +52,25 @@ def test_speed_benchmark_rows_on_a_micro_model():
         assert r["prefill_ms_full"] > 0 and r["prefill_ms_pruned"] > 0 and 0 <= r["scoring_overhead"] < 1
         assert r["speedup"] == pytest.approx(r["prefill_ms_full"] / r["prefill_ms_pruned"], rel=1e-2)
         assert set(r["targets"]) == {"speedup >= 0.95 x ideal_speedup", "scoring_overhead <= 0.03"}
+
+
+def test_native_reference_times_the_llm_alone_on_a_shorter_prompt():
+    ref = native_llm_reference(MICRO, [8, 4], repeats=1)
+    assert [r["visual_tokens_kept"] for r in ref] == [8, 4]
+    for r in ref:
+        short = r["visual_tokens_kept"] + MICRO.text_tokens
+        assert r["token_ratio"] == pytest.approx((MICRO.n_visual + MICRO.text_tokens) / short, abs=1e-3)
+        assert r["llm_ms_full"] > 0 and r["llm_ms_short"] > 0
+        assert r["share_of_token_ratio"] == pytest.approx(r["speedup"] / r["token_ratio"], rel=1e-2)
+
+
+def test_bench_speed_prints_rows_and_the_native_reference(monkeypatch, capsys):
+    monkeypatch.setattr(speed, "BenchShape", lambda: MICRO)
+    assert main(["bench", "speed", "--method", "random", "--keep", "0.5,0.25", "--repeats", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["visual_tokens_kept"] for r in out["rows"]] == [8, 4]
+    assert [r["visual_tokens_kept"] for r in out["native_llm"]] == [8, 4]
+    assert out["shape"]["n_visual"] == MICRO.n_visual
 
 
 def test_eval_compares_methods_with_the_unpruned_model(tiny_llava_dir, capsys):

@@ -178,7 +178,7 @@ def _eval(args: argparse.Namespace) -> None:
 def _bench_speed(args: argparse.Namespace) -> None:
     import torch
 
-    from tokensieve.evaluate.speed import BenchShape, shape_summary, speed_benchmark
+    from tokensieve.evaluate.speed import BenchShape, native_llm_reference, shape_summary, speed_benchmark
     from tokensieve.method import Budget, create_method
 
     methods, keeps = _csv(args.method), [float(Budget.parse(k).ratio or 0) for k in _csv(args.keep)]
@@ -192,8 +192,11 @@ def _bench_speed(args: argparse.Namespace) -> None:
         raise TokensieveError(f"--device {args.device}: no CUDA device is available here")
     rows = speed_benchmark(shape, tuple(methods), tuple(keeps), repeats=args.repeats, threads=args.threads,
                            device=args.device, dtype=dtype, progress=not args.json)
+    kept = sorted({r["visual_tokens_kept"] for r in rows}, reverse=True)
+    native = native_llm_reference(shape, kept, repeats=args.repeats, device=args.device, dtype=dtype)
     if args.json:
-        print(json.dumps({"shape": shape_summary(shape, args.device, dtype), "rows": rows}, indent=2))
+        print(json.dumps({"shape": shape_summary(shape, args.device, dtype), "rows": rows,
+                          "native_llm": native}, indent=2))
         return
     print(f"{'method':10s} {'site':9s} {'keep':>5s} {'full ms':>8s} {'pruned ms':>9s} {'speedup':>7s} "
           f"{'ideal':>6s} {'scoring':>7s}")
@@ -201,6 +204,10 @@ def _bench_speed(args: argparse.Namespace) -> None:
         print(f"{r['method']:10s} {r['site']:9s} {r['keep']:5.2f} {r['prefill_ms_full']:8.1f} "
               f"{r['prefill_ms_pruned']:9.1f} {r['speedup']:7.2f} {r['ideal_speedup']:6.2f} "
               f"{r['scoring_overhead']:7.3f}  " + " ".join("ok" if ok else "MISSED" for ok in r["targets"].values()))
+    print("the unpruned LLM alone on a natively shorter prompt (what perfect removal could reach here):")
+    for n in native:
+        print(f"  {n['visual_tokens_kept']:4d} visual tokens: {n['llm_ms_full']:8.1f} -> {n['llm_ms_short']:7.1f} ms, "
+              f"speedup {n['speedup']:5.2f} of token ratio {n['token_ratio']:5.2f} ({n['share_of_token_ratio']:.3f})")
 
 
 def build_parser() -> argparse.ArgumentParser:

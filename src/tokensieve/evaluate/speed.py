@@ -148,6 +148,31 @@ def speed_benchmark(shape: BenchShape = BenchShape(), methods: tuple[str, ...] =
     return rows
 
 
+def native_llm_reference(shape: BenchShape, kept_counts: list[int], repeats: int = 7, device: str = "cpu",
+                         dtype: torch.dtype = torch.float32, seed: int = 0) -> list[dict]:
+    """What a perfect removal could reach on this machine: the unpruned LLM decoder stack alone
+    on random embeddings of the full prompt length vs a natively shorter prompt (``kept`` visual
+    tokens + the text), alternating, medians; no pruning code runs. ``share_of_token_ratio`` is
+    the measured speedup over the ratio of lengths (the linear-FLOPs ideal of the LLM part)."""
+    torch.manual_seed(seed)
+    llm = LlavaBackbone(build_bench_model(shape, dtype, device)).language_model
+    full_len = shape.n_visual + shape.text_tokens
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for kept in kept_counts:
+        short_len = kept + shape.text_tokens
+        full = torch.randn(1, full_len, shape.llm_hidden, generator=g).to(device, dtype)
+        short = full[:, -short_len:].contiguous()
+        times = alternate_timings(lambda: llm(inputs_embeds=full), lambda: llm(inputs_embeds=short), repeats,
+                                  sync=synchronizer(device))
+        full_s, short_s = statistics.median(times["full"]), statistics.median(times["pruned"])
+        out.append({"visual_tokens_kept": kept, "llm_ms_full": round(1000 * full_s, 2),
+                    "llm_ms_short": round(1000 * short_s, 2), "speedup": round(full_s / short_s, 3),
+                    "token_ratio": round(full_len / short_len, 3),
+                    "share_of_token_ratio": round(full_s / short_s * short_len / full_len, 3)})
+    return out
+
+
 def shape_summary(shape: BenchShape, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
     where = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"cpu, {torch.get_num_threads()} threads"
     return {**asdict(shape), "n_visual": shape.n_visual, "device": where, "dtype": str(dtype).replace("torch.", "")}
