@@ -151,6 +151,36 @@ def test_each_step_draws_its_merge_budget_from_the_range_the_same_way_every_time
     assert {fixed.training_centres(step) for step in range(5)} == {32}
 
 
+def test_validation_scores_both_ends_of_the_trained_merge_range(tiny_llava_dir, tmp_path, monkeypatch):
+    trainer = TwoStageTrainer(tiny_config(tiny_llava_dir), tmp_path / "run", progress=False)
+    assert trainer.parts.validation_centres() == [16, 48]  # 0.25 and 0.75 of 64 patches
+    seen = []
+
+    def validate_at(centres):
+        seen.append((centres, trainer.parts.validation_centres()))
+        return {16: 0.5, 48: 1.0}[centres]
+
+    monkeypatch.setattr(trainer, "_validate_at", validate_at)
+    assert trainer.validate() == 0.75 and [c for c, _ in seen] == [16, 48]
+    fixed = PrunerParts(tiny_config(tiny_llava_dir, merger={"train_merge_range": None}), trainer.backbone)
+    assert fixed.validation_centres() == [32]
+
+
+def test_validating_at_a_budget_changes_what_the_merger_keeps(tiny_llava_dir, tmp_path):
+    trainer = TwoStageTrainer(tiny_config(tiny_llava_dir), tmp_path / "run", progress=False)
+    counts = []
+    original = trainer.parts.attach
+
+    def attach_and_watch(*args, **kwargs):
+        handle, merger, pruners = original(*args, **kwargs)
+        counts.append(handle)
+        return handle, merger, pruners
+
+    trainer.parts.attach = attach_and_watch
+    assert 0 <= trainer._validate_at(8) <= 1
+    assert counts[0].last_counts[str(counts[0].stages[0])][1] == 8  # the merger's 8 centres entered the LLM
+
+
 def test_a_run_folder_holds_config_best_and_logs(finished_run):
     assert (finished_run / "best" / "parts.safetensors").is_file()
     assert (finished_run / "config.yaml").is_file() and (finished_run / "tb").is_dir()

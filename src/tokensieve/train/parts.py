@@ -97,6 +97,15 @@ class PrunerParts(nn.Module):
         ratio = np.random.default_rng([MERGE_RANGE_SEED, step]).uniform(*low_high)
         return max(1, round(ratio * self.signature["n_patches"]))
 
+    def validation_centres(self) -> list[int | None]:
+        """Merger budgets a validation scores (their mean picks ``best/``): both ends of
+        ``merger.train_merge_range`` when set, since the parts are trained for every budget in
+        it, else the configured count (None without a merger)."""
+        low_high = self.cfg.merger.train_merge_range
+        if self.n_centres is None or low_high is None:
+            return [self.n_centres]
+        return [max(1, round(r * self.signature["n_patches"])) for r in low_high]
+
     def centres_for(self, keep: Budget | int | float | str | None) -> int | None:
         """Merger centres for a budget of tokens entering the LLM (None: as trained)."""
         if keep is None:

@@ -248,9 +248,14 @@ class TwoStageTrainer:
     def validate(self) -> float:
         """Teacher-forced accuracy over the answer tokens (for one-word answers: the answer
         accuracy), merger and heads deterministic, in ``soft`` mode with binary masks (equal to
-        ``hard`` removal on the kept tokens)."""
+        ``hard`` removal on the kept tokens); the mean over the merger budgets of
+        :meth:`PrunerParts.validation_centres`."""
+        scores = [self._validate_at(centres) for centres in self.parts.validation_centres()]
+        return sum(scores) / len(scores)
+
+    def _validate_at(self, centres: int | None) -> float:
         self.parts.eval()
-        handle, _, _ = self.parts.attach(self.backbone, "soft", training=False)
+        handle, _, _ = self.parts.attach(self.backbone, "soft", training=False, keep=centres)
         try:
             examples, right, total = self.dist.shard(self.data.validation()), 0, 0
             for i in range(0, len(examples), 32):
