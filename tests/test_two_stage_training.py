@@ -50,10 +50,13 @@ def finished_run(tiny_llava_dir, tmp_path_factory):
     return out
 
 
-def test_only_the_trainable_parts_get_gradients(tiny_llava_dir, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_only_the_trainable_parts_get_gradients(tiny_llava_dir, tmp_path, dtype):
+    # bfloat16: a half-precision backbone (as LLaVA-7B is trained) with the parts in float32.
     cfg = tiny_config(tiny_llava_dir, discriminator={"enabled": True, "d_internal": 16, "layers": [-1, -2, -3]},
-                      loss={"adversarial": 0.1, "hidden_mse": 0.1})
+                      loss={"adversarial": 0.1, "hidden_mse": 0.1}, run={"dtype": dtype})
     trainer = TwoStageTrainer(cfg, tmp_path / "run", progress=False)
+    assert trainer.backbone.model.dtype == getattr(torch, dtype)
     before = {k: v.clone() for k, v in trainer.backbone.model.state_dict().items()}
     trainer.parts.train()
     handle, merger, pruners = trainer.parts.attach(trainer.backbone, "soft", training=True)
@@ -65,7 +68,9 @@ def test_only_the_trainable_parts_get_gradients(tiny_llava_dir, tmp_path):
             "disc_prob_real", "disc_prob_fake"} <= set(row)
     assert all(p.grad is None for p in trainer.backbone.model.parameters())
     assert all(torch.equal(v, before[k]) for k, v in trainer.backbone.model.state_dict().items())
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in row.items() if isinstance(v, float))
     for part in (trainer.parts.token_merger, trainer.parts.layer_pruners, trainer.parts.discriminator):
+        assert all(p.dtype == torch.float32 for p in part.parameters())
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
 
 

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from tokensieve.errors import TokensieveError
+from tokensieve.learned.precision import cast_like
 
 
 class HiddenStateDiscriminator(nn.Module):
@@ -34,7 +35,7 @@ class HiddenStateDiscriminator(nn.Module):
             if s.shape != (*mask.shape, self.d_model):
                 raise TokensieveError(f"hidden state of shape {tuple(s.shape)} should be "
                                       f"{(*mask.shape, self.d_model)} to match the mask and d_model")
-        mask = mask.bool()
+        mask, states = mask.bool(), [cast_like(self, s) for s in states]
         count = mask.sum(1, keepdim=True)
         if not bool((count > 0).all()):
             raise TokensieveError("the discriminator mask selects no position in some row")

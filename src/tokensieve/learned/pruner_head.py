@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from tokensieve.errors import TokensieveError
+from tokensieve.learned.precision import cast_like
 from tokensieve.learned.token_merger import QuestionCrossAttention
 from tokensieve.ops import topk_sorted
 
@@ -45,7 +46,7 @@ class LayerPrunerHead(nn.Module):
         if visual.dim() != 3 or visual.shape[-1] != self.d_model:
             raise TokensieveError(f"visual states of shape {tuple(visual.shape)} should be "
                                   f"(B, N, d_model={self.d_model})")
-        return self.mlp(self.cross(visual, question, question_mask))
+        return self.mlp(self.cross(cast_like(self, visual), cast_like(self, question), question_mask))
 
 
 def _check_logits(logits: torch.Tensor) -> None:

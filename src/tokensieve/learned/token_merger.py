@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from tokensieve.errors import TokensieveError
+from tokensieve.learned.precision import cast_like
 from tokensieve.ops import diverse_topk, gather_tokens
 
 VARIANTS = ("simple", "question_aware")
@@ -68,7 +69,8 @@ class QuestionCrossAttention(nn.Module):
 class MergeResult:
     """What :class:`TokenMerger` returns for a batch of ``B`` rows of ``N`` tokens merged into ``M``.
 
-    tokens: ``(B, M, d_vision)`` the merged centres, in the order of ``indices``.
+    tokens: ``(B, M, d_vision)`` the merged centres, in the order of ``indices``, in the dtype of
+        the input tokens (the rest in the merger's own weight dtype).
     indices: ``(B, M)`` ascending, unique indices of the centre tokens among the ``N``.
     assignment: ``(B, N, M)`` soft assignment of each token to the centres; rows sum to 1 (to
         at most 1 with a drop option: the rest of the token is dropped) and a centre token's row
@@ -158,6 +160,8 @@ class TokenMerger(nn.Module):
         if gumbel_tau <= 0 or assign_tau <= 0:
             raise TokensieveError(f"temperatures must be positive (gumbel_tau={gumbel_tau}, assign_tau={assign_tau})")
 
+        caller_dtype = tokens.dtype
+        tokens, question = cast_like(self, tokens), cast_like(self, question)
         logits = self.importance(tokens, question, question_mask)
         perturbed = logits
         if stochastic:
@@ -198,4 +202,4 @@ class TokenMerger(nn.Module):
         assignment = soft.scatter(1, indices[..., None].expand(b, m, m), own)
 
         centres = assignment.transpose(1, 2) @ tokens / assignment.sum(1)[..., None]
-        return MergeResult(centres * gate[..., None], indices, assignment, logits, gate)
+        return MergeResult((centres * gate[..., None]).to(caller_dtype), indices, assignment, logits, gate)

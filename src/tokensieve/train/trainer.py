@@ -88,7 +88,8 @@ class TwoStageTrainer:
         self.dist = Distributed(cfg.run.device)  # one process unless launched by accelerate or torchrun
         self.dist.check_batch(cfg.optim.batch_size)
         self._check_folder(resume)
-        self.backbone = LlavaBackbone.from_pretrained(cfg.model, device=cfg.run.device)
+        dtype = None if cfg.run.dtype == "auto" else getattr(torch, cfg.run.dtype)
+        self.backbone = LlavaBackbone.from_pretrained(cfg.model, dtype=dtype, device=cfg.run.device)
         if self.backbone.processor is None:
             raise TokensieveError(f"{cfg.model} has no processor; training needs one")
         self.backbone.model.requires_grad_(False).eval()

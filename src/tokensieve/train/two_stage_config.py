@@ -123,6 +123,9 @@ class RunConfig:
     seed: int = 0
     threads: int = 2
     device: str = "cpu"  # or "cuda", "cuda:1": where the backbone and the parts run
+    # The frozen backbone's dtype ("auto": as saved, e.g. float16 for llava-hf checkpoints).
+    # The trainable parts keep float32 weights whatever it is.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
 @dataclass
