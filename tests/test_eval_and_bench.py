@@ -54,6 +54,26 @@ def test_speed_benchmark_rows_on_a_micro_model():
         assert set(r["targets"]) == {"speedup >= 0.95 x ideal_speedup", "scoring_overhead <= 0.03"}
 
 
+def test_scoring_shares_wait_for_the_device_at_both_edges_of_each_scoring_block():
+    from tokensieve.attach import attach
+    from tokensieve.backbones import LlavaBackbone
+    from tokensieve.evaluate.timing import scoring_shares
+
+    backbone = LlavaBackbone(speed.build_bench_model(MICRO))
+    inputs = speed.bench_inputs(MICRO)
+    handle = attach(backbone, "fastv", 0.5, mode="hard")
+    waits = []
+    shares = scoring_shares(lambda: backbone.forward(**inputs), handle, 3, sync=lambda: waits.append(1))
+    # per run: once before and after it, and once at each edge of FastV's two scoring blocks
+    # (the attention it reads at layer K-1, the choice at layer K)
+    assert len(waits) == 3 * (2 + 2 * 2)
+    assert len(shares) == 3 and all(0 < s < 1 for s in shares)
+    waits.clear()
+    backbone.forward(**inputs)
+    assert not waits  # the timed runs do not wait
+    handle.detach()
+
+
 def test_native_reference_times_the_llm_alone_on_a_shorter_prompt():
     ref = native_llm_reference(MICRO, [8, 4], repeats=1)
     assert [r["visual_tokens_kept"] for r in ref] == [8, 4]

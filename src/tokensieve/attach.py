@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from tokensieve.errors import TokensieveError
@@ -38,6 +38,9 @@ class Handle:
     last_counts: visual tokens before and after each stage in the latest forward pass,
     ``{str(stage): (before, after)}``.
     scoring_seconds: time spent choosing tokens (signals + selection) since it was last reset.
+    scoring_sync: called at both edges of each scoring block; a benchmark sets it to wait for
+    the GPU (:func:`tokensieve.evaluate.timing.synchronizer`), whose queued kernels a host timer
+    would otherwise charge to whatever waits next. The default waits for nothing.
     last_kept: the tokens each stage kept in the latest forward pass, ``{str(stage): (B, keep)}``
     indices of the image patches behind them (-1: the CLS token), for pictures of what was kept.
     """
@@ -48,6 +51,7 @@ class Handle:
     enabled: bool = True
     last_counts: dict[str, tuple[int, int]] = field(default_factory=dict)
     scoring_seconds: float = 0.0
+    scoring_sync: Callable[[], None] = field(default=lambda: None, repr=False)
     last_kept: dict = field(default_factory=dict)
 
     def detach(self) -> None:
@@ -60,10 +64,12 @@ class Handle:
     def scoring(self) -> Iterator[None]:
         """Charge the enclosed time to choosing tokens (``scoring_seconds``, the benchmarks'
         scoring overhead)."""
+        self.scoring_sync()
         started = time.perf_counter()
         try:
             yield
         finally:
+            self.scoring_sync()
             self.scoring_seconds += time.perf_counter() - started
 
     @contextlib.contextmanager

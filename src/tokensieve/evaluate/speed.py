@@ -5,7 +5,8 @@ For each (method at its site, keep ratio) the pruned and the unpruned prefill ru
 on the same inputs, and the medians are compared. ``ideal_speedup`` is the ratio of the linear
 FLOPs (dense matmuls, which grow linearly with tokens: :func:`tokensieve.evaluate.flops.prefill_flops`
 without the attention-score term) of the whole prefill, full vs pruned, each block counted on
-the tokens it saw; ``scoring_overhead`` is the share of the pruned prefill spent choosing tokens.
+the tokens it saw; ``scoring_overhead`` is the share of the pruned prefill spent choosing tokens,
+measured in pruned runs of its own (:func:`tokensieve.evaluate.timing.scoring_shares`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 from tokensieve.attach import attach
 from tokensieve.backbones import LlavaBackbone, Site
 from tokensieve.evaluate.flops import TokenCounts, prefill_flops, token_counts
-from tokensieve.evaluate.timing import alternate_timings, synchronizer
+from tokensieve.evaluate.timing import alternate_timings, scoring_shares, synchronizer
 
 TARGETS = {"speedup >= 0.95 x ideal_speedup": lambda r: r["speedup"] >= 0.95 * r["ideal_speedup"],
            "scoring_overhead <= 0.03": lambda r: r["scoring_overhead"] <= 0.03}
@@ -118,25 +119,19 @@ def speed_benchmark(shape: BenchShape = BenchShape(), methods: tuple[str, ...] =
     for name, keep in tqdm(cases, desc="speed", unit="case", disable=not progress):
         site = Site.parse(create_method(name).default_site)
         handle = attach(backbone, name, keep, site=str(site), mode="hard")
-        scoring_seconds = []
-
-        def pruned_prefill():
-            handle.scoring_seconds = 0.0
-            prefill()
-            scoring_seconds.append(handle.scoring_seconds)
 
         def full_prefill():
             with handle.disabled():
                 prefill()
 
         try:
-            times = alternate_timings(full_prefill, pruned_prefill, repeats, sync=synchronizer(device))
+            times = alternate_timings(full_prefill, prefill, repeats, sync=synchronizer(device))
+            scoring = scoring_shares(prefill, handle, repeats, sync=synchronizer(device))
             kept = handle.last_counts[str(handle.stages[0])][1]
             ideal = ideal_speedup(backbone.config, full_counts, token_counts(backbone, shape.text_tokens, handle))
         finally:
             handle.detach()
         full, pruned = times["full"], times["pruned"]
-        scoring = [s / t for s, t in zip(scoring_seconds[1:], pruned)]  # the first run is the warm-up
         row = {"method": name, "site": str(site), "keep": keep, "visual_tokens_kept": kept,
                "prefill_ms_full": round(1000 * statistics.median(full), 2),
                "prefill_ms_pruned": round(1000 * statistics.median(pruned), 2),

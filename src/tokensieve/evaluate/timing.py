@@ -36,3 +36,25 @@ def alternate_timings(full: Callable[[], object], pruned: Callable[[], object], 
             sync()
             times[name].append(time.perf_counter() - started)
     return times
+
+
+@torch.no_grad()
+def scoring_shares(run: Callable[[], object], handle, repeats: int,
+                   sync: Callable[[], None] = lambda: None) -> list[float]:
+    """Share of each of ``repeats`` runs of ``run()`` (a pruned pass of ``handle``'s model) spent
+    choosing tokens. Measured in runs of their own, with the scoring blocks waiting for the device
+    at their edges (``handle.scoring_sync``): on a GPU that wait stalls the queue, so these runs
+    are not the ones whose latency is reported."""
+    shares = []
+    handle.scoring_sync = sync
+    try:
+        for _ in range(repeats):
+            handle.scoring_seconds = 0.0
+            sync()
+            started = time.perf_counter()
+            run()
+            sync()
+            shares.append(handle.scoring_seconds / (time.perf_counter() - started))
+    finally:
+        handle.scoring_sync = lambda: None
+    return shares
