@@ -86,11 +86,29 @@ def test_native_reference_times_the_llm_alone_on_a_shorter_prompt():
 
 def test_bench_speed_prints_rows_and_the_native_reference(monkeypatch, capsys):
     monkeypatch.setattr(speed, "BenchShape", lambda: MICRO)
-    assert main(["bench", "speed", "--method", "random", "--keep", "0.5,0.25", "--repeats", "1", "--json"]) == 0
+    assert main(["bench", "speed", "--method", "random", "--keep", "0.5,0.25", "--repeats", "1", "--batch", "2",
+                 "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert [r["visual_tokens_kept"] for r in out["rows"]] == [8, 4]
+    assert [r["visual_tokens_kept"] for r in out["rows"]] == [8, 4]  # per prompt
     assert [r["visual_tokens_kept"] for r in out["native_llm"]] == [8, 4]
-    assert out["shape"]["n_visual"] == MICRO.n_visual
+    assert (out["shape"]["n_visual"], out["shape"]["batch"]) == (MICRO.n_visual, 2)
+
+
+def test_bench_train_times_real_training_steps_on_a_random_model_of_the_shape(monkeypatch, capsys):
+    monkeypatch.setattr(speed, "BenchShape", lambda: replace(MICRO, image_size=112))  # 8 x 8: room for scenes
+    args = ["bench", "train", "--shape", "cpu", "--steps", "2", "--set", "pruner.pruning_layers=[1,2]",
+            "--set", "merger.d_internal=16", "--set", "pruner.d_internal=16", "--set", "discriminator.d_internal=16",
+            "--set", "discriminator.layers=[-1,-2]", "--set", "optim.batch_size=2", "--json"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["steps_timed"], out["batch_size"], out["config_steps"]) == (2, 2, 5000)  # the 7B config's run
+    assert out["step_s_median"] > 0 and out["peak_memory_gib"] is None  # no CUDA here
+    assert out["projected_hours"] == pytest.approx(out["step_s_median"] * 5000 / 3600, abs=0.01)
+    assert out["trainable_parameters"] > 0 and out["backbone_parameters"] > out["trainable_parameters"]
+    assert len(out["last_step"]["keep_ratio"]) == 2  # one per pruner head: the heads trained
+    # the 7B config's heads do not fit a 3-layer LLM: named, not a trace
+    assert main(["bench", "train", "--shape", "cpu", "--steps", "1"]) == 2
+    assert "pruner.pruning_layers [10, 20, 31]" in capsys.readouterr().err
 
 
 def test_eval_compares_methods_with_the_unpruned_model(tiny_llava_dir, capsys):

@@ -153,6 +153,13 @@ def test_divprune_never_repeats_a_token_even_among_duplicates():
     assert all(len(set(row.tolist())) == 4 for row in sel.indices)
 
 
+def test_divprune_picks_for_each_row_of_a_batch_what_it_picks_for_the_row_alone():
+    tokens = torch.randn(3, 40, 8, generator=torch.Generator().manual_seed(2))
+    together = DivPrune().select(inputs(tokens, 9)).indices
+    alone = torch.cat([DivPrune().select(inputs(row[None], 9)).indices for row in tokens])
+    assert torch.equal(together, alone)
+
+
 # ---- DART -----------------------------------------------------------------------------------
 
 def dart_tokens() -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from importlib import resources
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -191,11 +192,12 @@ def _bench_speed(args: argparse.Namespace) -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise TokensieveError(f"--device {args.device}: no CUDA device is available here")
     rows = speed_benchmark(shape, tuple(methods), tuple(keeps), repeats=args.repeats, threads=args.threads,
-                           device=args.device, dtype=dtype, progress=not args.json)
+                           device=args.device, dtype=dtype, progress=not args.json, batch=args.batch)
     kept = sorted({r["visual_tokens_kept"] for r in rows}, reverse=True)
-    native = native_llm_reference(shape, kept, repeats=args.repeats, device=args.device, dtype=dtype)
+    native = native_llm_reference(shape, kept, repeats=args.repeats, device=args.device, dtype=dtype,
+                                  batch=args.batch)
     if args.json:
-        print(json.dumps({"shape": shape_summary(shape, args.device, dtype), "rows": rows,
+        print(json.dumps({"shape": shape_summary(shape, args.device, dtype, args.batch), "rows": rows,
                           "native_llm": native}, indent=2))
         return
     print(f"{'method':10s} {'site':9s} {'keep':>5s} {'full ms':>8s} {'pruned ms':>9s} {'speedup':>7s} "
@@ -208,6 +210,32 @@ def _bench_speed(args: argparse.Namespace) -> None:
     for n in native:
         print(f"  {n['visual_tokens_kept']:4d} visual tokens: {n['llm_ms_full']:8.1f} -> {n['llm_ms_short']:7.1f} ms, "
               f"speedup {n['speedup']:5.2f} of token ratio {n['token_ratio']:5.2f} ({n['share_of_token_ratio']:.3f})")
+
+
+def _bench_train(args: argparse.Namespace) -> None:
+    import torch
+
+    from tokensieve.config import load_config
+    from tokensieve.evaluate.speed import BenchShape
+    from tokensieve.evaluate.train_speed import train_step_benchmark
+    from tokensieve.train.two_stage_config import TwoStageConfig
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise TokensieveError(f"--device {args.device}: no CUDA device is available here")
+    # Synthetic scenes stand in for the config's data; the device and dtype are the command's.
+    forced = ["data.kind=synthetic", "data.path=null", "data.image_folder=null", f"run.device={args.device}",
+              f"run.dtype={args.dtype}"]
+    with resources.as_file(resources.files("tokensieve") / "configs" / "two_stage_llava15_7b.yaml") as packaged:
+        cfg = load_config(TwoStageConfig, args.config or packaged, [*args.set, *forced])
+    shape = BenchShape.llava7b() if args.shape == "llava-7b" else BenchShape()
+    result = train_step_benchmark(cfg, shape, args.steps, dtype=getattr(torch, args.dtype), progress=not args.json)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    memory = "" if result["peak_memory_gib"] is None else f", peak memory {result['peak_memory_gib']:.1f} GiB"
+    print(f"{result['step_s_median']:.3f} s per step of {result['batch_size']} samples "
+          f"({result['samples_per_s']:.1f} samples/s){memory}; {result['config_steps']} steps: "
+          f"about {result['projected_hours']:.2f} h without validation")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -302,11 +330,27 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--shape", default="cpu", choices=["cpu", "llava-7b"],
                        help="cpu: 8 layers x 512 (default); llava-7b: LLaVA-1.5-7B's shape (needs a big machine)")
     speed.add_argument("--repeats", type=_positive_int, default=7, help="timed runs per case (median)")
+    speed.add_argument("--batch", type=_positive_int, default=1, help="prompts per prefill")
     speed.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
     speed.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     speed.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     speed.add_argument("--json", action="store_true")
     speed.set_defaults(func=_bench_speed)
+
+    train_bench = bench.add_parser("train", help="two-stage training step time and memory on a random model of a "
+                                   "real shape (what a config costs before renting GPU hours)")
+    train_bench.add_argument("config", type=Path, nargs="?", default=None,
+                             help="training config (default: the packaged two_stage_llava15_7b.yaml)")
+    train_bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                             help="override a config key (repeatable)")
+    train_bench.add_argument("--shape", default="llava-7b", choices=["cpu", "llava-7b"],
+                             help="llava-7b: LLaVA-1.5-7B's shape (default); cpu: 8 layers x 512")
+    train_bench.add_argument("--steps", type=_positive_int, default=10, help="timed steps (median)")
+    train_bench.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    train_bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                             help="the frozen backbone's dtype")
+    train_bench.add_argument("--json", action="store_true")
+    train_bench.set_defaults(func=_bench_train)
 
     ask = sub.add_parser("ask", help="answer a question about an image file")
     ask.add_argument("--image", required=True, type=Path)

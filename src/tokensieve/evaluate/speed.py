@@ -67,7 +67,12 @@ def bench_config(shape: BenchShape) -> LlavaConfig:
 
 def build_bench_model(shape: BenchShape, dtype: torch.dtype = torch.float32,
                       device: str = "cpu") -> LlavaForConditionalGeneration:
-    config = bench_config(shape)
+    return build_random_llava(bench_config(shape), dtype, device)
+
+
+def build_random_llava(config: LlavaConfig, dtype: torch.dtype = torch.float32,
+                       device: str = "cpu") -> LlavaForConditionalGeneration:
+    """A randomly initialised LLaVA of ``config`` in eval mode."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built in its dtype, where it runs: a 7B model never sits in host memory
     try:
@@ -99,15 +104,18 @@ def ideal_speedup(config: LlavaConfig, full: TokenCounts, pruned: TokenCounts) -
 
 def speed_benchmark(shape: BenchShape = BenchShape(), methods: tuple[str, ...] = ("fastv", "divprune"),
                     keeps: tuple[float, ...] = (0.33, 0.22, 0.11), repeats: int = 7, threads: int | None = None,
-                    device: str = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True) -> list[dict]:
-    """One row per (method at its default site, keep ratio); see the module docstring."""
+                    device: str = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True,
+                    batch: int = 1) -> list[dict]:
+    """One row per (method at its default site, keep ratio), each prefill on ``batch`` prompts
+    (on a GPU, batch 1 of eager transformers code can be bound by the host launching kernels);
+    see the module docstring."""
     from tokensieve.method import create_method
 
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
     backbone = LlavaBackbone(build_bench_model(shape, dtype, device))
-    inputs = {k: v.to(device) for k, v in bench_inputs(shape).items()}
+    inputs = {k: v.to(device) for k, v in bench_inputs(shape, batch).items()}
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     full_counts = token_counts(backbone, shape.text_tokens)
 
@@ -144,7 +152,7 @@ def speed_benchmark(shape: BenchShape = BenchShape(), methods: tuple[str, ...] =
 
 
 def native_llm_reference(shape: BenchShape, kept_counts: list[int], repeats: int = 7, device: str = "cpu",
-                         dtype: torch.dtype = torch.float32, seed: int = 0) -> list[dict]:
+                         dtype: torch.dtype = torch.float32, seed: int = 0, batch: int = 1) -> list[dict]:
     """What a perfect removal could reach on this machine: the unpruned LLM decoder stack alone
     on random embeddings of the full prompt length vs a natively shorter prompt (``kept`` visual
     tokens + the text), alternating, medians; no pruning code runs. ``share_of_token_ratio`` is
@@ -156,7 +164,7 @@ def native_llm_reference(shape: BenchShape, kept_counts: list[int], repeats: int
     out = []
     for kept in kept_counts:
         short_len = kept + shape.text_tokens
-        full = torch.randn(1, full_len, shape.llm_hidden, generator=g).to(device, dtype)
+        full = torch.randn(batch, full_len, shape.llm_hidden, generator=g).to(device, dtype)
         short = full[:, -short_len:].contiguous()
         times = alternate_timings(lambda: llm(inputs_embeds=full), lambda: llm(inputs_embeds=short), repeats,
                                   sync=synchronizer(device))
@@ -168,6 +176,7 @@ def native_llm_reference(shape: BenchShape, kept_counts: list[int], repeats: int
     return out
 
 
-def shape_summary(shape: BenchShape, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+def shape_summary(shape: BenchShape, device: str = "cpu", dtype: torch.dtype = torch.float32, batch: int = 1) -> dict:
     where = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"cpu, {torch.get_num_threads()} threads"
-    return {**asdict(shape), "n_visual": shape.n_visual, "device": where, "dtype": str(dtype).replace("torch.", "")}
+    return {**asdict(shape), "n_visual": shape.n_visual, "device": where, "dtype": str(dtype).replace("torch.", ""),
+            "batch": batch}

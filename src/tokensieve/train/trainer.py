@@ -79,17 +79,21 @@ class StepLosses:
 
 class TwoStageTrainer:
     """on_validation: called as ``on_validation(step, val_accuracy)`` after each validation step
-    is logged (and checkpointed, if due); it may raise to stop the run, e.g. ``optuna.TrialPruned``."""
+    is logged (and checkpointed, if due); it may raise to stop the run, e.g. ``optuna.TrialPruned``.
+    backbone: one already in memory, used instead of loading ``cfg.model`` (``tokensieve bench
+    train`` times steps on a random model of a real shape)."""
 
     def __init__(self, cfg: TwoStageConfig, out: str | Path, resume: bool = False, progress: bool = True,
-                 on_validation: Callable[[int, float], None] | None = None):
+                 on_validation: Callable[[int, float], None] | None = None, backbone: LlavaBackbone | None = None):
         self.cfg, self.out, self.progress, self.on_validation = cfg, Path(out), progress, on_validation
         torch.set_num_threads(cfg.run.threads)
         self.dist = Distributed(cfg.run.device)  # one process unless launched by accelerate or torchrun
         self.dist.check_batch(cfg.optim.batch_size)
         self._check_folder(resume)
-        dtype = None if cfg.run.dtype == "auto" else getattr(torch, cfg.run.dtype)
-        self.backbone = LlavaBackbone.from_pretrained(cfg.model, dtype=dtype, device=cfg.run.device)
+        if backbone is None:
+            dtype = None if cfg.run.dtype == "auto" else getattr(torch, cfg.run.dtype)
+            backbone = LlavaBackbone.from_pretrained(cfg.model, dtype=dtype, device=cfg.run.device)
+        self.backbone = backbone
         if self.backbone.processor is None:
             raise TokensieveError(f"{cfg.model} has no processor; training needs one")
         self.backbone.model.requires_grad_(False).eval()
