@@ -167,6 +167,7 @@ def test_validation_scores_both_ends_of_the_trained_merge_range(tiny_llava_dir, 
 
     monkeypatch.setattr(trainer, "_validate_at", validate_at)
     assert trainer.validate() == 0.75 and [c for c, _ in seen] == [16, 48]
+    assert trainer.last_validation == {16: 0.5, 48: 1.0}  # logged as val_accuracy_at_16 / _48
     fixed = PrunerParts(tiny_config(tiny_llava_dir, merger={"train_merge_range": None}), trainer.backbone)
     assert fixed.validation_centres() == [32]
 

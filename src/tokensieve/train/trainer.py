@@ -110,6 +110,7 @@ class TwoStageTrainer:
                    list(self.parts.discriminator.parameters()), "lr": o.lr_discriminator}]
         self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=o.weight_decay)
         self.step, self.best = 0, None
+        self.last_validation: dict[int | None, float] = {}
         self.dist.barrier()  # every process has checked the folder before the main one writes to it
         if resume and (self.out / STATE_FILE).exists():
             self._load_state()
@@ -254,9 +255,9 @@ class TwoStageTrainer:
         """Teacher-forced accuracy over the answer tokens (for one-word answers: the answer
         accuracy), merger and heads deterministic, in ``soft`` mode with binary masks (equal to
         ``hard`` removal on the kept tokens); the mean over the merger budgets of
-        :meth:`PrunerParts.validation_centres`."""
-        scores = [self._validate_at(centres) for centres in self.parts.validation_centres()]
-        return sum(scores) / len(scores)
+        :meth:`PrunerParts.validation_centres` (each one's score: ``last_validation``)."""
+        self.last_validation = {centres: self._validate_at(centres) for centres in self.parts.validation_centres()}
+        return sum(self.last_validation.values()) / len(self.last_validation)
 
     def _validate_at(self, centres: int | None) -> float:
         self.parts.eval()
@@ -297,6 +298,8 @@ class TwoStageTrainer:
                 if self.step % cfg.validation.every == 0 or self.step == cfg.optim.steps:
                     handle.detach()
                     row["val_accuracy"] = self.validate()
+                    if len(self.last_validation) > 1:
+                        row.update({f"val_accuracy_at_{c}": v for c, v in self.last_validation.items()})
                     if self.best is None or row["val_accuracy"] > self.best:
                         self.best = row["val_accuracy"]
                         if main:
