@@ -82,6 +82,9 @@ def test_native_reference_times_the_llm_alone_on_a_shorter_prompt():
         assert r["token_ratio"] == pytest.approx((MICRO.n_visual + MICRO.text_tokens) / short, abs=1e-3)
         assert r["llm_ms_full"] > 0 and r["llm_ms_short"] > 0
         assert r["share_of_token_ratio"] == pytest.approx(r["speedup"] / r["token_ratio"], rel=1e-2)
+        assert r["tower_ms"] > 0
+        bound = (r["tower_ms"] + r["llm_ms_full"]) / (r["tower_ms"] + r["llm_ms_short"])
+        assert r["projector_site_bound"] == pytest.approx(bound, rel=1e-2)
 
 
 def test_bench_speed_prints_rows_and_the_native_reference(monkeypatch, capsys):

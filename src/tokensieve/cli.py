@@ -209,7 +209,9 @@ def _bench_speed(args: argparse.Namespace) -> None:
     print("the unpruned LLM alone on a natively shorter prompt (what perfect removal could reach here):")
     for n in native:
         print(f"  {n['visual_tokens_kept']:4d} visual tokens: {n['llm_ms_full']:8.1f} -> {n['llm_ms_short']:7.1f} ms, "
-              f"speedup {n['speedup']:5.2f} of token ratio {n['token_ratio']:5.2f} ({n['share_of_token_ratio']:.3f})")
+              f"speedup {n['speedup']:5.2f} of token ratio {n['token_ratio']:5.2f} ({n['share_of_token_ratio']:.3f}); "
+              f"with the unpruned tower ({n['tower_ms']:.1f} ms) the most a projector-site method could reach: "
+              f"{n['projector_site_bound']:.2f}")
 
 
 def _bench_train(args: argparse.Namespace) -> None:

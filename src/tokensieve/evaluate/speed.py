@@ -21,7 +21,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 from tokensieve.attach import attach
 from tokensieve.backbones import LlavaBackbone, Site
 from tokensieve.evaluate.flops import TokenCounts, prefill_flops, token_counts
-from tokensieve.evaluate.timing import alternate_timings, scoring_shares, synchronizer
+from tokensieve.evaluate.timing import alternate_timings, repeated_timings, scoring_shares, synchronizer
 
 TARGETS = {"speedup >= 0.95 x ideal_speedup": lambda r: r["speedup"] >= 0.95 * r["ideal_speedup"],
            "scoring_overhead <= 0.03": lambda r: r["scoring_overhead"] <= 0.03}
@@ -156,9 +156,17 @@ def native_llm_reference(shape: BenchShape, kept_counts: list[int], repeats: int
     """What a perfect removal could reach on this machine: the unpruned LLM decoder stack alone
     on random embeddings of the full prompt length vs a natively shorter prompt (``kept`` visual
     tokens + the text), alternating, medians; no pruning code runs. ``share_of_token_ratio`` is
-    the measured speedup over the ratio of lengths (the linear-FLOPs ideal of the LLM part)."""
+    the measured speedup over the ratio of lengths (the linear-FLOPs ideal of the LLM part).
+
+    ``tower_ms``: the unpruned vision tower and projector alone on the batch's images, which a
+    method acting between them and the LLM still pays; ``projector_site_bound``: the speedup
+    of a whole prefill made of that tower and the LLM on the shorter prompt, the most any
+    ``projector``-site method could reach here."""
     torch.manual_seed(seed)
-    llm = LlavaBackbone(build_bench_model(shape, dtype, device)).language_model
+    backbone = LlavaBackbone(build_bench_model(shape, dtype, device))
+    llm, sync = backbone.language_model, synchronizer(device)
+    pixels = bench_inputs(shape, batch)["pixel_values"].to(device, dtype)
+    tower_s = statistics.median(repeated_timings(lambda: backbone.encode_images(pixels), repeats, sync=sync))
     full_len = shape.n_visual + shape.text_tokens
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -167,12 +175,14 @@ def native_llm_reference(shape: BenchShape, kept_counts: list[int], repeats: int
         full = torch.randn(batch, full_len, shape.llm_hidden, generator=g).to(device, dtype)
         short = full[:, -short_len:].contiguous()
         times = alternate_timings(lambda: llm(inputs_embeds=full), lambda: llm(inputs_embeds=short), repeats,
-                                  sync=synchronizer(device))
+                                  sync=sync)
         full_s, short_s = statistics.median(times["full"]), statistics.median(times["pruned"])
         out.append({"visual_tokens_kept": kept, "llm_ms_full": round(1000 * full_s, 2),
                     "llm_ms_short": round(1000 * short_s, 2), "speedup": round(full_s / short_s, 3),
                     "token_ratio": round(full_len / short_len, 3),
-                    "share_of_token_ratio": round(full_s / short_s * short_len / full_len, 3)})
+                    "share_of_token_ratio": round(full_s / short_s * short_len / full_len, 3),
+                    "tower_ms": round(1000 * tower_s, 2),
+                    "projector_site_bound": round((tower_s + full_s) / (tower_s + short_s), 3)})
     return out
 
 

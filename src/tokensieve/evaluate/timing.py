@@ -20,6 +20,22 @@ def synchronizer(device: torch.device | str) -> Callable[[], None]:
 
 
 @torch.no_grad()
+def repeated_timings(fn: Callable[[], object], repeats: int, warmup: int = 1,
+                     sync: Callable[[], None] = lambda: None) -> list[float]:
+    """Seconds of each of ``repeats`` runs of ``fn()`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        started = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+@torch.no_grad()
 def alternate_timings(full: Callable[[], object], pruned: Callable[[], object], repeats: int,
                       warmup: int = 1, sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
     """Seconds of each of ``repeats`` runs of ``full()`` and ``pruned()``, run alternately after
