@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tokensieve.errors import TokensieveError
 from tokensieve.train.losses import (adversarial_loss, answer_cross_entropy, discriminator_loss, distillation_kl,
                                      hidden_state_mse, target_ratio_sparsity)
-from tokensieve.train.schedules import target_ratio_at, temperature_at, warmup_weight_at
+from tokensieve.train.schedules import lr_factor_at, target_ratio_at, temperature_at, warmup_weight_at
 
 # --- schedules ---------------------------------------------------------------------------------
 
@@ -57,6 +57,17 @@ def test_warmup_is_zero_then_weight():
     assert values[:20] == [0.0] * 20
     assert values[20:] == [0.7] * 80
     assert warmup_weight_at(0, 100, weight=0.7, warmup_fraction=0.0) == 0.7
+
+
+def test_cosine_learning_rate_falls_from_one_to_its_floor_and_constant_stays():
+    factors = [lr_factor_at(step, 100, "cosine", floor=0.1) for step in range(101)]
+    assert factors[0] == 1.0 and factors[100] == pytest.approx(0.1) and factors[50] == pytest.approx(0.55)
+    assert all(a >= b for a, b in zip(factors, factors[1:]))
+    assert {lr_factor_at(step, 100) for step in range(101)} == {1.0}
+    with pytest.raises(TokensieveError, match="learning-rate schedule 'step'"):
+        lr_factor_at(0, 100, "step")
+    with pytest.raises(TokensieveError, match="floor 2"):
+        lr_factor_at(0, 100, "cosine", floor=2)
 
 
 def test_curriculum_endpoints_and_hold():

@@ -4,6 +4,7 @@ resume exactly, trained parts load for evaluation, and bad settings are named.""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -145,6 +146,21 @@ def test_an_interrupted_run_resumes_to_the_same_parts(tiny_llava_dir, tmp_path, 
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
     steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+def test_each_group_steps_at_its_configured_rate_times_the_schedule(tiny_llava_dir, tmp_path):
+    cfg = tiny_config(tiny_llava_dir, optim={"lr_schedule": "cosine", "lr_floor": 0.2, "lr_token_merger": 0.01,
+                                             "lr_layer_pruners": 0.02})
+    trainer = TwoStageTrainer(cfg, tmp_path / "run", progress=False)
+    handle, merger, pruners = trainer.parts.attach(trainer.backbone, "soft", training=True)
+    try:
+        for _ in range(3):
+            trainer.train_step(handle, merger, pruners)
+    finally:
+        handle.detach()
+    factor = 0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * 2 / 4))  # the third of four steps
+    assert {g["name"]: g["lr"] for g in trainer.optimizer.param_groups} == pytest.approx(
+        {"token_merger": 0.01 * factor, "layer_pruners": 0.02 * factor})
 
 
 def test_each_step_draws_its_merge_budget_from_the_range_the_same_way_every_time(tiny_llava_dir, backbone):

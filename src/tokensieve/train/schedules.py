@@ -6,9 +6,12 @@ clipped to ``[0, 1]``, so the value reached at the end of the phase is held for 
 
 from __future__ import annotations
 
+import math
+
 from tokensieve.errors import TokensieveError
 
 TEMPERATURE_KINDS = ("exponential", "linear")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def _check_fraction(name: str, fraction: float) -> None:
@@ -60,3 +63,17 @@ def target_ratio_at(step: int, total_steps: int, target: float, curriculum_fract
             raise TokensieveError(f"{name} keep ratio {ratio} is not in (0, 1]")
     p = _progress(step, total_steps, curriculum_fraction, "curriculum_fraction")
     return start + p * (target - start)
+
+
+def lr_factor_at(step: int, total_steps: int, kind: str = "constant", floor: float = 0.1) -> float:
+    """Learning-rate multiplier at ``step``: 1 throughout (``constant``), or half a cosine from
+    1 down to ``floor`` over training (``cosine``: late steps, at a low Gumbel temperature, move
+    the parts less, so what they learned at the small budgets is not undone)."""
+    if kind not in LR_SCHEDULES:
+        raise TokensieveError(f"unknown learning-rate schedule {kind!r}; choose one of {', '.join(LR_SCHEDULES)}")
+    if not 0 <= floor <= 1:
+        raise TokensieveError(f"learning-rate floor {floor} is not in [0, 1]")
+    if kind == "constant":
+        return 1.0
+    p = _progress(step, total_steps, 1.0, "lr")
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p))

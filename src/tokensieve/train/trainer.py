@@ -103,11 +103,10 @@ class TwoStageTrainer:
         torch.manual_seed(cfg.run.seed)
         self.parts = PrunerParts(cfg, self.backbone).to(cfg.run.device)
         o = cfg.optim
-        groups = [{"name": "token_merger", "params": [] if self.parts.token_merger is None else
-                   list(self.parts.token_merger.parameters()), "lr": o.lr_token_merger},
-                  {"name": "layer_pruners", "params": list(self.parts.layer_pruners.parameters()), "lr": o.lr_layer_pruners},
-                  {"name": "discriminator", "params": [] if self.parts.discriminator is None else
-                   list(self.parts.discriminator.parameters()), "lr": o.lr_discriminator}]
+        parts = {"token_merger": self.parts.token_merger, "layer_pruners": self.parts.layer_pruners,
+                 "discriminator": self.parts.discriminator}
+        groups = [{"name": name, "params": list(part.parameters()), "lr": self.base_lr(name)}
+                  for name, part in parts.items() if part is not None]
         self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=o.weight_decay)
         self.step, self.best = 0, None
         self.last_validation: dict[int | None, float] = {}
@@ -116,6 +115,10 @@ class TwoStageTrainer:
             self._load_state()
         elif self.dist.is_main:
             save_config(cfg, self.out / CONFIG_FILE)
+
+    def base_lr(self, group: str) -> float:
+        """The configured learning rate of an optimizer group (``optim.lr_<group>``)."""
+        return getattr(self.cfg.optim, f"lr_{group}")
 
     # --- run folder ---------------------------------------------------------------------
     def _check_folder(self, resume: bool) -> None:
@@ -240,6 +243,9 @@ class TwoStageTrainer:
             row.update(self._discriminator_step(student, teacher, text))
         self.dist.sync_gradients(self.parts.parameters())
         torch.nn.utils.clip_grad_norm_(self.parts.parameters(), cfg.optim.grad_clip)
+        factor = schedules.lr_factor_at(self.step, cfg.optim.steps, cfg.optim.lr_schedule, cfg.optim.lr_floor)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.base_lr(group["name"]) * factor
         self.optimizer.step()
         if self.parts.discriminator is not None and random.random() < cfg.discriminator.reinit_prob:
             self.parts.discriminator.reinitialise()

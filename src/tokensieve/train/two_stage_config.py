@@ -97,6 +97,8 @@ class OptimConfig:
     lr_discriminator: float = 1e-4
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: each group's rate down to lr_floor x it
+    lr_floor: float = 0.1
 
 
 @dataclass
