@@ -99,7 +99,7 @@ def test_bench_speed_prints_rows_and_the_native_reference(monkeypatch, capsys):
 
 def test_bench_train_times_real_training_steps_on_a_random_model_of_the_shape(monkeypatch, capsys):
     monkeypatch.setattr(speed, "BenchShape", lambda: replace(MICRO, image_size=112))  # 8 x 8: room for scenes
-    args = ["bench", "train", "--shape", "cpu", "--steps", "2", "--set", "pruner.pruning_layers=[1,2]",
+    args = ["bench", "train", "--shape", "cpu", "--device", "cpu", "--steps", "2", "--set", "pruner.pruning_layers=[1,2]",
             "--set", "merger.d_internal=16", "--set", "pruner.d_internal=16", "--set", "discriminator.d_internal=16",
             "--set", "discriminator.layers=[-1,-2]", "--set", "optim.batch_size=2", "--json"]
     assert main(args) == 0
@@ -110,8 +110,14 @@ def test_bench_train_times_real_training_steps_on_a_random_model_of_the_shape(mo
     assert out["trainable_parameters"] > 0 and out["backbone_parameters"] > out["trainable_parameters"]
     assert len(out["last_step"]["keep_ratio"]) == 2  # one per pruner head: the heads trained
     # the 7B config's heads do not fit a 3-layer LLM: named, not a trace
-    assert main(["bench", "train", "--shape", "cpu", "--steps", "1"]) == 2
+    assert main(["bench", "train", "--shape", "cpu", "--device", "cpu", "--steps", "1"]) == 2
     assert "pruner.pruning_layers [10, 20, 31]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["speed", "train"])
+def test_the_7b_shape_is_refused_on_a_cpu_before_any_model_is_built(command, capsys):
+    assert main(["bench", command, "--shape", "llava-7b", "--device", "cpu"]) == 2
+    assert "--shape llava-7b is a 7B model: run it on a GPU" in capsys.readouterr().err
 
 
 def test_eval_compares_methods_with_the_unpruned_model(tiny_llava_dir, capsys):

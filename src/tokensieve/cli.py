@@ -176,10 +176,25 @@ def _eval(args: argparse.Namespace) -> None:
               f"{r['visual_tokens_kept']:>6d} {r['accuracy']:8.3f} {r['flops_ratio']:6.3f}")
 
 
+def _bench_shape(args: argparse.Namespace):
+    """The benchmark's model shape, once ``args.device`` is known to be able to hold it."""
+    import torch
+
+    from tokensieve.evaluate.speed import BenchShape
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise TokensieveError(f"--device {args.device}: no CUDA device is available here")
+    if args.shape == "llava-7b" and not args.device.startswith("cuda"):
+        # 7 B parameters: 28 GB in float32, more than a workstation's memory, and hours per case.
+        raise TokensieveError("--shape llava-7b is a 7B model: run it on a GPU (--device cuda --dtype bfloat16), "
+                              "or use --shape cpu here")
+    return BenchShape.llava7b() if args.shape == "llava-7b" else BenchShape()
+
+
 def _bench_speed(args: argparse.Namespace) -> None:
     import torch
 
-    from tokensieve.evaluate.speed import BenchShape, native_llm_reference, shape_summary, speed_benchmark
+    from tokensieve.evaluate.speed import native_llm_reference, shape_summary, speed_benchmark
     from tokensieve.method import Budget, create_method
 
     methods, keeps = _csv(args.method), [float(Budget.parse(k).ratio or 0) for k in _csv(args.keep)]
@@ -187,10 +202,8 @@ def _bench_speed(args: argparse.Namespace) -> None:
         create_method(name)
     if not all(keeps):
         raise TokensieveError("bench speed takes keep ratios (0.33), not token counts")
-    shape = BenchShape.llava7b() if args.shape == "llava-7b" else BenchShape()
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise TokensieveError(f"--device {args.device}: no CUDA device is available here")
+    shape = _bench_shape(args)
+    dtype = getattr(torch, args.dtype)
     rows = speed_benchmark(shape, tuple(methods), tuple(keeps), repeats=args.repeats, threads=args.threads,
                            device=args.device, dtype=dtype, progress=not args.json, batch=args.batch)
     kept = sorted({r["visual_tokens_kept"] for r in rows}, reverse=True)
@@ -218,18 +231,15 @@ def _bench_train(args: argparse.Namespace) -> None:
     import torch
 
     from tokensieve.config import load_config
-    from tokensieve.evaluate.speed import BenchShape
     from tokensieve.evaluate.train_speed import train_step_benchmark
     from tokensieve.train.two_stage_config import TwoStageConfig
 
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise TokensieveError(f"--device {args.device}: no CUDA device is available here")
+    shape = _bench_shape(args)
     # Synthetic scenes stand in for the config's data; the device and dtype are the command's.
     forced = ["data.kind=synthetic", "data.path=null", "data.image_folder=null", f"run.device={args.device}",
               f"run.dtype={args.dtype}"]
     with resources.as_file(resources.files("tokensieve") / "configs" / "two_stage_llava15_7b.yaml") as packaged:
         cfg = load_config(TwoStageConfig, args.config or packaged, [*args.set, *forced])
-    shape = BenchShape.llava7b() if args.shape == "llava-7b" else BenchShape()
     result = train_step_benchmark(cfg, shape, args.steps, dtype=getattr(torch, args.dtype), progress=not args.json)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -348,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_bench.add_argument("--shape", default="llava-7b", choices=["cpu", "llava-7b"],
                              help="llava-7b: LLaVA-1.5-7B's shape (default); cpu: 8 layers x 512")
     train_bench.add_argument("--steps", type=_positive_int, default=10, help="timed steps (median)")
-    train_bench.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    train_bench.add_argument("--device", default="cuda", help="cuda[:i], or cpu with --shape cpu")
     train_bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                              help="the frozen backbone's dtype")
     train_bench.add_argument("--json", action="store_true")
