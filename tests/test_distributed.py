@@ -42,6 +42,10 @@ def run_in_two_processes(work, *args) -> None:
         AcceleratorState._reset_state(reset_partial_state=True)  # a fresh process has not met accelerate yet
         try:
             work(rank, *args)
+            if torch.distributed.is_initialized():
+                # Rank 0 hosts the rendezvous store: leaving before rank 1 is done (say, right
+                # after an expected error) resets rank 1's connection on a loaded machine.
+                torch.distributed.barrier()
         except BaseException as err:  # report, then fail the process
             print(f"rank {rank}: {type(err).__name__}: {err}", flush=True)
             os._exit(1)
