@@ -72,3 +72,20 @@ def test_wrong_model_type(tmp_path):
 def test_bad_numbers_are_usage_errors():
     result = run_cli("testbed", "eval", "--samples", "0")
     assert result.returncode == 2 and "positive integer" in result.stderr
+
+
+def test_testbed_train_takes_the_llm_depth_and_lookup_layers(tmp_path, monkeypatch):
+    import tokensieve.testbed.train as train_module
+
+    seen = {}
+    monkeypatch.setattr(train_module, "train_testbed", lambda out, cfg, resume: seen.setdefault("cfg", cfg) and out)
+    main(["testbed", "train", "--out", str(tmp_path), "--llm-layers", "8", "--mention-layer", "4",
+          "--relation-layer", "5", "--llm-steps", "7"])
+    cfg = seen["cfg"]
+    assert (cfg.size.text_layers, cfg.mention_layer, cfg.relation_layer, cfg.llm_steps) == (8, 4, 5, 7)
+    assert cfg.size.text_hidden == train_module.TestbedTrainConfig().size.text_hidden
+
+
+def test_testbed_lookup_beyond_the_llm_is_a_one_line_error():
+    result = run_cli("testbed", "train", "--out", "unused", "--llm-layers", "4", "--relation-layer", "6")
+    assert result.returncode == 2 and "relation_layer 6" in result.stderr and "Traceback" not in result.stderr

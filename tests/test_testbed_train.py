@@ -55,3 +55,16 @@ def test_interrupted_training_resumes_exactly(tmp_path, monkeypatch):
     b = LlavaBackbone.from_pretrained(resumed).model.state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resuming_with_another_config_names_the_keys(tmp_path):
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    run = train_module._Run(cut, TrainConfig(**TINY), resume=False)
+    run.save(torch.optim.SGD(run.model.parameters(), lr=0.1))
+    with pytest.raises(TokensieveError, match=r"another config \(mention_layer, relation_layer, size differ\)"):
+        train_module._Run(cut, TrainConfig(**{**TINY, "mention_layer": 2, "relation_layer": 3,
+                                              "size": model_module.TestbedSize(text_layers=3)}), resume=True)
+    # Longer training is a legitimate change on resume.
+    resumed = train_module._Run(cut, TrainConfig(**{**TINY, "llm_steps": 9}), resume=True)
+    assert resumed.state["stage"] == "tower"

@@ -21,13 +21,14 @@ def _positive_int(text: str) -> int:
 
 
 def _testbed_train(args: argparse.Namespace) -> None:
+    from tokensieve.testbed.model import TestbedSize
     from tokensieve.testbed.train import TestbedTrainConfig, train_testbed
 
-    cfg = TestbedTrainConfig()
-    if args.tower_steps is not None:
-        cfg.tower_steps = args.tower_steps
-    if args.llm_steps is not None:
-        cfg.llm_steps = args.llm_steps
+    given = {key: getattr(args, key) for key in ("tower_steps", "llm_steps", "mention_layer", "relation_layer")
+             if getattr(args, key) is not None}
+    if args.llm_layers is not None:
+        given["size"] = TestbedSize(text_layers=args.llm_layers)
+    cfg = TestbedTrainConfig(**given)
     out = train_testbed(args.out, cfg, resume=not args.no_resume)
     print(f"testbed checkpoint written to {out}")
 
@@ -260,6 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, type=Path, help="folder for the checkpoint")
     train.add_argument("--tower-steps", type=_positive_int, help="stage-1 (vision tower) steps")
     train.add_argument("--llm-steps", type=_positive_int, help="stage-2 (projector + LLM) steps")
+    train.add_argument("--llm-layers", type=_positive_int, help="decoder layers of the LLM (default 4)")
+    train.add_argument("--mention-layer", type=_positive_int,
+                       help="LLM hidden state the question's mention words are looked up at (default 2)")
+    train.add_argument("--relation-layer", type=_positive_int,
+                       help="LLM hidden state the spatial relation is looked up at (default 3)")
     train.add_argument("--no-resume", action="store_true", help="start over even if a saved state exists")
     train.set_defaults(func=_testbed_train)
 

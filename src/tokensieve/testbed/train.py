@@ -145,6 +145,23 @@ def _batches(dataset: torch.utils.data.Dataset, start: int, stop: int):
     return iter(loader)
 
 
+# Step counts may change on resume (to train longer); anything else would mix two models.
+RESUMABLE_CHANGES = ("tower_steps", "llm_steps")
+
+
+def _check_same_config(saved: dict, wanted: dict, state_path: Path) -> None:
+    """Raise, naming the keys, unless a saved state was trained with the config asked for now."""
+    differing = sorted(key for key in wanted.keys() | saved.keys()
+                       if key not in RESUMABLE_CHANGES and saved.get(key) != wanted.get(key))
+    if differing:
+        raise TokensieveError(f"{state_path} was trained with another config ({', '.join(differing)} differ); "
+                              "use another --out or pass --no-resume")
+
+
+def _cannot_resume(state_path: Path, err: Exception) -> TokensieveError:
+    return TokensieveError(f"cannot resume from {state_path}: {type(err).__name__}; delete it or pass --no-resume")
+
+
 class _Run:
     """One training run folder: model, stage-1 probe, progress state, log and checkpoints."""
 
@@ -162,12 +179,15 @@ class _Run:
         if resuming:
             try:
                 saved = torch.load(self.state_path, weights_only=False)
+            except Exception as err:  # any unreadable state means the same thing to the user
+                raise _cannot_resume(self.state_path, err) from None
+            _check_same_config(saved.get("config", {}), asdict(cfg), self.state_path)
+            try:
                 self.model.load_state_dict(saved["model"])
                 self.probe.load_state_dict(saved["probe"])
                 self.mentions.load_state_dict(saved["mentions"])
             except Exception as err:  # any unreadable state means the same thing to the user
-                raise TokensieveError(f"cannot resume from {self.state_path}: {type(err).__name__}; "
-                                      "delete it or pass --no-resume") from None
+                raise _cannot_resume(self.state_path, err) from None
             self.state, self.saved_optimizer = saved["state"], saved["optimizer"]
             print(f"resuming the {self.state['stage']} stage at step {self.state['step']}")
         self.log = (out / LOG_FILE).open("a" if resuming else "w")
