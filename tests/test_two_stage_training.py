@@ -75,6 +75,24 @@ def test_only_the_trainable_parts_get_gradients(tiny_llava_dir, tmp_path, dtype)
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
 
 
+@pytest.mark.parametrize("gate", ["values", "keys"])
+def test_the_task_loss_alone_reaches_the_merger_scorer_through_either_gate(tiny_llava_dir, tmp_path, gate):
+    # No pruner heads: with the gate on the keys, the LLM must still be hooked from layer 0.
+    cfg = tiny_config(tiny_llava_dir, merger={"gate": gate}, pruner={"enabled": False},
+                      loss={"distill": 0.0, "sparsity": 0.0, "merge_sparsity": 0.0})
+    trainer = TwoStageTrainer(cfg, tmp_path / "run", progress=False)
+    trainer.parts.train()
+    handle, merger, pruners = trainer.parts.attach(trainer.backbone, "soft", training=True)
+    try:
+        trainer.train_step(handle, merger, pruners)
+    finally:
+        handle.detach()
+    scorer_out = trainer.parts.token_merger.scorer[-1].weight
+    assert scorer_out.grad is not None and scorer_out.grad.abs().sum() > 0
+    # Gated keys leave the centres' values as merged; gated values leave no key mask.
+    assert merger.gates_keys == (gate == "keys")
+
+
 @dataclass
 class FixedKeyMask(Method):
     """Keeps every token and weights them by a fixed differentiable mask (test only)."""
@@ -120,6 +138,61 @@ def test_a_soft_key_mask_removes_tokens_and_passes_gradients_through_the_dropped
     torch.testing.assert_close(soft, hard, atol=1e-4, rtol=1e-4)
     soft.logsumexp(-1).sum().backward()
     assert mask.grad[values == 0].abs().sum() > 0  # dropped tokens still tell the mask what they were worth
+
+
+@dataclass
+class KeyWeighted(Method):
+    """Keeps every token before the LLM, weighted as keys by a mask; with ``noise_seed`` the
+    even tokens' contents are replaced by seeded noise (test only)."""
+
+    name = "key_weighted"
+    stages = ("projector", "vision")
+    mask: torch.Tensor | None = None
+    noise_seed: int | None = None
+
+    def select(self, inputs: SiteInputs) -> Selection:
+        b, n = inputs.tokens.shape[:2]
+        tokens = None
+        if self.noise_seed is not None:
+            tokens = inputs.tokens.clone()
+            noise = torch.randn(tokens[:, ::2].shape, generator=torch.Generator().manual_seed(self.noise_seed))
+            tokens[:, ::2] = 10 * noise
+        return Selection(torch.arange(n).expand(b, n), tokens, self.mask.expand(b, n))
+
+
+def _key_weighted_logits(backbone, batch, mask, noise_seed=None, site="projector"):
+    handle = attach(backbone, KeyWeighted(mask=mask, noise_seed=noise_seed), 1.0, site=site, mode="soft")
+    try:
+        return backbone.forward(**batch).logits[:, -1]
+    finally:
+        handle.detach()
+
+
+def test_a_projector_key_mask_weights_the_tokens_as_keys_in_every_llm_layer(backbone, tiny_samples):
+    batch = encode(backbone.processor, tiny_samples[:1])
+    n = backbone.n_visual_tokens
+    with torch.no_grad():
+        reference = backbone.forward(**batch).logits[:, -1]
+    ones = torch.ones(n, requires_grad=True)
+    weighted = _key_weighted_logits(backbone, batch, ones)
+    torch.testing.assert_close(weighted, reference, atol=1e-5, rtol=1e-5)  # weight 1 = no mask
+    weighted.logsumexp(-1).sum().backward()
+    assert ones.grad.abs().sum() > 0  # the gradient a straight-through gate learns from
+    # Tokens of weight 0 are invisible to every later token: their contents no longer matter.
+    hidden = torch.ones(n)
+    hidden[::2] = 0.0
+    with torch.no_grad():
+        a = _key_weighted_logits(backbone, batch, hidden, noise_seed=0)
+        b = _key_weighted_logits(backbone, batch, hidden, noise_seed=1)
+        seen = _key_weighted_logits(backbone, batch, torch.ones(n), noise_seed=0)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(seen, reference, atol=1e-3)  # the noise would matter if it were seen
+
+
+def test_a_key_mask_inside_the_vision_tower_is_refused(backbone, tiny_samples):
+    batch = encode(backbone.processor, tiny_samples[:1])
+    with pytest.raises(TokensieveError, match="only supported at the projector and inside the LLM"):
+        _key_weighted_logits(backbone, batch, torch.ones(backbone.n_patches), site="vision.1")
 
 
 def test_an_interrupted_run_resumes_to_the_same_parts(tiny_llava_dir, tmp_path, finished_run, monkeypatch):

@@ -147,6 +147,7 @@ class LlavaPruningSession:
         self.vision_bias: torch.Tensor | None = None  # (B, 1, 1, 1 + N) soft key bias in the tower
         self.patch_alive: torch.Tensor | None = None  # (B, n) patch indices not yet soft-dropped
         self.tower_origin: torch.Tensor | None = None  # hard: (B, n) patch index of each remaining tower token
+        self.patch_key_mask: torch.Tensor | None = None  # soft: (B, n) key weights of patch_alive, from the projector
 
     def begin_llm_pass(self, image_start: torch.Tensor | None, image_count: int, length: int) -> None:
         """Called by the adapter once the LLM input is assembled."""
@@ -160,6 +161,13 @@ class LlavaPruningSession:
         self.run_origin = None if image_start is None else self._run_origin(image_start.shape[0], image_count)
         self.gathers: list[tuple[int, torch.Tensor]] = []  # hard: (layer, (B, L') into the L columns)
         self.biases: list[tuple[int, torch.Tensor]] = []  # soft: (layer, (B, L) additive key bias)
+        if self.image_alive is not None and self.patch_key_mask is not None:
+            # A projector-site key mask weights its tokens as keys in every LLM layer.
+            patches = self.image_alive[:, int(self.bb.keeps_cls):]
+            columns = image_start.to(patches.device)[:, None] + patches
+            dtype = self.bb.model.dtype
+            bias = torch.zeros(patches.shape[0], length, dtype=dtype, device=patches.device)
+            self.biases.append((0, bias.scatter(1, columns, _soft_key_bias(self.patch_key_mask, dtype))))
         self._adjusted: dict = {}  # (gathers, biases, decoding) -> (original kwargs, adjusted kwargs)
 
     def _run_origin(self, b: int, image_count: int) -> torch.Tensor:
@@ -206,7 +214,9 @@ class LlavaPruningSession:
             hooks.append(bb.projector.register_forward_pre_hook(self._projector))
         llm = sorted(s.layer for s in self.stages if s.stage == "llm")
         if llm or self.mode == "soft":
-            first = llm[0] if llm else len(bb.llm_layers)
+            # A soft projector stage may weight its tokens as keys from the first LLM layer on.
+            soft_projector = self.mode == "soft" and any(s.stage == "projector" for s in self.stages)
+            first = 0 if soft_projector else llm[0] if llm else len(bb.llm_layers)
             for k in range(first, len(bb.llm_layers)):
                 hooks.append(bb.llm_layers[k].register_forward_pre_hook(self._llm_layer(k), with_kwargs=True))
 
@@ -327,9 +337,9 @@ class LlavaPruningSession:
         signal_offset = 1  # captured tower signals always include CLS at column 0
         sel = self._choose(site, candidates, self._signals(key, alive if self.mode == "soft" else None,
                                                           signal_offset), self._question_before_llm)
-        if sel.key_mask is not None and self.mode == "soft":
+        if sel.key_mask is not None and self.mode == "soft" and site.stage == "vision":
             raise TokensieveError(f"{self.stages[site].method.name} at {site}: a soft key mask is only "
-                                  "supported inside the LLM")
+                                  "supported at the projector and inside the LLM")
         values = sel.tokens if sel.tokens is not None else candidates.gather(
             1, sel.indices[..., None].expand(-1, -1, candidates.shape[-1]))
         if self.mode == "hard":
@@ -341,6 +351,8 @@ class LlavaPruningSession:
         chosen = sel.indices if alive is None else alive.gather(1, sel.indices)  # into all N patches
         self._record_kept(site, chosen)
         self.patch_alive = chosen
+        if self.mode == "soft" and site.stage == "projector":
+            self.patch_key_mask = sel.key_mask
         patches = patches.scatter(1, chosen[..., None].expand(-1, -1, patches.shape[-1]), values)
         if site.stage == "vision":
             keep = torch.ones(b, hidden.shape[1], dtype=torch.bool, device=hidden.device)

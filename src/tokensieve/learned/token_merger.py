@@ -20,6 +20,9 @@ from tokensieve.learned.precision import cast_like
 from tokensieve.ops import diverse_topk, gather_tokens
 
 VARIANTS = ("simple", "question_aware")
+# Where the straight-through selection gate acts: on the centres' values, or (soft mode) on
+# their weight as attention keys in the LLM.
+GATE_SITES = ("values", "keys")
 
 
 def check_heads(d_internal: int, num_heads: int) -> None:
@@ -69,8 +72,9 @@ class QuestionCrossAttention(nn.Module):
 class MergeResult:
     """What :class:`TokenMerger` returns for a batch of ``B`` rows of ``N`` tokens merged into ``M``.
 
-    tokens: ``(B, M, d_vision)`` the merged centres, in the order of ``indices``, in the dtype of
-        the input tokens (the rest in the merger's own weight dtype).
+    tokens: ``(B, M, d_vision)`` the merged centres (times ``gate`` unless ``gate_values=False``),
+        in the order of ``indices``, in the dtype of the input tokens (the rest in the merger's
+        own weight dtype).
     indices: ``(B, M)`` ascending, unique indices of the centre tokens among the ``N``.
     assignment: ``(B, N, M)`` soft assignment of each token to the centres; rows sum to 1 (to
         at most 1 with a drop option: the rest of the token is dropped) and a centre token's row
@@ -141,7 +145,8 @@ class TokenMerger(nn.Module):
 
     def forward(self, tokens: torch.Tensor, n_centres: int, *, question: torch.Tensor | None = None,
                 question_mask: torch.Tensor | None = None, stochastic: bool = False,
-                gumbel_tau: float = 1.0, assign_tau: float = 1.0, diversity: float = 0.0) -> MergeResult:
+                gumbel_tau: float = 1.0, assign_tau: float = 1.0, diversity: float = 0.0,
+                gate_values: bool = True) -> MergeResult:
         """Merge tokens ``(B, N, d_vision)`` into ``n_centres`` centres; see :class:`MergeResult`.
 
         stochastic: Gumbel-top-k with noise from the global torch RNG (training); False picks
@@ -151,6 +156,8 @@ class TokenMerger(nn.Module):
             salient regions cannot take every centre.
         gumbel_tau: temperature of the relaxed selection behind the straight-through gradient.
         assign_tau: temperature of the soft assignment (smaller = closer to hard).
+        gate_values: multiply the centres by ``gate``; False leaves them ungated, for a caller
+            that applies the gate elsewhere (as an attention-key weight in the LLM).
         """
         self._check_tokens(tokens)
         b, n, _ = tokens.shape
@@ -202,4 +209,6 @@ class TokenMerger(nn.Module):
         assignment = soft.scatter(1, indices[..., None].expand(b, m, m), own)
 
         centres = assignment.transpose(1, 2) @ tokens / assignment.sum(1)[..., None]
-        return MergeResult((centres * gate[..., None]).to(caller_dtype), indices, assignment, logits, gate)
+        if gate_values:
+            centres = centres * gate[..., None]
+        return MergeResult(centres.to(caller_dtype), indices, assignment, logits, gate)

@@ -33,6 +33,9 @@ class MergerConfig:
     # deterministic draw per step), so one merger learns to serve every budget in it; None:
     # always merge_ratio / target_merge_tokens. Validation and inference use the fixed count.
     train_merge_range: list[float] | None = None
+    # Where the straight-through selection gate acts in training: "values" scales the centres,
+    # "keys" weights them as attention keys in every LLM layer (steadier on a deeper LLM).
+    gate: Literal["values", "keys"] = "values"
 
 
 @dataclass
