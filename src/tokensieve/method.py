@@ -126,9 +126,10 @@ class Selection:
     indices: ``(B, K)`` sorted, unique indices into the ``N`` tokens that stay.
     tokens: optional ``(B, K, d)`` new contents of those slots (merging methods); ``None``
         means the kept tokens are unchanged.
-    key_mask: optional ``(B, K)`` keep weights in [0, 1] of the kept tokens, used in ``soft``
-        mode inside the LLM only: a differentiable (e.g. straight-through Gumbel) mask that a
-        trained method learns through. ``None`` means every kept token counts fully.
+    key_mask: optional ``(B, K)`` keep weights in [0, 1] of the kept tokens as attention keys
+        in every later LLM layer, used in ``soft`` mode only and at the projector or inside the
+        LLM (not in the vision tower): a differentiable (e.g. straight-through Gumbel) mask that
+        a trained method learns through. ``None`` means every kept token counts fully.
     """
 
     indices: torch.Tensor
