@@ -295,6 +295,21 @@ def test_trained_parts_evaluate_in_hard_mode_at_their_budget_and_at_others(finis
     assert (per_layer[0] - per_layer[1], per_layer[0] - per_layer[2]) == (16 - 11, 16 - 8)
 
 
+def test_the_trained_parts_are_compared_pairwise_with_each_method_at_their_budget(finished_run, tiny_llava_dir,
+                                                                                   capsys):
+    assert main(["eval", "--model", str(tiny_llava_dir), "--pruner", str(finished_run), "--keep", "0.25",
+                 "--method", "random,visionzip", "--oracle", "--samples", "10", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    learned = next(r for r in rows if r["method"] == "two_stage")
+    by_name = {f"{r['method']}@{r['site']}": r for r in rows if r["method"] not in ("none", "two_stage")}
+    assert [p["against"] for p in learned["paired"]] == list(by_name)
+    for p in learned["paired"]:
+        # right/wrong answers: the accuracy difference is (items better - items worse) / items
+        assert p["difference"] == pytest.approx(learned["accuracy"] - by_name[p["against"]]["accuracy"], abs=1e-3)
+        assert p["difference"] == pytest.approx((p["better"] - p["worse"]) / 10, abs=1e-3)
+        assert 0 < p["p_value"] <= 1
+
+
 def test_loaded_parts_are_the_saved_ones(finished_run, backbone):
     parts = load_parts(finished_run, backbone)
     saved = load_file(finished_run / "best" / "parts.safetensors")

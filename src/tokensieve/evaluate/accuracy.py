@@ -13,6 +13,7 @@ from tokensieve.errors import TokensieveError
 from tokensieve.evaluate.eval_data import EvalData
 from tokensieve.evaluate.flops import TokenCounts, prefill_flops, token_counts
 from tokensieve.evaluate.latency import kv_cache_bytes, measure_latency
+from tokensieve.evaluate.paired import paired_difference
 from tokensieve.evaluate.sample_log import SampleLog
 from tokensieve.evaluate.scoring import accuracy_summary, score
 from tokensieve.method import Budget
@@ -62,7 +63,9 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str],
     the official normalisation; the soft score for 10 annotator answers).
 
     pruner: optional trained :class:`tokensieve.train.parts.PrunerParts`, evaluated at each
-    budget (tokens entering the LLM; its heads then keep their trained shares) as ``two_stage``.
+    budget (tokens entering the LLM; its heads then keep their trained shares) as ``two_stage``;
+    each such row gets ``paired``, its paired comparison with every other pruned row at that
+    budget (``{against, accuracy, difference, better, worse, p_value}``, :mod:`.paired`).
     oracle: add the object oracle at each budget (``object_oracle``: tokens on objects only,
     one per object before a second; fewer than the budget when the objects cover fewer);
     synthetic data only.
@@ -89,6 +92,7 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str],
     scored = _Scorer(backbone, data, log, batch_size, progress, dist or Distributed())
     timed, examples = items[:timing_samples], items[:kept_examples]
     baseline = cost_fields(backbone, text_tokens)
+    runs = ["none"]  # the scorer's run name of each row
     rows = [{"method": "none", "site": None, "keep": 1.0, "visual_tokens_kept": backbone.n_visual_tokens,
              **scored("none"), **baseline, "flops_ratio": 1.0, **timing_fields(backbone, timed)}]
     cases = [(m, k) for m in methods for k in keeps]
@@ -101,8 +105,9 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str],
             handle = name.attach(backbone, mode, keep=keep)[0]
             name = "two_stage"
         stage = handle.stages[0]
+        run = f"{name}@{stage.site}:{keep}"
         try:
-            result = scored(f"{name}@{stage.site}:{keep}")
+            result = scored(run)
             kept = _kept_tokens(backbone, handle, examples)
             if str(stage) not in handle.last_counts:  # every item came from the log: one pass for the counts
                 predict(backbone, items[:1])
@@ -110,6 +115,7 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str],
             timing = timing_fields(backbone, timed)
         finally:
             handle.detach()
+        runs.append(run)
         rows.append({"method": name, "site": stage.site, "keep": keep if keep is not None else "trained",
                      "visual_tokens_kept": handle.last_counts[str(stage)][1],
                      "visual_tokens_per_stage": {st: after for st, (_, after) in handle.last_counts.items()},
@@ -117,8 +123,22 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str],
                      "flops_ratio": round(cost["flops"]["total"] / baseline["flops"]["total"], 4), **timing,
                      **kept})
     for keep in keeps if oracle else []:
+        runs.append(f"object_oracle:{keep}")
         rows.append(_oracle_row(backbone, data, keep, text_tokens, baseline, scored, timed, examples))
+    _add_paired(rows, [scored.item_scores[run] for run in runs])
     return rows
+
+
+def _add_paired(rows: list[dict], item_scores: list[list[float]]) -> None:
+    """Give each ``two_stage`` row ``paired``: its :func:`paired_difference` against every other
+    pruned row at the same budget (``against``: that row's method and site)."""
+    for row, scores in zip(rows, item_scores):
+        if row["method"] != "two_stage":
+            continue
+        row["paired"] = [{"against": f"{other['method']}@{other['site']}", "accuracy": other["accuracy"],
+                          **paired_difference(scores, other_scores)}
+                         for other, other_scores in zip(rows, item_scores)
+                         if other["method"] not in ("none", "two_stage") and other["keep"] == row["keep"]]
 
 
 class _Scorer:
@@ -130,6 +150,7 @@ class _Scorer:
                  progress: bool, dist: Distributed):
         self.backbone, self.data, self.log, self.batch_size, self.progress = backbone, data, log, batch_size, progress
         self.dist = dist
+        self.item_scores: dict[str, list[float]] = {}  # run name -> score per item, in data order
 
     def __call__(self, run: str, keep=None) -> dict:
         items = self.data.items
@@ -149,7 +170,8 @@ class _Scorer:
                 self.log.append(run, chunk, answers, chunk_scores, write=self.dist.is_main)
             scores.update(zip((item.question_id for item in chunk), chunk_scores))
         scores.update((qid, record["score"]) for qid, record in done.items())
-        return accuracy_summary([item.family for item in items], [scores[item.question_id] for item in items])
+        self.item_scores[run] = [scores[item.question_id] for item in items]
+        return accuracy_summary([item.family for item in items], self.item_scores[run])
 
 
 def _kept_tokens(backbone: LlavaBackbone, handle: Handle, items: list[VQAItem]) -> dict:

@@ -110,8 +110,26 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
         "## Plots", "",
         f"![accuracy vs visual tokens kept]({ACCURACY_PLOT})", "",
         f"![tokens entering each LLM decoder layer]({LAYERS_PLOT})", "",
+        *_paired_section(rows),
         *_kept_section(rows),
     ])
+
+
+def _paired_section(rows: list[dict]) -> list[str]:
+    """Markdown lines comparing each two-stage row with the other methods at its budget (none
+    when no row has ``paired``)."""
+    table = [[r["keep"], f"{r['accuracy']:.3f}", p["against"], f"{p['accuracy']:.3f}", f"{p['difference']:+.3f}",
+              p["better"], p["worse"], f"{p['p_value']:.3g}"]
+             for r in rows for p in r.get("paired", [])]
+    if not table:
+        return []
+    return ["## The two-stage pruner against each method at its budget", "",
+            markdown_table(["keep", "two_stage", "against", "its accuracy", "difference", "items better",
+                            "items worse", "p (sign test)"], table), "",
+            "Every row answers the same items, so the comparison is paired: items better / worse count the "
+            "items the two-stage pruner scored higher / lower than the other method, and p is the exact "
+            "two-sided sign test on them (McNemar's test for right/wrong answers). A small p says the "
+            "difference is more than these samples' noise.", ""]
 
 
 def _kept_section(rows: list[dict]) -> list[str]:
