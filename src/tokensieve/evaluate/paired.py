@@ -30,4 +30,4 @@ def paired_difference(scores: Sequence[float], other: Sequence[float]) -> dict:
     worse = sum(a < b for a, b in zip(scores, other))
     difference = sum(a - b for a, b in zip(scores, other)) / len(scores)
     return {"difference": round(difference, 4), "better": better, "worse": worse,
-            "p_value": round(sign_test_p(better, worse), 4)}
+            "p_value": float(f"{sign_test_p(better, worse):.3g}")}
