@@ -23,7 +23,8 @@ def test_demo_trains_compares_every_method_and_writes_the_report(tiny_llava_dir,
     # The tiny model has 64 tokens: 11% would leave fewer than the anchor rule's 10 anchors.
     assert main(["demo", "--out", str(out), "--samples", "5", "--keep", "0.33,0.22,0.2", "--set", f"model={tiny_llava_dir}",
                  "--set", "optim.steps=2", "--set", "optim.batch_size=2", "--set", "validation.samples=4",
-                 "--set", "pruner.d_internal=16", "--set", "merger.d_internal=16"]) == 0
+                 "--set", "pruner.d_internal=16", "--set", "merger.d_internal=16",
+                 "--set", "pruner.pruning_layers=[2]"]) == 0  # the tiny LLM has 3 layers
     assert str(out / "report" / "report.md") in capsys.readouterr().out
     rows = load_report(out / "report")["rows"]
     free = [name for name in list_methods() if not method_class(name).trained]

@@ -8,6 +8,7 @@ import datasets
 import pytest
 from PIL import Image
 
+from tokensieve.backbones import LlavaBackbone
 from tokensieve.cli import main
 from tokensieve.evaluate.report import load_report
 from tokensieve.evaluate.scoring import score
@@ -151,4 +152,5 @@ def test_rows_count_visual_tokens_per_stage_and_on_average(capsys):
     two_sites = _eval(capsys, "--method", "fastv", "--keep", "0.5", "--site", "llm.2", "--samples", "4")
     row = two_sites[1]
     assert row["visual_tokens_per_stage"] == {"fastv@llm.2:0.5": 50}
-    assert row["visual_tokens_mean_llm"] == (100 + 100 + 50 + 50) / 4  # 4 decoder layers, cut before layer 2
+    layers = len(LlavaBackbone.from_pretrained().llm_layers)
+    assert row["visual_tokens_mean_llm"] == (2 * 100 + (layers - 2) * 50) / layers  # cut before layer 2

@@ -17,8 +17,8 @@ def test_shipped_testbed_beats_the_question_only_prior():
     prior = summarise(samples, [guess(s) for s in samples])["accuracy"]
     result = summarise(samples, predict(backbone, samples))
     assert result["accuracy"] >= prior + 0.4, (result, prior)
-    for family in ("color_of_shape", "shape_of_color", "count", "exists"):
+    # Every family is answered (1.000 on 1,000 samples, README); spatial questions, the last
+    # learned, are where a weaker checkpoint shows first (the 4-layer one had 0.71, chance 0.5).
+    for family in ("color_of_shape", "shape_of_color", "count", "exists", "spatial"):
         assert result["per_family"][family] >= 0.95, result
-    # Spatial questions are learned in part (0.71 on 1,000 samples, 0.80 on these 300; chance
-    # is 0.5, see docs/testbed.md): a checkpoint answering them at chance fails here.
-    assert result["per_family"]["spatial"] >= 0.65, result
+    assert backbone.model.config.text_config.num_hidden_layers == 8  # deep enough to read the image late

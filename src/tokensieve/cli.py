@@ -261,11 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, type=Path, help="folder for the checkpoint")
     train.add_argument("--tower-steps", type=_positive_int, help="stage-1 (vision tower) steps")
     train.add_argument("--llm-steps", type=_positive_int, help="stage-2 (projector + LLM) steps")
-    train.add_argument("--llm-layers", type=_positive_int, help="decoder layers of the LLM (default 4)")
+    train.add_argument("--llm-layers", type=_positive_int, help="decoder layers of the LLM (default 8)")
     train.add_argument("--mention-layer", type=_positive_int,
-                       help="LLM hidden state the question's mention words are looked up at (default 2)")
+                       help="LLM hidden state the question's mention words are looked up at (default 4)")
     train.add_argument("--relation-layer", type=_positive_int,
-                       help="LLM hidden state the spatial relation is looked up at (default 3)")
+                       help="LLM hidden state the spatial relation is looked up at (default 5)")
     train.add_argument("--no-resume", action="store_true", help="start over even if a saved state exists")
     train.set_defaults(func=_testbed_train)
 

@@ -33,7 +33,8 @@ class LearnedTokenMerger(Method):
     gate: where the straight-through selection gate acts while training: ``"values"`` scales
     the centres by it; ``"keys"`` (``soft`` mode) weights them as attention keys in every LLM
     layer, so its gradient is how much attending to a centre helps rather than how much
-    scaling it does (steadier on an 8-layer testbed, worse on the shipped 4-layer one: docs/BENCHMARKS.md).
+    scaling it does (steadier on the shipped 8-layer testbed, worse on the previous 4-layer one:
+    docs/BENCHMARKS.md).
     """
 
     name = "token_merger"

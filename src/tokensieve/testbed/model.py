@@ -17,7 +17,7 @@ class TestbedSize:
     vision_layers: int = 3
     vision_heads: int = 4
     text_hidden: int = 128
-    text_layers: int = 4
+    text_layers: int = 8  # deep enough that the image is still read after layer 2, as in LLaVA-7B
     text_heads: int = 4
 
 

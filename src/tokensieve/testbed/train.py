@@ -60,8 +60,8 @@ class TestbedTrainConfig:
                                                                        for f in FAMILIES})
     # (first step, min objects, max objects); with the mention lookups no curriculum is needed.
     object_curriculum: list[tuple[int, int, int]] = field(default_factory=lambda: [(0, 3, 5)])
-    mention_layer: int = 2  # LLM hidden state (0 = embeddings) the mention lookups read
-    relation_layer: int = 3  # the hidden state the spatial "holds" lookup reads
+    mention_layer: int = 4  # LLM hidden state (0 = embeddings) the mention lookups read
+    relation_layer: int = 5  # the hidden state the spatial "holds" lookup reads
     mention_weight: float = 1.0
     short_run_share: float = 0.25  # share of batches with shortened image runs
     checkpoint_every: int = 200
