@@ -6,6 +6,7 @@ from math import comb
 
 import pytest
 
+from tokensieve.evaluate.accuracy import _add_paired_at_cost
 from tokensieve.evaluate.paired import paired_difference, sign_test_p
 from tokensieve.evaluate.report import write_report
 
@@ -45,3 +46,39 @@ def test_the_report_lists_each_paired_comparison(tmp_path):
     section = md.split("## The two-stage pruner against each method at its budget", 1)[1]
     assert "| 8 | 0.850 | fastv@llm.2 | 0.600 | +0.250 | 30 | 5 | 0.0001 |" in section
     assert "against each method" not in write_report(rows[:2], {}, tmp_path / "none")["report.md"].read_text()
+
+
+def test_each_method_meets_the_costliest_two_stage_row_that_costs_no_more():
+    def row(method, keep, total, accuracy):
+        return {"method": method, "keep": keep, "flops": {"total": total}, "flops_ratio": total / 10,
+                "accuracy": accuracy}
+
+    rows = [row("none", 1.0, 10, 1.0), row("two_stage", "0.33", 5, 1.0), row("two_stage", "0.11", 3, 0.5),
+            row("fastv", "0.11", 6, 0.75), row("divprune", "0.33", 4, 0.5), row("tome", "0.11", 2, 0.25)]
+    scores = [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 0, 1], [1, 0, 0, 0]]
+    _add_paired_at_cost(rows, scores)
+    fastv, divprune, tome = rows[3:]
+    assert fastv["two_stage_at_cost"] == {"keep": "0.33", "flops_ratio": 0.5, "accuracy": 1.0,
+                                          **paired_difference(scores[1], scores[3])}
+    assert divprune["two_stage_at_cost"]["keep"] == "0.11"  # the 0.33 row costs more than divprune's
+    assert divprune["two_stage_at_cost"]["better"] == 1 and divprune["two_stage_at_cost"]["worse"] == 1
+    assert tome["two_stage_at_cost"] is None  # cheaper than every two-stage row
+    assert all("two_stage_at_cost" not in r for r in rows[:3])
+
+
+def test_the_report_lists_each_method_against_the_two_stage_row_at_its_cost(tmp_path):
+    flops = {"vision": 1, "projector": 1, "llm": 1, "lm_head": 1, "total": 4}
+    base = {"site": "llm.2", "visual_tokens_kept": 8, "per_family": {"count": 0.5}, "flops": flops,
+            "tokens_per_llm_layer": [30, 30]}
+    at_cost = {"keep": "0.33", "flops_ratio": 0.45, "accuracy": 1.0, "difference": 0.034, "better": 17,
+               "worse": 0, "p_value": 1.53e-05}
+    rows = [{**base, "method": "none", "site": None, "keep": 1.0, "accuracy": 1.0, "flops_ratio": 1.0},
+            {**base, "method": "fastv", "keep": "0.11", "accuracy": 0.966, "flops_ratio": 0.525,
+             "two_stage_at_cost": at_cost},
+            {**base, "method": "tome", "site": "vision.1", "keep": "0.11", "accuracy": 0.6, "flops_ratio": 0.24,
+             "two_stage_at_cost": None}]
+    md = write_report(rows, {}, tmp_path)["report.md"].read_text()
+    section = md.split("## The two-stage pruner against each method at no more prefill cost", 1)[1]
+    assert "| fastv@llm.2 | 0.11 | 0.525 | 0.966 | 0.33 | 0.450 | 1.000 | +0.034 | 17 | 0 | 1.53e-05 |" in section
+    assert "| tome@vision.1 | 0.11 | 0.240 | 0.600 | — | — | — | — | — | — | — |" in section
+    assert "no more prefill cost" not in write_report(rows[:1], {}, tmp_path / "none")["report.md"].read_text()

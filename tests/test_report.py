@@ -1,4 +1,4 @@
-"""The eval report: JSON that round-trips, a Markdown summary with the right numbers, two valid plots."""
+"""The eval report: JSON that round-trips, a Markdown summary with the right numbers, three valid plots."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from tokensieve.evaluate.report import format_gflops, load_report, markdown_tabl
 
 FAMILIES = ("color_of_shape", "count", "spatial")
 TEXT, VISUAL, LAYERS = 20, 64, 4
-FILES = ("report.json", "report.md", "accuracy_vs_tokens.png", "tokens_per_layer.png")
+PLOTS = ("accuracy_vs_tokens.png", "accuracy_vs_flops.png", "tokens_per_layer.png")
+FILES = ("report.json", "report.md", *PLOTS)
 
 
 def make_row(method: str, site: str | None, keep, kept: int, accuracy: float, cut_layer: int) -> dict:
@@ -50,7 +51,7 @@ def main_table(md: str) -> list[list[str]]:
     return [[c.strip() for c in ln.strip("|").split("|")] for ln in table[2:]]
 
 
-def test_writes_four_non_empty_files_and_returns_them_by_name(rows, tmp_path):
+def test_writes_five_non_empty_files_and_returns_them_by_name(rows, tmp_path):
     out = tmp_path / "new" / "report"
     paths = write_report(rows, META, out)
     assert set(paths) == set(FILES)
@@ -60,7 +61,7 @@ def test_writes_four_non_empty_files_and_returns_them_by_name(rows, tmp_path):
 
 def test_plots_are_valid_pngs_of_sensible_size(rows, tmp_path):
     paths = write_report(rows, META, tmp_path)
-    for name in ("accuracy_vs_tokens.png", "tokens_per_layer.png"):
+    for name in PLOTS:
         with Image.open(paths[name]) as im:
             im.verify()
         with Image.open(paths[name]) as im:
@@ -78,7 +79,7 @@ def test_json_round_trips_through_load_report(rows, tmp_path):
 
 def test_markdown_names_methods_baseline_and_families(rows, tmp_path):
     md = write_report(rows, META, tmp_path)["report.md"].read_text()
-    for name in ("none", "random", "fastv", *FAMILIES, "accuracy_vs_tokens.png", "tokens_per_layer.png"):
+    for name in ("none", "random", "fastv", *FAMILIES, *PLOTS):
         assert name in md
     assert "0.900" in md  # the baseline accuracy, 3 decimals
     assert META["command"] in md

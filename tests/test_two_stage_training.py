@@ -308,6 +308,12 @@ def test_the_trained_parts_are_compared_pairwise_with_each_method_at_their_budge
         assert p["difference"] == pytest.approx(learned["accuracy"] - by_name[p["against"]]["accuracy"], abs=1e-3)
         assert p["difference"] == pytest.approx((p["better"] - p["worse"]) / 10, abs=1e-3)
         assert 0 < p["p_value"] <= 1
+    # the head in the LLM cuts further, so the two-stage row costs less than every method at its budget
+    for other in by_name.values():
+        assert learned["flops"]["total"] <= other["flops"]["total"]
+        at_cost = other["two_stage_at_cost"]
+        assert (at_cost["keep"], at_cost["accuracy"]) == ("0.25", learned["accuracy"])
+        assert at_cost["difference"] == pytest.approx(learned["accuracy"] - other["accuracy"], abs=1e-3)
 
 
 def test_loaded_parts_are_the_saved_ones(finished_run, backbone):

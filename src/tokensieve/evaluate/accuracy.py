@@ -65,7 +65,9 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str],
     pruner: optional trained :class:`tokensieve.train.parts.PrunerParts`, evaluated at each
     budget (tokens entering the LLM; its heads then keep their trained shares) as ``two_stage``;
     each such row gets ``paired``, its paired comparison with every other pruned row at that
-    budget (``{against, accuracy, difference, better, worse, p_value}``, :mod:`.paired`).
+    budget (``{against, accuracy, difference, better, worse, p_value}``, :mod:`.paired`), and
+    every other pruned row gets ``two_stage_at_cost``: the same comparison with the two-stage
+    row of the most prefill FLOPs that are still no more than its own (None: none that cheap).
     oracle: add the object oracle at each budget (``object_oracle``: tokens on objects only,
     one per object before a second; fewer than the budget when the objects cover fewer);
     synthetic data only.
@@ -125,7 +127,9 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str],
     for keep in keeps if oracle else []:
         runs.append(f"object_oracle:{keep}")
         rows.append(_oracle_row(backbone, data, keep, text_tokens, baseline, scored, timed, examples))
-    _add_paired(rows, [scored.item_scores[run] for run in runs])
+    item_scores = [scored.item_scores[run] for run in runs]
+    _add_paired(rows, item_scores)
+    _add_paired_at_cost(rows, item_scores)
     return rows
 
 
@@ -139,6 +143,28 @@ def _add_paired(rows: list[dict], item_scores: list[list[float]]) -> None:
                           **paired_difference(scores, other_scores)}
                          for other, other_scores in zip(rows, item_scores)
                          if other["method"] not in ("none", "two_stage") and other["keep"] == row["keep"]]
+
+
+def _add_paired_at_cost(rows: list[dict], item_scores: list[list[float]]) -> None:
+    """Give every other pruned row ``two_stage_at_cost`` when there are ``two_stage`` rows: the
+    :func:`paired_difference` (the two-stage row's scores against this row's) of the most
+    expensive two-stage row whose prefill FLOPs are no more than this row's, with that row's
+    ``keep``, ``flops_ratio`` and ``accuracy``; None when every two-stage row costs more.
+    Budgets count tokens at different places (entering the LLM, or after an LLM layer), so
+    equal cost is the other fair comparison."""
+    learned = [(row, scores) for row, scores in zip(rows, item_scores) if row["method"] == "two_stage"]
+    if not learned:
+        return
+    for row, scores in zip(rows, item_scores):
+        if row["method"] in ("none", "two_stage"):
+            continue
+        affordable = [(r, s) for r, s in learned if r["flops"]["total"] <= row["flops"]["total"]]
+        if not affordable:
+            row["two_stage_at_cost"] = None
+            continue
+        best, best_scores = max(affordable, key=lambda pair: pair[0]["flops"]["total"])
+        row["two_stage_at_cost"] = {"keep": best["keep"], "flops_ratio": best["flops_ratio"],
+                                    "accuracy": best["accuracy"], **paired_difference(best_scores, scores)}
 
 
 class _Scorer:

@@ -1,5 +1,6 @@
 """A report of ``tokensieve eval``: the rows of :func:`~tokensieve.evaluate.accuracy.compare_methods`
-as JSON, a Markdown summary, two plots (accuracy vs visual tokens, tokens per LLM layer), and
+as JSON, a Markdown summary, three plots (accuracy vs visual tokens and vs prefill FLOPs, tokens
+per LLM layer), and
 for rows that carry ``kept_tokens``, a picture per row of the tokens each stage kept."""
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ ROW_KEYS = ("method", "site", "keep", "visual_tokens_kept", "accuracy", "per_fam
             "tokens_per_llm_layer")
 BASELINE_METHOD = "none"
 ACCURACY_PLOT = "accuracy_vs_tokens.png"
+COST_PLOT = "accuracy_vs_flops.png"
 LAYERS_PLOT = "tokens_per_layer.png"
 MISSING = "—"
 
@@ -80,7 +82,7 @@ def _number(value: float | None, digits: int = 2) -> str:
 
 
 def render_markdown(rows: list[dict], meta: dict) -> str:
-    """The Markdown report: meta, main table, per-family table and the two plots."""
+    """The Markdown report: meta, main table, per-family table, the plots and the paired comparisons."""
     base = rows[0]["accuracy"]
     main = [[r["method"], r["site"] or MISSING, r["keep"], r["visual_tokens_kept"],
              _number(r.get("visual_tokens_mean_llm"), 1), f"{r['accuracy']:.3f}",
@@ -109,8 +111,10 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
         markdown_table(["method", "site", "keep", *names], per_family), "",
         "## Plots", "",
         f"![accuracy vs visual tokens kept]({ACCURACY_PLOT})", "",
+        f"![accuracy vs prefill FLOPs]({COST_PLOT})", "",
         f"![tokens entering each LLM decoder layer]({LAYERS_PLOT})", "",
         *_paired_section(rows),
+        *_paired_at_cost_section(rows),
         *_kept_section(rows),
     ])
 
@@ -130,6 +134,31 @@ def _paired_section(rows: list[dict]) -> list[str]:
             "items the two-stage pruner scored higher / lower than the other method, and p is the exact "
             "two-sided sign test on them (McNemar's test for right/wrong answers). A small p says the "
             "difference is more than these samples' noise.", ""]
+
+
+def _paired_at_cost_section(rows: list[dict]) -> list[str]:
+    """Markdown lines comparing each method's row with the two-stage row that costs no more
+    (none when no row has ``two_stage_at_cost``)."""
+    table = []
+    for r in rows:
+        if "two_stage_at_cost" not in r:
+            continue
+        ours = r["two_stage_at_cost"]
+        theirs = [f"{r['method']}@{r['site']}", r["keep"], f"{r['flops_ratio']:.3f}", f"{r['accuracy']:.3f}"]
+        if ours is None:
+            table.append([*theirs, *[MISSING] * 7])
+            continue
+        table.append([*theirs, ours["keep"], f"{ours['flops_ratio']:.3f}", f"{ours['accuracy']:.3f}",
+                      f"{ours['difference']:+.3f}", ours["better"], ours["worse"], f"{ours['p_value']:.3g}"])
+    if not table:
+        return []
+    return ["## The two-stage pruner against each method at no more prefill cost", "",
+            markdown_table(["method", "keep", "FLOPs ratio", "accuracy", "two_stage keep", "its FLOPs ratio",
+                            "its accuracy", "difference", "items better", "items worse", "p (sign test)"], table), "",
+            "A budget counts visual tokens where a method cuts them: entering the LLM, or after an LLM layer "
+            "(a method there runs its first layers on every token). So each method's row is also compared with "
+            "the two-stage row of the most prefill FLOPs that still costs no more, on the same items and with "
+            "the same sign test; — where every two-stage row costs more.", ""]
 
 
 def _kept_section(rows: list[dict]) -> list[str]:
@@ -164,23 +193,34 @@ def _colour(i: int):
     return matplotlib.colormaps["tab20"](i % 20)
 
 
-def plot_accuracy_vs_tokens(rows: list[dict], path: Path) -> None:
-    """Accuracy against visual tokens kept, one line per method, the baseline as a dashed reference."""
+def _plot_accuracy(rows: list[dict], path: Path, x_key: str, x_label: str, title: str) -> None:
+    """Accuracy against ``row[x_key]``, one line per method, the baseline as a dashed reference."""
     fig = Figure(figsize=(8, 5))
     ax = fig.add_subplot()
     base = rows[0]
     ax.axhline(base["accuracy"], color="black", linestyle="--", linewidth=1,
                label=f"no pruning ({base['visual_tokens_kept']} tokens): {base['accuracy']:.3f}")
     for i, (method, group) in enumerate(_methods(rows).items()):
-        group = sorted(group, key=lambda r: r["visual_tokens_kept"])
-        ax.plot([r["visual_tokens_kept"] for r in group], [r["accuracy"] for r in group], marker="os^Dv"[i % 5],
+        group = sorted(group, key=lambda r: r[x_key])
+        ax.plot([r[x_key] for r in group], [r["accuracy"] for r in group], marker="os^Dv"[i % 5],
                 color=_colour(i), label=method)
-    ax.set_xlabel("visual tokens kept")
+    ax.set_xlabel(x_label)
     ax.set_ylabel("accuracy")
-    ax.set_title("Accuracy vs visual tokens kept")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     _save(fig, path)
+
+
+def plot_accuracy_vs_tokens(rows: list[dict], path: Path) -> None:
+    """Accuracy against visual tokens kept, one line per method."""
+    _plot_accuracy(rows, path, "visual_tokens_kept", "visual tokens kept", "Accuracy vs visual tokens kept")
+
+
+def plot_accuracy_vs_flops(rows: list[dict], path: Path) -> None:
+    """Accuracy against the prefill FLOPs ratio, one line per method: up and to the left is
+    better, wherever each method cuts its tokens."""
+    _plot_accuracy(rows, path, "flops_ratio", "prefill FLOPs / unpruned prefill FLOPs", "Accuracy vs prefill cost")
 
 
 def _layer_edges(counts: list[int]) -> list[float]:
@@ -214,7 +254,7 @@ def plot_tokens_per_layer(rows: list[dict], path: Path) -> None:
 
 def write_report(rows: list[dict], meta: dict, out_dir: Path, example_images: dict | None = None,
                  patch_grid: int | None = None) -> dict[str, Path]:
-    """Write ``report.json``, ``report.md`` and the two plots into ``out_dir`` (created if needed);
+    """Write ``report.json``, ``report.md`` and the three plots into ``out_dir`` (created if needed);
     return their paths by file name. Rows and meta are checked first, so bad input writes nothing.
 
     example_images: ``{question_id: (S, S, 3) uint8}`` model views (see
@@ -233,8 +273,9 @@ def write_report(rows: list[dict], meta: dict, out_dir: Path, example_images: di
         raise TokensieveError(f"the report cannot be written as JSON: {e}") from None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {name: out_dir / name for name in ("report.json", "report.md", ACCURACY_PLOT, LAYERS_PLOT)}
+    paths = {name: out_dir / name for name in ("report.json", "report.md", ACCURACY_PLOT, COST_PLOT, LAYERS_PLOT)}
     plot_accuracy_vs_tokens(rows, paths[ACCURACY_PLOT])
+    plot_accuracy_vs_flops(rows, paths[COST_PLOT])
     plot_tokens_per_layer(rows, paths[LAYERS_PLOT])
     for row in pictured:
         paths[overlay_file(row)] = out_dir / overlay_file(row)
