@@ -121,6 +121,27 @@ def test_diverse_topk_is_top_k_at_weight_zero_and_skips_lookalikes_above_it():
     assert diverse_topk(scores, features, 3, 2.0).tolist() == [[0, 1, 3]]  # a lookalike beats a poor token
 
 
+def test_a_diversity_radius_penalises_lookalikes_near_a_pick_only():
+    from tokensieve.ops import diverse_topk
+
+    # a 4 x 4 grid: tokens 0 and 15 (opposite corners) and 1 (next to 0) look alike, 5 does not
+    features = torch.zeros(1, 16, 2)
+    features[0, :, 1] = 1.0
+    features[0, [0, 1, 15]] = torch.tensor([1.0, 0.0])
+    scores = torch.full((1, 16), -1.0)
+    scores[0, [0, 1, 15, 5]] = torch.tensor([3.0, 2.9, 2.8, 1.0])
+    assert diverse_topk(scores, features, 2, 5.0).tolist() == [[0, 5]]  # 15 looks like the pick 0
+    assert diverse_topk(scores, features, 2, 5.0, radius=1.0).tolist() == [[0, 15]]  # but it is far from it
+    assert diverse_topk(scores, features, 3, 5.0, radius=1.0).tolist() == [[0, 5, 15]]  # 1 is next to 0
+
+
+def test_a_diversity_radius_needs_the_square_patch_grid():
+    merger = make_merger()
+    assert merger(randn(2, 16, D_VISION), 4, diversity=2.0, diversity_radius=1.5).indices.shape == (2, 4)
+    with pytest.raises(TokensieveError, match="diversity_radius=1.5 needs .* the 12 tokens on a square patch grid"):
+        merger(randn(2, 12, D_VISION), 4, diversity=2.0, diversity_radius=1.5)
+
+
 def test_diverse_centres_keep_a_straight_through_gate_for_the_scorer():
     merger = make_merger()
     result = merger(randn(2, 12, D_VISION), 5, stochastic=True, diversity=2.0)

@@ -105,3 +105,13 @@ def test_vocabulary_covers_every_question_word():
     for i in range(200):
         s = make_sample(0, i)
         assert set(s.question.replace("?", " ?").split()) <= vocab and s.answer in vocab
+
+
+def test_no_training_stream_draws_the_scenes_of_another_split():
+    from tokensieve.data.synthetic import SPLIT_SEEDS, training_seed
+
+    assert training_seed(0) == SPLIT_SEEDS["train"]  # the default stream is unchanged
+    streams = {training_seed(k) for k in range(1000)}
+    assert len(streams) == 1000 and not streams & {SPLIT_SEEDS["heldout"], SPLIT_SEEDS["validation"]}
+    with pytest.raises(ValueError, match=">= 0"):
+        training_seed(-1)

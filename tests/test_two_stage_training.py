@@ -24,7 +24,7 @@ from tokensieve.train.two_stage_config import TwoStageConfig
 
 TINY_SETTINGS = {
     "merger": {"variant": "question_aware", "merge_ratio": 0.5, "d_internal": 16, "num_heads": 2,
-               "diversity": 2.0, "null_logit": 4.0, "train_merge_range": [0.25, 0.75]},
+               "diversity": 2.0, "diversity_radius": 1.5, "null_logit": 4.0, "train_merge_range": [0.25, 0.75]},
     "pruner": {"d_internal": 16, "num_heads": 2, "target_ratio": 0.5},
     "optim": {"steps": 4, "batch_size": 4},
     "validation": {"every": 100, "samples": 8},
@@ -327,6 +327,7 @@ def test_loaded_parts_are_the_saved_ones(finished_run, backbone):
     ({"merger": {"merge_ratio": 1.5}}, "not in \\(0, 1\\]"),
     ({"merger": {"train_merge_range": [0.5, 0.2]}}, "train_merge_range \\[0.5, 0.2\\] must be \\[low, high\\]"),
     ({"merger": {"target_merge_tokens": 1000}}, "1000 is not between 1 and"),
+    ({"merger": {"diversity_radius": 0.0}}, "diversity_radius 0.0 must be > 0"),
     ({"merger": {"enabled": False}, "pruner": {"enabled": False}}, "nothing to train"),
     ({"discriminator": {"enabled": True, "layers": [-1, -9]}}, "do not exist"),
 ])

@@ -40,13 +40,18 @@ def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
     return scores.topk(k, dim=1).indices.sort(1).values
 
 
-def diverse_topk(scores: torch.Tensor, features: torch.Tensor, k: int, weight: float) -> torch.Tensor:
+def diverse_topk(scores: torch.Tensor, features: torch.Tensor, k: int, weight: float,
+                 radius: float | None = None) -> torch.Tensor:
     """Indices ``(B, k)``, ascending, of high-scoring tokens that are not alike: a greedy top-k.
 
     scores: ``(B, N)``; features: ``(B, N, d)``. Each row's scores are standardised (zero mean,
     unit deviation, so ``weight`` means the same for any scorer), then ``k`` times the token
-    maximising ``score - weight * max(0, highest cosine similarity to a token already picked)``
-    is picked. ``weight`` 0 is plain top-k; larger spreads the picks over distinct content.
+    maximising ``score - weight * max(0, highest likeness to a token already picked)`` is
+    picked. ``weight`` 0 is plain top-k; larger spreads the picks over distinct content.
+    Likeness is cosine similarity; with ``radius`` the tokens are a square patch grid (``N =
+    g * g``, row-major) and a pick's likeness fades with the distance ``d`` in patches as
+    ``exp(-(d / radius) ** 2)``: only alike tokens *near* a pick (more of the same object) are
+    penalised, so two alike objects apart can both be picked.
     """
     if weight == 0:
         return topk_sorted(scores, k)
@@ -54,16 +59,32 @@ def diverse_topk(scores: torch.Tensor, features: torch.Tensor, k: int, weight: f
     x = nn.functional.normalize(features.float(), dim=-1)
     z = scores.float()
     z = (z - z.mean(1, keepdim=True)) / z.std(1, keepdim=True).clamp_min(1e-6)
+    nearness = None if radius is None else _grid_nearness(n, radius, scores.device)  # (N, N)
     rows = torch.arange(b, device=scores.device)
     picked = torch.zeros(b, n, dtype=torch.bool, device=scores.device)
-    likeness = torch.zeros(b, n, device=scores.device)  # highest similarity to a pick, floored at 0
+    likeness = torch.zeros(b, n, device=scores.device)  # highest likeness to a pick, floored at 0
     picks = []
     for _ in range(k):
         pick = (z - weight * likeness).masked_fill(picked, -math.inf).argmax(1)
         picks.append(pick)
         picked[rows, pick] = True
-        likeness = torch.maximum(likeness, (x @ x[rows, pick][..., None]).squeeze(-1))
+        alike = (x @ x[rows, pick][..., None]).squeeze(-1)
+        if nearness is not None:
+            alike = alike * nearness[pick]
+        likeness = torch.maximum(likeness, alike)
     return torch.stack(picks, 1).sort(1).values
+
+
+def _grid_nearness(n: int, radius: float, device: torch.device) -> torch.Tensor:
+    """``exp(-(d / radius) ** 2)`` ``(N, N)`` for the distances ``d`` between the cells of a
+    square grid of ``N`` cells, row-major."""
+    g = math.isqrt(n)
+    if g * g != n or radius <= 0:
+        raise ValueError(f"a nearness radius needs a square grid of tokens and a positive radius "
+                         f"(got {n} tokens, radius {radius})")
+    cells = torch.arange(n, device=device)
+    position = torch.stack([cells // g, cells % g], -1).float()
+    return torch.exp(-(torch.cdist(position, position) / radius) ** 2)
 
 
 def complement(index: torch.Tensor, n: int) -> torch.Tensor:

@@ -25,8 +25,17 @@ RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 FAMILIES: tuple[str, ...] = ("color_of_shape", "shape_of_color", "count", "exists", "spatial")
 COUNT_WORDS: tuple[str, ...] = ("0", "1", "2", "3", "4", "5")
 
-# Named splits draw from disjoint seeds so held-out scenes are never trained on.
-SPLIT_SEEDS: dict[str, int] = {"train": 0, "heldout": 1}
+# Named splits draw from disjoint seeds so held-out scenes are never trained on: "heldout" is
+# what evaluations measure, "validation" what a training run picks its best checkpoint on.
+SPLIT_SEEDS: dict[str, int] = {"train": 0, "heldout": 1, "validation": 2}
+
+
+def training_seed(offset: int) -> int:
+    """The training split's seed for a data-seed ``offset``: 0 for 0, and never another split's
+    (they are multiples of a stride above every split seed)."""
+    if offset < 0:
+        raise ValueError(f"a data seed offset must be >= 0, got {offset}")
+    return SPLIT_SEEDS["train"] + offset * (max(SPLIT_SEEDS.values()) + 1)
 
 
 @dataclass(frozen=True)

@@ -146,7 +146,7 @@ class TokenMerger(nn.Module):
     def forward(self, tokens: torch.Tensor, n_centres: int, *, question: torch.Tensor | None = None,
                 question_mask: torch.Tensor | None = None, stochastic: bool = False,
                 gumbel_tau: float = 1.0, assign_tau: float = 1.0, diversity: float = 0.0,
-                gate_values: bool = True) -> MergeResult:
+                diversity_radius: float | None = None, gate_values: bool = True) -> MergeResult:
         """Merge tokens ``(B, N, d_vision)`` into ``n_centres`` centres; see :class:`MergeResult`.
 
         stochastic: Gumbel-top-k with noise from the global torch RNG (training); False picks
@@ -154,6 +154,9 @@ class TokenMerger(nn.Module):
         diversity: 0 takes the top logits; more picks them greedily, each penalised by its
             likeness to centres already picked (:func:`tokensieve.ops.diverse_topk`), so a few
             salient regions cannot take every centre.
+        diversity_radius: with ``diversity``, the penalty fades with distance on the patch grid
+            (``N`` must be a square number of patches, in row-major order) over about this many
+            patches, so it spreads the centres over objects, not only over kinds of content.
         gumbel_tau: temperature of the relaxed selection behind the straight-through gradient.
         assign_tau: temperature of the soft assignment (smaller = closer to hard).
         gate_values: multiply the centres by ``gate``; False leaves them ungated, for a caller
@@ -176,7 +179,10 @@ class TokenMerger(nn.Module):
             perturbed = logits - torch.empty_like(logits).exponential_().log()
         if diversity < 0:
             raise TokensieveError(f"diversity={diversity} must be >= 0")
-        indices = diverse_topk(perturbed.detach(), tokens.detach(), m, diversity)
+        if diversity_radius is not None and (diversity_radius <= 0 or math.isqrt(n) ** 2 != n):
+            raise TokensieveError(f"diversity_radius={diversity_radius} needs a positive radius and the {n} tokens "
+                                  "on a square patch grid (the full grid, before any other stage removes tokens)")
+        indices = diverse_topk(perturbed.detach(), tokens.detach(), m, diversity, diversity_radius)
 
         # Straight-through choice: hard 0/1 forward, gradient of a sigmoid around the cut-off
         # between the lowest picked and the highest unpicked logit (for plain top-k, between

@@ -126,7 +126,8 @@ class PrunerParts(nn.Module):
         m, p = self.cfg.merger, self.cfg.pruner
         merger = None if self.token_merger is None else LearnedTokenMerger(
             variant=m.variant, d_internal=m.d_internal, num_heads=m.num_heads, assign_tau=m.assign_tau,
-            diversity=m.diversity, null_logit=m.null_logit, gate=m.gate, module=self.token_merger)
+            diversity=m.diversity, diversity_radius=m.diversity_radius, null_logit=m.null_logit, gate=m.gate,
+            module=self.token_merger)
         pruners = [LearnedLayerPruner(d_internal=p.d_internal, num_heads=p.num_heads, init_keep_bias=p.init_keep_bias,
                                       module=self.layer_pruners[str(k)]) for k in self.layers]
         return merger, pruners

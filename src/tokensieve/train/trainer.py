@@ -29,7 +29,7 @@ from tokensieve.backbones import LlavaBackbone
 from tokensieve.checkpoint import atomic_torch_save
 from tokensieve.config import load_config, save_config, to_dict
 from tokensieve.data.instruct import InstructExample, collate, load_instruct, synthetic_examples
-from tokensieve.data.synthetic import SPLIT_SEEDS
+from tokensieve.data.synthetic import SPLIT_SEEDS, training_seed
 from tokensieve.errors import TokensieveError
 from tokensieve.learned import keep_probability
 from tokensieve.method import Budget
@@ -60,13 +60,13 @@ class TrainingData:
     def batch(self, step: int) -> list[InstructExample]:
         b = self.cfg.optim.batch_size
         if self.records is None:
-            return synthetic_examples(SPLIT_SEEDS["train"] + self.cfg.data.seed, step * b, b, self.spec)
+            return synthetic_examples(training_seed(self.cfg.data.seed), step * b, b, self.spec)
         pool = self.records[self.cfg.validation.samples:]
         return [pool[(step * b + k) % len(pool)] for k in range(b)]
 
     def validation(self) -> list[InstructExample]:
         if self.records is None:
-            return synthetic_examples(SPLIT_SEEDS["heldout"], 0, self.cfg.validation.samples, self.spec)
+            return synthetic_examples(SPLIT_SEEDS["validation"], 0, self.cfg.validation.samples, self.spec)
         return self.records[: self.cfg.validation.samples]
 
 

@@ -26,6 +26,9 @@ class MergerConfig:
     # Centres spread over distinct content: 0 takes the top scores; ~2 keeps a few salient
     # regions from taking every centre (ops.diverse_topk). Applies in training and inference.
     diversity: float = 0.0
+    # Patches over which that penalty fades with distance on the patch grid (None: it does not):
+    # then only alike tokens near a centre are penalised, so alike objects apart each get one.
+    diversity_radius: float | None = None
     # Learned logit of assigning a token to no centre (dropping it); None: every token is merged
     # somewhere. A high start (e.g. 4) begins as pruning and learns how much to merge.
     null_logit: float | None = None
@@ -156,12 +159,16 @@ class TwoStageConfig:
         if low_high is not None and not (len(low_high) == 2 and 0 < low_high[0] <= low_high[1] <= 1):
             raise TokensieveError(f"merger.train_merge_range {low_high} must be [low, high] with "
                                   "0 < low <= high <= 1")
+        if m.diversity_radius is not None and m.diversity_radius <= 0:
+            raise TokensieveError(f"merger.diversity_radius {m.diversity_radius} must be > 0 (patches), or null")
         if m.enabled and m.merge_ratio is None and m.target_merge_tokens is None:
             raise TokensieveError("merger: set merge_ratio or target_merge_tokens")
         if not 0 < self.pruner.target_ratio <= 1:
             raise TokensieveError(f"pruner.target_ratio {self.pruner.target_ratio} is not in (0, 1]")
         if not (m.enabled or self.pruner.enabled):
             raise TokensieveError("nothing to train: enable the merger, the pruner heads or both")
+        if self.data.seed < 0:
+            raise TokensieveError(f"data.seed {self.data.seed} must be >= 0")
         if self.data.kind == "instruct" and not (self.data.path and self.data.image_folder):
             raise TokensieveError("data.kind 'instruct' needs data.path and data.image_folder")
 
