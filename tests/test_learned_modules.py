@@ -142,6 +142,19 @@ def test_a_diversity_radius_needs_the_square_patch_grid():
         merger(randn(2, 12, D_VISION), 4, diversity=2.0, diversity_radius=1.5)
 
 
+def test_the_merger_method_fades_diversity_with_distance_in_its_deterministic_choice_only():
+    from tokensieve.method import SiteInputs
+    from tokensieve.methods.token_merger import LearnedTokenMerger
+
+    method = LearnedTokenMerger(diversity=2.0, diversity_radius=1.5, module=make_merger())
+    off_grid = SiteInputs(randn(2, 12, D_VISION), 4, "projector", generator=list)  # 12 tokens: no square grid
+    method.module.train()
+    assert method.select(off_grid).indices.shape == (2, 4)  # training draws: content-only penalty
+    method.module.eval()
+    with pytest.raises(TokensieveError, match="diversity_radius=1.5"):
+        method.select(off_grid)
+
+
 def test_diverse_centres_keep_a_straight_through_gate_for_the_scorer():
     merger = make_merger()
     result = merger(randn(2, 12, D_VISION), 5, stochastic=True, diversity=2.0)

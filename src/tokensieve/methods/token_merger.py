@@ -28,8 +28,10 @@ class LearnedTokenMerger(Method):
     While the module is in training mode the centres are drawn by Gumbel-top-k with
     temperature ``gumbel_tau``; in eval mode they are the top-``budget`` scores.
     diversity: > 0 spreads the centres over distinct tokens (greedy, penalising likeness to
-    centres already picked), over the patch grid only near each pick when ``diversity_radius``
-    (patches) is set; null_logit: a fresh module's "assign to no centre" logit (None:
+    centres already picked); ``diversity_radius`` (patches) makes that penalty fade with distance
+    on the patch grid in the deterministic choice (eval mode: validation and inference) only, as
+    the Gumbel draws of training do better with the content-only penalty (docs/BENCHMARKS.md);
+    null_logit: a fresh module's "assign to no centre" logit (None:
     every token is merged into some centre).
     gate: where the straight-through selection gate acts while training: ``"values"`` scales
     the centres by it; ``"keys"`` (``soft`` mode) weights them as attention keys in every LLM
@@ -79,7 +81,7 @@ class LearnedTokenMerger(Method):
         result = self.module(inputs.tokens, inputs.keep, question=question, question_mask=valid,
                              stochastic=self.module.training, gumbel_tau=self.gumbel_tau,
                              assign_tau=self.assign_tau, diversity=self.diversity,
-                             diversity_radius=self.diversity_radius,
+                             diversity_radius=None if self.module.training else self.diversity_radius,
                              gate_values=not self.gates_keys)
         self.last = result
         return Selection(result.indices, result.tokens, key_mask=result.gate if self.gates_keys else None)

@@ -28,6 +28,8 @@ class MergerConfig:
     diversity: float = 0.0
     # Patches over which that penalty fades with distance on the patch grid (None: it does not):
     # then only alike tokens near a centre are penalised, so alike objects apart each get one.
+    # Validation and inference only; training's Gumbel draws keep the content-only penalty
+    # (with it there too, 11% on the testbed fell: docs/BENCHMARKS.md).
     diversity_radius: float | None = None
     # Learned logit of assigning a token to no centre (dropping it); None: every token is merged
     # somewhere. A high start (e.g. 4) begins as pruning and learns how much to merge.
