@@ -1,7 +1,7 @@
 """A report of ``tokensieve eval``: the rows of :func:`~tokensieve.evaluate.accuracy.compare_methods`
 as JSON, a Markdown summary, three plots (accuracy vs visual tokens and vs prefill FLOPs, tokens
-per LLM layer), and
-for rows that carry ``kept_tokens``, a picture per row of the tokens each stage kept."""
+per LLM layer), and for rows that carry ``kept_tokens``, a picture per row of the tokens each
+stage kept."""
 
 from __future__ import annotations
 

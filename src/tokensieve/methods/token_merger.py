@@ -31,8 +31,8 @@ class LearnedTokenMerger(Method):
     centres already picked); ``diversity_radius`` (patches) makes that penalty fade with distance
     on the patch grid in the deterministic choice (eval mode: validation and inference) only, as
     the Gumbel draws of training do better with the content-only penalty (docs/BENCHMARKS.md);
-    null_logit: a fresh module's "assign to no centre" logit (None:
-    every token is merged into some centre).
+    null_logit: a fresh module's "assign to no centre" logit (None: every token is merged into
+    some centre).
     gate: where the straight-through selection gate acts while training: ``"values"`` scales
     the centres by it; ``"keys"`` (``soft`` mode) weights them as attention keys in every LLM
     layer, so its gradient is how much attending to a centre helps rather than how much
