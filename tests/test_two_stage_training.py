@@ -328,6 +328,7 @@ def test_loaded_parts_are_the_saved_ones(finished_run, backbone):
     ({"merger": {"train_merge_range": [0.5, 0.2]}}, "train_merge_range \\[0.5, 0.2\\] must be \\[low, high\\]"),
     ({"merger": {"target_merge_tokens": 1000}}, "1000 is not between 1 and"),
     ({"merger": {"diversity_radius": 0.0}}, "diversity_radius 0.0 must be > 0"),
+    ({"merger": {"diversity": 0.0}}, "merger.diversity is 0"),  # the tiny settings set a radius
     ({"merger": {"enabled": False}, "pruner": {"enabled": False}}, "nothing to train"),
     ({"discriminator": {"enabled": True, "layers": [-1, -9]}}, "do not exist"),
 ])

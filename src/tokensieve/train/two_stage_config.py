@@ -163,6 +163,9 @@ class TwoStageConfig:
                                   "0 < low <= high <= 1")
         if m.diversity_radius is not None and m.diversity_radius <= 0:
             raise TokensieveError(f"merger.diversity_radius {m.diversity_radius} must be > 0 (patches), or null")
+        if m.diversity_radius is not None and m.diversity == 0:
+            raise TokensieveError("merger.diversity_radius fades the diversity penalty, but merger.diversity is 0: "
+                                  "set merger.diversity > 0 or drop the radius")
         if m.enabled and m.merge_ratio is None and m.target_merge_tokens is None:
             raise TokensieveError("merger: set merge_ratio or target_merge_tokens")
         if not 0 < self.pruner.target_ratio <= 1:
