@@ -135,6 +135,21 @@ def test_a_diversity_radius_penalises_lookalikes_near_a_pick_only():
     assert diverse_topk(scores, features, 3, 5.0, radius=1.0).tolist() == [[0, 5, 15]]  # 1 is next to 0
 
 
+def test_a_background_pick_penalises_lookalikes_at_any_distance_even_with_a_radius():
+    from tokensieve.ops import diverse_topk
+
+    # a 4 x 4 grid: objects 0, 5 and 10 look unlike anything; the rest is alike background,
+    # scored near 0, below the row's mean: 3 and 12 (opposite corners) the best of it
+    features = torch.zeros(1, 16, 3)
+    features[0, :, 1] = 1.0
+    features[0, [0, 5, 10]] = torch.tensor([[1.0, 0, 0], [0, 0, 1], [0, 0, -1]])
+    scores = torch.zeros(1, 16)
+    scores[0, [0, 5, 3, 12, 10]] = torch.tensor([3.0, 3.0, 0.1, 0.05, 0.02])
+    assert diverse_topk(scores, features, 4, 5.0).tolist() == [[0, 3, 5, 10]]
+    # background 12 is far from the background pick 3, but is no new thing: object 10 wins
+    assert diverse_topk(scores, features, 4, 5.0, radius=1.0).tolist() == [[0, 3, 5, 10]]
+
+
 def test_a_diversity_radius_needs_the_square_patch_grid():
     merger = make_merger()
     assert merger(randn(2, 16, D_VISION), 4, diversity=2.0, diversity_radius=1.5).indices.shape == (2, 4)

@@ -51,7 +51,9 @@ def diverse_topk(scores: torch.Tensor, features: torch.Tensor, k: int, weight: f
     Likeness is cosine similarity; with ``radius`` the tokens are a square patch grid (``N =
     g * g``, row-major) and a pick's likeness fades with the distance ``d`` in patches as
     ``exp(-(d / radius) ** 2)``: only alike tokens *near* a pick (more of the same object) are
-    penalised, so two alike objects apart can both be picked.
+    penalised, so two alike objects apart can both be picked. A pick scored below its row's
+    mean (background, filler) still penalises alike tokens at any distance: background is one
+    thing however far it spreads, and centres spent on more of it are lost to the objects.
     """
     if weight == 0:
         return topk_sorted(scores, k)
@@ -70,7 +72,8 @@ def diverse_topk(scores: torch.Tensor, features: torch.Tensor, k: int, weight: f
         picked[rows, pick] = True
         alike = (x @ x[rows, pick][..., None]).squeeze(-1)
         if nearness is not None:
-            alike = alike * nearness[pick]
+            important = (z[rows, pick] > 0)[:, None]
+            alike = torch.where(important, alike * nearness[pick], alike)
         likeness = torch.maximum(likeness, alike)
     return torch.stack(picks, 1).sort(1).values
 

@@ -156,7 +156,8 @@ class TokenMerger(nn.Module):
             salient regions cannot take every centre.
         diversity_radius: with ``diversity``, the penalty fades with distance on the patch grid
             (``N`` must be a square number of patches, in row-major order) over about this many
-            patches, so it spreads the centres over objects, not only over kinds of content.
+            patches, so it spreads the centres over objects, not only over kinds of content
+            (a centre scored below the mean, background, keeps the penalty at any distance).
         gumbel_tau: temperature of the relaxed selection behind the straight-through gradient.
         assign_tau: temperature of the soft assignment (smaller = closer to hard).
         gate_values: multiply the centres by ``gate``; False leaves them ungated, for a caller
