@@ -335,7 +335,7 @@ def test_loaded_parts_are_the_saved_ones(finished_run, backbone):
 def test_bad_settings_are_named_before_any_training(tiny_llava_dir, tmp_path, sections, message):
     with pytest.raises(TokensieveError, match=message):
         train_two_stage(tiny_config(tiny_llava_dir, **sections), tmp_path / "run", progress=False)
-    assert not (tmp_path / "run" / "state.pt").exists()
+    assert not (tmp_path / "run").exists()  # not even an empty run folder is left behind
 
 
 def test_resuming_with_a_different_config_is_refused(tiny_llava_dir, finished_run):

@@ -134,7 +134,8 @@ class TwoStageTrainer:
             if differ:
                 raise TokensieveError(f"cannot resume {self.out}: its run had a different config "
                                       f"({', '.join(f'{k}: {before.get(k)!r} -> {now.get(k)!r}' for k in differ[:4])})")
-        self.out.mkdir(parents=True, exist_ok=True)
+        # The folder itself is made by the first file written (the config), once every setting
+        # that needs the backbone has been checked: a refused run leaves no folder behind.
 
     def _save_state(self) -> None:
         if not self.dist.is_main:
