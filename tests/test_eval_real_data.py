@@ -154,3 +154,21 @@ def test_rows_count_visual_tokens_per_stage_and_on_average(capsys):
     assert row["visual_tokens_per_stage"] == {"fastv@llm.2:0.5": 50}
     layers = len(LlavaBackbone.from_pretrained().llm_layers)
     assert row["visual_tokens_mean_llm"] == (2 * 100 + (layers - 2) * 50) / layers  # cut before layer 2
+
+
+def _scored_ids(folder) -> list[str]:
+    return [json.loads(line)["id"] for line in (folder / "samples.jsonl").read_text().splitlines()[1:]]
+
+
+def test_skip_scores_the_items_after_it_in_either_kind_of_set(llava_files, tmp_path, capsys):
+    rows = _eval(capsys, "--mode", "origin", "--samples", "3", "--skip", "4", "--out", str(tmp_path / "synthetic"))
+    assert _scored_ids(tmp_path / "synthetic") == ["4", "5", "6"]
+    assert "from item 4" in load_report(tmp_path / "synthetic")["meta"]["data"]
+    questions, images, answers = llava_files
+    files = ("--questions", str(questions), "--images", str(images), "--answers", str(answers), "--max-new-tokens", "1")
+    assert _eval(capsys, "--mode", "origin", *files, "--samples", "3", "--skip", "4",
+                 "--out", str(tmp_path / "files"))[0]["accuracy"] == rows[0]["accuracy"]
+    assert _scored_ids(tmp_path / "files") == ["q4", "q5", "q6"]
+    _eval(capsys, "--mode", "origin", *files, "--skip", str(N - 2), "--out", str(tmp_path / "tail"))
+    assert _scored_ids(tmp_path / "tail") == [f"q{N - 2}", f"q{N - 1}"]  # no --samples: the rest
+    assert f"--skip {N} leaves none of the {N} items" in _fails(capsys, *files, "--skip", str(N))

@@ -13,11 +13,19 @@ from tokensieve import __version__
 from tokensieve.errors import TokensieveError
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _int_at_least(minimum: int, wording: str):
+    """An argparse type: an integer of at least ``minimum`` (``wording`` names it in the error)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {wording}, got {text}")
+        return value
+    parse.__name__ = "integer"  # argparse's word for text that is no number at all
+    return parse
+
+
+_positive_int = _int_at_least(1, "a positive integer")
+_non_negative_int = _int_at_least(0, "0 or a positive integer")
 
 
 def _testbed_train(args: argparse.Namespace) -> None:
@@ -124,14 +132,14 @@ def _eval(args: argparse.Namespace) -> None:
         from tokensieve.evaluate.eval_data import file_data
 
         data = file_data(args.questions, args.images, args.answers, args.dataset, args.spec, limit=args.samples,
-                         max_new_tokens=args.max_new_tokens)
+                         max_new_tokens=args.max_new_tokens, skip=args.skip)
     backbone = LlavaBackbone.from_pretrained(args.model)
     if backbone.processor is None:
         raise TokensieveError(f"{args.model} has no processor files; the evaluation needs one")
     if not real:
         from tokensieve.evaluate.eval_data import synthetic_data
 
-        data = synthetic_data(backbone, args.samples or 500, args.max_new_tokens)
+        data = synthetic_data(backbone, args.samples or 500, args.max_new_tokens, skip=args.skip)
     pruner = None
     if args.pruner is not None:
         from tokensieve.train.parts import load_parts
@@ -291,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="hard removes tokens, soft masks them as attention keys, origin runs the unpruned model only")
     ev.add_argument("--samples", type=_positive_int, default=None,
                     help="items scored (default: 500 synthetic held-out samples, or every item of a real set)")
+    ev.add_argument("--skip", type=_non_negative_int, default=0,
+                    help="items passed over before the scored ones: --skip 500 scores held-out items 500.. "
+                         "(a set apart from the default 500, e.g. to choose settings on)")
     ev.add_argument("--questions", type=Path, default=None,
                     help="real VQA set, LLaVA layout: question JSONL (question_id, image, text[, category])")
     ev.add_argument("--images", type=Path, default=None, help="real VQA set: the folder the questions' images are in")

@@ -35,23 +35,25 @@ class EvalData:
     scenes: dict[str, Sample] | None = field(default=None, repr=False)
 
 
-def synthetic_data(backbone: LlavaBackbone, n: int, max_new_tokens: int | None = None) -> EvalData:
-    """The first ``n`` held-out synthetic samples, drawn at the model's image and patch size;
-    answered in one token unless ``max_new_tokens`` says otherwise."""
-    samples = heldout_samples(n, spec=scene_spec_for(backbone))
+def synthetic_data(backbone: LlavaBackbone, n: int, max_new_tokens: int | None = None, skip: int = 0) -> EvalData:
+    """``n`` held-out synthetic samples after the first ``skip`` (items ``skip .. skip + n - 1``;
+    a ``skip`` of at least the default 500 gives a set apart from the one reports use), drawn at
+    the model's image and patch size; answered in one token unless ``max_new_tokens`` says otherwise."""
+    samples = heldout_samples(skip + n, spec=scene_spec_for(backbone))[skip:]
     items = [VQAItem(str(s.index), s.question, [s.answer], s.family, read_image=lambda s=s: s.image)
              for s in samples]
-    return EvalData(items, f"synthetic held-out, {n} samples", max_new_tokens or 1,
-                    {str(s.index): s for s in samples})
+    name = f"synthetic held-out, {n} samples" + (f" from item {skip}" if skip else "")
+    return EvalData(items, name, max_new_tokens or 1, {str(s.index): s for s in samples})
 
 
 def file_data(questions: Path | None = None, images: Path | None = None, answers: Path | None = None,
               dataset: Path | None = None, spec: Path | None = None, limit: int | None = None,
-              max_new_tokens: int | None = None) -> EvalData:
+              max_new_tokens: int | None = None, skip: int = 0) -> EvalData:
     """A real set: LLaVA evaluation files (``questions`` JSONL + ``images`` folder + ``answers``)
     or a Hugging Face dataset on disk (``dataset`` + a ``spec`` YAML mapping its columns);
-    the first ``limit`` items when given, answered in up to ``max_new_tokens`` tokens (default
-    ``REAL_ANSWER_TOKENS``). Every item must have reference answers."""
+    after the first ``skip`` items, the next ``limit`` when given, answered in up to
+    ``max_new_tokens`` tokens (default ``REAL_ANSWER_TOKENS``). Every item must have reference
+    answers."""
     if dataset is not None:
         if questions is not None or images is not None or answers is not None:
             raise TokensieveError("give either --dataset with --spec, or --questions/--images/--answers, not both")
@@ -64,6 +66,10 @@ def file_data(questions: Path | None = None, images: Path | None = None, answers
         if questions is None or images is None or answers is None:
             raise TokensieveError("a real VQA set needs --questions FILE, --images FOLDER and --answers FILE")
         items, name = load_llava_eval(questions, images, answers), f"questions {questions}"
+    if skip:
+        if skip >= len(items):
+            raise TokensieveError(f"--skip {skip} leaves none of the {len(items)} items of {name}")
+        items, name = items[skip:], f"{name}, from item {skip}"
     if limit is not None:
         items, name = items[:limit], f"{name}, first {limit}"
     if not items:
