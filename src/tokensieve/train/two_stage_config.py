@@ -27,7 +27,8 @@ class MergerConfig:
     # regions from taking every centre (ops.diverse_topk). Applies in training and inference.
     diversity: float = 0.0
     # Patches over which that penalty fades with distance on the patch grid (None: it does not):
-    # then only alike tokens near a centre are penalised, so alike objects apart each get one.
+    # then only alike tokens near a centre are penalised, so alike objects apart each get one
+    # (a centre scored below its image's mean, background, still penalises them everywhere).
     # Validation and inference only; training's Gumbel draws keep the content-only penalty
     # (with it there too, 11% on the testbed fell: docs/BENCHMARKS.md).
     diversity_radius: float | None = None
