@@ -314,8 +314,8 @@ def test_keep_probability_is_the_softmax_keep_column():
 @pytest.mark.parametrize("budget", [1, 4, 10])
 def test_inference_keep_with_budget_gives_exactly_the_most_probable_sorted(budget):
     logits = randn(3, 10, 2)
-    kept = inference_keep(logits, budget)
-    assert kept.shape == (3, budget) and kept.dtype == torch.long
+    kept, valid = inference_keep(logits, budget)
+    assert kept.shape == (3, budget) and kept.dtype == torch.long and valid is None
     assert bool((kept[:, 1:] > kept[:, :-1]).all())
     p = keep_probability(logits)
     for row, k in zip(p, kept):
@@ -323,15 +323,34 @@ def test_inference_keep_with_budget_gives_exactly_the_most_probable_sorted(budge
         assert dropped.numel() == 0 or row[k].min() >= dropped.max()
 
 
-def test_inference_keep_threshold_mode_never_returns_an_empty_row():
-    p_keep = torch.tensor([[0.9, 0.2, 0.7, 0.5, 0.6],   # strictly above 0.5: tokens 0, 2, 4
-                           [0.1, 0.4, 0.3, 0.2, 0.0]])  # nothing above: keep the best one (1)
-    logits = torch.stack([torch.zeros_like(p_keep), torch.logit(p_keep)], -1)
-    kept = inference_keep(logits)
-    assert isinstance(kept, list) and len(kept) == 2
-    assert kept[0].tolist() == [0, 2, 4]
-    assert kept[1].tolist() == [1]
-    assert all(k.dtype == torch.long for k in kept)
+def logits_of(p_keep: torch.Tensor) -> torch.Tensor:
+    return torch.stack([torch.zeros_like(p_keep), torch.logit(p_keep)], -1)
+
+
+P_KEEP = torch.tensor([[0.9, 0.2, 0.7, 0.5, 0.6],   # strictly above 0.5: tokens 0, 2, 4
+                       [0.1, 0.4, 0.3, 0.2, 0.0],   # nothing above: keep the best one (1)
+                       [0.8, 0.9, 0.6, 0.7, 0.95]])  # all above, capped by the budget
+
+
+def kept_rows(kept: torch.Tensor, valid: torch.Tensor) -> list[list[int]]:
+    return [row[ok].tolist() for row, ok in zip(kept, valid)]
+
+
+def test_inference_keep_threshold_keeps_a_count_per_row_padded_with_the_next_most_probable():
+    kept, valid = inference_keep(logits_of(P_KEEP), budget=4, threshold=0.5)
+    assert kept_rows(kept, valid) == [[0, 2, 4], [1], [0, 1, 3, 4]]
+    assert kept.shape == valid.shape == (3, 4) and valid.dtype == torch.bool
+    assert bool((kept[:, 1:] > kept[:, :-1]).all())
+    assert kept[0].tolist() == [0, 2, 3, 4]  # the padding of a row is its next most probable token
+    assert kept[1].tolist() == [0, 1, 2, 3]  # token 1 (0.4), padded by 2, 3 and 0
+
+
+def test_inference_keep_threshold_never_keeps_padding_from_an_earlier_stage():
+    already = torch.tensor([[True, True, False, True, True]] * 3)  # token 2 only pads its row
+    kept, valid = inference_keep(logits_of(P_KEEP), budget=5, threshold=0.5, valid=already)
+    assert kept_rows(kept, valid) == [[0, 4], [1], [0, 1, 3, 4]]
+    top, none = inference_keep(logits_of(P_KEEP), budget=4, valid=already)
+    assert none is None and all(2 not in row for row in top.tolist())
 
 
 @pytest.mark.parametrize("call,words", [
@@ -344,6 +363,7 @@ def test_inference_keep_threshold_mode_never_returns_an_empty_row():
     (lambda: keep_probability(randn(2, 4, 3)), r"\(B, N, 2\)"),
     (lambda: inference_keep(randn(2, 4, 2), budget=0), "budget=0"),
     (lambda: inference_keep(randn(2, 4, 2), budget=5), "budget=5"),
+    (lambda: inference_keep(randn(2, 4, 2), budget=4, threshold=1.0), "threshold 1.0"),
 ])
 def test_pruner_bad_arguments_raise_named_errors(call, words):
     with pytest.raises(TokensieveError, match=words):

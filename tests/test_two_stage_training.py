@@ -316,6 +316,25 @@ def test_the_trained_parts_are_compared_pairwise_with_each_method_at_their_budge
         assert at_cost["difference"] == pytest.approx(learned["accuracy"] - other["accuracy"], abs=1e-3)
 
 
+def test_eval_with_a_head_threshold_lets_each_head_keep_a_count_per_row(finished_run, tiny_llava_dir, capsys):
+    assert main(["eval", "--model", str(tiny_llava_dir), "--pruner", str(finished_run), "--keep", "0.25",
+                 "--head-threshold", "0.5", "--samples", "10", "--json"]) == 0
+    learned = next(r for r in json.loads(capsys.readouterr().out) if r["method"] == "two_stage")
+    per_stage = learned["visual_tokens_per_stage"]
+    assert list(per_stage) == ["token_merger@projector:16", "layer_pruner@llm.1:1.0", "layer_pruner@llm.2:1.0"]
+    merger, first, second = per_stage.values()
+    assert merger == 16 and 1 <= second <= first <= 16
+    per_layer = learned["tokens_per_llm_layer"]  # the FLOPs count each head's mean, rounded
+    assert (per_layer[0] - per_layer[1], per_layer[0] - per_layer[2]) == (16 - round(first), 16 - round(second))
+
+
+def test_a_head_threshold_needs_a_pruner_and_a_probability(tiny_llava_dir, finished_run, capsys):
+    for extra in (["--method", "random", "--keep", "8"], ["--pruner", str(finished_run)]):
+        threshold = "0.5" if extra[0] == "--method" else "1.5"
+        assert main(["eval", "--model", str(tiny_llava_dir), *extra, "--head-threshold", threshold]) != 0
+        assert f"--head-threshold {float(threshold)}: give it with --pruner, in [0, 1)" in capsys.readouterr().err
+
+
 def test_loaded_parts_are_the_saved_ones(finished_run, backbone):
     parts = load_parts(finished_run, backbone)
     saved = load_file(finished_run / "best" / "parts.safetensors")
@@ -329,6 +348,7 @@ def test_loaded_parts_are_the_saved_ones(finished_run, backbone):
     ({"merger": {"target_merge_tokens": 1000}}, "1000 is not between 1 and"),
     ({"merger": {"diversity_radius": 0.0}}, "diversity_radius 0.0 must be > 0"),
     ({"merger": {"diversity": 0.0}}, "merger.diversity is 0"),  # the tiny settings set a radius
+    ({"pruner": {"keep_threshold": 1.0}}, "pruner.keep_threshold 1.0 must be in \\[0, 1\\)"),
     ({"merger": {"enabled": False}, "pruner": {"enabled": False}}, "nothing to train"),
     ({"discriminator": {"enabled": True, "layers": [-1, -9]}}, "do not exist"),
 ])

@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from tokensieve.errors import TokensieveError
 from tokensieve.method import Budget, Method, create_method
 
@@ -36,7 +38,10 @@ class Handle:
     """What :func:`attach` returns: the attached stages, and the way back.
 
     last_counts: visual tokens before and after each stage in the latest forward pass,
-    ``{str(stage): (before, after)}``.
+    ``{str(stage): (before, after)}`` (rounded means over the rows, when a stage keeps a count
+    per row).
+    kept_totals: ``{str(stage): (rows, tokens)}``, the rows seen and the visual tokens kept by
+    each stage summed over every forward pass since :func:`attach` (:meth:`mean_kept`).
     scoring_seconds: time spent choosing tokens (signals + selection) since it was last reset.
     scoring_sync: called at both edges of each scoring block; a benchmark sets it to wait for
     the GPU (:func:`tokensieve.evaluate.timing.synchronizer`), whose queued kernels a host timer
@@ -50,9 +55,23 @@ class Handle:
     hooks: list = field(default_factory=list)
     enabled: bool = True
     last_counts: dict[str, tuple[int, int]] = field(default_factory=dict)
+    kept_totals: dict[str, tuple[int, int]] = field(default_factory=dict)
     scoring_seconds: float = 0.0
     scoring_sync: Callable[[], None] = field(default=lambda: None, repr=False)
     last_kept: dict = field(default_factory=dict)
+
+    def record_counts(self, stage: str, before: torch.Tensor, after: torch.Tensor) -> None:
+        """One forward pass of ``stage``: visual tokens per row ``(B,)`` before and after it."""
+        self.last_counts[stage] = (round(before.float().mean().item()), round(after.float().mean().item()))
+        rows, tokens = self.kept_totals.get(stage, (0, 0))
+        self.kept_totals[stage] = (rows + after.numel(), tokens + int(after.sum()))
+
+    def mean_kept(self, stage: str) -> float:
+        """Visual tokens ``stage`` kept per row, averaged over every row since :func:`attach`."""
+        if stage not in self.kept_totals:
+            raise TokensieveError(f"stage {stage} has no token counts yet: run a forward pass first")
+        rows, tokens = self.kept_totals[stage]
+        return tokens / rows
 
     def detach(self) -> None:
         """Remove every hook; the model is exactly as it was before :func:`attach`."""

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from importlib import resources
+from dataclasses import replace
 from datetime import datetime, timezone
+from importlib import resources
 from pathlib import Path
 
 from tokensieve import __version__
@@ -121,6 +122,8 @@ def _eval(args: argparse.Namespace) -> None:
         raise TokensieveError("--mode origin measures the unpruned model alone; drop --method and --pruner")
     if not methods and args.pruner is None and args.mode != "origin":
         raise TokensieveError("give --method NAMES, --pruner RUN_DIR, or both (or --mode origin)")
+    if args.head_threshold is not None and (args.pruner is None or not 0 <= args.head_threshold < 1):
+        raise TokensieveError(f"--head-threshold {args.head_threshold}: give it with --pruner, in [0, 1)")
     if methods and not keeps:
         raise TokensieveError("--method needs --keep budgets: ratios (0.33) or counts (64)")
     for name in methods:
@@ -145,6 +148,8 @@ def _eval(args: argparse.Namespace) -> None:
         from tokensieve.train.parts import load_parts
 
         pruner = load_parts(args.pruner, backbone)
+        if args.head_threshold is not None:
+            pruner.cfg = replace(pruner.cfg, pruner=replace(pruner.cfg.pruner, keep_threshold=args.head_threshold))
     from tokensieve.train.distributed import Distributed
 
     dist = Distributed()  # one process unless launched by torchrun / accelerate launch: then each scores a share
@@ -154,7 +159,8 @@ def _eval(args: argparse.Namespace) -> None:
 
         fingerprint = {"model": str(args.model or "shipped testbed"), "mode": args.mode, "data": data.name,
                        "max_new_tokens": data.max_new_tokens, "site": args.site,
-                       "pruner": None if args.pruner is None else str(args.pruner)}
+                       "pruner": None if args.pruner is None else str(args.pruner),
+                       **({"head_threshold": args.head_threshold} if args.head_threshold is not None else {})}
         if dist.is_main:  # creates the file (or checks it) before the other processes read it
             log = SampleLog(args.out, fingerprint)
         dist.barrier()
@@ -182,7 +188,7 @@ def _eval(args: argparse.Namespace) -> None:
     print(f"{'method':14s} {'site':10s} {'keep':>6s} {'tokens':>6s} {'accuracy':>8s} {'FLOPs':>6s}")
     for r in rows:
         print(f"{r['method']:14s} {str(r['site'] or '-'):10s} {str(r['keep']):>6s} "
-              f"{r['visual_tokens_kept']:>6d} {r['accuracy']:8.3f} {r['flops_ratio']:6.3f}")
+              f"{r['visual_tokens_kept']!s:>6} {r['accuracy']:8.3f} {r['flops_ratio']:6.3f}")
 
 
 def _bench_shape(args: argparse.Namespace):
@@ -290,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--keep", default=None, help="comma-separated budgets: ratios (0.33) or counts (64); for "
                     "--pruner, the tokens entering the LLM (default: as trained)")
     ev.add_argument("--pruner", type=Path, default=None, help="a trained two-stage pruner run folder")
+    ev.add_argument("--head-threshold", type=float, default=None, metavar="T",
+                    help="with --pruner: its heads keep the tokens they give a keep probability > T, a count per "
+                         "row (default: the run's pruner.keep_threshold; unset, each keeps its trained share)")
     ev.add_argument("--timing-samples", type=int, default=8,
                     help="samples timed one at a time for TTFT and decode latency per row (0: no timing)")
     ev.add_argument("--oracle", action="store_true",

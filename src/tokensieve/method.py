@@ -62,7 +62,9 @@ class Budget:
         return max(1, round(self.ratio * available))
 
     def __str__(self) -> str:
-        return str(self.count) if self.count is not None else f"{self.ratio:g}"
+        if self.count is not None:
+            return str(self.count)
+        return f"{self.ratio:g}" if self.ratio < 1 else "1.0"  # not "1", which reads as one token
 
 
 @dataclass
@@ -79,6 +81,9 @@ class SiteInputs:
     signals: name -> function computing it; asked for through :meth:`signal`.
     question_states: function giving the question tokens as the site sees them, read through
         :meth:`question`.
+    valid: optional ``(B, N)`` bool, False for tokens that only pad a row: an earlier stage kept
+        fewer tokens in that row than in others (see :class:`Selection`). A method should not
+        keep them; any it keeps stay padding (the row then keeps fewer than ``keep``).
     """
 
     tokens: torch.Tensor
@@ -87,6 +92,7 @@ class SiteInputs:
     generator: list[torch.Generator] | Callable[[], list[torch.Generator]]
     signals: dict[str, Callable[[], torch.Tensor]] = field(default_factory=dict)
     question_states: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+    valid: torch.Tensor | None = None
 
     def __post_init__(self):
         n = self.tokens.shape[1]
@@ -130,11 +136,18 @@ class Selection:
         in every later LLM layer, used in ``soft`` mode only and at the projector or inside the
         LLM (not in the vision tower): a differentiable (e.g. straight-through Gumbel) mask that
         a trained method learns through. ``None`` means every kept token counts fully.
+    valid: optional ``(B, K)`` bool for a count that varies per row, inside the LLM only: False
+        marks slots that only pad a row keeping fewer than ``K`` (every row needs at least one
+        True). In ``hard`` mode the padding stays in the shorter sequence, masked as an attention
+        key in every later layer, so a batch gives what each row gives alone; in ``soft`` mode it
+        is dropped like the rest. ``K`` may then be below the budget, which is the most a row
+        keeps. ``None`` means every slot is kept (every row keeps exactly the budget).
     """
 
     indices: torch.Tensor
     tokens: torch.Tensor | None = None
     key_mask: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
 
 
 class Method:
@@ -155,6 +168,12 @@ class Method:
     def select(self, inputs: SiteInputs) -> Selection:
         """Choose ``inputs.keep`` of the ``N`` tokens of every row."""
         raise NotImplementedError
+
+    @property
+    def count_per_row(self) -> bool:
+        """True when the rows of a batch may keep different counts (``select`` gives
+        ``Selection.valid``); such a method acts inside the LLM only."""
+        return False
 
     def check(self, n_tokens: int, keep: int, site: str) -> None:
         """Raise :class:`TokensieveError` if keeping ``keep`` of ``n_tokens`` at ``site`` cannot

@@ -18,6 +18,7 @@ attention mask, so positions skip them exactly as after hard removal).
 from __future__ import annotations
 
 import zlib
+from dataclasses import replace
 
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -37,12 +38,27 @@ def row_generator(seed: int, tokens: torch.Tensor) -> list[torch.Generator]:
     return gens
 
 
-def check_selection(sel: Selection, batch: int, n: int, keep: int, where: str) -> None:
-    """Budgets met exactly; indices sorted, unique and in range."""
+# Patch index recorded in handle.last_kept for a slot that only pads a row keeping fewer tokens.
+PADDING = -2
+
+
+def check_selection(sel: Selection, batch: int, n: int, keep: int, where: str, per_row: bool = False) -> None:
+    """Budgets met exactly (at most, with a count per row where ``per_row`` allows one);
+    indices sorted, unique and in range."""
     idx = sel.indices
-    if idx.shape != (batch, keep):
+    if sel.valid is not None and not per_row:
+        raise TokensieveError(f"{where}: a count that varies per row is supported inside the LLM only (llm.k)")
+    if sel.valid is None and idx.shape != (batch, keep):
         raise TokensieveError(f"{where}: a method returned indices of shape {tuple(idx.shape)}, "
                               f"expected {(batch, keep)}")
+    if sel.valid is not None:
+        if idx.dim() != 2 or idx.shape[0] != batch or not 1 <= idx.shape[1] <= keep:
+            raise TokensieveError(f"{where}: a method returned indices of shape {tuple(idx.shape)}, "
+                                  f"expected ({batch}, at most {keep})")
+        if sel.valid.shape != idx.shape or sel.valid.dtype != torch.bool:
+            raise TokensieveError(f"{where}: valid must be a bool tensor shaped like the indices {tuple(idx.shape)}")
+        if not bool(sel.valid.any(1).all()):
+            raise TokensieveError(f"{where}: every row must keep at least one token")
     if keep > 1 and not bool((idx[:, 1:] > idx[:, :-1]).all()):
         raise TokensieveError(f"{where}: kept indices must be sorted and unique")
     if bool((idx < 0).any()) or bool((idx >= n).any()):
@@ -105,16 +121,31 @@ class LlavaPruningSession:
         self._register()
 
     def _check_budgets(self) -> None:
-        """Resolve every budget against the tokens its site will see, before any model work."""
+        """Resolve every budget against the tokens its site will see, before any model work.
+
+        After a stage that keeps a count per row a later budget is a cap: a token count (each
+        row keeps at most that many) or 1.0; a ratio of a row's tokens would make a row's result
+        depend on the batch it is in.
+        """
         order = {"vision": 0, "projector": 1, "llm": 2}
-        n, in_llm = self.bb.n_patches, False
+        n, in_llm, per_row = self.bb.n_patches, False, None
+        self.capped: set = set()  # sites whose budget caps a count that varies per row
         for site in sorted(self.stages, key=lambda s: (order[s.stage], s.layer or 0)):
             if site.stage == "llm" and not in_llm:
                 n, in_llm = n + int(self.bb.keeps_cls), True  # CLS is an ordinary image token in the LLM
             st = self.stages[site]
+            if st.method.count_per_row and site.stage != "llm":
+                raise TokensieveError(f"{st}: a count that varies per row is supported inside the LLM only (llm.k)")
+            if per_row is not None:
+                if st.budget.ratio is not None and st.budget.ratio < 1:
+                    raise TokensieveError(f"{st} follows {per_row}, which keeps a count per row: give it a token "
+                                          "count (the most a row keeps) or 1.0, not a ratio")
+                self.capped.add(site)
             keep = st.budget.resolve(n, str(site))
             st.method.check(n, keep, str(site))
             n = keep
+            if st.method.count_per_row:
+                per_row = per_row or st
 
     # --- per-pass state -----------------------------------------------------------------
     def begin_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -153,6 +184,7 @@ class LlavaPruningSession:
         """Called by the adapter once the LLM input is assembled."""
         self.image_start, self.image_count, self.length = image_start, image_count, length
         self.image_alive: torch.Tensor | None = None  # (B, n) soft: image tokens not yet dropped
+        self.image_valid: torch.Tensor | None = None  # (B, n) False: a token that only pads its row
         if self.mode == "soft" and self.patch_alive is not None and image_start is not None:
             alive = self.patch_alive + int(self.bb.keeps_cls)
             if self.bb.keeps_cls:
@@ -268,22 +300,32 @@ class LlavaPruningSession:
         self._captured[key + ":text_attention"] = scores.softmax(-1).mean(1)  # (B, T)
 
     # --- choosing ----------------------------------------------------------------------
-    def _choose(self, site, tokens: torch.Tensor, signals: dict, question=None) -> Selection:
+    def _choose(self, site, tokens: torch.Tensor, signals: dict, question=None,
+                valid: torch.Tensor | None = None) -> Selection:
         """Run the stage at ``site`` on ``tokens`` ``(B, n, d)``; record counts.
 
         question: a function giving the question states at this site, when the prompt is known.
+        valid: ``(B, n)`` False for tokens that only pad their row. The returned selection's
+        ``valid`` is also False where it kept such a token, and None when every slot is real.
         """
         st = self.stages[site]
         b, n, _ = tokens.shape
-        keep = st.budget.resolve(n, str(site))
+        keep = min(st.budget.count, n) if site in self.capped and st.budget.count else st.budget.resolve(n, str(site))
         if self.question_ids is None:
             question = None
         with self.handle.scoring():
             inputs = SiteInputs(tokens, keep, str(site), lambda: row_generator(self.seed, tokens), signals,
-                                question)
+                                question, valid)
             sel = st.method.select(inputs)
-            check_selection(sel, b, n, keep, f"{st.method.name} at {site}")
-        self.handle.last_counts[str(st)] = (n, keep)
+            check_selection(sel, b, n, keep, f"{st.method.name} at {site}", per_row=site.stage == "llm")
+            if valid is not None:
+                still = valid.gather(1, sel.indices)
+                sel = replace(sel, valid=still if sel.valid is None else sel.valid & still)
+            if sel.valid is not None and bool(sel.valid.all()):
+                sel = replace(sel, valid=None)
+        before = valid.sum(1) if valid is not None else torch.full((b,), n)
+        after = sel.valid.sum(1) if sel.valid is not None else torch.full((b,), sel.indices.shape[1])
+        self.handle.record_counts(str(st), before, after)
         return sel
 
     def _signals(self, key: str, alive: torch.Tensor | None, offset: int) -> dict:
@@ -396,10 +438,12 @@ class LlavaPruningSession:
             columns = columns.gather(1, alive)
         tokens = hidden.gather(1, columns[..., None].expand(-1, -1, d))
         signals = self._signals(str(site), columns, 0)
-        sel = self._choose(site, tokens, signals, self._question_in_llm(hidden))
+        sel = self._choose(site, tokens, signals, self._question_in_llm(hidden), self.image_valid)
         kept_columns = columns.gather(1, sel.indices)
         kept_run = kept_columns - start[:, None]  # positions in the image run as the LLM received it
-        self._record_kept(site, self.run_origin.gather(1, kept_run))
+        origin = self.run_origin.gather(1, kept_run)
+        self._record_kept(site, origin if sel.valid is None else origin.masked_fill(~sel.valid, PADDING))
+        self.image_valid = sel.valid
         if self.mode == "hard":
             self.run_origin = self.run_origin.gather(1, sel.indices)
         if sel.tokens is not None:
@@ -409,23 +453,30 @@ class LlavaPruningSession:
             drop = torch.zeros(b, length, dtype=torch.bool, device=hidden.device)
             drop.scatter_(1, columns, True).scatter_(1, kept_columns, False)
             local = positions[~drop].view(b, -1)  # (B, L'): every row drops the same count
-            previous = self.gathers[-1][1] if self.gathers else positions
+            previous = self.gathers[-1][1] if self.gathers else positions  # current -> original columns
             self.gathers.append((site.layer, previous.gather(1, local)))
+            if sel.valid is not None:  # padding stays in the sequence as a key no later layer attends to
+                bias = torch.zeros(b, self.length, dtype=hidden.dtype, device=hidden.device)
+                padding = torch.where(sel.valid, 0.0, _negative(hidden.dtype)).to(hidden.dtype)
+                self.biases.append((site.layer, bias.scatter(1, previous.gather(1, kept_columns), padding)))
             self.image_count = sel.indices.shape[1]
             return hidden.gather(1, local[..., None].expand(-1, -1, d))
         base = self.image_alive if self.image_alive is not None else torch.arange(
             self.image_count, device=hidden.device).expand(b, -1)
         self.image_alive = base.gather(1, sel.indices)
         keep = torch.ones(b, length, dtype=torch.bool, device=hidden.device)
-        keep.scatter_(1, columns, False).scatter_(1, kept_columns, True)
+        kept = sel.valid if sel.valid is not None else torch.ones_like(kept_columns, dtype=torch.bool)
+        keep.scatter_(1, columns, False).scatter_(1, kept_columns, kept)
         bias = _log_mask(keep, hidden.dtype)
         if sel.key_mask is not None:
-            bias = bias.scatter(1, kept_columns, _soft_key_bias(sel.key_mask, hidden.dtype))
+            weights = _soft_key_bias(sel.key_mask, hidden.dtype).masked_fill(~kept, _negative(hidden.dtype))
+            bias = bias.scatter(1, kept_columns, weights)
         self.biases.append((site.layer, bias))
         return hidden
 
     def _adjust_llm_kwargs(self, k: int, hidden: torch.Tensor, kwargs: dict, decoding: bool) -> dict:
-        """Gather positions/RoPE/mask to the kept tokens (hard); add key biases (soft).
+        """Gather positions/RoPE/mask to the kept tokens (hard); add key biases (soft, and the
+        padding of rows that keep fewer tokens in hard).
 
         Every layer receives the same original tensors from the model, so the adjusted ones are
         computed once per (stages in effect, originals) and reused by the later layers.
@@ -445,7 +496,9 @@ class LlavaPruningSession:
                          decoding: bool) -> dict:
         gather = self.gathers[n_gathers - 1][1] if n_gathers else None
         active = [b for _, b in self.biases[:n_biases]]
-        bias = torch.stack(active).sum(0).clamp(min=_negative(hidden.dtype)) if active else None
+        bias = torch.stack(active).sum(0).clamp(min=_negative(hidden.dtype)) if active else None  # (B, L)
+        if bias is not None and gather is not None:
+            bias = bias.gather(1, gather)  # onto the columns still there
         kwargs = dict(kwargs)
         mask = kwargs.get("attention_mask")
         b, q = hidden.shape[:2]
@@ -465,7 +518,7 @@ class LlavaPruningSession:
             mask = mask.expand(b, -1, -1, -1)
             mask = mask.gather(3, columns[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1))
         if bias is not None:
-            keys = self.length if not decoding else (mask.shape[-1] if mask is not None else
+            keys = bias.shape[1] if not decoding else (mask.shape[-1] if mask is not None else
                                                      kwargs["past_key_values"].get_seq_length(k) + q)
             mask = _as_additive(mask, b, q, keys, hidden.dtype, hidden.device)
             extra = keys - bias.shape[1]

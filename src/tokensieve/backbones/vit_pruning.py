@@ -131,7 +131,7 @@ class ViTPruningSession:
             self._inputs.pop(site.layer - 1, None)
             values = sel.tokens if sel.tokens is not None else patches.gather(1, sel.indices[..., None].expand(-1, -1, d))
             self.positions = self.positions.gather(1, sel.indices)
-            self.handle.last_counts[str(st)] = (t - 1, keep)
+            self.handle.record_counts(str(st), torch.full((b,), t - 1), torch.full((b,), keep))
             self.handle.last_kept[str(st)] = self.positions
             return (torch.cat([hidden[:, :1], values.to(hidden.dtype)], 1), *args[1:])
         return hook

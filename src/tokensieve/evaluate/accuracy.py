@@ -110,17 +110,17 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str],
         run = f"{name}@{stage.site}:{keep}"
         try:
             result = scored(run)
-            kept = _kept_tokens(backbone, handle, examples)
-            if str(stage) not in handle.last_counts:  # every item came from the log: one pass for the counts
+            if str(stage) not in handle.kept_totals:  # every item came from the log: one pass for the counts
                 predict(backbone, items[:1])
+            counts = {str(st): _mean_count(handle, st) for st in handle.stages}  # before the examples' pass
             cost = cost_fields(backbone, text_tokens, handle)
+            kept = _kept_tokens(backbone, handle, examples)
             timing = timing_fields(backbone, timed)
         finally:
             handle.detach()
         runs.append(run)
         rows.append({"method": name, "site": stage.site, "keep": keep if keep is not None else "trained",
-                     "visual_tokens_kept": handle.last_counts[str(stage)][1],
-                     "visual_tokens_per_stage": {st: after for st, (_, after) in handle.last_counts.items()},
+                     "visual_tokens_kept": counts[str(stage)], "visual_tokens_per_stage": counts,
                      **result, **cost,
                      "flops_ratio": round(cost["flops"]["total"] / baseline["flops"]["total"], 4), **timing,
                      **kept})
@@ -131,6 +131,12 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str],
     _add_paired(rows, item_scores)
     _add_paired_at_cost(rows, item_scores)
     return rows
+
+
+def _mean_count(handle: Handle, stage) -> int | float:
+    """Visual tokens ``stage`` kept per item: an int, or a mean to 2 decimals when it kept a count per row."""
+    mean = handle.mean_kept(str(stage))
+    return int(mean) if mean.is_integer() else round(mean, 2)
 
 
 def _add_paired(rows: list[dict], item_scores: list[list[float]]) -> None:

@@ -101,9 +101,9 @@ def token_counts(backbone_or_config, text_tokens: int, handle=None) -> TokenCoun
     """Tokens each block sees in one prefill of a prompt with ``text_tokens`` non-image tokens.
 
     Without ``handle`` (or for a handle not in ``hard`` mode, which removes nothing): the
-    unpruned model. With a hard-mode handle: its stages as they acted in the latest forward
-    pass, read from ``handle.last_counts`` (visual tokens kept after each stage, CLS excluded
-    in the tower).
+    unpruned model. With a hard-mode handle: its stages as they acted since it was attached,
+    read from ``handle.mean_kept`` (visual tokens kept after each stage, CLS excluded in the
+    tower; a stage that keeps a count per row counts its mean, rounded).
     """
     _check_count("text_tokens", text_tokens, least=0)
     config = _config(backbone_or_config)
@@ -126,13 +126,9 @@ def token_counts(backbone_or_config, text_tokens: int, handle=None) -> TokenCoun
 
 
 def _kept_per_site(handle) -> dict[Site, int]:
-    """Visual tokens kept at each stage's site in the handle's latest forward pass."""
-    kept = {}
-    for stage in handle.stages:
-        if str(stage) not in handle.last_counts:
-            raise TokensieveError(f"stage {stage} has no token counts yet: run a forward pass first")
-        kept[Site.parse(stage.site)] = handle.last_counts[str(stage)][1]
-    return kept
+    """Visual tokens kept at each stage's site per row since the handle was attached (the
+    rounded mean, when a stage keeps a count per row)."""
+    return {Site.parse(stage.site): round(handle.mean_kept(str(stage))) for stage in handle.stages}
 
 
 def full_prefill_flops(backbone_or_config, text_tokens: int) -> dict:

@@ -68,22 +68,30 @@ def keep_probability(logits: torch.Tensor) -> torch.Tensor:
     return logits.softmax(-1)[..., 1]
 
 
-def inference_keep(logits: torch.Tensor, budget: int | None = None) -> list[torch.Tensor] | torch.Tensor:
-    """Which tokens stay at inference, from logits ``(B, N, 2)``.
+def inference_keep(logits: torch.Tensor, budget: int, threshold: float | None = None,
+                   valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Which tokens stay at inference, from logits ``(B, N, 2)``: ``(indices, row_valid)``.
 
-    budget None: a list of ``B`` ascending 1-D LongTensors, the tokens with keep probability
-        > 0.5; a row that would keep nothing keeps its single most probable token instead.
-    budget k: a ``(B, k)`` LongTensor, each row the ascending indices of the ``k`` most probable
-        tokens (iterating it gives the same per-row 1-D tensors as the list form).
+    threshold None: ``indices`` ``(B, budget)``, each row the ascending indices of its ``budget``
+        most probable tokens; ``row_valid`` None (static shapes).
+    threshold t: each row keeps its tokens with keep probability > t, at most ``budget`` (the
+        most probable) and at least one (its most probable). Rows keep different counts, so
+        ``indices`` ``(B, K)`` (ascending, K the largest count) pads a shorter row with its next
+        most probable tokens and ``row_valid`` ``(B, K)`` bool is False on that padding.
+    valid: optional ``(B, N)`` bool, False for tokens that are only padding already; they are
+        ranked below every other token and never counted above the threshold.
     """
     p = keep_probability(logits)
     n = p.shape[1]
-    if budget is not None:
-        if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= n:
-            raise TokensieveError(f"budget={budget} must be between 1 and the {n} visual tokens per row")
-        return topk_sorted(p, budget)
-    rows = []
-    for row in p:
-        kept = (row > 0.5).nonzero().squeeze(1)
-        rows.append(kept if kept.numel() else row.argmax().reshape(1))
-    return rows
+    if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= n:
+        raise TokensieveError(f"budget={budget} must be between 1 and the {n} visual tokens per row")
+    if threshold is not None and not 0 <= threshold < 1:
+        raise TokensieveError(f"keep threshold {threshold} must be in [0, 1)")
+    if valid is not None:
+        p = p.masked_fill(~valid, -1.0)  # below any probability
+    if threshold is None:
+        return topk_sorted(p, budget), None
+    counts = (p > threshold).sum(1).clamp(1, budget)  # (B,)
+    indices = topk_sorted(p, int(counts.max()))
+    rank = p.gather(1, indices).argsort(1, descending=True).argsort(1)  # 0 = the row's most probable slot
+    return indices, rank < counts[:, None]

@@ -21,8 +21,10 @@ class LearnedLayerPruner(Method):
     """Keep the visual tokens a trained head scores highest for the question.
 
     In eval mode: the top-``budget`` tokens by keep probability (static shapes, ``hard`` mode
-    removes the rest). In training mode (``soft`` mode, budget 1.0): every token stays and a
-    hard Gumbel-softmax mask with temperature ``tau`` (straight-through) weights it as an
+    removes the rest), or with ``threshold`` t the tokens with keep probability > t, at most
+    ``budget`` and at least one per row (a count per row: the head decides how many the
+    question needs; see :func:`tokensieve.learned.inference_keep`). In training mode
+    (``soft`` mode, budget 1.0): every token stays and a hard Gumbel-softmax mask with temperature ``tau`` (straight-through) weights it as an
     attention key, so the head learns from the loss. module: the trained head; when absent
     one is initialised from ``init_seed`` on first use.
     """
@@ -37,6 +39,7 @@ class LearnedLayerPruner(Method):
     num_heads: int = 4
     init_keep_bias: float = 2.0
     tau: float = 1.0
+    threshold: float | None = None
     init_seed: int = 0
     module: LayerPrunerHead | None = field(default=None, repr=False, compare=False, metadata={"state": True})
     last_logits: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False, metadata={"state": True})
@@ -46,6 +49,14 @@ class LearnedLayerPruner(Method):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.init_seed)
             return LayerPrunerHead(d_model, self.d_internal, self.num_heads, init_keep_bias=self.init_keep_bias)
+
+    @property
+    def count_per_row(self) -> bool:
+        return self.threshold is not None
+
+    def check(self, n_tokens: int, keep: int, site: str) -> None:
+        if self.threshold is not None and not 0 <= self.threshold < 1:
+            raise TokensieveError(f"layer_pruner threshold={self.threshold} must be in [0, 1)")
 
     def select(self, inputs: SiteInputs) -> Selection:
         question, valid = inputs.question()
@@ -60,4 +71,5 @@ class LearnedLayerPruner(Method):
                                       "(its Gumbel mask decides what stays)")
             everything = torch.arange(n, device=logits.device).expand(b, n)
             return Selection(everything, key_mask=training_keep_mask(logits, self.tau))
-        return Selection(inference_keep(logits, inputs.keep))
+        indices, valid = inference_keep(logits, inputs.keep, self.threshold, inputs.valid)
+        return Selection(indices, valid=valid)

@@ -129,13 +129,15 @@ class PrunerParts(nn.Module):
             diversity=m.diversity, diversity_radius=m.diversity_radius, null_logit=m.null_logit, gate=m.gate,
             module=self.token_merger)
         pruners = [LearnedLayerPruner(d_internal=p.d_internal, num_heads=p.num_heads, init_keep_bias=p.init_keep_bias,
-                                      module=self.layer_pruners[str(k)]) for k in self.layers]
+                                      threshold=p.keep_threshold, module=self.layer_pruners[str(k)])
+                   for k in self.layers]
         return merger, pruners
 
     def attach(self, backbone, mode: str = "hard", training: bool = False,
                keep: Budget | int | float | str | None = None) -> tuple[Handle, LearnedTokenMerger | None, list[LearnedLayerPruner]]:
         """Attach the parts: for training (soft mode, heads keep everything and mask by Gumbel
-        samples) or for inference (heads keep their share by keep probability).
+        samples) or for inference (heads keep their share by keep probability, or the tokens
+        above ``pruner.keep_threshold``).
 
         keep: tokens entering the LLM (the merger's centres) at inference; default as trained.
         """
@@ -146,7 +148,8 @@ class PrunerParts(nn.Module):
             stages.append((merger, "projector", centres))
         counts = self.inference_counts(centres)
         for k, method, count in zip(self.layers, pruners, counts):
-            stages.append((method, f"llm.{k}", 1.0 if training else count))
+            # With a keep threshold a head decides its own count (every token may stay).
+            stages.append((method, f"llm.{k}", 1.0 if training or method.threshold is not None else count))
         return attach(backbone, stages, mode=mode), merger, pruners
 
     # --- saving -------------------------------------------------------------------------

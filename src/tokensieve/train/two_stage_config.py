@@ -57,6 +57,9 @@ class PrunerConfig:
     # Share of the visual tokens entering the LLM still kept after the last head; head i of K
     # aims at target_ratio ** (i / K) of them, so every head removes the same share.
     target_ratio: float = 0.5
+    # At inference each head keeps its top target share (None: static shapes), or with a value t
+    # the tokens it gives a keep probability > t, a count per row (0.5: what it was trained to keep).
+    keep_threshold: float | None = None
 
 
 @dataclass
@@ -171,6 +174,9 @@ class TwoStageConfig:
             raise TokensieveError("merger: set merge_ratio or target_merge_tokens")
         if not 0 < self.pruner.target_ratio <= 1:
             raise TokensieveError(f"pruner.target_ratio {self.pruner.target_ratio} is not in (0, 1]")
+        threshold = self.pruner.keep_threshold
+        if threshold is not None and not 0 <= threshold < 1:
+            raise TokensieveError(f"pruner.keep_threshold {threshold} must be in [0, 1), or null")
         if not (m.enabled or self.pruner.enabled):
             raise TokensieveError("nothing to train: enable the merger, the pruner heads or both")
         if self.data.seed < 0:
