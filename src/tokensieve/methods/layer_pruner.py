@@ -59,10 +59,10 @@ class LearnedLayerPruner(Method):
             raise TokensieveError(f"layer_pruner threshold={self.threshold} must be in [0, 1)")
 
     def select(self, inputs: SiteInputs) -> Selection:
-        question, valid = inputs.question()
+        question, question_valid = inputs.question()
         if self.module is None:
             self.module = self.build(inputs.tokens.shape[-1]).to(inputs.tokens.device, inputs.tokens.dtype).eval()
-        logits = self.module(inputs.tokens, question, valid)  # (B, N, 2)
+        logits = self.module(inputs.tokens, question, question_valid)  # (B, N, 2)
         self.last_logits = logits
         b, n = logits.shape[:2]
         if self.module.training:
@@ -71,5 +71,5 @@ class LearnedLayerPruner(Method):
                                       "(its Gumbel mask decides what stays)")
             everything = torch.arange(n, device=logits.device).expand(b, n)
             return Selection(everything, key_mask=training_keep_mask(logits, self.tau))
-        indices, valid = inference_keep(logits, inputs.keep, self.threshold, inputs.valid)
-        return Selection(indices, valid=valid)
+        indices, real = inference_keep(logits, inputs.keep, self.threshold, inputs.valid)
+        return Selection(indices, valid=real)
