@@ -328,11 +328,24 @@ def test_eval_with_a_head_threshold_lets_each_head_keep_a_count_per_row(finished
     assert (per_layer[0] - per_layer[1], per_layer[0] - per_layer[2]) == (16 - round(first), 16 - round(second))
 
 
-def test_a_head_threshold_needs_a_pruner_and_a_probability(tiny_llava_dir, finished_run, capsys):
-    for extra in (["--method", "random", "--keep", "8"], ["--pruner", str(finished_run)]):
-        threshold = "0.5" if extra[0] == "--method" else "1.5"
-        assert main(["eval", "--model", str(tiny_llava_dir), *extra, "--head-threshold", threshold]) != 0
-        assert f"--head-threshold {float(threshold)}: give it with --pruner, in [0, 1)" in capsys.readouterr().err
+def test_eval_with_a_head_share_sets_what_the_heads_keep(finished_run, tiny_llava_dir, capsys):
+    assert main(["eval", "--model", str(tiny_llava_dir), "--pruner", str(finished_run), "--keep", "0.25",
+                 "--head-share", "0.125", "--samples", "10", "--json"]) == 0
+    learned = next(r for r in json.loads(capsys.readouterr().out) if r["method"] == "two_stage")
+    # of the 16 tokens entering the LLM, the head at llm.1 keeps sqrt(0.125) (6), the one at llm.2 an eighth (2)
+    assert list(learned["visual_tokens_per_stage"].values()) == [16, 6, 2]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--method", "random", "--keep", "8", "--head-threshold", "0.5"], "--head-threshold 0.5: give it with --pruner"),
+    (["--pruner", "RUN", "--head-threshold", "1.5"], "--head-threshold 1.5: give it with --pruner, in [0, 1)"),
+    (["--pruner", "RUN", "--head-share", "0"], "--head-share 0.0: give it with --pruner, in (0, 1]"),
+    (["--pruner", "RUN", "--head-share", "0.5", "--head-threshold", "0.5"], "give one of them"),
+])
+def test_head_settings_need_a_pruner_and_a_sensible_value(tiny_llava_dir, finished_run, capsys, flags, message):
+    flags = [str(finished_run) if flag == "RUN" else flag for flag in flags]
+    assert main(["eval", "--model", str(tiny_llava_dir), *flags]) != 0
+    assert message in capsys.readouterr().err
 
 
 def test_loaded_parts_are_the_saved_ones(finished_run, backbone):

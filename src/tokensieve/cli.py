@@ -124,6 +124,13 @@ def _eval(args: argparse.Namespace) -> None:
         raise TokensieveError("give --method NAMES, --pruner RUN_DIR, or both (or --mode origin)")
     if args.head_threshold is not None and (args.pruner is None or not 0 <= args.head_threshold < 1):
         raise TokensieveError(f"--head-threshold {args.head_threshold}: give it with --pruner, in [0, 1)")
+    if args.head_share is not None and (args.pruner is None or not 0 < args.head_share <= 1):
+        raise TokensieveError(f"--head-share {args.head_share}: give it with --pruner, in (0, 1]")
+    if args.head_share is not None and args.head_threshold is not None:
+        raise TokensieveError("--head-share sets how many tokens the heads keep, --head-threshold lets them decide: "
+                              "give one of them")
+    head_settings = {key: value for key, value in (("keep_threshold", args.head_threshold),
+                                                   ("target_ratio", args.head_share)) if value is not None}
     if methods and not keeps:
         raise TokensieveError("--method needs --keep budgets: ratios (0.33) or counts (64)")
     for name in methods:
@@ -148,8 +155,7 @@ def _eval(args: argparse.Namespace) -> None:
         from tokensieve.train.parts import load_parts
 
         pruner = load_parts(args.pruner, backbone)
-        if args.head_threshold is not None:
-            pruner.cfg = replace(pruner.cfg, pruner=replace(pruner.cfg.pruner, keep_threshold=args.head_threshold))
+        pruner.cfg = replace(pruner.cfg, pruner=replace(pruner.cfg.pruner, **head_settings))
     from tokensieve.train.distributed import Distributed
 
     dist = Distributed()  # one process unless launched by torchrun / accelerate launch: then each scores a share
@@ -160,7 +166,7 @@ def _eval(args: argparse.Namespace) -> None:
         fingerprint = {"model": str(args.model or "shipped testbed"), "mode": args.mode, "data": data.name,
                        "max_new_tokens": data.max_new_tokens, "site": args.site,
                        "pruner": None if args.pruner is None else str(args.pruner),
-                       **({"head_threshold": args.head_threshold} if args.head_threshold is not None else {})}
+                       **{f"pruner.{key}": value for key, value in head_settings.items()}}
         if dist.is_main:  # creates the file (or checks it) before the other processes read it
             log = SampleLog(args.out, fingerprint)
         dist.barrier()
@@ -299,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--head-threshold", type=float, default=None, metavar="T",
                     help="with --pruner: its heads keep the tokens they give a keep probability > T, a count per "
                          "row (default: the run's pruner.keep_threshold; unset, each keeps its trained share)")
+    ev.add_argument("--head-share", type=float, default=None, metavar="R",
+                    help="with --pruner: the share of the tokens entering the LLM its last head keeps (default: "
+                         "the run's pruner.target_ratio, the share it was trained for)")
     ev.add_argument("--timing-samples", type=int, default=8,
                     help="samples timed one at a time for TTFT and decode latency per row (0: no timing)")
     ev.add_argument("--oracle", action="store_true",
