@@ -24,9 +24,10 @@ class LearnedLayerPruner(Method):
     removes the rest), or with ``threshold`` t the tokens with keep probability > t, at most
     ``budget`` and at least one per row (a count per row: the head decides how many the
     question needs; see :func:`tokensieve.learned.inference_keep`). In training mode
-    (``soft`` mode, budget 1.0): every token stays and a hard Gumbel-softmax mask with temperature ``tau`` (straight-through) weights it as an
-    attention key, so the head learns from the loss. module: the trained head; when absent
-    one is initialised from ``init_seed`` on first use.
+    (``soft`` mode, budget 1.0): every token stays and a hard Gumbel-softmax mask with
+    temperature ``tau`` (straight-through) weights it as an attention key, so the head learns
+    from the loss. module: the trained head; when absent one is initialised from
+    ``init_seed`` on first use.
     """
 
     name = "layer_pruner"

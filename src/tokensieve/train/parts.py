@@ -149,7 +149,7 @@ class PrunerParts(nn.Module):
         counts = self.inference_counts(centres)
         for k, method, count in zip(self.layers, pruners, counts):
             # With a keep threshold a head decides its own count (every token may stay).
-            stages.append((method, f"llm.{k}", 1.0 if training or method.threshold is not None else count))
+            stages.append((method, f"llm.{k}", 1.0 if training or method.count_per_row else count))
         return attach(backbone, stages, mode=mode), merger, pruners
 
     # --- saving -------------------------------------------------------------------------

@@ -58,7 +58,7 @@ class PrunerConfig:
     # aims at target_ratio ** (i / K) of them, so every head removes the same share.
     target_ratio: float = 0.5
     # At inference each head keeps its top target share (None: static shapes), or with a value t
-    # the tokens it gives a keep probability > t, a count per row (0.5: what it was trained to keep).
+    # the tokens it gives a keep probability > t, a count per row (0.5: training's keep/drop boundary).
     keep_threshold: float | None = None
 
 
