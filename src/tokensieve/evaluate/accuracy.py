@@ -12,6 +12,7 @@ from tokensieve.data.vqa_files import VQAItem
 from tokensieve.errors import TokensieveError
 from tokensieve.evaluate.eval_data import EvalData
 from tokensieve.evaluate.flops import TokenCounts, prefill_flops, token_counts
+from tokensieve.evaluate.intervals import accuracy_interval
 from tokensieve.evaluate.latency import kv_cache_bytes, measure_latency
 from tokensieve.evaluate.paired import paired_difference
 from tokensieve.evaluate.sample_log import SampleLog
@@ -45,11 +46,12 @@ def cost_fields(backbone: LlavaBackbone, text_tokens: int, handle: Handle | None
             "kv_cache_bytes": kv_cache_bytes(backbone.config, counts.llm_tokens)}
 
 
-def timing_fields(backbone: LlavaBackbone, samples: list[VQAItem], keep=None) -> dict:
+def timing_fields(backbone: LlavaBackbone, samples: list[VQAItem], keep=None, progress: bool = False) -> dict:
     """Measured latency on ``samples`` (none: every field None, the timing was not asked for)."""
     if not samples:
-        return {"ttft_ms": None, "decode_ms_per_token": None, "peak_memory_mb": None}
-    return measure_latency(backbone, samples, keep=keep)
+        return {"ttft_ms": None, "ttft_ms_iqr": None, "decode_ms_per_token": None, "decode_ms_per_token_iqr": None,
+                "peak_memory_mb": None}
+    return measure_latency(backbone, samples, keep=keep, progress=progress)
 
 
 def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str], keeps: list[str],
@@ -74,9 +76,13 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str],
     log: per-item results are appended there batch by batch, and items it already holds are
     not scored again (an interrupted evaluation resumes).
     timing_samples: how many items (one at a time) give every row's measured ``ttft_ms``,
-    ``decode_ms_per_token`` and ``peak_memory_mb`` (CUDA only); 0 leaves them None.
+    ``decode_ms_per_token`` (medians, with ``[q1, q3]`` in ``*_iqr``) and ``peak_memory_mb``
+    (CUDA only); 0 leaves them None.
     kept_examples: for the first that many items, every pruned row gets ``kept_tokens``:
-    ``{"ids": [question ids], "stages": {stage: [patch indices kept, per item]}}`` (-1: CLS).
+    ``{"ids": [question ids], "stages": {stage: [patch indices kept, per item]}}`` (-1: CLS),
+    and every row ``examples``: ``{"ids", "predictions", "scores"}`` on those items.
+    Every row has ``n`` (items scored) and ``accuracy_ci95``, the Wilson 95% interval
+    ``[lo, hi]`` of its accuracy (:mod:`.intervals`).
     Every row also has ``kv_cache_bytes``, the bf16 KV cache after one prefill.
     dist: under ``torchrun`` / ``accelerate launch``, each process answers its share of every
     batch and the answers are gathered, so every process returns the same rows (only the main
@@ -96,7 +102,7 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str],
     baseline = cost_fields(backbone, text_tokens)
     runs = ["none"]  # the scorer's run name of each row
     rows = [{"method": "none", "site": None, "keep": 1.0, "visual_tokens_kept": backbone.n_visual_tokens,
-             **scored("none"), **baseline, "flops_ratio": 1.0, **timing_fields(backbone, timed)}]
+             **scored("none"), **baseline, "flops_ratio": 1.0, **timing_fields(backbone, timed, progress=progress)}]
     cases = [(m, k) for m in methods for k in keeps]
     if pruner is not None:
         cases += [(pruner, k) for k in keeps or [None]]
@@ -115,7 +121,7 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str],
             counts = {str(st): _mean_count(handle, st) for st in handle.stages}  # before the examples' pass
             cost = cost_fields(backbone, text_tokens, handle)
             kept = _kept_tokens(backbone, handle, examples)
-            timing = timing_fields(backbone, timed)
+            timing = timing_fields(backbone, timed, progress=progress)
         finally:
             handle.detach()
         runs.append(run)
@@ -127,6 +133,9 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str],
     for keep in keeps if oracle else []:
         runs.append(f"object_oracle:{keep}")
         rows.append(_oracle_row(backbone, data, keep, text_tokens, baseline, scored, timed, examples))
+    if examples:  # what each row answered on the pictured items, for the report's gallery
+        for row, run in zip(rows, runs):
+            row["examples"] = scored.examples(run, examples)
     item_scores = [scored.item_scores[run] for run in runs]
     _add_paired(rows, item_scores)
     _add_paired_at_cost(rows, item_scores)
@@ -183,12 +192,14 @@ class _Scorer:
         self.backbone, self.data, self.log, self.batch_size, self.progress = backbone, data, log, batch_size, progress
         self.dist = dist
         self.item_scores: dict[str, list[float]] = {}  # run name -> score per item, in data order
+        self.item_predictions: dict[str, dict[str, str]] = {}  # run name -> prediction per question id
 
     def __call__(self, run: str, keep=None) -> dict:
         items = self.data.items
         done = self.log.done(run) if self.log is not None else {}
         todo = [item for item in items if item.question_id not in done]
         scores = {}
+        predictions = {qid: record["prediction"] for qid, record in done.items()}
         step = self.batch_size * self.dist.world_size  # every process answers batch_size items a step
         for i in tqdm(range(0, len(todo), step), desc=run, unit="batch", leave=False,
                       disable=not self.progress or not todo or not self.dist.is_main):
@@ -201,9 +212,19 @@ class _Scorer:
             if self.log is not None:
                 self.log.append(run, chunk, answers, chunk_scores, write=self.dist.is_main)
             scores.update(zip((item.question_id for item in chunk), chunk_scores))
+            predictions.update(zip((item.question_id for item in chunk), answers))
         scores.update((qid, record["score"]) for qid, record in done.items())
         self.item_scores[run] = [scores[item.question_id] for item in items]
-        return accuracy_summary([item.family for item in items], self.item_scores[run])
+        self.item_predictions[run] = predictions
+        return {**accuracy_summary([item.family for item in items], self.item_scores[run]),
+                **accuracy_interval(self.item_scores[run])}
+
+    def examples(self, run: str, items: list[VQAItem]) -> dict:
+        """``{"ids", "predictions", "scores"}`` of ``run`` on ``items`` (scored already)."""
+        score_of = dict(zip((item.question_id for item in self.data.items), self.item_scores[run]))
+        ids = [item.question_id for item in items]
+        return {"ids": ids, "predictions": [self.item_predictions[run][i] for i in ids],
+                "scores": [score_of[i] for i in ids]}
 
 
 def _kept_tokens(backbone: LlavaBackbone, handle: Handle, items: list[VQAItem]) -> dict:
@@ -232,7 +253,7 @@ def _oracle_row(backbone: LlavaBackbone, data: EvalData, keep: str, text_tokens:
     cost = cost_fields(backbone, text_tokens, counts=counts)
     row = {"method": "object_oracle", "site": "projector", "keep": keep, "visual_tokens_kept": kept, **result,
            **cost, "flops_ratio": round(cost["flops"]["total"] / baseline["flops"]["total"], 4),
-           **timing_fields(backbone, timed, keep=choose)}
+           **timing_fields(backbone, timed, keep=choose, progress=scored.progress)}
     if examples:
         row["kept_tokens"] = {"ids": [i.question_id for i in examples],
                               "stages": {f"object_oracle@projector:{keep}": [choose(i).tolist() for i in examples]}}
