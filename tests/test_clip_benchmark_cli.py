@@ -153,3 +153,20 @@ def test_compare_writes_two_result_files_from_one_template():
         ["--dataset", "x", "--output", "r/{dataset}_pruned.json"]
     assert _with_suffix(["--output=out"], "_baseline") == ["--output", "out_baseline"]
     assert _with_suffix([], "_b")[-1] == "{dataset}_{pretrained}_{model}_{language}_{task}_b.json"
+
+
+def test_loader_workers_are_capped_at_the_shards_of_a_local_wds_set(tmp_path):
+    from argparse import Namespace
+
+    from tokensieve.integrations.clip_benchmark import ClipBenchmarkSession, PruningSettings
+
+    (tmp_path / "shapes_classification" / "test").mkdir(parents=True)
+    (tmp_path / "shapes_classification" / "test" / "nshards.txt").write_text("3\n")
+    session = ClipBenchmarkSession(PruningSettings())
+    args = Namespace(dataset="wds/shapes_classification", dataset_root=f"{tmp_path}/{{dataset}}", split="test",
+                     num_workers=4)
+    session._cap_workers(args)
+    assert args.num_workers == 3 and "num_workers 4 -> 3" in session.workarounds[0]
+    args.num_workers = 2  # already few enough: left alone
+    session._cap_workers(args)
+    assert args.num_workers == 2 and len(session.workarounds) == 1

@@ -257,6 +257,7 @@ class ClipBenchmarkSession:
     def run(self, original):
         def run(args):
             self.runs.append(EvalRun(args))
+            self._cap_workers(args)
             output_path(args).parent.mkdir(parents=True, exist_ok=True)  # clip_benchmark does not create it
             try:
                 result = original(args)
@@ -271,6 +272,23 @@ class ClipBenchmarkSession:
                     self.release(current)
             return result
         return run
+
+    def _cap_workers(self, args) -> None:
+        """At most one loader worker per shard of a local wds set: webdataset gives an extra worker
+        no shard and clip_benchmark then stops with "No samples found in dataset" (its default is 4
+        workers; ``write-data`` writes 3 shards)."""
+        if not args.dataset.startswith("wds/"):
+            return
+        name = args.dataset.replace("wds/", "", 1)
+        nshards = Path(args.dataset_root.format(dataset=name, dataset_cleaned=name.replace("/", "-")),
+                       args.split, "nshards.txt")
+        if not nshards.is_file():
+            return  # a remote set, or none: clip_benchmark reports it
+        shards = int(nshards.read_text().strip() or 0)
+        if 0 < shards < args.num_workers:
+            self.workarounds.append(f"num_workers {args.num_workers} -> {shards}: {name} has {shards} shards, and "
+                                    "clip_benchmark finds no samples with more workers than shards")
+            args.num_workers = shards
 
     def _annotate(self, run: EvalRun) -> None:
         from importlib.metadata import version
