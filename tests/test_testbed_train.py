@@ -46,7 +46,7 @@ def test_interrupted_training_resumes_exactly(tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "lr_at", interrupt_at_llm_step_5)
     with pytest.raises(KeyboardInterrupt):
         train_testbed(tmp_path / "cut", TrainConfig(**TINY))
-    saved = torch.load(tmp_path / "cut" / STATE_FILE, weights_only=False)["state"]
+    saved = torch.load(tmp_path / "cut" / STATE_FILE, weights_only=True)["state"]
     assert (saved["stage"], saved["step"]) == ("llm", 4)
     monkeypatch.undo()
     resumed = train_testbed(tmp_path / "cut", TrainConfig(**TINY))

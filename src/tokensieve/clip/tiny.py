@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from tokensieve.checkpoint import atomic_write, atomic_write_text
 from tokensieve.clip.compat import import_open_clip
 from tokensieve.clip.shapes import CLASSNAMES, TEMPLATES
 from tokensieve.errors import TokensieveError
@@ -64,16 +65,14 @@ def caption_token_ids() -> list[int]:
 
 
 def save_tiny(model: torch.nn.Module, folder: Path) -> Path:
-    """Write ``folder/tiny_clip.safetensors`` (float16, sparse embedding) and the config JSON."""
+    """Write ``folder/tiny_clip.safetensors`` (float16, sparse embedding) and the config JSON, atomically."""
     folder.mkdir(parents=True, exist_ok=True)
     ids = torch.tensor(caption_token_ids())
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items() if k != _EMBEDDING}
     state["token_embedding.rows"] = model.state_dict()[_EMBEDDING][ids].to(torch.float16).contiguous()
     state["token_embedding.ids"] = ids
-    tmp = folder / f".{WEIGHTS_FILE}.tmp"
-    save_file(state, str(tmp), metadata={"open_clip_model": TINY_NAME})
-    tmp.replace(folder / WEIGHTS_FILE)
-    (folder / CONFIG_FILE).write_text(json.dumps(TINY_CONFIG, indent=2) + "\n")
+    atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"open_clip_model": TINY_NAME}))
+    atomic_write_text(folder / CONFIG_FILE, json.dumps(TINY_CONFIG, indent=2) + "\n")
     return folder / WEIGHTS_FILE
 
 

@@ -2,7 +2,8 @@
 
 ``train_tiny_clip(out)`` runs ``steps`` AdamW steps of the symmetric CLIP loss on fresh
 batches (image ``i`` of step ``s`` is training image ``s * batch + i``, so a resumed run sees
-the same data), saves ``out/state.pt`` atomically every ``save_every`` steps and resumes from
+the same data), saves ``out/state.pt`` atomically (fsynced; tensors and plain values, loaded
+with ``weights_only``) every ``save_every`` steps and at the step Ctrl-C ends, resumes from
 it, and finally writes the checkpoint (:func:`tokensieve.clip.tiny.save_tiny`) and
 ``train_log.json`` with the zero-shot accuracy on held-out classification images.
 """
@@ -19,10 +20,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tokensieve.checkpoint import atomic_torch_save
+from tokensieve.checkpoint import atomic_torch_save, atomic_write_text, load_checkpoint, remove_stale_temporaries
 from tokensieve.clip.shapes import CLASSNAMES, SEEDS, TEMPLATES, shape_image, training_pair
 from tokensieve.clip.tiny import TINY_NAME, build_tiny, register_config, save_tiny
 from tokensieve.errors import TokensieveError
+from tokensieve.interrupt import Interrupted, stop_at_step_end
 
 
 @dataclass
@@ -71,52 +73,62 @@ def train_tiny_clip(out: Path, cfg: TinyTrainConfig | None = None, resume: bool 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, log = 0, []
     state_path = out / "state.pt"
+    remove_stale_temporaries(out)  # left by a killed run's writes
     if resume and state_path.is_file():
-        state = torch.load(state_path, weights_only=False)
-        if state["config"] != asdict(cfg):
-            raise TokensieveError(f"{state_path} was saved with a different configuration {state['config']}; "
+        state = load_checkpoint(state_path, "delete it or pass --no-resume")
+        if not isinstance(state, dict) or state.get("config") != asdict(cfg):
+            saved = state.get("config") if isinstance(state, dict) else None
+            raise TokensieveError(f"{state_path} was saved with a different configuration {saved}; "
                                   "use another --out or --no-resume")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, log = state["step"], state["log"]
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            step, log = state["step"], state["log"]
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise TokensieveError(f"cannot resume from {state_path}: {type(err).__name__}; "
+                                  "delete it or pass --no-resume") from None
     started = time.perf_counter()
     model.train()
-    while step < cfg.steps:
-        rng = np.random.default_rng([cfg.seed, step])
-        pairs = [training_pair(step * cfg.batch_size + i, rng) for i in range(cfg.batch_size)]
-        images = pixels(np.stack([p[0].image for p in pairs]), model)
-        texts = tokenizer([p[1] for p in pairs])
-        for group in optimizer.param_groups:
-            group["lr"] = _lr(cfg, step)
-        image_features, text_features, scale = model(images, texts)
-        logits = scale * image_features @ text_features.T
-        # objects repeat within a batch (18 classes): every pair showing the same objects is a positive
-        same = torch.tensor([[a[0].names == b[0].names for b in pairs] for a in pairs])
-        target = same.float() / same.float().sum(1, keepdim=True)
-        loss = (torch.sum(-target * logits.log_softmax(1), 1).mean() + torch.sum(-target * logits.T.log_softmax(1), 1).mean()) / 2
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        step += 1
-        if step % 10 == 0 or step == cfg.steps:
-            log.append({"step": step, "loss": round(loss.item(), 4), "lr": _lr(cfg, step - 1),
-                        "seconds": round(time.perf_counter() - started, 1)})
-            if progress:
-                print(json.dumps(log[-1]), flush=True)
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                               "log": log, "config": asdict(cfg)}, state_path)
+    with stop_at_step_end() as stop:
+        while step < cfg.steps:
+            rng = np.random.default_rng([cfg.seed, step])
+            pairs = [training_pair(step * cfg.batch_size + i, rng) for i in range(cfg.batch_size)]
+            images = pixels(np.stack([p[0].image for p in pairs]), model)
+            texts = tokenizer([p[1] for p in pairs])
+            for group in optimizer.param_groups:
+                group["lr"] = _lr(cfg, step)
+            image_features, text_features, scale = model(images, texts)
+            logits = scale * image_features @ text_features.T
+            # objects repeat within a batch (18 classes): every pair showing the same objects is a positive
+            same = torch.tensor([[a[0].names == b[0].names for b in pairs] for a in pairs])
+            target = same.float() / same.float().sum(1, keepdim=True)
+            loss = (torch.sum(-target * logits.log_softmax(1), 1).mean()
+                    + torch.sum(-target * logits.T.log_softmax(1), 1).mean()) / 2
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            step += 1
+            if step % 10 == 0 or step == cfg.steps:
+                log.append({"step": step, "loss": round(loss.item(), 4), "lr": _lr(cfg, step - 1),
+                            "seconds": round(time.perf_counter() - started, 1)})
+                if progress:
+                    print(json.dumps(log[-1]), flush=True)
+            if step % cfg.save_every == 0 or step == cfg.steps or stop.requested:
+                atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                                   "log": log, "config": asdict(cfg)}, state_path)
+            if stop.requested:
+                again = "rerun the same command" if resume else "rerun it without --no-resume"
+                raise Interrupted(f"interrupted at step {step} of {cfg.steps}, saved in {state_path}",
+                                  f"{again} to continue")
     weights = save_tiny(model, out)
     from tokensieve.clip.tiny import load_tiny
 
     shipped, _, _ = load_tiny(weights)  # what users get: float16 weights, sparse embedding
     summary = {"config": asdict(cfg), "model": TINY_NAME, "zero_shot_accuracy": zero_shot_accuracy(
         shipped, tokenizer, cfg.eval_images), "chance": 1 / len(CLASSNAMES), "log": log}
-    tmp = out / ".train_log.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    tmp.replace(out / "train_log.json")
+    atomic_write_text(out / "train_log.json", json.dumps(summary, indent=2) + "\n")
     if progress:
         print(f"zero-shot accuracy on {cfg.eval_images} held-out images: {summary['zero_shot_accuracy']:.3f}")
     return weights

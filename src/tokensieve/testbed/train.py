@@ -7,7 +7,8 @@ Stage 2 (``llm``): the tower is frozen; projector and LLM learn to answer questi
 every object the question mentions is looked up at its mention word (auxiliary heads,
 :mod:`tokensieve.testbed.mention_probe`); some batches see shortened image runs (objects and
 part of the background) so that lookups survive token removal.
-A resumable state is written atomically every ``checkpoint_every`` steps.
+A resumable state (tensors and plain values, loaded with ``weights_only``) is written
+atomically and fsynced every ``checkpoint_every`` steps, and at the step Ctrl-C ends.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from torch import nn
 from tqdm import tqdm
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from tokensieve.checkpoint import atomic_torch_save
+from tokensieve.checkpoint import atomic_torch_save, atomic_write_text, load_checkpoint, remove_stale_temporaries
 from tokensieve.errors import TokensieveError
+from tokensieve.interrupt import Interrupted, StopRequest, stop_at_step_end
 from tokensieve.data.synthetic import COLOURS, FAMILIES, SHAPES, SPLIT_SEEDS, SceneSpec
 from tokensieve.testbed.batches import QuestionBatches, TowerBatches
 from tokensieve.testbed.mention_probe import MentionProbe
@@ -158,15 +160,20 @@ def _check_same_config(saved: dict, wanted: dict, state_path: Path) -> None:
                               "use another --out or pass --no-resume")
 
 
+CANNOT_RESUME_HINT = "delete it or pass --no-resume"
+
+
 def _cannot_resume(state_path: Path, err: Exception) -> TokensieveError:
-    return TokensieveError(f"cannot resume from {state_path}: {type(err).__name__}; delete it or pass --no-resume")
+    return TokensieveError(f"cannot resume from {state_path}: {type(err).__name__}; {CANNOT_RESUME_HINT}")
 
 
 class _Run:
     """One training run folder: model, stage-1 probe, progress state, log and checkpoints."""
 
-    def __init__(self, out: Path, cfg: TestbedTrainConfig, resume: bool):
-        self.out, self.cfg = out, cfg
+    def __init__(self, out: Path, cfg: TestbedTrainConfig, resume: bool, stop: StopRequest | None = None):
+        self.out, self.cfg, self.resume = out, cfg, resume
+        self.stop = stop or StopRequest()  # set by Ctrl-C: save at the next step's end, then stop
+        remove_stale_temporaries(out)  # left by a killed run's writes
         torch.manual_seed(0)
         self.processor = build_processor()
         self.model = _fresh_model(self.processor, cfg)
@@ -177,18 +184,17 @@ class _Run:
         self.state_path = out / STATE_FILE
         resuming = resume and self.state_path.exists()
         if resuming:
-            try:
-                saved = torch.load(self.state_path, weights_only=False)
-            except Exception as err:  # any unreadable state means the same thing to the user
-                raise _cannot_resume(self.state_path, err) from None
+            saved = load_checkpoint(self.state_path, CANNOT_RESUME_HINT)
+            if not isinstance(saved, dict):
+                raise _cannot_resume(self.state_path, TypeError())
             _check_same_config(saved.get("config", {}), asdict(cfg), self.state_path)
             try:
                 self.model.load_state_dict(saved["model"])
                 self.probe.load_state_dict(saved["probe"])
                 self.mentions.load_state_dict(saved["mentions"])
+                self.state, self.saved_optimizer = saved["state"], saved["optimizer"]
             except Exception as err:  # any unreadable state means the same thing to the user
                 raise _cannot_resume(self.state_path, err) from None
-            self.state, self.saved_optimizer = saved["state"], saved["optimizer"]
             print(f"resuming the {self.state['stage']} stage at step {self.state['step']}")
         self.log = (out / LOG_FILE).open("a" if resuming else "w")
         self.started = time.time() - self.state["elapsed_s"]
@@ -233,6 +239,7 @@ class _Run:
                 self.record(loss=loss.item(), **stats)
             if self.state["step"] % cfg.checkpoint_every == 0:
                 self.save(opt)
+            self.stop_if_asked(opt)
         self.state.update(stage="llm", step=0)
         self.save(opt)
 
@@ -290,14 +297,24 @@ class _Run:
                 self.record(heldout_accuracy=result["accuracy"], per_family=result["per_family"])
                 tqdm.write(f"step {self.state['step']}: held-out accuracy {result['accuracy']:.3f} "
                            f"{result['per_family']}")
+            self.stop_if_asked(opt)
         model.eval()
+
+    def stop_if_asked(self, optimizer: torch.optim.Optimizer) -> None:
+        """At a step's end, after Ctrl-C: save this step and raise :class:`Interrupted`."""
+        if not self.stop.requested:
+            return
+        self.save(optimizer)
+        resume = "rerun the same command to continue" if self.resume else "rerun it without --no-resume to continue"
+        raise Interrupted(f"interrupted at {self.state['stage']} step {self.state['step']}, saved in "
+                          f"{self.state_path}", resume)
 
     def finish(self) -> None:
         """Write the ordinary LLaVA checkpoint and processor; drop the resume state."""
         self.log.close()
         self.model.save_pretrained(self.out)
         self.processor.save_pretrained(self.out)
-        (self.out / DONE_FILE).write_text(json.dumps(
+        atomic_write_text(self.out / DONE_FILE, json.dumps(
             {"config": asdict(self.cfg), "train_seconds": round(time.time() - self.started, 1)}, indent=2) + "\n")
         self.state_path.unlink()
 
@@ -313,9 +330,10 @@ def train_testbed(out: str | Path, cfg: TestbedTrainConfig = TestbedTrainConfig(
         return out
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
-    run = _Run(out, cfg, resume)
-    if run.state["stage"] == "tower":
-        run.train_tower()
-    run.train_llm()
+    with stop_at_step_end() as stop:
+        run = _Run(out, cfg, resume, stop)
+        if run.state["stage"] == "tower":
+            run.train_tower()
+        run.train_llm()
     run.finish()
     return out

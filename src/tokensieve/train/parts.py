@@ -8,8 +8,6 @@ never saved with them and they load onto any copy of it.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tokensieve.attach import Handle, attach
+from tokensieve.checkpoint import atomic_write
 from tokensieve.config import load_config, save_config
 from tokensieve.errors import TokensieveError
 from tokensieve.method import Budget
@@ -158,19 +157,13 @@ class PrunerParts(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("discriminator.")}
 
     def save(self, folder: str | Path, metadata: dict[str, str] | None = None) -> None:
-        """``parts.safetensors`` + ``config.yaml`` in ``folder``, each written atomically."""
+        """``parts.safetensors`` (fsynced) + ``config.yaml`` in ``folder``, each written atomically."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, folder / CONFIG_FILE)
         meta = {"signature": json.dumps(self.signature), **(metadata or {})}
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{PARTS_FILE}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({k: v.detach().contiguous() for k, v in self.inference_state().items()}, tmp, metadata=meta)
-            os.replace(tmp, folder / PARTS_FILE)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        state = {k: v.detach().contiguous() for k, v in self.inference_state().items()}
+        atomic_write(folder / PARTS_FILE, lambda tmp: save_file(state, tmp, metadata=meta))
 
 
 def load_parts(folder: str | Path, backbone) -> PrunerParts:

@@ -7,9 +7,12 @@ KL distillation from the teacher, target-ratio sparsity of the heads' keep proba
 (visual tokens only), merge sparsity, optional hidden-state MSE and adversarial loss.
 
 Run folder: ``config.yaml`` (resolved), ``state.pt`` (everything needed to resume exactly:
-parts, optimizer, step, RNG), ``parts.safetensors`` (latest trainable parts), ``best/`` (the
-parts with the best validation accuracy), ``log.jsonl`` and TensorBoard events in ``tb/``.
-``done.json`` marks a finished run.
+parts, optimizer, step, RNG; tensors and plain values only, loaded with ``weights_only``),
+``parts.safetensors`` (latest trainable parts), ``best/`` (the parts with the best validation
+accuracy), ``log.jsonl`` and TensorBoard events in ``tb/``. ``done.json`` marks a finished run.
+Every file is written atomically and fsynced, so ``kill -9`` at any moment and ``--resume``
+give the weights of an uninterrupted run; Ctrl-C saves the step it ends and stops
+(:mod:`tokensieve.interrupt`).
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ import torch
 from tqdm import tqdm
 
 from tokensieve.backbones import LlavaBackbone
-from tokensieve.checkpoint import atomic_torch_save
+from tokensieve.checkpoint import atomic_torch_save, atomic_write_text, load_checkpoint, remove_stale_temporaries
 from tokensieve.config import load_config, save_config, to_dict
 from tokensieve.data.instruct import InstructExample, collate, load_instruct, synthetic_examples
 from tokensieve.data.synthetic import SPLIT_SEEDS, training_seed
 from tokensieve.errors import TokensieveError
+from tokensieve.interrupt import Interrupted, stop_at_step_end
 from tokensieve.learned import keep_probability
 from tokensieve.method import Budget
 from tokensieve.train import losses, schedules
@@ -86,6 +90,7 @@ class TwoStageTrainer:
     def __init__(self, cfg: TwoStageConfig, out: str | Path, resume: bool = False, progress: bool = True,
                  on_validation: Callable[[int, float], None] | None = None, backbone: LlavaBackbone | None = None):
         self.cfg, self.out, self.progress, self.on_validation = cfg, Path(out), progress, on_validation
+        self.resume = resume
         torch.set_num_threads(cfg.run.threads)
         self.dist = Distributed(cfg.run.device)  # one process unless launched by accelerate or torchrun
         self.dist.check_batch(cfg.optim.batch_size)
@@ -110,6 +115,9 @@ class TwoStageTrainer:
         self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=o.weight_decay)
         self.step, self.best = 0, None
         self.last_validation: dict[int | None, float] = {}
+        if self.dist.is_main:
+            for folder in (self.out, self.out / "best"):
+                remove_stale_temporaries(folder)  # left by a killed run's writes
         self.dist.barrier()  # every process has checked the folder before the main one writes to it
         if resume and (self.out / STATE_FILE).exists():
             self._load_state()
@@ -142,26 +150,27 @@ class TwoStageTrainer:
             return
         atomic_torch_save({"parts": self.parts.state_dict(), "optimizer": self.optimizer.state_dict(),
                            "step": self.step, "best": self.best, "signature": self.parts.signature,
-                           "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                                   "python": random.getstate()}}, self.out / STATE_FILE)
+                           "rng": rng_state()}, self.out / STATE_FILE)
         self.parts.save(self.out, {"step": str(self.step)})
 
     def _load_state(self) -> None:
+        saved = load_checkpoint(self.out / STATE_FILE, "start the run again in a new folder")
         try:
-            saved = torch.load(self.out / STATE_FILE, weights_only=False)
             if saved["signature"] != self.parts.signature:
                 raise TokensieveError(f"cannot resume {self.out}: it was trained on a different backbone "
                                       f"({saved['signature']}; this one is {self.parts.signature})")
             self.parts.load_state_dict(saved["parts"])
             self.optimizer.load_state_dict(saved["optimizer"])
+            self.step, self.best = saved["step"], saved["best"]
+            set_rng_state(saved["rng"])
         except TokensieveError:
             raise
-        except Exception as err:  # a truncated or foreign file means the same thing to the user
-            raise TokensieveError(f"cannot resume from {self.out / STATE_FILE}: {type(err).__name__}: {err}") from None
-        self.step, self.best = saved["step"], saved["best"]
-        torch.set_rng_state(saved["rng"]["torch"])
-        np.random.set_state(saved["rng"]["numpy"])
-        random.setstate(saved["rng"]["python"])
+        except Exception as err:  # a foreign file means the same thing to the user
+            first_line = (str(err).splitlines() or [""])[0]
+            raise TokensieveError(f"cannot resume from {self.out / STATE_FILE}: "
+                                  f"{type(err).__name__}: {first_line}") from None
+        if self.dist.is_main:
+            _drop_log_rows_after(self.out / LOG_FILE, self.step)  # those steps run again
 
     # --- one step -----------------------------------------------------------------------
     def _to_device(self, batch: dict) -> dict:
@@ -300,28 +309,33 @@ class TwoStageTrainer:
         bar = tqdm(total=cfg.optim.steps, initial=self.step, desc="training the two-stage pruner", unit="step",
                    disable=not (self.progress and main))
         try:
-            while self.step < cfg.optim.steps:
-                row = self.train_step(handle, merger, pruners)
-                if self.step % cfg.validation.every == 0 or self.step == cfg.optim.steps:
-                    handle.detach()
-                    row["val_accuracy"] = self.validate()
-                    if len(self.last_validation) > 1:
-                        row.update({f"val_accuracy_at_{c}": v for c, v in self.last_validation.items()})
-                    if self.best is None or row["val_accuracy"] > self.best:
-                        self.best = row["val_accuracy"]
-                        if main:
-                            self.parts.save(self.out / "best", {"step": str(self.step), "val_accuracy": str(self.best)})
-                    handle, merger, pruners = self.parts.attach(self.backbone, "soft", training=True)
-                row = {"step": self.step, "elapsed_s": round(time.time() - started, 1), **row}
-                if main:
-                    self._record(row, log, writer)
-                bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", tau=f"{row['tau']:.2f}",
-                                keep="/".join(f"{r:.2f}" for r in row["keep_ratio"]))
-                if self.step % cfg.run.checkpoint_every == 0 or self.step == cfg.optim.steps:
-                    self._save_state()
-                if "val_accuracy" in row and self.on_validation is not None:
-                    self.on_validation(self.step, row["val_accuracy"])
+            with stop_at_step_end() as stop:
+                while self.step < cfg.optim.steps:
+                    row = self.train_step(handle, merger, pruners)
+                    if self.step % cfg.validation.every == 0 or self.step == cfg.optim.steps:
+                        handle.detach()
+                        row["val_accuracy"] = self.validate()
+                        if len(self.last_validation) > 1:
+                            row.update({f"val_accuracy_at_{c}": v for c, v in self.last_validation.items()})
+                        if self.best is None or row["val_accuracy"] > self.best:
+                            self.best = row["val_accuracy"]
+                            if main:
+                                self.parts.save(self.out / "best",
+                                                {"step": str(self.step), "val_accuracy": str(self.best)})
+                        handle, merger, pruners = self.parts.attach(self.backbone, "soft", training=True)
+                    row = {"step": self.step, "elapsed_s": round(time.time() - started, 1), **row}
+                    if main:
+                        self._record(row, log, writer)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", tau=f"{row['tau']:.2f}",
+                                    keep="/".join(f"{r:.2f}" for r in row["keep_ratio"]))
+                    if self.step % cfg.run.checkpoint_every == 0 or self.step == cfg.optim.steps:
+                        self._save_state()
+                    if "val_accuracy" in row and self.on_validation is not None:
+                        self.on_validation(self.step, row["val_accuracy"])
+                    # Every process stops at the same step, or the others would wait for it forever.
+                    if self.step < cfg.optim.steps and self.dist.sum([int(stop.requested)])[0]:
+                        self._stop_here()
         finally:
             handle.detach()
             bar.close()
@@ -329,8 +343,16 @@ class TwoStageTrainer:
                 writer.close()
                 log.close()
         if main:
-            (self.out / DONE_FILE).write_text(json.dumps({"steps": self.step, "best_val_accuracy": self.best}) + "\n")
+            done = {"steps": self.step, "best_val_accuracy": self.best}
+            atomic_write_text(self.out / DONE_FILE, json.dumps(done) + "\n")
         return self.out
+
+    def _stop_here(self) -> None:
+        """Ctrl-C at a step boundary: save this step (unless just saved) and raise :class:`Interrupted`."""
+        if self.step % self.cfg.run.checkpoint_every:
+            self._save_state()
+        resume = "rerun the same command to continue" if self.resume else "rerun it with --resume to continue"
+        raise Interrupted(f"interrupted at step {self.step} of {self.cfg.optim.steps}, saved in {self.out}", resume)
 
     def _record(self, row: dict, log, writer) -> None:
         """One row of ``log.jsonl`` and its TensorBoard scalars."""
@@ -341,6 +363,40 @@ class TwoStageTrainer:
                 writer.add_scalar(key, value, self.step)
         for i, ratio in enumerate(row["keep_ratio"]):
             writer.add_scalar(f"keep_ratio/stage{i}", ratio, self.step)
+
+
+def rng_state() -> dict:
+    """Every random generator a step draws from, as tensors and plain values (``weights_only`` loads them)."""
+    numpy = np.random.get_state(legacy=False)  # {"bit_generator", "state": {"key": (624,) uint32, "pos"}, ...}
+    numpy["state"] = {"key": numpy["state"]["key"].tolist(), "pos": numpy["state"]["pos"]}
+    return {"torch": torch.get_rng_state(), "numpy": numpy, "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(saved: dict) -> None:
+    """Restore what :func:`rng_state` saved."""
+    torch.set_rng_state(saved["torch"])
+    numpy = dict(saved["numpy"])
+    numpy["state"] = {"key": np.asarray(numpy["state"]["key"], dtype=np.uint32), "pos": numpy["state"]["pos"]}
+    np.random.set_state(numpy)
+    random.setstate(saved["python"])
+    if saved["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda"])
+
+
+def _drop_log_rows_after(path: Path, step: int) -> None:
+    """Keep the rows of ``log.jsonl`` up to ``step`` (a resumed run logs the later steps again;
+    a row cut by a kill goes too)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    atomic_write_text(path, "".join(kept))
 
 
 def after_first_answer(labels: torch.Tensor) -> torch.Tensor:
