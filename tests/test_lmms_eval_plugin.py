@@ -178,3 +178,13 @@ def test_bad_plugin_arguments_are_named(model_args, message):
 
     with pytest.raises(TokensieveError, match=message.replace("(", r"\(").replace(")", r"\)")):
         get_model("tokensieve").create_from_arg_string(model_args, {"batch_size": 1})  # as simple_evaluate does
+
+
+def test_batch_size_in_model_args_and_on_the_command_line():
+    # lmms-eval hands its own --batch_size (default 1) next to --model_args: the model_args value wins.
+    from tokensieve.integrations.lmms_eval_model import TokensieveLlava
+
+    model = TokensieveLlava.create_from_arg_string("method=fastv,keep=0.5,batch_size=3",
+                                                   {"batch_size": 1, "max_batch_size": None, "device": None})
+    assert model.batch_size == 3
+    assert TokensieveLlava.create_from_arg_string("", {"batch_size": 2, "device": "cpu"}).batch_size == 2

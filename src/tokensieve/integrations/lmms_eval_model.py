@@ -82,6 +82,18 @@ class TokensieveLlava(lmms):
         self.backbone.processor.tokenizer.padding_side = "left"  # every row ends at the last position
         self.handle = self._attach(method, keep, site, mode, pruner)
 
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> TokensieveLlava:
+        """How lmms-eval builds the model: ``--model_args`` plus its own ``--batch_size`` and ``--device``.
+
+        lmms-eval always passes ``batch_size`` (its flag defaults to 1), so a ``batch_size`` in
+        ``--model_args`` would be given twice; the ``--model_args`` value wins."""
+        from lmms_eval.utils import simple_parse_args_string
+
+        given = simple_parse_args_string(arg_string)
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in given}
+        return cls(**given, **extra)
+
     def _attach(self, method, keep, site, mode, pruner):
         from tokensieve.attach import attach
 
