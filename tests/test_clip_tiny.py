@@ -46,3 +46,25 @@ def test_the_shipped_tiny_clip_is_small_and_well_above_chance():
     assert log["config"] == asdict(TinyTrainConfig())  # `tokensieve clip-benchmark train-tiny` remakes it
     model, _, tokenizer = load_tiny()
     assert zero_shot_accuracy(model, tokenizer, 90) > 5 / len(CLASSNAMES)  # chance is 1/18
+
+
+def test_the_exported_local_dir_loads_through_open_clip_itself(tmp_path):
+    import torch
+    from PIL import Image
+
+    from tokensieve.clip.compat import import_open_clip
+    from tokensieve.clip.export import export_local_dir
+    from tokensieve.clip.shapes import shape_image
+    from tokensieve.clip.tiny import load_tiny
+
+    export_local_dir(tmp_path / "tiny")
+    oc = import_open_clip()
+    model, _, preprocess = oc.create_model_and_transforms(f"local-dir:{tmp_path / 'tiny'}")
+    ours, our_preprocess, tokenizer = load_tiny()
+    image = Image.fromarray(shape_image(0, 0).image)
+    assert torch.equal(preprocess(image), our_preprocess(image))
+    with torch.no_grad():
+        pixels = our_preprocess(image)[None]
+        assert torch.equal(model.eval().encode_image(pixels), ours.encode_image(pixels))
+        text = tokenizer(["a photo of a red circle."])
+        assert torch.equal(model.encode_text(text), ours.encode_text(text))
