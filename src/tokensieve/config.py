@@ -44,6 +44,17 @@ def _parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's error in one line: what is wrong and where (its own text spans several lines and
+    quotes the offending line)."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem:
+        mark = err.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        context = f" ({err.context})" if err.context else ""
+        return f"{err.problem}{where}{context}"
+    return " ".join(str(err).split())
+
+
 def _join(where: str, name: str) -> str:
     return f"{where}.{name}" if where else name
 
@@ -226,19 +237,30 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
         try:
             value = _parse_yaml(text)
         except yaml.YAMLError as err:
-            raise TokensieveError(f"override '{override}': the value is not valid YAML ({err})") from err
+            raise TokensieveError(f"override '{override}': the value is not valid YAML ({yaml_problem(err)})") from None
         _set_dotted(result, dotted, value, override)
     return result
 
 
-def _read_yaml(path: Path) -> dict:
-    """The mapping in YAML file ``path``; an empty file is an empty mapping."""
+def yaml_file(path: str | Path, what: str) -> Any:
+    """The value in YAML file ``path`` (None when empty); ``what`` names the file in errors."""
     try:
-        data = _parse_yaml(path.read_text())
-    except FileNotFoundError as err:
-        raise TokensieveError(f"config file {path} does not exist") from err
+        return _parse_yaml(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TokensieveError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise TokensieveError(f"{what} {path} is a folder, not a YAML file") from None
+    except UnicodeDecodeError:
+        raise TokensieveError(f"{what} {path} is not text (not UTF-8), so not YAML") from None
+    except OSError as err:
+        raise TokensieveError(f"cannot read {what} {path}: {err.strerror or err}") from None
     except yaml.YAMLError as err:
-        raise TokensieveError(f"config file {path} is not valid YAML: {err}") from err
+        raise TokensieveError(f"{what} {path} is not valid YAML: {yaml_problem(err)}") from None
+
+
+def _read_yaml(path: Path) -> dict:
+    """The mapping in YAML config file ``path``; an empty file is an empty mapping."""
+    data = yaml_file(path, "config file")
     if data is None:
         return {}
     if not isinstance(data, dict):

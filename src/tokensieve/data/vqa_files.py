@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from PIL import UnidentifiedImageError
 
+from tokensieve.config import yaml_file
 from tokensieve.data.images import load_image
 from tokensieve.errors import TokensieveError
 
@@ -76,14 +76,7 @@ def load_llava_eval(questions: Path, image_folder: Path, answers: Path | None = 
 
 def load_spec(path: Path) -> dict[str, str]:
     """A dataset spec (see ``load_hf_dataset``) from a YAML mapping, checked."""
-    path = Path(path)
-    if not path.is_file():
-        raise TokensieveError(f"dataset spec {path} does not exist")
-    try:
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise TokensieveError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
-    return _check_spec(spec, f"dataset spec {path}")
+    return _check_spec(yaml_file(path, "dataset spec"), f"dataset spec {path}")
 
 
 def load_hf_dataset(path: Path, spec: dict[str, str]) -> list[VQAItem]:

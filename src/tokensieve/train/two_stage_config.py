@@ -9,7 +9,28 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from tokensieve.devices import check_device_name
 from tokensieve.errors import TokensieveError
+
+
+def _at_least(section: object, minimum: float, *names: str) -> None:
+    """Refuse a field of ``section`` below ``minimum`` (a field left None is not checked)."""
+    for name in names:
+        value = getattr(section, name)
+        if value is not None and value < minimum:
+            raise TokensieveError(f"{name} {value} must be >= {minimum}")
+
+
+def _positive(section: object, *names: str) -> None:
+    for name in names:
+        if getattr(section, name) <= 0:
+            raise TokensieveError(f"{name} {getattr(section, name)} must be > 0")
+
+
+def _fraction(section: object, *names: str) -> None:
+    for name in names:
+        if not 0 <= getattr(section, name) <= 1:
+            raise TokensieveError(f"{name} {getattr(section, name)} is not in [0, 1]")
 
 
 @dataclass
@@ -43,6 +64,11 @@ class MergerConfig:
     # "keys" weights them as attention keys in every LLM layer (steadier on a deeper LLM).
     gate: Literal["values", "keys"] = "values"
 
+    def __post_init__(self):
+        _at_least(self, 1, "target_merge_tokens", "d_internal", "num_heads")
+        _positive(self, "assign_tau")
+        _at_least(self, 0, "diversity")
+
 
 @dataclass
 class PrunerConfig:
@@ -61,6 +87,12 @@ class PrunerConfig:
     # the tokens it gives a keep probability > t, a count per row (0.5: training's keep/drop boundary).
     keep_threshold: float | None = None
 
+    def __post_init__(self):
+        _at_least(self, 1, "d_internal", "num_heads")
+        if self.pruning_layers is not None and not (self.pruning_layers and min(self.pruning_layers) >= 1):
+            raise TokensieveError(f"pruning_layers {self.pruning_layers}: give decoder layers >= 1 (a head acts "
+                                  "before one), or null for the default spread")
+
 
 @dataclass
 class DiscriminatorConfig:
@@ -70,6 +102,10 @@ class DiscriminatorConfig:
     layers: list[int] = field(default_factory=lambda: [-1, -3, -5])
     d_internal: int = 128
     reinit_prob: float = 0.0  # chance per step of re-initialising it (keeps it from winning outright)
+
+    def __post_init__(self):
+        _at_least(self, 1, "d_internal")
+        _fraction(self, "reinit_prob")
 
 
 @dataclass
@@ -84,6 +120,10 @@ class LossConfig:
     hidden_mse: float = 0.0
     adversarial: float = 0.0
 
+    def __post_init__(self):
+        _at_least(self, 0, "task", "distill", "sparsity", "merge_sparsity", "hidden_mse", "adversarial")
+        _positive(self, "distill_temperature")
+
 
 @dataclass
 class ScheduleConfig:
@@ -96,6 +136,11 @@ class ScheduleConfig:
     tau_floor: float = 0.1
     sparsity_warmup: float = 0.1  # fraction of training with sparsity weight 0
     target_curriculum: float = 0.5  # fraction of training over which the target goes 1.0 -> target
+
+    def __post_init__(self):
+        _positive(self, "tau_start", "tau_end")
+        _at_least(self, 0, "tau_floor")
+        _fraction(self, "anneal_fraction", "sparsity_warmup", "target_curriculum")
 
 
 @dataclass
@@ -111,6 +156,12 @@ class OptimConfig:
     grad_clip: float = 1.0
     lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: each group's rate down to lr_floor x it
     lr_floor: float = 0.1
+
+    def __post_init__(self):
+        _at_least(self, 1, "steps", "batch_size")
+        _at_least(self, 0, "lr_token_merger", "lr_layer_pruners", "lr_discriminator", "weight_decay")
+        _positive(self, "grad_clip")
+        _fraction(self, "lr_floor")
 
 
 @dataclass
@@ -130,6 +181,9 @@ class ValidationConfig:
     every: int = 100
     samples: int = 200
 
+    def __post_init__(self):
+        _at_least(self, 1, "every", "samples")
+
 
 @dataclass
 class RunConfig:
@@ -140,6 +194,11 @@ class RunConfig:
     # The frozen backbone's dtype ("auto": as saved, e.g. float16 for llava-hf checkpoints).
     # The trainable parts keep float32 weights whatever it is.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    def __post_init__(self):
+        _at_least(self, 1, "checkpoint_every", "threads")
+        _at_least(self, 0, "seed")
+        check_device_name(self.device)
 
 
 @dataclass
