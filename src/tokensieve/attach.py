@@ -113,6 +113,12 @@ def make_stages(method: str | dict | Method | Sequence, budget: Budget | int | f
     if isinstance(method, (list, tuple)):
         if budget is not None or site is not None:
             raise TokensieveError("give budgets and sites inside the (method, site, budget) list")
+        if not method:
+            raise TokensieveError("the list of (method, site, budget) stages is empty: nothing to attach")
+        for i, stage in enumerate(method):
+            if not (isinstance(stage, (list, tuple)) and len(stage) == 3):
+                raise TokensieveError(f"stage {i} is {stage!r}; each stage is a (method, site, budget) triple, "
+                                      "e.g. ('fastv', 'llm.2', 0.25)")
         return [make_stages(m, b, s)[0] for m, s, b in method]
     if budget is None:
         raise TokensieveError("a budget is needed: a token count (64) or a ratio (0.25)")

@@ -14,6 +14,8 @@ LLM: the placeholder run of each row is shrunk to the tokens kept and rows are r
 from __future__ import annotations
 
 import contextlib
+import pickle
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,9 @@ from safetensors import SafetensorError
 from torch import nn
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
+from tokensieve.devices import require_device
 from tokensieve.errors import TokensieveError
+from tokensieve.held_warnings import warnings_held_until_success
 from tokensieve.ops import query_attention
 
 STAGES = ("vision", "projector", "llm")
@@ -83,7 +87,13 @@ def default_model_path() -> Path:
     return Path(__file__).resolve().parent.parent / "assets" / "testbed"
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _check_is_llava(name_or_path: str) -> None:
+    from huggingface_hub.errors import HFValidationError
     from transformers import AutoConfig
 
     path = Path(name_or_path)
@@ -92,12 +102,35 @@ def _check_is_llava(name_or_path: str) -> None:
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TokensieveError(f"cannot load model {name_or_path!r}: {first}") from None
+        if HFValidationError in (type(err), type(err.__cause__)):  # a name no repo id can have: /abs/path, a/b/c
+            raise TokensieveError(f"cannot load model {name_or_path!r}: there is no such folder") from None
+        local = "" if path.exists() else "no such folder, and as a hub id: "
+        raise TokensieveError(f"cannot load model {name_or_path!r}: {local}{_first_line(err)}") from None
     if config.model_type != "llava":
         raise TokensieveError(
             f"{name_or_path} is a {config.model_type!r} model; the LLaVA backbone needs model_type "
             "'llava' (LlavaForConditionalGeneration)")
+
+
+def _load_weights(name: str, dtype: torch.dtype | None) -> tuple[LlavaForConditionalGeneration, dict]:
+    """The model and transformers' loading info; a load that fails is one line, with neither
+    transformers' load report nor torch's warnings."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the load report: its findings are checked by the caller
+    try:
+        with warnings_held_until_success():
+            loaded = LlavaForConditionalGeneration.from_pretrained(name, dtype=dtype, output_loading_info=True)
+    except (pickle.UnpicklingError, EOFError):
+        raise TokensieveError(f"cannot load the weights of {name!r}: its .bin weights are not a plain file of "
+                              "tensors (empty, corrupt, or holding pickled objects, which "
+                              "torch.load(weights_only=True) refuses to run)") from None
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        raise TokensieveError(f"cannot load the weights of {name!r}: {_first_line(err)}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return loaded
 
 
 class LlavaBackbone:
@@ -113,16 +146,25 @@ class LlavaBackbone:
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path | None = None, dtype: torch.dtype | None = None,
                         device: str | torch.device = "cpu") -> LlavaBackbone:
-        """Load a hub id or a local folder (default: the shipped testbed)."""
+        """Load a hub id or a local folder (default: the shipped testbed).
+
+        Weights are read as safetensors, or ``.bin`` files by ``torch.load(weights_only=True)``
+        (transformers' own choice), so a checkpoint cannot run code; one that lacks any of the
+        model's weights is refused rather than completed with random ones.
+        """
         from transformers import AutoProcessor
 
+        require_device(device)
         name = str(name_or_path or default_model_path())
         _check_is_llava(name)
-        try:
-            model = LlavaForConditionalGeneration.from_pretrained(name, dtype=dtype)
-        except (OSError, ValueError, RuntimeError, SafetensorError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise TokensieveError(f"cannot load the weights of {name!r}: {first}") from None
+        model, loaded = _load_weights(name, dtype)
+        missing = sorted(loaded["missing_keys"])
+        if missing:
+            raise TokensieveError(f"cannot load the weights of {name!r}: {len(missing)} of the model's weights are "
+                                  f"not in its checkpoint, e.g. {missing[0]}")
+        if loaded["unexpected_keys"]:
+            warnings.warn(f"{name}: {len(loaded['unexpected_keys'])} tensors of its checkpoint are not used by "
+                          f"the model, e.g. {min(loaded['unexpected_keys'])}", stacklevel=2)
         try:
             # PIL: the image processing LLaVA and the testbed were trained with, and the same with
             # or without torchvision installed (transformers would otherwise switch backends).
@@ -295,7 +337,7 @@ class LlavaBackbone:
         """Encode images and assemble the LLM input.
 
         keep: optional indices into the N visual tokens per row (``(B, M)`` or one ``(M_b,)``
-        per row): only these enter the LLM, in the order given.
+        per row), increasing: only these enter the LLM, in image order.
         answer_mask: optional ``(B, L)`` positions of a teacher-forced sequence that methods
         reading the question must not see (the answers and every token after the first one).
         """
@@ -303,7 +345,7 @@ class LlavaBackbone:
             session.begin_prompt(input_ids, attention_mask, answer_mask)
         features = self.encode_images(pixel_values)
         if keep is not None:
-            features = [f[k] for f, k in zip(features, keep)]
+            features = [f[k] for f, k in zip(features, _checked_keep(keep, *features.shape[:2]))]
         return self.assemble(input_ids, attention_mask, features)
 
     def forward(self, input_ids, attention_mask, pixel_values, keep=None, answer_mask=None, **kwargs):
@@ -337,6 +379,30 @@ class LlavaBackbone:
             yield captured
         finally:
             handle.remove()
+
+
+def _checked_keep(keep: torch.Tensor | Sequence, rows: int, n_tokens: int) -> list[torch.Tensor]:
+    """``keep`` as one ``(M_b,)`` index tensor per row, refused unless each row holds increasing
+    (sorted, distinct) integers in ``[0, n_tokens)``."""
+    if len(keep) != rows:
+        raise TokensieveError(f"keep has {len(keep)} rows for a batch of {rows}")
+    checked = []
+    for b, row in enumerate(keep):
+        row = torch.as_tensor(row)
+        if row.dim() != 1 or row.is_floating_point() or row.is_complex() or row.dtype == torch.bool:
+            raise TokensieveError(f"keep row {b}: expected a 1-D tensor of token indices, got a "
+                                  f"{tuple(row.shape)} {row.dtype} tensor")
+        outside = row[(row < 0) | (row >= n_tokens)]
+        if outside.numel():
+            raise TokensieveError(f"keep row {b}: index {int(outside[0])} is outside the {n_tokens} visual tokens "
+                                  f"(0 .. {n_tokens - 1})")
+        unordered = (row[1:] <= row[:-1]).nonzero()
+        if unordered.numel():
+            i = int(unordered[0])
+            raise TokensieveError(f"keep row {b}: indices must increase, each once (sorted, no repeats); "
+                                  f"{int(row[i + 1])} follows {int(row[i])}")
+        checked.append(row)
+    return checked
 
 
 @dataclass
