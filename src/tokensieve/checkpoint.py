@@ -75,8 +75,9 @@ def load_checkpoint(path: str | Path, hint: str = "") -> Any:
         raise TokensieveError(f"cannot resume from {path}: {type(err).__name__}: {reason}{then}") from None
 
 
-def remove_stale_temporaries(folder: str | Path) -> None:
-    """Delete the ``.NAME.*.tmp`` files a killed :func:`atomic_write` left in ``folder``. Call it
-    when a run folder is reopened, before anything writes there."""
-    for tmp in Path(folder).glob(".*.*.tmp"):
+def remove_stale_temporaries(folder: str | Path, name: str = "*") -> None:
+    """Delete the ``.NAME.*.tmp`` files a killed :func:`atomic_write` left in ``folder`` (only
+    those of file ``name``, if given). Call it when a run folder is reopened, before anything
+    writes there."""
+    for tmp in Path(folder).glob(f".{name}.*.tmp"):
         tmp.unlink(missing_ok=True)

@@ -8,6 +8,7 @@ from tqdm import tqdm
 
 from tokensieve.attach import Handle, attach
 from tokensieve.backbones import LlavaBackbone
+from tokensieve.backbones.llava_pruning import PADDING
 from tokensieve.data.vqa_files import VQAItem
 from tokensieve.errors import TokensieveError
 from tokensieve.evaluate.eval_data import EvalData
@@ -16,6 +17,7 @@ from tokensieve.evaluate.intervals import accuracy_interval
 from tokensieve.evaluate.latency import kv_cache_bytes, measure_latency
 from tokensieve.evaluate.paired import paired_difference
 from tokensieve.evaluate.sample_log import SampleLog
+from tokensieve.interrupt import Interrupted
 from tokensieve.evaluate.scoring import accuracy_summary, score
 from tokensieve.method import Budget
 from tokensieve.train.distributed import Distributed
@@ -73,8 +75,9 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str],
     oracle: add the object oracle at each budget (``object_oracle``: tokens on objects only,
     one per object before a second; fewer than the budget when the objects cover fewer);
     synthetic data only.
-    log: per-item results are appended there batch by batch, and items it already holds are
-    not scored again (an interrupted evaluation resumes).
+    log: per-item results (with the tokens each stage kept) are appended there batch by batch,
+    and items it already holds are not scored again; every figure comes from all its items, so
+    an interrupted evaluation resumes to the report an uninterrupted one gives.
     timing_samples: how many items (one at a time) give every row's measured ``ttft_ms``,
     ``decode_ms_per_token`` (medians, with ``[q1, q3]`` in ``*_iqr``) and ``peak_memory_mb``
     (CUDA only); 0 leaves them None.
@@ -115,9 +118,8 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str],
         stage = handle.stages[0]
         run = f"{name}@{stage.site}:{keep}"
         try:
-            result = scored(run)
-            if str(stage) not in handle.kept_totals:  # every item came from the log: one pass for the counts
-                predict(backbone, items[:1])
+            result = scored(run, handle=handle)
+            _total_from_items(handle, scored.item_kept[run])
             counts = {str(st): _mean_count(handle, st) for st in handle.stages}  # before the examples' pass
             cost = cost_fields(backbone, text_tokens, handle)
             kept = _kept_tokens(backbone, handle, examples)
@@ -140,6 +142,25 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str],
     _add_paired(rows, item_scores)
     _add_paired_at_cost(rows, item_scores)
     return rows
+
+
+def _kept_per_row(handle: Handle, rows: int) -> list[dict[str, int]]:
+    """Per row of the latest forward pass, the visual tokens each stage kept ``{str(stage): n}``."""
+    if rows == 0:  # this process had no share of the batch: no forward pass
+        return []
+    per_stage = {}
+    for stage in map(str, handle.stages):
+        kept = handle.last_kept[stage]  # (rows, keep) patch indices, PADDING where a row kept fewer
+        assert kept.shape[0] == rows, f"{stage} kept tokens for {kept.shape[0]} rows, not {rows}"
+        per_stage[stage] = (kept != PADDING).sum(1).tolist()
+    return [{stage: counts[r] for stage, counts in per_stage.items()} for r in range(rows)]
+
+
+def _total_from_items(handle: Handle, per_item: list[dict[str, int]]) -> None:
+    """Make ``handle.kept_totals`` the tokens each stage kept summed over every item of the run,
+    also those an earlier, interrupted process scored (read back from the log): token counts,
+    FLOPs and KV-cache bytes then describe all items, as in an uninterrupted run."""
+    handle.kept_totals = {str(st): (len(per_item), sum(kept[str(st)] for kept in per_item)) for st in handle.stages}
 
 
 def _mean_count(handle: Handle, stage) -> int | float:
@@ -185,7 +206,8 @@ def _add_paired_at_cost(rows: list[dict], item_scores: list[list[float]]) -> Non
 class _Scorer:
     """Scores every item of ``data`` under a run name, through the log when there is one:
     items it holds are read back, the rest answered and appended batch by batch (an
-    interruption loses at most one batch)."""
+    interruption loses at most one batch). With a handle, the tokens each stage kept for each
+    item are logged and read back too (``item_kept``)."""
 
     def __init__(self, backbone: LlavaBackbone, data: EvalData, log: SampleLog | None, batch_size: int,
                  progress: bool, dist: Distributed):
@@ -193,27 +215,44 @@ class _Scorer:
         self.dist = dist
         self.item_scores: dict[str, list[float]] = {}  # run name -> score per item, in data order
         self.item_predictions: dict[str, dict[str, str]] = {}  # run name -> prediction per question id
+        self.item_kept: dict[str, list[dict[str, int]]] = {}  # run name -> tokens kept per stage, per item
 
-    def __call__(self, run: str, keep=None) -> dict:
+    def __call__(self, run: str, keep=None, handle: Handle | None = None) -> dict:
         items = self.data.items
         done = self.log.done(run) if self.log is not None else {}
+        if handle is not None:  # a line written before counts were logged is scored again
+            done = {qid: record for qid, record in done.items() if "kept" in record}
         todo = [item for item in items if item.question_id not in done]
         scores = {}
         predictions = {qid: record["prediction"] for qid, record in done.items()}
+        kept = {qid: record.get("kept") for qid, record in done.items()}
         step = self.batch_size * self.dist.world_size  # every process answers batch_size items a step
-        for i in tqdm(range(0, len(todo), step), desc=run, unit="batch", leave=False,
-                      disable=not self.progress or not todo or not self.dist.is_main):
-            chunk = todo[i: i + step]
-            mine = self.dist.shard(chunk)
-            answers = predict(self.backbone, mine, keep, self.batch_size, max_new_tokens=self.data.max_new_tokens)
-            by_id = dict(self.dist.gather([(item.question_id, p) for item, p in zip(mine, answers)]))
-            answers = [by_id[item.question_id] for item in chunk]
-            chunk_scores = [score(p, item.answers) for item, p in zip(chunk, answers)]
-            if self.log is not None:
-                self.log.append(run, chunk, answers, chunk_scores, write=self.dist.is_main)
-            scores.update(zip((item.question_id for item in chunk), chunk_scores))
-            predictions.update(zip((item.question_id for item in chunk), answers))
+        try:
+            for i in tqdm(range(0, len(todo), step), desc=run, unit="batch", leave=False,
+                          disable=not self.progress or not todo or not self.dist.is_main):
+                chunk = todo[i: i + step]
+                mine = self.dist.shard(chunk)
+                answers = predict(self.backbone, mine, keep, self.batch_size, max_new_tokens=self.data.max_new_tokens)
+                counts = _kept_per_row(handle, len(mine)) if handle is not None else [None] * len(mine)
+                by_id = dict(self.dist.gather([(item.question_id, (p, c))
+                                               for item, p, c in zip(mine, answers, counts)]))
+                answers = [by_id[item.question_id][0] for item in chunk]
+                counts = [by_id[item.question_id][1] for item in chunk]
+                chunk_scores = [score(p, item.answers) for item, p in zip(chunk, answers)]
+                if self.log is not None:
+                    self.log.append(run, chunk, answers, chunk_scores, kept=counts if handle is not None else None,
+                                    write=self.dist.is_main)
+                ids = [item.question_id for item in chunk]
+                scores.update(zip(ids, chunk_scores))
+                predictions.update(zip(ids, answers))
+                kept.update(zip(ids, counts))
+        except KeyboardInterrupt:
+            if self.log is None:
+                raise
+            raise Interrupted(f"interrupted while scoring {run}; the items scored so far are kept in {self.log.path}",
+                              "rerun the same command to continue") from None
         scores.update((qid, record["score"]) for qid, record in done.items())
+        self.item_kept[run] = [kept[item.question_id] for item in items]
         self.item_scores[run] = [scores[item.question_id] for item in items]
         self.item_predictions[run] = predictions
         return {**accuracy_summary([item.family for item in items], self.item_scores[run]),
