@@ -11,22 +11,11 @@ from importlib import resources
 from pathlib import Path
 
 from tokensieve import __version__
+from tokensieve.cli_args import OneLineParser, non_negative_int, out_folder, positive_int
 from tokensieve.errors import TokensieveError
 
-
-def _int_at_least(minimum: int, wording: str):
-    """An argparse type: an integer of at least ``minimum`` (``wording`` names it in the error)."""
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be {wording}, got {text}")
-        return value
-    parse.__name__ = "integer"  # argparse's word for text that is no number at all
-    return parse
-
-
-_positive_int = _int_at_least(1, "a positive integer")
-_non_negative_int = _int_at_least(0, "0 or a positive integer")
+DESCRIPTION = ("Prune and merge visual tokens in LLaVA-style models and CLIP image towers, and measure "
+               "accuracy and speed. Bad input ends in one line naming the problem, and exit status 2.")
 
 
 def _testbed_train(args: argparse.Namespace) -> None:
@@ -101,8 +90,14 @@ def _csv(text: str) -> list[str]:
 
 def _demo(args: argparse.Namespace) -> None:
     from tokensieve.demo import run_demo
+    from tokensieve.method import Budget
 
-    out = run_demo(args.out, args.set, samples=args.samples, budgets=tuple(_csv(args.keep)))
+    budgets = tuple(_csv(args.keep))
+    if not budgets:
+        raise TokensieveError("--keep needs budgets: ratios (0.33) or counts (64)")
+    for keep in budgets:  # before training, which a bad budget would otherwise end after
+        Budget.parse(keep)
+    out = run_demo(args.out, args.set, samples=args.samples, budgets=budgets)
     print(f"demo report: {out / 'report' / 'report.md'} (plots beside it; the trained pruner in {out / 'pruner'})")
 
 
@@ -211,12 +206,10 @@ def _eval(args: argparse.Namespace) -> None:
 
 def _bench_shape(args: argparse.Namespace):
     """The benchmark's model shape, once ``args.device`` is known to be able to hold it."""
-    import torch
-
+    from tokensieve.devices import require_device
     from tokensieve.evaluate.speed import BenchShape
 
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise TokensieveError(f"--device {args.device}: no CUDA device is available here")
+    require_device(args.device, "--device")
     if args.shape == "llava-7b" and not args.device.startswith("cuda"):
         # 7 B parameters: 28 GB in float32, more than a workstation's memory, and hours per case.
         raise TokensieveError("--shape llava-7b is a 7B model: run it on a GPU (--device cuda --dtype bfloat16), "
@@ -284,27 +277,27 @@ def _bench_train(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tokensieve", description=__doc__)
+    parser = OneLineParser(prog="tokensieve", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
 
     testbed = sub.add_parser("testbed", help="the embedded LLaVA-architecture testbed").add_subparsers(
         dest="testbed_command", required=True)
     train = testbed.add_parser("train", help="train the testbed on the synthetic set (resumable)")
-    train.add_argument("--out", required=True, type=Path, help="folder for the checkpoint")
-    train.add_argument("--tower-steps", type=_positive_int, help="stage-1 (vision tower) steps")
-    train.add_argument("--llm-steps", type=_positive_int, help="stage-2 (projector + LLM) steps")
-    train.add_argument("--llm-layers", type=_positive_int, help="decoder layers of the LLM (default 8)")
-    train.add_argument("--mention-layer", type=_positive_int,
+    train.add_argument("--out", required=True, type=out_folder, help="folder for the checkpoint")
+    train.add_argument("--tower-steps", type=positive_int, help="stage-1 (vision tower) steps")
+    train.add_argument("--llm-steps", type=positive_int, help="stage-2 (projector + LLM) steps")
+    train.add_argument("--llm-layers", type=positive_int, help="decoder layers of the LLM (default 8)")
+    train.add_argument("--mention-layer", type=positive_int,
                        help="LLM hidden state the question's mention words are looked up at (default 4)")
-    train.add_argument("--relation-layer", type=_positive_int,
+    train.add_argument("--relation-layer", type=positive_int,
                        help="LLM hidden state the spatial relation is looked up at (default 5)")
     train.add_argument("--no-resume", action="store_true", help="start over even if a saved state exists")
     train.set_defaults(func=_testbed_train)
 
     ev = testbed.add_parser("eval", help="accuracy and the controls that make the testbed trustworthy")
     ev.add_argument("--model", default=None, help="LLaVA checkpoint folder or hub id (default: shipped testbed)")
-    ev.add_argument("--samples", type=_positive_int, default=1000, help="held-out samples")
-    ev.add_argument("--batch-size", type=_positive_int, default=64)
+    ev.add_argument("--samples", type=positive_int, default=1000, help="held-out samples")
+    ev.add_argument("--batch-size", type=positive_int, default=64, help="samples per forward pass (default 64)")
     ev.add_argument("--json", action="store_true", help="print the report as JSON")
     ev.set_defaults(func=_testbed_eval)
 
@@ -320,16 +313,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--head-share", type=float, default=None, metavar="R",
                     help="with --pruner: the share of the tokens entering the LLM its last head keeps (default: "
                          "the run's pruner.target_ratio, the share it was trained for)")
-    ev.add_argument("--timing-samples", type=int, default=8,
+    ev.add_argument("--timing-samples", type=non_negative_int, default=8,
                     help="samples timed one at a time for TTFT and decode latency per row (0: no timing)")
     ev.add_argument("--oracle", action="store_true",
                     help="add the object oracle at each budget (synthetic set: tokens on objects only)")
     ev.add_argument("--site", default=None, help="where to reduce (default: each method's own site)")
     ev.add_argument("--mode", default="hard", choices=["hard", "soft", "origin"],
                     help="hard removes tokens, soft masks them as attention keys, origin runs the unpruned model only")
-    ev.add_argument("--samples", type=_positive_int, default=None,
+    ev.add_argument("--samples", type=positive_int, default=None,
                     help="items scored (default: 500 synthetic held-out samples, or every item of a real set)")
-    ev.add_argument("--skip", type=_non_negative_int, default=0,
+    ev.add_argument("--skip", type=non_negative_int, default=0,
                     help="items passed over before the scored ones: --skip 500 scores held-out items 500.. "
                          "(a set apart from the default 500, e.g. to choose settings on)")
     ev.add_argument("--questions", type=Path, default=None,
@@ -341,23 +334,24 @@ def build_parser() -> argparse.ArgumentParser:
                     help="real VQA set: a Hugging Face dataset saved to disk, or parquet (with --spec)")
     ev.add_argument("--spec", type=Path, default=None,
                     help="YAML mapping image/question/answers[/question_id/family/split] to the dataset's columns")
-    ev.add_argument("--max-new-tokens", type=_positive_int, default=None,
+    ev.add_argument("--max-new-tokens", type=positive_int, default=None,
                     help="answer length: 1 scores the first token (synthetic default), more generates (real: 16)")
-    ev.add_argument("--batch-size", type=_positive_int, default=64)
+    ev.add_argument("--batch-size", type=positive_int, default=64, help="samples per forward pass (default 64)")
     ev.add_argument("--json", action="store_true", help="print the rows as JSON")
-    ev.add_argument("--kept-examples", type=int, default=3,
+    ev.add_argument("--kept-examples", type=non_negative_int, default=3,
                     help="with --out: samples pictured with the tokens every row kept (0: no pictures)")
-    ev.add_argument("--out", type=Path, default=None,
+    ev.add_argument("--out", type=out_folder, default=None,
                     help="folder for report.json, report.md, plots (accuracy vs tokens, tokens per layer, kept "
                          "tokens) and samples.jsonl (one line per scored item; rerun the same command to resume)")
     ev.set_defaults(func=_eval)
 
     demo = sub.add_parser("demo", help="train the two-stage pruner on the testbed, compare it with every method "
                                        "at 33/22/11%% in hard mode, write the report (about 4 minutes)")
-    demo.add_argument("--out", type=Path, default=None, help="folder (default: a new tokensieve-demo-<date> folder)")
+    demo.add_argument("--out", type=out_folder, default=None,
+                      help="folder (default: a new tokensieve-demo-<date> folder)")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a key of the packaged two_stage_testbed.yaml (repeatable)")
-    demo.add_argument("--samples", type=_positive_int, default=500, help="held-out samples")
+    demo.add_argument("--samples", type=positive_int, default=500, help="held-out samples")
     demo.add_argument("--keep", default="0.33,0.22,0.11", help="budgets (default: LLaVA's 192/128/64 of 576)")
     demo.set_defaults(func=_demo)
 
@@ -365,17 +359,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", type=Path, help="YAML config (e.g. configs/two_stage_testbed.yaml)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set optim.steps=200 (repeatable)")
-    train.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<config name>)")
+    train.add_argument("--out", type=out_folder, default=None, help="run folder (default: runs/<config name>)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.set_defaults(func=_train)
 
     search = sub.add_parser("search", help="Optuna search over the two-stage pruner's config (see docs/search.md)")
     search.add_argument("config", type=Path, help="search file: training config, space, objective, study")
-    search.add_argument("--trials", type=_positive_int, required=True,
+    search.add_argument("--trials", type=positive_int, required=True,
                         help="run trials until the study holds this many finished (complete or pruned) ones")
     search.add_argument("--storage", default=None, help="Optuna RDB URL shared by all workers "
                         "(default: sqlite:///OUT/study.db)")
-    search.add_argument("--out", type=Path, default=None, help="folder for trial runs and best_config.yaml "
+    search.add_argument("--out", type=out_folder, default=None, help="folder for trial runs and best_config.yaml "
                         "(default: runs/<search file name>)")
     search.set_defaults(func=_search)
 
@@ -388,12 +382,13 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--keep", default="0.33,0.22,0.11", help="keep ratios")
     speed.add_argument("--shape", default="cpu", choices=["cpu", "llava-7b"],
                        help="cpu: 8 layers x 512 (default); llava-7b: LLaVA-1.5-7B's shape (needs a big machine)")
-    speed.add_argument("--repeats", type=_positive_int, default=7, help="timed runs per case (median)")
-    speed.add_argument("--batch", type=_positive_int, default=1, help="prompts per prefill")
-    speed.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
+    speed.add_argument("--repeats", type=positive_int, default=7, help="timed runs per case (median)")
+    speed.add_argument("--batch", type=positive_int, default=1, help="prompts per prefill")
+    speed.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     speed.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-    speed.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    speed.add_argument("--json", action="store_true")
+    speed.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                       help="the model's dtype (default float32)")
+    speed.add_argument("--json", action="store_true", help="print the rows as JSON")
     speed.set_defaults(func=_bench_speed)
 
     train_bench = bench.add_parser("train", help="two-stage training step time and memory on a random model of a "
@@ -404,16 +399,16 @@ def build_parser() -> argparse.ArgumentParser:
                              help="override a config key (repeatable)")
     train_bench.add_argument("--shape", default="llava-7b", choices=["cpu", "llava-7b"],
                              help="llava-7b: LLaVA-1.5-7B's shape (default); cpu: 8 layers x 512")
-    train_bench.add_argument("--steps", type=_positive_int, default=10, help="timed steps (median)")
+    train_bench.add_argument("--steps", type=positive_int, default=10, help="timed steps (median)")
     train_bench.add_argument("--device", default="cuda", help="cuda[:i], or cpu with --shape cpu")
     train_bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                              help="the frozen backbone's dtype")
-    train_bench.add_argument("--json", action="store_true")
+    train_bench.add_argument("--json", action="store_true", help="print the result as JSON")
     train_bench.set_defaults(func=_bench_train)
 
     ask = sub.add_parser("ask", help="answer a question about an image, unpruned and with a method")
     ask.add_argument("--image", type=Path, default=None, help="an image file (or --scene)")
-    ask.add_argument("--scene", type=_non_negative_int, default=None, metavar="N",
+    ask.add_argument("--scene", type=non_negative_int, default=None, metavar="N",
                      help="held-out synthetic scene N instead of a file, with its own question and gold answer")
     ask.add_argument("--save-scene", type=Path, default=None, metavar="PNG", help="write the --scene image here")
     ask.add_argument("--question", default=None, help="the question (default with --scene: the scene's own)")
@@ -424,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--show-kept", type=Path, default=None, metavar="PNG",
                      help="with --method: draw the tokens each stage kept on the image the model saw")
     ask.add_argument("--model", default=None, help="LLaVA checkpoint folder or hub id (default: shipped testbed)")
-    ask.add_argument("--max-new-tokens", type=_positive_int, default=None,
+    ask.add_argument("--max-new-tokens", type=positive_int, default=None,
                      help="answer length (default: 1 for a testbed checkpoint, whose answers are one word; "
                           "else up to 32, stopping at the end token)")
     ask.set_defaults(func=_ask)

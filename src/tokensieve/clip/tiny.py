@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tokensieve.checkpoint import atomic_write, atomic_write_text
@@ -100,10 +101,15 @@ def load_tiny(weights: Path | None = None, device: str | torch.device = "cpu"):
     oc = register_config(weights.parent)
     with _no_random_init_warning():
         model, _, preprocess = oc.create_model_and_transforms(TINY_NAME, pretrained=None)
-    state = load_file(str(weights))
-    ids, rows = state.pop("token_embedding.ids"), state.pop("token_embedding.rows")
-    table = torch.zeros_like(model.token_embedding.weight)
-    table[ids] = rows.float()
-    state[_EMBEDDING] = table
-    model.load_state_dict({k: v.float() for k, v in state.items()})
+    try:
+        state = load_file(str(weights))
+        ids, rows = state.pop("token_embedding.ids"), state.pop("token_embedding.rows")
+        table = torch.zeros_like(model.token_embedding.weight)
+        table[ids] = rows.float()
+        state[_EMBEDDING] = table
+        model.load_state_dict({k: v.float() for k, v in state.items()})
+    except (SafetensorError, OSError, KeyError, IndexError, RuntimeError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise TokensieveError(f"{weights} is not a tiny CLIP checkpoint ({first[:200]}); make one with "
+                              "`tokensieve clip-benchmark train-tiny --out DIR`") from None
     return model.to(device).eval(), preprocess, oc.get_tokenizer(TINY_NAME)

@@ -21,8 +21,10 @@ Everything is put back on exit; hooks are removed by the handles' ``detach()``.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
+import pickle
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -32,6 +34,7 @@ import torch
 
 from tokensieve.attach import Handle, attach
 from tokensieve.errors import TokensieveError
+from tokensieve.held_warnings import warnings_held_until_success
 
 CLIP_BENCHMARK_VERSION = "1.6.2"
 DEFAULT_METHOD = "anchor"
@@ -185,12 +188,31 @@ class EvalRun:
 
 
 def load_model(load_func, model_type: str, model_name: str, pretrained: str, cache_dir, device):
-    """clip_benchmark's loader contract ``-> (model, transform, tokenizer)``; the tiny CLIP by name."""
+    """clip_benchmark's loader contract ``-> (model, transform, tokenizer)``; the tiny CLIP by name.
+
+    A model that cannot be loaded is one line naming it (open_clip reads checkpoint files with
+    safetensors or ``torch.load(weights_only=True)``).
+    """
+    from safetensors import SafetensorError
+
+    from tokensieve.clip.compat import import_open_clip
     from tokensieve.clip.tiny import TINY_NAME, load_tiny
 
     if model_type == "open_clip" and model_name == TINY_NAME:
         return load_tiny(None if pretrained in ("", "tokensieve") else Path(pretrained), device)
-    return load_func(model_name=model_name, pretrained=pretrained, cache_dir=cache_dir, device=device)
+    if model_type == "open_clip" and ":" not in model_name and model_name not in import_open_clip().list_models():
+        raise TokensieveError(f"--model {model_name!r} is no open_clip model (open_clip.list_models() names them; "
+                              f"{TINY_NAME} is the shipped tiny one)")
+    try:
+        with warnings_held_until_success():
+            return load_func(model_name=model_name, pretrained=pretrained, cache_dir=cache_dir, device=device)
+    except (pickle.UnpicklingError, EOFError, KeyError):  # what torch's weights-only unpickler raises
+        raise TokensieveError(f"cannot load --model {model_name} --pretrained {pretrained}: not a plain file of "
+                              "tensors (empty, corrupt, or holding pickled objects, which "
+                              "torch.load(weights_only=True) refuses to run)") from None
+    except (OSError, RuntimeError, ValueError, SafetensorError) as err:
+        text = " ".join(str(err).split()) or type(err).__name__  # open_clip's messages span lines
+        raise TokensieveError(f"cannot load --model {model_name} --pretrained {pretrained}: {text[:300]}") from None
 
 
 def output_path(args) -> Path:
@@ -204,6 +226,18 @@ def output_path(args) -> Path:
         model=args.model, pretrained=os.path.basename(args.pretrained) if is_file else args.pretrained,
         pretrained_full_path=args.pretrained.replace("/", "_") if is_file else args.pretrained,
         task=task, dataset=name.replace("/", "_"), language=args.language))
+
+
+def check_dataset_root(args) -> None:
+    """Refuse a local ``wds/`` dataset whose folder lacks the split's ``nshards.txt`` before the
+    model is loaded (clip_benchmark would fail after loading it, with a traceback)."""
+    if not args.dataset.startswith("wds/"):
+        return
+    name = args.dataset.replace("wds/", "", 1)
+    root = args.dataset_root.format(dataset=name, dataset_cleaned=name.replace("/", "-"))
+    if "://" not in root and not (Path(root) / args.split / "nshards.txt").is_file():
+        raise TokensieveError(f"--dataset {args.dataset}: no webdataset at {root} (it needs {args.split}/nshards.txt);"
+                              " check --dataset_root")
 
 
 def write_json(path: Path, obj: dict) -> None:
@@ -258,7 +292,12 @@ class ClipBenchmarkSession:
         def run(args):
             self.runs.append(EvalRun(args))
             self._cap_workers(args)
-            output_path(args).parent.mkdir(parents=True, exist_ok=True)  # clip_benchmark does not create it
+            check_dataset_root(args)
+            try:
+                output_path(args).parent.mkdir(parents=True, exist_ok=True)  # clip_benchmark does not create it
+            except OSError as err:
+                raise TokensieveError(f"--output {output_path(args)}: cannot make the folder it goes in "
+                                      f"({err.strerror}: {err.filename})") from None
             try:
                 result = original(args)
             except BaseException:
@@ -363,10 +402,16 @@ def run_clip_benchmark(clip_benchmark_args: list[str], settings: PruningSettings
     from clip_benchmark import cli
 
     session = ClipBenchmarkSession(settings, keep_models)
-    argv = sys.argv
+    argv, usage = sys.argv, io.StringIO()
     sys.argv = ["clip_benchmark", "eval", *clip_benchmark_args]  # clip_benchmark's parser reads sys.argv
     try:
-        _parser, base = cli.get_parser_args()
+        with contextlib.redirect_stderr(usage):
+            _parser, base = cli.get_parser_args()
+    except SystemExit as exit_:
+        if exit_.code:  # a usage error: its last line says what (the usage above it, many lines, is left out)
+            last = usage.getvalue().strip().splitlines()[-1]
+            raise TokensieveError(f"clip_benchmark eval: {last.split('error: ', 1)[-1]}") from None
+        raise
     finally:
         sys.argv = argv
     with session.patched():

@@ -11,6 +11,7 @@ import json
 import re
 from pathlib import Path
 
+from tokensieve.cli_args import OneLineParser, out_folder, positive_int
 from tokensieve.errors import TokensieveError
 from tokensieve.integrations.clip_benchmark import VIT_METHODS, PruningSettings, run_clip_benchmark, write_json
 
@@ -28,7 +29,7 @@ def _layers(text: str) -> list[int]:
 
 
 def pruning_parser(prog: str, compare: bool = False) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, add_help=False, allow_abbrev=False,
+    parser = OneLineParser(prog=prog, add_help=False, allow_abbrev=False,
                                      description="Every other argument is a clip_benchmark eval argument.")
     parser.add_argument("-h", "--help", action="store_true", help="this help, then clip_benchmark eval's")
     if not compare:
@@ -46,8 +47,8 @@ def pruning_parser(prog: str, compare: bool = False) -> argparse.ArgumentParser:
                         help="where (default: the result file's name + _attention.pt); may use clip_benchmark's "
                              "{dataset} {model} {pretrained} {language} {task} fields")
     if compare:
-        parser.add_argument("--latency_batch", type=int, default=16, help="images per timed encoder pass")
-        parser.add_argument("--latency_repeats", type=int, default=5, help="timed passes of each (median)")
+        parser.add_argument("--latency_batch", type=positive_int, default=16, help="images per timed encoder pass")
+        parser.add_argument("--latency_repeats", type=positive_int, default=5, help="timed passes of each (median)")
     return parser
 
 
@@ -158,6 +159,13 @@ def _train_tiny(args: argparse.Namespace) -> None:
     print(f"tiny CLIP written to {weights} (use: --model tokensieve-tiny-clip --pretrained {weights})")
 
 
+def _export_tiny(args: argparse.Namespace) -> None:
+    from tokensieve.clip.export import export_local_dir
+
+    out = export_local_dir(args.out, args.pretrained)
+    print(f"open_clip folder written to {out} (use: --model local-dir:{out}, with clip_benchmark or open_clip)")
+
+
 def _write_data(args: argparse.Namespace) -> None:
     from tokensieve.clip.wds import write_shape_datasets
 
@@ -202,30 +210,40 @@ def add_clip_benchmark_parser(sub) -> None:
                                           "prints a table")))
     for name, func, text in passthrough:
         p = clip.add_parser(name, help=text, prefix_chars="\0", add_help=False)
-        p.add_argument("args", nargs=argparse.REMAINDER)
+        p.add_argument("args", nargs=argparse.REMAINDER, help="pruning flags and clip_benchmark eval arguments")
         p.set_defaults(func=func)
 
     train = clip.add_parser("train-tiny", help="train the tiny open_clip model on synthetic shapes (resumable)")
-    train.add_argument("--out", required=True, type=Path, help="folder for the checkpoint")
-    train.add_argument("--steps", type=int, default=None, help="training steps (default 200)")
+    train.add_argument("--out", required=True, type=out_folder, help="folder for the checkpoint")
+    train.add_argument("--steps", type=positive_int, default=None, help="training steps (default 200)")
     train.add_argument("--no-resume", action="store_true", help="start over even if a saved state exists")
     train.set_defaults(func=_train_tiny)
 
+    export = clip.add_parser("export-tiny", help="the tiny CLIP as an open_clip local-dir: folder, loadable by the "
+                                                 "clip_benchmark console script and open_clip itself")
+    export.add_argument("--out", required=True, type=out_folder, help="folder to write")
+    export.add_argument("--pretrained", type=Path, default=None,
+                        help="a tiny CLIP checkpoint from train-tiny (default: the shipped one)")
+    export.set_defaults(func=_export_tiny)
+
     data = clip.add_parser("write-data", help="write the synthetic shape sets in clip_benchmark's wds layout")
-    data.add_argument("--out", required=True, type=Path)
-    data.add_argument("--classification-images", type=int, default=540)
-    data.add_argument("--retrieval-images", type=int, default=300)
+    data.add_argument("--out", required=True, type=out_folder, help="folder the two sets are written into")
+    data.add_argument("--classification-images", type=positive_int, default=540,
+                      help="images of the zero-shot classification set (default 540)")
+    data.add_argument("--retrieval-images", type=positive_int, default=300,
+                      help="image-caption pairs of the retrieval set (default 300)")
     data.set_defaults(func=_write_data)
 
     speed = clip.add_parser("speed", help="measured image-encoder speedup vs the linear-FLOPs ideal on a random "
                                           "ViT-B-shaped tower")
-    speed.add_argument("--shape", default="vit-b-16", choices=["vit-b-16", "vit-b-32"])
+    speed.add_argument("--shape", default="vit-b-16", choices=["vit-b-16", "vit-b-32"],
+                       help="the random tower's shape: ViT-B/16 (196 patches, default) or ViT-B/32 (49)")
     speed.add_argument("--methods", default="anchor", help="comma-separated methods")
-    speed.add_argument("--k_anchors", type=int, default=10)
-    speed.add_argument("--top_m", type=int, default=50)
+    speed.add_argument("--k_anchors", type=int, default=10, help="anchors chosen by CLS attention (default 10)")
+    speed.add_argument("--top_m", type=int, default=50, help="tokens kept besides CLS and anchors (default 50)")
     speed.add_argument("--prune_layers", type=_layers, default=None, help="blocks to prune before (default 1)")
-    speed.add_argument("--batch", type=int, default=8)
-    speed.add_argument("--repeats", type=int, default=5)
-    speed.add_argument("--threads", type=int, default=None)
-    speed.add_argument("--json", action="store_true")
+    speed.add_argument("--batch", type=positive_int, default=8, help="images per timed pass (default 8)")
+    speed.add_argument("--repeats", type=positive_int, default=5, help="timed passes per case (median, default 5)")
+    speed.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
+    speed.add_argument("--json", action="store_true", help="print the report as JSON")
     speed.set_defaults(func=_speed)
