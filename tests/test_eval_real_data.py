@@ -86,7 +86,7 @@ def test_a_hf_dataset_generates_answers_and_the_log_recomputes_the_summary(tmp_p
     assert all(len(r["prediction"].split()) > 1 for r in logs["16"])
 
 
-def test_kept_token_pictures_are_written_and_linked(llava_files, tmp_path, capsys):
+def test_kept_token_pictures_are_written_and_embedded(llava_files, tmp_path, capsys):
     questions, images, answers = llava_files
     out = tmp_path / "report"
     _eval(capsys, "--method", "random,fastv", "--keep", "0.22", "--questions", str(questions), "--images",
@@ -94,11 +94,12 @@ def test_kept_token_pictures_are_written_and_linked(llava_files, tmp_path, capsy
     markdown = (out / "report.md").read_text()
     for row in load_report(out)["rows"][1:]:
         kept = row["kept_tokens"]
-        assert kept["ids"] == ["q0", "q1"]
+        assert kept["ids"] == row["examples"]["ids"] == ["q0", "q1"]
         (stage, per_item), = kept["stages"].items()
         assert all(len(k) == row["visual_tokens_kept"] and k == sorted(set(k)) for k in per_item)
-        picture = out / "kept_tokens" / f"{row['method']}_keep0.22.png"
-        assert picture.stat().st_size > 5000 and f"(kept_tokens/{picture.name})" in markdown
+    for qid in ("q0", "q1"):  # one gallery per item: every method side by side, with its answer
+        picture = out / "kept_tokens" / f"item_{qid}.png"
+        assert picture.stat().st_size > 5000 and f"](kept_tokens/{picture.name})" in markdown
 
 
 def _fails(capsys, *args) -> str:

@@ -36,7 +36,7 @@ def test_unpaired_inputs_are_refused():
 def test_the_report_lists_each_paired_comparison(tmp_path):
     flops = {"vision": 1, "projector": 1, "llm": 1, "lm_head": 1, "total": 4}
     base = {"site": "projector", "visual_tokens_kept": 8, "per_family": {"count": 0.5}, "flops": flops,
-            "flops_ratio": 1.0, "tokens_per_llm_layer": [30, 30]}
+            "flops_ratio": 1.0, "tokens_per_llm_layer": [30, 30], "n": 40, "accuracy_ci95": [0.45, 0.95]}
     paired = {"against": "fastv@llm.2", "accuracy": 0.6, "difference": 0.25, "better": 30, "worse": 5,
               "p_value": 0.0001}
     rows = [{**base, "method": "none", "site": None, "keep": 1.0, "accuracy": 0.9},
@@ -69,7 +69,7 @@ def test_each_method_meets_the_costliest_two_stage_row_that_costs_no_more():
 def test_the_report_lists_each_method_against_the_two_stage_row_at_its_cost(tmp_path):
     flops = {"vision": 1, "projector": 1, "llm": 1, "lm_head": 1, "total": 4}
     base = {"site": "llm.2", "visual_tokens_kept": 8, "per_family": {"count": 0.5}, "flops": flops,
-            "tokens_per_llm_layer": [30, 30]}
+            "tokens_per_llm_layer": [30, 30], "n": 40, "accuracy_ci95": [0.45, 1.0]}
     at_cost = {"keep": "0.33", "flops_ratio": 0.45, "accuracy": 1.0, "difference": 0.034, "better": 17,
                "worse": 0, "p_value": 1.53e-05}
     rows = [{**base, "method": "none", "site": None, "keep": 1.0, "accuracy": 1.0, "flops_ratio": 1.0},

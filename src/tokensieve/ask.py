@@ -65,15 +65,15 @@ def answer(backbone: LlavaBackbone, batch: dict, max_new_tokens: int) -> str:
 
 
 def save_kept(backbone: LlavaBackbone, image: Image.Image, kept: dict, path: Path) -> None:
-    """The model's view of ``image``, then the same once per stage with dropped patches dimmed (PNG).
+    """The model's view of ``image``, then the same once per stage with dropped patches faded (PNG).
 
     kept: ``{stage: (1, keep)}`` patch indices, as :attr:`tokensieve.attach.Handle.last_kept`.
     """
     from tokensieve.data.vqa_files import VQAItem
-    from tokensieve.evaluate.kept_overlays import highlight, model_views
+    from tokensieve.evaluate.kept_overlays import example_views, fade_dropped
 
-    view = model_views(backbone, [VQAItem("ask", "", [], read_image=lambda: np.asarray(image))])["ask"]
-    panels = [view] + [highlight(view, indices[0].tolist(), backbone.patch_grid) for indices in kept.values()]
+    view = example_views(backbone, [VQAItem("ask", "", [], read_image=lambda: np.asarray(image))])[0].image
+    panels = [view] + [fade_dropped(view, [indices[0].tolist()], backbone.patch_grid) for indices in kept.values()]
     gap = np.full((view.shape[0], 4, 3), 255, dtype=np.uint8)
     strip = np.concatenate([part for panel in panels for part in (panel, gap)][:-1], axis=1)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -121,7 +121,7 @@ def _search(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from tokensieve.backbones import LlavaBackbone
     from tokensieve.evaluate.accuracy import compare_methods
-    from tokensieve.evaluate.report import write_report
+    from tokensieve.evaluate.report import timing_warning, write_report
     from tokensieve.method import Budget, create_method
 
     methods, keeps = _csv(args.method or ""), _csv(args.keep or "")
@@ -184,15 +184,17 @@ def _eval(args: argparse.Namespace) -> None:
                            kept_examples=args.kept_examples if args.out else 0, dist=dist)
     if not dist.is_main:
         return
+    if warning := timing_warning(rows):
+        print(f"tokensieve: warning: {warning}", file=sys.stderr)
     if args.out:
-        from tokensieve.evaluate.kept_overlays import model_views
+        from tokensieve.evaluate.kept_overlays import example_views
 
         meta = {"model": str(args.model or "shipped testbed"), "mode": args.mode, "data": data.name,
                 "items": len(data.items), "max_new_tokens": data.max_new_tokens,
                 "text_tokens_for_flops": rows[0]["tokens_per_llm_layer"][0] - backbone.n_visual_tokens,
                 "command": args.command_line, "tokensieve_version": __version__,
                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        paths = write_report(rows, meta, args.out, model_views(backbone, data.items[:args.kept_examples]),
+        paths = write_report(rows, meta, args.out, example_views(backbone, data.items[:args.kept_examples]),
                              backbone.patch_grid)
         print(f"report written to {paths['report.md']}", file=sys.stderr)
     if args.json:

@@ -7,6 +7,7 @@ report with its plots. About 4 minutes on 2 CPU cores.
 
 from __future__ import annotations
 
+import sys
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
@@ -16,8 +17,8 @@ from tokensieve.backbones import LlavaBackbone
 from tokensieve.config import load_config
 from tokensieve.evaluate.accuracy import compare_methods
 from tokensieve.evaluate.eval_data import synthetic_data
-from tokensieve.evaluate.kept_overlays import model_views
-from tokensieve.evaluate.report import write_report
+from tokensieve.evaluate.kept_overlays import example_views
+from tokensieve.evaluate.report import timing_warning, write_report
 from tokensieve.evaluate.sample_log import SampleLog
 from tokensieve.method import list_methods, method_class
 from tokensieve.train.parts import load_parts
@@ -63,5 +64,7 @@ def run_demo(out: str | Path | None = None, overrides: list[str] = (), samples: 
             "text_tokens_for_flops": rows[0]["tokens_per_llm_layer"][0] - backbone.n_visual_tokens,
             "pruner": str(run), "command": "tokensieve demo", "tokensieve_version": __version__,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    write_report(rows, meta, out / "report", model_views(backbone, data.items[:kept_examples]), backbone.patch_grid)
+    write_report(rows, meta, out / "report", example_views(backbone, data.items[:kept_examples]), backbone.patch_grid)
+    if warning := timing_warning(rows):
+        print(f"tokensieve: warning: {warning}", file=sys.stderr)
     return out

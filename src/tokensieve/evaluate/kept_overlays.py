@@ -1,79 +1,142 @@
-"""Pictures of what a method kept: each example image with its kept patches highlighted, per stage.
+"""The kept-token gallery: for each pictured item, what every method kept at every budget and
+what it answered, side by side on the same image.
 
 The image drawn is the model's own view (the processor's resized, cropped pixels, with its
 normalisation undone), so patch ``p`` of an ``n x n`` grid is exactly the square at row
-``p // n``, column ``p % n``. Dropped patches are dimmed; a merging method's kept tokens are the
-survivors that absorbed the others.
+``p // n``, column ``p % n``. A patch the method dropped is faded towards white (a patch an
+earlier stage kept and a later one dropped, half as much); a merging method's kept tokens are
+the survivors that absorbed the others.
 """
 
 from __future__ import annotations
 
 import re
+import textwrap
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
 
 from tokensieve.backbones import LlavaBackbone
+from tokensieve.evaluate.plots import BASELINE, by_method, method_label, save_png, subtitle
 
 FOLDER = "kept_tokens"
-DIM = 0.25  # brightness left to a dropped patch
+FADE = 0.75  # how far towards white a patch every stage dropped is drawn
+RIGHT, WRONG, PARTLY = "#009E73", "#D55E00", "#E69F00"  # Okabe-Ito green, vermillion, orange
+PREDICTION_CHARS = 22  # a longer answer is cut in the picture (samples.jsonl has it whole)
 
 
-def overlay_file(row: dict) -> str:
-    """``kept_tokens/<method>_keep<keep>.png``: where a row's picture goes, relative to the report."""
-    name = re.sub(r"[^A-Za-z0-9._]+", "-", f"{row['method']}_keep{row['keep']}")
-    return f"{FOLDER}/{name}.png"
+@dataclass(frozen=True)
+class Example:
+    """A pictured item. image: ``(S, S, 3)`` uint8, the item's image as the vision tower sees it."""
+
+    question_id: str
+    question: str
+    answers: list[str]
+    image: np.ndarray
 
 
-def model_views(backbone: LlavaBackbone, items: list) -> dict[str, np.ndarray]:
-    """``{question_id: (S, S, 3) uint8}``: each item's image as the vision tower sees it."""
+def gallery_file(question_id: str) -> str:
+    """``kept_tokens/item_<id>.png``: where an item's gallery goes, relative to the report."""
+    return f"{FOLDER}/item_{re.sub(r'[^A-Za-z0-9._]+', '-', str(question_id))}.png"
+
+
+def example_views(backbone: LlavaBackbone, items: list) -> list[Example]:
+    """Each item (``question_id``, ``question``, ``answers``, ``image``) with its model view."""
     processor = backbone.processor.image_processor
     mean, std = np.array(processor.image_mean)[:, None, None], np.array(processor.image_std)[:, None, None]
-    views = {}
+    examples = []
     for item in items:
         pixels = processor(images=[item.image], return_tensors="np")["pixel_values"][0]  # (3, S, S)
-        views[item.question_id] = np.clip((pixels * std + mean) * 255, 0, 255).round().astype(np.uint8).transpose(1, 2, 0)
-    return views
+        view = np.clip((pixels * std + mean) * 255, 0, 255).round().astype(np.uint8).transpose(1, 2, 0)
+        examples.append(Example(item.question_id, item.question, list(item.answers), view))
+    return examples
 
 
-def highlight(image: np.ndarray, kept: list[int], grid: int) -> np.ndarray:
-    """``image`` ``(S, S, 3)`` with every patch not in ``kept`` (patch indices; -1, CLS, ignored) dimmed."""
-    patch = image.shape[0] // grid
-    mask = np.zeros((grid, grid), dtype=bool)
-    for p in kept:
-        if p >= 0:
-            mask[divmod(p, grid)] = True
-    pixels = np.kron(mask, np.ones((patch, patch), dtype=bool))[..., None]
-    return np.where(pixels, image, (image * DIM).astype(np.uint8))
+def fade_dropped(image: np.ndarray, stages: list[list[int]], grid: int) -> np.ndarray:
+    """``image`` ``(S, S, 3)`` uint8 with each of its ``grid x grid`` patches faded towards white by
+    ``FADE`` times the share of ``stages`` that dropped it. stages: the patch indices each stage
+    kept, in order (-1, CLS, and -2, padding, have no square); none: the image unchanged."""
+    if not stages:
+        return image
+    kept_by = np.zeros(grid * grid)
+    for kept in stages:
+        kept_by[[p for p in kept if p >= 0]] += 1
+    fade = (FADE * (1 - kept_by / len(stages))).reshape(grid, grid)
+    size = image.shape[0]
+    cell = np.arange(size) * grid // size  # the patch row (and column) of each pixel row (column)
+    fade = fade[cell][:, cell][..., None]
+    return (image + (255 - image.astype(float)) * fade).round().astype(np.uint8)
 
 
-def plot_kept_tokens(row: dict, images: dict[str, np.ndarray], grid: int, path: Path) -> None:
-    """One row per example (its image, then the tokens left after each stage), saved to ``path``."""
-    examples = row["kept_tokens"]
-    stages = list(examples["stages"].items())
-    fig = Figure(figsize=(2.2 * (1 + len(stages)), 2.3 * len(examples["ids"])))
-    axes = fig.subplots(len(examples["ids"]), 1 + len(stages), squeeze=False)
-    for r, qid in enumerate(examples["ids"]):
-        axes[r][0].imshow(images[qid])
-        axes[r][0].set_title(f"sample {qid}", fontsize=8)
-        for c, (stage, kept) in enumerate(stages, start=1):
-            ax = axes[r][c]
-            ax.imshow(highlight(images[qid], kept[r], grid))
-            patch = images[qid].shape[0] / grid
-            for p in kept[r]:
-                if p >= 0:
-                    y, x = divmod(p, grid)
-                    ax.add_patch(Rectangle((x * patch - 0.5, y * patch - 0.5), patch, patch, fill=False,
-                                           edgecolor="yellow", linewidth=0.6))
-            cls = " + CLS" if -1 in kept[r] else ""
-            ax.set_title(f"{stage}\n{sum(p >= 0 for p in kept[r])} patches{cls}", fontsize=7)
+def gold_text(answers: list[str], most: int = 3) -> str:
+    """The reference answers, most frequent first, with how many gave each when annotators voted."""
+    counts = Counter(answers).most_common()
+    voted = len(counts) < len(answers)
+    shown = [f"{a} ({n})" if voted else a for a, n in counts[:most]]
+    return " / ".join(shown) + (" / …" if len(counts) > most else "")
+
+
+def verdict(score: float) -> tuple[str, str]:
+    """``(mark, colour)`` of an answer's score: right (1), wrong (0), or partly right (a VQA soft score)."""
+    if score >= 1:
+        return "✓ right", RIGHT
+    if score <= 0:
+        return "✗ wrong", WRONG
+    return f"≈ {score:.2f}", PARTLY
+
+
+def _answer_of(row: dict, question_id: str) -> tuple[str, float]:
+    """``(prediction, score)`` of ``row`` on the pictured item ``question_id``."""
+    examples = row["examples"]
+    i = examples["ids"].index(question_id)
+    return examples["predictions"][i], examples["scores"][i]
+
+
+def _draw(ax, image: np.ndarray, heading: str, prediction: str, score: float) -> None:
+    """One panel: the picture, ``heading`` over the prediction and its mark, a frame in the mark's colour."""
+    mark, colour = verdict(score)
+    shown = prediction if len(prediction) <= PREDICTION_CHARS else prediction[:PREDICTION_CHARS - 1] + "…"
+    ax.imshow(image)
+    ax.set_title(f"{heading}\n“{shown}” {mark}", fontsize=7, color=colour)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_edgecolor(colour)
+        spine.set_linewidth(2)
+
+
+def plot_gallery(rows: list[dict], example: Example, grid: int, meta: dict, path: Path) -> Figure:
+    """``example`` as every row saw it: the unpruned model top left, then one row of panels per
+    method and one column per budget, each with the patches it kept, its answer and whether
+    that was right. rows: the report's rows, each with ``examples`` (answers on the pictured
+    items) and every pruned one with ``kept_tokens``."""
+    qid = example.question_id
+    groups = by_method(rows)
+    keeps = list(dict.fromkeys(str(r["keep"]) for r in rows if r["method"] != BASELINE))
+    n_rows, n_cols = max(1, len(groups)), 1 + len(keeps)
+    fig = Figure(figsize=(1.75 * n_cols, 1.95 * n_rows + 0.9), layout="constrained")
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
     for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(f"{row['method']} keep={row['keep']}: kept tokens (bright) per stage", fontsize=9)
-    FigureCanvasAgg(fig)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+        ax.set_axis_off()
+    base = rows[0]
+    axes[0][0].set_axis_on()
+    _draw(axes[0][0], example.image, f"unpruned · {base['visual_tokens_kept']} tokens", *_answer_of(base, qid))
+    for r, (method, group) in enumerate(groups.items()):
+        for row in group:
+            ax = axes[r][1 + keeps.index(str(row["keep"]))]
+            ax.set_axis_on()
+            kept = row["kept_tokens"]
+            stages = [per_item[kept["ids"].index(qid)] for per_item in kept["stages"].values()]
+            count = sum(p >= 0 for p in stages[-1])
+            _draw(ax, fade_dropped(example.image, stages, grid), f"keep {row['keep']} · {count} tokens",
+                  *_answer_of(row, qid))
+        first = axes[r][1 + min(keeps.index(str(row["keep"])) for row in group)]
+        first.set_ylabel(method_label(group[0]), fontsize=8)
+    question = textwrap.fill(f"item {qid}: {example.question}", 90)
+    fig.suptitle(f"{question}\nreference answer: {gold_text(example.answers)}\n{subtitle(meta, rows)} · faded: "
+                 "patches dropped (half: dropped by a later stage)", fontsize=8)
+    save_png(fig, path, dpi=110)
+    return fig

@@ -90,12 +90,13 @@ def timing_spread(row: dict, field: str) -> float | None:
 def noisy_timing_warning(rows: list[dict], labels: list[str], threshold: float = NOISY_SPREAD) -> str | None:
     """One line saying which timings of ``rows`` (named by ``labels``) spread by more than
     ``threshold`` (IQR / median), or None when none does."""
-    noisy = [(spread, f"{TIMED_FIELDS[field]} of {label}")
-             for row, label in zip(rows, labels, strict=True) for field in TIMED_FIELDS
-             if (spread := timing_spread(row, field)) is not None and spread > threshold]
+    spreads = [(spread, f"{TIMED_FIELDS[field]} of {label}")
+               for row, label in zip(rows, labels, strict=True) for field in TIMED_FIELDS
+               if (spread := timing_spread(row, field)) is not None]
+    noisy = [(spread, where) for spread, where in spreads if spread > threshold]
     if not noisy:
         return None
     worst, where = max(noisy)
-    return (f"timings are noisy: {len(noisy)} of the measured timings spread by more than {threshold:.0%} of their "
-            f"median (IQR / median), up to {worst:.0%} ({where}); the machine was busy or too few samples were "
+    return (f"timings are noisy: {len(noisy)} of {len(spreads)} timings spread by more than {threshold:.0%} of "
+            f"their median (IQR / median), up to {worst:.0%} ({where}); the machine was busy or too few samples were "
             "timed: rerun on an idle machine or with more --timing-samples before quoting them")
