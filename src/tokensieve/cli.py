@@ -444,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
     except TokensieveError as err:
         print(f"tokensieve: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C; tokensieve.interrupt.Interrupted says what was kept and where
+        print(f"tokensieve: {str(err) or 'interrupted'}", file=sys.stderr)
+        return 130  # the shell's code for SIGINT
     return 0
 
 
