@@ -23,6 +23,7 @@ from tokensieve.clip import train as clip_train
 from tokensieve.config import save_config
 from tokensieve.data.vqa_files import VQAItem
 from tokensieve.evaluate.sample_log import SampleLog
+from tokensieve.interrupt import Interrupted
 from tokensieve.train.trainer import TwoStageTrainer, train_two_stage
 
 from test_two_stage_training import tiny_config
@@ -241,3 +242,16 @@ def test_reopening_a_sample_log_drops_a_cut_line_and_a_killed_repairs_temporary(
     assert list(reopened.done("none")) == ["q1"] and reopened.done("none")["q1"]["kept"] == {"s": 3}
     assert log.path.read_text().endswith('"kept": {"s": 3}}\n')
     assert [p.name for p in tmp_path.iterdir()] == ["samples.jsonl"]
+
+
+def test_a_demo_in_a_new_dated_folder_says_to_continue_with_that_folder(tmp_path, monkeypatch):
+    import tokensieve.demo as demo
+
+    def interrupted_training(cfg, run, **kwargs):
+        raise Interrupted(f"interrupted at step 3 of 300, saved in {run}", "rerun the same command to continue")
+
+    monkeypatch.setattr(demo, "default_folder", lambda: tmp_path / "tokensieve-demo-1")
+    monkeypatch.setattr(demo, "train_two_stage", interrupted_training)
+    with pytest.raises(Interrupted) as stopped:
+        demo.run_demo()
+    assert stopped.value.resume == f"rerun it with --out {tmp_path / 'tokensieve-demo-1'} to continue"

@@ -20,6 +20,7 @@ from tokensieve.evaluate.eval_data import synthetic_data
 from tokensieve.evaluate.kept_overlays import example_views
 from tokensieve.evaluate.report import timing_warning, write_report
 from tokensieve.evaluate.sample_log import SampleLog
+from tokensieve.interrupt import Interrupted
 from tokensieve.method import list_methods, method_class
 from tokensieve.train.parts import load_parts
 from tokensieve.train.trainer import train_two_stage
@@ -47,7 +48,13 @@ def run_demo(out: str | Path | None = None, overrides: list[str] = (), samples: 
     ``out/pruner`` holds the training run, ``out/report`` the report (resumable: rerun the same
     command after an interruption and finished work is kept).
     """
-    out = Path(out) if out is not None else default_folder()
+    if out is None:
+        out = default_folder()
+        try:
+            return run_demo(out, overrides, samples, budgets, timing_samples, kept_examples, progress)
+        except Interrupted as err:  # "the same command" would start another dated folder
+            raise Interrupted(err.saved, f"rerun it with --out {out} to continue") from None
+    out = Path(out)
     cfg = demo_config(overrides)
     run = out / "pruner"
     train_two_stage(cfg, run, resume=True, progress=progress)
