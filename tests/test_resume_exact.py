@@ -255,3 +255,23 @@ def test_a_demo_in_a_new_dated_folder_says_to_continue_with_that_folder(tmp_path
     with pytest.raises(Interrupted) as stopped:
         demo.run_demo()
     assert stopped.value.resume == f"rerun it with --out {tmp_path / 'tokensieve-demo-1'} to continue"
+
+
+def test_ctrl_c_in_a_search_says_a_rerun_continues_it(tiny_llava_dir, tmp_path, capsys, monkeypatch):
+    from test_search import study_of, write_search
+
+    path, out, calls = write_search(tmp_path, tiny_llava_dir), tmp_path / "out", {"n": 0}
+    original = TwoStageTrainer.train_step
+
+    def step(self, *args):
+        _sigint_at(calls, 1)
+        return original(self, *args)
+
+    monkeypatch.setattr(TwoStageTrainer, "train_step", step)
+    assert main(["search", str(path), "--trials", "1", "--out", str(out)]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "tokensieve: search interrupted in trial 0; rerun the same command to continue (finished trials stay in "
+        "the study)")
+    monkeypatch.undo()
+    assert main(["search", str(path), "--trials", "1", "--out", str(out)]) == 0
+    assert [t.state.name for t in study_of(path, out).trials] == ["FAIL", "COMPLETE"]

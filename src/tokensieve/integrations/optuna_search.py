@@ -25,6 +25,7 @@ import torch
 
 from tokensieve.config import from_dict, save_config, to_dict
 from tokensieve.errors import TokensieveError
+from tokensieve.interrupt import Interrupted
 from tokensieve.integrations.search_space import Param, Search, load_search
 from tokensieve.train.two_stage_config import TwoStageConfig
 
@@ -155,6 +156,9 @@ def _objective(search: Search, out: Path):
             trainer.run()
         except TokensieveError as err:
             raise TokensieveError(f"trial {trial.number} {values}: {err}") from None
+        except Interrupted:  # optuna records the trial as failed, and a rerun starts a new one
+            raise Interrupted(f"search interrupted in trial {trial.number}",
+                              "rerun the same command to continue (finished trials stay in the study)") from None
         trial.set_user_attr("val_accuracy", trainer.best)
         return trainer.best - weight * flops["ratio"]
 
