@@ -17,12 +17,12 @@ from tokensieve.evaluate.intervals import accuracy_interval
 from tokensieve.evaluate.latency import kv_cache_bytes, measure_latency
 from tokensieve.evaluate.paired import paired_difference
 from tokensieve.evaluate.sample_log import SampleLog
-from tokensieve.interrupt import Interrupted
 from tokensieve.evaluate.scoring import accuracy_summary, score
+from tokensieve.interrupt import Interrupted
 from tokensieve.method import Budget
-from tokensieve.train.distributed import Distributed
 from tokensieve.testbed.evaluate import object_oracle, predict, scene_spec_for
 from tokensieve.testbed.processor import prompt
+from tokensieve.train.distributed import Distributed
 
 FLOPS_STAGES = ("vision", "projector", "llm", "lm_head", "total")
 
