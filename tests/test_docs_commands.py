@@ -82,11 +82,13 @@ def _run(argv: list[str]) -> None:
 
 
 def _small_search_file(folder: Path) -> Path:
-    """configs/search_testbed.yaml with trials of two steps (its own fixed keys would train 200)."""
+    """configs/search_testbed.yaml with trials of two steps (its own fixed keys would train 200), under
+    the same file name, so its default run folder is the one the page names."""
     search = yaml.safe_load((ROOT / "configs" / "search_testbed.yaml").read_text())
     search["train"] = str(ROOT / "configs" / search["train"])
     search["set"].update({"optim.steps": 2, "optim.batch_size": 4, "validation.every": 2, "validation.samples": 4})
-    path = folder / "small_search.yaml"
+    (folder / "small").mkdir()
+    path = folder / "small" / "search_testbed.yaml"
     path.write_text(yaml.safe_dump(search))
     return path
 
