@@ -76,8 +76,10 @@ def train_tiny_clip(out: Path, cfg: TinyTrainConfig | None = None, resume: bool 
     remove_stale_temporaries(out)  # left by a killed run's writes
     if resume and state_path.is_file():
         state = load_checkpoint(state_path, "delete it or pass --no-resume")
-        if not isinstance(state, dict) or state.get("config") != asdict(cfg):
-            saved = state.get("config") if isinstance(state, dict) else None
+        saved = state.get("config") if isinstance(state, dict) else None
+        if saved is None:
+            raise TokensieveError(f"{state_path} is not a tiny CLIP training state; use another --out or --no-resume")
+        if saved != asdict(cfg):
             raise TokensieveError(f"{state_path} was saved with a different configuration {saved}; "
                                   "use another --out or --no-resume")
         try:
