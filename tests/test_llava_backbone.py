@@ -92,9 +92,12 @@ def test_kept_subset_shrinks_the_sequence(backbone, tiny_samples):
 
 def test_sites(backbone):
     names = [str(s) for s in backbone.sites()]
-    # 3 vision layers, features from the last: blocks 1 and 2 can be pruned before.
-    assert names == ["vision.1", "vision.2", "projector", "llm.1", "llm.2"]
+    # 3 vision layers, features from the last: blocks 1 and 2 can be pruned before; llm.0 is the
+    # projector's output, the LLM's input embeddings of the image.
+    assert names == ["vision.1", "vision.2", "projector", "llm.0", "llm.1", "llm.2"]
     assert backbone.site_module(Site.parse("llm.2")) is backbone.llm_layers[2]
+    assert backbone.site_module(Site.parse("llm.0")) is backbone.projector
+    assert backbone.prefix_tokens(Site.parse("llm.0")) == 0
     assert backbone.prefix_tokens(Site.parse("vision.1")) == 1
     assert backbone.prefix_tokens(Site.parse("projector")) == 0
     with pytest.raises(TokensieveError, match="llm.7"):

@@ -48,7 +48,8 @@ class Handle:
     would otherwise charge to whatever waits next. The default waits for nothing.
     last_kept: the tokens each stage kept in the latest forward pass, ``{str(stage): (B, keep)}``
     indices of the image patches behind them (-1: the CLS token; -2: a slot that only pads a row
-    keeping fewer, see :class:`tokensieve.method.Selection`), for pictures of what was kept.
+    keeping fewer; -3: a token the method made, see :class:`tokensieve.method.Selection`), for
+    pictures of what was kept.
     """
 
     stages: list[Stage]

@@ -67,6 +67,10 @@ class Budget:
         return f"{self.ratio:g}" if self.ratio < 1 else "1.0"  # not "1", which reads as one token
 
 
+# Signals with one value per row rather than one per token.
+ROW_SIGNALS = frozenset({"cls_token"})
+
+
 @dataclass
 class SiteInputs:
     """What a method sees at a site, for one batch.
@@ -81,6 +85,9 @@ class SiteInputs:
     signals: name -> function computing it; asked for through :meth:`signal`.
     question_states: function giving the question tokens as the site sees them, read through
         :meth:`question`.
+    question_signals: name -> function computing a signal over the question tokens, aligned with
+        :meth:`question` (``(B, T, ...)``); asked for through :meth:`question_signal`.
+    question_text: function giving each row's question as text, read through :meth:`question_texts`.
     valid: optional ``(B, N)`` bool, False for tokens that only pad a row: an earlier stage kept
         fewer tokens in that row than in others (see :class:`Selection`). A method should not
         keep them; any it keeps stay padding (the row then keeps fewer than ``keep``).
@@ -93,6 +100,8 @@ class SiteInputs:
     signals: dict[str, Callable[[], torch.Tensor]] = field(default_factory=dict)
     question_states: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
     valid: torch.Tensor | None = None
+    question_signals: dict[str, Callable[[], torch.Tensor]] = field(default_factory=dict)
+    question_text: Callable[[], list[str]] | None = None
 
     def __post_init__(self):
         n = self.tokens.shape[1]
@@ -105,16 +114,33 @@ class SiteInputs:
         return self.generator
 
     def signal(self, name: str) -> torch.Tensor:
-        """A signal over the ``N`` tokens: ``cls_attention`` ``(B, N)``, ``text_attention``
-        ``(B, N)`` (the last text token's attention one layer earlier), ``keys`` ``(B, N, d_k)``."""
+        """A signal at this site (``docs/methods.md`` lists them): over the ``N`` tokens, e.g.
+        ``cls_attention`` ``(B, N)``, ``keys`` ``(B, N, d_k)``, ``text_attention`` ``(B, N)``; or one
+        per row, e.g. ``cls_token`` ``(B, d)``."""
         if name not in self.signals:
             have = ", ".join(sorted(self.signals)) or "none"
             raise TokensieveError(f"signal {name!r} is not available at {self.site} (available: {have})")
         value = self.signals[name]()
-        if tuple(value.shape[:2]) != tuple(self.tokens.shape[:2]):
+        expected = self.tokens.shape[:1] if name in ROW_SIGNALS else self.tokens.shape[:2]
+        if tuple(value.shape[:len(expected)]) != tuple(expected):
             raise TokensieveError(f"signal {name!r} has shape {tuple(value.shape)}; it must start with "
-                                  f"{tuple(self.tokens.shape[:2])} like the tokens at {self.site}")
+                                  f"{tuple(expected)} like the tokens at {self.site}")
         return value
+
+    def question_signal(self, name: str) -> torch.Tensor:
+        """A signal over the question tokens, ``(B, T, ...)`` aligned with :meth:`question`, e.g.
+        ``prev_layer_keys`` ``(B, T, d_k)``."""
+        if name not in self.question_signals:
+            have = ", ".join(sorted(self.question_signals)) or "none"
+            raise TokensieveError(f"question signal {name!r} is not available at {self.site} (available: {have})")
+        return self.question_signals[name]()
+
+    def question_texts(self) -> list[str]:
+        """Each row's question as text (what a text encoder such as CLIP's reads)."""
+        if self.question_text is None:
+            raise TokensieveError(f"the question text is not available at {self.site}: run the model through "
+                                  "the backbone's forward or generate, with a processor")
+        return self.question_text()
 
     def question(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(states (B, T, d), valid (B, T) bool)``: the question tokens of each row (its
@@ -129,7 +155,8 @@ class SiteInputs:
 class Selection:
     """A method's decision for a batch.
 
-    indices: ``(B, K)`` sorted, unique indices into the ``N`` tokens that stay.
+    indices: ``(B, K)`` sorted, unique indices into the ``N`` tokens that stay (``K = keep - E``
+        when the method makes ``E`` extra tokens).
     tokens: optional ``(B, K, d)`` new contents of those slots (merging methods); ``None``
         means the kept tokens are unchanged.
     key_mask: optional ``(B, K)`` keep weights in [0, 1] of the kept tokens as attention keys
@@ -148,6 +175,8 @@ class Selection:
     tokens: torch.Tensor | None = None
     key_mask: torch.Tensor | None = None
     valid: torch.Tensor | None = None
+    extra: torch.Tensor | None = None
+    extra_first: bool = False
 
 
 class Method:
@@ -155,7 +184,8 @@ class Method:
 
     Class attributes: ``name`` (registry key), ``paper`` (citation), ``stages`` (where it may
     act: any of ``vision``, ``projector``, ``llm``), ``default_site``, ``signals`` (what it
-    asks the backbone for) and ``trained`` (its weights come from ``tokensieve train``).
+    asks the backbone for), ``trained`` (its weights come from ``tokensieve train``) and
+    ``makes_extra_tokens`` (its selections may add tokens of its own, :class:`Selection`).
     """
 
     name: ClassVar[str]
@@ -164,6 +194,7 @@ class Method:
     default_site: ClassVar[str] = "projector"
     signals: ClassVar[tuple[str, ...]] = ()
     trained: ClassVar[bool] = False  # True for methods whose weights come from training (tokensieve train)
+    makes_extra_tokens: ClassVar[bool] = False  # True if select() may return Selection.extra
 
     def select(self, inputs: SiteInputs) -> Selection:
         """Choose ``inputs.keep`` of the ``N`` tokens of every row."""

@@ -35,8 +35,9 @@ STAGES = ("vision", "projector", "llm")
 
 @dataclass(frozen=True)
 class Site:
-    """Where tokens can be reduced: before vision block ``layer``, before the projector, or
-    before LLM decoder layer ``layer``. Written ``vision.3``, ``projector``, ``llm.2``."""
+    """Where tokens can be reduced: before vision block ``layer``, before the projector, on the
+    LLM's input embeddings of the image (``llm.0``: the projector's output), or before LLM decoder
+    layer ``layer``. Written ``vision.3``, ``projector``, ``llm.0``, ``llm.2``."""
 
     stage: str
     layer: int | None = None
@@ -53,6 +54,16 @@ class Site:
 
     def __str__(self) -> str:
         return self.stage if self.layer is None else f"{self.stage}.{self.layer}"
+
+    @property
+    def before_llm(self) -> bool:
+        """True where the image tokens are reduced before the LLM runs (the image run is rebuilt)."""
+        return self.stage != "llm" or self.layer == 0
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """Sort key: the order in which a forward pass reaches the sites."""
+        return {"vision": 0, "projector": 1, "llm": 2}[self.stage], self.layer or 0
 
 
 @dataclass
@@ -236,24 +247,26 @@ class LlavaBackbone:
         Vision blocks after the feature layer never reach the LLM, so they are not sites.
         """
         vision = [Site("vision", i) for i in range(1, self.feature_hidden_index)]
-        llm = [Site("llm", k) for k in range(1, len(self.llm_layers))]
+        llm = [Site("llm", k) for k in range(len(self.llm_layers))]
         return vision + [Site("projector")] + llm
 
     def site_module(self, site: Site) -> nn.Module:
-        """The module whose forward pre-hook sees the tokens at ``site``."""
+        """The module whose forward pre-hook sees the tokens at ``site`` (``llm.0``: the projector,
+        whose output it sees)."""
         if site not in self.sites():
             raise TokensieveError(f"site {site} does not exist here; sites are {', '.join(map(str, self.sites()))}")
         if site.stage == "vision":
             return self.vision_layers[site.layer]
-        if site.stage == "projector":
+        if site.before_llm:
             return self.projector
         return self.llm_layers[site.layer]
 
     def prefix_tokens(self, site: Site) -> int:
-        """Leading tokens at ``site`` that are never removed (CLS in the tower)."""
+        """Leading tokens at ``site`` that are never removed (CLS in the tower, and before the LLM
+        when ``vision_feature_select_strategy`` feeds it to the LLM)."""
         if site.stage == "vision":
             return 1
-        return int(self.keeps_cls) if site.stage == "projector" else 0
+        return int(self.keeps_cls) if site.before_llm else 0
 
     def layout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TokenLayout:
         """Image run and question tokens of each row of ``input_ids`` ``(B, L)``."""

@@ -4,6 +4,7 @@ One :class:`LlavaPruningSession` per attached handle. It registers pre-hooks on
 
 * vision encoder blocks (``vision.i``): tokens after CLS are chosen before block ``i``;
 * the projector (``projector``): fewer tokens enter the LLM;
+* the projector's output (``llm.0``, a forward hook): fewer of the LLM's input embeddings;
 * LLM decoder layers (``llm.k``): image tokens are chosen before layer ``k``;
 
 and keeps what one forward pass needs (where the image run sits, which tokens are still
@@ -24,7 +25,7 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from tokensieve.errors import TokensieveError
-from tokensieve.method import SiteInputs, Selection
+from tokensieve.method import ROW_SIGNALS, SiteInputs, Selection
 from tokensieve.ops import query_attention
 
 
@@ -38,14 +39,21 @@ def row_generator(seed: int, tokens: torch.Tensor) -> list[torch.Generator]:
     return gens
 
 
-# Patch index recorded in handle.last_kept for a slot that only pads a row keeping fewer tokens.
+# Patch index recorded in handle.last_kept for a slot that only pads a row keeping fewer tokens,
+# and for a token a method made itself (Selection.extra).
 PADDING = -2
+EXTRA = -3
 
 
 def check_selection(sel: Selection, batch: int, n: int, keep: int, where: str, per_row: bool = False) -> None:
     """Budgets met exactly (at most, with a count per row where ``per_row`` allows one);
-    indices sorted, unique and in range."""
+    indices sorted, unique and in range. Extra tokens count toward the budget."""
     idx = sel.indices
+    if sel.extra is not None:
+        if sel.extra.dim() != 3 or sel.extra.shape[0] != batch:
+            raise TokensieveError(f"{where}: extra tokens must be shaped (B, E, d) with B={batch}, "
+                                  f"got {tuple(sel.extra.shape)}")
+        keep -= sel.extra.shape[1]
     if sel.valid is not None and not per_row:
         raise TokensieveError(f"{where}: a count that varies per row is supported inside the LLM only (llm.k)")
     if sel.valid is None and idx.shape != (batch, keep):
@@ -109,6 +117,12 @@ class LlavaPruningSession:
             if site.stage not in st.method.stages:
                 raise TokensieveError(f"method {st.method.name!r} cannot act at {site} "
                                       f"(it acts at: {', '.join(st.method.stages)})")
+            if st.method.makes_extra_tokens and not (site.stage == "projector" or str(site) == "llm.0"):
+                raise TokensieveError(f"{st}: {st.method.name} adds tokens of its own, which only the projector "
+                                      "and llm.0 sites can take")
+            if st.method.makes_extra_tokens and self.mode == "soft":
+                raise TokensieveError(f"{st}: {st.method.name} adds tokens of its own, which soft mode cannot "
+                                      "hold (it keeps every token in place); use mode hard")
             if site in self.stages:
                 raise TokensieveError(f"two stages at site {site}")
             self.stages[site] = st
@@ -127,15 +141,14 @@ class LlavaPruningSession:
         row keeps at most that many) or 1.0; a ratio of a row's tokens would make a row's result
         depend on the batch it is in.
         """
-        order = {"vision": 0, "projector": 1, "llm": 2}
         n, in_llm, per_row = self.bb.n_patches, False, None
         self.capped: set = set()  # sites whose budget caps a count that varies per row
-        for site in sorted(self.stages, key=lambda s: (order[s.stage], s.layer or 0)):
-            if site.stage == "llm" and not in_llm:
+        for site in sorted(self.stages, key=lambda s: s.order):
+            if not site.before_llm and not in_llm:
                 n, in_llm = n + int(self.bb.keeps_cls), True  # CLS is an ordinary image token in the LLM
             st = self.stages[site]
-            if st.method.count_per_row and site.stage != "llm":
-                raise TokensieveError(f"{st}: a count that varies per row is supported inside the LLM only (llm.k)")
+            if st.method.count_per_row and site.before_llm:
+                raise TokensieveError(f"{st}: a count that varies per row is supported inside the LLM only (llm.k, k >= 1)")
             if per_row is not None:
                 if st.budget.ratio is not None and st.budget.ratio < 1:
                     raise TokensieveError(f"{st} follows {per_row}, which keeps a count per row: give it a token "
@@ -211,7 +224,8 @@ class LlavaPruningSession:
         return (torch.arange(image_count, device=self.bb.model.device) - cls).expand(b, -1)
 
     def _record_kept(self, site, patches: torch.Tensor) -> None:
-        """``handle.last_kept[stage]``: ``(B, keep)`` patch indices (-1: CLS) of the tokens ``site`` kept."""
+        """``handle.last_kept[stage]``: ``(B, keep)`` patch indices (-1: CLS, -3: a token the method
+        made) of the tokens ``site`` kept."""
         self.handle.last_kept[str(self.stages[site])] = patches
 
     def image_mask_for_llm(self) -> torch.Tensor | None:
@@ -228,27 +242,34 @@ class LlavaPruningSession:
         hooks, bb = self.handle.hooks, self.bb
         hooks.append(bb.vision_layers[0].register_forward_pre_hook(self._tower_start))
         for site, st in self.stages.items():
-            needs = st.method.signals
-            if site.stage in ("vision", "projector"):
+            needs = set(st.method.signals)
+            if site.before_llm:
                 source = site.layer - 1 if site.stage == "vision" else bb.feature_hidden_index - 1
-                if {"cls_attention", "keys"} & set(needs):
+                if {"cls_attention", "keys"} & needs:
                     attn = bb.vision_layers[source].self_attn
                     hooks.append(attn.k_proj.register_forward_hook(self._capture_vision(str(site), attn)))
-            if site.stage == "llm" and "text_attention" in needs:
+                if site.stage != "vision" and {"last_block_cls_attention", "last_block_keys"} & needs:
+                    attn = bb.vision_layers[-1].self_attn
+                    hooks.append(attn.k_proj.register_forward_hook(self._capture_last_block(str(site), attn)))
+                if site.stage == "projector" and "cls_token" in needs and not bb.keeps_cls:
+                    hooks.append(bb.vision_layers[source].register_forward_hook(self._capture_cls_token(str(site))))
+            elif {"text_attention", "prev_layer_keys"} & needs:
                 attn = bb.llm_layers[site.layer - 1].self_attn
                 hooks.append(attn.register_forward_pre_hook(self._remember_attention_kwargs, with_kwargs=True))
-                hooks.append(attn.k_proj.register_forward_hook(self._capture_text_attention(str(site), attn)))
+                hooks.append(attn.k_proj.register_forward_hook(self._capture_llm(str(site), attn, needs)))
         vision = sorted(s.layer for s in self.stages if s.stage == "vision")
         if vision:
             for i in range(vision[0], len(bb.vision_layers)):
                 hooks.append(bb.vision_layers[i].register_forward_pre_hook(self._vision_layer(i)))
         if any(s.stage == "projector" for s in self.stages):
             hooks.append(bb.projector.register_forward_pre_hook(self._projector))
-        llm = sorted(s.layer for s in self.stages if s.stage == "llm")
+        if any(str(s) == "llm.0" for s in self.stages):
+            hooks.append(bb.projector.register_forward_hook(self._after_projector))
+        llm = sorted(s.layer for s in self.stages if not s.before_llm)
         if llm or self.mode == "soft":
-            # A soft projector stage may weight its tokens as keys from the first LLM layer on.
-            soft_projector = self.mode == "soft" and any(s.stage == "projector" for s in self.stages)
-            first = 0 if soft_projector else llm[0] if llm else len(bb.llm_layers)
+            # A soft stage before the LLM may weight its tokens as keys from the first LLM layer on.
+            soft_before = self.mode == "soft" and any(s.stage != "vision" and s.before_llm for s in self.stages)
+            first = 0 if soft_before else llm[0] if llm else len(bb.llm_layers)
             for k in range(first, len(bb.llm_layers)):
                 hooks.append(bb.llm_layers[k].register_forward_pre_hook(self._llm_layer(k), with_kwargs=True))
 
@@ -269,6 +290,28 @@ class LlavaPruningSession:
                 self._captured[key + ":keys"] = keys.view(b, t, attn.num_heads, -1).mean(2)
         return hook
 
+    def _capture_last_block(self, key: str, attn):
+        """PruMerge's signal: the last block's CLS attention as one head over the full width
+        (softmax of ``q_cls . k / sqrt(d)``) and its full-width keys, without CLS."""
+        def hook(_k_proj, args, keys):
+            if not self.handle.active:
+                return
+            hidden = args[0]  # (B, T, d): the block's normalised input
+            with self.handle.scoring():
+                scale = hidden.shape[-1] ** -0.5
+                self._captured[key + ":last_block_cls_attention"] = query_attention(
+                    hidden, attn.q_proj, attn.k_proj, 1, 0, scale, self._vision_key_bias(), keys)
+                self._captured[key + ":last_block_keys"] = keys
+        return hook
+
+    def _capture_cls_token(self, key: str):
+        """The CLS state the feature layer outputs ``(B, d)``, which LLaVA's default strategy drops."""
+        def hook(_layer, _args, output):
+            if self.handle.active:
+                hidden = output[0] if isinstance(output, tuple) else output
+                self._captured[key + ":cls_token"] = hidden[:, 0]
+        return hook
+
     def _vision_key_bias(self) -> torch.Tensor | None:
         return None if self.vision_bias is None else self.vision_bias[:, 0, 0]
 
@@ -277,12 +320,24 @@ class LlavaPruningSession:
         decoding = self._is_decoding(kwargs, attn.layer_idx)
         self._attention_kwargs = None if decoding or not self.handle.active else kwargs
 
-    def _capture_text_attention(self, key: str, attn):
+    def _capture_llm(self, key: str, attn, needs: set):
         def hook(_k_proj, args, keys):
             if self._attention_kwargs is not None:
                 with self.handle.scoring():
-                    self._text_attention(key, attn, args[0], keys, self._attention_kwargs)
+                    if "text_attention" in needs:
+                        self._text_attention(key, attn, args[0], keys, self._attention_kwargs)
+                    if "prev_layer_keys" in needs:
+                        self._captured[key + ":prev_layer_keys"] = self._rotated_keys(attn, keys, self._attention_kwargs)
         return hook
+
+    @staticmethod
+    def _rotated_keys(attn, keys: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """``(B, T, H_kv * d_head)``: the layer's keys after RoPE, heads side by side per position."""
+        cos, sin = kwargs["position_embeddings"]
+        b, t, _ = keys.shape
+        k = keys.view(b, t, -1, attn.head_dim).transpose(1, 2)
+        _, k = apply_rotary_pos_emb(k, k, cos, sin)
+        return k.transpose(1, 2).reshape(b, t, -1)
 
     def _text_attention(self, key: str, attn, hidden: torch.Tensor, keys: torch.Tensor, kwargs: dict) -> None:
         """The last position's attention over all positions, mean over heads -> ``(B, T)``."""
@@ -301,46 +356,57 @@ class LlavaPruningSession:
 
     # --- choosing ----------------------------------------------------------------------
     def _choose(self, site, tokens: torch.Tensor, signals: dict, question=None,
-                valid: torch.Tensor | None = None) -> Selection:
+                valid: torch.Tensor | None = None, question_signals: dict | None = None) -> Selection:
         """Run the stage at ``site`` on ``tokens`` ``(B, n, d)``; record counts.
 
         question: a function giving the question states at this site, when the prompt is known.
         valid: ``(B, n)`` False for tokens that only pad their row. The returned selection's
         ``valid`` is also False where it kept such a token, and None when every slot is real.
+        question_signals: name -> function giving a signal over the question tokens.
         """
         st = self.stages[site]
         b, n, _ = tokens.shape
         keep = min(st.budget.count, n) if site in self.capped and st.budget.count else st.budget.resolve(n, str(site))
-        if self.question_ids is None:
-            question = None
+        known = self.question_ids is not None
         with self.handle.scoring():
             inputs = SiteInputs(tokens, keep, str(site), lambda: row_generator(self.seed, tokens), signals,
-                                question, valid)
+                                question if known else None, valid, question_signals if known else {},
+                                self._question_text if known and self.bb.processor is not None else None)
             sel = st.method.select(inputs)
-            check_selection(sel, b, n, keep, f"{st.method.name} at {site}", per_row=site.stage == "llm")
+            check_selection(sel, b, n, keep, f"{st.method.name} at {site}", per_row=not site.before_llm)
             if valid is not None:
                 still = valid.gather(1, sel.indices)
                 sel = replace(sel, valid=still if sel.valid is None else sel.valid & still)
             if sel.valid is not None and bool(sel.valid.all()):
                 sel = replace(sel, valid=None)
         before = valid.sum(1) if valid is not None else torch.full((b,), n)
-        after = sel.valid.sum(1) if sel.valid is not None else torch.full((b,), sel.indices.shape[1])
+        extra = 0 if sel.extra is None else sel.extra.shape[1]
+        after = sel.valid.sum(1) if sel.valid is not None else torch.full((b,), sel.indices.shape[1] + extra)
         self.handle.record_counts(str(st), before, after)
         return sel
 
+    def _question_text(self) -> list[str]:
+        """Each row's question, decoded from its token ids."""
+        tokenizer = self.bb.processor.tokenizer
+        return [tokenizer.decode(ids[valid], skip_special_tokens=True).strip()
+                for ids, valid in zip(self.question_ids, self.question_valid)]
+
     def _signals(self, key: str, alive: torch.Tensor | None, offset: int) -> dict:
         """Captured signals over the candidate tokens: columns ``offset..``, then only the
-        ``alive`` ``(B, n)`` ones among those, if given."""
+        ``alive`` ``(B, n)`` ones among those, if given (signals of a whole row as they are)."""
         def pick(name):
             def get():
-                full = self._captured[f"{key}:{name}"][:, offset:]
+                full = self._captured[f"{key}:{name}"]
+                if name in ROW_SIGNALS:
+                    return full
+                full = full[:, offset:]
                 if alive is None:
                     return full
                 index = alive if full.dim() == 2 else alive[..., None].expand(-1, -1, full.shape[-1])
                 return full.gather(1, index)
             return get
-        return {name: pick(name) for name in ("cls_attention", "keys", "text_attention")
-                if f"{key}:{name}" in self._captured}
+        prefix = key + ":"
+        return {name[len(prefix):]: pick(name[len(prefix):]) for name in self._captured if name.startswith(prefix)}
 
     def _vision_layer(self, i: int):
         from tokensieve.backbones.hf_llava import Site
@@ -367,6 +433,14 @@ class LlavaPruningSession:
         site = Site("projector")
         return (self._reduce_tower(site, args[0], key="projector", prefix=self.bb.prefix_tokens(site)), *args[1:])
 
+    def _after_projector(self, _module, _args, output):
+        from tokensieve.backbones.hf_llava import Site
+
+        if not self.handle.active:
+            return None
+        site = Site("llm", 0)
+        return self._reduce_tower(site, output, key="llm.0", prefix=self.bb.prefix_tokens(site))
+
     def _reduce_tower(self, site, hidden: torch.Tensor, key: str, prefix: int) -> torch.Tensor:
         """Vision-side stage on ``hidden`` ``(B, prefix + N, d)``; hard shortens it."""
         b = hidden.shape[0]
@@ -387,13 +461,19 @@ class LlavaPruningSession:
         if self.mode == "hard":
             origin = self.tower_origin if self.tower_origin is not None else torch.arange(
                 patches.shape[1], device=hidden.device).expand(b, -1)
-            self.tower_origin = origin.gather(1, sel.indices)
+            origin = origin.gather(1, sel.indices)
+            if sel.extra is not None:  # tokens the method made join the run, marked as such
+                made = origin.new_full(sel.extra.shape[:2], EXTRA)
+                extra = sel.extra.to(values.dtype)
+                values = torch.cat([extra, values] if sel.extra_first else [values, extra], 1)
+                origin = torch.cat([made, origin] if sel.extra_first else [origin, made], 1)
+            self.tower_origin = origin
             self._record_kept(site, self.tower_origin)
             return torch.cat([hidden[:, :prefix], values], 1)
         chosen = sel.indices if alive is None else alive.gather(1, sel.indices)  # into all N patches
         self._record_kept(site, chosen)
         self.patch_alive = chosen
-        if self.mode == "soft" and site.stage == "projector":
+        if self.mode == "soft" and site.stage != "vision":
             self.patch_key_mask = sel.key_mask
         patches = patches.scatter(1, chosen[..., None].expand(-1, -1, patches.shape[-1]), values)
         if site.stage == "vision":
@@ -438,7 +518,13 @@ class LlavaPruningSession:
             columns = columns.gather(1, alive)
         tokens = hidden.gather(1, columns[..., None].expand(-1, -1, d))
         signals = self._signals(str(site), columns, 0)
-        sel = self._choose(site, tokens, signals, self._question_in_llm(hidden), self.image_valid)
+        norm = self.bb.language_model.norm
+        signals["normed_states"] = lambda: norm(tokens)
+        question_signals = {"normed_states": lambda: norm(self._question_in_llm(hidden)()[0])}
+        if f"{site}:prev_layer_keys" in self._captured:
+            t = 0 if self.question_ids is None else self.question_ids.shape[1]
+            question_signals["prev_layer_keys"] = lambda: self._captured[f"{site}:prev_layer_keys"][:, length - t:]
+        sel = self._choose(site, tokens, signals, self._question_in_llm(hidden), self.image_valid, question_signals)
         kept_columns = columns.gather(1, sel.indices)
         kept_run = kept_columns - start[:, None]  # positions in the image run as the LLM received it
         origin = self.run_origin.gather(1, kept_run)
