@@ -74,8 +74,9 @@ def test_unpruned_prefill_matches_the_counter_stage_by_stage(backbone, prompt):
 @pytest.mark.parametrize("stages", [
     ("random", "llm.1", 0.5),
     ("random", "projector", 10),
+    ("random", "llm.0", 10),
     [("random", "vision.1", 40), ("random", "projector", 20), ("random", "llm.2", 8)],
-], ids=["llm", "projector", "three-sites"])
+], ids=["llm", "projector", "llm.0", "three-sites"])
 def test_hard_pruned_prefill_matches_the_counter(backbone, prompt, stages):
     inputs, text_tokens = prompt
     method, site, budget = (stages, None, None) if isinstance(stages, list) else stages
@@ -127,6 +128,9 @@ def test_grouped_query_attention_and_kept_cls_match_the_counter(gqa_cls_backbone
     counted, counts = counted_while_attached(bb, inputs, len(text), [("random", "projector", 20), ("random", "llm.2", 7)],
                                              mode="hard")
     assert counts.projector_tokens == 21 and counts.llm_tokens == [31, 31, 17]  # CLS + 20, then 7 of those 21
+    assert prefill_flops(bb.config, *counts) == counted
+    counted, counts = counted_while_attached(bb, inputs, len(text), [("random", "llm.0", 20)], mode="hard")
+    assert counts.projector_tokens == bb.n_visual_tokens and counts.llm_tokens == [31, 31, 31]  # CLS + 20
     assert prefill_flops(bb.config, *counts) == counted
 
 

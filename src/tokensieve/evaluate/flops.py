@@ -118,9 +118,12 @@ def token_counts(backbone_or_config, text_tokens: int, handle=None) -> TokenCoun
     # The projector stage removes from the patches after CLS; CLS (if kept) is then an image token.
     visual = kept.get(Site("projector"), patches) + keeps_cls
     projector = visual
+    # llm.0 reduces the projector's output, CLS (a prefix there, as at the projector) aside.
+    visual = kept.get(Site("llm", 0), visual - keeps_cls) + keeps_cls
     llm = []
     for k in range(config.text_config.num_hidden_layers):
-        visual = kept.get(Site("llm", k), visual)
+        if k > 0:
+            visual = kept.get(Site("llm", k), visual)
         llm.append(text_tokens + visual)
     return TokenCounts(vision, projector, llm)
 
