@@ -182,7 +182,7 @@ CASES = [
     pytest.param(lambda b: ["eval", "--mode", "origin", "--model", b.hollow],
                  "of the model's weights are not in its checkpoint", id="eval-model-weights-missing"),
     pytest.param(lambda b: ["eval", "--method", "fastv", "--keep", "0.5", "--samples", "2", "--site", "llm.99"],
-                 "site llm.99 does not exist", id="eval-site-beyond-the-llm"),
+                 "llm.99 is past its depth", id="eval-site-beyond-the-llm"),
     pytest.param(lambda b: ["eval", "--method", "fastv", "--keep", "0.5", "--site", "banana"],
                  "unknown site 'banana'", id="eval-site-bogus"),
     pytest.param(lambda b: ["eval", "--method", "fastv", "--keep", "0.5", "--out", b.under_file],

@@ -150,7 +150,7 @@ def test_eval_writes_a_report_with_plots(tiny_llava_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("args,needle", [
     (["--method", "random", "--keep", "65"], "budget of 65 tokens is larger than the 64 visual tokens"),
-    (["--method", "random", "--keep", "0.5", "--site", "llm.9"], "site llm.9 does not exist"),
+    (["--method", "random", "--keep", "0.5", "--site", "llm.9"], "llm.9 is past its depth"),
     (["--method", "fastv", "--keep", "0.5", "--site", "projector"], "cannot act at projector"),
     (["--method", "nope", "--keep", "0.5"], "unknown method 'nope'; known methods: anchor"),
 ])

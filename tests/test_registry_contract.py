@@ -164,7 +164,7 @@ def test_stages_at_several_sites_compose(backbone, batch):
     (dict(method="random", budget=65, site="projector"), "larger than the 64 visual tokens"),
     (dict(method="nonesuch", budget=8), "unknown method 'nonesuch'"),
     (dict(method={"name": "random", "colour": 1}, budget=8), "unknown parameter(s) colour"),
-    (dict(method="random", budget=8, site="llm.9"), "site llm.9 does not exist"),
+    (dict(method="random", budget=8, site="llm.9"), "llm.9 is past its depth"),
     (dict(method="random", budget=8, mode="fuzzy"), "unknown mode 'fuzzy'"),
     (dict(method="random", budget="lots"), "cannot read budget 'lots'"),
     (dict(method={"name": "anchor", "top_m": 60}, budget=70, site="vision.1"), "larger than the 64"),

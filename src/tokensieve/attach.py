@@ -120,11 +120,11 @@ def make_stages(method: str | dict | Method | Sequence, budget: Budget | int | f
             if not (isinstance(stage, (list, tuple)) and len(stage) == 3):
                 raise TokensieveError(f"stage {i} is {stage!r}; each stage is a (method, site, budget) triple, "
                                       "e.g. ('fastv', 'llm.2', 0.25)")
-        return [make_stages(m, b, s)[0] for m, s, b in method]
+        return [stage for m, s, b in method for stage in make_stages(m, b, s)]
     if budget is None:
         raise TokensieveError("a budget is needed: a token count (64) or a ratio (0.25)")
     m = create_method(method)
-    return [Stage(m, site or m.default_site, Budget.parse(budget))]
+    return [Stage(m, at, b) for at, b in m.schedule(site or m.default_site, Budget.parse(budget))]
 
 
 def attach(backbone, method: str | dict | Method | Sequence, budget: Budget | int | float | str | None = None,

@@ -206,6 +206,12 @@ class Method:
         ``Selection.valid``); such a method acts inside the LLM only."""
         return False
 
+    def schedule(self, site: str, budget: Budget) -> list[tuple[str, Budget]]:
+        """The ``(site, budget)`` stages this method runs as when attached at ``site`` with
+        ``budget``: one by default; several for a method that reduces at several layers in turn
+        (PyramidDrop), each with the budget of the tokens its site sees."""
+        return [(site, budget)]
+
     def check(self, n_tokens: int, keep: int, site: str) -> None:
         """Raise :class:`TokensieveError` if keeping ``keep`` of ``n_tokens`` at ``site`` cannot
         work with this method's parameters. Called when attaching, before any model work."""

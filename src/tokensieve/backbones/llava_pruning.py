@@ -113,6 +113,10 @@ class LlavaPruningSession:
         self.stages: dict = {}
         for st in handle.stages:
             site = Site.parse(st.site)
+            depth = len(backbone.llm_layers)
+            if site.stage == "llm" and site.layer >= depth:
+                raise TokensieveError(f"{st}: the LLM has {depth} decoder layers (sites llm.0 .. llm.{depth - 1}); "
+                                      f"llm.{site.layer} is past its depth")
             backbone.site_module(site)  # raises for a site this model does not have
             if site.stage not in st.method.stages:
                 raise TokensieveError(f"method {st.method.name!r} cannot act at {site} "
