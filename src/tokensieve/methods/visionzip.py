@@ -10,51 +10,59 @@ from tokensieve.errors import TokensieveError
 from tokensieve.method import Method, Selection, SiteInputs, register
 from tokensieve.ops import complement, cosine_matrix, gather_tokens, merge_into
 
+CLS_CHOICES = ("emit", "drop")
+MERGE_CHOICES = ("add", "mean")
+ORDER_CHOICES = ("blocks", "positions")
+
 
 def visionzip_split(keep: int, dominant_ratio: float) -> tuple[int, int]:
     """``(dominant, contextual)`` counts for a budget of ``keep`` tokens.
 
     ``round(dominant_ratio * keep)`` dominant tokens, the rest contextual; with the default
-    54/64 this gives the paper's 54+10 (64), 108+20 (128) and 162+30 (192).
+    54/64 this gives the released 54+10 (64), 108+20 (128) and 162+30 (192). The dominant count
+    includes the CLS token when it is emitted (see :class:`VisionZip`).
     """
     dominant = min(keep, max(0, round(dominant_ratio * keep)))
     return dominant, keep - dominant
 
 
-def visionzip_reduce(tokens: torch.Tensor, cls_attention: torch.Tensor, keys: torch.Tensor,
-                     dominant: int, contextual: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def visionzip_reduce(tokens: torch.Tensor, cls_attention: torch.Tensor, keys: torch.Tensor, dominant: int,
+                     contextual: int, merge: str = "add") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dominant tokens by CLS attention plus contextual tokens merged by key similarity.
 
     tokens: ``(B, N, d)``; cls_attention: ``(B, N)``; keys: ``(B, N, d_k)``.
     dominant: how many tokens are kept by highest CLS attention (unchanged).
     contextual: how many of the remaining ``R = N - dominant`` tokens (taken in index order)
-        serve as targets, spaced every ``max(1, R // contextual)`` positions from the first;
-        every other remaining token joins the target whose key is most cosine-similar, and a
-        target's new content is the plain mean of itself and the tokens that joined it.
-    Returns ``indices`` ``(B, dominant + contextual)`` sorted (dominant and target indices
-    together) and ``contents`` ``(B, dominant + contextual, d)`` aligned with them, or
-    ``None`` when nothing was merged (then every kept token is unchanged).
+        serve as targets: those at positions ``0, s, 2s, ...`` of the remaining ones with step
+        ``s = max(1, R // contextual)``. Every other remaining token is assigned to the target
+        whose key is most cosine-similar (the first such target on a tie).
+    merge: ``"add"`` (the released formula): a target becomes itself plus the mean of the
+        tokens assigned to it (itself if none); ``"mean"``: the plain mean of the target and the
+        tokens assigned to it.
+    Returns ``(dominant_indices (B, dominant), target_indices (B, contextual), contextual_tokens
+    (B, contextual, d))``, both index sets ascending, the contextual tokens aligned with the targets.
     """
-    b, n, _ = tokens.shape
-    dom = cls_attention.topk(dominant, dim=1).indices  # (B, dominant)
-    if contextual == 0:
-        return dom.sort(1).values, None
+    b, n, d = tokens.shape
+    dom = cls_attention.topk(dominant, dim=1).indices.sort(1).values  # (B, dominant)
     rest = complement(dom, n)  # (B, R) in index order
     r = rest.shape[1]
-    step = max(1, r // contextual)
-    slots = torch.arange(0, r, step, device=tokens.device)[:contextual]
+    if contextual == 0:
+        return dom, rest[:, :0], tokens.new_zeros(b, 0, d)
+    slots = torch.arange(0, r, max(1, r // contextual), device=tokens.device)[:contextual]
     is_target = torch.zeros(r, dtype=torch.bool, device=tokens.device)
     is_target[slots] = True
     targets, others = rest[:, is_target], rest[:, ~is_target]  # (B, C), (B, R - C)
-    indices = torch.cat([dom, targets], 1)
-    if others.shape[1] == 0:
-        return indices.sort(1).values, None
     similarity = cosine_matrix(gather_tokens(keys.float(), others), gather_tokens(keys.float(), targets))
-    assign = similarity.argmax(-1)  # (B, R - C) index into the targets
-    merged = merge_into(gather_tokens(tokens, targets).float(), gather_tokens(tokens, others).float(), assign)
-    contents = torch.cat([gather_tokens(tokens, dom), merged.to(tokens.dtype)], 1)
-    indices, order = indices.sort(1)
-    return indices, gather_tokens(contents, order)
+    assign = similarity.argmax(-1)  # (B, R - C) index into the targets; argmax keeps the first maximum
+    target_x, other_x = gather_tokens(tokens, targets).float(), gather_tokens(tokens, others).float()
+    if merge == "mean":
+        merged = merge_into(target_x, other_x, assign)
+    else:
+        total = torch.zeros_like(target_x).scatter_add_(1, assign[..., None].expand_as(other_x), other_x)
+        count = torch.zeros(target_x.shape[:2], device=tokens.device).scatter_add_(
+            1, assign, torch.ones(assign.shape, device=tokens.device))
+        merged = target_x + total / count.clamp_min(1)[..., None]
+    return dom, targets, merged.to(tokens.dtype)
 
 
 @register
@@ -62,17 +70,25 @@ def visionzip_reduce(tokens: torch.Tensor, cls_attention: torch.Tensor, keys: to
 class VisionZip(Method):
     """VisionZip: dominant tokens by CLS attention, contextual tokens by merging the rest.
 
-    Scores: ``cls_attention`` (B, N) picks the ``round(dominant_ratio * keep)`` dominant
-    tokens; ``keys`` (B, N, d_k) (the block's attention keys averaged over heads) decide which
-    contextual target each remaining token merges into (highest cosine similarity). Acts on
-    the vision tower's output (default site ``projector``) or before a vision block.
+    By default this is the released LLaVA code (``dvlab-research/VisionZip``,
+    ``CLIPVisionTower_VisionZip.forward``): ``round(dominant_ratio * keep)`` dominant tokens,
+    counting the CLS token, which is emitted first (the ``cls_token`` signal ``(B, d)``, the
+    tower's CLS at the feature layer) when the site offers it; the others are the patches of
+    highest ``cls_attention`` ``(B, N)`` (the feature block's CLS row; the released code sums
+    the heads, we average them: same ranking). The ``keep - dominant`` contextual tokens come
+    from the remaining patches: evenly spaced targets in index order, every other remaining
+    patch assigned to the target of most cosine-similar ``keys`` ``(B, N, d_k)`` (the block's
+    keys averaged over heads), and each target becomes ``target + mean(assigned)``. Emitted
+    order: CLS, dominant patches by index, then contextual tokens by index. Budget 64 is
+    CLS + 53 + 10. Acts on the vision tower's output (default site ``projector``), or before a
+    vision block, where CLS is the tower's own prefix token: no CLS is emitted there and every
+    dominant token is a patch, in place.
 
-    Differences from the paper's code: the released code counts the CLS token as one of the
-    dominant tokens (it keeps CLS plus ``dominant - 1`` patches and feeds CLS to the LLM); here
-    CLS is a prefix token the backbone handles and all ``dominant`` tokens are patches. The
-    released code sums CLS attention over heads (same ranking as our mean) and emits dominant
-    tokens then contextual tokens in that order; here the kept slots stay in their original
-    order (sorted indices) so positions are preserved. Decisions are per row, as in the paper.
+    Options that are ours, off by default: ``cls="drop"`` never emits CLS (every dominant
+    token is a patch); ``merge="mean"`` makes a contextual token the plain mean of its target
+    and the tokens assigned to it; ``order="positions"`` keeps every kept token in its
+    original position instead of dominant-then-contextual.
+    Decisions are per row, as in the released code.
     """
 
     name = "visionzip"
@@ -80,14 +96,41 @@ class VisionZip(Method):
              "in Vision Language Models. CVPR 2025. arXiv:2412.04467")
     stages = ("vision", "projector")
     default_site = "projector"
-    signals = ("cls_attention", "keys")
+    signals = ("cls_attention", "keys", "cls_token")
 
     dominant_ratio: float = 54 / 64
+    cls: str = "emit"
+    merge: str = "add"
+    order: str = "blocks"
+
+    def __post_init__(self):
+        ratio = self.dominant_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
+            raise TokensieveError(f"visionzip: dominant_ratio {ratio!r} is not a number in [0, 1]")
+        for option, value, choices in (("cls", self.cls, CLS_CHOICES), ("merge", self.merge, MERGE_CHOICES),
+                                       ("order", self.order, ORDER_CHOICES)):
+            if value not in choices:
+                raise TokensieveError(f"visionzip: {option} {value!r} is not one of {', '.join(choices)}")
+
+    @property
+    def makes_extra_tokens(self) -> bool:
+        """True when CLS may be emitted as a token of its own (``cls="emit"``)."""
+        return self.cls == "emit"
 
     def select(self, inputs: SiteInputs) -> Selection:
-        if not 0 <= self.dominant_ratio <= 1:
-            raise TokensieveError(f"visionzip: dominant_ratio {self.dominant_ratio} is not in [0, 1]")
         att, keys = inputs.signal("cls_attention"), inputs.signal("keys")
         dominant, contextual = visionzip_split(inputs.keep, self.dominant_ratio)
-        indices, contents = visionzip_reduce(inputs.tokens, att, keys, dominant, contextual)
-        return Selection(indices, contents)
+        cls = inputs.signal("cls_token") if self.cls == "emit" and "cls_token" in inputs.signals else None
+        if cls is not None:  # CLS is one of the dominant tokens, so one patch fewer
+            dominant = max(dominant, 1)
+            contextual = inputs.keep - dominant
+            dominant -= 1
+        dom, targets, merged = visionzip_reduce(inputs.tokens, att, keys, dominant, contextual, self.merge)
+        extra = None if cls is None else cls[:, None, :].to(inputs.tokens.dtype)
+        if contextual == 0:
+            return Selection(dom, extra=extra, extra_first=True)
+        indices, slot = torch.cat([dom, targets], 1).sort(1)
+        contents = gather_tokens(torch.cat([gather_tokens(inputs.tokens, dom), merged], 1), slot)
+        # emitted dominant block then contextual block; in a vision block tokens stay in place
+        blocks = self.order == "blocks" and not inputs.site.startswith("vision")
+        return Selection(indices, contents, extra=extra, extra_first=True, order=slot.argsort(1) if blocks else None)
