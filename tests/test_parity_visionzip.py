@@ -20,8 +20,8 @@ CASES = META["cases"]
 
 
 def case_inputs(case: str, site: str = "projector", with_cls: bool = True) -> SiteInputs:
-    t = {name: TENSORS[f"{case}.{name}"] for name in ("tokens", "cls_attention", "keys", "cls_token")}
     spec = CASES[case]
+    t = {name: TENSORS[f"{spec['inputs']}.{name}"] for name in ("tokens", "cls_attention", "keys", "cls_token")}
     names = ("cls_attention", "keys", "cls_token") if with_cls else ("cls_attention", "keys")
     b = t["tokens"].shape[0]
     return SiteInputs(t["tokens"], spec["dominant"] + spec["contextual"], site, [torch.Generator()] * b,
@@ -78,7 +78,7 @@ def test_without_cls_every_dominant_token_is_a_patch():
     for sel in (VisionZip().select(case_inputs(case, with_cls=False)),
                 VisionZip(cls="drop").select(case_inputs(case))):
         assert sel.extra is None and sel.indices.shape[1] == 64
-        top54 = TENSORS[f"{case}.cls_attention"].topk(54, 1).indices
+        top54 = TENSORS["n576.cls_attention"].topk(54, 1).indices
         assert bool(torch.isin(top54, sel.indices).all())
 
 
