@@ -131,7 +131,7 @@ def test_visionzip_split_matches_paper_budgets():
     assert [visionzip_split(k, 54 / 64) for k in (64, 128, 192)] == [(54, 10), (108, 20), (162, 30)]
 
 
-def test_visionzip_dominant_and_contextual_means():
+def _visionzip_case():
     n = 12
     tokens = torch.randn(1, n, D)
     cls = torch.full((1, n), 0.01)
@@ -141,13 +141,42 @@ def test_visionzip_dominant_and_contextual_means():
     keys = torch.randn(1, n, DK) * 0.01
     keys[0, [0, 1, 3, 4]] += e[0]
     keys[0, [5, 6, 8, 9, 11]] += e[1]
+    return tokens, cls, keys
+
+
+def test_visionzip_contextual_token_is_target_plus_mean_of_the_rest():
+    tokens, cls, keys = _visionzip_case()
     sel = VisionZip(dominant_ratio=0.6).select(inputs(tokens, 5, cls_attention=cls, keys=keys))
     assert sel.indices.tolist() == [[0, 2, 5, 7, 10]]
+    assert sel.extra is None  # no cls_token signal: every dominant token is a patch
     out = sel.tokens[0]
     for slot, i in ((1, 2), (3, 7), (4, 10)):  # dominant tokens unchanged
         assert torch.equal(out[slot], tokens[0, i])
-    torch.testing.assert_close(out[0], tokens[0, [0, 1, 3, 4]].mean(0))
-    torch.testing.assert_close(out[2], tokens[0, [5, 6, 8, 9, 11]].mean(0))
+    torch.testing.assert_close(out[0], tokens[0, 0] + tokens[0, [1, 3, 4]].mean(0))
+    torch.testing.assert_close(out[2], tokens[0, 5] + tokens[0, [6, 8, 9, 11]].mean(0))
+    # emitted dominant (2, 7, 10) then contextual (0, 5)
+    assert sel.indices.gather(1, sel.order).tolist() == [[2, 7, 10, 0, 5]]
+
+
+def test_visionzip_mean_merge_and_positions_order_are_options():
+    tokens, cls, keys = _visionzip_case()
+    sel = VisionZip(dominant_ratio=0.6, merge="mean", order="positions").select(
+        inputs(tokens, 5, cls_attention=cls, keys=keys))
+    assert sel.indices.tolist() == [[0, 2, 5, 7, 10]] and sel.order is None
+    torch.testing.assert_close(sel.tokens[0, 0], tokens[0, [0, 1, 3, 4]].mean(0))
+    torch.testing.assert_close(sel.tokens[0, 2], tokens[0, [5, 6, 8, 9, 11]].mean(0))
+
+
+def test_visionzip_emits_cls_first_as_one_of_the_dominant_tokens():
+    tokens, cls, keys = _visionzip_case()
+    cls_token = torch.randn(1, D)
+    sel = VisionZip(dominant_ratio=0.6).select(inputs(tokens, 5, cls_attention=cls, keys=keys, cls_token=cls_token))
+    # budget 5 = CLS + 2 dominant patches (7, 2) + 2 contextual; step 10 // 2 = 5 -> rest[0]=0, rest[5]=6
+    assert sel.indices.tolist() == [[0, 2, 6, 7]]
+    assert sel.extra_first and torch.equal(sel.extra, cls_token[:, None])
+    drop = VisionZip(dominant_ratio=0.6, cls="drop").select(
+        inputs(tokens, 5, cls_attention=cls, keys=keys, cls_token=cls_token))
+    assert drop.extra is None and drop.indices.tolist() == [[0, 2, 5, 7, 10]]
 
 
 def test_visionzip_all_dominant_is_top_cls_attention():
@@ -157,10 +186,12 @@ def test_visionzip_all_dominant_is_top_cls_attention():
     assert sel.tokens is None
 
 
-def test_visionzip_bad_ratio():
-    tokens, sig = random_batch()
-    with pytest.raises(TokensieveError, match="dominant_ratio"):
-        VisionZip(dominant_ratio=1.5).select(inputs(tokens, 9, **sig))
+@pytest.mark.parametrize("kwargs, message", [({"dominant_ratio": 1.5}, "dominant_ratio"),
+                                             ({"cls": "prefix"}, "cls"), ({"merge": "sum"}, "merge"),
+                                             ({"order": "sorted"}, "order")])
+def test_visionzip_bad_options(kwargs, message):
+    with pytest.raises(TokensieveError, match=message):
+        VisionZip(**kwargs)
 
 
 # --- PruMerge / PruMerge+ -------------------------------------------------------------------
