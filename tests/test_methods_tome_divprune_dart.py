@@ -11,7 +11,7 @@ from tokensieve.methods.dart import DART
 from tokensieve.methods.divprune import DivPrune
 from tokensieve.methods.tome import ToMe
 
-NAMES = ["tome", "divprune", "dart"]
+NAMES = ["tome", "divprune"]  # DART reads LLM signals; its generic checks are in its own section
 
 
 def inputs(tokens: torch.Tensor, keep: int, signals=None) -> SiteInputs:
@@ -27,8 +27,10 @@ def test_registered_with_the_contract_attributes():
     assert set(NAMES) <= set(list_methods())
     assert (ToMe.stages, ToMe.default_site, ToMe.signals) == (("vision", "projector"), "vision.1", ("keys",))
     assert (DivPrune.stages, DivPrune.default_site, DivPrune.signals) == (("projector", "llm"), "projector", ())
-    assert (DART.stages, DART.default_site, DART.signals) == (("llm", "projector"), "llm.2", ())
-    assert create_method("dart").config() == {"name": "dart", "pivot_count": 8}
+    assert (DART.stages, DART.default_site, DART.signals) == (
+        ("llm",), "llm.2", ("prev_layer_keys", "normed_states", "positions"))
+    assert create_method("dart").config() == {"name": "dart", "pivot_image_tokens": 4, "pivot_text_tokens": 4,
+                                              "exact_budget": False}
     for cls in (ToMe, DivPrune, DART):
         assert "arXiv:" in cls.paper and cls.__doc__
 
@@ -162,34 +164,103 @@ def test_divprune_picks_for_each_row_of_a_batch_what_it_picks_for_the_row_alone(
 
 # ---- DART -----------------------------------------------------------------------------------
 
-def dart_tokens() -> torch.Tensor:
-    e = torch.eye(4)
-    return torch.stack([10 * e[0],              # 0 pivot
-                        e[0],                   # 1 duplicate of pivot 0
-                        e[2],                   # 2 unlike both pivots
-                        2 * e[1],               # 3 duplicate of pivot 4
-                        9 * e[1],               # 4 pivot
-                        e[3],                   # 5 unlike both pivots
-                        e[0] + e[2]])[None]     # 6 half like pivot 0
+def dart_inputs(keys, states, positions, q_keys, q_states, q_positions, keep, q_valid=None) -> SiteInputs:
+    """SiteInputs at ``llm.2`` carrying DART's signals over the image and the text tokens."""
+    q_valid = torch.ones(q_keys.shape[:2], dtype=torch.bool) if q_valid is None else q_valid
+    return SiteInputs(states, keep, "llm.2", [torch.Generator()] * states.shape[0],
+                      {"prev_layer_keys": lambda: keys, "normed_states": lambda: states, "positions": lambda: positions},
+                      question_states=lambda: (q_states, q_valid),
+                      question_signals={"prev_layer_keys": lambda: q_keys, "normed_states": lambda: q_states,
+                                        "positions": lambda: q_positions})
 
 
-def test_dart_keeps_pivots_and_drops_pivot_duplicates_first():
-    tokens = dart_tokens()
-    method = DART(pivot_count=2)
-    assert method.select(inputs(tokens, 4)).indices.tolist() == [[0, 2, 4, 5]]
-    assert method.select(inputs(tokens, 5)).indices.tolist() == [[0, 2, 4, 5, 6]]
-    six = method.select(inputs(tokens, 6)).indices[0].tolist()
-    assert {0, 2, 4, 5, 6} < set(six) and len(set(six) & {1, 3}) == 1
+def random_dart_inputs(b: int, n: int, t: int, keep: int, seed: int = 0) -> SiteInputs:
+    g = torch.Generator().manual_seed(seed)
+    return dart_inputs(torch.randn(b, n, 8, generator=g), torch.randn(b, n, 8, generator=g),
+                       (3 + torch.arange(n)).expand(b, n), torch.randn(b, t, 8, generator=g),
+                       torch.randn(b, t, 8, generator=g), (3 + n + torch.arange(t)).expand(b, t), keep)
 
 
-def test_dart_budget_below_pivot_count_keeps_the_strongest_pivots():
-    tokens = dart_tokens()
-    assert DART(pivot_count=2).select(inputs(tokens, 1)).indices.tolist() == [[0]]
-    assert DART(pivot_count=8).select(inputs(tokens, 3)).indices.tolist() == [[0, 3, 4]]
+def test_dart_pivots_claim_in_set_order_and_text_pivots_are_not_kept():
+    e = torch.eye(3)
+    # Image pivot p = e1 (largest key L1 norm) and text pivot q = e2 both like t2 least; then p
+    # prefers tA and q prefers tB. Each claims one token (keep 3 = 1 pivot + 2 pivots x 1).
+    states = torch.stack([e[0],                      # 0 p, image pivot
+                          -e[0] - e[1],              # 1 t2: least like p and q
+                          -0.6 * e[0] + 0.8 * e[2],  # 2 tA: next least like p
+                          -0.6 * e[1] + 0.8 * e[2],  # 3 tB: next least like q
+                          e[0] + e[1] + e[2]])[None]
+    keys = torch.tensor([[5.0], [1.0], [1.0], [1.0], [1.0]])[None]
+    q_keys, q_states = torch.tensor([[[0.1], [3.0]]]), torch.stack([e[2], e[1]])[None]
+    method = DART(pivot_image_tokens=1, pivot_text_tokens=1)
+
+    def kept(start: int) -> list[int]:
+        # Python's set of {p's position, q's position} iterates by position modulo 8 here.
+        sel = method.select(dart_inputs(keys, states, start + torch.arange(5)[None], q_keys, q_states,
+                                        start + 5 + torch.arange(2)[None], 3))
+        return sel.indices[0].tolist()
+
+    assert list({1, 7}) == [1, 7] and list({3, 9}) == [9, 3]
+    assert kept(1) == [0, 1, 3]  # p (position 1) claims t2 first, q (7) then takes tB
+    assert kept(3) == [0, 1, 2]  # q (9) claims t2 first, p (3) then takes tA
 
 
-def test_dart_rejects_a_pivot_count_below_one():
-    with pytest.raises(TokensieveError, match="pivot_count"):
-        DART(pivot_count=0)
-    with pytest.raises(TokensieveError, match="pivot_count"):
-        create_method("dart", pivot_count=-2)
+def test_dart_keeps_the_reference_count_below_the_budget_unless_exact_budget():
+    inputs = random_dart_inputs(2, 40, 6, 15)
+    paper = DART().select(inputs)  # each of 8 pivots claims (15 - 4) // 8 = 1: 4 + 8 = 12 kept
+    assert paper.indices.shape == (2, 12) and paper.valid.all() and paper.valid.shape == (2, 12)
+    exact = DART(exact_budget=True).select(inputs)  # 3 more pivots take one more token each
+    assert exact.indices.shape == (2, 15) and exact.valid is None
+    for short, full in zip(paper.indices, exact.indices):
+        assert torch.equal(short, short.unique()) and torch.equal(full, full.unique())
+        assert set(short.tolist()) < set(full.tolist())
+    assert DART().select(random_dart_inputs(1, 40, 6, 36)).valid is None  # 4 + 8 * 4: exactly the budget
+
+
+def test_dart_keeping_every_token_keeps_them_all():
+    sel = DART().select(random_dart_inputs(2, 12, 5, 12))
+    assert torch.equal(sel.indices, torch.arange(12).expand(2, 12)) and sel.valid is None
+
+
+def test_dart_rows_choose_independently():
+    inputs = random_dart_inputs(3, 30, 6, 20, seed=1)
+    together = DART().select(inputs).indices
+    assert not torch.equal(together[0], together[1])
+    for i in range(3):
+        alone = dart_inputs(*(inputs.signals[k]()[i : i + 1] for k in ("prev_layer_keys", "normed_states", "positions")),
+                            *(inputs.question_signals[k]()[i : i + 1]
+                              for k in ("prev_layer_keys", "normed_states", "positions")), 20)
+        assert torch.equal(DART().select(alone).indices[0], together[i])
+
+
+def test_dart_without_text_pivots_needs_no_question():
+    inputs = random_dart_inputs(1, 20, 3, 9)
+    inputs.question_states, inputs.question_signals = None, {}
+    assert DART(pivot_image_tokens=3, pivot_text_tokens=0).select(inputs).indices.shape == (1, 9)
+
+
+def test_dart_refuses_what_the_reference_cannot_do():
+    with pytest.raises(TokensieveError, match="image pivots"):
+        DART().select(random_dart_inputs(1, 20, 6, 3))
+    with pytest.raises(TokensieveError, match="only 2"):
+        DART().select(random_dart_inputs(1, 20, 2, 12))
+    with pytest.raises(TokensieveError, match="llm.k with k >= 1"):
+        DART().check(64, 16, "llm.0")
+    with pytest.raises(TokensieveError, match="llm.k with k >= 1"):
+        DART().check(64, 16, "projector")
+    with pytest.raises(TokensieveError, match="below that"):
+        DART().check(64, 3, "llm.2")
+    DART().check(64, 16, "llm.1")
+    with pytest.raises(TokensieveError, match="not available"):
+        DART().select(inputs(random_tokens(1, 20), 12))
+
+
+def test_dart_rejects_bad_parameters():
+    with pytest.raises(TokensieveError, match="pivot_text_tokens"):
+        DART(pivot_text_tokens=-1)
+    with pytest.raises(TokensieveError, match="pivot_image_tokens"):
+        create_method("dart", pivot_image_tokens=2.5)
+    with pytest.raises(TokensieveError, match="at least one pivot"):
+        DART(pivot_image_tokens=0, pivot_text_tokens=0)
+    with pytest.raises(TokensieveError, match="exact_budget"):
+        DART(exact_budget="yes")

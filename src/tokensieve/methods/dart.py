@@ -1,18 +1,27 @@
-"""DART: keep pivot tokens and the tokens that duplicate them least.
+"""DART (duplication-aware reduction of tokens): keep a few pivot tokens and, for each pivot in
+turn, the image tokens least like it.
 
-Scores: a few pivot tokens are chosen by largest L2 norm; every other token is scored by
-its highest cosine similarity to any pivot (how much it duplicates one), and the least
-duplicated ones are kept alongside the pivots. Acts inside the LLM (default site ``llm.2``,
-the paper's layer K=2) or on the projector output.
+As the authors' LLaVA code runs it (``DART.get_retained_image_token`` in
+``llava/model/language_model/modeling_llama_self.py``, ZichenWen1/DART), before LLM layer K=2:
 
-Differences from the paper's code: the released LLaVA code picks 4 image pivots and 4 text
-pivots by the L1 norm of the layer's key states and then lets each pivot in turn claim its
-``max_num_trunction // 8`` least similar remaining image tokens (text pivots are dropped
-afterwards); it runs on one sample at a time and keeps ``4 + 8 * (T // 8)`` tokens. Here a
-method sees only the visual tokens, so all ``pivot_count`` pivots are image tokens, chosen by
-the L2 norm of the tokens themselves (no signal needed); the other tokens are ranked
-globally by their maximum cosine similarity to any pivot, the budget is met exactly, and
-every row of a batch chooses its own tokens.
+- pivots: the ``pivot_image_tokens`` image tokens and the ``pivot_text_tokens`` text tokens (the
+  real tokens after the image run: question and answer cue) whose layer K-1 post-RoPE keys, heads
+  concatenated, have the largest L1 norm;
+- duplication: cosine similarity of the hidden states entering layer K after the model's final
+  RMSNorm;
+- claiming: the pivots take turns in the iteration order of a Python ``set`` of their positions
+  in the sequence (image pivots inserted first, each group by decreasing norm); each claims the
+  ``per_pivot`` image tokens least similar to it among those no pivot has claimed yet (image pivots
+  are never candidates). Text pivots claim too, and are not kept themselves;
+- kept: the image pivots and every claimed token, ``pivot_image_tokens + pivots * per_pivot``
+  tokens (``pivots = pivot_image_tokens + pivot_text_tokens``).
+
+The released code sets ``per_pivot = max_num_trunction // pivots`` from a setting of its own, so
+its "128 tokens" configuration keeps 4 + 8 * 16 = 132. Here the budget is the most a row keeps:
+``per_pivot = (keep - pivot_image_tokens) // pivots``, so a budget of 132 reproduces that
+configuration exactly and any other budget keeps up to ``pivots - 1`` fewer tokens (the count kept
+is what is reported). Ours, off by default: ``exact_budget`` gives those remaining slots to the
+first pivots in claiming order, one more least-similar token each.
 """
 
 from __future__ import annotations
@@ -20,57 +29,140 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.nn import functional as F
 
 from tokensieve.errors import TokensieveError
 from tokensieve.method import Method, Selection, SiteInputs, register
-from tokensieve.ops import cosine_matrix, gather_tokens, topk_sorted
 
 
-def dart_keep(tokens: torch.Tensor, keep: int, pivot_count: int) -> torch.Tensor:
-    """Pivots plus the least-duplicated tokens, ``keep`` per row.
+def dart_keep(keys: torch.Tensor, states: torch.Tensor, positions: torch.Tensor, keep: int, *,
+              question_keys: torch.Tensor | None = None, question_states: torch.Tensor | None = None,
+              question_positions: torch.Tensor | None = None, question_valid: torch.Tensor | None = None,
+              pivot_image_tokens: int = 4, pivot_text_tokens: int = 4, exact_budget: bool = False,
+              valid: torch.Tensor | None = None) -> torch.Tensor:
+    """DART's kept image tokens for every row, each row on its own.
 
-    tokens: ``(B, N, d)``. Pivots: the ``min(pivot_count, keep)`` tokens of largest L2 norm.
-    Every other token's duplication is its maximum cosine similarity to the pivots; the
-    ``keep - pivots`` least duplicated are kept with the pivots.
-    Returns ``(B, keep)`` sorted indices.
+    keys: ``(B, N, d_k)`` layer K-1's post-RoPE keys of the image tokens, heads concatenated.
+    states: ``(B, N, d)`` the image tokens' hidden states entering layer K, after the final norm.
+    positions: ``(B, N)`` each image token's index in its row's (unpadded) sequence.
+    question_keys, question_states, question_positions: ``(B, T, d_k)``, ``(B, T, d)``, ``(B, T)``
+        the same for the text tokens after the image run, with ``question_valid`` ``(B, T)`` bool
+        False on padding (all may be ``None`` when ``pivot_text_tokens`` is 0).
+    valid: optional ``(B, N)`` bool, False for tokens that only pad a row (never kept).
+    Norms and cosines are computed in the inputs' dtype, as the reference does in the model's.
+    Returns ``(B, K)`` sorted indices into the ``N`` tokens, ``K = pivot_image_tokens + pivots *
+    ((keep - pivot_image_tokens) // pivots)`` (``keep`` with ``exact_budget``, all ``N`` when
+    ``keep == N``).
     """
-    b, n, _ = tokens.shape
-    if not 1 <= keep <= n:
-        raise TokensieveError(f"dart: cannot keep {keep} of {n} tokens")
-    if pivot_count < 1:
-        raise TokensieveError(f"dart: pivot_count must be at least 1, got {pivot_count}")
-    x = tokens.float()
-    pivots = x.norm(dim=-1).topk(min(pivot_count, keep, n), dim=1).indices  # (B, P)
-    duplication = cosine_matrix(x, gather_tokens(x, pivots)).amax(-1)  # (B, N)
-    score = (-duplication).scatter(1, pivots, float("inf"))  # pivots always stay
-    return topk_sorted(score, keep)
+    b, n, _ = states.shape
+    if keep == n:
+        return torch.arange(n, device=states.device).expand(b, n)
+    if not pivot_image_tokens <= keep < n:
+        raise TokensieveError(f"dart keeps its {pivot_image_tokens} image pivots: cannot keep {keep} of {n} tokens")
+    pivots = pivot_image_tokens + pivot_text_tokens
+    per_pivot = (keep - pivot_image_tokens) // pivots
+    extra = keep - pivot_image_tokens - pivots * per_pivot if exact_budget else 0
+    rows = []
+    for r in range(b):
+        norms = keys[r].norm(p=1, dim=-1)
+        if valid is not None:
+            if int(valid[r].sum()) < keep:
+                raise TokensieveError(f"dart: row {r} has {int(valid[r].sum())} real tokens, fewer than the {keep} "
+                                      "to keep")
+            norms = norms.masked_fill(~valid[r], -torch.inf)
+        image_pivots = norms.topk(pivot_image_tokens).indices  # decreasing norm
+        where = positions[r, image_pivots].tolist()
+        vectors = list(states[r, image_pivots])
+        if pivot_text_tokens:
+            text = question_valid[r].nonzero()[:, 0]
+            if len(text) < pivot_text_tokens:
+                raise TokensieveError(f"dart picks {pivot_text_tokens} text pivots among the tokens after the "
+                                      f"image, but row {r} has only {len(text)}")
+            text_pivots = text[question_keys[r, text].norm(p=1, dim=-1).topk(pivot_text_tokens).indices]
+            where += question_positions[r, text_pivots].tolist()
+            vectors += list(question_states[r, text_pivots])
+        vector_at = dict(zip(where, vectors))
+        if len(vector_at) != pivots:
+            raise TokensieveError("dart: the pivots' positions in the sequence must be distinct")
+        # The reference iterates a Python set of the pivots' positions, image pivots added first,
+        # each group by decreasing norm: that order decides which pivot gets a token two want.
+        order = list(set(where))
+        free = torch.ones(n, dtype=torch.bool, device=states.device) if valid is None else valid[r].clone()
+        free[image_pivots] = False
+        kept = [image_pivots]
+        for turn, count in [(order, per_pivot), (order[:extra], 1)]:
+            for position in turn:
+                candidates = free.nonzero()[:, 0]  # ascending, like the reference's list of its set
+                distance = -F.cosine_similarity(vector_at[position], states[r, candidates], dim=-1)
+                claimed = candidates[distance.topk(count).indices]
+                free[claimed] = False
+                kept.append(claimed)
+        rows.append(torch.cat(kept).sort().values)
+    return torch.stack(rows)
 
 
 @register
 @dataclass
 class DART(Method):
-    """DART: keep ``pivot_count`` high-norm pivot tokens and the tokens least similar to them.
+    """DART as released for LLaVA: pivots by key L1 norm, then each pivot in turn claims the image
+    tokens least similar to it (see the module docstring for the exact rule).
 
-    Pivots are the tokens of largest L2 norm; the rest of the budget goes to the tokens whose
-    maximum cosine similarity to any pivot is lowest, so near-copies of a pivot are dropped
-    first. If the budget is smaller than ``pivot_count``, only the top-``keep`` pivots stay.
+    pivot_image_tokens / pivot_text_tokens: pivots among the image tokens and among the text tokens
+    after the image (the paper's 4 and 4). With ``keep`` tokens allowed, each pivot claims
+    ``(keep - pivot_image_tokens) // (pivot_image_tokens + pivot_text_tokens)`` tokens, so a row may
+    keep up to ``pivots - 1`` fewer than the budget (budget 132 = the paper's "128" setting, kept
+    exactly). ``exact_budget`` (ours, off by default) fills those slots: the first pivots in
+    claiming order take one more token each. A budget of all the tokens keeps them all.
 
-    pivot_count: number of pivot tokens (the paper's code uses 8 pivots in total, 4 image and
-    4 text; here all of them are visual tokens).
+    Needs, at ``llm.K`` (K >= 1): signals ``prev_layer_keys`` ``(B, N, d_k)`` (layer K-1's
+    post-RoPE keys, heads concatenated), ``normed_states`` ``(B, N, d)`` (the states entering layer
+    K through the model's final norm) and ``positions`` ``(B, N)`` (index in the row's unpadded
+    sequence), and the same three as question signals over the text tokens.
     """
 
-    pivot_count: int = 8
+    pivot_image_tokens: int = 4
+    pivot_text_tokens: int = 4
+    exact_budget: bool = False
 
     name = "dart"
     paper = ("Wen, Gao, Wang, Zhang, Zhang, Li, He, Zhang. Stop Looking for Important Tokens in "
-             "Multimodal Language Models: Duplication Matters More. arXiv preprint 2025. arXiv:2502.11494")
-    stages = ("llm", "projector")
+             "Multimodal Language Models: Duplication Matters More. EMNLP 2025. arXiv:2502.11494")
+    stages = ("llm",)
     default_site = "llm.2"
-    signals = ()
+    signals = ("prev_layer_keys", "normed_states", "positions")
 
     def __post_init__(self):
-        if isinstance(self.pivot_count, bool) or not isinstance(self.pivot_count, int) or self.pivot_count < 1:
-            raise TokensieveError(f"dart: pivot_count must be a whole number of at least 1, got {self.pivot_count!r}")
+        for field in ("pivot_image_tokens", "pivot_text_tokens"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise TokensieveError(f"dart: {field} must be a whole number of at least 0, got {value!r}")
+        if self.pivot_image_tokens + self.pivot_text_tokens < 1:
+            raise TokensieveError("dart needs at least one pivot (pivot_image_tokens + pivot_text_tokens >= 1)")
+        if not isinstance(self.exact_budget, bool):
+            raise TokensieveError(f"dart: exact_budget must be true or false, got {self.exact_budget!r}")
+
+    def check(self, n_tokens: int, keep: int, site: str) -> None:
+        if not site.startswith("llm.") or site == "llm.0":
+            raise TokensieveError(f"dart reads the keys of the layer before its site: it acts at llm.k with "
+                                  f"k >= 1, not {site}")
+        if keep < min(self.pivot_image_tokens, n_tokens):
+            raise TokensieveError(f"dart keeps its {self.pivot_image_tokens} image pivots: a budget of {keep} "
+                                  f"tokens at {site} is below that")
 
     def select(self, inputs: SiteInputs) -> Selection:
-        return Selection(dart_keep(inputs.tokens, inputs.keep, self.pivot_count))
+        b, n, _ = inputs.tokens.shape
+        if inputs.keep == n:
+            return Selection(torch.arange(n, device=inputs.tokens.device).expand(b, n))
+        text = {}
+        if self.pivot_text_tokens:
+            text = {"question_keys": inputs.question_signal("prev_layer_keys"),
+                    "question_states": inputs.question_signal("normed_states"),
+                    "question_positions": inputs.question_signal("positions"),
+                    "question_valid": inputs.question()[1]}
+        indices = dart_keep(inputs.signal("prev_layer_keys"), inputs.signal("normed_states"),
+                            inputs.signal("positions"), inputs.keep, **text,
+                            pivot_image_tokens=self.pivot_image_tokens, pivot_text_tokens=self.pivot_text_tokens,
+                            exact_budget=self.exact_budget, valid=inputs.valid)
+        # Fewer than the budget (the reference's own count): every slot real, the rest not kept.
+        short = indices.shape[1] < inputs.keep
+        return Selection(indices, valid=torch.ones_like(indices, dtype=torch.bool) if short else None)
