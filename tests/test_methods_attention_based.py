@@ -9,7 +9,8 @@ from tokensieve.errors import TokensieveError
 from tokensieve.method import SiteInputs, create_method
 from tokensieve.methods.anchor import Anchor, anchor_diversity, anchor_importance, minmax_rows
 from tokensieve.methods.fastv import FastV
-from tokensieve.methods.prumerge import PruMerge, PruMergePlus, iqr_outliers
+from tokensieve.methods.prumerge import (PruMerge, PruMergePlus, adaptive_count, iqr_outlier_ratio, prumerge_keep,
+                                         prumerge_plus_keep)
 from tokensieve.methods.visionzip import VisionZip, visionzip_split
 
 N, D, DK = 40, 6, 5
@@ -30,7 +31,7 @@ def random_batch(b=3, n=N, seed=0):
     return tokens, dict(cls_attention=cls, text_attention=text, keys=keys)
 
 
-METHODS = [FastV(), VisionZip(), PruMerge(), PruMergePlus(), Anchor()]
+METHODS = [FastV(), VisionZip(), Anchor()]  # PruMerge(+) adds a token of its own: its own tests below
 IDS = [m.name for m in METHODS]
 
 
@@ -61,7 +62,7 @@ def test_keep_all_keeps_everything_unchanged(method):
     assert sel.tokens is None or torch.equal(sel.tokens, tokens)
 
 
-@pytest.mark.parametrize("method", [FastV(), VisionZip(), PruMerge(), PruMergePlus(), Anchor(k_anchors=1)],
+@pytest.mark.parametrize("method", [FastV(), VisionZip(), Anchor(k_anchors=1)],
                          ids=IDS)
 def test_keep_one(method):
     tokens, sig = random_batch()
@@ -194,7 +195,11 @@ def test_visionzip_bad_options(kwargs, message):
         VisionZip(**kwargs)
 
 
-# --- PruMerge / PruMerge+ -------------------------------------------------------------------
+# --- PruMerge / PruMerge+ (parity with the released code: tests/test_parity_prumerge.py) -----
+def prumerge_inputs(tokens, keep, att, keys):
+    return inputs(tokens, keep, last_block_cls_attention=att, last_block_keys=keys)
+
+
 def _prumerge_case():
     n = 20
     tokens = torch.randn(1, n, D)
@@ -203,56 +208,134 @@ def _prumerge_case():
     e = torch.eye(DK)
     keys = e[2].repeat(1, n, 1)
     keys[0, 4], keys[0, 13] = e[0], e[1]
-    keys[0, 0], keys[0, 1] = e[0] + 0.1 * e[2], e[0] + 0.2 * e[2]  # nearest pruned to token 4
-    keys[0, 2], keys[0, 3] = e[1] + 0.1 * e[2], e[1] + 0.2 * e[2]  # nearest pruned to token 13
+    keys[0, 0], keys[0, 1] = e[0] + 0.1 * e[2], e[0] + 0.2 * e[2]  # nearest to token 4
+    keys[0, 2], keys[0, 3] = e[1] + 0.1 * e[2], e[1] + 0.2 * e[2]  # nearest to token 13
     return tokens, cls, keys
 
 
-def test_iqr_outliers_are_the_spikes():
+def test_prumerge_adaptive_count_is_the_iqr_outliers_pooled_over_the_batch():
     _, cls, _ = _prumerge_case()
-    assert iqr_outliers(cls)[0].nonzero().flatten().tolist() == [4, 13]
+    assert iqr_outlier_ratio(cls) == 2 / 20 and adaptive_count(cls) == 2
+    assert sorted(prumerge_keep(cls)[0].tolist()) == [4, 13]
+    flat = 1 + 0.05 * torch.arange(20, dtype=torch.float32)[None]
+    both = torch.cat([cls, flat])  # one threshold for both rows: 2 outliers of 40 -> int(20 * 0.05) = 1 each
+    assert adaptive_count(both) == 1 and prumerge_keep(both).shape == (2, 1)
 
 
-def test_prumerge_keeps_outliers_and_merges_neighbours_weighted_by_attention():
+def test_prumerge_keeps_budget_minus_one_adds_neighbours_and_a_summary_of_the_pruned():
     tokens, cls, keys = _prumerge_case()
-    sel = PruMerge(merge_neighbours=2).select(inputs(tokens, 2, cls_attention=cls, keys=keys))
-    assert sel.indices.tolist() == [[4, 13]]
+    sel = PruMerge(merge_neighbours=2).select(prumerge_inputs(tokens, 3, cls, keys))
+    assert sel.indices.tolist() == [[4, 13]] and not sel.extra_first
     a, x = cls[0], tokens[0]
-    for slot, (i, j, k) in enumerate([(4, 0, 1), (13, 2, 3)]):
-        expected = (a[i] * x[i] + a[j] * x[j] + a[k] * x[k]) / (a[i] + a[j] + a[k])
-        torch.testing.assert_close(sel.tokens[0, slot], expected)
+    for slot, (i, j, k) in enumerate([(4, 0, 1), (13, 2, 3)]):  # x_i + sum a_j x_j, unnormalised
+        torch.testing.assert_close(sel.tokens[0, slot], x[i] + a[j] * x[j] + a[k] * x[k])
+    pruned = [i for i in range(20) if i not in (4, 13)]
+    torch.testing.assert_close(sel.extra[0, 0], (a[pruned, None] * x[pruned]).sum(0))
 
 
-def test_prumerge_fills_the_budget_by_cls_attention_after_outliers():
+def test_prumerge_neighbours_include_kept_tokens_unless_pruned_only():
     tokens, cls, keys = _prumerge_case()
-    sel = PruMerge().select(inputs(tokens, 4, cls_attention=cls, keys=keys))
-    assert sel.indices.tolist() == [[4, 13, 18, 19]]  # outliers, then the next by CLS attention
+    keys[0, 13] = torch.eye(DK)[0] + 0.05 * torch.eye(DK)[2]  # the kept token 13 is now 4's nearest
+    a, x = cls[0], tokens[0]
+    paper = PruMerge(merge_neighbours=2).select(prumerge_inputs(tokens, 3, cls, keys))
+    torch.testing.assert_close(paper.tokens[0, 0], x[4] + a[13] * x[13] + a[0] * x[0])
+    ours = PruMerge(merge_neighbours=2, neighbours_among="pruned").select(prumerge_inputs(tokens, 3, cls, keys))
+    torch.testing.assert_close(ours.tokens[0, 0], x[4] + a[0] * x[0] + a[1] * x[1])
 
 
-def test_prumerge_without_neighbours_leaves_contents():
+def test_prumerge_mean_merge_and_no_extra_token_are_options():
     tokens, cls, keys = _prumerge_case()
-    assert PruMerge(merge_neighbours=0).select(inputs(tokens, 3, cls_attention=cls, keys=keys)).tokens is None
-    with pytest.raises(TokensieveError, match="merge_neighbours"):
-        PruMerge(merge_neighbours=-1).select(inputs(tokens, 3, cls_attention=cls, keys=keys))
+    sel = PruMerge(merge_neighbours=2, merge="mean", extra_token=False).select(prumerge_inputs(tokens, 2, cls, keys))
+    assert sel.indices.tolist() == [[4, 13]] and sel.extra is None
+    a, x = cls[0], tokens[0]
+    torch.testing.assert_close(sel.tokens[0, 0], (a[4] * x[4] + a[0] * x[0] + a[1] * x[1]) / (a[4] + a[0] + a[1]))
+    assert PruMerge(extra_token=False).makes_extra_tokens is False and PruMerge().makes_extra_tokens
+    assert PruMerge(merge_neighbours=0).select(prumerge_inputs(tokens, 3, cls, keys)).tokens is None
 
 
-def test_prumerge_plus_outliers_plus_uniform_samples():
-    tokens, cls, keys = _prumerge_case()
-    # keep 8: round(0.25 * 8) = 2 uniform, 6 by attention: 4, 13, 19, 18, 17, 16
-    sel = PruMergePlus().select(inputs(tokens, 8, cls_attention=cls, keys=keys))
-    rest = [i for i in range(20) if i not in (4, 13, 16, 17, 18, 19)]  # 14 tokens
-    uniform = [rest[int((j + 0.5) * 14 / 2)] for j in range(2)]  # rest[3], rest[10]
-    assert sel.indices[0].tolist() == sorted([4, 13, 16, 17, 18, 19, *uniform])
-    assert uniform == [3, 11]
+def _plus_attention():
+    """576 tokens on a gentle ramp (no IQR outliers) with 10 spikes, one (38) on the grid."""
+    att = torch.linspace(0.0, 0.1, 576)[None]
+    spikes = [5, 38, 100, 101, 222, 300, 333, 444, 500, 555]
+    att[0, spikes] = 1.0 + 0.01 * torch.arange(10, dtype=torch.float32)
+    return att, spikes
 
 
-def test_prumerge_plus_uniform_samples_are_spread():
-    tokens = torch.randn(1, 16, D)
-    cls, keys = torch.rand(1, 16), torch.randn(1, 16, DK)
-    sel = PruMergePlus(uniform_share=1.0).select(inputs(tokens, 4, cls_attention=cls, keys=keys))
-    assert sel.indices.tolist() == [[2, 6, 10, 14]]
-    with pytest.raises(TokensieveError, match="uniform_share"):
-        PruMergePlus(uniform_share=2.0).select(inputs(tokens, 4, cls_attention=cls, keys=keys))
+def test_prumerge_plus_outliers_then_the_grid_without_them():
+    att, spikes = _plus_attention()
+    # ratio 10 / 576 -> int(1 / ratio) = 57 -> stride 19: 0, 19, ..., 570 (31 positions) less 38
+    grid = [p for p in range(0, 575, 19) if p != 38]
+    kept = prumerge_plus_keep(att)[0].tolist()
+    assert kept == spikes[::-1] + grid  # outliers by descending attention, then the grid ascending
+    assert prumerge_plus_keep(att, 40)[0].tolist() == kept  # the paper's count: the same tokens
+
+
+def test_prumerge_plus_exact_counts_thin_the_grid_or_top_up_by_attention():
+    att, spikes = _plus_attention()
+    grid = [p for p in range(0, 575, 19) if p != 38]
+    assert prumerge_plus_keep(att, 25)[0].tolist() == spikes[::-1] + grid[1::2]  # 15 of 30, evenly spread
+    top_up = prumerge_plus_keep(att, 50)[0].tolist()
+    chosen = set(spikes) | set(grid)
+    assert top_up[:40] == spikes[::-1] + grid
+    assert top_up[40:] == [i for i in range(575, -1, -1) if i not in chosen][:10]  # next by attention
+    assert prumerge_plus_keep(att, 5)[0].tolist() == spikes[:4:-1]
+
+
+def test_prumerge_plus_without_outliers():
+    att = torch.linspace(0.0, 0.1, 576)[None]
+    with pytest.raises(TokensieveError, match="no IQR outliers"):
+        prumerge_plus_keep(att)
+    # taken as one outlier (the top token) and its stride, int(576 / 3) = 192, then topped up
+    assert prumerge_plus_keep(att, 5)[0].tolist() == [575, 0, 192, 384, 574]
+
+
+def test_prumerge_plus_rows_are_taken_alone():
+    att, spikes = _plus_attention()
+    both = torch.cat([att, att.flip(1)])
+    assert torch.equal(prumerge_plus_keep(both, 30)[1], prumerge_plus_keep(att.flip(1), 30)[0])
+    with pytest.raises(TokensieveError, match="differ between rows"):
+        fewer = att.clone()
+        fewer[0, spikes[:3]] = 0.05  # 7 outliers: stride 27
+        prumerge_plus_keep(torch.cat([att, fewer]))
+
+
+@pytest.mark.parametrize("method", [PruMerge(), PruMergePlus()], ids=["prumerge", "prumerge_plus"])
+@pytest.mark.parametrize("keep", [2, 10, 17, 33, N - 1])
+def test_prumerge_budget_counts_the_extra_token(method, keep):
+    tokens, sig = random_batch(b=4, seed=3)
+    att, keys = sig["cls_attention"], sig["keys"]
+    sel = method.select(prumerge_inputs(tokens, keep, att, keys))
+    idx = sel.indices
+    assert idx.shape == (4, keep - 1) and sel.extra.shape == (4, 1, D) and sel.tokens.shape == (4, keep - 1, D)
+    assert bool((idx[:, 1:] > idx[:, :-1]).all())
+    for r in range(4):  # a row alone gives what it gives in the batch
+        alone = method.select(prumerge_inputs(tokens[r:r + 1], keep, att[r:r + 1], keys[r:r + 1]))
+        assert torch.equal(alone.indices[0], idx[r])
+        torch.testing.assert_close(alone.tokens[0], sel.tokens[r])
+        torch.testing.assert_close(alone.extra[0], sel.extra[r])
+
+
+@pytest.mark.parametrize("method", [PruMerge(), PruMergePlus()], ids=["prumerge", "prumerge_plus"])
+def test_prumerge_budget_of_every_token_leaves_them_as_they_are(method):
+    tokens, sig = random_batch()
+    sel = method.select(prumerge_inputs(tokens, N, sig["cls_attention"], sig["keys"]))
+    assert torch.equal(sel.indices, torch.arange(N).expand(3, N))
+    assert sel.tokens is None and sel.extra is None
+
+
+@pytest.mark.parametrize("cls", [PruMerge, PruMergePlus])
+def test_prumerge_acts_at_the_projector_on_the_last_block_signals(cls):
+    assert cls.stages == ("projector",) and cls.default_site == "projector"
+    assert cls.signals == ("last_block_cls_attention", "last_block_keys")
+    tokens, sig = random_batch()
+    with pytest.raises(TokensieveError, match="at least 2"):
+        cls().check(N, 1, "projector")
+    with pytest.raises(TokensieveError, match="last_block_cls_attention"):
+        cls().select(inputs(tokens, 5, **sig))
+    for bad, message in (({"merge_neighbours": -1}, "merge_neighbours"), ({"merge": "max"}, "merge"),
+                         ({"neighbours_among": "kept"}, "neighbours_among"), ({"extra_token": "yes"}, "extra_token")):
+        with pytest.raises(TokensieveError, match=message):
+            cls(**bad)
 
 
 # --- anchor rule ----------------------------------------------------------------------------
