@@ -26,7 +26,7 @@ def random_tokens(b: int, n: int, d: int = 8, seed: int = 0) -> torch.Tensor:
 def test_registered_with_the_contract_attributes():
     assert set(NAMES) <= set(list_methods())
     assert (ToMe.stages, ToMe.default_site, ToMe.signals) == (("vision", "projector"), "vision.1", ("keys",))
-    assert (DivPrune.stages, DivPrune.default_site, DivPrune.signals) == (("projector", "llm"), "projector", ())
+    assert (DivPrune.stages, DivPrune.default_site, DivPrune.signals) == (("projector", "llm"), "llm.0", ())
     assert (DART.stages, DART.default_site, DART.signals) == (
         ("llm",), "llm.2", ("prev_layer_keys", "normed_states", "positions"))
     assert create_method("dart").config() == {"name": "dart", "pivot_image_tokens": 4, "pivot_text_tokens": 4,

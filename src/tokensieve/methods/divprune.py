@@ -1,15 +1,27 @@
 """DivPrune: keep the most diverse subset of visual tokens (max-min diversity).
 
 Scores: cosine distance ``1 - cos`` between tokens; a greedy max-min diversity (MMDP)
-selection keeps tokens that are far from everything already kept. Acts on the projector
-output (default site ``projector``) or on the LLM's visual hidden states.
+selection keeps tokens that are far from everything already kept. Acts, like the released
+code (``LAYER_INDEX=0``), on the LLM's input embeddings of the image: the projector's output,
+site ``llm.0`` (the default).
 
-Differences from the paper's code: the released code handles one image at a time and
-returns the indices in selection order; here every row of a batch runs its own greedy
-selection (the distance matrix on the tokens' device, the sequential loop in NumPy on the
-host), indices come back sorted, and tokens already chosen are masked out, so exact
-duplicates (all distances 0) can never be chosen twice. The paper's kept share
-(``threshold_ratio``) is the stage's budget.
+As the released code (vbdi/divprune, ``LlavaMetaForCausalLM.DivPrune``): distances in the
+tokens' dtype (float16 for the paper's LLaVA runs), the first pick maximises each token's
+second-smallest distance in its column of the distance matrix (the smallest being its
+distance to itself), every next pick the minimum distance to the picks so far, ties to the
+lowest index, ``round(ratio * N)`` kept (the stage's budget; the paper's 0.098 keeps 56 of
+576). The reference sorts the picks before gathering them, as we do.
+
+Differences from the paper's code: the released code handles one image of a batch of one
+(rows ``35:35+576`` of the sequence, a template-specific offset); here every row of a batch
+runs its own greedy selection on its own image run (the sequential loop in NumPy on the
+host). Tokens already chosen are masked out, so exact duplicates can never be chosen twice:
+the released code does not mask them, and once every distinct token is picked its argmax
+over rounding noise can return a token already chosen (a repeated index, which a selection
+cannot hold). Sites other than ``llm.0`` are ours: ``projector`` (the tower's output, before
+the projector) and ``llm.K`` for ``K >= 1`` (the hidden states before decoder layer ``K``; the
+released code prunes at layer 0 only). ``full_precision=True`` (ours, off by default) computes
+the distances in float32 whatever the tokens' dtype.
 """
 
 from __future__ import annotations
@@ -24,50 +36,52 @@ from tokensieve.method import Method, Selection, SiteInputs, register
 from tokensieve.ops import cosine_matrix
 
 
-def greedy_max_min(dist: np.ndarray, first_nearest: np.ndarray, keep: int) -> np.ndarray:
+def greedy_max_min(dist: np.ndarray, first_score: np.ndarray, keep: int) -> np.ndarray:
     """Greedy max-min diverse picks for each row, in selection order.
 
-    dist: ``(B, N, N)`` pairwise distances; first_nearest: ``(B, N)`` each token's distance to
-    its nearest other token (what the first pick maximises); returns ``(B, keep)`` indices.
+    dist: ``(B, N, N)`` pairwise distances; first_score: ``(B, N)`` what the first pick
+    maximises (each token's distance to its nearest other token); returns ``(B, keep)`` indices.
     The loop is sequential by nature, so it runs in NumPy, one step for all rows at once: a
     step costs a few microseconds against the tens a torch op dispatch costs, which at 190
     picks was most of the method's share of the prefill.
     """
     rows = np.arange(dist.shape[0])
-    to_chosen = first_nearest.copy()  # (B, N) distance of every token to the chosen set
+    to_chosen = first_score.copy()  # (B, N) distance of every token to the chosen set
     picks = np.empty((dist.shape[0], keep), dtype=np.int64)
     for step in range(keep):
         pick = to_chosen.argmax(1)  # first maximal index on ties, like torch.argmax
         picks[:, step] = pick
         if step == 0:
-            to_chosen[:] = dist[rows, pick]  # distances to the first pick replace those to all others
+            to_chosen[:] = dist[rows, pick]  # distances from the first pick replace the first scores
         else:
             np.minimum(to_chosen, dist[rows, pick], out=to_chosen)
         to_chosen[rows, pick] = -np.inf  # a chosen token is never picked again, even among duplicates
     return picks
 
 
-def divprune_keep(tokens: torch.Tensor, keep: int) -> torch.Tensor:
+def divprune_keep(tokens: torch.Tensor, keep: int, full_precision: bool = False) -> torch.Tensor:
     """Greedy max-min diverse subset of ``keep`` tokens per row.
 
-    tokens: ``(B, N, d)``. Distance is ``1 - cos``. The first pick is the token whose
-    minimum distance to all others is largest; each next pick is the unchosen token whose
-    minimum distance to the chosen set is largest (ties go to the lowest index).
-    The distance matrix is computed on the tokens' device; the greedy loop runs on the host.
-    Returns ``(B, keep)`` sorted indices.
+    tokens: ``(B, N, d)``. Distance is ``1 - cos``, computed in the tokens' dtype (float32 with
+    ``full_precision``). The first pick is the token whose distance to its nearest other token
+    is largest; each next pick is the unchosen token whose minimum distance to the chosen set
+    is largest (ties go to the lowest index). The distance matrix is computed on the tokens'
+    device; the greedy loop runs on the host. Returns ``(B, keep)`` sorted indices.
     """
     b, n, _ = tokens.shape
     if not 1 <= keep <= n:
         raise TokensieveError(f"divprune: cannot keep {keep} of {n} tokens")
     if keep == n:
         return torch.arange(n, device=tokens.device).expand(b, n).clone()
-    x = tokens.detach().float()  # choosing is not differentiable
+    x = tokens.detach()  # choosing is not differentiable
+    if full_precision:
+        x = x.float()
     dist = cosine_matrix(x, x).neg_().add_(1.0)  # (B, N, N) 1 - cos, in place: no second N x N
-    # A token is not its own neighbour. Harmless to the loop: a pick's own entry is set to -inf.
-    dist.diagonal(dim1=-2, dim2=-1).fill_(float("inf"))
-    nearest = dist.amin(-1)  # (B, N)
-    dist_np, nearest_np = dist.cpu().numpy(), nearest.cpu().numpy()
-    picks = greedy_max_min(dist_np, nearest_np, keep)
+    # The second smallest of each column: the smallest is the token's distance to itself, which
+    # rounding leaves near but not always at 0, so it is not simply masked out.
+    first_score = dist.topk(2, dim=-2, largest=False).values[:, 1]  # (B, N)
+    # float32 holds float16/bfloat16 values exactly (NumPy has no bfloat16), so the order is kept.
+    picks = greedy_max_min(dist.float().cpu().numpy(), first_score.float().cpu().numpy(), keep)
     return torch.from_numpy(np.sort(picks, -1)).to(tokens.device)
 
 
@@ -78,15 +92,22 @@ class DivPrune(Method):
 
     Starts from the token farthest (by its nearest neighbour) from all others, then adds, one
     at a time, the token whose minimum cosine distance to the kept set is largest. Needs no
-    signal and has no parameters: the paper's kept share is the stage's budget.
+    signal; the paper's kept share (0.098 for LLaVA-1.5) is the stage's budget. Default site
+    ``llm.0``, the projector's output, as in the released code.
+
+    full_precision: ours, off by default: distances in float32 rather than in the tokens'
+    dtype (the released code computes them in the model's dtype, float16 in its runs, where
+    near-ties resolve to the lowest index).
     """
 
     name = "divprune"
     paper = ("Ranjbar Alvar, Singh, Akbari, Zhang. DivPrune: Diversity-based Visual Token Pruning for Large "
              "Multimodal Models. CVPR 2025. arXiv:2503.02175")
     stages = ("projector", "llm")
-    default_site = "projector"
+    default_site = "llm.0"
     signals = ()
 
+    full_precision: bool = False
+
     def select(self, inputs: SiteInputs) -> Selection:
-        return Selection(divprune_keep(inputs.tokens, inputs.keep))
+        return Selection(divprune_keep(inputs.tokens, inputs.keep, self.full_precision))
