@@ -95,7 +95,7 @@ def test_a_later_llm_stage_keeps_or_drops_extra_tokens_like_any_other(backbone, 
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(site="llm.1"), "only the projector and llm.0 sites"),
+    (dict(site="llm.1"), "only the projector and llm.0 sites can take"),
     (dict(site="projector", mode="soft"), "soft mode cannot hold"),
 ])
 def test_extra_tokens_are_refused_where_they_cannot_go(backbone, kwargs, message):
@@ -115,6 +115,41 @@ def test_a_wrong_count_with_extra_tokens_is_refused(backbone, batch):
     handle = attach(backbone, _TooMany(), 9, site="projector")
     try:
         with pytest.raises(TokensieveError, match=r"indices of shape \(6, 9\), expected \(6, 8\)"):
+            backbone.forward(**batch)
+    finally:
+        handle.detach()
+
+
+@dataclass
+class _ReversedFirstHalf(Method):
+    """Keeps the first tokens and emits them in reverse order."""
+
+    name = "reversed_first_half"
+    stages = ("vision", "projector", "llm")
+
+    def select(self, inputs: SiteInputs) -> Selection:
+        b = inputs.tokens.shape[0]
+        order = torch.arange(inputs.keep - 1, -1, -1).expand(b, -1)
+        return Selection(torch.arange(inputs.keep).expand(b, -1), order=order)
+
+
+def test_an_order_of_its_own_is_how_the_kept_tokens_enter_the_llm(backbone, batch):
+    plain = backbone.encode_images(batch["pixel_values"])
+    handle = attach(backbone, _ReversedFirstHalf(), 6, site="llm.0")
+    try:
+        runs = _image_embeddings(backbone, batch)
+    finally:
+        handle.detach()
+    for b, run in enumerate(runs):
+        torch.testing.assert_close(run, plain[b, :6].flip(0))
+    assert handle.last_kept["reversed_first_half@llm.0:6"][0].tolist() == [5, 4, 3, 2, 1, 0]
+
+
+@pytest.mark.parametrize("site,mode", [("llm.0", "soft"), ("vision.1", "hard")])
+def test_an_order_of_its_own_is_refused_where_tokens_stay_in_place(backbone, batch, site, mode):
+    handle = attach(backbone, _ReversedFirstHalf(), 6, site=site, mode=mode)
+    try:
+        with pytest.raises(TokensieveError, match="in hard mode only"):
             backbone.forward(**batch)
     finally:
         handle.detach()

@@ -70,8 +70,8 @@ def test_tower_signals_at_the_projector(backbone, batch):
 
 
 def test_llm_signals_of_the_previous_layer_and_the_question(backbone, batch, tiny_samples):
-    seen = _run(backbone, batch, _Record(wanted=("prev_layer_keys", "normed_states"),
-                                         wanted_question=("prev_layer_keys", "normed_states")), "llm.2")
+    seen = _run(backbone, batch, _Record(wanted=("prev_layer_keys", "normed_states", "positions"),
+                                         wanted_question=("prev_layer_keys", "normed_states", "positions")), "llm.2")
     inputs = backbone.prepare(**batch)
     out = backbone.model(**inputs.model_kwargs(), use_cache=True, output_hidden_states=True)
     cached = out.past_key_values.layers[1].keys  # (B, H, L, d_head): layer 1's keys after RoPE
@@ -86,6 +86,9 @@ def test_llm_signals_of_the_previous_layer_and_the_question(backbone, batch, tin
     t = states.shape[1]
     torch.testing.assert_close(seen["question:prev_layer_keys"], keys[:, -t:])
     torch.testing.assert_close(seen["question:normed_states"], normed[:, -t:])
+    positions = inputs.attention_mask.cumsum(1) - 1  # each token's index in its unpadded row
+    assert torch.equal(seen["positions"], positions.gather(1, columns))
+    assert torch.equal(seen["question:positions"], positions[:, -t:])
     assert valid.shape == states.shape[:2]
     for text, sample in zip(seen["texts"], tiny_samples):  # the testbed's word-level tokenizer spaces words
         assert "".join(sample.question.split()) in "".join(text.split())
@@ -96,3 +99,17 @@ def test_a_signal_the_site_lacks_is_named(backbone, batch):
 
     with pytest.raises(TokensieveError, match="signal 'cls_token' is not available at llm.2"):
         _run(backbone, batch, _Record(wanted=("cls_token",)), "llm.2")
+
+
+def test_positions_after_an_earlier_drop_are_the_kept_tokens_own(backbone, batch):
+    recorder = _Record(wanted=("positions",))
+    handle = attach(backbone, [("random", "llm.1", 32), (recorder, "llm.2", 8)])
+    try:
+        backbone.forward(**batch)
+    finally:
+        handle.detach()
+    kept = handle.last_kept["random@llm.1:32"]  # (B, 32) patch indices
+    inputs = backbone.prepare(**batch)
+    start = backbone.layout(inputs.input_ids, inputs.attention_mask).image_start
+    first = (inputs.attention_mask.cumsum(1) - 1).gather(1, start[:, None])  # position of each row's first patch
+    assert torch.equal(recorder.seen["positions"], first + kept)

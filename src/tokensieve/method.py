@@ -169,6 +169,13 @@ class Selection:
         key in every later layer, so a batch gives what each row gives alone; in ``soft`` mode it
         is dropped like the rest. ``K`` may then be below the budget, which is the most a row
         keeps. ``None`` means every slot is kept (every row keeps exactly the budget).
+    extra: optional ``(B, E, d)`` tokens the method makes that are not among the ``N`` (VisionZip's
+        CLS state, PruMerge's summary of the pruned tokens). They count toward the budget and enter the
+        image run before the kept tokens (``extra_first``) or after them; only before the LLM
+        (``projector``, ``llm.0``) and in ``hard`` mode, by methods with ``makes_extra_tokens``.
+    order: optional ``(B, K)`` permutation of the kept slots: the order in which they enter the image
+        run (``indices[order]``), for a paper whose code emits them in another order than the image's
+        (VisionZip: dominant tokens, then contextual ones); only before the LLM, in ``hard`` mode.
     """
 
     indices: torch.Tensor
@@ -177,6 +184,7 @@ class Selection:
     valid: torch.Tensor | None = None
     extra: torch.Tensor | None = None
     extra_first: bool = False
+    order: torch.Tensor | None = None
 
 
 class Method:
@@ -185,7 +193,9 @@ class Method:
     Class attributes: ``name`` (registry key), ``paper`` (citation), ``stages`` (where it may
     act: any of ``vision``, ``projector``, ``llm``), ``default_site``, ``signals`` (what it
     asks the backbone for), ``trained`` (its weights come from ``tokensieve train``) and
-    ``makes_extra_tokens`` (its selections may add tokens of its own, :class:`Selection`).
+    ``makes_extra_tokens`` (its selections may add tokens of its own, :class:`Selection`); an
+    instance may also decide the last from its parameters (a property). ``optional_signals`` are
+    read where a site offers them and done without elsewhere.
     """
 
     name: ClassVar[str]
@@ -193,6 +203,7 @@ class Method:
     stages: ClassVar[tuple[str, ...]] = ("vision", "projector", "llm")
     default_site: ClassVar[str] = "projector"
     signals: ClassVar[tuple[str, ...]] = ()
+    optional_signals: ClassVar[tuple[str, ...]] = ()  # used where a site offers them
     trained: ClassVar[bool] = False  # True for methods whose weights come from training (tokensieve train)
     makes_extra_tokens: ClassVar[bool] = False  # True if select() may return Selection.extra
 
@@ -211,6 +222,11 @@ class Method:
         ``budget``: one by default; several for a method that reduces at several layers in turn
         (PyramidDrop), each with the budget of the tokens its site sees."""
         return [(site, budget)]
+
+    def kept_count(self, available: int, keep: int) -> int:
+        """How many of ``available`` tokens the method keeps with a budget of ``keep``: ``keep``,
+        or fewer for a rule that rounds its quota down (DART's tokens per pivot)."""
+        return keep
 
     def check(self, n_tokens: int, keep: int, site: str) -> None:
         """Raise :class:`TokensieveError` if keeping ``keep`` of ``n_tokens`` at ``site`` cannot

@@ -26,7 +26,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from tokensieve.errors import TokensieveError
 from tokensieve.method import ROW_SIGNALS, SiteInputs, Selection
-from tokensieve.ops import query_attention
+from tokensieve.ops import gather_tokens, query_attention
 
 
 def row_generator(seed: int, tokens: torch.Tensor) -> list[torch.Generator]:
@@ -67,10 +67,29 @@ def check_selection(sel: Selection, batch: int, n: int, keep: int, where: str, p
             raise TokensieveError(f"{where}: valid must be a bool tensor shaped like the indices {tuple(idx.shape)}")
         if not bool(sel.valid.any(1).all()):
             raise TokensieveError(f"{where}: every row must keep at least one token")
+    if sel.order is not None and (sel.order.shape != idx.shape or not torch.equal(
+            sel.order.sort(1).values, torch.arange(idx.shape[1], device=idx.device).expand_as(idx))):
+        raise TokensieveError(f"{where}: order must be a permutation of the {idx.shape[1]} kept slots in each row")
     if keep > 1 and not bool((idx[:, 1:] > idx[:, :-1]).all()):
         raise TokensieveError(f"{where}: kept indices must be sorted and unique")
     if bool((idx < 0).any()) or bool((idx >= n).any()):
         raise TokensieveError(f"{where}: kept indices out of range 0..{n - 1}")
+
+
+def stage_inputs(stages: dict, n_patches: int, keeps_cls: bool):
+    """Yield ``(site, stage, n)`` in the order a forward pass reaches the sites, ``n`` the visual
+    tokens the stage sees: the patches in the tower and before the LLM, plus CLS inside it when
+    the LLM receives CLS. A stage keeping a count per row is followed as if it kept its budget.
+
+    stages: ``{Site: Stage}``.
+    """
+    n, in_llm = n_patches, False
+    for site in sorted(stages, key=lambda s: s.order):
+        if not site.before_llm and not in_llm:
+            n, in_llm = n + int(keeps_cls), True  # CLS is an ordinary image token in the LLM
+        stage = stages[site]
+        yield site, stage, n
+        n = stage.method.kept_count(n, stage.budget.resolve(n, str(site)))
 
 
 def _negative(dtype: torch.dtype) -> float:
@@ -121,10 +140,12 @@ class LlavaPruningSession:
             if site.stage not in st.method.stages:
                 raise TokensieveError(f"method {st.method.name!r} cannot act at {site} "
                                       f"(it acts at: {', '.join(st.method.stages)})")
-            if st.method.makes_extra_tokens and not (site.stage == "projector" or str(site) == "llm.0"):
+            # Tokens a method makes go into the image run the LLM receives (a vision site, where a
+            # method may do without them, is checked when it returns some).
+            if st.method.makes_extra_tokens and not site.before_llm:
                 raise TokensieveError(f"{st}: {st.method.name} adds tokens of its own, which only the projector "
                                       "and llm.0 sites can take")
-            if st.method.makes_extra_tokens and self.mode == "soft":
+            if st.method.makes_extra_tokens and site.stage != "vision" and self.mode == "soft":
                 raise TokensieveError(f"{st}: {st.method.name} adds tokens of its own, which soft mode cannot "
                                       "hold (it keeps every token in place); use mode hard")
             if site in self.stages:
@@ -145,12 +166,9 @@ class LlavaPruningSession:
         row keeps at most that many) or 1.0; a ratio of a row's tokens would make a row's result
         depend on the batch it is in.
         """
-        n, in_llm, per_row = self.bb.n_patches, False, None
+        per_row = None
         self.capped: set = set()  # sites whose budget caps a count that varies per row
-        for site in sorted(self.stages, key=lambda s: s.order):
-            if not site.before_llm and not in_llm:
-                n, in_llm = n + int(self.bb.keeps_cls), True  # CLS is an ordinary image token in the LLM
-            st = self.stages[site]
+        for site, st, n in stage_inputs(self.stages, self.bb.n_patches, self.bb.keeps_cls):
             if st.method.count_per_row and site.before_llm:
                 raise TokensieveError(f"{st}: a count that varies per row is supported inside the LLM only (llm.k, k >= 1)")
             if per_row is not None:
@@ -158,9 +176,7 @@ class LlavaPruningSession:
                     raise TokensieveError(f"{st} follows {per_row}, which keeps a count per row: give it a token "
                                           "count (the most a row keeps) or 1.0, not a ratio")
                 self.capped.add(site)
-            keep = st.budget.resolve(n, str(site))
-            st.method.check(n, keep, str(site))
-            n = keep
+            st.method.check(n, st.budget.resolve(n, str(site)), str(site))
             if st.method.count_per_row:
                 per_row = per_row or st
 
@@ -246,7 +262,7 @@ class LlavaPruningSession:
         hooks, bb = self.handle.hooks, self.bb
         hooks.append(bb.vision_layers[0].register_forward_pre_hook(self._tower_start))
         for site, st in self.stages.items():
-            needs = set(st.method.signals)
+            needs = set(st.method.signals) | set(st.method.optional_signals)
             if site.before_llm:
                 source = site.layer - 1 if site.stage == "vision" else bb.feature_hidden_index - 1
                 if {"cls_attention", "keys"} & needs:
@@ -377,7 +393,12 @@ class LlavaPruningSession:
                                 question if known else None, valid, question_signals if known else {},
                                 self._question_text if known and self.bb.processor is not None else None)
             sel = st.method.select(inputs)
-            check_selection(sel, b, n, keep, f"{st.method.name} at {site}", per_row=not site.before_llm)
+            rebuilt = self.mode == "hard" and site.before_llm and site.stage != "vision"  # the run the LLM gets
+            if (sel.order is not None or sel.extra is not None) and not rebuilt:
+                raise TokensieveError(f"{st.method.name} at {site}: tokens of its own or an order of its own go "
+                                      "into the image run before the LLM (projector, llm.0), in hard mode only")
+            check_selection(sel, b, n, st.method.kept_count(n, keep), f"{st.method.name} at {site}",
+                            per_row=not site.before_llm)
             if valid is not None:
                 still = valid.gather(1, sel.indices)
                 sel = replace(sel, valid=still if sel.valid is None else sel.valid & still)
@@ -466,6 +487,8 @@ class LlavaPruningSession:
             origin = self.tower_origin if self.tower_origin is not None else torch.arange(
                 patches.shape[1], device=hidden.device).expand(b, -1)
             origin = origin.gather(1, sel.indices)
+            if sel.order is not None:  # the paper's emission order
+                values, origin = gather_tokens(values, sel.order), origin.gather(1, sel.order)
             if sel.extra is not None:  # tokens the method made join the run, marked as such
                 made = origin.new_full(sel.extra.shape[:2], EXTRA)
                 extra = sel.extra.to(values.dtype)
@@ -523,10 +546,13 @@ class LlavaPruningSession:
         tokens = hidden.gather(1, columns[..., None].expand(-1, -1, d))
         signals = self._signals(str(site), columns, 0)
         norm = self.bb.language_model.norm
+        t = 0 if self.question_ids is None else self.question_ids.shape[1]
+        positions = self._positions(kwargs, b)  # (B, L) position id of every current column
         signals["normed_states"] = lambda: norm(tokens)
-        question_signals = {"normed_states": lambda: norm(self._question_in_llm(hidden)()[0])}
+        signals["positions"] = lambda: positions.gather(1, columns)
+        question_signals = {"normed_states": lambda: norm(self._question_in_llm(hidden)()[0]),
+                            "positions": lambda: positions[:, length - t:]}
         if f"{site}:prev_layer_keys" in self._captured:
-            t = 0 if self.question_ids is None else self.question_ids.shape[1]
             question_signals["prev_layer_keys"] = lambda: self._captured[f"{site}:prev_layer_keys"][:, length - t:]
         sel = self._choose(site, tokens, signals, self._question_in_llm(hidden), self.image_valid, question_signals)
         kept_columns = columns.gather(1, sel.indices)
@@ -563,6 +589,16 @@ class LlavaPruningSession:
             bias = bias.scatter(1, kept_columns, weights)
         self.biases.append((site.layer, bias))
         return hidden
+
+    def _positions(self, kwargs: dict, b: int) -> torch.Tensor:
+        """``(B, L)``: the position id of every column still in the sequence (earlier stages' drops
+        applied), from the model's original ``position_ids``."""
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            raise TokensieveError("the LLM's layers received no position_ids: run the model through "
+                                  "LlavaBackbone.forward or .generate")
+        positions = positions.expand(b, -1)
+        return positions.gather(1, self.gathers[-1][1]) if self.gathers else positions
 
     def _adjust_llm_kwargs(self, k: int, hidden: torch.Tensor, kwargs: dict, decoding: bool) -> dict:
         """Gather positions/RoPE/mask to the kept tokens (hard); add key biases (soft, and the

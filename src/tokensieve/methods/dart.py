@@ -141,6 +141,13 @@ class DART(Method):
         if not isinstance(self.exact_budget, bool):
             raise TokensieveError(f"dart: exact_budget must be true or false, got {self.exact_budget!r}")
 
+    def kept_count(self, available: int, keep: int) -> int:
+        """The reference's count: the image pivots plus each pivot's whole quota."""
+        if keep >= available or self.exact_budget:
+            return keep
+        pivots = self.pivot_image_tokens + self.pivot_text_tokens
+        return self.pivot_image_tokens + pivots * ((keep - self.pivot_image_tokens) // pivots)
+
     def check(self, n_tokens: int, keep: int, site: str) -> None:
         if not site.startswith("llm.") or site == "llm.0":
             raise TokensieveError(f"dart reads the keys of the layer before its site: it acts at llm.k with "
@@ -163,6 +170,4 @@ class DART(Method):
                             inputs.signal("positions"), inputs.keep, **text,
                             pivot_image_tokens=self.pivot_image_tokens, pivot_text_tokens=self.pivot_text_tokens,
                             exact_budget=self.exact_budget, valid=inputs.valid)
-        # Fewer than the budget (the reference's own count): every slot real, the rest not kept.
-        short = indices.shape[1] < inputs.keep
-        return Selection(indices, valid=torch.ones_like(indices, dtype=torch.bool) if short else None)
+        return Selection(indices)  # kept_count(N, keep) of them: the reference's own count

@@ -96,7 +96,8 @@ class VisionZip(Method):
              "in Vision Language Models. CVPR 2025. arXiv:2412.04467")
     stages = ("vision", "projector")
     default_site = "projector"
-    signals = ("cls_attention", "keys", "cls_token")
+    signals = ("cls_attention", "keys")
+    optional_signals = ("cls_token",)
 
     dominant_ratio: float = 54 / 64
     cls: str = "emit"
