@@ -172,7 +172,7 @@ def _eval(args: argparse.Namespace) -> None:
         from tokensieve.evaluate.sample_log import SampleLog
 
         fingerprint = {"model": str(args.model or "shipped testbed"), "mode": args.mode, "data": data.name,
-                       "max_new_tokens": data.max_new_tokens, "site": args.site,
+                       "max_new_tokens": data.max_new_tokens, "site": args.site, "match": args.match,
                        "pruner": None if args.pruner is None else str(args.pruner),
                        **{f"pruner.{key}": value for key, value in head_settings.items()}}
         if dist.is_main:  # creates the file (or checks it) before the other processes read it
@@ -182,7 +182,7 @@ def _eval(args: argparse.Namespace) -> None:
     rows = compare_methods(backbone, data, methods, keeps, mode=args.mode, site=args.site,
                            batch_size=args.batch_size, progress=not args.json and dist.is_main, pruner=pruner,
                            oracle=args.oracle, log=log, timing_samples=args.timing_samples,
-                           kept_examples=args.kept_examples if args.out else 0, dist=dist)
+                           kept_examples=args.kept_examples if args.out else 0, dist=dist, match=args.match)
     if not dist.is_main:
         return
     if warning := timing_warning(rows):
@@ -190,7 +190,7 @@ def _eval(args: argparse.Namespace) -> None:
     if args.out:
         from tokensieve.evaluate.kept_overlays import example_views
 
-        meta = {"model": str(args.model or "shipped testbed"), "mode": args.mode, "data": data.name,
+        meta = {"model": str(args.model or "shipped testbed"), "mode": args.mode, "data": data.name, "match": args.match,
                 "items": len(data.items), "max_new_tokens": data.max_new_tokens,
                 "text_tokens_for_flops": rows[0]["tokens_per_llm_layer"][0] - backbone.n_visual_tokens,
                 "command": args.command_line, "tokensieve_version": __version__,
@@ -321,6 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--oracle", action="store_true",
                     help="add the object oracle at each budget (synthetic set: tokens on objects only)")
     ev.add_argument("--site", default=None, help="where to reduce (default: each method's own site)")
+    ev.add_argument("--match", default=None, choices=["tokens", "flops"],
+                    help="give each method the budget that puts it at equal cost: the same visual tokens averaged "
+                         "over the LLM's layers (tokens) or the same prefill FLOPs (flops) as each --keep value "
+                         "(tokens: a count or share of the visual tokens; flops: a share of the unpruned prefill), "
+                         "or with --pruner as the two-stage pruner at each budget")
     ev.add_argument("--mode", default="hard", choices=["hard", "soft", "origin"],
                     help="hard removes tokens, soft masks them as attention keys, origin runs the unpruned model only")
     ev.add_argument("--samples", type=positive_int, default=None,

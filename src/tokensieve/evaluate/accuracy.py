@@ -15,6 +15,7 @@ from tokensieve.evaluate.eval_data import EvalData
 from tokensieve.evaluate.flops import TokenCounts, prefill_flops, token_counts
 from tokensieve.evaluate.intervals import accuracy_interval
 from tokensieve.evaluate.latency import kv_cache_bytes, measure_latency
+from tokensieve.evaluate.matching import MATCH_BY, matched_budget
 from tokensieve.evaluate.paired import paired_difference
 from tokensieve.evaluate.sample_log import SampleLog
 from tokensieve.evaluate.scoring import accuracy_summary, score
@@ -59,7 +60,7 @@ def timing_fields(backbone: LlavaBackbone, samples: list[VQAItem], keep=None, pr
 def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str], keeps: list[str],
                     mode: str = "hard", site: str | None = None, batch_size: int = 64, progress: bool = True,
                     pruner=None, oracle: bool = False, log: SampleLog | None = None, timing_samples: int = 8,
-                    kept_examples: int = 0, dist: Distributed | None = None) -> list[dict]:
+                    kept_examples: int = 0, dist: Distributed | None = None, match: str | None = None) -> list[dict]:
     """Rows ``{method, site, keep, visual_tokens_kept, accuracy, per_family, flops, flops_ratio,
     tokens_per_llm_layer}``; the first row is the unpruned model (``method`` ``"none"``),
     measured on the same items of ``data``. FLOPs are for one prefill of the median prompt.
@@ -90,9 +91,19 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str],
     dist: under ``torchrun`` / ``accelerate launch``, each process answers its share of every
     batch and the answers are gathered, so every process returns the same rows (only the main
     one writes the log).
+    match: ``"tokens"`` or ``"flops"``: each method's budget (a token count at its site) is the one
+    whose planned visual tokens averaged over the LLM's layers, or prefill FLOPs, are nearest a
+    target (:mod:`.matching`): with a pruner, the two-stage row's measured value at each budget
+    (those rows run first); otherwise each ``keeps`` value (tokens: a count or share of the visual
+    tokens; flops: a share of the unpruned prefill). Such rows get ``matched``: ``{by, to,
+    target, planned}`` (``to``: the budget matched, by which rows are paired).
     """
     if oracle and data.scenes is None:
         raise TokensieveError("--oracle needs the synthetic set: the object oracle knows where its objects are")
+    if match is not None and match not in MATCH_BY:
+        raise TokensieveError(f"cannot match by {match!r}; expected one of {', '.join(MATCH_BY)}")
+    if match == "flops" and pruner is None and any(Budget.parse(k).ratio is None for k in keeps):
+        raise TokensieveError("matching by flops needs each --keep as a share of the unpruned prefill FLOPs (0.3)")
     for name in methods:  # names, sites, budgets and parameters are checked before any model work
         for keep in keeps:
             attach(backbone, name, keep, site=site, mode=mode).detach()
@@ -107,16 +118,22 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str],
     rows = [{"method": "none", "site": None, "keep": 1.0, "visual_tokens_kept": backbone.n_visual_tokens,
              **scored("none"), **baseline, "flops_ratio": 1.0, **timing_fields(backbone, timed, progress=progress)}]
     cases = [(m, k) for m in methods for k in keeps]
-    if pruner is not None:
-        cases += [(pruner, k) for k in keeps or [None]]
+    learned = [(pruner, k) for k in keeps or [None]] if pruner is not None else []
+    cases = learned + cases if match else cases + learned  # matched to the pruner: its rows first
+    targets = {}  # budget -> the cost the methods are matched to
     for name, keep in tqdm(cases, desc="methods x budgets", unit="run", disable=not progress):
+        budget, matched = keep, None
         if isinstance(name, str):
-            handle = attach(backbone, name, keep, site=site, mode=mode)
+            if match:
+                target = targets[keep] if pruner is not None else _target(backbone, keep, match, baseline)
+                budget, planned = matched_budget(backbone, name, site, target, match, text_tokens)
+                matched = {"by": match, "to": keep, "target": round(target, 2), "planned": round(planned, 2)}
+            handle = attach(backbone, name, budget, site=site, mode=mode)
         else:
             handle = name.attach(backbone, mode, keep=keep)[0]
             name = "two_stage"
         stage = handle.stages[0]
-        run = f"{name}@{stage.site}:{keep}"
+        run = f"{name}@{stage.site}:{budget}"
         try:
             result = scored(run, handle=handle)
             _total_from_items(handle, scored.item_kept[run])
@@ -127,11 +144,13 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str],
         finally:
             handle.detach()
         runs.append(run)
-        rows.append({"method": name, "site": stage.site, "keep": keep if keep is not None else "trained",
+        rows.append({"method": name, "site": stage.site, "keep": budget if budget is not None else "trained",
                      "visual_tokens_kept": counts[str(stage)], "visual_tokens_per_stage": counts,
                      **result, **cost,
                      "flops_ratio": round(cost["flops"]["total"] / baseline["flops"]["total"], 4), **timing,
-                     **kept})
+                     **kept, **({"matched": matched} if matched else {})})
+        if name == "two_stage" and match:
+            targets[keep] = cost["visual_tokens_mean_llm"] if match == "tokens" else cost["flops"]["total"]
     for keep in keeps if oracle else []:
         runs.append(f"object_oracle:{keep}")
         rows.append(_oracle_row(backbone, data, keep, text_tokens, baseline, scored, timed, examples))
@@ -142,6 +161,19 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str],
     _add_paired(rows, item_scores)
     _add_paired_at_cost(rows, item_scores)
     return rows
+
+
+def _target(backbone: LlavaBackbone, keep: str, match: str, baseline: dict) -> float:
+    """The cost a ``keep`` value asks for: visual tokens averaged over the LLM's layers (a count, or
+    a share of the visual tokens), or prefill FLOPs (a share of the unpruned ``baseline``'s)."""
+    if match == "tokens":
+        return Budget.parse(keep).resolve(backbone.n_visual_tokens, "the visual tokens")
+    return Budget.parse(keep).ratio * baseline["flops"]["total"]
+
+
+def _pairing_budget(row: dict):
+    """The budget a row is compared at: the one it was matched to, else its own."""
+    return row.get("matched", {}).get("to", row["keep"])
 
 
 def _kept_per_row(handle: Handle, rows: int) -> list[dict[str, int]]:
@@ -178,7 +210,8 @@ def _add_paired(rows: list[dict], item_scores: list[list[float]]) -> None:
         row["paired"] = [{"against": f"{other['method']}@{other['site']}", "accuracy": other["accuracy"],
                           **paired_difference(scores, other_scores)}
                          for other, other_scores in zip(rows, item_scores)
-                         if other["method"] not in ("none", "two_stage") and other["keep"] == row["keep"]]
+                         if other["method"] not in ("none", "two_stage")
+                         and _pairing_budget(other) == _pairing_budget(row)]
 
 
 def _add_paired_at_cost(rows: list[dict], item_scores: list[list[float]]) -> None:

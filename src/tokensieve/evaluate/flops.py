@@ -97,20 +97,22 @@ def prefill_flops(config: LlavaConfig, vision_tokens: Sequence[int], projector_t
             "vision_layers": vision_layers, "llm_layers": llm_layers}
 
 
-def token_counts(backbone_or_config, text_tokens: int, handle=None) -> TokenCounts:
+def token_counts(backbone_or_config, text_tokens: int, handle=None, kept: dict[Site, int] | None = None) -> TokenCounts:
     """Tokens each block sees in one prefill of a prompt with ``text_tokens`` non-image tokens.
 
     Without ``handle`` (or for a handle not in ``hard`` mode, which removes nothing): the
     unpruned model. With a hard-mode handle: its stages as they acted since it was attached,
     read from ``handle.mean_kept`` (visual tokens kept after each stage, CLS excluded in the
-    tower; a stage that keeps a count per row counts its mean, rounded).
+    tower; a stage that keeps a count per row counts its mean, rounded). Or ``kept``:
+    ``{site: visual tokens kept}`` as planned (:mod:`tokensieve.evaluate.matching`).
     """
     _check_count("text_tokens", text_tokens, least=0)
     config = _config(backbone_or_config)
     vc = config.vision_config
     patches = (vc.image_size // vc.patch_size) ** 2
     keeps_cls = int(config.vision_feature_select_strategy == "full")
-    kept = {} if handle is None or handle.mode != "hard" else _kept_per_site(handle)
+    if kept is None:
+        kept = {} if handle is None or handle.mode != "hard" else _kept_per_site(handle)
     vision = []
     for i in range(vc.num_hidden_layers):
         patches = kept.get(Site("vision", i), patches)

@@ -128,6 +128,7 @@ def report_blocks(rows: list[dict], meta: dict, gallery: Sequence[str] = ()) -> 
             "machine, with their interquartile range in brackets; a range wider than "
             f"{NOISY_SPREAD:.0%} of the median is flagged as noisy. KV cache: bf16 keys and values after one "
             "prefill, from the tokens each layer keeps."),
+        *_matched_section(rows),
         Heading("Accuracy per question family"),
         Table(["method", "site", "keep", *names], per_family),
         Heading("Figures"),
@@ -164,6 +165,32 @@ def _paired_section(rows: list[dict]) -> list[Block]:
                       "items the two-stage pruner scored higher / lower than the other method, and p is the exact "
                       "two-sided sign test on them (McNemar's test for right/wrong answers). A small p says the "
                       "difference is more than these samples' noise.")]
+
+
+def _matched_section(rows: list[dict]) -> list[Block]:
+    """Blocks saying which budget each matched row got and the cost it was matched to (none when
+    no row was matched: ``eval --match``)."""
+    matched = [r for r in rows if "matched" in r]
+    if not matched:
+        return []
+    by = matched[0]["matched"]["by"]
+
+    def measured(r):
+        return _number(r["visual_tokens_mean_llm"], 1) if by == "tokens" else format_gflops(r["flops"]["total"])
+
+    def planned(value):
+        return _number(value, 1) if by == "tokens" else format_gflops(value)
+
+    table = [[r["method"], r["site"], r["matched"]["to"], r["keep"], planned(r["matched"]["target"]),
+              planned(r["matched"]["planned"]), measured(r)] for r in matched]
+    what = "mean visual tokens in LLM" if by == "tokens" else "prefill GFLOPs"
+    return [Heading("Budgets matched at equal cost"),
+            Table(["method", "site", "matched to", "budget given", f"target {what}", f"planned {what}",
+                   f"measured {what}"], table),
+            Paragraph(f"Each method's budget (a token count at its site) is the one whose {what}, planned from the "
+                      "budgets alone, is nearest the target: the two-stage pruner's measured value at the budget in "
+                      "'matched to' when it is evaluated, else that budget itself. Rows matched to the same budget "
+                      "are compared in the paired tests.")]
 
 
 def _paired_at_cost_section(rows: list[dict]) -> list[Block]:

@@ -1,0 +1,62 @@
+"""Budgets that put methods at equal cost.
+
+Papers with per-layer schedules (PyramidDrop, SparseVLM) call the visual tokens averaged over
+the LLM's decoder layers their budget; a method dropping tokens at ``llm.2`` and one dropping
+them before the LLM keep the same count yet cost differently. To compare them fairly, each
+method's budget is chosen so that its *planned* cost — from its stages' budgets alone, before
+any model work — equals a target: the same visual tokens averaged over the LLM's layers
+(``by="tokens"``) or the same prefill FLOPs (``by="flops"``).
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from tokensieve.attach import make_stages
+from tokensieve.backbones.hf_llava import Site
+from tokensieve.backbones.llava_pruning import stage_inputs
+from tokensieve.errors import TokensieveError
+from tokensieve.evaluate.flops import prefill_flops, token_counts
+
+MATCH_BY = ("tokens", "flops")
+
+
+def planned_kept(backbone, stages) -> dict[Site, int]:
+    """``{site: visual tokens kept}`` of ``stages`` (a list of :class:`tokensieve.attach.Stage`)
+    as their budgets say, CLS excluded before the LLM as in :func:`token_counts`."""
+    by_site = {Site.parse(st.site): st for st in stages}
+    kept = {}
+    for site, st, n in stage_inputs(by_site, backbone.n_patches, backbone.keeps_cls):
+        if st.method.count_per_row:
+            raise TokensieveError(f"{st} keeps a count per row, which cannot be planned; give it a fixed budget "
+                                  "to match it at equal cost")
+        kept[site] = st.budget.resolve(n, str(site))
+    return kept
+
+
+def planned_cost(backbone, stages, text_tokens: int, by: str) -> float:
+    """Visual tokens averaged over the LLM's layers (``by="tokens"``), or the total prefill FLOPs
+    (``by="flops"``), of one prefill with ``text_tokens`` non-image tokens under ``stages``."""
+    counts = token_counts(backbone, text_tokens, kept=planned_kept(backbone, stages))
+    if by == "tokens":
+        return statistics.mean(counts.llm_tokens) - text_tokens
+    return float(prefill_flops(backbone.config, *counts)["total"])
+
+
+def matched_budget(backbone, method, site: str | None, target: float, by: str, text_tokens: int) -> tuple[int, float]:
+    """``(count, cost)``: the token-count budget of ``method`` (at ``site``, default its own) whose
+    planned cost is nearest ``target`` (the fewer tokens on a tie), and that cost."""
+    if by not in MATCH_BY:
+        raise TokensieveError(f"cannot match by {by!r}; expected one of {', '.join(MATCH_BY)}")
+    best = None
+    for count in range(1, backbone.n_visual_tokens + 1):
+        try:
+            stages = make_stages(method, count, site)
+            cost = planned_cost(backbone, stages, text_tokens, by)
+        except TokensieveError:
+            break  # a larger count than the site holds: every larger one fails too
+        if best is None or abs(cost - target) < abs(best[1] - target):
+            best = (count, cost)
+    if best is None:
+        raise TokensieveError(f"{method}: no budget can be planned at {site or 'its default site'}")
+    return best
