@@ -12,3 +12,4 @@ from tokensieve.methods import vispruner  # noqa: F401
 from tokensieve.methods import anchor  # noqa: F401
 from tokensieve.methods import token_merger  # noqa: F401
 from tokensieve.methods import layer_pruner  # noqa: F401
+from tokensieve.methods import cdpruner  # noqa: F401
