@@ -243,13 +243,17 @@ def test_prumerge_neighbours_include_kept_tokens_unless_pruned_only():
     torch.testing.assert_close(ours.tokens[0, 0], x[4] + a[0] * x[0] + a[1] * x[1])
 
 
-def test_prumerge_mean_merge_and_no_extra_token_are_options():
+def test_prumerge_mean_merge_no_extra_token_and_raster_order_are_options():
     tokens, cls, keys = _prumerge_case()
     sel = PruMerge(merge_neighbours=2, merge="mean", extra_token=False).select(prumerge_inputs(tokens, 2, cls, keys))
     assert sel.indices.tolist() == [[4, 13]] and sel.extra is None
     a, x = cls[0], tokens[0]
     torch.testing.assert_close(sel.tokens[0, 0], (a[4] * x[4] + a[0] * x[0] + a[1] * x[1]) / (a[4] + a[0] + a[1]))
     assert PruMerge(extra_token=False).makes_extra_tokens is False and PruMerge().makes_extra_tokens
+    cls[0, 13] = 60.0  # ranked: 13 enters before 4; positions: raster order
+    ranked = PruMerge().select(prumerge_inputs(tokens, 3, cls, keys))
+    assert ranked.indices.gather(1, ranked.order).tolist() == [[13, 4]]
+    assert PruMerge(order="positions").select(prumerge_inputs(tokens, 3, cls, keys)).order is None
     assert PruMerge(merge_neighbours=0).select(prumerge_inputs(tokens, 3, cls, keys)).tokens is None
 
 
@@ -267,6 +271,9 @@ def test_prumerge_plus_outliers_then_the_grid_without_them():
     grid = [p for p in range(0, 575, 19) if p != 38]
     kept = prumerge_plus_keep(att)[0].tolist()
     assert kept == spikes[::-1] + grid  # outliers by descending attention, then the grid ascending
+    tokens = torch.randn(1, 576, D)
+    sel = PruMergePlus().select(prumerge_inputs(tokens, 41, att, torch.randn(1, 576, DK)))
+    assert sel.indices.gather(1, sel.order)[0].tolist() == kept  # entering in that order
     assert prumerge_plus_keep(att, 40)[0].tolist() == kept  # the paper's count: the same tokens
 
 
@@ -300,7 +307,7 @@ def test_prumerge_plus_rows_are_taken_alone():
 
 
 @pytest.mark.parametrize("method", [PruMerge(), PruMergePlus()], ids=["prumerge", "prumerge_plus"])
-@pytest.mark.parametrize("keep", [2, 10, 17, 33, N - 1])
+@pytest.mark.parametrize("keep", [2, 10, 17, 33, N])
 def test_prumerge_budget_counts_the_extra_token(method, keep):
     tokens, sig = random_batch(b=4, seed=3)
     att, keys = sig["cls_attention"], sig["keys"]
@@ -315,14 +322,6 @@ def test_prumerge_budget_counts_the_extra_token(method, keep):
         torch.testing.assert_close(alone.extra[0], sel.extra[r])
 
 
-@pytest.mark.parametrize("method", [PruMerge(), PruMergePlus()], ids=["prumerge", "prumerge_plus"])
-def test_prumerge_budget_of_every_token_leaves_them_as_they_are(method):
-    tokens, sig = random_batch()
-    sel = method.select(prumerge_inputs(tokens, N, sig["cls_attention"], sig["keys"]))
-    assert torch.equal(sel.indices, torch.arange(N).expand(3, N))
-    assert sel.tokens is None and sel.extra is None
-
-
 @pytest.mark.parametrize("cls", [PruMerge, PruMergePlus])
 def test_prumerge_acts_at_the_projector_on_the_last_block_signals(cls):
     assert cls.stages == ("projector",) and cls.default_site == "projector"
@@ -333,7 +332,8 @@ def test_prumerge_acts_at_the_projector_on_the_last_block_signals(cls):
     with pytest.raises(TokensieveError, match="last_block_cls_attention"):
         cls().select(inputs(tokens, 5, **sig))
     for bad, message in (({"merge_neighbours": -1}, "merge_neighbours"), ({"merge": "max"}, "merge"),
-                         ({"neighbours_among": "kept"}, "neighbours_among"), ({"extra_token": "yes"}, "extra_token")):
+                         ({"neighbours_among": "kept"}, "neighbours_among"), ({"extra_token": "yes"}, "extra_token"),
+                         ({"order": "sorted"}, "order")):
         with pytest.raises(TokensieveError, match=message):
             cls(**bad)
 

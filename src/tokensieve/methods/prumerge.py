@@ -162,6 +162,7 @@ class _PruMergeBase(Method):
     merge: str = "sum"
     neighbours_among: str = "all"
     extra_token: bool = True
+    order: str = "ranked"
 
     def __post_init__(self):
         n = self.merge_neighbours
@@ -169,7 +170,8 @@ class _PruMergeBase(Method):
             raise TokensieveError(f"{self.name}: merge_neighbours must be a whole number >= 0, got {n!r}")
         for option, value, choices in (("merge", self.merge, ("sum", "mean")),
                                        ("neighbours_among", self.neighbours_among, ("all", "pruned")),
-                                       ("extra_token", self.extra_token, (True, False))):
+                                       ("extra_token", self.extra_token, (True, False)),
+                                       ("order", self.order, ("ranked", "positions"))):
             if value not in choices:
                 raise TokensieveError(f"{self.name}: {option} {value!r} is not one of {', '.join(map(str, choices))}")
 
@@ -190,19 +192,18 @@ class _PruMergeBase(Method):
     def select(self, inputs: SiteInputs) -> Selection:
         self.check(inputs.tokens.shape[1], inputs.keep, inputs.site)
         tokens = inputs.tokens
-        b, n, _ = tokens.shape
-        if inputs.keep == n:  # a budget of every token leaves them as they are (the paper's count never is)
-            return Selection(torch.arange(n, device=tokens.device).expand(b, n))
+        n = tokens.shape[1]
         att, keys = inputs.signal("last_block_cls_attention"), inputs.signal("last_block_keys")
         kept = self._keep(att, inputs.keep - 1 if self.extra_token else inputs.keep)
         merged = None
         if self.merge_neighbours and kept.shape[1] < n:
             merged = prumerge_merge(tokens, att, keys, kept, self.merge_neighbours, self.neighbours_among, self.merge)
         extra = pruned_summary(tokens, att, kept) if self.extra_token else None
-        # Kept tokens go on in raster order; the released code emits them in `kept`'s order.
-        kept, order = kept.sort(1)
-        merged = None if merged is None else gather_tokens(merged, order)
-        return Selection(kept, merged, extra=extra, extra_first=False)
+        kept, slot = kept.sort(1)
+        merged = None if merged is None else gather_tokens(merged, slot)
+        # "ranked": the kept tokens enter in the released code's order (slot.argsort(1) undoes the sort)
+        order = slot.argsort(1) if self.order == "ranked" else None
+        return Selection(kept, merged, extra=extra, extra_first=False, order=order)
 
 
 @register
@@ -221,16 +222,16 @@ class PruMerge(_PruMergeBase):
     of highest CLS attention are kept. A budget of ``adaptive_count(att) + 1`` gives exactly
     the paper's tokens. Each kept token becomes ``x_i + sum_j a_j x_j`` over its
     ``merge_neighbours`` nearest other tokens (key cosine, kept ones included); the extra token
-    ``sum_j a_j x_j`` over the pruned tokens follows the kept ones. Kept tokens are passed on in
-    raster order; the released code orders them by descending attention.
+    ``sum_j a_j x_j`` over the pruned tokens follows the kept ones. The kept tokens enter the
+    image run in the released code's order, highest attention first (``order="ranked"``).
 
     Our options, off by default: ``merge="mean"`` (weighted mean of the token and its
     neighbours, keeps the scale), ``neighbours_among="pruned"`` (merge only pruned tokens),
-    ``extra_token=False`` (the whole budget is kept tokens).
+    ``extra_token=False`` (the whole budget is kept tokens), ``order="positions"`` (kept tokens
+    stay in raster order).
     """
 
     name = "prumerge"
-
 
     def _keep(self, att: torch.Tensor, count: int) -> torch.Tensor:
         return prumerge_keep(att, count)
@@ -249,14 +250,14 @@ class PruMergePlus(_PruMergeBase):
     stage's budget is the number of kept tokens plus one (the extra token): the outliers and
     grid are computed as the paper does, then thinned evenly (too many) or topped up by CLS
     attention (too few) to ``budget - 1``. A budget of the paper's count plus one gives exactly
-    its tokens. Each row is taken on its own (the released code runs at batch 1 only).
+    its tokens. Each row is taken on its own (the released code runs at batch 1 only). The kept
+    tokens enter in the released code's order: outliers by descending attention, then the grid.
 
     Options, off by default and ours, as for :class:`PruMerge`.
     """
 
     name = "prumerge_plus"
     paper = _PAPER + " (PruMerge+)"
-
 
     def _keep(self, att: torch.Tensor, count: int) -> torch.Tensor:
         return prumerge_plus_keep(att, count)
