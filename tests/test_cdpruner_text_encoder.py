@@ -8,14 +8,13 @@ import json
 
 import pytest
 import torch
+from tiny_clip_text import POSITIONS, save_tiny_clip, tokenizer
+from tiny_clip_text import tiny_clip as tiny_clip_of_width
 from transformers import (
-    CLIPConfig,
     CLIPModel,
     CLIPTextModelWithProjection,
-    CLIPTokenizerFast,
     CLIPVisionModelWithProjection,
 )
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from tokensieve.attach import attach
 from tokensieve.backbones import LlavaBackbone
@@ -28,33 +27,16 @@ from tokensieve.methods.cdpruner import (
     conditional_dpp_keep,
 )
 
-POSITIONS = 16  # the text tower's max_position_embeddings: a segment is 16 tokens
 WIDTH = 24  # the vision tower's width, i.e. the projector input's
 
 
-def tokenizer() -> CLIPTokenizerFast:
-    chars = list(bytes_to_unicode().values())
-    vocab = {c: i for i, c in enumerate(chars)} | {c + "</w>": i + len(chars) for i, c in enumerate(chars)}
-    vocab |= {"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1}
-    return CLIPTokenizerFast(vocab=vocab, merges=[])
-
-
 def tiny_clip() -> CLIPModel:
-    torch.manual_seed(0)
-    text = {"vocab_size": 514, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-            "num_attention_heads": 2, "max_position_embeddings": POSITIONS, "bos_token_id": 0, "pad_token_id": 1,
-            "eos_token_id": 2, "projection_dim": 8}
-    vision = {"hidden_size": WIDTH, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-              "image_size": 32, "patch_size": 8, "projection_dim": 8}
-    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).eval()
+    return tiny_clip_of_width(WIDTH)
 
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_clip")
-    tiny_clip().save_pretrained(folder)
-    tokenizer().save_pretrained(folder)
-    return folder
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"), WIDTH)
 
 
 def inputs(questions: list[str], keep: int = 6, n: int = 16, width: int = WIDTH, seed: int = 0) -> SiteInputs:

@@ -11,17 +11,38 @@ import torch
 from tokensieve.attach import attach
 from tokensieve.backbones import LlavaBackbone
 from tokensieve.errors import TokensieveError
-from tokensieve.method import Method, Selection, SiteInputs, list_methods, method_class
+from tokensieve.method import Method, Selection, SiteInputs, create_method, list_methods, method_class
 from tokensieve.testbed.batches import encode
+from tiny_clip_text import save_tiny_clip
 
 SITE_OF_STAGE = {"vision": "vision.1", "projector": "projector", "llm": "llm.1"}
 BUDGET = 16  # of the tiny model's 64 visual tokens
+# Every method at one site of each stage it acts at, and at its default site (its paper's) when
+# that is llm.0, the LLM's input embeddings.
 CASES = [(name, SITE_OF_STAGE[stage]) for name in list_methods() for stage in method_class(name).stages]
+CASES += [(name, "llm.0") for name in list_methods() if method_class(name).default_site == "llm.0"]
+# Sites inside a method's stages that its paper's rule cannot use, refused when attaching.
+REFUSED = {("cdpruner", "llm.1"): "acts on the LLM's input embeddings of the image"}
+CASES = [case for case in CASES if case not in REFUSED]
 
 
 @pytest.fixture(scope="module")
 def backbone(tiny_llava_dir):
     return LlavaBackbone.from_pretrained(tiny_llava_dir)
+
+
+@pytest.fixture(scope="module")
+def make(tmp_path_factory):
+    """Method name -> an instance configured for the tiny model: the defaults, except what a method
+    cannot do without (CDPruner's CLIP text encoder, here a tiny one as wide as the tiny tower)."""
+    clip = save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"), width=32)
+    needs = {"cdpruner": {"text_encoder": str(clip)}}
+    return lambda name: create_method(name, **needs.get(name, {}))
+
+
+def adds_tokens(method, site: str) -> bool:
+    """True where a method's paper adds a token of its own to the image run (VisionZip's CLS)."""
+    return method.makes_extra_tokens and site in ("projector", "llm.0")
 
 
 @pytest.fixture(scope="module")
@@ -36,33 +57,41 @@ def last_logits(backbone, batch) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name,site", CASES)
-def test_keep_all_reproduces_unpruned_logits(backbone, batch, name, site):
+def test_keep_all_reproduces_unpruned_logits(backbone, batch, name, site, make):
     plain = last_logits(backbone, batch)
-    handle = attach(backbone, name, 64, site=site, mode="hard")
+    handle = attach(backbone, make(name), 64, site=site, mode="hard")
     try:
         kept_all = last_logits(backbone, batch)
     finally:
         handle.detach()
+    if adds_tokens(make(name), site):  # a token of its own takes a slot: no budget is the unpruned model
+        (kept,) = handle.last_kept.values()
+        assert kept.shape[1] == 64 and bool((kept == -3).any(1).all())
+        return
     assert torch.equal(plain, kept_all)
 
 
 @pytest.mark.parametrize("name,site", CASES)
-def test_budget_met_and_pruning_changes_the_answer_distribution(backbone, batch, name, site):
+def test_budget_met_and_pruning_changes_the_answer_distribution(backbone, batch, name, site, make):
     plain = last_logits(backbone, batch)
-    handle = attach(backbone, name, BUDGET, site=site, mode="hard")
+    handle = attach(backbone, make(name), BUDGET, site=site, mode="hard")
     try:
         pruned = last_logits(backbone, batch)
     finally:
         handle.detach()
-    assert handle.last_counts == {str(handle.stages[0]): (64, BUDGET)}
+    assert handle.last_counts == {str(handle.stages[0]): (64, make(name).kept_count(64, BUDGET))}
     assert not torch.allclose(plain, pruned)
 
 
 @pytest.mark.parametrize("name,site", CASES)
-def test_soft_binary_mask_equals_hard_removal(backbone, batch, name, site):
+def test_soft_binary_mask_equals_hard_removal(backbone, batch, name, site, make):
+    if adds_tokens(make(name), site):
+        with pytest.raises(TokensieveError, match="soft mode cannot hold"):
+            attach(backbone, make(name), BUDGET, site=site, mode="soft")
+        return
     results = {}
     for mode in ("hard", "soft"):
-        handle = attach(backbone, name, BUDGET, site=site, mode=mode)
+        handle = attach(backbone, make(name), BUDGET, site=site, mode=mode)
         try:
             results[mode] = last_logits(backbone, batch)
         finally:
@@ -71,18 +100,27 @@ def test_soft_binary_mask_equals_hard_removal(backbone, batch, name, site):
 
 
 @pytest.mark.parametrize("name,site", CASES)
-def test_detach_restores_the_model_bit_for_bit(backbone, batch, name, site):
+def test_detach_restores_the_model_bit_for_bit(backbone, batch, name, site, make):
     before_state = {k: v.clone() for k, v in backbone.model.state_dict().items()}
     plain = last_logits(backbone, batch)
-    attach(backbone, name, BUDGET, site=site, mode="hard").detach()
+    hooks = _hooks(backbone)
+    handle = attach(backbone, make(name), BUDGET, site=site, mode="hard")
+    assert _hooks(backbone) > hooks
+    handle.detach()
     assert torch.equal(plain, last_logits(backbone, batch))
     assert all(torch.equal(v, before_state[k]) for k, v in backbone.model.state_dict().items())
-    assert not any(m._forward_pre_hooks for m in backbone.model.modules())
+    assert _hooks(backbone) == hooks
+
+
+def _hooks(backbone) -> set:
+    """Every forward (pre-)hook on the model, as (module, kind, hook id)."""
+    return {(name, kind, key) for name, m in backbone.model.named_modules()
+            for kind, hooks in (("pre", m._forward_pre_hooks), ("post", m._forward_hooks)) for key in hooks}
 
 
 @pytest.mark.parametrize("name,site", CASES)
-def test_batch_equals_each_sample_alone(backbone, tiny_samples, name, site):
-    handle = attach(backbone, name, BUDGET, site=site, mode="hard")
+def test_batch_equals_each_sample_alone(backbone, tiny_samples, name, site, make):
+    handle = attach(backbone, make(name), BUDGET, site=site, mode="hard")
     try:
         together = last_logits(backbone, encode(backbone.processor, tiny_samples))
         alone = torch.cat([last_logits(backbone, encode(backbone.processor, [s])) for s in tiny_samples])
@@ -92,8 +130,8 @@ def test_batch_equals_each_sample_alone(backbone, tiny_samples, name, site):
 
 
 @pytest.mark.parametrize("name,site", CASES)
-def test_cached_greedy_decoding_equals_recomputing(backbone, batch, name, site):
-    handle = attach(backbone, name, BUDGET, site=site, mode="hard")
+def test_cached_greedy_decoding_equals_recomputing(backbone, batch, name, site, make):
+    handle = attach(backbone, make(name), BUDGET, site=site, mode="hard")
     try:
         runs = [backbone.generate(**batch, max_new_tokens=4, do_sample=False, use_cache=cache,
                                   output_scores=True, return_dict_in_generate=True) for cache in (True, False)]
@@ -105,17 +143,19 @@ def test_cached_greedy_decoding_equals_recomputing(backbone, batch, name, site):
 
 
 @pytest.mark.parametrize("name,site", CASES)
-def test_kept_patches_are_recorded_alike_in_hard_and_soft_mode(backbone, batch, name, site):
+def test_kept_patches_are_recorded_alike_in_hard_and_soft_mode(backbone, batch, name, site, make):
+    if adds_tokens(make(name), site):
+        return  # refused in soft mode: test_soft_binary_mask_equals_hard_removal
     kept = {}
     for mode in ("hard", "soft"):
-        handle = attach(backbone, name, BUDGET, site=site, mode=mode)
+        handle = attach(backbone, make(name), BUDGET, site=site, mode=mode)
         try:
             backbone.forward(**batch)
         finally:
             handle.detach()
         (kept[mode],) = handle.last_kept.values()
     assert torch.equal(kept["hard"], kept["soft"])
-    assert kept["hard"].shape == (batch["input_ids"].shape[0], BUDGET)
+    assert kept["hard"].shape == (batch["input_ids"].shape[0], make(name).kept_count(64, BUDGET))
     assert all(row.tolist() == sorted(set(row.tolist())) and 0 <= row.min() and row.max() < 64 for row in kept["hard"])
 
 
@@ -173,13 +213,21 @@ def test_stages_at_several_sites_compose(backbone, batch):
 ])
 def test_bad_requests_are_refused_when_attaching(backbone, kwargs, message):
     """Before any model work: attach itself raises, with a message naming the value."""
+    hooks = _hooks(backbone)
     with pytest.raises(TokensieveError, match=message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
         attach(backbone, **kwargs)
-    assert not any(m._forward_pre_hooks for m in backbone.model.modules())
+    assert _hooks(backbone) == hooks
+
+
+@pytest.mark.parametrize("case,message", REFUSED.items())
+def test_sites_a_method_cannot_use_are_refused_when_attaching(backbone, make, case, message):
+    name, site = case
+    with pytest.raises(TokensieveError, match=message):
+        attach(backbone, make(name), BUDGET, site=site)
 
 
 @pytest.mark.parametrize("name", [name for name, site in CASES if site == "vision.1"])
-def test_cls_is_kept_in_the_tower(backbone, batch, name):
+def test_cls_is_kept_in_the_tower(backbone, batch, name, make):
     """Hooks run in registration order, so one added after attach sees the pruned block input."""
     seen = []
 
@@ -189,7 +237,7 @@ def test_cls_is_kept_in_the_tower(backbone, batch, name):
     plain_hook = backbone.vision_layers[1].register_forward_pre_hook(grab)
     backbone.forward(**batch)
     plain_hook.remove()
-    handle = attach(backbone, name, BUDGET, site="vision.1")
+    handle = attach(backbone, make(name), BUDGET, site="vision.1")
     pruned_hook = backbone.vision_layers[1].register_forward_pre_hook(grab)
     try:
         backbone.forward(**batch)

@@ -91,7 +91,7 @@ def test_llm_signals_of_the_previous_layer_and_the_question(backbone, batch, tin
     assert torch.equal(seen["question:positions"], positions[:, -t:])
     assert valid.shape == states.shape[:2]
     for text, sample in zip(seen["texts"], tiny_samples):  # the testbed's word-level tokenizer spaces words
-        assert "".join(sample.question.split()) in "".join(text.split())
+        assert "".join(text.split()) == "".join(sample.question.split())  # the question alone, no answer cue
 
 
 def test_a_signal_the_site_lacks_is_named(backbone, batch):

@@ -18,8 +18,9 @@ attention mask, so positions skip them exactly as after hard removal).
 
 from __future__ import annotations
 
+import re
 import zlib
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -38,6 +39,9 @@ def row_generator(seed: int, tokens: torch.Tensor) -> list[torch.Generator]:
         gens.append(torch.Generator().manual_seed(seed * 1_000_003 + digest))
     return gens
 
+
+# The end of a LLaVA prompt, where the answer starts ("... ASSISTANT:"), spaced by word-level tokenizers.
+ANSWER_CUE = re.compile(r"\s*ASSISTANT\s*:\s*$", re.IGNORECASE)
 
 # Patch index recorded in handle.last_kept for a slot that only pads a row keeping fewer tokens,
 # and for a token a method made itself (Selection.extra).
@@ -90,6 +94,44 @@ def stage_inputs(stages: dict, n_patches: int, keeps_cls: bool):
         stage = stages[site]
         yield site, stage, n
         n = stage.method.kept_count(n, stage.budget.resolve(n, str(site)))
+
+
+def last_query_attention(attn, hidden: torch.Tensor, keys: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """``(B, T)``: the last position's attention over all positions in a Llama attention layer,
+    mean over heads, recomputed from the layer's own q/k so fused attention stays on.
+
+    hidden: ``(B, T, d)`` the layer's normalised input; keys: ``(B, T, H_kv * d_head)`` its k_proj
+    output; kwargs: the layer's ``position_embeddings`` (RoPE tables) and ``attention_mask``.
+    The softmax runs in float32 and is cast back, as the papers' code does in half precision.
+    """
+    cos, sin = kwargs["position_embeddings"]
+    b, t, _ = hidden.shape
+    q = attn.q_proj(hidden[:, -1:]).view(b, 1, -1, attn.head_dim).transpose(1, 2)
+    k = keys.view(b, t, -1, attn.head_dim).transpose(1, 2)
+    q, _ = apply_rotary_pos_emb(q, q, cos[:, -1:], sin[:, -1:])
+    _, k = apply_rotary_pos_emb(k, k, cos, sin)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # grouped-query attention
+    scores = (q @ k.transpose(-1, -2)).squeeze(2) * attn.scaling  # (B, H, T)
+    mask = kwargs.get("attention_mask")
+    if mask is not None:
+        scores = scores + _as_additive(mask, b, t, t, scores.dtype, scores.device)[:, :, -1]
+    return scores.float().softmax(-1).to(hidden.dtype).mean(1)
+
+
+@dataclass
+class _Drop:
+    """A hard removal inside the LLM, before decoder layer ``layer``.
+
+    columns: ``(B, L')`` the original column of each column still in the sequence.
+    positions: ``(B, L')`` the original column whose position (and RoPE table) each takes: its own,
+        or, after a stage that renumbers positions, the one holding its new, gap-free position.
+    shift: ``(B,)`` how far positions after the prompt move down (tokens generated later).
+    """
+
+    layer: int
+    columns: torch.Tensor
+    positions: torch.Tensor
+    shift: torch.Tensor
 
 
 def _negative(dtype: torch.dtype) -> float:
@@ -224,7 +266,7 @@ class LlavaPruningSession:
                 alive = torch.cat([alive.new_zeros(alive.shape[0], 1), alive], 1)
             self.image_alive = alive
         self.run_origin = None if image_start is None else self._run_origin(image_start.shape[0], image_count)
-        self.gathers: list[tuple[int, torch.Tensor]] = []  # hard: (layer, (B, L') into the L columns)
+        self.drops: list[_Drop] = []  # hard: removals inside the LLM, in layer order
         self.biases: list[tuple[int, torch.Tensor]] = []  # soft: (layer, (B, L) additive key bias)
         if self.image_alive is not None and self.patch_key_mask is not None:
             # A projector-site key mask weights its tokens as keys in every LLM layer.
@@ -233,7 +275,7 @@ class LlavaPruningSession:
             dtype = self.bb.model.dtype
             bias = torch.zeros(patches.shape[0], length, dtype=dtype, device=patches.device)
             self.biases.append((0, bias.scatter(1, columns, _soft_key_bias(self.patch_key_mask, dtype))))
-        self._adjusted: dict = {}  # (gathers, biases, decoding) -> (original kwargs, adjusted kwargs)
+        self._adjusted: dict = {}  # (drops, biases, decoding) -> (original kwargs, adjusted kwargs)
 
     def _run_origin(self, b: int, image_count: int) -> torch.Tensor:
         """``(B, image_count)``: the patch index behind each position of the LLM's image run (-1: CLS)."""
@@ -345,7 +387,8 @@ class LlavaPruningSession:
             if self._attention_kwargs is not None:
                 with self.handle.scoring():
                     if "text_attention" in needs:
-                        self._text_attention(key, attn, args[0], keys, self._attention_kwargs)
+                        self._captured[key + ":text_attention"] = last_query_attention(
+                            attn, args[0], keys, self._attention_kwargs)
                     if "prev_layer_keys" in needs:
                         self._captured[key + ":prev_layer_keys"] = self._rotated_keys(attn, keys, self._attention_kwargs)
         return hook
@@ -358,21 +401,6 @@ class LlavaPruningSession:
         k = keys.view(b, t, -1, attn.head_dim).transpose(1, 2)
         _, k = apply_rotary_pos_emb(k, k, cos, sin)
         return k.transpose(1, 2).reshape(b, t, -1)
-
-    def _text_attention(self, key: str, attn, hidden: torch.Tensor, keys: torch.Tensor, kwargs: dict) -> None:
-        """The last position's attention over all positions, mean over heads -> ``(B, T)``."""
-        cos, sin = kwargs["position_embeddings"]
-        b, t, _ = hidden.shape
-        q = attn.q_proj(hidden[:, -1:]).view(b, 1, -1, attn.head_dim).transpose(1, 2)
-        k = keys.view(b, t, -1, attn.head_dim).transpose(1, 2)
-        q, _ = apply_rotary_pos_emb(q, q, cos[:, -1:], sin[:, -1:])
-        _, k = apply_rotary_pos_emb(k, k, cos, sin)
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # grouped-query attention
-        scores = (q @ k.transpose(-1, -2)).squeeze(2) * attn.scaling  # (B, H, T)
-        mask = kwargs.get("attention_mask")
-        if mask is not None:
-            scores = scores + _as_additive(mask, b, t, t, scores.dtype, scores.device)[:, :, -1]
-        self._captured[key + ":text_attention"] = scores.softmax(-1).mean(1)  # (B, T)
 
     # --- choosing ----------------------------------------------------------------------
     def _choose(self, site, tokens: torch.Tensor, signals: dict, question=None,
@@ -411,10 +439,12 @@ class LlavaPruningSession:
         return sel
 
     def _question_text(self) -> list[str]:
-        """Each row's question, decoded from its token ids."""
+        """Each row's question, decoded from its token ids, without the cue that opens the answer
+        (LLaVA's "ASSISTANT:"), which is the prompt's, not the user's."""
         tokenizer = self.bb.processor.tokenizer
-        return [tokenizer.decode(ids[valid], skip_special_tokens=True).strip()
-                for ids, valid in zip(self.question_ids, self.question_valid)]
+        texts = [tokenizer.decode(ids[valid], skip_special_tokens=True)
+                 for ids, valid in zip(self.question_ids, self.question_valid)]
+        return [ANSWER_CUE.sub("", text).strip() for text in texts]
 
     def _signals(self, key: str, alive: torch.Tensor | None, offset: int) -> dict:
         """Captured signals over the candidate tokens: columns ``offset..``, then only the
@@ -458,26 +488,32 @@ class LlavaPruningSession:
         site = Site("projector")
         return (self._reduce_tower(site, args[0], key="projector", prefix=self.bb.prefix_tokens(site)), *args[1:])
 
-    def _after_projector(self, _module, _args, output):
+    def _after_projector(self, _module, args, output):
         from tokensieve.backbones.hf_llava import Site
 
         if not self.handle.active:
             return None
         site = Site("llm", 0)
-        return self._reduce_tower(site, output, key="llm.0", prefix=self.bb.prefix_tokens(site))
+        prefix = self.bb.prefix_tokens(site)
+        return self._reduce_tower(site, output, key="llm.0", prefix=prefix,
+                                  own={"projector_input": args[0][:, prefix:]})
 
-    def _reduce_tower(self, site, hidden: torch.Tensor, key: str, prefix: int) -> torch.Tensor:
-        """Vision-side stage on ``hidden`` ``(B, prefix + N, d)``; hard shortens it."""
+    def _reduce_tower(self, site, hidden: torch.Tensor, key: str, prefix: int,
+                      own: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Vision-side stage on ``hidden`` ``(B, prefix + N, d)``; hard shortens it. own: signals of
+        this site ``(B, N, ...)`` over its ``N`` tokens (the projector's input at ``llm.0``)."""
         b = hidden.shape[0]
         patches = hidden[:, prefix:]
-        alive = self.patch_alive
-        if self.mode == "soft" and alive is not None:
-            candidates = patches.gather(1, alive[..., None].expand(-1, -1, patches.shape[-1]))
-        else:
-            candidates = patches
+        alive = self.patch_alive if self.mode == "soft" else None
+
+        def candidates_of(x: torch.Tensor) -> torch.Tensor:
+            return x if alive is None else x.gather(1, alive[..., None].expand(-1, -1, x.shape[-1]))
+
+        candidates = candidates_of(patches)
         signal_offset = 1  # captured tower signals always include CLS at column 0
-        sel = self._choose(site, candidates, self._signals(key, alive if self.mode == "soft" else None,
-                                                          signal_offset), self._question_before_llm)
+        signals = self._signals(key, alive, signal_offset)
+        signals.update({name: (lambda x=x: candidates_of(x)) for name, x in (own or {}).items()})
+        sel = self._choose(site, candidates, signals, self._question_before_llm)
         if sel.key_mask is not None and self.mode == "soft" and site.stage == "vision":
             raise TokensieveError(f"{self.stages[site].method.name} at {site}: a soft key mask is only "
                                   "supported at the projector and inside the LLM")
@@ -530,7 +566,7 @@ class LlavaPruningSession:
             hidden = args[0] if args else kwargs.pop("hidden_states")
             args = args[1:]
             decoding = self._is_decoding(kwargs, k)
-            if site in self.stages and not decoding:
+            if site in self.stages and not site.before_llm and not decoding:  # llm.0 acted at the projector
                 hidden = self._reduce_llm(site, hidden, kwargs)
             kwargs = self._adjust_llm_kwargs(k, hidden, kwargs, decoding)
             return (hidden, *args), kwargs
@@ -565,12 +601,12 @@ class LlavaPruningSession:
         if sel.tokens is not None:
             hidden = hidden.scatter(1, kept_columns[..., None].expand(-1, -1, d), sel.tokens)
         if self.mode == "hard":
-            positions = torch.arange(length, device=hidden.device).expand(b, length)
+            here = torch.arange(length, device=hidden.device).expand(b, length)
             drop = torch.zeros(b, length, dtype=torch.bool, device=hidden.device)
             drop.scatter_(1, columns, True).scatter_(1, kept_columns, False)
-            local = positions[~drop].view(b, -1)  # (B, L'): every row drops the same count
-            previous = self.gathers[-1][1] if self.gathers else positions  # current -> original columns
-            self.gathers.append((site.layer, previous.gather(1, local)))
+            local = here[~drop].view(b, -1)  # (B, L'): every row drops the same count
+            previous = self.drops[-1].columns if self.drops else here  # current -> original columns
+            self.drops.append(self._drop(site, previous.gather(1, local), local, kwargs))
             if sel.valid is not None:  # padding stays in the sequence as a key no later layer attends to
                 bias = torch.zeros(b, self.length, dtype=hidden.dtype, device=hidden.device)
                 padding = torch.where(sel.valid, 0.0, _negative(hidden.dtype)).to(hidden.dtype)
@@ -598,7 +634,23 @@ class LlavaPruningSession:
             raise TokensieveError("the LLM's layers received no position_ids: run the model through "
                                   "LlavaBackbone.forward or .generate")
         positions = positions.expand(b, -1)
-        return positions.gather(1, self.gathers[-1][1]) if self.gathers else positions
+        return positions.gather(1, self.drops[-1].positions) if self.drops else positions
+
+    def _drop(self, site, columns: torch.Tensor, local: torch.Tensor, kwargs: dict) -> _Drop:
+        """The removal before ``site`` keeping the original ``columns`` ``(B, L')`` (``local``: the
+        current columns they are). A method whose paper renumbers positions 0..L'-1 closes the
+        gaps: each real column takes the position of its rank among the real ones that stay."""
+        b, length = columns.shape[0], self.length
+        previous = self.drops[-1].positions if self.drops else columns.new_tensor(range(length)).expand(b, -1)
+        shift = self.drops[-1].shift if self.drops else columns.new_zeros(b)
+        if not getattr(self.stages[site].method, "renumbers_positions", False):
+            return _Drop(site.layer, columns, previous.gather(1, local), shift)
+        original = kwargs["position_ids"].expand(b, -1)
+        padding = length - 1 - original[:, -1]  # (B,) left padding: a row's last column is real
+        real = columns >= padding[:, None]
+        rank = real.long().cumsum(1) - 1
+        holding = torch.where(real, padding[:, None] + rank, columns)  # the original column at that position
+        return _Drop(site.layer, columns, holding, length - padding - real.sum(1))
 
     def _adjust_llm_kwargs(self, k: int, hidden: torch.Tensor, kwargs: dict, decoding: bool) -> dict:
         """Gather positions/RoPE/mask to the kept tokens (hard); add key biases (soft, and the
@@ -607,20 +659,21 @@ class LlavaPruningSession:
         Every layer receives the same original tensors from the model, so the adjusted ones are
         computed once per (stages in effect, originals) and reused by the later layers.
         """
-        n_gathers = sum(layer <= k for layer, _ in self.gathers)
+        n_drops = sum(drop.layer <= k for drop in self.drops)
         n_biases = sum(layer <= k for layer, _ in self.biases)
-        if n_gathers == 0 and n_biases == 0:
+        if n_drops == 0 and n_biases == 0:
             return kwargs
         originals = tuple(kwargs.get(name) for name in ("attention_mask", "position_embeddings", "position_ids"))
-        cached = self._adjusted.get((n_gathers, n_biases, decoding))
+        cached = self._adjusted.get((n_drops, n_biases, decoding))
         if cached is None or any(a is not b for a, b in zip(cached[0], originals)):
-            cached = (originals, self._adjusted_kwargs(n_gathers, n_biases, k, hidden, kwargs, decoding))
-            self._adjusted[(n_gathers, n_biases, decoding)] = cached
+            cached = (originals, self._adjusted_kwargs(n_drops, n_biases, k, hidden, kwargs, decoding))
+            self._adjusted[(n_drops, n_biases, decoding)] = cached
         return {**kwargs, **cached[1]}
 
-    def _adjusted_kwargs(self, n_gathers: int, n_biases: int, k: int, hidden: torch.Tensor, kwargs: dict,
+    def _adjusted_kwargs(self, n_drops: int, n_biases: int, k: int, hidden: torch.Tensor, kwargs: dict,
                          decoding: bool) -> dict:
-        gather = self.gathers[n_gathers - 1][1] if n_gathers else None
+        drop = self.drops[n_drops - 1] if n_drops else None
+        gather = None if drop is None else drop.columns
         active = [b for _, b in self.biases[:n_biases]]
         bias = torch.stack(active).sum(0).clamp(min=_negative(hidden.dtype)) if active else None  # (B, L)
         if bias is not None and gather is not None:
@@ -630,19 +683,25 @@ class LlavaPruningSession:
         b, q = hidden.shape[:2]
         if gather is not None and not decoding:
             cos, sin = kwargs["position_embeddings"]
+            at = drop.positions  # the original column holding each column's position
             kwargs["position_embeddings"] = tuple(
-                t.expand(b, -1, -1).gather(1, gather[..., None].expand(-1, -1, t.shape[-1])) for t in (cos, sin))
+                t.expand(b, -1, -1).gather(1, at[..., None].expand(-1, -1, t.shape[-1])) for t in (cos, sin))
             if kwargs.get("position_ids") is not None:
-                kwargs["position_ids"] = kwargs["position_ids"].expand(b, -1).gather(1, gather)
+                kwargs["position_ids"] = kwargs["position_ids"].expand(b, -1).gather(1, at)
             if mask is not None:
                 mask = mask.expand(b, -1, -1, -1)
                 mask = mask.gather(2, gather[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[3]))
                 mask = mask.gather(3, gather[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1))
-        elif gather is not None and mask is not None:  # decoding: cached K/V of this layer are shorter
-            new = torch.arange(self.length, mask.shape[-1], device=mask.device).expand(b, -1)
-            columns = torch.cat([gather, new], 1)
-            mask = mask.expand(b, -1, -1, -1)
-            mask = mask.gather(3, columns[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1))
+        elif gather is not None:  # decoding: cached K/V of this layer are shorter
+            if mask is not None:
+                new = torch.arange(self.length, mask.shape[-1], device=mask.device).expand(b, -1)
+                columns = torch.cat([gather, new], 1)
+                mask = mask.expand(b, -1, -1, -1)
+                mask = mask.gather(3, columns[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1))
+            if bool(drop.shift.any()):  # renumbered positions: new tokens follow the shorter prompt
+                positions = kwargs["position_ids"].expand(b, -1) - drop.shift[:, None]
+                kwargs["position_ids"] = positions
+                kwargs["position_embeddings"] = self.bb.language_model.rotary_emb(hidden, positions)
         if bias is not None:
             keys = bias.shape[1] if not decoding else (mask.shape[-1] if mask is not None else
                                                      kwargs["past_key_values"].get_seq_length(k) + q)

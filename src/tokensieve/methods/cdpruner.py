@@ -250,6 +250,8 @@ class CDPruner(Method):
             raise TokensieveError(f"cdpruner: theta {self.theta} is not in [0, 1)")
 
     def check(self, n_tokens: int, keep: int, site: str) -> None:
+        if site != "llm.0":
+            raise TokensieveError(f"cdpruner acts on the LLM's input embeddings of the image (site llm.0), not {site}")
         self._loaded()  # a missing or unloadable encoder stops the attach, before any model work
 
     def _loaded(self):
