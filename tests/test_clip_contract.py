@@ -12,14 +12,17 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 from tokensieve.attach import attach
 from tokensieve.backbones.hf_clip import HFClipViTBackbone
 from tokensieve.backbones.open_clip_vit import OpenClipViTBackbone
-from tokensieve.backbones.vit_pruning import SIGNALS, ViTPruningSession
+from tokensieve.backbones.vit_pruning import SIGNALS, ViTPruningSession, merges_in_blocks
 from tokensieve.clip.tiny import build_tiny
 from tokensieve.errors import TokensieveError
 from tokensieve.integrations.clip_benchmark import PruningSettings, attach_pruning, tokens_per_block, vit_backbone
-from tokensieve.method import list_methods, method_class
+from tokensieve.method import create_method, list_methods, method_class
 
 METHODS = [name for name in list_methods() if "vision" in method_class(name).stages
            and not method_class(name).trained and set(method_class(name).signals) <= set(SIGNALS)]
+# Methods that cut the tokens at their site, and those that merge inside the blocks from it on (ToMe).
+IN_BLOCKS = [name for name in METHODS if merges_in_blocks(create_method(name))]
+CUT = [name for name in METHODS if name not in IN_BLOCKS]
 KINDS = ("open_clip", "hf")
 BUDGET = 12
 
@@ -61,7 +64,7 @@ def test_keep_all_reproduces_the_unpruned_output_exactly(backbones, images, kind
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", CUT)
 def test_budget_exact_cls_kept_indices_sorted_and_detach_restores(backbones, images, kind, name):
     bb, x = backbones[kind], images[kind]
     model = bb.model
@@ -92,10 +95,40 @@ def test_budget_exact_cls_kept_indices_sorted_and_detach_restores(backbones, ima
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", IN_BLOCKS)
+def test_merging_in_blocks_meets_the_budget_at_the_tower_output_and_detach_restores(backbones, images, kind, name):
+    bb, x = backbones[kind], images[kind]
+    model = bb.model
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = encode(bb, x)
+    handle = attach(bb, name, BUDGET, site="vision.0")
+    seen = []
+    out = bb.blocks[-1].register_forward_hook(lambda _m, _a, o: seen.append(o[0] if isinstance(o, tuple) else o))
+    try:
+        pruned = encode(bb, x)
+    finally:
+        out.remove()
+        handle.detach()
+    stage = str(handle.stages[0])
+    assert handle.last_counts == {stage: (bb.n_patches, BUDGET)}
+    assert seen[0].shape[1] == BUDGET + 1
+    kept = handle.last_kept[stage]  # the patch behind each token, in the merged sequence's order
+    assert kept.shape == (3, BUDGET) and all(len(set(row.tolist())) == BUDGET for row in kept)
+    assert 0 <= kept.min() and kept.max() < bb.n_patches
+    assert not torch.allclose(plain, pruned)
+    assert torch.equal(plain, encode(bb, x))
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("name", METHODS)
 def test_batch_equals_each_sample_alone(backbones, images, kind, name):
     bb, x = backbones[kind], images[kind]
-    handle = attach(bb, [(name, "vision.1", 24), (name, "vision.2", BUDGET)])
+    # A method merging in blocks reaches a stage's budget by the next stage, halving at most per block.
+    stages = [(name, "vision.0", 40), (name, "vision.2", 20)] if name in IN_BLOCKS else \
+        [(name, "vision.1", 24), (name, "vision.2", BUDGET)]
+    handle = attach(bb, stages)
     try:
         together = encode(bb, x)
         alone = torch.cat([encode(bb, x[i:i + 1]) for i in range(x.shape[0])])

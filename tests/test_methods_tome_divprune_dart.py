@@ -12,6 +12,8 @@ from tokensieve.methods.divprune import DivPrune
 from tokensieve.methods.tome import ToMe
 
 NAMES = ["tome", "divprune"]  # DART reads LLM signals; its generic checks are in its own section
+# ToMe's default merges inside the vision blocks (test_block_merging.py); at one site it is its one_site option.
+SPECS = {"tome": {"name": "tome", "one_site": True}}
 
 
 def inputs(tokens: torch.Tensor, keep: int, signals=None) -> SiteInputs:
@@ -25,7 +27,7 @@ def random_tokens(b: int, n: int, d: int = 8, seed: int = 0) -> torch.Tensor:
 
 def test_registered_with_the_contract_attributes():
     assert set(NAMES) <= set(list_methods())
-    assert (ToMe.stages, ToMe.default_site, ToMe.signals) == (("vision", "projector"), "vision.1", ("keys",))
+    assert (ToMe.stages, ToMe.default_site, ToMe.signals) == (("vision", "projector"), "vision.0", ("keys",))
     assert (DivPrune.stages, DivPrune.default_site, DivPrune.signals) == (("projector", "llm"), "llm.0", ())
     assert (DART.stages, DART.default_site, DART.signals) == (
         ("llm",), "llm.2", ("prev_layer_keys", "normed_states", "positions"))
@@ -39,7 +41,7 @@ def test_registered_with_the_contract_attributes():
 @pytest.mark.parametrize("n,keep", [(1, 1), (2, 1), (7, 1), (7, 3), (9, 5), (16, 15), (16, 16), (33, 10)])
 def test_exact_budget_sorted_unique(name, n, keep):
     tokens = random_tokens(3, n)
-    sel = create_method(name).select(inputs(tokens, keep))
+    sel = create_method(SPECS.get(name, name)).select(inputs(tokens, keep))
     assert sel.indices.shape == (3, keep) and sel.indices.dtype == torch.long
     for row in sel.indices:
         assert torch.equal(row, row.unique())  # unique() sorts: sorted and no repeats
@@ -51,7 +53,7 @@ def test_exact_budget_sorted_unique(name, n, keep):
 @pytest.mark.parametrize("name", NAMES)
 def test_keep_all_returns_every_token_unchanged(name):
     tokens = random_tokens(2, 10)
-    sel = create_method(name).select(inputs(tokens, 10))
+    sel = create_method(SPECS.get(name, name)).select(inputs(tokens, 10))
     assert torch.equal(sel.indices, torch.arange(10).expand(2, 10))
     assert sel.tokens is None or torch.equal(sel.tokens, tokens)
 
@@ -59,13 +61,13 @@ def test_keep_all_returns_every_token_unchanged(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_budget_outside_the_tokens_is_refused(name):
     with pytest.raises(TokensieveError, match="cannot keep 6 of the 5 tokens"):
-        create_method(name).select(inputs(random_tokens(1, 5), 6))
+        create_method(SPECS.get(name, name)).select(inputs(random_tokens(1, 5), 6))
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_rows_choose_independently_and_alone_equals_batched(name):
     tokens = random_tokens(3, 24, seed=1)
-    method = create_method(name)
+    method = create_method(SPECS.get(name, name))
     together = method.select(inputs(tokens, 7))
     assert not torch.equal(together.indices[0], together.indices[1])
     for i in range(3):
@@ -80,7 +82,7 @@ def test_a_row_is_not_steered_by_its_neighbour(name):
     tokens = random_tokens(2, 20, seed=2)
     other = tokens.clone()
     other[1] = random_tokens(1, 20, seed=3)[0]
-    method = create_method(name)
+    method = create_method(SPECS.get(name, name))
     assert torch.equal(method.select(inputs(tokens, 5)).indices[0], method.select(inputs(other, 5)).indices[0])
 
 
@@ -89,7 +91,7 @@ def test_a_row_is_not_steered_by_its_neighbour(name):
 def test_tome_merging_identical_tokens_keeps_their_value():
     # A = {0, 2}, B = {1, 3}; token 0 duplicates token 1, token 2 matches nothing well.
     tokens = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.1]]])
-    sel = ToMe().select(inputs(tokens, 3))
+    sel = ToMe(one_site=True).select(inputs(tokens, 3))
     assert sel.indices.tolist() == [[1, 2, 3]]
     torch.testing.assert_close(sel.tokens, tokens[:, 1:])
 
@@ -97,12 +99,12 @@ def test_tome_merging_identical_tokens_keeps_their_value():
 def test_tome_size_weighted_means_over_several_rounds():
     # A = {0, 2, 4}, B = {1, 3}: 0 and 2 join 1 (direction x), 4 joins 3 (direction y).
     tokens = torch.tensor([[[3.0, 0.0], [1.0, 0.0], [5.0, 0.0], [0.0, 4.0], [0.0, 2.0]]])
-    two = ToMe().select(inputs(tokens, 2))
+    two = ToMe(one_site=True).select(inputs(tokens, 2))
     assert two.indices.tolist() == [[1, 3]]
     torch.testing.assert_close(two.tokens, torch.tensor([[[3.0, 0.0], [0.0, 3.0]]]))
     # 4 merges > |A| = 3 needs a second round: the size-3 and size-2 groups merge by size,
     # which is the plain mean of all five tokens (an unweighted mean would give [1.5, 1.5]).
-    one = ToMe().select(inputs(tokens, 1))
+    one = ToMe(one_site=True).select(inputs(tokens, 1))
     assert one.indices.tolist() == [[3]]
     torch.testing.assert_close(one.tokens, torch.tensor([[[1.8, 1.2]]]))
 
@@ -111,15 +113,15 @@ def test_tome_matches_on_keys_when_given():
     tokens = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.1, 1.0]]])
     # By content, 0 duplicates 1 exactly; by keys, 2 duplicates 3 and 0 is unlike 1.
     keys = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, 1.0]]])
-    assert ToMe().select(inputs(tokens, 3)).indices.tolist() == [[1, 2, 3]]
-    with_keys = ToMe().select(inputs(tokens, 3, {"keys": lambda: keys}))
+    assert ToMe(one_site=True).select(inputs(tokens, 3)).indices.tolist() == [[1, 2, 3]]
+    with_keys = ToMe(one_site=True).select(inputs(tokens, 3, {"keys": lambda: keys}))
     assert with_keys.indices.tolist() == [[0, 1, 3]]
     torch.testing.assert_close(with_keys.tokens[0], torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.05, 1.0]]))
 
 
 def test_tome_merged_tokens_are_means_of_the_inputs():
     tokens = random_tokens(2, 12, seed=4)
-    sel = ToMe().select(inputs(tokens, 4))
+    sel = ToMe(one_site=True).select(inputs(tokens, 4))
     # Every kept slot is a convex combination of the row's tokens: inside its per-feature range.
     assert (sel.tokens >= tokens.amin(1, keepdim=True) - 1e-6).all()
     assert (sel.tokens <= tokens.amax(1, keepdim=True) + 1e-6).all()

@@ -19,17 +19,30 @@ never a site): ``cls_attention`` ``(B, n)``, ``keys`` ``(B, n, d_h)`` (mean over
 recomputed from the block's own q/k projections only when a method asks, so the model's fused
 attention stays on. Every row chooses for itself; the kept tokens are gathered (``hard`` mode),
 CLS stays at index 0, and later blocks run on the shorter sequence.
+
+A method that merges inside blocks (``merges_in_blocks``, ToMe) is not asked at its site: its
+stage at ``vision.i`` (``vision.0`` allowed) merges inside blocks ``i`` up to the next stage or
+the end of the tower, as its ``merge_schedule(n, keep, blocks)`` says, through the hooks of
+:mod:`tokensieve.backbones.block_merging`; its budget is what is left there. Token sizes carry
+on through later stages (a cut keeps the kept tokens' sizes), so proportional attention holds
+to the end of the tower.
 """
 
 from __future__ import annotations
 
 import torch
 
+from tokensieve.backbones.block_merging import BlockMerger, TokenSizes
 from tokensieve.backbones.llava_pruning import check_selection, row_generator
 from tokensieve.errors import TokensieveError
 from tokensieve.method import SiteInputs
 
 SIGNALS = ("cls_attention", "keys", "attention")
+
+
+def merges_in_blocks(method) -> bool:
+    """True for a method the engine runs inside the blocks (ToMe) instead of at its site."""
+    return bool(getattr(method, "merges_in_blocks", False))
 
 
 class ViTPruningSession:
@@ -44,9 +57,11 @@ class ViTPruningSession:
         self.stages: dict = {}
         for st in handle.stages:
             site = Site.parse(st.site)
-            if site not in backbone.sites():
+            in_blocks = merges_in_blocks(st.method)
+            if site not in backbone.sites() and not (in_blocks and site == Site("vision", 0)):
+                first = 0 if in_blocks else 1
                 raise TokensieveError(f"site {site} does not exist in this {backbone.depth}-block ViT; sites are "
-                                      f"vision.1 .. vision.{backbone.depth - 1}")
+                                      f"vision.{first} .. vision.{backbone.depth - 1}")
             if "vision" not in st.method.stages:
                 raise TokensieveError(f"method {st.method.name!r} cannot act in a vision tower "
                                       f"(it acts at: {', '.join(st.method.stages)})")
@@ -57,33 +72,78 @@ class ViTPruningSession:
             if site in self.stages:
                 raise TokensieveError(f"two stages at site {site}")
             self.stages[site] = st
+        self.schedules: dict = {}  # site -> {block: tokens merged there}, for stages merging inside blocks
+        self.counts: dict = {}  # site -> (patch tokens at the site, budget)
         self._check_budgets()
         self._inputs: dict[int, torch.Tensor] = {}  # block -> the normalised states its attention saw
         self.positions: torch.Tensor | None = None  # (B, n) original patch index of each patch token
+        self.sizes = TokenSizes()  # (B, 1 + n) patches each token stands for, once a stage has merged
         self._register()
 
     def _check_budgets(self) -> None:
         """Resolve every budget against the patch tokens its site will see, before any model work."""
         n = self.bb.n_patches
-        for site in sorted(self.stages, key=lambda s: s.layer):
+        sites = sorted(self.stages, key=lambda s: s.layer)
+        for site, end in zip(sites, [s.layer for s in sites[1:]] + [self.bb.depth]):
             st = self.stages[site]
             keep = st.budget.resolve(n, f"{site} ({n} patch tokens + CLS)")
             st.method.check(n, keep, str(site))
+            if merges_in_blocks(st.method):
+                r = st.method.merge_schedule(n, keep, end - site.layer)
+                self.schedules[site] = {site.layer + i: r_i for i, r_i in enumerate(r)}
+            self.counts[site] = (n, keep)
             n = keep
 
     def _register(self) -> None:
         hooks = self.handle.hooks
         hooks.append(self.bb.blocks[0].register_forward_pre_hook(self._start))
         for site, st in self.stages.items():
-            if set(SIGNALS) & set(st.method.signals):
-                hooks.append(self.bb.hook_attention_input(site.layer - 1, self._remember(site.layer - 1)))
-            hooks.append(self.bb.blocks[site.layer].register_forward_pre_hook(self._reduce(site)))
+            if site not in self.schedules:
+                if set(SIGNALS) & set(st.method.signals):
+                    hooks.append(self.bb.hook_attention_input(site.layer - 1, self._remember(site.layer - 1)))
+                hooks.append(self.bb.blocks[site.layer].register_forward_pre_hook(self._reduce(site)))
+        # After the cuts: a block's proportional-attention bias must see the tokens the cut left.
+        starts = sorted(self.schedules, key=lambda s: s.layer)
+        for site, after in zip(starts, starts[1:] + [None]):
+            st = self.stages[site]
+            if any(self.schedules[site].values()):
+                merger = BlockMerger(self.bb.blocks, self.schedules[site], class_token=True,
+                                     prop_attn=st.method.prop_attn, until=after.layer if after else None,
+                                     sizes=self.sizes, active=lambda: self.handle.active,
+                                     on_merge=self._merged(site), scoring=self.handle.scoring)
+                hooks.extend(merger.install())
+            else:  # the budget keeps every token: nothing merges, the stage is still reported
+                hooks.append(self.bb.blocks[site.layer].register_forward_pre_hook(self._unchanged(site)))
 
     def _start(self, _module, args):
         if self.handle.active:
             self._inputs.clear()
             b, t = args[0].shape[:2]
             self.positions = torch.arange(t - 1, device=args[0].device).expand(b, -1)
+            self.sizes.value = None
+
+    def _merged(self, site):
+        """After each merging block of the stage at ``site``: follow the patches, report the last."""
+        st, (n, keep) = self.stages[site], self.counts[site]
+        last = max(b for b, r in self.schedules[site].items() if r > 0)
+
+        def fn(block: int, order: torch.Tensor) -> None:
+            self.positions = self.positions.gather(1, order[:, 1:] - 1)  # CLS stays first
+            if block == last:
+                b = order.shape[0]
+                self.handle.record_counts(str(st), torch.full((b,), n), torch.full((b,), keep))
+                self.handle.last_kept[str(st)] = self.positions
+        return fn
+
+    def _unchanged(self, site):
+        st, (n, keep) = self.stages[site], self.counts[site]
+
+        def hook(_module, args):
+            if self.handle.active:
+                b = args[0].shape[0]
+                self.handle.record_counts(str(st), torch.full((b,), n), torch.full((b,), keep))
+                self.handle.last_kept[str(st)] = self.positions
+        return hook
 
     def _remember(self, block: int):
         def fn(x: torch.Tensor) -> None:
@@ -131,6 +191,8 @@ class ViTPruningSession:
             self._inputs.pop(site.layer - 1, None)
             values = sel.tokens if sel.tokens is not None else patches.gather(1, sel.indices[..., None].expand(-1, -1, d))
             self.positions = self.positions.gather(1, sel.indices)
+            if self.sizes.value is not None:  # the kept tokens keep what they stand for
+                self.sizes.value = torch.cat([self.sizes.value[:, :1], self.sizes.value[:, 1:].gather(1, sel.indices)], 1)
             self.handle.record_counts(str(st), torch.full((b,), t - 1), torch.full((b,), keep))
             self.handle.last_kept[str(st)] = self.positions
             return (torch.cat([hidden[:, :1], values.to(hidden.dtype)], 1), *args[1:])
