@@ -79,3 +79,11 @@ def test_matching_by_flops_needs_shares(tiny_llava_dir, capsys):
     assert main(["eval", "--model", str(tiny_llava_dir), "--method", "random", "--keep", "16",
                  "--match", "flops", "--samples", "4"]) == 2
     assert "matching by flops needs each --keep as a share" in capsys.readouterr().err
+
+
+def test_a_method_whose_budget_is_a_share_is_matched_by_its_share(backbone):
+    """PyramidDrop's budget is lambda: at layers 1 and 2 of 3, (64 + int(64 l) + int(64 l^2)) / 3 ~ 37 near l = 0.5."""
+    method = {"name": "pyramiddrop", "layers": (1, 2)}
+    share, cost = matched_budget(backbone, method, None, 37.0, "tokens", TEXT_TOKENS)
+    assert isinstance(share, float) and 0.4 < share < 0.5 and abs(cost - 37.0) < 0.5
+    assert planned_cost(backbone, make_stages(method, share, None, depth=3), TEXT_TOKENS, "tokens") == cost

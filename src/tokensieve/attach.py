@@ -107,10 +107,17 @@ class Handle:
         return self.enabled and self.mode != "origin" and bool(self.hooks)
 
 
+def llm_depth(backbone) -> int | None:
+    """The decoder layers of ``backbone``'s LLM; None for a backbone without one (a CLIP ViT)."""
+    layers = getattr(backbone, "llm_layers", None)
+    return None if layers is None else len(layers)
+
+
 def make_stages(method: str | dict | Method | Sequence, budget: Budget | int | float | str | None = None,
-                site: str | None = None) -> list[Stage]:
+                site: str | None = None, depth: int | None = None) -> list[Stage]:
     """Stages from one method (with ``budget`` and optional ``site``) or a list of
-    ``(method, site, budget)`` triples."""
+    ``(method, site, budget)`` triples. depth: the LLM's decoder layers, for a method whose stages
+    are placed by it (:meth:`Method.schedule`)."""
     if isinstance(method, (list, tuple)):
         if budget is not None or site is not None:
             raise TokensieveError("give budgets and sites inside the (method, site, budget) list")
@@ -120,11 +127,11 @@ def make_stages(method: str | dict | Method | Sequence, budget: Budget | int | f
             if not (isinstance(stage, (list, tuple)) and len(stage) == 3):
                 raise TokensieveError(f"stage {i} is {stage!r}; each stage is a (method, site, budget) triple, "
                                       "e.g. ('fastv', 'llm.2', 0.25)")
-        return [stage for m, s, b in method for stage in make_stages(m, b, s)]
+        return [stage for m, s, b in method for stage in make_stages(m, b, s, depth)]
     if budget is None:
         raise TokensieveError("a budget is needed: a token count (64) or a ratio (0.25)")
     m = create_method(method)
-    return [Stage(m, at, b) for at, b in m.schedule(site or m.default_site, Budget.parse(budget))]
+    return [Stage(m, at, b) for at, b in m.schedule(site or m.default_site, Budget.parse(budget), depth)]
 
 
 def attach(backbone, method: str | dict | Method | Sequence, budget: Budget | int | float | str | None = None,
@@ -136,7 +143,7 @@ def attach(backbone, method: str | dict | Method | Sequence, budget: Budget | in
     """
     if mode not in MODES:
         raise TokensieveError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
-    stages = make_stages(method, budget, site)
+    stages = make_stages(method, budget, site, llm_depth(backbone))
     handle = Handle(stages, mode)
     if mode != "origin":
         backbone.install(handle, seed)

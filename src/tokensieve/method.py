@@ -24,6 +24,7 @@ class Budget:
 
     count: int | None = None
     ratio: float | None = None
+    rounding: str = "nearest"  # of a ratio's count: "nearest", or "down" as a paper's int() does
 
     def __post_init__(self):
         if (self.count is None) == (self.ratio is None):
@@ -32,6 +33,8 @@ class Budget:
             raise TokensieveError(f"budget {self.count}: keep at least one token")
         if self.ratio is not None and not 0 < self.ratio <= 1:
             raise TokensieveError(f"budget ratio {self.ratio} is not in (0, 1]")
+        if self.rounding not in ("nearest", "down"):
+            raise TokensieveError(f"budget rounding {self.rounding!r} is not 'nearest' or 'down'")
 
     @classmethod
     def parse(cls, value: Budget | int | float | str) -> Budget:
@@ -59,7 +62,8 @@ class Budget:
                 raise TokensieveError(f"budget of {self.count} tokens is larger than the {available} "
                                       f"visual tokens at {where}")
             return self.count
-        return max(1, round(self.ratio * available))
+        exact = self.ratio * available
+        return max(1, int(exact) if self.rounding == "down" else round(exact))
 
     def __str__(self) -> str:
         if self.count is not None:
@@ -206,6 +210,7 @@ class Method:
     optional_signals: ClassVar[tuple[str, ...]] = ()  # used where a site offers them
     trained: ClassVar[bool] = False  # True for methods whose weights come from training (tokensieve train)
     makes_extra_tokens: ClassVar[bool] = False  # True if select() may return Selection.extra
+    budget_is_share: ClassVar[bool] = False  # True if its budget is a share of each stage's tokens, not a count
 
     def select(self, inputs: SiteInputs) -> Selection:
         """Choose ``inputs.keep`` of the ``N`` tokens of every row."""
@@ -217,10 +222,11 @@ class Method:
         ``Selection.valid``); such a method acts inside the LLM only."""
         return False
 
-    def schedule(self, site: str, budget: Budget) -> list[tuple[str, Budget]]:
+    def schedule(self, site: str, budget: Budget, depth: int | None = None) -> list[tuple[str, Budget]]:
         """The ``(site, budget)`` stages this method runs as when attached at ``site`` with
         ``budget``: one by default; several for a method that reduces at several layers in turn
-        (PyramidDrop), each with the budget of the tokens its site sees."""
+        (PyramidDrop), each with the budget of the tokens its site sees. depth: the LLM's decoder
+        layers (None where there is no LLM)."""
         return [(site, budget)]
 
     def kept_count(self, available: int, keep: int) -> int:

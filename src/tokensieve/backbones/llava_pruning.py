@@ -26,7 +26,7 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from tokensieve.errors import TokensieveError
-from tokensieve.method import ROW_SIGNALS, SiteInputs, Selection
+from tokensieve.method import ROW_SIGNALS, Selection, SiteInputs
 from tokensieve.ops import gather_tokens, query_attention
 
 
@@ -187,6 +187,9 @@ class LlavaPruningSession:
             if st.method.makes_extra_tokens and not site.before_llm:
                 raise TokensieveError(f"{st}: {st.method.name} adds tokens of its own, which only the projector "
                                       "and llm.0 sites can take")
+            if getattr(st.method, "renumbers_positions", False) and self.mode == "soft":
+                raise TokensieveError(f"{st}: {st.method.name} renumbers positions after a drop, which soft mode "
+                                      "cannot do (it keeps every token in place); use mode hard")
             if st.method.makes_extra_tokens and site.stage != "vision" and self.mode == "soft":
                 raise TokensieveError(f"{st}: {st.method.name} adds tokens of its own, which soft mode cannot "
                                       "hold (it keeps every token in place); use mode hard")
@@ -586,6 +589,7 @@ class LlavaPruningSession:
         positions = self._positions(kwargs, b)  # (B, L) position id of every current column
         signals["normed_states"] = lambda: norm(tokens)
         signals["positions"] = lambda: positions.gather(1, columns)
+        signals["layer_text_attention"] = lambda: self._layer_text_attention(site.layer, hidden, kwargs).gather(1, columns)
         question_signals = {"normed_states": lambda: norm(self._question_in_llm(hidden)()[0]),
                             "positions": lambda: positions[:, length - t:]}
         if f"{site}:prev_layer_keys" in self._captured:
@@ -625,6 +629,14 @@ class LlavaPruningSession:
             bias = bias.scatter(1, kept_columns, weights)
         self.biases.append((site.layer, bias))
         return hidden
+
+    def _layer_text_attention(self, k: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """``(B, L)``: the last position's attention at decoder layer ``k`` itself — its own norm and
+        q/k on the states entering it, at the positions and mask they have (earlier drops applied)."""
+        layer = self.bb.llm_layers[k]
+        normed = layer.input_layernorm(hidden)
+        current = self._adjust_llm_kwargs(k, hidden, kwargs, decoding=False)
+        return last_query_attention(layer.self_attn, normed, layer.self_attn.k_proj(normed), current)
 
     def _positions(self, kwargs: dict, b: int) -> torch.Tensor:
         """``(B, L)``: the position id of every column still in the sequence (earlier stages' drops

@@ -17,6 +17,7 @@ from tokensieve.backbones.hf_llava import Site
 from tokensieve.backbones.llava_pruning import stage_inputs
 from tokensieve.errors import TokensieveError
 from tokensieve.evaluate.flops import prefill_flops, token_counts
+from tokensieve.method import create_method
 
 MATCH_BY = ("tokens", "flops")
 
@@ -43,20 +44,26 @@ def planned_cost(backbone, stages, text_tokens: int, by: str) -> float:
     return float(prefill_flops(backbone.config, *counts)["total"])
 
 
-def matched_budget(backbone, method, site: str | None, target: float, by: str, text_tokens: int) -> tuple[int, float]:
-    """``(count, cost)``: the token-count budget of ``method`` (at ``site``, default its own) whose
-    planned cost is nearest ``target`` (the fewer tokens on a tie), and that cost."""
+def matched_budget(backbone, method, site: str | None, target: float, by: str,
+                   text_tokens: int) -> tuple[int | float, float]:
+    """``(budget, cost)``: the budget of ``method`` (at ``site``, default its own) whose planned
+    cost is nearest ``target`` (the smaller on a tie), and that cost. The budget is a token count,
+    or, for a method whose budget is a share (``budget_is_share``: PyramidDrop's lambda), a share
+    in steps of 0.001."""
     if by not in MATCH_BY:
         raise TokensieveError(f"cannot match by {by!r}; expected one of {', '.join(MATCH_BY)}")
+    share = create_method(method).budget_is_share
+    candidates = [i / 1000 for i in range(1, 1001)] if share else range(1, backbone.n_visual_tokens + 1)
+    depth = len(backbone.llm_layers)
     best = None
-    for count in range(1, backbone.n_visual_tokens + 1):
+    for budget in candidates:
         try:
-            stages = make_stages(method, count, site)
+            stages = make_stages(method, budget, site, depth)
             cost = planned_cost(backbone, stages, text_tokens, by)
         except TokensieveError:
             break  # a larger count than the site holds: every larger one fails too
         if best is None or abs(cost - target) < abs(best[1] - target):
-            best = (count, cost)
+            best = (budget, cost)
     if best is None:
         raise TokensieveError(f"{method}: no budget can be planned at {site or 'its default site'}")
     return best

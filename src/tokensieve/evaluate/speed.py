@@ -16,12 +16,22 @@ from dataclasses import asdict, dataclass
 
 import torch
 from tqdm import tqdm
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
 
 from tokensieve.attach import attach
-from tokensieve.backbones import LlavaBackbone, Site
+from tokensieve.backbones import LlavaBackbone
 from tokensieve.evaluate.flops import TokenCounts, prefill_flops, token_counts
-from tokensieve.evaluate.timing import alternate_timings, repeated_timings, scoring_shares, synchronizer
+from tokensieve.evaluate.timing import (
+    alternate_timings,
+    repeated_timings,
+    scoring_shares,
+    synchronizer,
+)
 
 TARGETS = {"speedup >= 0.95 x ideal_speedup": lambda r: r["speedup"] >= 0.95 * r["ideal_speedup"],
            "scoring_overhead <= 0.03": lambda r: r["scoring_overhead"] <= 0.03}
@@ -109,8 +119,6 @@ def speed_benchmark(shape: BenchShape = BenchShape(), methods: tuple[str, ...] =
     """One row per (method at its default site, keep ratio), each prefill on ``batch`` prompts
     (on a GPU, batch 1 of eager transformers code can be bound by the host launching kernels);
     see the module docstring."""
-    from tokensieve.method import create_method
-
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -125,8 +133,8 @@ def speed_benchmark(shape: BenchShape = BenchShape(), methods: tuple[str, ...] =
     rows = []
     cases = [(m, k) for m in methods for k in keeps]
     for name, keep in tqdm(cases, desc="speed", unit="case", disable=not progress):
-        site = Site.parse(create_method(name).default_site)
-        handle = attach(backbone, name, keep, site=str(site), mode="hard")
+        handle = attach(backbone, name, keep, mode="hard")  # at the method's own site(s)
+        site = handle.stages[0].site
 
         def full_prefill():
             with handle.disabled():
@@ -140,7 +148,7 @@ def speed_benchmark(shape: BenchShape = BenchShape(), methods: tuple[str, ...] =
         finally:
             handle.detach()
         full, pruned = times["full"], times["pruned"]
-        row = {"method": name, "site": str(site), "keep": keep, "visual_tokens_kept": kept,
+        row = {"method": name, "site": site, "keep": keep, "visual_tokens_kept": kept,
                "prefill_ms_full": round(1000 * statistics.median(full), 2),
                "prefill_ms_pruned": round(1000 * statistics.median(pruned), 2),
                "scoring_overhead": round(statistics.median(scoring), 4),
