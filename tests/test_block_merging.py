@@ -194,7 +194,8 @@ def test_tome_merges_from_block_0_by_default_and_other_methods_cannot_start_ther
 
 
 @pytest.mark.parametrize("method,budget,needle", [
-    ("tome", 4, "2 blocks merging at most half of the tokens each cannot bring 36 tokens down to 4"),
+    ("tome", 4, (r"tome@vision.0:4 merges in blocks 0..1 \(up to the end of the tower\): tome: 2 blocks merging "
+                 "at most half of the tokens each cannot bring 36 tokens down to 4")),
     ({"name": "tome", "r": 8}, 18, "r=8 over 2 blocks leaves 20 of 36 tokens, not the budget of 18; set the budget to 20"),
     ({"name": "tome", "r": [1, 2, 3]}, 30, "r lists 3 blocks but the stage merges in 2"),
 ])

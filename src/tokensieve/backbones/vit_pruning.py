@@ -89,7 +89,11 @@ class ViTPruningSession:
             keep = st.budget.resolve(n, f"{site} ({n} patch tokens + CLS)")
             st.method.check(n, keep, str(site))
             if merges_in_blocks(st.method):
-                r = st.method.merge_schedule(n, keep, end - site.layer)
+                try:
+                    r = st.method.merge_schedule(n, keep, end - site.layer)
+                except TokensieveError as e:
+                    upto = f"the next stage at vision.{end}" if end < self.bb.depth else "the end of the tower"
+                    raise TokensieveError(f"{st} merges in blocks {site.layer}..{end - 1} (up to {upto}): {e}") from None
                 self.schedules[site] = {site.layer + i: r_i for i, r_i in enumerate(r)}
             self.counts[site] = (n, keep)
             n = keep

@@ -113,8 +113,8 @@ def budget_schedule(n: int, keep: int, blocks: int) -> list[int]:
     if not 1 <= keep <= n:
         raise TokensieveError(f"tome: cannot keep {keep} of {n} tokens")
     if keep * 2 ** blocks < n:  # halving in every block is the most ToMe merges
-        raise TokensieveError(f"tome: {blocks} blocks merging at most half of the tokens each cannot bring "
-                              f"{n} tokens down to {keep}; keep more or start at an earlier block")
+        raise TokensieveError(f"tome: {blocks} block{'s' if blocks > 1 else ''} merging at most half of the tokens "
+                              f"each cannot bring {n} tokens down to {keep}; keep more or merge in more blocks")
     q, rem = divmod(n - keep, blocks)
     even = [q + 1] * rem + [q] * (blocks - rem)
     if schedule_leaves(n, even)[-1] == keep:
