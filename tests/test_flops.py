@@ -155,3 +155,17 @@ def test_negative_text_tokens_and_unrun_handles_are_named(backbone):
             token_counts(backbone, 11, handle)
     finally:
         handle.detach()
+
+
+def test_tome_blocks_each_see_what_the_earlier_blocks_left(backbone, prompt):
+    """ToMe merges inside the tiny tower's three blocks (64 -> 48 -> 32 -> 16 patches): each block's
+    attention and MLP run on the tokens entering it. The counter also sees the matching (each A
+    token's cosine to each B token on the keys' head mean, ``2 |A| |B| d_head`` per merging block),
+    which is scoring, not the backbone's prefill."""
+    inputs, text_tokens = prompt
+    counted, counts = counted_while_attached(backbone, inputs, text_tokens, "tome", 16, site="vision.0", mode="hard")
+    assert counts.vision_tokens == [65, 49, 33] and counts.projector_tokens == 16
+    expected = prefill_flops(backbone.config, *counts)
+    d_head = backbone.config.vision_config.hidden_size // backbone.config.vision_config.num_attention_heads
+    matching = sum(2 * (t // 2 + t % 2) * (t // 2) * d_head for t in (65, 49, 33))  # CLS in A: |A| = ceil(t / 2)
+    assert counted["total"] - expected["total"] == matching

@@ -27,7 +27,8 @@ def backbone(tiny_llava_dir):
     [("random", "llm.0", 0.25)],
     [("fastv", "llm.1", 10)],
     [("random", "vision.1", 40), ("random", "llm.0", 20), ("random", "llm.2", 8)],
-], ids=["projector", "llm.0", "llm.1", "three-sites"])
+    [("tome", "vision.0", 16)],
+], ids=["projector", "llm.0", "llm.1", "three-sites", "tome-in-blocks"])
 def test_the_plan_is_what_a_run_keeps_and_costs(backbone, tiny_samples, stages):
     handle = attach(backbone, stages)
     try:

@@ -22,7 +22,8 @@ BUDGET = 16  # of the tiny model's 64 visual tokens
 CASES = [(name, SITE_OF_STAGE[stage]) for name in list_methods() for stage in method_class(name).stages]
 CASES += [(name, "llm.0") for name in list_methods() if method_class(name).default_site == "llm.0"]
 # Sites inside a method's stages that its paper's rule cannot use, refused when attaching.
-REFUSED = {("cdpruner", "llm.1"): "acts on the LLM's input embeddings of the image"}
+REFUSED = {("cdpruner", "llm.1"): "acts on the LLM's input embeddings of the image",
+           ("tome", "projector"): "merges inside the vision tower's blocks"}
 CASES = [case for case in CASES if case not in REFUSED]
 
 
@@ -46,9 +47,10 @@ def adds_tokens(method, site: str) -> bool:
 
 
 def hard_only(method, site: str) -> bool:
-    """True where soft mode cannot express the paper's method: tokens of its own, or positions
-    renumbered after a drop (PyramidDrop)."""
-    return adds_tokens(method, site) or getattr(method, "renumbers_positions", False)
+    """True where soft mode cannot express the paper's method: tokens of its own, positions
+    renumbered after a drop (PyramidDrop), or merging inside the tower's blocks (ToMe)."""
+    return (adds_tokens(method, site) or getattr(method, "renumbers_positions", False)
+            or getattr(method, "merges_in_blocks", False))
 
 
 def budget(method, count: int):
@@ -239,7 +241,8 @@ def test_sites_a_method_cannot_use_are_refused_when_attaching(backbone, make, ca
         attach(backbone, make(name), budget(make(name), BUDGET), site=site)
 
 
-@pytest.mark.parametrize("name", [name for name, site in CASES if site == "vision.1"])
+@pytest.mark.parametrize("name", [name for name, site in CASES if site == "vision.1"
+                                  and not getattr(create_method(name), "merges_in_blocks", False)])
 def test_cls_is_kept_in_the_tower(backbone, batch, name, make):
     """Hooks run in registration order, so one added after attach sees the pruned block input."""
     seen = []

@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from tokensieve.backbones.block_merging import BlockMerger, TokenSizes
 from tokensieve.errors import TokensieveError
 from tokensieve.method import ROW_SIGNALS, Selection, SiteInputs
 from tokensieve.ops import gather_tokens, query_attention
@@ -78,6 +79,11 @@ def check_selection(sel: Selection, batch: int, n: int, keep: int, where: str, p
         raise TokensieveError(f"{where}: kept indices must be sorted and unique")
     if bool((idx < 0).any()) or bool((idx >= n).any()):
         raise TokensieveError(f"{where}: kept indices out of range 0..{n - 1}")
+
+
+def merges_in_blocks(method) -> bool:
+    """True for a method the engine runs inside the tower's blocks (ToMe) instead of at its site."""
+    return bool(getattr(method, "merges_in_blocks", False))
 
 
 def stage_inputs(stages: dict, n_patches: int, keeps_cls: bool):
@@ -178,7 +184,12 @@ class LlavaPruningSession:
             if site.stage == "llm" and site.layer >= depth:
                 raise TokensieveError(f"{st}: the LLM has {depth} decoder layers (sites llm.0 .. llm.{depth - 1}); "
                                       f"llm.{site.layer} is past its depth")
-            backbone.site_module(site)  # raises for a site this model does not have
+            in_blocks = merges_in_blocks(st.method)
+            if not (in_blocks and site == Site("vision", 0)):  # merging from the first block on
+                backbone.site_module(site)  # raises for a site this model does not have
+            if in_blocks and self.mode == "soft":
+                raise TokensieveError(f"{st}: {st.method.name} merges tokens inside the tower's blocks, which soft "
+                                      "mode cannot do (it keeps every token in place); use mode hard")
             if site.stage not in st.method.stages:
                 raise TokensieveError(f"method {st.method.name!r} cannot act at {site} "
                                       f"(it acts at: {', '.join(st.method.stages)})")
@@ -196,7 +207,9 @@ class LlavaPruningSession:
             if site in self.stages:
                 raise TokensieveError(f"two stages at site {site}")
             self.stages[site] = st
+        self.merges: dict = {}  # in-block stage site -> ({block: tokens merged there}, (tokens at the site, budget))
         self._check_budgets()
+        self.sizes = TokenSizes()  # tokens each tower token stands for, once a stage has merged (CLS included)
         self._captured: dict[str, torch.Tensor] = {}
         self._attention_kwargs: dict | None = None
         self.question_ids: torch.Tensor | None = None
@@ -221,9 +234,23 @@ class LlavaPruningSession:
                     raise TokensieveError(f"{st} follows {per_row}, which keeps a count per row: give it a token "
                                           "count (the most a row keeps) or 1.0, not a ratio")
                 self.capped.add(site)
-            st.method.check(n, st.budget.resolve(n, str(site)), str(site))
+            keep = st.budget.resolve(n, str(site))
+            st.method.check(n, keep, str(site))
             if st.method.count_per_row:
                 per_row = per_row or st
+            if merges_in_blocks(st.method):
+                self._plan_merges(site, st, n, keep)
+
+    def _plan_merges(self, site, st, n: int, keep: int) -> None:
+        """An in-block stage (ToMe) at ``vision.i`` merges in blocks ``i`` up to the next vision stage
+        or the feature block, ``r`` tokens each as its ``merge_schedule`` says."""
+        later = [s.layer for s in self.stages if s.stage == "vision" and s.layer > site.layer]
+        end = min(later, default=self.bb.feature_hidden_index)
+        try:
+            r = st.method.merge_schedule(n, keep, end - site.layer)
+        except TokensieveError as e:
+            raise TokensieveError(f"{st} merges in blocks {site.layer}..{end - 1}: {e}") from None
+        self.merges[site] = ({site.layer + i: r_i for i, r_i in enumerate(r)}, (n, keep))
 
     # --- per-pass state -----------------------------------------------------------------
     def begin_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -308,6 +335,8 @@ class LlavaPruningSession:
         hooks.append(bb.vision_layers[0].register_forward_pre_hook(self._tower_start))
         for site, st in self.stages.items():
             needs = set(st.method.signals) | set(st.method.optional_signals)
+            if site in self.merges:
+                continue  # merging inside blocks reads each block's own keys (BlockMerger)
             if site.before_llm:
                 source = site.layer - 1 if site.stage == "vision" else bb.feature_hidden_index - 1
                 if {"cls_attention", "keys"} & needs:
@@ -326,6 +355,7 @@ class LlavaPruningSession:
         if vision:
             for i in range(vision[0], len(bb.vision_layers)):
                 hooks.append(bb.vision_layers[i].register_forward_pre_hook(self._vision_layer(i)))
+        self._install_merges()
         if any(s.stage == "projector" for s in self.stages):
             hooks.append(bb.projector.register_forward_pre_hook(self._projector))
         if any(str(s) == "llm.0" for s in self.stages):
@@ -341,6 +371,40 @@ class LlavaPruningSession:
     def _tower_start(self, _module, args):
         if self.handle.active:
             self.begin_image_pass()
+            self.sizes.value = None
+
+    def _install_merges(self) -> None:
+        """In-block stages, after the cuts' pre-hooks (a block's proportional-attention bias must
+        see the tokens a cut left)."""
+        for site, (schedule, _) in sorted(self.merges.items(), key=lambda item: item[0].layer):
+            st = self.stages[site]
+            if not any(schedule.values()):  # the budget keeps every token: reported, nothing merges
+                self.handle.hooks.append(self.bb.vision_layers[site.layer].register_forward_pre_hook(
+                    lambda _m, args, site=site: self._merged(site)(site.layer, None) if self.handle.active else None))
+                continue
+            merger = BlockMerger(self.bb.vision_layers, schedule, class_token=True, prop_attn=st.method.prop_attn,
+                                 sizes=self.sizes, active=lambda: self.handle.active, on_merge=self._merged(site),
+                                 scoring=self.handle.scoring)
+            self.handle.hooks.extend(merger.install())
+
+    def _merged(self, site):
+        """After each merging block of the in-block stage at ``site``: follow the patches behind the
+        tower's tokens (in ToMe's order, which the LLM receives), and report the stage after its last."""
+        schedule, (n, keep) = self.merges[site]
+        last = max((block for block, r in schedule.items() if r > 0), default=site.layer)
+
+        def fn(block: int, order: torch.Tensor | None) -> None:
+            if order is not None:
+                origin = self.tower_origin if self.tower_origin is not None else torch.arange(
+                    order.shape[1] - 1 + schedule[block], device=order.device).expand(order.shape[0], -1)
+                self.tower_origin = origin.gather(1, order[:, 1:] - 1)  # CLS stays first
+            if block == last:
+                b = order.shape[0] if order is not None else self._batch
+                self.handle.record_counts(str(self.stages[site]), torch.full((b,), n), torch.full((b,), keep))
+                if self.tower_origin is None:
+                    self.tower_origin = torch.arange(n).expand(b, -1)
+                self._record_kept(site, self.tower_origin)
+        return fn
 
     # Signals are computed in forward hooks on the layer's own k_proj, so keys are not recomputed.
     def _capture_vision(self, key: str, attn):
@@ -475,7 +539,8 @@ class LlavaPruningSession:
             if not self.handle.active:
                 return None
             hidden, mask = args[0], args[1] if len(args) > 1 else None
-            if site in self.stages:
+            self._batch = hidden.shape[0]
+            if site in self.stages and site not in self.merges:
                 hidden = self._reduce_tower(site, hidden, key=str(site), prefix=self.bb.prefix_tokens(site))
             if self.vision_bias is not None:
                 bias = self.vision_bias.to(hidden.dtype)
@@ -535,6 +600,9 @@ class LlavaPruningSession:
                 origin = torch.cat([made, origin] if sel.extra_first else [origin, made], 1)
             self.tower_origin = origin
             self._record_kept(site, self.tower_origin)
+            if site.stage == "vision" and self.sizes.value is not None:  # kept tokens keep what they stand for
+                sizes = self.sizes.value
+                self.sizes.value = torch.cat([sizes[:, :prefix], sizes[:, prefix:].gather(1, sel.indices)], 1)
             return torch.cat([hidden[:, :prefix], values], 1)
         chosen = sel.indices if alive is None else alive.gather(1, sel.indices)  # into all N patches
         self._record_kept(site, chosen)

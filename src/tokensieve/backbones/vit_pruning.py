@@ -33,16 +33,11 @@ from __future__ import annotations
 import torch
 
 from tokensieve.backbones.block_merging import BlockMerger, TokenSizes
-from tokensieve.backbones.llava_pruning import check_selection, row_generator
+from tokensieve.backbones.llava_pruning import check_selection, merges_in_blocks, row_generator
 from tokensieve.errors import TokensieveError
 from tokensieve.method import SiteInputs
 
 SIGNALS = ("cls_attention", "keys", "attention")
-
-
-def merges_in_blocks(method) -> bool:
-    """True for a method the engine runs inside the blocks (ToMe) instead of at its site."""
-    return bool(getattr(method, "merges_in_blocks", False))
 
 
 class ViTPruningSession:

@@ -17,6 +17,7 @@ from typing import NamedTuple
 from transformers import LlavaConfig
 
 from tokensieve.backbones.hf_llava import Site
+from tokensieve.backbones.llava_pruning import merges_in_blocks
 from tokensieve.errors import TokensieveError
 
 
@@ -97,26 +98,43 @@ def prefill_flops(config: LlavaConfig, vision_tokens: Sequence[int], projector_t
             "vision_layers": vision_layers, "llm_layers": llm_layers}
 
 
-def token_counts(backbone_or_config, text_tokens: int, handle=None, kept: dict[Site, int] | None = None) -> TokenCounts:
+def token_counts(backbone_or_config, text_tokens: int, handle=None, kept: dict[Site, int] | None = None,
+                 merging: dict | None = None) -> TokenCounts:
     """Tokens each block sees in one prefill of a prompt with ``text_tokens`` non-image tokens.
 
     Without ``handle`` (or for a handle not in ``hard`` mode, which removes nothing): the
     unpruned model. With a hard-mode handle: its stages as they acted since it was attached,
     read from ``handle.mean_kept`` (visual tokens kept after each stage, CLS excluded in the
     tower; a stage that keeps a count per row counts its mean, rounded). Or ``kept``:
-    ``{site: visual tokens kept}`` as planned (:mod:`tokensieve.evaluate.matching`).
+    ``{site: visual tokens kept}`` as planned (:mod:`tokensieve.evaluate.matching`), with
+    ``merging``: ``{site: method}`` of the stages that merge inside the tower's blocks (ToMe),
+    whose blocks each see the tokens the earlier blocks left (read from the handle's stages).
     """
     _check_count("text_tokens", text_tokens, least=0)
     config = _config(backbone_or_config)
     vc = config.vision_config
     patches = (vc.image_size // vc.patch_size) ** 2
     keeps_cls = int(config.vision_feature_select_strategy == "full")
+    hard = handle is not None and handle.mode == "hard"
     if kept is None:
-        kept = {} if handle is None or handle.mode != "hard" else _kept_per_site(handle)
+        kept = _kept_per_site(handle) if hard else {}
+    if merging is None:
+        merging = {Site.parse(st.site): st.method for st in handle.stages if merges_in_blocks(st.method)} if hard else {}
+    feature = config.vision_feature_layer % (vc.num_hidden_layers + 1)
+    entering = {}  # block -> tokens entering it, from an in-block stage's merges
     vision = []
     for i in range(vc.num_hidden_layers):
-        patches = kept.get(Site("vision", i), patches)
+        site = Site("vision", i)
+        if site in merging:
+            later = [s.layer for s in kept if s.stage == "vision" and s.layer > i]
+            end = min(later, default=feature)
+            for j, r in zip(range(i, end), merging[site].merge_schedule(patches, kept[site], end - i)):
+                entering[j + 1] = entering.get(j, patches) - r
+        patches = entering.get(i, patches)
+        if site in kept and site not in merging:
+            patches = kept[site]
         vision.append(1 + patches)  # CLS always stays in the tower
+    patches = entering.get(vc.num_hidden_layers, patches)
     # The projector stage removes from the patches after CLS; CLS (if kept) is then an image token.
     visual = kept.get(Site("projector"), patches) + keeps_cls
     projector = visual

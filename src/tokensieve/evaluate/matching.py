@@ -14,7 +14,7 @@ import statistics
 
 from tokensieve.attach import make_stages
 from tokensieve.backbones.hf_llava import Site
-from tokensieve.backbones.llava_pruning import stage_inputs
+from tokensieve.backbones.llava_pruning import merges_in_blocks, stage_inputs
 from tokensieve.errors import TokensieveError
 from tokensieve.evaluate.flops import prefill_flops, token_counts
 from tokensieve.method import create_method
@@ -38,7 +38,8 @@ def planned_kept(backbone, stages) -> dict[Site, int]:
 def planned_cost(backbone, stages, text_tokens: int, by: str) -> float:
     """Visual tokens averaged over the LLM's layers (``by="tokens"``), or the total prefill FLOPs
     (``by="flops"``), of one prefill with ``text_tokens`` non-image tokens under ``stages``."""
-    counts = token_counts(backbone, text_tokens, kept=planned_kept(backbone, stages))
+    merging = {Site.parse(st.site): st.method for st in stages if merges_in_blocks(st.method)}
+    counts = token_counts(backbone, text_tokens, kept=planned_kept(backbone, stages), merging=merging)
     if by == "tokens":
         return statistics.mean(counts.llm_tokens) - text_tokens
     return float(prefill_flops(backbone.config, *counts)["total"])

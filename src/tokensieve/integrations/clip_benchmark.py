@@ -38,7 +38,7 @@ from tokensieve.held_warnings import warnings_held_until_success
 
 CLIP_BENCHMARK_VERSION = "1.6.2"
 DEFAULT_METHOD = "anchor"
-VIT_METHODS = ("anchor", "random", "tome", "visionzip", "prumerge", "prumerge_plus")
+VIT_METHODS = ("anchor", "random", "tome", "visionzip", "fastervlm", "vispruner")
 
 
 @dataclass
