@@ -95,7 +95,7 @@ def test_a_later_llm_stage_keeps_or_drops_extra_tokens_like_any_other(backbone, 
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(site="llm.1"), "only the projector and llm.0 sites can take"),
+    (dict(site="llm.1"), "inside the LLM need positions renumbered"),
     (dict(site="projector", mode="soft"), "soft mode cannot hold"),
 ])
 def test_extra_tokens_are_refused_where_they_cannot_go(backbone, kwargs, message):

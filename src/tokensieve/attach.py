@@ -130,8 +130,9 @@ def make_stages(method: str | dict | Method | Sequence, budget: Budget | int | f
         return [stage for m, s, b in method for stage in make_stages(m, b, s, depth)]
     if budget is None:
         raise TokensieveError("a budget is needed: a token count (64) or a ratio (0.25)")
-    m = create_method(method)
-    return [Stage(m, at, b) for at, b in m.schedule(site or m.default_site, Budget.parse(budget), depth)]
+    budget = Budget.parse(budget)
+    m = create_method(method).for_budget(budget)
+    return [Stage(m, at, b) for at, b in m.schedule(site or m.default_site, budget, depth)]
 
 
 def attach(backbone, method: str | dict | Method | Sequence, budget: Budget | int | float | str | None = None,

@@ -71,8 +71,10 @@ class Budget:
         return f"{self.ratio:g}" if self.ratio < 1 else "1.0"  # not "1", which reads as one token
 
 
-# Signals with one value per row rather than one per token.
-ROW_SIGNALS = frozenset({"cls_token"})
+# Signals not laid out over the N tokens on their second axis (checked on the batch axis only):
+# one value per row (CLS), the image run as the LLM received it, or (B, T, N) from the T tokens
+# after the image.
+ROW_SIGNALS = frozenset({"cls_token", "input_image_embeddings", "post_image_attention"})
 
 
 @dataclass
@@ -175,8 +177,11 @@ class Selection:
         keeps. ``None`` means every slot is kept (every row keeps exactly the budget).
     extra: optional ``(B, E, d)`` tokens the method makes that are not among the ``N`` (VisionZip's
         CLS state, PruMerge's summary of the pruned tokens). They count toward the budget and enter the
-        image run before the kept tokens (``extra_first``) or after them; only before the LLM
-        (``projector``, ``llm.0``) and in ``hard`` mode, by methods with ``makes_extra_tokens``.
+        image run before the kept tokens (``extra_first``) or after them; before the LLM (``projector``,
+        ``llm.0``), or inside it by a method that renumbers positions (SparseVLM's recycled tokens), in
+        ``hard`` mode, by methods with ``makes_extra_tokens``.
+    extra_valid: optional ``(B, E)`` bool, inside the LLM: False marks extra slots that only pad a row
+        making fewer (as ``valid`` does for kept slots).
     order: optional ``(B, K)`` permutation of the kept slots: the order in which they enter the image
         run (``indices[order]``), for a paper whose code emits them in another order than the image's
         (VisionZip: dominant tokens, then contextual ones); only before the LLM, in ``hard`` mode.
@@ -188,6 +193,7 @@ class Selection:
     valid: torch.Tensor | None = None
     extra: torch.Tensor | None = None
     extra_first: bool = False
+    extra_valid: torch.Tensor | None = None
     order: torch.Tensor | None = None
 
 
@@ -221,6 +227,11 @@ class Method:
         """True when the rows of a batch may keep different counts (``select`` gives
         ``Selection.valid``); such a method acts inside the LLM only."""
         return False
+
+    def for_budget(self, budget: Budget) -> Method:
+        """The method as configured for ``budget``: itself, or, for a paper whose budgets name settings
+        of its parameters (SparseVLM's 192 / 128 / 64 choose its scale and bias), a copy so set."""
+        return self
 
     def schedule(self, site: str, budget: Budget, depth: int | None = None) -> list[tuple[str, Budget]]:
         """The ``(site, budget)`` stages this method runs as when attached at ``site`` with

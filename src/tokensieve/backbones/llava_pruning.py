@@ -59,6 +59,10 @@ def check_selection(sel: Selection, batch: int, n: int, keep: int, where: str, p
             raise TokensieveError(f"{where}: extra tokens must be shaped (B, E, d) with B={batch}, "
                                   f"got {tuple(sel.extra.shape)}")
         keep -= sel.extra.shape[1]
+        if sel.extra_valid is not None and (sel.extra_valid.shape != sel.extra.shape[:2]
+                                            or sel.extra_valid.dtype != torch.bool):
+            raise TokensieveError(f"{where}: extra_valid must be a bool tensor shaped like the extra tokens' "
+                                  f"first two axes {tuple(sel.extra.shape[:2])}")
     if sel.valid is not None and not per_row:
         raise TokensieveError(f"{where}: a count that varies per row is supported inside the LLM only (llm.k)")
     if sel.valid is None and idx.shape != (batch, keep):
@@ -102,9 +106,11 @@ def stage_inputs(stages: dict, n_patches: int, keeps_cls: bool):
         n = stage.method.kept_count(n, stage.budget.resolve(n, str(site)))
 
 
-def last_query_attention(attn, hidden: torch.Tensor, keys: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    """``(B, T)``: the last position's attention over all positions in a Llama attention layer,
-    mean over heads, recomputed from the layer's own q/k so fused attention stays on.
+def last_queries_attention(attn, hidden: torch.Tensor, keys: torch.Tensor, kwargs: dict,
+                           queries: int = 1) -> torch.Tensor:
+    """``(B, queries, T)``: the attention of the last ``queries`` positions over all positions in a
+    Llama attention layer, mean over heads, recomputed from the layer's own q/k so fused attention
+    stays on.
 
     hidden: ``(B, T, d)`` the layer's normalised input; keys: ``(B, T, H_kv * d_head)`` its k_proj
     output; kwargs: the layer's ``position_embeddings`` (RoPE tables) and ``attention_mask``.
@@ -112,16 +118,23 @@ def last_query_attention(attn, hidden: torch.Tensor, keys: torch.Tensor, kwargs:
     """
     cos, sin = kwargs["position_embeddings"]
     b, t, _ = hidden.shape
-    q = attn.q_proj(hidden[:, -1:]).view(b, 1, -1, attn.head_dim).transpose(1, 2)
+    q = attn.q_proj(hidden[:, t - queries:]).view(b, queries, -1, attn.head_dim).transpose(1, 2)
     k = keys.view(b, t, -1, attn.head_dim).transpose(1, 2)
-    q, _ = apply_rotary_pos_emb(q, q, cos[:, -1:], sin[:, -1:])
+    q, _ = apply_rotary_pos_emb(q, q, cos[:, t - queries:], sin[:, t - queries:])
     _, k = apply_rotary_pos_emb(k, k, cos, sin)
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # grouped-query attention
-    scores = (q @ k.transpose(-1, -2)).squeeze(2) * attn.scaling  # (B, H, T)
+    scores = (q @ k.transpose(-1, -2)) * attn.scaling  # (B, H, queries, T)
     mask = kwargs.get("attention_mask")
     if mask is not None:
-        scores = scores + _as_additive(mask, b, t, t, scores.dtype, scores.device)[:, :, -1]
+        scores = scores + _as_additive(mask, b, t, t, scores.dtype, scores.device)[:, :, t - queries:]
+    elif queries > 1:  # no mask given: causal
+        scores = scores + _as_additive(None, b, queries, t, scores.dtype, scores.device)
     return scores.float().softmax(-1).to(hidden.dtype).mean(1)
+
+
+def last_query_attention(attn, hidden: torch.Tensor, keys: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """``(B, T)``: the last position's attention over all positions (:func:`last_queries_attention`)."""
+    return last_queries_attention(attn, hidden, keys, kwargs)[:, 0]
 
 
 @dataclass
@@ -132,12 +145,15 @@ class _Drop:
     positions: ``(B, L')`` the original column whose position (and RoPE table) each takes: its own,
         or, after a stage that renumbers positions, the one holding its new, gap-free position.
     shift: ``(B,)`` how far positions after the prompt move down (tokens generated later).
+    key_bias: ``(B, L')`` additive bias on the keys of the columns (``-inf`` on slots that only pad
+        a row keeping fewer tokens), or None.
     """
 
     layer: int
     columns: torch.Tensor
     positions: torch.Tensor
     shift: torch.Tensor
+    key_bias: torch.Tensor | None = None
 
 
 def _negative(dtype: torch.dtype) -> float:
@@ -195,9 +211,11 @@ class LlavaPruningSession:
                                       f"(it acts at: {', '.join(st.method.stages)})")
             # Tokens a method makes go into the image run the LLM receives (a vision site, where a
             # method may do without them, is checked when it returns some).
-            if st.method.makes_extra_tokens and not site.before_llm:
-                raise TokensieveError(f"{st}: {st.method.name} adds tokens of its own, which only the projector "
-                                      "and llm.0 sites can take")
+            if st.method.makes_extra_tokens and not site.before_llm and not getattr(
+                    st.method, "renumbers_positions", False):
+                raise TokensieveError(f"{st}: {st.method.name} adds tokens of its own, which inside the LLM need "
+                                      "positions renumbered after the drop; before it, the projector and llm.0 "
+                                      "sites take them")
             if getattr(st.method, "renumbers_positions", False) and self.mode == "soft":
                 raise TokensieveError(f"{st}: {st.method.name} renumbers positions after a drop, which soft mode "
                                       "cannot do (it keeps every token in place); use mode hard")
@@ -347,10 +365,13 @@ class LlavaPruningSession:
                     hooks.append(attn.k_proj.register_forward_hook(self._capture_last_block(str(site), attn)))
                 if site.stage == "projector" and "cls_token" in needs and not bb.keeps_cls:
                     hooks.append(bb.vision_layers[source].register_forward_hook(self._capture_cls_token(str(site))))
-            elif {"text_attention", "prev_layer_keys"} & needs:
+            if not site.before_llm and {"text_attention", "prev_layer_keys", "post_image_attention"} & needs:
                 attn = bb.llm_layers[site.layer - 1].self_attn
                 hooks.append(attn.register_forward_pre_hook(self._remember_attention_kwargs, with_kwargs=True))
                 hooks.append(attn.k_proj.register_forward_hook(self._capture_llm(str(site), attn, needs)))
+        if any("input_image_embeddings" in st.method.signals for st in self.stages.values()):
+            self._entry = None  # the LLM's input, before any drop inside it
+            hooks.append(bb.llm_layers[0].register_forward_pre_hook(self._capture_entry, with_kwargs=True))
         vision = sorted(s.layer for s in self.stages if s.stage == "vision")
         if vision:
             for i in range(vision[0], len(bb.vision_layers)):
@@ -419,6 +440,12 @@ class LlavaPruningSession:
                 self._captured[key + ":keys"] = keys.view(b, t, attn.num_heads, -1).mean(2)
         return hook
 
+    def _capture_entry(self, _layer, args, kwargs):
+        """The LLM's input embeddings ``(B, L, d)`` of a prefill (what the image run and the text were
+        before any drop inside the LLM)."""
+        if self.handle.active and not self._is_decoding(kwargs, 0):
+            self._entry = (args[0] if args else kwargs["hidden_states"], self.image_count)
+
     def _capture_last_block(self, key: str, attn):
         """PruMerge's signal: the last block's CLS attention as one head over the full width
         (softmax of ``q_cls . k / sqrt(d)``) and its full-width keys, without CLS."""
@@ -458,6 +485,10 @@ class LlavaPruningSession:
                             attn, args[0], keys, self._attention_kwargs)
                     if "prev_layer_keys" in needs:
                         self._captured[key + ":prev_layer_keys"] = self._rotated_keys(attn, keys, self._attention_kwargs)
+                    if "post_image_attention" in needs and self.question_ids is not None:
+                        # every token after the image queries: (B, T, L), kept apart from token signals
+                        self._captured[key + "#post_image_attention"] = last_queries_attention(
+                            attn, args[0], keys, self._attention_kwargs, self.question_ids.shape[1])
         return hook
 
     @staticmethod
@@ -489,9 +520,14 @@ class LlavaPruningSession:
                                 self._question_text if known and self.bb.processor is not None else None)
             sel = st.method.select(inputs)
             rebuilt = self.mode == "hard" and site.before_llm and site.stage != "vision"  # the run the LLM gets
-            if (sel.order is not None or sel.extra is not None) and not rebuilt:
-                raise TokensieveError(f"{st.method.name} at {site}: tokens of its own or an order of its own go "
-                                      "into the image run before the LLM (projector, llm.0), in hard mode only")
+            if sel.order is not None and not rebuilt:
+                raise TokensieveError(f"{st.method.name} at {site}: an order of its own goes into the image run "
+                                      "before the LLM (projector, llm.0), in hard mode only")
+            inserted = self.mode == "hard" and not site.before_llm and getattr(st.method, "renumbers_positions", False)
+            if sel.extra is not None and not (rebuilt or inserted):
+                raise TokensieveError(f"{st.method.name} at {site}: tokens of its own go into the image run before "
+                                      "the LLM (projector, llm.0), or inside it with positions renumbered, in hard "
+                                      "mode only")
             check_selection(sel, b, n, st.method.kept_count(n, keep), f"{st.method.name} at {site}",
                             per_row=not site.before_llm)
             if valid is not None:
@@ -500,8 +536,10 @@ class LlavaPruningSession:
             if sel.valid is not None and bool(sel.valid.all()):
                 sel = replace(sel, valid=None)
         before = valid.sum(1) if valid is not None else torch.full((b,), n)
-        extra = 0 if sel.extra is None else sel.extra.shape[1]
-        after = sel.valid.sum(1) if sel.valid is not None else torch.full((b,), sel.indices.shape[1] + extra)
+        kept = sel.valid.sum(1) if sel.valid is not None else torch.full((b,), sel.indices.shape[1])
+        made = sel.extra_valid.sum(1) if sel.extra_valid is not None else torch.full(
+            (b,), 0 if sel.extra is None else sel.extra.shape[1])
+        after = kept + made
         self.handle.record_counts(str(st), before, after)
         return sel
 
@@ -662,29 +700,30 @@ class LlavaPruningSession:
                             "positions": lambda: positions[:, length - t:]}
         if f"{site}:prev_layer_keys" in self._captured:
             question_signals["prev_layer_keys"] = lambda: self._captured[f"{site}:prev_layer_keys"][:, length - t:]
+        if f"{site}#post_image_attention" in self._captured:  # (B, T, L) -> the image tokens' columns
+            rows = self._captured[f"{site}#post_image_attention"]
+            signals["post_image_attention"] = lambda: rows.gather(2, columns[:, None, :].expand(-1, rows.shape[1], -1))
+        if "input_image_embeddings" in self.stages[site].method.signals:
+            entry, count = self._entry
+            run = start[:, None] + torch.arange(count, device=hidden.device)
+            signals["input_image_embeddings"] = lambda: entry.gather(1, run[..., None].expand(-1, -1, d))
+            question_signals["input_embeddings"] = lambda: entry[:, entry.shape[1] - t:]
         sel = self._choose(site, tokens, signals, self._question_in_llm(hidden), self.image_valid, question_signals)
         kept_columns = columns.gather(1, sel.indices)
         kept_run = kept_columns - start[:, None]  # positions in the image run as the LLM received it
         origin = self.run_origin.gather(1, kept_run)
-        self._record_kept(site, origin if sel.valid is None else origin.masked_fill(~sel.valid, PADDING))
+        origin = origin if sel.valid is None else origin.masked_fill(~sel.valid, PADDING)
+        if sel.extra is not None:  # the tokens it made, after the kept ones
+            made = origin.new_full(sel.extra.shape[:2], EXTRA)
+            origin = torch.cat([origin, made if sel.extra_valid is None else made.masked_fill(~sel.extra_valid, PADDING)], 1)
+        self._record_kept(site, origin)
         self.image_valid = sel.valid
         if self.mode == "hard":
             self.run_origin = self.run_origin.gather(1, sel.indices)
         if sel.tokens is not None:
             hidden = hidden.scatter(1, kept_columns[..., None].expand(-1, -1, d), sel.tokens)
         if self.mode == "hard":
-            here = torch.arange(length, device=hidden.device).expand(b, length)
-            drop = torch.zeros(b, length, dtype=torch.bool, device=hidden.device)
-            drop.scatter_(1, columns, True).scatter_(1, kept_columns, False)
-            local = here[~drop].view(b, -1)  # (B, L'): every row drops the same count
-            previous = self.drops[-1].columns if self.drops else here  # current -> original columns
-            self.drops.append(self._drop(site, previous.gather(1, local), local, kwargs))
-            if sel.valid is not None:  # padding stays in the sequence as a key no later layer attends to
-                bias = torch.zeros(b, self.length, dtype=hidden.dtype, device=hidden.device)
-                padding = torch.where(sel.valid, 0.0, _negative(hidden.dtype)).to(hidden.dtype)
-                self.biases.append((site.layer, bias.scatter(1, previous.gather(1, kept_columns), padding)))
-            self.image_count = sel.indices.shape[1]
-            return hidden.gather(1, local[..., None].expand(-1, -1, d))
+            return self._remove(site, hidden, columns, kept_columns, sel, kwargs)
         base = self.image_alive if self.image_alive is not None else torch.arange(
             self.image_count, device=hidden.device).expand(b, -1)
         self.image_alive = base.gather(1, sel.indices)
@@ -697,6 +736,53 @@ class LlavaPruningSession:
             bias = bias.scatter(1, kept_columns, weights)
         self.biases.append((site.layer, bias))
         return hidden
+
+    def _remove(self, site, hidden: torch.Tensor, columns: torch.Tensor, kept_columns: torch.Tensor,
+                sel: Selection, kwargs: dict) -> torch.Tensor:
+        """Hard mode: the sequence without the image tokens ``sel`` dropped, with the tokens it made
+        (``sel.extra``) right after the kept ones. Slots that only pad a row stay, masked as keys."""
+        b, length, d = hidden.shape
+        here = torch.arange(length, device=hidden.device).expand(b, length)
+        drop = torch.zeros(b, length, dtype=torch.bool, device=hidden.device)
+        drop.scatter_(1, columns, True).scatter_(1, kept_columns, False)
+        local = here[~drop].view(b, -1)  # (B, L'): every row drops the same count
+        previous = self.drops[-1] if self.drops else None
+        kept_hidden = hidden.gather(1, local[..., None].expand(-1, -1, d))
+        original = (previous.columns if previous else here).gather(1, local)  # current -> original columns
+        key_bias = None if previous is None or previous.key_bias is None else previous.key_bias.gather(1, local)
+        start, kept = self.image_start.to(hidden.device), sel.indices.shape[1]
+        valid = sel.valid
+        if sel.extra is not None:
+            made = sel.extra.shape[1]
+            at = torch.arange(length - (columns.shape[1] - kept) + made, device=hidden.device).expand(b, -1)
+            after = at - (start + kept)[:, None]  # where the made tokens go: right after the kept ones
+            source = torch.where(after < 0, at, torch.where(after < made, local.shape[1] + after, at - made))
+            kept_hidden = torch.cat([kept_hidden, sel.extra.to(hidden.dtype)], 1).gather(
+                1, source[..., None].expand(-1, -1, d))
+            # The run's slots (kept, then made) take the first original image columns, in order: the
+            # causal mask only needs their order, and positions are renumbered, so nothing else reads them.
+            in_run = (after >= -kept) & (after < made)
+            run_start = (previous.columns if previous else here).gather(1, start[:, None])  # (B, 1)
+            carried = original.gather(1, torch.where(in_run, 0, source))  # outside the run: < L'
+            original = torch.where(in_run, run_start + at - start[:, None], carried)
+            if key_bias is not None:
+                key_bias = torch.cat([key_bias, key_bias.new_zeros(b, made)], 1).gather(1, source)
+            if valid is not None or sel.extra_valid is not None:
+                valid = torch.cat([sel.valid if sel.valid is not None else torch.ones_like(sel.indices, dtype=torch.bool),
+                                   sel.extra_valid if sel.extra_valid is not None else
+                                   torch.ones(b, made, dtype=torch.bool, device=hidden.device)], 1)
+            self.run_origin = torch.cat([self.run_origin, self.run_origin.new_full((b, made), EXTRA)], 1)
+            local = None  # positions are renumbered: no earlier position map to carry
+        if valid is not None:  # padding stays in the sequence as a key no later layer attends to
+            slots = start[:, None] + torch.arange(valid.shape[1], device=hidden.device)
+            padding = torch.where(valid, 0.0, _negative(hidden.dtype)).to(hidden.dtype)
+            key_bias = torch.zeros(b, original.shape[1], dtype=hidden.dtype, device=hidden.device) \
+                if key_bias is None else key_bias
+            key_bias = key_bias.scatter(1, slots, padding)
+        self.image_valid = None if valid is None or bool(valid.all()) else valid
+        self.drops.append(self._drop(site, original, local, kwargs, key_bias))
+        self.image_count = valid.shape[1] if valid is not None else kept + (0 if sel.extra is None else sel.extra.shape[1])
+        return kept_hidden
 
     def _layer_text_attention(self, k: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """``(B, L)``: the last position's attention at decoder layer ``k`` itself — its own norm and
@@ -716,7 +802,8 @@ class LlavaPruningSession:
         positions = positions.expand(b, -1)
         return positions.gather(1, self.drops[-1].positions) if self.drops else positions
 
-    def _drop(self, site, columns: torch.Tensor, local: torch.Tensor, kwargs: dict) -> _Drop:
+    def _drop(self, site, columns: torch.Tensor, local: torch.Tensor | None, kwargs: dict,
+              key_bias: torch.Tensor | None) -> _Drop:
         """The removal before ``site`` keeping the original ``columns`` ``(B, L')`` (``local``: the
         current columns they are). A method whose paper renumbers positions 0..L'-1 closes the
         gaps: each real column takes the position of its rank among the real ones that stay."""
@@ -724,13 +811,13 @@ class LlavaPruningSession:
         previous = self.drops[-1].positions if self.drops else columns.new_tensor(range(length)).expand(b, -1)
         shift = self.drops[-1].shift if self.drops else columns.new_zeros(b)
         if not getattr(self.stages[site].method, "renumbers_positions", False):
-            return _Drop(site.layer, columns, previous.gather(1, local), shift)
+            return _Drop(site.layer, columns, previous.gather(1, local), shift, key_bias)
         original = kwargs["position_ids"].expand(b, -1)
         padding = length - 1 - original[:, -1]  # (B,) left padding: a row's last column is real
         real = columns >= padding[:, None]
         rank = real.long().cumsum(1) - 1
         holding = torch.where(real, padding[:, None] + rank, columns)  # the original column at that position
-        return _Drop(site.layer, columns, holding, length - padding - real.sum(1))
+        return _Drop(site.layer, columns, holding, length - padding - real.sum(1), key_bias)
 
     def _adjust_llm_kwargs(self, k: int, hidden: torch.Tensor, kwargs: dict, decoding: bool) -> dict:
         """Gather positions/RoPE/mask to the kept tokens (hard); add key biases (soft, and the
@@ -754,10 +841,10 @@ class LlavaPruningSession:
                          decoding: bool) -> dict:
         drop = self.drops[n_drops - 1] if n_drops else None
         gather = None if drop is None else drop.columns
-        active = [b for _, b in self.biases[:n_biases]]
+        active = [b for _, b in self.biases[:n_biases]]  # soft mode's, over the original columns
         bias = torch.stack(active).sum(0).clamp(min=_negative(hidden.dtype)) if active else None  # (B, L)
-        if bias is not None and gather is not None:
-            bias = bias.gather(1, gather)  # onto the columns still there
+        if drop is not None:  # hard mode: the padding of the sequence as it now is
+            bias = drop.key_bias
         kwargs = dict(kwargs)
         mask = kwargs.get("attention_mask")
         b, q = hidden.shape[:2]
