@@ -136,8 +136,7 @@ def test_signals_of_every_token_after_the_image_and_of_the_llm_input(tiny_llava_
         out = eager.forward(**batch, output_attentions=True)  # layer 1 ran on the 40 kept image tokens
     finally:
         handle.detach()
-    states, valid = recorder.seen["question"]
-    t = states.shape[1]
+    t = recorder.seen["question"][0].shape[1]  # the tokens after the image, left-padded
     embeds = inputs.inputs_embeds
     torch.testing.assert_close(recorder.seen["input_image_embeddings"],
                                embeds.gather(1, columns[..., None].expand(-1, -1, embeds.shape[-1])))
