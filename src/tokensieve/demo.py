@@ -13,8 +13,10 @@ from importlib import resources
 from pathlib import Path
 
 from tokensieve import __version__
+from tokensieve.attach import attach
 from tokensieve.backbones import LlavaBackbone
 from tokensieve.config import load_config
+from tokensieve.errors import TokensieveError
 from tokensieve.evaluate.accuracy import compare_methods
 from tokensieve.evaluate.eval_data import synthetic_data
 from tokensieve.evaluate.kept_overlays import example_views
@@ -40,6 +42,22 @@ def demo_config(overrides: list[str] = ()) -> TwoStageConfig:
         return load_config(TwoStageConfig, path, overrides)
 
 
+def runnable_pairs(backbone: LlavaBackbone, budgets: tuple[str, ...]) -> tuple[list[tuple[str, str]], list[str]]:
+    """``(pairs, left_out)``: every training-free method at every budget it can run at on ``backbone``
+    with its defaults, and a line for each one it cannot (CDPruner needs a CLIP text encoder the
+    testbed lacks; ToMe's blocks cannot halve 100 tokens below 13)."""
+    pairs, left_out = [], []
+    for name in (name for name in list_methods() if not method_class(name).trained):
+        for budget in budgets:
+            try:
+                attach(backbone, name, budget).detach()
+            except TokensieveError as err:
+                left_out.append(f"{name} at {budget}: {err}")
+                continue
+            pairs.append((name, budget))
+    return pairs, left_out
+
+
 def run_demo(out: str | Path | None = None, overrides: list[str] = (), samples: int = 500,
              budgets: tuple[str, ...] = BUDGETS, timing_samples: int = 8, kept_examples: int = 3,
              progress: bool = True) -> Path:
@@ -59,17 +77,20 @@ def run_demo(out: str | Path | None = None, overrides: list[str] = (), samples: 
     run = out / "pruner"
     train_two_stage(cfg, run, resume=True, progress=progress)
     backbone = LlavaBackbone.from_pretrained(cfg.model)
-    methods = [name for name in list_methods() if not method_class(name).trained]
+    pairs, left_out = runnable_pairs(backbone, budgets)
+    for line in left_out:
+        print(f"tokensieve demo: left out {line}", file=sys.stderr)
     data = synthetic_data(backbone, samples)
     log = SampleLog(out / "report", {"model": str(cfg.model or "shipped testbed"), "mode": "hard",
                                      "data": data.name, "max_new_tokens": data.max_new_tokens, "site": None,
                                      "pruner": str(run)})
-    rows = compare_methods(backbone, data, methods, list(budgets), mode="hard", progress=progress,
+    rows = compare_methods(backbone, data, [], list(budgets), mode="hard", progress=progress, pairs=pairs,
                            pruner=load_parts(run, backbone), oracle=True, log=log, timing_samples=timing_samples,
                            kept_examples=kept_examples)
     meta = {"model": str(cfg.model or "shipped testbed"), "mode": "hard", "data": data.name,
             "text_tokens_for_flops": rows[0]["tokens_per_llm_layer"][0] - backbone.n_visual_tokens,
-            "pruner": str(run), "command": "tokensieve demo", "tokensieve_version": __version__,
+            "pruner": str(run), "left out": "; ".join(left_out) or "none", "command": "tokensieve demo",
+            "tokensieve_version": __version__,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     write_report(rows, meta, out / "report", example_views(backbone, data.items[:kept_examples]), backbone.patch_grid)
     if warning := timing_warning(rows):

@@ -60,7 +60,8 @@ def timing_fields(backbone: LlavaBackbone, samples: list[VQAItem], keep=None, pr
 def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str], keeps: list[str],
                     mode: str = "hard", site: str | None = None, batch_size: int = 64, progress: bool = True,
                     pruner=None, oracle: bool = False, log: SampleLog | None = None, timing_samples: int = 8,
-                    kept_examples: int = 0, dist: Distributed | None = None, match: str | None = None) -> list[dict]:
+                    kept_examples: int = 0, dist: Distributed | None = None, match: str | None = None,
+                    pairs: list[tuple[str, str]] | None = None) -> list[dict]:
     """Rows ``{method, site, keep, visual_tokens_kept, accuracy, per_family, flops, flops_ratio,
     tokens_per_llm_layer}``; the first row is the unpruned model (``method`` ``"none"``),
     measured on the same items of ``data``. FLOPs are for one prefill of the median prompt.
@@ -97,6 +98,7 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str],
     (those rows run first); otherwise each ``keeps`` value (tokens: a count or share of the visual
     tokens; flops: a share of the unpruned prefill). Such rows get ``matched``: ``{by, to,
     target, planned}`` (``to``: the budget matched, by which rows are paired).
+    pairs: the ``(method, budget)`` rows to measure, instead of every method at every budget.
     """
     if oracle and data.scenes is None:
         raise TokensieveError("--oracle needs the synthetic set: the object oracle knows where its objects are")
@@ -104,9 +106,9 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str],
         raise TokensieveError(f"cannot match by {match!r}; expected one of {', '.join(MATCH_BY)}")
     if match == "flops" and pruner is None and any(Budget.parse(k).ratio is None for k in keeps):
         raise TokensieveError("matching by flops needs each --keep as a share of the unpruned prefill FLOPs (0.3)")
-    for name in methods:  # names, sites, budgets and parameters are checked before any model work
-        for keep in keeps:
-            attach(backbone, name, keep, site=site, mode=mode).detach()
+    pairs = [(m, k) for m in methods for k in keeps] if pairs is None else list(pairs)
+    for name, keep in pairs:  # names, sites, budgets and parameters are checked before any model work
+        attach(backbone, name, keep, site=site, mode=mode).detach()
     for keep in (keeps or [None]) if pruner is not None else []:
         pruner.attach(backbone, mode, keep=keep)[0].detach()
     items = data.items
@@ -117,7 +119,7 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str],
     runs = ["none"]  # the scorer's run name of each row
     rows = [{"method": "none", "site": None, "keep": 1.0, "visual_tokens_kept": backbone.n_visual_tokens,
              **scored("none"), **baseline, "flops_ratio": 1.0, **timing_fields(backbone, timed, progress=progress)}]
-    cases = [(m, k) for m in methods for k in keeps]
+    cases = pairs
     learned = [(pruner, k) for k in keeps or [None]] if pruner is not None else []
     cases = learned + cases if match else cases + learned  # matched to the pruner: its rows first
     targets = {}  # budget -> the cost the methods are matched to
