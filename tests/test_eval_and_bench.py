@@ -238,3 +238,11 @@ def test_every_row_has_measured_latency_and_its_kv_cache(tiny_llava_dir, capsys)
         assert row["ttft_ms"] > 0 and row["decode_ms_per_token"] >= 0 and row["peak_memory_mb"] is None  # CPU
         assert row["kv_cache_bytes"] == per_token * sum(row["tokens_per_llm_layer"])
     assert rows[1]["kv_cache_bytes"] < rows[0]["kv_cache_bytes"]
+
+
+def test_eval_sets_method_parameters_with_param(tiny_llava_dir, capsys):
+    assert main(["eval", "--model", str(tiny_llava_dir), "--method", "pyramiddrop", "--keep", "0.5",
+                 "--param", "pyramiddrop.layers=[1,2]", "--samples", "4", "--timing-samples", "0", "--json"]) == 0
+    _, row = json.loads(capsys.readouterr().out)
+    assert row["method"] == "pyramiddrop"
+    assert row["visual_tokens_per_stage"] == {"pyramiddrop@llm.1:0.5": 32, "pyramiddrop@llm.2:0.5": 16}

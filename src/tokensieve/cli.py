@@ -10,6 +10,8 @@ from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
 
+import yaml
+
 from tokensieve import __version__
 from tokensieve.cli_args import OneLineParser, non_negative_int, out_folder, positive_int
 from tokensieve.errors import TokensieveError
@@ -84,6 +86,24 @@ def _list_methods(_args: argparse.Namespace) -> None:
         print(f"{name:14s} default site {cls.default_site:9s} {cls.paper}")
 
 
+def _with_parameters(methods: list[str], settings: list[str]) -> list[str | dict]:
+    """Each method name, or its config ``{"name": ..., key: value}`` where ``--param METHOD.KEY=VALUE``
+    sets some of its parameters (values read as YAML: 0.5, [2, 4, 6], a path)."""
+    params: dict[str, dict] = {}
+    for setting in settings:
+        target, sep, value = setting.partition("=")
+        method, dot, key = target.partition(".")
+        if not sep or not dot or not method or not key:
+            raise TokensieveError(f"--param {setting!r}: write METHOD.KEY=VALUE, e.g. pyramiddrop.layers=[2,4,6]")
+        if method not in methods:
+            raise TokensieveError(f"--param {setting!r}: {method!r} is not among --method {','.join(methods)}")
+        try:
+            params.setdefault(method, {})[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise TokensieveError(f"--param {setting!r}: cannot read the value {value!r}") from None
+    return [{"name": m, **params[m]} if m in params else m for m in methods]
+
+
 def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -141,8 +161,9 @@ def _eval(args: argparse.Namespace) -> None:
                                                    ("target_ratio", args.head_share)) if value is not None}
     if methods and not keeps:
         raise TokensieveError("--method needs --keep budgets: ratios (0.33) or counts (64)")
-    for name in methods:
-        create_method(name)
+    methods = _with_parameters(methods, args.param)
+    for spec in methods:
+        create_method(spec)
     for keep in keeps:
         Budget.parse(keep)
     real = any(v is not None for v in (args.questions, args.images, args.answers, args.dataset, args.spec))
@@ -173,6 +194,7 @@ def _eval(args: argparse.Namespace) -> None:
 
         fingerprint = {"model": str(args.model or "shipped testbed"), "mode": args.mode, "data": data.name,
                        "max_new_tokens": data.max_new_tokens, "site": args.site, "match": args.match,
+                       "params": sorted(args.param),
                        "pruner": None if args.pruner is None else str(args.pruner),
                        **{f"pruner.{key}": value for key, value in head_settings.items()}}
         if dist.is_main:  # creates the file (or checks it) before the other processes read it
@@ -321,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--oracle", action="store_true",
                     help="add the object oracle at each budget (synthetic set: tokens on objects only)")
     ev.add_argument("--site", default=None, help="where to reduce (default: each method's own site)")
+    ev.add_argument("--param", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                    help="set a parameter of a method in --method (repeatable), e.g. cdpruner.text_encoder=DIR "
+                         "or pyramiddrop.layers=[8,16,24]; docs/methods.md lists each method's parameters")
     ev.add_argument("--match", default=None, choices=["tokens", "flops"],
                     help="give each method the budget that puts it at equal cost: the same visual tokens averaged "
                          "over the LLM's layers (tokens) or the same prefill FLOPs (flops) as each --keep value "

@@ -226,6 +226,7 @@ class LlavaPruningSession:
                 raise TokensieveError(f"two stages at site {site}")
             self.stages[site] = st
         self.merges: dict = {}  # in-block stage site -> ({block: tokens merged there}, (tokens at the site, budget))
+        self._check_signals()
         self._check_budgets()
         self.sizes = TokenSizes()  # tokens each tower token stands for, once a stage has merged (CLS included)
         self._captured: dict[str, torch.Tensor] = {}
@@ -258,6 +259,27 @@ class LlavaPruningSession:
                 per_row = per_row or st
             if merges_in_blocks(st.method):
                 self._plan_merges(site, st, n, keep)
+
+    def signals_at(self, site) -> set[str]:
+        """The signals the adapter computes at ``site`` (docs/methods.md has the table)."""
+        if site.stage == "vision":
+            return {"cls_attention", "keys"} if site.layer >= 1 else set()
+        if site.before_llm:
+            tower = {"cls_attention", "keys", "last_block_cls_attention", "last_block_keys"}
+            if site.stage == "projector":
+                return tower | ({"cls_token"} if not self.bb.keeps_cls else set())
+            return tower | {"projector_input"}
+        return {"text_attention", "prev_layer_keys", "normed_states", "positions", "layer_text_attention",
+                "post_image_attention", "input_image_embeddings"}
+
+    def _check_signals(self) -> None:
+        """Every signal a stage's method needs exists at its site, before any model work."""
+        for site, st in self.stages.items():
+            missing = sorted(set(st.method.signals) - self.signals_at(site))
+            if missing and not merges_in_blocks(st.method):
+                have = ", ".join(sorted(self.signals_at(site))) or "none"
+                raise TokensieveError(f"{st}: {st.method.name} needs {', '.join(missing)}, which {site} does not "
+                                      f"provide (it provides: {have})")
 
     def _plan_merges(self, site, st, n: int, keep: int) -> None:
         """An in-block stage (ToMe) at ``vision.i`` merges in blocks ``i`` up to the next vision stage

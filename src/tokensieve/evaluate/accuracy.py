@@ -57,7 +57,7 @@ def timing_fields(backbone: LlavaBackbone, samples: list[VQAItem], keep=None, pr
     return measure_latency(backbone, samples, keep=keep, progress=progress)
 
 
-def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str], keeps: list[str],
+def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str | dict], keeps: list[str],
                     mode: str = "hard", site: str | None = None, batch_size: int = 64, progress: bool = True,
                     pruner=None, oracle: bool = False, log: SampleLog | None = None, timing_samples: int = 8,
                     kept_examples: int = 0, dist: Distributed | None = None, match: str | None = None,
@@ -98,6 +98,7 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str],
     (those rows run first); otherwise each ``keeps`` value (tokens: a count or share of the visual
     tokens; flops: a share of the unpruned prefill). Such rows get ``matched``: ``{by, to,
     target, planned}`` (``to``: the budget matched, by which rows are paired).
+    methods: names, or configs ``{"name": ..., parameter: value}`` (a row is labelled by the name).
     pairs: the ``(method, budget)`` rows to measure, instead of every method at every budget.
     """
     if oracle and data.scenes is None:
@@ -125,12 +126,13 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str],
     targets = {}  # budget -> the cost the methods are matched to
     for name, keep in tqdm(cases, desc="methods x budgets", unit="run", disable=not progress):
         budget, matched = keep, None
-        if isinstance(name, str):
+        if isinstance(name, (str, dict)):  # a method name, or a config {"name": ..., parameters}
             if match:
                 target = targets[keep] if pruner is not None else _target(backbone, keep, match, baseline)
                 budget, planned = matched_budget(backbone, name, site, target, match, text_tokens)
                 matched = {"by": match, "to": keep, "target": round(target, 2), "planned": round(planned, 2)}
             handle = attach(backbone, name, budget, site=site, mode=mode)
+            name = name if isinstance(name, str) else name["name"]
         else:
             handle = name.attach(backbone, mode, keep=keep)[0]
             name = "two_stage"
