@@ -14,3 +14,4 @@ from tokensieve.methods import token_merger  # noqa: F401
 from tokensieve.methods import layer_pruner  # noqa: F401
 from tokensieve.methods import cdpruner  # noqa: F401
 from tokensieve.methods import pyramiddrop  # noqa: F401
+from tokensieve.methods import sparsevlm  # noqa: F401
