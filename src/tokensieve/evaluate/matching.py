@@ -62,7 +62,7 @@ def matched_budget(backbone, method, site: str | None, target: float, by: str,
             stages = make_stages(method, budget, site, depth)
             cost = planned_cost(backbone, stages, text_tokens, by)
         except TokensieveError:
-            break  # a larger count than the site holds: every larger one fails too
+            continue  # a budget the method cannot run at (more than the site holds, fewer than ToMe's blocks reach)
         if best is None or abs(cost - target) < abs(best[1] - target):
             best = (budget, cost)
     if best is None:
