@@ -76,6 +76,22 @@ def test_made_tokens_follow_the_kept_ones_and_positions_close_the_gaps(backbone,
     expected = torch.cat([full[:start], image[:4], image[4:].mean(0, keepdim=True), full[start + 64:]])
     torch.testing.assert_close(after["hidden"][0], expected)
     assert after["positions"][0].tolist() == list(range(expected.shape[0]))
+    # The later layers attend causally over the new sequence at its renumbered positions: run them by
+    # hand from what layer 1 received and compare the final states.
+    final = []
+    hook = backbone.language_model.norm.register_forward_hook(lambda _m, _a, out: final.append(out))
+    handle = attach(backbone, [(_KeepAndSummarise(), "llm.1", 64)])
+    try:
+        backbone.forward(**batch)
+    finally:
+        handle.detach()
+        hook.remove()
+    h, positions = after["hidden"], after["positions"]
+    rotary = backbone.language_model.rotary_emb(h, positions)
+    with torch.no_grad():
+        for layer in backbone.llm_layers[1:]:
+            h = layer(h, position_embeddings=rotary, position_ids=positions)
+    torch.testing.assert_close(final[0], backbone.language_model.norm(h), atol=1e-5, rtol=1e-5)
     assert handle.last_kept["keep_and_summarise@llm.1:64"][0].tolist() == [0, 1, 2, 3, -3]
 
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 from parity_fixtures import assert_close_relative, load_fixture
-from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from released_llama import released_model_as_llava
+from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from tokensieve.attach import attach
-from tokensieve.backbones import LlavaBackbone
 from tokensieve.backbones.llava_pruning import last_query_attention
 from tokensieve.errors import TokensieveError
 from tokensieve.method import Budget
@@ -68,31 +68,9 @@ def forward():
     return load_fixture("pyramiddrop_forward")
 
 
-def _released_model_as_llava(tensors: dict) -> tuple[LlavaBackbone, torch.Tensor, torch.Tensor]:
-    """The fixture's 32-layer Llama inside a LLaVA whose image features are the fixture's image
-    embeddings: ``(backbone, input_ids, image_embeds)``. Text tokens get ids whose embedding rows
-    are the fixture's text embeddings, so the assembled input is exactly the released run's."""
-    embeds = tensors["inputs_embeds"][0]  # (651, 32): 35 text, 576 image, 40 text
-    text = torch.cat([embeds[:35], embeds[611:]])
-    image_token = len(text)
-    text_config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=32, num_attention_heads=2,
-                              num_key_value_heads=2, rope_theta=1e4, rms_norm_eps=1e-5, vocab_size=image_token + 1,
-                              max_position_embeddings=2048)
-    vision_config = {"model_type": "clip_vision_model", "hidden_size": 8, "intermediate_size": 8,
-                     "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 48, "patch_size": 2}
-    config = LlavaConfig(text_config=text_config, vision_config=vision_config, image_token_id=image_token,
-                         vision_feature_layer=-1, vision_feature_select_strategy="default")
-    model = LlavaForConditionalGeneration(config).eval()
-    state = {k.removeprefix("weights."): v for k, v in tensors.items() if k.startswith("weights.")}
-    state["embed_tokens.weight"] = torch.cat([text, torch.zeros(1, 32)])
-    model.model.language_model.load_state_dict(state)
-    ids = torch.cat([torch.arange(35), torch.full((576,), image_token), torch.arange(35, 75)])[None]
-    return LlavaBackbone(model), ids, embeds[35:611][None]
-
-
 def test_a_whole_prefill_and_a_decoding_step_are_the_released_ones(forward, monkeypatch):
     tensors, meta = forward
-    backbone, ids, image = _released_model_as_llava(tensors)
+    backbone, ids, image = released_model_as_llava(tensors)
     monkeypatch.setattr(backbone, "encode_images", lambda pixel_values: image)
     final = []
     backbone.language_model.norm.register_forward_hook(lambda _m, _a, out: final.append(out))
@@ -118,7 +96,7 @@ def test_a_whole_prefill_and_a_decoding_step_are_the_released_ones(forward, monk
 
 def test_original_positions_are_an_option_that_changes_the_result(forward, monkeypatch):
     tensors, _ = forward
-    backbone, ids, image = _released_model_as_llava(tensors)
+    backbone, ids, image = released_model_as_llava(tensors)
     monkeypatch.setattr(backbone, "encode_images", lambda pixel_values: image)
     final = []
     backbone.language_model.norm.register_forward_hook(lambda _m, _a, out: final.append(out))

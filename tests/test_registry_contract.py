@@ -11,7 +11,7 @@ import torch
 from tokensieve.attach import attach
 from tokensieve.backbones import LlavaBackbone
 from tokensieve.errors import TokensieveError
-from tokensieve.method import Method, Selection, SiteInputs, create_method, list_methods, method_class
+from tokensieve.method import Budget, Method, Selection, SiteInputs, create_method, list_methods, method_class
 from tokensieve.testbed.batches import encode
 from tiny_clip_text import save_tiny_clip
 
@@ -37,7 +37,8 @@ def make(tmp_path_factory):
     """Method name -> an instance configured for the tiny model: the defaults, except what a method
     cannot do without (CDPruner's CLIP text encoder, here a tiny one as wide as the tiny tower)."""
     clip = save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"), width=32)
-    needs = {"cdpruner": {"text_encoder": str(clip)}, "pyramiddrop": {"layers": (1, 2)}}
+    needs = {"cdpruner": {"text_encoder": str(clip)}, "pyramiddrop": {"layers": (1, 2)},
+             "sparsevlm": {"layers": (1, 2), "scale": 9.0, "bias": 6.0}}
     return lambda name: create_method(name, **needs.get(name, {}))
 
 
@@ -51,6 +52,11 @@ def hard_only(method, site: str) -> bool:
     renumbered after a drop (PyramidDrop), or merging inside the tower's blocks (ToMe)."""
     return (adds_tokens(method, site) or getattr(method, "renumbers_positions", False)
             or getattr(method, "merges_in_blocks", False))
+
+
+def adaptive(method) -> bool:
+    """True for a method whose paper sets the count itself, ignoring the budget (SparseVLM's rank)."""
+    return method.count_per_row and all(b.ratio == 1.0 for _, b in method.schedule("llm", Budget(count=16), 3))
 
 
 def budget(method, count: int):
@@ -82,6 +88,9 @@ def test_keep_all_reproduces_unpruned_logits(backbone, batch, name, site, make):
         (kept,) = handle.last_kept.values()
         assert kept.shape[1] == 64 and bool((kept == -3).any(1).all())
         return
+    if adaptive(make(name)):  # its paper's count ignores the budget (SparseVLM caps it at all but one)
+        assert all(after <= before for before, after in handle.last_counts.values())
+        return
     assert torch.equal(plain, kept_all)
 
 
@@ -94,7 +103,11 @@ def test_budget_met_and_pruning_changes_the_answer_distribution(backbone, batch,
     finally:
         handle.detach()
     assert len(handle.last_counts) == len(handle.stages)  # one count per stage (a schedule has several)
-    assert handle.last_counts[str(handle.stages[0])] == (64, make(name).kept_count(64, BUDGET))
+    if adaptive(make(name)):  # each stage keeps what the rule says (a full-rank stage keeps all)
+        counts = list(handle.last_counts.values())
+        assert all(after <= before for before, after in counts) and any(after < before for before, after in counts)
+    else:
+        assert handle.last_counts[str(handle.stages[0])] == (64, make(name).kept_count(64, BUDGET))
     assert not torch.allclose(plain, pruned)
 
 

@@ -31,11 +31,13 @@ from tokensieve.method import ROW_SIGNALS, Selection, SiteInputs
 from tokensieve.ops import gather_tokens, query_attention
 
 
-def row_generator(seed: int, tokens: torch.Tensor) -> list[torch.Generator]:
+def row_generator(seed: int, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> list[torch.Generator]:
     """One generator per row, seeded by ``seed`` and the row's own content, so a sample draws
-    the same whether it is alone or in a batch. tokens: ``(B, N, d)``."""
+    the same whether it is alone or in a batch. tokens: ``(B, N, d)``; valid: optional ``(B, N)``,
+    False for slots that only pad a row (left out of its seed)."""
     gens = []
-    for row in tokens.detach().float().cpu():
+    for r, row in enumerate(tokens.detach().float().cpu()):
+        row = row if valid is None else row[valid[r].cpu()]
         digest = zlib.crc32(row[:, :4].mul(100).round().to(torch.int64).numpy().tobytes())
         gens.append(torch.Generator().manual_seed(seed * 1_000_003 + digest))
     return gens
@@ -51,35 +53,40 @@ EXTRA = -3
 
 
 def check_selection(sel: Selection, batch: int, n: int, keep: int, where: str, per_row: bool = False) -> None:
-    """Budgets met exactly (at most, with a count per row where ``per_row`` allows one);
-    indices sorted, unique and in range. Extra tokens count toward the budget."""
-    idx = sel.indices
+    """Budgets met exactly, or at most per row where ``per_row`` allows a count per row (``valid``,
+    ``extra_valid``); indices sorted, unique and in range. Extra tokens count toward the budget."""
+    idx, made = sel.indices, 0
     if sel.extra is not None:
         if sel.extra.dim() != 3 or sel.extra.shape[0] != batch:
             raise TokensieveError(f"{where}: extra tokens must be shaped (B, E, d) with B={batch}, "
                                   f"got {tuple(sel.extra.shape)}")
-        keep -= sel.extra.shape[1]
+        made = sel.extra.shape[1]
         if sel.extra_valid is not None and (sel.extra_valid.shape != sel.extra.shape[:2]
                                             or sel.extra_valid.dtype != torch.bool):
             raise TokensieveError(f"{where}: extra_valid must be a bool tensor shaped like the extra tokens' "
                                   f"first two axes {tuple(sel.extra.shape[:2])}")
-    if sel.valid is not None and not per_row:
+    counted = sel.valid is not None or sel.extra_valid is not None
+    if counted and not per_row:
         raise TokensieveError(f"{where}: a count that varies per row is supported inside the LLM only (llm.k)")
-    if sel.valid is None and idx.shape != (batch, keep):
+    if not counted and idx.shape != (batch, keep - made):
         raise TokensieveError(f"{where}: a method returned indices of shape {tuple(idx.shape)}, "
-                              f"expected {(batch, keep)}")
-    if sel.valid is not None:
-        if idx.dim() != 2 or idx.shape[0] != batch or not 1 <= idx.shape[1] <= keep:
+                              f"expected {(batch, keep - made)}")
+    if counted:
+        if idx.dim() != 2 or idx.shape[0] != batch or idx.shape[1] > n:
             raise TokensieveError(f"{where}: a method returned indices of shape {tuple(idx.shape)}, "
-                                  f"expected ({batch}, at most {keep})")
-        if sel.valid.shape != idx.shape or sel.valid.dtype != torch.bool:
+                                  f"expected ({batch}, at most {n})")
+        if sel.valid is not None and (sel.valid.shape != idx.shape or sel.valid.dtype != torch.bool):
             raise TokensieveError(f"{where}: valid must be a bool tensor shaped like the indices {tuple(idx.shape)}")
-        if not bool(sel.valid.any(1).all()):
+        kept = sel.valid.sum(1) if sel.valid is not None else torch.full((batch,), idx.shape[1])
+        total = kept + (sel.extra_valid.sum(1) if sel.extra_valid is not None else made)
+        if not bool((total >= 1).all()):
             raise TokensieveError(f"{where}: every row must keep at least one token")
+        if bool((total > keep).any()):
+            raise TokensieveError(f"{where}: a row keeps {int(total.max())} tokens, more than the budget of {keep}")
     if sel.order is not None and (sel.order.shape != idx.shape or not torch.equal(
             sel.order.sort(1).values, torch.arange(idx.shape[1], device=idx.device).expand_as(idx))):
         raise TokensieveError(f"{where}: order must be a permutation of the {idx.shape[1]} kept slots in each row")
-    if keep > 1 and not bool((idx[:, 1:] > idx[:, :-1]).all()):
+    if idx.shape[1] > 1 and not bool((idx[:, 1:] > idx[:, :-1]).all()):
         raise TokensieveError(f"{where}: kept indices must be sorted and unique")
     if bool((idx < 0).any()) or bool((idx >= n).any()):
         raise TokensieveError(f"{where}: kept indices out of range 0..{n - 1}")
@@ -154,6 +161,7 @@ class _Drop:
     positions: torch.Tensor
     shift: torch.Tensor
     key_bias: torch.Tensor | None = None
+    inserted: bool = False  # this or an earlier stage put tokens of its own into the sequence
 
 
 def _negative(dtype: torch.dtype) -> float:
@@ -537,7 +545,7 @@ class LlavaPruningSession:
         keep = min(st.budget.count, n) if site in self.capped and st.budget.count else st.budget.resolve(n, str(site))
         known = self.question_ids is not None
         with self.handle.scoring():
-            inputs = SiteInputs(tokens, keep, str(site), lambda: row_generator(self.seed, tokens), signals,
+            inputs = SiteInputs(tokens, keep, str(site), lambda: row_generator(self.seed, tokens, valid), signals,
                                 question if known else None, valid, question_signals if known else {},
                                 self._question_text if known and self.bb.processor is not None else None)
             sel = st.method.select(inputs)
@@ -781,12 +789,11 @@ class LlavaPruningSession:
             source = torch.where(after < 0, at, torch.where(after < made, local.shape[1] + after, at - made))
             kept_hidden = torch.cat([kept_hidden, sel.extra.to(hidden.dtype)], 1).gather(
                 1, source[..., None].expand(-1, -1, d))
-            # The run's slots (kept, then made) take the first original image columns, in order: the
-            # causal mask only needs their order, and positions are renumbered, so nothing else reads them.
-            in_run = (after >= -kept) & (after < made)
-            run_start = (previous.columns if previous else here).gather(1, start[:, None])  # (B, 1)
-            carried = original.gather(1, torch.where(in_run, 0, source))  # outside the run: < L'
-            original = torch.where(in_run, run_start + at - start[:, None], carried)
+            # A made token has no original column: it takes the image run's first (a real token's),
+            # which is all that is read of it: positions are renumbered and the mask is built by order.
+            is_made = (after >= 0) & (after < made)
+            carried = original.gather(1, torch.where(is_made, 0, source))  # elsewhere: < L'
+            original = torch.where(is_made, (previous.columns if previous else here).gather(1, start[:, None]), carried)
             if key_bias is not None:
                 key_bias = torch.cat([key_bias, key_bias.new_zeros(b, made)], 1).gather(1, source)
             if valid is not None or sel.extra_valid is not None:
@@ -802,7 +809,9 @@ class LlavaPruningSession:
                 if key_bias is None else key_bias
             key_bias = key_bias.scatter(1, slots, padding)
         self.image_valid = None if valid is None or bool(valid.all()) else valid
-        self.drops.append(self._drop(site, original, local, kwargs, key_bias))
+        drop = self._drop(site, original, local, kwargs, key_bias)
+        drop.inserted = sel.extra is not None or (previous is not None and previous.inserted)
+        self.drops.append(drop)
         self.image_count = valid.shape[1] if valid is not None else kept + (0 if sel.extra is None else sel.extra.shape[1])
         return kept_hidden
 
@@ -837,6 +846,8 @@ class LlavaPruningSession:
         original = kwargs["position_ids"].expand(b, -1)
         padding = length - 1 - original[:, -1]  # (B,) left padding: a row's last column is real
         real = columns >= padding[:, None]
+        if key_bias is not None:  # slots that only pad a row keeping fewer take no position
+            real &= key_bias > _negative(key_bias.dtype) / 2
         rank = real.long().cumsum(1) - 1
         holding = torch.where(real, padding[:, None] + rank, columns)  # the original column at that position
         return _Drop(site.layer, columns, holding, length - padding - real.sum(1), key_bias)
@@ -871,13 +882,18 @@ class LlavaPruningSession:
         mask = kwargs.get("attention_mask")
         b, q = hidden.shape[:2]
         if gather is not None and not decoding:
+            original = kwargs["position_ids"].expand(b, -1) if kwargs.get("position_ids") is not None else None
             cos, sin = kwargs["position_embeddings"]
             at = drop.positions  # the original column holding each column's position
             kwargs["position_embeddings"] = tuple(
                 t.expand(b, -1, -1).gather(1, at[..., None].expand(-1, -1, t.shape[-1])) for t in (cos, sin))
             if kwargs.get("position_ids") is not None:
                 kwargs["position_ids"] = kwargs["position_ids"].expand(b, -1).gather(1, at)
-            if mask is not None:
+            if drop.inserted:  # made tokens have no original column: causal by their order, padding masked
+                padded = gather < (self.length - 1 - original[:, -1:])  # left padding: the last column is real
+                allowed = torch.ones(q, q, dtype=torch.bool, device=hidden.device).tril()[None] & ~padded[:, None, :]
+                mask = torch.where(allowed, 0.0, _negative(hidden.dtype)).to(hidden.dtype)[:, None]
+            elif mask is not None:
                 mask = mask.expand(b, -1, -1, -1)
                 mask = mask.gather(2, gather[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[3]))
                 mask = mask.gather(3, gather[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1))
