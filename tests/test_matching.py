@@ -88,3 +88,10 @@ def test_a_method_whose_budget_is_a_share_is_matched_by_its_share(backbone):
     share, cost = matched_budget(backbone, method, None, 37.0, "tokens", TEXT_TOKENS)
     assert isinstance(share, float) and 0.4 < share < 0.5 and abs(cost - 37.0) < 0.5
     assert planned_cost(backbone, make_stages(method, share, None, depth=3), TEXT_TOKENS, "tokens") == cost
+
+
+def test_a_method_that_cannot_be_planned_is_refused_before_any_scoring(tiny_llava_dir, capsys):
+    assert main(["eval", "--model", str(tiny_llava_dir), "--method", "sparsevlm", "--keep", "16",
+                 "--match", "tokens", "--samples", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "sparsevlm cannot be matched at equal cost" in err and "none " not in err

@@ -109,7 +109,10 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str |
         raise TokensieveError("matching by flops needs each --keep as a share of the unpruned prefill FLOPs (0.3)")
     pairs = [(m, k) for m in methods for k in keeps] if pairs is None else list(pairs)
     for name, keep in pairs:  # names, sites, budgets and parameters are checked before any model work
-        attach(backbone, name, keep, site=site, mode=mode).detach()
+        if match:  # the budget comes from the match: the method must have one that can be planned
+            matched_budget(backbone, name, site, 0.0, match, text_tokens=0)
+        else:
+            attach(backbone, name, keep, site=site, mode=mode).detach()
     for keep in (keeps or [None]) if pruner is not None else []:
         pruner.attach(backbone, mode, keep=keep)[0].detach()
     items = data.items

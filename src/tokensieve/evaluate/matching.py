@@ -56,15 +56,17 @@ def matched_budget(backbone, method, site: str | None, target: float, by: str,
     share = create_method(method).budget_is_share
     candidates = [i / 1000 for i in range(1, 1001)] if share else range(1, backbone.n_visual_tokens + 1)
     depth = len(backbone.llm_layers)
-    best = None
+    best, why = None, None
     for budget in candidates:
         try:
             stages = make_stages(method, budget, site, depth)
             cost = planned_cost(backbone, stages, text_tokens, by)
-        except TokensieveError:
-            continue  # a budget the method cannot run at (more than the site holds, fewer than ToMe's blocks reach)
+        except TokensieveError as err:  # a budget it cannot run at (more than the site holds, ...)
+            why = err
+            continue
         if best is None or abs(cost - target) < abs(best[1] - target):
             best = (budget, cost)
     if best is None:
-        raise TokensieveError(f"{method}: no budget can be planned at {site or 'its default site'}")
+        name = method if isinstance(method, str) else create_method(method).name
+        raise TokensieveError(f"{name} cannot be matched at equal cost: no budget of it can be planned ({why})")
     return best
