@@ -183,7 +183,8 @@ def test_a_single_rater_at_the_64_setting_keeps_only_recycled_tokens():
 
 def test_budgets_choose_the_released_scale_and_bias():
     for budget, knobs in {192: (13.5, 0.0), 128: (9.0, 6.0), 64: (0.8, 0.0), 1 / 3: (13.5, 0.0),
-                          "22.2%": (9.0, 6.0), Budget(count=64): (0.8, 0.0)}.items():
+                          "22.2%": (9.0, 6.0), Budget(count=64): (0.8, 0.0), 0.33: (13.5, 0.0),
+                          0.22: (9.0, 6.0), 0.11: (0.8, 0.0)}.items():
         method = SparseVLM().for_budget(budget)
         assert (method.scale, method.bias) == knobs
     assert SparseVLM(scale=2.0).for_budget(128).bias == 6.0
@@ -191,6 +192,8 @@ def test_budgets_choose_the_released_scale_and_bias():
     assert explicit.for_budget(100) is explicit
     with pytest.raises(TokensieveError, match="192 -> scale 13.5, bias 0.*scale= and bias="):
         SparseVLM().for_budget(100)
+    with pytest.raises(TokensieveError, match="scale= and bias="):
+        SparseVLM().for_budget(0.3)  # 173 of 576: more than a percent from any setting
     with pytest.raises(TokensieveError, match="count setting"):
         SparseVLM().select(_site_inputs(torch.zeros(1, 4, 2), torch.zeros(1, 2, 4), torch.zeros(1, 4, 2),
                                         torch.zeros(1, 2, 2), [0]))

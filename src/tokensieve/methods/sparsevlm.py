@@ -218,11 +218,15 @@ class SparseVLM(Method):
 
     def for_budget(self, budget: Budget | float | str) -> SparseVLM:
         """This method with the released ``(scale, bias)`` of ``budget`` (192, 128 or 64 tokens, or a
-        ratio of 576 rounding to one), where they were not given."""
+        ratio of 576 within a percent of one: 0.33, 0.22 and 0.11 name them too), where they were not
+        given."""
         if self.scale is not None and self.bias is not None:
             return self
         budget = Budget.parse(budget)
-        tokens = budget.count if budget.count is not None else round(budget.ratio * PAPER_IMAGE_TOKENS)
+        tokens = budget.count
+        if budget.ratio is not None:  # the nearest setting, if the ratio is within a percent of it
+            near = min(PAPER_SETTINGS, key=lambda k: abs(k / PAPER_IMAGE_TOKENS - budget.ratio))
+            tokens = near if abs(near / PAPER_IMAGE_TOKENS - budget.ratio) <= 0.01 else None
         if tokens not in PAPER_SETTINGS:
             settings = ", ".join(f"{k} -> scale {s:g}, bias {b:g}" for k, (s, b) in PAPER_SETTINGS.items())
             raise TokensieveError(f"sparsevlm's count adapts to each prompt; its budget picks the paper's setting "
