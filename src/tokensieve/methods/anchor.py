@@ -97,7 +97,8 @@ class Anchor(Method):
     paper = "the anchor rule of the tokensieve design (training-free; CLS-attention anchors, importance + diversity)"
     stages = ("vision", "projector")
     default_site = "vision.1"
-    signals = ("cls_attention", "keys", "attention")
+    signals = ("cls_attention", "keys")
+    optional_signals = ("attention",)  # a site without it: the key estimate
 
     k_anchors: int = 10
     top_m: int | None = None
