@@ -33,8 +33,10 @@ from pathlib import Path
 import torch
 
 from tokensieve.attach import Handle, attach
+from tokensieve.backbones.llava_pruning import merges_in_blocks
 from tokensieve.errors import TokensieveError
 from tokensieve.held_warnings import warnings_held_until_success
+from tokensieve.method import create_method
 
 CLIP_BENCHMARK_VERSION = "1.6.2"
 DEFAULT_METHOD = "anchor"
@@ -112,7 +114,9 @@ def vit_backbone(model):
 
 def attach_pruning(backbone, settings: PruningSettings) -> Handle:
     """Attach ``settings``' method before every block of its ``prune_layers`` of a ViT adapter
-    (:func:`vit_backbone`); refuses budgets and blocks this tower does not have."""
+    (:func:`vit_backbone`), or, for a method that merges inside blocks (ToMe), once at the first of
+    them (it merges in every block from there on, as released); refuses budgets and blocks this
+    tower does not have."""
     n = backbone.n_patches
     if settings.budget + 1 > n + 1:
         raise TokensieveError(f"k_anchors + top_m + 1 = {settings.k_anchors} + {settings.top_m} + 1 = "
@@ -121,17 +125,29 @@ def attach_pruning(backbone, settings: PruningSettings) -> Handle:
     layers = settings.layers(backbone)
     if layers[-1] >= backbone.depth:
         raise TokensieveError(f"--prune_layers {layers[-1]}: this image tower has blocks 0..{backbone.depth - 1}")
-    stages = [(settings.method_spec(), f"vision.{i}", settings.budget) for i in layers]
+    method = create_method(settings.method_spec())
+    if merges_in_blocks(method):
+        layers = layers[:1]
+    stages = [(method, f"vision.{i}", settings.budget) for i in layers]
     return attach(backbone, stages, mode="hard", seed=settings.seed)
 
 
 def tokens_per_block(backbone, handle: Handle | None) -> list[int]:
     """Image tokens (CLS included) each block of the tower runs on with ``handle``'s stages."""
-    n, counts = backbone.n_patches, []
+    n, counts, entering = backbone.n_patches, [], {}
     stages = {} if handle is None else {int(st.site.split(".")[1]): st for st in handle.stages}
     for i in range(backbone.depth):
+        n = entering.get(i, n)
         if i in stages:
-            n = stages[i].budget.resolve(n)
+            st, keep = stages[i], stages[i].budget.resolve(n)
+            if merges_in_blocks(st.method):  # each block runs on what the blocks before it left
+                end = min((j for j in stages if j > i), default=backbone.depth)
+                left = n
+                for j, r in zip(range(i, end), st.method.merge_schedule(n, keep, end - i)):
+                    left -= r
+                    entering[j + 1] = left
+            else:
+                n = keep
         counts.append(n + 1)
     return counts
 
