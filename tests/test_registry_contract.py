@@ -22,7 +22,7 @@ BUDGET = 16  # of the tiny model's 64 visual tokens
 CASES = [(name, SITE_OF_STAGE[stage]) for name in list_methods() for stage in method_class(name).stages]
 CASES += [(name, "llm.0") for name in list_methods() if method_class(name).default_site == "llm.0"]
 # Sites inside a method's stages that its paper's rule cannot use, refused when attaching.
-REFUSED = {("cdpruner", "llm.1"): "acts on the LLM's input embeddings of the image",
+REFUSED = {("cdpruner", "llm.1"): "cdpruner needs projector_input, which llm.1 does not provide",
            ("tome", "projector"): "merges inside the vision tower's blocks"}
 CASES = [case for case in CASES if case not in REFUSED]
 

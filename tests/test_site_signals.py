@@ -97,7 +97,7 @@ def test_llm_signals_of_the_previous_layer_and_the_question(backbone, batch, tin
 def test_a_signal_the_site_lacks_is_named(backbone, batch):
     from tokensieve.errors import TokensieveError
 
-    with pytest.raises(TokensieveError, match="signal 'cls_token' is not available at llm.2"):
+    with pytest.raises(TokensieveError, match="record_signals needs cls_token, which llm.2 does not provide"):
         _run(backbone, batch, _Record(wanted=("cls_token",)), "llm.2")
 
 
