@@ -7,6 +7,7 @@ import json
 import pytest
 
 from tokensieve.attach import attach, make_stages
+from tokensieve.backbones.hf_llava import Site
 from tokensieve.backbones import LlavaBackbone
 from tokensieve.cli import main
 from tokensieve.errors import TokensieveError
@@ -95,3 +96,12 @@ def test_a_method_that_cannot_be_planned_is_refused_before_any_scoring(tiny_llav
                  "--match", "tokens", "--samples", "4"]) == 2
     err = capsys.readouterr().err
     assert "sparsevlm cannot be matched at equal cost" in err and "none " not in err
+
+
+def test_the_plan_follows_a_method_s_own_count_and_refusals(backbone):
+    """DART keeps 4 + 8 x ((keep - 4) // 8) and refuses fewer than its 4 image pivots."""
+    assert planned_kept(backbone, make_stages("dart", 16, "llm.1"))[Site.parse("llm.1")] == 12
+    with pytest.raises(TokensieveError, match="keeps its 4 image pivots"):
+        planned_kept(backbone, make_stages("dart", 2, "llm.1"))
+    count, _ = matched_budget(backbone, "dart", "llm.1", 22.0, "tokens", TEXT_TOKENS)
+    assert count >= 4

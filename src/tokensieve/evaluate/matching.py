@@ -31,7 +31,9 @@ def planned_kept(backbone, stages) -> dict[Site, int]:
         if st.method.count_per_row:
             raise TokensieveError(f"{st} keeps a count per row, which cannot be planned; give it a fixed budget "
                                   "to match it at equal cost")
-        kept[site] = st.budget.resolve(n, str(site))
+        keep = st.budget.resolve(n, str(site))
+        st.method.check(n, keep, str(site))  # a budget it refuses (below DART's pivots) cannot be planned
+        kept[site] = st.method.kept_count(n, keep)
     return kept
 
 
