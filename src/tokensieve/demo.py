@@ -2,7 +2,7 @@
 
 Train the two-stage pruner briefly, then measure it, every training-free method and the
 object oracle at three budgets in ``hard`` mode next to the unpruned model, and write the
-report with its plots. About 4 minutes on 2 CPU cores.
+report with its plots. About 5 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
