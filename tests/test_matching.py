@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tokensieve.attach import attach, make_stages
-from tokensieve.backbones.hf_llava import Site
+from tokensieve.backbones.base import Site
 from tokensieve.backbones import LlavaBackbone
 from tokensieve.cli import main
 from tokensieve.errors import TokensieveError

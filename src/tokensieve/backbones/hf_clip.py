@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tokensieve.backbones.base import Site
 from tokensieve.errors import TokensieveError
 
 
@@ -52,8 +53,6 @@ class HFClipViTBackbone:
         return fc.in_features, int(self.tower.embeddings.patch_size), fc.out_features / fc.in_features
 
     def sites(self) -> list:
-        from tokensieve.backbones.hf_llava import Site
-
         return [Site("vision", i) for i in range(1, self.depth)]
 
     def hook_attention_input(self, block: int, fn):

@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from tokensieve.backbones.base import Site
 from tokensieve.backbones.block_merging import BlockMerger, TokenSizes
 from tokensieve.errors import TokensieveError
 from tokensieve.method import ROW_SIGNALS, Selection, SiteInputs
@@ -199,8 +200,6 @@ class LlavaPruningSession:
 
     def __init__(self, backbone, handle, seed: int):
         self.bb, self.handle, self.seed, self.mode = backbone, handle, seed, handle.mode
-        from tokensieve.backbones.hf_llava import Site
-
         self.stages: dict = {}
         for st in handle.stages:
             site = Site.parse(st.site)
@@ -599,8 +598,6 @@ class LlavaPruningSession:
         return {name[len(prefix):]: pick(name[len(prefix):]) for name in self._captured if name.startswith(prefix)}
 
     def _vision_layer(self, i: int):
-        from tokensieve.backbones.hf_llava import Site
-
         site = Site("vision", i)
 
         def hook(_module, args):
@@ -617,16 +614,12 @@ class LlavaPruningSession:
         return hook
 
     def _projector(self, _module, args):
-        from tokensieve.backbones.hf_llava import Site
-
         if not self.handle.active:
             return None
         site = Site("projector")
         return (self._reduce_tower(site, args[0], key="projector", prefix=self.bb.prefix_tokens(site)), *args[1:])
 
     def _after_projector(self, _module, args, output):
-        from tokensieve.backbones.hf_llava import Site
-
         if not self.handle.active:
             return None
         site = Site("llm", 0)
@@ -692,8 +685,6 @@ class LlavaPruningSession:
         return cache is not None and cache.get_seq_length(layer) > 0
 
     def _llm_layer(self, k: int):
-        from tokensieve.backbones.hf_llava import Site
-
         site = Site("llm", k)
 
         def hook(_module, args, kwargs):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from tokensieve.backbones.base import Site
 from tokensieve.errors import TokensieveError
 
 
@@ -62,8 +63,6 @@ class OpenClipViTBackbone:
         return fc.in_features, self.visual.patch_size[0], fc.out_features / fc.in_features
 
     def sites(self) -> list:
-        from tokensieve.backbones.hf_llava import Site
-
         return [Site("vision", i) for i in range(1, self.depth)]
 
     def hook_attention_input(self, block: int, fn):

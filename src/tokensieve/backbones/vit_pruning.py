@@ -32,8 +32,13 @@ from __future__ import annotations
 
 import torch
 
+from tokensieve.backbones.base import Site
 from tokensieve.backbones.block_merging import BlockMerger, TokenSizes
-from tokensieve.backbones.llava_pruning import check_selection, merges_in_blocks, row_generator
+from tokensieve.backbones.llava_pruning import (
+    check_selection,
+    merges_in_blocks,
+    row_generator,
+)
 from tokensieve.errors import TokensieveError
 from tokensieve.method import SiteInputs
 
@@ -44,8 +49,6 @@ class ViTPruningSession:
     """The hooks of one handle on one ViT adapter, and the state of one forward pass."""
 
     def __init__(self, backbone, handle, seed: int):
-        from tokensieve.backbones.hf_llava import Site
-
         if handle.mode != "hard":
             raise TokensieveError(f"mode {handle.mode!r} is not available in a CLIP vision tower; use hard")
         self.bb, self.handle, self.seed = backbone, handle, seed

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 from transformers import LlavaConfig
 
-from tokensieve.backbones.hf_llava import Site
+from tokensieve.backbones.base import Site
 from tokensieve.backbones.llava_pruning import merges_in_blocks
 from tokensieve.errors import TokensieveError
 

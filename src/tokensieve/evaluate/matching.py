@@ -13,7 +13,7 @@ from __future__ import annotations
 import statistics
 
 from tokensieve.attach import make_stages
-from tokensieve.backbones.hf_llava import Site
+from tokensieve.backbones.base import Site
 from tokensieve.backbones.llava_pruning import merges_in_blocks, stage_inputs
 from tokensieve.errors import TokensieveError
 from tokensieve.evaluate.flops import prefill_flops, token_counts
