@@ -10,7 +10,7 @@ import torch
 
 from tokensieve.attach import attach
 from tokensieve.backbones import LlavaBackbone
-from tokensieve.backbones.llava_pruning import PADDING
+from tokensieve.backbones.stage_plan import PADDING
 from tokensieve.errors import TokensieveError
 from tokensieve.evaluate.flops import token_counts
 from tokensieve.learned import LayerPrunerHead

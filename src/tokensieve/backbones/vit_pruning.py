@@ -34,7 +34,7 @@ import torch
 
 from tokensieve.backbones.base import Site
 from tokensieve.backbones.block_merging import BlockMerger, TokenSizes
-from tokensieve.backbones.llava_pruning import (
+from tokensieve.backbones.stage_plan import (
     check_selection,
     merges_in_blocks,
     row_generator,

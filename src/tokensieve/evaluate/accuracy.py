@@ -8,7 +8,7 @@ from tqdm import tqdm
 
 from tokensieve.attach import Handle, attach
 from tokensieve.backbones import LlavaBackbone
-from tokensieve.backbones.llava_pruning import PADDING
+from tokensieve.backbones.stage_plan import PADDING
 from tokensieve.data.vqa_files import VQAItem
 from tokensieve.errors import TokensieveError
 from tokensieve.evaluate.eval_data import EvalData

@@ -17,7 +17,7 @@ from typing import NamedTuple
 from transformers import LlavaConfig
 
 from tokensieve.backbones.base import Site
-from tokensieve.backbones.llava_pruning import merges_in_blocks
+from tokensieve.backbones.stage_plan import merges_in_blocks
 from tokensieve.errors import TokensieveError
 
 

@@ -14,7 +14,7 @@ import statistics
 
 from tokensieve.attach import make_stages
 from tokensieve.backbones.base import Site
-from tokensieve.backbones.llava_pruning import merges_in_blocks, stage_inputs
+from tokensieve.backbones.stage_plan import merges_in_blocks, stage_inputs
 from tokensieve.errors import TokensieveError
 from tokensieve.evaluate.flops import prefill_flops, token_counts
 from tokensieve.method import create_method

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from tokensieve.attach import Handle, attach
-from tokensieve.backbones.llava_pruning import merges_in_blocks
+from tokensieve.backbones.stage_plan import merges_in_blocks
 from tokensieve.errors import TokensieveError
 from tokensieve.held_warnings import warnings_held_until_success
 from tokensieve.method import create_method
