@@ -12,10 +12,13 @@ import torch
 from parity_fixtures import assert_close_relative, load_fixture
 from released_llama import released_model_as_llava
 from transformers import LlamaConfig
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+from transformers.models.llama.modeling_llama import (
+    LlamaDecoderLayer,
+    LlamaRotaryEmbedding,
+)
 
 from tokensieve.attach import attach
-from tokensieve.backbones.llava_pruning import last_query_attention
+from tokensieve.backbones.llama_attention import last_query_attention
 from tokensieve.errors import TokensieveError
 from tokensieve.method import Budget
 from tokensieve.methods.pyramiddrop import PyramidDrop, pyramid_layers, pyramiddrop_keep

@@ -22,10 +22,18 @@ import re
 from dataclasses import dataclass, replace
 
 import torch
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from tokensieve.backbones.base import Site
 from tokensieve.backbones.block_merging import BlockMerger, TokenSizes
+from tokensieve.backbones.llama_attention import (
+    as_additive,
+    last_queries_attention,
+    last_query_attention,
+    log_mask,
+    most_negative,
+    rotated_keys,
+    soft_key_bias,
+)
 from tokensieve.backbones.stage_plan import (
     EXTRA,
     PADDING,
@@ -40,37 +48,6 @@ from tokensieve.ops import gather_tokens, query_attention
 
 # The end of a LLaVA prompt, where the answer starts ("... ASSISTANT:"), spaced by word-level tokenizers.
 ANSWER_CUE = re.compile(r"\s*ASSISTANT\s*:\s*$", re.IGNORECASE)
-
-def last_queries_attention(attn, hidden: torch.Tensor, keys: torch.Tensor, kwargs: dict,
-                           queries: int = 1) -> torch.Tensor:
-    """``(B, queries, T)``: the attention of the last ``queries`` positions over all positions in a
-    Llama attention layer, mean over heads, recomputed from the layer's own q/k so fused attention
-    stays on.
-
-    hidden: ``(B, T, d)`` the layer's normalised input; keys: ``(B, T, H_kv * d_head)`` its k_proj
-    output; kwargs: the layer's ``position_embeddings`` (RoPE tables) and ``attention_mask``.
-    The softmax runs in float32 and is cast back, as the papers' code does in half precision.
-    """
-    cos, sin = kwargs["position_embeddings"]
-    b, t, _ = hidden.shape
-    q = attn.q_proj(hidden[:, t - queries:]).view(b, queries, -1, attn.head_dim).transpose(1, 2)
-    k = keys.view(b, t, -1, attn.head_dim).transpose(1, 2)
-    q, _ = apply_rotary_pos_emb(q, q, cos[:, t - queries:], sin[:, t - queries:])
-    _, k = apply_rotary_pos_emb(k, k, cos, sin)
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # grouped-query attention
-    scores = (q @ k.transpose(-1, -2)) * attn.scaling  # (B, H, queries, T)
-    mask = kwargs.get("attention_mask")
-    if mask is not None:
-        scores = scores + _as_additive(mask, b, t, t, scores.dtype, scores.device)[:, :, t - queries:]
-    elif queries > 1:  # no mask given: causal
-        scores = scores + _as_additive(None, b, queries, t, scores.dtype, scores.device)
-    return scores.float().softmax(-1).to(hidden.dtype).mean(1)
-
-
-def last_query_attention(attn, hidden: torch.Tensor, keys: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    """``(B, T)``: the last position's attention over all positions (:func:`last_queries_attention`)."""
-    return last_queries_attention(attn, hidden, keys, kwargs)[:, 0]
-
 
 @dataclass
 class _Drop:
@@ -90,36 +67,6 @@ class _Drop:
     shift: torch.Tensor
     key_bias: torch.Tensor | None = None
     inserted: bool = False  # this or an earlier stage put tokens of its own into the sequence
-
-
-def _negative(dtype: torch.dtype) -> float:
-    return torch.finfo(dtype).min
-
-
-def _log_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive key bias ``log(mask)``, finite (a fully masked row must not produce NaN)."""
-    return mask.to(dtype).log().clamp(min=_negative(dtype))
-
-
-# A differentiable key mask m becomes the bias log(floor + (1 - floor) m): a dropped token keeps
-# a 1e-6 share of its weight, so the gradient reaching m is the attention it would have had
-# (log(0) would give none), while the forward pass stays within 1e-6 of removing it.
-SOFT_MASK_FLOOR = 1e-6
-
-
-def _soft_key_bias(key_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive key bias of a differentiable keep mask ``(B, K)`` in [0, 1]."""
-    return (SOFT_MASK_FLOOR + (1 - SOFT_MASK_FLOOR) * key_mask.to(dtype)).log()
-
-
-def _as_additive(mask: torch.Tensor | None, batch: int, q: int, k: int, dtype, device) -> torch.Tensor:
-    """A 4D additive float mask ``(B, 1, q, k)`` from None (causal), bool or float masks."""
-    if mask is None:
-        allowed = torch.ones(q, k, dtype=torch.bool, device=device).tril(k - q)
-        return torch.where(allowed, 0.0, _negative(dtype)).to(dtype).expand(batch, 1, q, k).clone()
-    if mask.dtype == torch.bool:
-        return torch.where(mask, 0.0, _negative(dtype)).to(dtype)
-    return mask.to(dtype)
 
 
 class LlavaPruningSession:
@@ -278,7 +225,7 @@ class LlavaPruningSession:
             columns = image_start.to(patches.device)[:, None] + patches
             dtype = self.bb.model.dtype
             bias = torch.zeros(patches.shape[0], length, dtype=dtype, device=patches.device)
-            self.biases.append((0, bias.scatter(1, columns, _soft_key_bias(self.patch_key_mask, dtype))))
+            self.biases.append((0, bias.scatter(1, columns, soft_key_bias(self.patch_key_mask, dtype))))
         self._adjusted: dict = {}  # (drops, biases, decoding) -> (original kwargs, adjusted kwargs)
 
     def _run_origin(self, b: int, image_count: int) -> torch.Tensor:
@@ -440,21 +387,12 @@ class LlavaPruningSession:
                         self._captured[key + ":text_attention"] = last_query_attention(
                             attn, args[0], keys, self._attention_kwargs)
                     if "prev_layer_keys" in needs:
-                        self._captured[key + ":prev_layer_keys"] = self._rotated_keys(attn, keys, self._attention_kwargs)
+                        self._captured[key + ":prev_layer_keys"] = rotated_keys(attn, keys, self._attention_kwargs)
                     if "post_image_attention" in needs and self.question_ids is not None:
                         # every token after the image queries: (B, T, L), kept apart from token signals
                         self._captured[key + "#post_image_attention"] = last_queries_attention(
                             attn, args[0], keys, self._attention_kwargs, self.question_ids.shape[1])
         return hook
-
-    @staticmethod
-    def _rotated_keys(attn, keys: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        """``(B, T, H_kv * d_head)``: the layer's keys after RoPE, heads side by side per position."""
-        cos, sin = kwargs["position_embeddings"]
-        b, t, _ = keys.shape
-        k = keys.view(b, t, -1, attn.head_dim).transpose(1, 2)
-        _, k = apply_rotary_pos_emb(k, k, cos, sin)
-        return k.transpose(1, 2).reshape(b, t, -1)
 
     # --- choosing ----------------------------------------------------------------------
     def _choose(self, site, tokens: torch.Tensor, signals: dict, question=None,
@@ -602,7 +540,7 @@ class LlavaPruningSession:
             keep = torch.ones(b, hidden.shape[1], dtype=torch.bool, device=hidden.device)
             keep[:, prefix:] = False
             keep[:, prefix:].scatter_(1, chosen, True)
-            self.vision_bias = _log_mask(keep, hidden.dtype)[:, None, None, :]
+            self.vision_bias = log_mask(keep, hidden.dtype)[:, None, None, :]
         return torch.cat([hidden[:, :prefix], patches], 1)
 
     # --- inside the LLM -----------------------------------------------------------------
@@ -678,9 +616,9 @@ class LlavaPruningSession:
         keep = torch.ones(b, length, dtype=torch.bool, device=hidden.device)
         kept = sel.valid if sel.valid is not None else torch.ones_like(kept_columns, dtype=torch.bool)
         keep.scatter_(1, columns, False).scatter_(1, kept_columns, kept)
-        bias = _log_mask(keep, hidden.dtype)
+        bias = log_mask(keep, hidden.dtype)
         if sel.key_mask is not None:
-            weights = _soft_key_bias(sel.key_mask, hidden.dtype).masked_fill(~kept, _negative(hidden.dtype))
+            weights = soft_key_bias(sel.key_mask, hidden.dtype).masked_fill(~kept, most_negative(hidden.dtype))
             bias = bias.scatter(1, kept_columns, weights)
         self.biases.append((site.layer, bias))
         return hidden
@@ -722,7 +660,7 @@ class LlavaPruningSession:
             local = None  # positions are renumbered: no earlier position map to carry
         if valid is not None:  # padding stays in the sequence as a key no later layer attends to
             slots = start[:, None] + torch.arange(valid.shape[1], device=hidden.device)
-            padding = torch.where(valid, 0.0, _negative(hidden.dtype)).to(hidden.dtype)
+            padding = torch.where(valid, 0.0, most_negative(hidden.dtype)).to(hidden.dtype)
             key_bias = torch.zeros(b, original.shape[1], dtype=hidden.dtype, device=hidden.device) \
                 if key_bias is None else key_bias
             key_bias = key_bias.scatter(1, slots, padding)
@@ -765,7 +703,7 @@ class LlavaPruningSession:
         padding = length - 1 - original[:, -1]  # (B,) left padding: a row's last column is real
         real = columns >= padding[:, None]
         if key_bias is not None:  # slots that only pad a row keeping fewer take no position
-            real &= key_bias > _negative(key_bias.dtype) / 2
+            real &= key_bias > most_negative(key_bias.dtype) / 2
         rank = real.long().cumsum(1) - 1
         holding = torch.where(real, padding[:, None] + rank, columns)  # the original column at that position
         return _Drop(site.layer, columns, holding, length - padding - real.sum(1), key_bias)
@@ -793,7 +731,7 @@ class LlavaPruningSession:
         drop = self.drops[n_drops - 1] if n_drops else None
         gather = None if drop is None else drop.columns
         active = [b for _, b in self.biases[:n_biases]]  # soft mode's, over the original columns
-        bias = torch.stack(active).sum(0).clamp(min=_negative(hidden.dtype)) if active else None  # (B, L)
+        bias = torch.stack(active).sum(0).clamp(min=most_negative(hidden.dtype)) if active else None  # (B, L)
         if drop is not None:  # hard mode: the padding of the sequence as it now is
             bias = drop.key_bias
         kwargs = dict(kwargs)
@@ -810,7 +748,7 @@ class LlavaPruningSession:
             if drop.inserted:  # made tokens have no original column: causal by their order, padding masked
                 padded = gather < (self.length - 1 - original[:, -1:])  # left padding: the last column is real
                 allowed = torch.ones(q, q, dtype=torch.bool, device=hidden.device).tril()[None] & ~padded[:, None, :]
-                mask = torch.where(allowed, 0.0, _negative(hidden.dtype)).to(hidden.dtype)[:, None]
+                mask = torch.where(allowed, 0.0, most_negative(hidden.dtype)).to(hidden.dtype)[:, None]
             elif mask is not None:
                 mask = mask.expand(b, -1, -1, -1)
                 mask = mask.gather(2, gather[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[3]))
@@ -828,9 +766,9 @@ class LlavaPruningSession:
         if bias is not None:
             keys = bias.shape[1] if not decoding else (mask.shape[-1] if mask is not None else
                                                      kwargs["past_key_values"].get_seq_length(k) + q)
-            mask = _as_additive(mask, b, q, keys, hidden.dtype, hidden.device)
+            mask = as_additive(mask, b, q, keys, hidden.dtype, hidden.device)
             extra = keys - bias.shape[1]
             full = torch.cat([bias, bias.new_zeros(b, extra)], 1) if extra > 0 else bias
-            mask = (mask + full[:, None, None, :]).clamp(min=_negative(hidden.dtype))
+            mask = (mask + full[:, None, None, :]).clamp(min=most_negative(hidden.dtype))
         kwargs["attention_mask"] = mask
         return {name: kwargs.get(name) for name in ("attention_mask", "position_embeddings", "position_ids")}
