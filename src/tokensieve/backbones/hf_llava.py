@@ -26,6 +26,7 @@ from torch import nn
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from tokensieve.backbones.base import Site
+from tokensieve.backbones.llava_pruning import LlavaPruningSession
 from tokensieve.devices import require_device
 from tokensieve.errors import TokensieveError
 from tokensieve.held_warnings import warnings_held_until_success
@@ -252,8 +253,6 @@ class LlavaBackbone:
     # --- pruning ------------------------------------------------------------------------
     def install(self, handle, seed: int = 0) -> None:
         """Register the hooks of ``handle``'s stages (called by :func:`tokensieve.attach`)."""
-        from tokensieve.backbones.llava_pruning import LlavaPruningSession
-
         session = LlavaPruningSession(self, handle, seed)
         self._sessions.append(session)
         handle.hooks.append(_Forget(self._sessions, session))
