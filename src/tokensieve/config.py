@@ -10,9 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import os
 import re
-import tempfile
 import types
 import typing
 from collections.abc import Iterable
@@ -21,6 +19,7 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from tokensieve.checkpoint import atomic_write_text
 from tokensieve.errors import TokensieveError
 
 T = TypeVar("T")
@@ -280,15 +279,5 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterabl
 
 
 def save_config(obj: Any, path: str | Path) -> None:
-    """Write dataclass ``obj`` to ``path`` as YAML, atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    text = yaml.safe_dump(to_dict(obj), sort_keys=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write dataclass ``obj`` to ``path`` as YAML, atomically and fsynced (:func:`atomic_write_text`)."""
+    atomic_write_text(path, yaml.safe_dump(to_dict(obj), sort_keys=False))
