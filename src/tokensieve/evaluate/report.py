@@ -11,11 +11,31 @@ from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
 
+from tokensieve.checkpoint import atomic_write_text
 from tokensieve.errors import TokensieveError
-from tokensieve.evaluate.kept_overlays import Example, gallery_file, plot_gallery, verdict
+from tokensieve.evaluate.kept_overlays import (
+    Example,
+    gallery_file,
+    plot_gallery,
+    verdict,
+)
 from tokensieve.evaluate.latency import NOISY_SPREAD, noisy_timing_warning
-from tokensieve.evaluate.plots import BASELINE, plot_accuracy_vs_flops, plot_accuracy_vs_tokens, plot_tokens_per_layer
-from tokensieve.evaluate.report_blocks import Block, Facts, Heading, Paragraph, Picture, Table, to_html, to_markdown
+from tokensieve.evaluate.plots import (
+    BASELINE,
+    plot_accuracy_vs_flops,
+    plot_accuracy_vs_tokens,
+    plot_tokens_per_layer,
+)
+from tokensieve.evaluate.report_blocks import (
+    Block,
+    Facts,
+    Heading,
+    Paragraph,
+    Picture,
+    Table,
+    to_html,
+    to_markdown,
+)
 
 ROW_KEYS = ("method", "site", "keep", "visual_tokens_kept", "accuracy", "n", "accuracy_ci95", "per_family", "flops",
             "flops_ratio", "tokens_per_llm_layer")
@@ -292,9 +312,10 @@ def write_report(rows: list[dict], meta: dict, out_dir: Path, examples: Sequence
     for qid in gallery:
         plot_gallery(rows, by_id[qid], patch_grid, meta, paths[gallery_file(qid)])
     blocks = report_blocks(rows, meta, gallery)
-    paths["report.md"].write_text(to_markdown(blocks), encoding="utf-8")
-    paths["report.html"].write_text(to_html(blocks, out_dir, "tokensieve eval report"), encoding="utf-8")
-    paths["report.json"].write_text(report_json, encoding="utf-8")
+    # atomic and fsynced: an interrupted write leaves the previous report, never half of one
+    atomic_write_text(paths["report.md"], to_markdown(blocks))
+    atomic_write_text(paths["report.html"], to_html(blocks, out_dir, "tokensieve eval report"))
+    atomic_write_text(paths["report.json"], report_json)
     return paths
 
 
