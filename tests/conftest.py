@@ -38,3 +38,20 @@ def tiny_llava_dir(tmp_path_factory):
 def tiny_samples():
     """Six samples, one or more of every question family, so prompt lengths differ."""
     return [make_sample(7, i, TINY_SPEC) for i in range(6)]
+
+
+@pytest.fixture(scope="module")
+def backbone(tiny_llava_dir):
+    """The tiny LLaVA, loaded once per test module (a module's own ``backbone`` fixture wins)."""
+    from tokensieve.backbones import LlavaBackbone
+
+    return LlavaBackbone.from_pretrained(tiny_llava_dir)
+
+
+@pytest.fixture(scope="module")
+def batch(backbone, tiny_samples):
+    """The six tiny samples encoded as one padded batch (a module's own ``batch`` fixture wins)."""
+    from tokensieve.testbed.batches import encode
+
+    return encode(backbone.processor, tiny_samples)
+

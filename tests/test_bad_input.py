@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from tokensieve.attach import attach
-from tokensieve.backbones import LlavaBackbone
 from tokensieve.backbones.hf_llava import default_model_path
 from tokensieve.cli import main
 from tokensieve.errors import TokensieveError
@@ -312,10 +311,6 @@ def test_an_out_folder_that_cannot_be_written(argv, tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"{out} is not writable here ({tmp_path} is not)" in err
 
-
-@pytest.fixture(scope="module")
-def backbone(tiny_llava_dir):
-    return LlavaBackbone.from_pretrained(tiny_llava_dir)
 
 
 @pytest.fixture(scope="module")

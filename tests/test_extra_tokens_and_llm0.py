@@ -8,20 +8,8 @@ import pytest
 import torch
 
 from tokensieve.attach import attach
-from tokensieve.backbones import LlavaBackbone
 from tokensieve.errors import TokensieveError
 from tokensieve.method import Method, Selection, SiteInputs
-from tokensieve.testbed.batches import encode
-
-
-@pytest.fixture(scope="module")
-def backbone(tiny_llava_dir):
-    return LlavaBackbone.from_pretrained(tiny_llava_dir)
-
-
-@pytest.fixture(scope="module")
-def batch(backbone, tiny_samples):
-    return encode(backbone.processor, tiny_samples)
 
 
 @dataclass

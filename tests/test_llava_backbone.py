@@ -10,11 +10,6 @@ from tokensieve.errors import TokensieveError
 from tokensieve.testbed.batches import encode
 
 
-@pytest.fixture(scope="module")
-def backbone(tiny_llava_dir):
-    return LlavaBackbone.from_pretrained(tiny_llava_dir)
-
-
 def test_loads_through_from_pretrained_with_processor(backbone):
     assert backbone.processor is not None
     assert backbone.n_visual_tokens == 64

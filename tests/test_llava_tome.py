@@ -3,18 +3,11 @@ the released mechanism does in a ViT, and the LLM receives the tokens in ToMe's 
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from tokensieve.attach import attach
-from tokensieve.backbones import LlavaBackbone
 from tokensieve.backbones.block_merging import BlockMerger
 from tokensieve.testbed.batches import encode
-
-
-@pytest.fixture(scope="module")
-def backbone(tiny_llava_dir):
-    return LlavaBackbone.from_pretrained(tiny_llava_dir)
 
 
 def test_the_llm_receives_the_tower_merged_block_by_block(backbone, tiny_samples):

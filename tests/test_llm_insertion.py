@@ -6,18 +6,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import pytest
 import torch
 
 from tokensieve.attach import attach
 from tokensieve.backbones import LlavaBackbone
 from tokensieve.method import Method, Selection, SiteInputs
 from tokensieve.testbed.batches import encode
-
-
-@pytest.fixture(scope="module")
-def backbone(tiny_llava_dir):
-    return LlavaBackbone.from_pretrained(tiny_llava_dir)
 
 
 @dataclass

@@ -8,7 +8,6 @@ import pytest
 
 from tokensieve.attach import attach, make_stages
 from tokensieve.backbones.base import Site
-from tokensieve.backbones import LlavaBackbone
 from tokensieve.cli import main
 from tokensieve.errors import TokensieveError
 from tokensieve.evaluate.accuracy import cost_fields
@@ -17,10 +16,6 @@ from tokensieve.testbed.batches import encode
 
 TEXT_TOKENS = 12
 
-
-@pytest.fixture(scope="module")
-def backbone(tiny_llava_dir):
-    return LlavaBackbone.from_pretrained(tiny_llava_dir)
 
 
 @pytest.mark.parametrize("stages", [

@@ -6,7 +6,6 @@ global RNG; the fixture stores it, and this test feeds it in."""
 
 from __future__ import annotations
 
-from functools import partial
 
 import pytest
 import torch

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from tokensieve.attach import attach
-from tokensieve.backbones import LlavaBackbone
 from tokensieve.backbones.stage_plan import PADDING
 from tokensieve.errors import TokensieveError
 from tokensieve.evaluate.flops import token_counts
@@ -17,16 +16,6 @@ from tokensieve.learned import LayerPrunerHead
 from tokensieve.method import Method, Selection, SiteInputs
 from tokensieve.methods.layer_pruner import LearnedLayerPruner
 from tokensieve.testbed.batches import encode
-
-
-@pytest.fixture(scope="module")
-def backbone(tiny_llava_dir):
-    return LlavaBackbone.from_pretrained(tiny_llava_dir)
-
-
-@pytest.fixture(scope="module")
-def batch(backbone, tiny_samples):
-    return encode(backbone.processor, tiny_samples)
 
 
 def threshold_pruner(backbone, seed: int = 0, threshold: float = 0.5) -> LearnedLayerPruner:

@@ -12,7 +12,6 @@ import torch
 from safetensors.torch import load_file
 
 from tokensieve.attach import attach
-from tokensieve.backbones import LlavaBackbone
 from tokensieve.cli import main
 from tokensieve.config import from_dict
 from tokensieve.errors import TokensieveError
@@ -38,10 +37,6 @@ def tiny_config(model_dir, **sections) -> TwoStageConfig:
         data.setdefault(section, {}).update(values)
     return from_dict(TwoStageConfig, data)
 
-
-@pytest.fixture(scope="module")
-def backbone(tiny_llava_dir):
-    return LlavaBackbone.from_pretrained(tiny_llava_dir)
 
 
 @pytest.fixture(scope="module")
@@ -422,8 +417,8 @@ class RecordQuestion(Method):
 @pytest.mark.parametrize("site", ["projector", "llm.1"])
 def test_methods_never_see_the_answer_or_anything_after_it(backbone, site):
     from tokensieve.data.instruct import collate, synthetic_examples
-    from tokensieve.train.trainer import after_first_answer
     from tokensieve.testbed.evaluate import scene_spec_for
+    from tokensieve.train.trainer import after_first_answer
 
     batch = collate(backbone.processor, synthetic_examples(3, 0, 4, scene_spec_for(backbone)), label_eos=False)
     method = RecordQuestion(seen=[])
