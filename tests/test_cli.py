@@ -9,6 +9,7 @@ import sys
 from PIL import Image
 
 from tokensieve.cli import main
+from tokensieve.method import list_methods
 from tokensieve.data.synthetic import make_sample
 from tokensieve.testbed.evaluate import TARGETS
 
@@ -89,3 +90,12 @@ def test_testbed_train_takes_the_llm_depth_and_lookup_layers(tmp_path, monkeypat
 def test_testbed_lookup_beyond_the_llm_is_a_one_line_error():
     result = run_cli("testbed", "train", "--out", "unused", "--llm-layers", "4", "--relation-layer", "6")
     assert result.returncode == 2 and "relation_layer 6" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_methods_lists_every_method_with_its_default_sites(capsys):
+    assert main(["methods"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert set(lines) == set(list_methods())
+    assert "default site llm.2 " in lines["fastv"]
+    # a schedule placed by the LLM's depth shows its sites in LLaVA-1.5's 32 layers
+    assert "default site llm.8,llm.16,llm.24 of 32" in lines["pyramiddrop"]

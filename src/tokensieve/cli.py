@@ -79,11 +79,14 @@ def _ask(args: argparse.Namespace) -> None:
 
 
 def _list_methods(_args: argparse.Namespace) -> None:
-    from tokensieve.method import list_methods, method_class
+    from tokensieve.method import Budget, create_method, list_methods
 
     for name in list_methods():
-        cls = method_class(name)
-        print(f"{name:14s} default site {cls.default_site:9s} {cls.paper}")
+        method = create_method(name)
+        site = method.default_site
+        if site == "llm":  # a schedule placed by the LLM's depth: its sites in LLaVA-1.5's 32 layers
+            site = ",".join(at for at, _ in method.schedule(site, Budget(ratio=1.0), depth=32)) + " of 32"
+        print(f"{name:14s} default site {site:9s} {method.paper}")
 
 
 def _with_parameters(methods: list[str], settings: list[str]) -> list[str | dict]:
