@@ -9,8 +9,8 @@ import sys
 from PIL import Image
 
 from tokensieve.cli import main
-from tokensieve.method import list_methods
 from tokensieve.data.synthetic import make_sample
+from tokensieve.method import list_methods
 from tokensieve.testbed.evaluate import TARGETS
 
 
