@@ -18,9 +18,12 @@ import torch
 
 from tokensieve.errors import TokensieveError
 from tokensieve.method import Budget, Method, Selection, SiteInputs, register
+from tokensieve.methods.llm_schedule import (
+    checked_layers,
+    checked_positions,
+    stage_layers,
+)
 from tokensieve.ops import topk_sorted
-
-POSITIONS = ("renumbered", "original")
 
 
 def pyramid_layers(depth: int) -> tuple[int, ...]:
@@ -59,14 +62,8 @@ class PyramidDrop(Method):
     positions: str = "renumbered"
 
     def __post_init__(self):
-        if self.positions not in POSITIONS:
-            raise TokensieveError(f"pyramiddrop: positions {self.positions!r} is not one of {', '.join(POSITIONS)}")
-        if self.layers is not None:
-            layers = tuple(self.layers)
-            if not layers or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in layers) \
-                    or list(layers) != sorted(set(layers)):
-                raise TokensieveError(f"pyramiddrop: layers {self.layers!r} must be increasing layer numbers >= 1")
-            self.layers = layers
+        checked_positions(self.name, self.positions)
+        self.layers = checked_layers(self.name, self.layers)
 
     @property
     def renumbers_positions(self) -> bool:
@@ -76,16 +73,7 @@ class PyramidDrop(Method):
         if budget.ratio is None:
             raise TokensieveError(f"pyramiddrop's budget is lambda, the share each stage keeps of the tokens "
                                   f"before it (the paper's 0.5), not a count ({budget.count})")
-        if self.layers is None and depth is None:
-            raise TokensieveError("pyramiddrop places its stages by the LLM's depth: give layers=(...) where "
-                                  "there is no model to read it from")
-        layers = self.layers if self.layers is not None else pyramid_layers(depth)
-        if site not in (self.default_site, f"llm.{layers[0]}"):
-            raise TokensieveError(f"pyramiddrop acts at its layers {', '.join(map(str, layers))}, not at one site "
-                                  f"({site}); choose them with layers=(...)")
-        if depth is not None and layers[-1] >= depth:
-            raise TokensieveError(f"pyramiddrop: stage layers {', '.join(map(str, layers))} go past the LLM's "
-                                  f"{depth} layers (llm.1 .. llm.{depth - 1})")
+        layers = stage_layers(self.name, self.layers, pyramid_layers, site, depth)
         share = Budget(ratio=budget.ratio, rounding="down")
         return [(f"llm.{k}", share) for k in layers]
 

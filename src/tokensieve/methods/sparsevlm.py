@@ -25,8 +25,12 @@ import torch
 
 from tokensieve.errors import TokensieveError
 from tokensieve.method import Budget, Method, Selection, SiteInputs, register
+from tokensieve.methods.llm_schedule import (
+    checked_layers,
+    checked_positions,
+    stage_layers,
+)
 
-POSITIONS = ("renumbered", "original")
 PAPER_DEPTH = 32
 PAPER_LAYERS = (2, 6, 15, 19)  # decoder layers (0-based) of 32 whose output the released code prunes
 PAPER_IMAGE_TOKENS = 576
@@ -195,18 +199,12 @@ class SparseVLM(Method):
     positions: str = "renumbered"
 
     def __post_init__(self):
-        if self.positions not in POSITIONS:
-            raise TokensieveError(f"sparsevlm: positions {self.positions!r} is not one of {', '.join(POSITIONS)}")
+        checked_positions(self.name, self.positions)
         for knob in ("scale", "bias"):
             value = getattr(self, knob)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
                 raise TokensieveError(f"sparsevlm: {knob}={value!r} must be a number >= 0")
-        if self.layers is not None:
-            layers = tuple(self.layers)
-            if not layers or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in layers) \
-                    or list(layers) != sorted(set(layers)):
-                raise TokensieveError(f"sparsevlm: layers {self.layers!r} must be increasing layer numbers >= 1")
-            self.layers = layers
+        self.layers = checked_layers(self.name, self.layers)
 
     @property
     def count_per_row(self) -> bool:
@@ -236,16 +234,7 @@ class SparseVLM(Method):
                                    bias=bias if self.bias is None else self.bias)
 
     def schedule(self, site: str, budget: Budget, depth: int | None = None) -> list[tuple[str, Budget]]:
-        if self.layers is None and depth is None:
-            raise TokensieveError("sparsevlm places its pruning sites by the LLM's depth: give layers=(...) where "
-                                  "there is no model to read it from")
-        layers = self.layers if self.layers is not None else sparsevlm_layers(depth)
-        if site not in (self.default_site, f"llm.{layers[0]}"):
-            raise TokensieveError(f"sparsevlm prunes at its layers {', '.join(map(str, layers))}, not at one site "
-                                  f"({site}); choose them with layers=(...)")
-        if depth is not None and layers[-1] >= depth:
-            raise TokensieveError(f"sparsevlm: pruning sites {', '.join(map(str, layers))} go past the LLM's "
-                                  f"{depth} layers (llm.1 .. llm.{depth - 1})")
+        layers = stage_layers(self.name, self.layers, sparsevlm_layers, site, depth)
         return [(f"llm.{k}", Budget(ratio=1.0)) for k in layers]
 
     def check(self, n_tokens: int, keep: int, site: str) -> None:
