@@ -79,6 +79,17 @@ def merges_in_blocks(method) -> bool:
     return bool(getattr(method, "merges_in_blocks", False))
 
 
+def tokens_entering_merges(method, n: int, keep: int, first: int, end: int) -> dict[int, int]:
+    """``{block: patch tokens entering it}`` for blocks ``first + 1 .. end`` while an in-block method
+    (ToMe) merges ``n`` tokens down to ``keep`` in blocks ``first .. end - 1``: each block runs on what
+    the blocks before it left."""
+    entering, left = {}, n
+    for block, r in zip(range(first, end), method.merge_schedule(n, keep, end - first)):
+        left -= r
+        entering[block + 1] = left
+    return entering
+
+
 def stage_inputs(stages: dict, n_patches: int, keeps_cls: bool):
     """Yield ``(site, stage, n)`` in the order a forward pass reaches the sites, ``n`` the visual
     tokens the stage sees: the patches in the tower and before the LLM, plus CLS inside it when

@@ -17,7 +17,7 @@ from typing import NamedTuple
 from transformers import LlavaConfig
 
 from tokensieve.backbones.base import Site
-from tokensieve.backbones.stage_plan import merges_in_blocks
+from tokensieve.backbones.stage_plan import merges_in_blocks, tokens_entering_merges
 from tokensieve.errors import TokensieveError
 
 
@@ -128,8 +128,7 @@ def token_counts(backbone_or_config, text_tokens: int, handle=None, kept: dict[S
         if site in merging:
             later = [s.layer for s in kept if s.stage == "vision" and s.layer > i]
             end = min(later, default=feature)
-            for j, r in zip(range(i, end), merging[site].merge_schedule(patches, kept[site], end - i)):
-                entering[j + 1] = entering.get(j, patches) - r
+            entering.update(tokens_entering_merges(merging[site], entering.get(i, patches), kept[site], i, end))
         patches = entering.get(i, patches)
         if site in kept and site not in merging:
             patches = kept[site]

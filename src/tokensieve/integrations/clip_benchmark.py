@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from tokensieve.attach import Handle, attach
-from tokensieve.backbones.stage_plan import merges_in_blocks
+from tokensieve.backbones.stage_plan import merges_in_blocks, tokens_entering_merges
 from tokensieve.errors import TokensieveError
 from tokensieve.held_warnings import warnings_held_until_success
 from tokensieve.method import create_method
@@ -142,10 +142,7 @@ def tokens_per_block(backbone, handle: Handle | None) -> list[int]:
             st, keep = stages[i], stages[i].budget.resolve(n)
             if merges_in_blocks(st.method):  # each block runs on what the blocks before it left
                 end = min((j for j in stages if j > i), default=backbone.depth)
-                left = n
-                for j, r in zip(range(i, end), st.method.merge_schedule(n, keep, end - i)):
-                    left -= r
-                    entering[j + 1] = left
+                entering.update(tokens_entering_merges(st.method, n, keep, i, end))
             else:
                 n = keep
         counts.append(n + 1)
