@@ -21,7 +21,8 @@ from tokensieve.backbones.hf_clip import HFClipViTBackbone
 from tokensieve.backbones.open_clip_vit import OpenClipViTBackbone
 from tokensieve.clip.compat import import_open_clip
 from tokensieve.errors import TokensieveError
-from tokensieve.method import SiteInputs, create_method
+from tokensieve.method import SiteInputs
+from tokensieve.methods import create_method
 from tokensieve.methods.tome import (
     ToMe,
     bipartite_matching,

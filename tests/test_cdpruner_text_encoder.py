@@ -20,7 +20,8 @@ from tokensieve.attach import attach
 from tokensieve.backbones import LlavaBackbone
 from tokensieve.backbones.hf_llava import default_model_path
 from tokensieve.errors import TokensieveError
-from tokensieve.method import SiteInputs, create_method
+from tokensieve.method import SiteInputs
+from tokensieve.methods import create_method
 from tokensieve.methods.cdpruner import (
     ClipTextEncoder,
     cdpruner_relevance,

@@ -10,7 +10,7 @@ from PIL import Image
 
 from tokensieve.cli import main
 from tokensieve.data.synthetic import make_sample
-from tokensieve.method import list_methods
+from tokensieve.methods import list_methods
 from tokensieve.testbed.evaluate import TARGETS
 
 

@@ -12,11 +12,20 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 from tokensieve.attach import attach
 from tokensieve.backbones.hf_clip import HFClipViTBackbone
 from tokensieve.backbones.open_clip_vit import OpenClipViTBackbone
-from tokensieve.backbones.vit_pruning import SIGNALS, ViTPruningSession, merges_in_blocks
+from tokensieve.backbones.vit_pruning import (
+    SIGNALS,
+    ViTPruningSession,
+    merges_in_blocks,
+)
 from tokensieve.clip.tiny import build_tiny
 from tokensieve.errors import TokensieveError
-from tokensieve.integrations.clip_benchmark import PruningSettings, attach_pruning, tokens_per_block, vit_backbone
-from tokensieve.method import create_method, list_methods, method_class
+from tokensieve.integrations.clip_benchmark import (
+    PruningSettings,
+    attach_pruning,
+    tokens_per_block,
+    vit_backbone,
+)
+from tokensieve.methods import create_method, list_methods, method_class
 
 METHODS = [name for name in list_methods() if "vision" in method_class(name).stages
            and not method_class(name).trained and set(method_class(name).signals) <= set(SIGNALS)]
@@ -223,7 +232,12 @@ def test_bad_attach_requests(backbones, kwargs, message):
 
 
 def test_speed_rows_and_the_ideal_on_a_small_shape():
-    from tokensieve.evaluate.clip_speed import ViTShape, ideal_speedup, linear_flops, speed_rows
+    from tokensieve.evaluate.clip_speed import (
+        ViTShape,
+        ideal_speedup,
+        linear_flops,
+        speed_rows,
+    )
 
     width, patch = 32, 8
     full = linear_flops(width, patch, 4.0, 16, [17, 17, 17])

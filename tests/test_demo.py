@@ -8,7 +8,7 @@ from tokensieve.cli import main
 from tokensieve.config import load_config
 from tokensieve.demo import demo_config
 from tokensieve.evaluate.report import load_report
-from tokensieve.method import list_methods, method_class
+from tokensieve.methods import list_methods, method_class
 from tokensieve.train.two_stage_config import TwoStageConfig
 
 REPO = Path(__file__).resolve().parent.parent

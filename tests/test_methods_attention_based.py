@@ -6,11 +6,23 @@ import pytest
 import torch
 
 from tokensieve.errors import TokensieveError
-from tokensieve.method import SiteInputs, create_method
-from tokensieve.methods.anchor import Anchor, anchor_diversity, anchor_importance, minmax_rows
+from tokensieve.method import SiteInputs
+from tokensieve.methods import create_method
+from tokensieve.methods.anchor import (
+    Anchor,
+    anchor_diversity,
+    anchor_importance,
+    minmax_rows,
+)
 from tokensieve.methods.fastv import FastV
-from tokensieve.methods.prumerge import (PruMerge, PruMergePlus, adaptive_count, iqr_outlier_ratio, prumerge_keep,
-                                         prumerge_plus_keep)
+from tokensieve.methods.prumerge import (
+    PruMerge,
+    PruMergePlus,
+    adaptive_count,
+    iqr_outlier_ratio,
+    prumerge_keep,
+    prumerge_plus_keep,
+)
 from tokensieve.methods.visionzip import VisionZip, visionzip_split
 
 N, D, DK = 40, 6, 5

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tokensieve.errors import TokensieveError
-from tokensieve.method import SiteInputs, create_method, list_methods
+from tokensieve.method import SiteInputs
+from tokensieve.methods import create_method, list_methods
 from tokensieve.methods.dart import DART
 from tokensieve.methods.divprune import DivPrune
 from tokensieve.methods.tome import ToMe

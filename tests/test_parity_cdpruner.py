@@ -10,7 +10,8 @@ import torch
 from parity_fixtures import assert_close_relative, load_fixture
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizerFast
 
-from tokensieve.method import SiteInputs, create_method
+from tokensieve.method import SiteInputs
+from tokensieve.methods import create_method
 from tokensieve.methods.cdpruner import cdpruner_relevance, conditional_dpp_keep
 
 TENSORS, META = load_fixture("cdpruner")

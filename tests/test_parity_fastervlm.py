@@ -13,7 +13,8 @@ import torch
 from parity_fixtures import load_fixture
 from torch import nn
 
-from tokensieve.method import SiteInputs, create_method
+from tokensieve.method import SiteInputs
+from tokensieve.methods import create_method
 from tokensieve.methods.fastervlm import FasterVLM
 from tokensieve.ops import query_attention
 

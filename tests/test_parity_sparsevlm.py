@@ -14,7 +14,8 @@ import torch
 from parity_fixtures import assert_close_relative, load_fixture
 
 from tokensieve.errors import TokensieveError
-from tokensieve.method import Budget, SiteInputs, create_method
+from tokensieve.method import Budget, SiteInputs
+from tokensieve.methods import create_method
 from tokensieve.methods.sparsevlm import (
     SparseVLM,
     cluster_count,

@@ -13,7 +13,8 @@ import torch
 from parity_fixtures import load_fixture
 
 from tokensieve.errors import TokensieveError
-from tokensieve.method import SiteInputs, create_method
+from tokensieve.method import SiteInputs
+from tokensieve.methods import create_method
 from tokensieve.methods.vispruner import VisPruner, vispruner_keep, vispruner_split
 from tokensieve.ops import topk_sorted
 

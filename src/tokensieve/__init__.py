@@ -5,7 +5,8 @@ from tokensieve.clip.compat import ensure_torchvision_importable
 ensure_torchvision_importable()  # before transformers imports torchvision: see tokensieve/clip/compat.py
 
 from tokensieve.attach import Handle, attach
-from tokensieve.method import Budget, Method, Selection, SiteInputs, create_method, list_methods, register
+from tokensieve.method import Budget, Method, Selection, SiteInputs, register
+from tokensieve.methods import create_method, list_methods
 
 __all__ = ["Budget", "Handle", "Method", "Selection", "SiteInputs", "attach", "create_method", "list_methods",
            "register"]

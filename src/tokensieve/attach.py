@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import torch
 
 from tokensieve.errors import TokensieveError
-from tokensieve.method import Budget, Method, create_method
+from tokensieve.method import Budget, Method
+from tokensieve.methods import create_method
 
 MODES = ("origin", "hard", "soft")
 

@@ -13,7 +13,12 @@ from pathlib import Path
 import yaml
 
 from tokensieve import __version__
-from tokensieve.cli_args import OneLineParser, non_negative_int, out_folder, positive_int
+from tokensieve.cli_args import (
+    OneLineParser,
+    non_negative_int,
+    out_folder,
+    positive_int,
+)
 from tokensieve.errors import TokensieveError
 
 DESCRIPTION = ("Prune and merge visual tokens in LLaVA-style models and CLIP image towers, and measure "
@@ -79,7 +84,8 @@ def _ask(args: argparse.Namespace) -> None:
 
 
 def _list_methods(_args: argparse.Namespace) -> None:
-    from tokensieve.method import Budget, create_method, list_methods
+    from tokensieve.method import Budget
+    from tokensieve.methods import create_method, list_methods
 
     for name in list_methods():
         method = create_method(name)
@@ -146,7 +152,8 @@ def _eval(args: argparse.Namespace) -> None:
     from tokensieve.backbones import LlavaBackbone
     from tokensieve.evaluate.accuracy import compare_methods
     from tokensieve.evaluate.report import timing_warning, write_report
-    from tokensieve.method import Budget, create_method
+    from tokensieve.method import Budget
+    from tokensieve.methods import create_method
 
     methods, keeps = _csv(args.method or ""), _csv(args.keep or "")
     if args.mode == "origin" and (methods or args.pruner is not None):
@@ -248,8 +255,13 @@ def _bench_shape(args: argparse.Namespace):
 def _bench_speed(args: argparse.Namespace) -> None:
     import torch
 
-    from tokensieve.evaluate.speed import native_llm_reference, shape_summary, speed_benchmark
-    from tokensieve.method import Budget, create_method
+    from tokensieve.evaluate.speed import (
+        native_llm_reference,
+        shape_summary,
+        speed_benchmark,
+    )
+    from tokensieve.method import Budget
+    from tokensieve.methods import create_method
 
     methods, keeps = _csv(args.method), [float(Budget.parse(k).ratio or 0) for k in _csv(args.keep)]
     for name in methods:

@@ -23,7 +23,7 @@ from tokensieve.evaluate.kept_overlays import example_views
 from tokensieve.evaluate.report import timing_warning, write_report
 from tokensieve.evaluate.sample_log import SampleLog
 from tokensieve.interrupt import Interrupted
-from tokensieve.method import list_methods, method_class
+from tokensieve.methods import list_methods, method_class
 from tokensieve.train.parts import load_parts
 from tokensieve.train.trainer import train_two_stage
 from tokensieve.train.two_stage_config import TwoStageConfig

@@ -1,4 +1,4 @@
-"""Token-reduction methods: the base class, budgets, what a method sees, and the registry.
+"""Token-reduction methods: the base class, budgets, what a method sees, and ``register``.
 
 A method looks at the visual tokens at one site and says which of them stay (sorted,
 unique indices) and, if it merges, what the kept slots now hold. It never touches a model:
@@ -269,36 +269,6 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
-def _load_builtin_methods() -> None:
-    import tokensieve.methods  # noqa: F401  (registers the built-in methods on import)
-
-
-def list_methods() -> list[str]:
-    """Names of every registered method."""
-    _load_builtin_methods()
-    return sorted(_REGISTRY)
-
-
-def method_class(name: str) -> type[Method]:
-    _load_builtin_methods()
-    if name not in _REGISTRY:
-        raise TokensieveError(f"unknown method {name!r}; known methods: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
-
-
-def create_method(spec: str | dict[str, Any] | Method, **params: Any) -> Method:
-    """A method from a name (plus parameters), a config dict ``{"name": ..., ...}`` or an instance."""
-    if isinstance(spec, Method):
-        return dataclasses.replace(spec, **params) if params else spec
-    if isinstance(spec, dict):
-        params = {**{k: v for k, v in spec.items() if k != "name"}, **params}
-        if "name" not in spec:
-            raise TokensieveError(f"method config {spec} has no 'name'")
-        spec = spec["name"]
-    cls = method_class(spec)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(params) - known)
-    if unknown:
-        raise TokensieveError(f"unknown parameter(s) {', '.join(unknown)} for method {spec!r}; "
-                              f"its parameters are: {', '.join(sorted(known)) or 'none'}")
-    return cls(**params)
+def registered() -> dict[str, type[Method]]:
+    """Every method registered so far, by name (the built-in ones once :mod:`tokensieve.methods` is imported)."""
+    return dict(_REGISTRY)

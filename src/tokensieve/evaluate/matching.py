@@ -17,7 +17,7 @@ from tokensieve.backbones.base import Site
 from tokensieve.backbones.stage_plan import merges_in_blocks, stage_inputs
 from tokensieve.errors import TokensieveError
 from tokensieve.evaluate.flops import prefill_flops, token_counts
-from tokensieve.method import create_method
+from tokensieve.methods import create_method
 
 MATCH_BY = ("tokens", "flops")
 

@@ -36,7 +36,7 @@ from tokensieve.attach import Handle, attach
 from tokensieve.backbones.stage_plan import merges_in_blocks, tokens_entering_merges
 from tokensieve.errors import TokensieveError
 from tokensieve.held_warnings import warnings_held_until_success
-from tokensieve.method import create_method
+from tokensieve.methods import create_method
 
 CLIP_BENCHMARK_VERSION = "1.6.2"
 DEFAULT_METHOD = "anchor"

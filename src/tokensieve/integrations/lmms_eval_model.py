@@ -56,7 +56,8 @@ class TokensieveLlava(lmms):
                  device: str | None = None, batch_size: int | str = 1, **unknown):
         super().__init__()
         from tokensieve.backbones import LlavaBackbone
-        from tokensieve.method import Budget, method_class
+        from tokensieve.method import Budget
+        from tokensieve.methods import method_class
 
         if unknown:
             raise TokensieveError(f"unknown tokensieve model argument(s) {', '.join(sorted(unknown))}; known: "
