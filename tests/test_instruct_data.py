@@ -9,12 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
+from tokensieve.backbones.llava_prompt import prompt
 from tokensieve.data.instruct import (
     IGNORE_INDEX, InstructExample, collate, load_instruct, render_conversation, synthetic_examples,
 )
 from tokensieve.data.synthetic import make_sample
 from tokensieve.errors import TokensieveError
-from tokensieve.testbed.processor import build_processor, prompt
+from tokensieve.testbed.processor import build_processor
 
 # Every word below is in the testbed vocabulary, so no token decodes to <unk>.
 MULTI = {"id": "conv-1", "image": "img0.png", "conversations": [

@@ -15,9 +15,9 @@ from PIL import Image
 
 from tokensieve.attach import attach
 from tokensieve.backbones import LlavaBackbone
+from tokensieve.backbones.llava_prompt import prompt
 from tokensieve.data.synthetic import make_sample
 from tokensieve.errors import TokensieveError
-from tokensieve.testbed.processor import prompt
 
 UTILS = '''
 from PIL import Image

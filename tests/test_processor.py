@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from transformers import AutoProcessor
 
+from tokensieve.backbones.llava_prompt import prompt
 from tokensieve.data.synthetic import make_sample
 from tokensieve.testbed.batches import encode
-from tokensieve.testbed.processor import build_processor, prompt
+from tokensieve.testbed.processor import build_processor
 
 
 def test_prompt_is_llava_chat_format():

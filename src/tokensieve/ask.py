@@ -87,7 +87,7 @@ def ask(question: Question, backbone: LlavaBackbone, max_new_tokens: int, method
     """The lines ``tokensieve ask`` prints: question, unpruned answer, then (with ``method``) the
     pruned answer and each stage's kept tokens, and the gold answer when known."""
     from tokensieve.attach import attach
-    from tokensieve.testbed.processor import prompt
+    from tokensieve.backbones.llava_prompt import prompt
 
     if backbone.processor is None:
         raise TokensieveError("the model has no processor files; cannot prepare the image and question")

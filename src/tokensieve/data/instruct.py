@@ -23,17 +23,15 @@ import numpy as np
 import torch
 from transformers import LlavaProcessor
 
+from tokensieve.backbones.llava_prompt import LATER_TURN_TEMPLATE, prompt
 from tokensieve.data.images import load_image
 from tokensieve.data.synthetic import SceneSpec, make_sample
 from tokensieve.errors import TokensieveError
-from tokensieve.testbed.processor import prompt
 
 IMAGE_MARKER = "<image>"
 EOS = "</s>"
 IGNORE_INDEX = -100  # the label Hugging Face losses skip
 ROLES = ("human", "gpt")
-# Turns after the first: the testbed prompt without the image.
-LATER_TURN_TEMPLATE = "USER: {question} ASSISTANT:"
 
 
 @dataclass(frozen=True)
@@ -112,7 +110,7 @@ def render_conversation(turns: list[tuple[str, str]]) -> tuple[str, list[tuple[i
     """The LLaVA-1.5 text of a conversation and where its answers are.
 
     text: ``"USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>"``; the first
-    turn is the testbed's ``prompt(q1)`` followed by ``" {a1}</s>"``.
+    turn is LLaVA's ``prompt(q1)`` (:mod:`tokensieve.backbones.llava_prompt`) followed by ``" {a1}</s>"``.
     answer_spans: ``(start, end)`` character offsets in text of each answer with its ``</s>``.
     """
     # "</s>" is glued to the answer as in LLaVA-1.5. The testbed's word-level tokenizer (and

@@ -8,6 +8,7 @@ from tqdm import tqdm
 
 from tokensieve.attach import Handle, attach
 from tokensieve.backbones import LlavaBackbone
+from tokensieve.backbones.llava_prompt import prompt
 from tokensieve.backbones.stage_plan import PADDING
 from tokensieve.data.vqa_files import VQAItem
 from tokensieve.errors import TokensieveError
@@ -22,7 +23,6 @@ from tokensieve.evaluate.scoring import accuracy_summary, score
 from tokensieve.interrupt import Interrupted
 from tokensieve.method import Budget
 from tokensieve.testbed.evaluate import object_oracle, predict, scene_spec_for
-from tokensieve.testbed.processor import prompt
 from tokensieve.train.distributed import Distributed
 
 FLOPS_STAGES = ("vision", "projector", "llm", "lm_head", "total")

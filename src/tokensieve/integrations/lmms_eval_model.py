@@ -130,7 +130,7 @@ class TokensieveLlava(lmms):
 
     @staticmethod
     def _prompt(context: str) -> str:
-        from tokensieve.testbed.processor import prompt
+        from tokensieve.backbones.llava_prompt import prompt
 
         return prompt(context.replace(IMAGE_TOKEN, "").strip())
 

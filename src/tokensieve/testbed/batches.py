@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from transformers import LlavaProcessor
 
+from tokensieve.backbones.llava_prompt import prompt
 from tokensieve.data.synthetic import COLOURS, SHAPES, SceneSpec, Sample, make_sample, patch_labels
 from tokensieve.testbed.mention_probe import batch_targets
-from tokensieve.testbed.processor import prompt
 
 # Tower-stage scenes come from a far index range so they never repeat LLM-stage scenes.
 TOWER_INDEX_OFFSET = 1_000_000_000

@@ -8,8 +8,6 @@ from transformers import CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokeni
 from tokensieve.data.synthetic import SceneSpec, vocabulary
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
-# LLaVA-1.5 chat format.
-PROMPT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
 # CLIP's normalisation constants, as real LLaVA image processors use.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -47,7 +45,3 @@ def build_processor(spec: SceneSpec = SceneSpec()) -> LlavaProcessor:
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
     )
-
-
-def prompt(question: str) -> str:
-    return PROMPT_TEMPLATE.format(question=question)
