@@ -51,7 +51,7 @@ def backbone(tiny_llava_dir):
 @pytest.fixture(scope="module")
 def batch(backbone, tiny_samples):
     """The six tiny samples encoded as one padded batch (a module's own ``batch`` fixture wins)."""
-    from tokensieve.testbed.batches import encode
+    from tokensieve.backbones.llava_prompt import encode
 
     return encode(backbone.processor, tiny_samples)
 

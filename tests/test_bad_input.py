@@ -17,9 +17,9 @@ import torch
 
 from tokensieve.attach import attach
 from tokensieve.backbones.hf_llava import default_model_path
+from tokensieve.backbones.llava_prompt import encode
 from tokensieve.cli import main
 from tokensieve.errors import TokensieveError
-from tokensieve.testbed.evaluate import encode
 from tokensieve.train.two_stage_config import OptimConfig, RunConfig
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "tokensieve"

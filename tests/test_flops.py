@@ -9,9 +9,9 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from tokensieve import attach
 from tokensieve.backbones import LlavaBackbone
+from tokensieve.backbones.llava_prompt import encode
 from tokensieve.errors import TokensieveError
 from tokensieve.evaluate.flops import full_prefill_flops, prefill_flops, token_counts
-from tokensieve.testbed.batches import encode
 
 
 def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tokensieve.backbones import LlavaBackbone, Site
+from tokensieve.backbones.llava_prompt import encode
 from tokensieve.errors import TokensieveError
-from tokensieve.testbed.batches import encode
 
 
 def test_loads_through_from_pretrained_with_processor(backbone):

@@ -7,7 +7,7 @@ import torch
 
 from tokensieve.attach import attach
 from tokensieve.backbones.block_merging import BlockMerger
-from tokensieve.testbed.batches import encode
+from tokensieve.backbones.llava_prompt import encode
 
 
 def test_the_llm_receives_the_tower_merged_block_by_block(backbone, tiny_samples):

@@ -10,8 +10,8 @@ import torch
 
 from tokensieve.attach import attach
 from tokensieve.backbones import LlavaBackbone
+from tokensieve.backbones.llava_prompt import encode
 from tokensieve.method import Method, Selection, SiteInputs
-from tokensieve.testbed.batches import encode
 
 
 @dataclass

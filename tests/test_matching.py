@@ -8,11 +8,11 @@ import pytest
 
 from tokensieve.attach import attach, make_stages
 from tokensieve.backbones.base import Site
+from tokensieve.backbones.llava_prompt import encode
 from tokensieve.cli import main
 from tokensieve.errors import TokensieveError
 from tokensieve.evaluate.accuracy import cost_fields
 from tokensieve.evaluate.matching import matched_budget, planned_cost, planned_kept
-from tokensieve.testbed.batches import encode
 
 TEXT_TOKENS = 12
 

@@ -7,8 +7,9 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from tokensieve.backbones.llava_prompt import encode
 from tokensieve.data.synthetic import COLOURS, SHAPES, SceneObject, make_sample
-from tokensieve.testbed.batches import encode, shortened_runs
+from tokensieve.testbed.batches import shortened_runs
 from tokensieve.testbed.mention_probe import AFTER, BEFORE, MentionProbe, batch_targets, lookup_sizes, mention_targets
 from tokensieve.testbed.processor import build_processor
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from tokensieve.attach import attach
+from tokensieve.backbones.llava_prompt import encode
 from tokensieve.backbones.stage_plan import PADDING
 from tokensieve.errors import TokensieveError
 from tokensieve.evaluate.flops import token_counts
 from tokensieve.learned import LayerPrunerHead
 from tokensieve.method import Method, Selection, SiteInputs
 from tokensieve.methods.layer_pruner import LearnedLayerPruner
-from tokensieve.testbed.batches import encode
 
 
 def threshold_pruner(backbone, seed: int = 0, threshold: float = 0.5) -> LearnedLayerPruner:

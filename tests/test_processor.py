@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import AutoProcessor
 
-from tokensieve.backbones.llava_prompt import prompt
+from tokensieve.backbones.llava_prompt import encode, prompt
 from tokensieve.data.synthetic import make_sample
-from tokensieve.testbed.batches import encode
 from tokensieve.testbed.processor import build_processor
 
 

@@ -11,10 +11,10 @@ from tiny_clip_text import save_tiny_clip
 
 from tokensieve.attach import attach
 from tokensieve.backbones import LlavaBackbone
+from tokensieve.backbones.llava_prompt import encode
 from tokensieve.errors import TokensieveError
 from tokensieve.method import Budget, Method, Selection, SiteInputs
 from tokensieve.methods import create_method, list_methods, method_class
-from tokensieve.testbed.batches import encode
 
 SITE_OF_STAGE = {"vision": "vision.1", "projector": "projector", "llm": "llm.1"}
 BUDGET = 16  # of the tiny model's 64 visual tokens

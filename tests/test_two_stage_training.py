@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 from tokensieve.attach import attach
+from tokensieve.backbones.llava_prompt import encode
 from tokensieve.cli import main
 from tokensieve.config import from_dict
 from tokensieve.errors import TokensieveError
 from tokensieve.method import Method, Selection, SiteInputs
-from tokensieve.testbed.batches import encode
 from tokensieve.train.parts import PrunerParts, load_parts
 from tokensieve.train.trainer import TwoStageTrainer, train_two_stage
 from tokensieve.train.two_stage_config import TwoStageConfig

@@ -18,8 +18,8 @@ import torch
 from tqdm import tqdm
 
 from tokensieve.backbones import LlavaBackbone
+from tokensieve.backbones.llava_prompt import encode
 from tokensieve.evaluate.intervals import quartiles
-from tokensieve.testbed.batches import encode
 
 TIMED_FIELDS = {"ttft_ms": "TTFT", "decode_ms_per_token": "decode"}
 # Interquartile range over median above which a timing is called noisy: a quarter of the

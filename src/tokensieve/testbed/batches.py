@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from transformers import LlavaProcessor
 
-from tokensieve.backbones.llava_prompt import prompt
+from tokensieve.backbones.llava_prompt import encode
 from tokensieve.data.synthetic import COLOURS, SHAPES, SceneSpec, Sample, make_sample, patch_labels
 from tokensieve.testbed.mention_probe import batch_targets
 
@@ -22,14 +22,6 @@ def presence_targets(sample: Sample) -> np.ndarray:
     for obj in sample.objects:
         target[list(COLOURS).index(obj.colour) * len(SHAPES) + SHAPES.index(obj.shape)] = 1.0
     return target
-
-
-def encode(processor: LlavaProcessor, samples: list[Sample]) -> dict[str, torch.Tensor]:
-    """Processor inputs (left-padded ``input_ids``, ``attention_mask``, ``pixel_values``)."""
-    return dict(processor(
-        images=[s.image for s in samples], text=[prompt(s.question) for s in samples],
-        return_tensors="pt", padding=True,
-    ))
 
 
 class TowerBatches(torch.utils.data.Dataset):

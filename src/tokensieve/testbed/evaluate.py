@@ -16,9 +16,9 @@ import torch
 from tqdm import tqdm
 
 from tokensieve.backbones import LlavaBackbone
+from tokensieve.backbones.llava_prompt import encode
 from tokensieve.data.synthetic import FAMILIES, SPLIT_SEEDS, Sample, SceneSpec, blank_image, make_sample
 from tokensieve.evaluate.scoring import accuracy_summary
-from tokensieve.testbed.batches import encode
 
 # Targets from the foundation issue: what makes the testbed able to rank pruning methods.
 TARGETS: dict[str, Callable[[dict], bool]] = {
