@@ -7,7 +7,7 @@ from PIL import Image
 
 from tokensieve.ask import answer_tokens
 from tokensieve.cli import main
-from tokensieve.testbed.evaluate import heldout_samples
+from tokensieve.data.synthetic_eval import heldout_samples
 
 
 def test_scene_is_written_and_answered_in_one_word_with_its_gold_answer(tmp_path, capsys):

@@ -164,7 +164,7 @@ def test_eval_bad_input_is_one_line(tiny_llava_dir, capsys, args, needle):
 
 def test_the_object_oracle_takes_one_token_per_object_before_a_second():
     from tokensieve.data.synthetic import make_sample
-    from tokensieve.testbed.evaluate import object_oracle
+    from tokensieve.data.synthetic_eval import object_oracle
 
     sample = make_sample(0, 3)
     n = len(sample.objects)

@@ -10,9 +10,9 @@ from PIL import Image
 
 from tokensieve.backbones import LlavaBackbone
 from tokensieve.cli import main
+from tokensieve.data.synthetic_eval import heldout_samples
 from tokensieve.evaluate.report import load_report
 from tokensieve.evaluate.scoring import score
-from tokensieve.testbed.evaluate import heldout_samples
 
 N = 12
 

@@ -417,7 +417,7 @@ class RecordQuestion(Method):
 @pytest.mark.parametrize("site", ["projector", "llm.1"])
 def test_methods_never_see_the_answer_or_anything_after_it(backbone, site):
     from tokensieve.data.instruct import collate, synthetic_examples
-    from tokensieve.testbed.evaluate import scene_spec_for
+    from tokensieve.data.synthetic_eval import scene_spec_for
     from tokensieve.train.trainer import after_first_answer
 
     batch = collate(backbone.processor, synthetic_examples(3, 0, 4, scene_spec_for(backbone)), label_eos=False)

@@ -36,7 +36,7 @@ class Question:
 def scene_question(backbone: LlavaBackbone, index: int, question: str | None, save: Path | None) -> Question:
     """Held-out synthetic scene ``index`` at the model's image size (written to ``save`` as PNG);
     ``question`` replaces the scene's own, whose gold answer is then unknown."""
-    from tokensieve.testbed.evaluate import heldout_samples, scene_spec_for
+    from tokensieve.data.synthetic_eval import heldout_samples, scene_spec_for
 
     sample = heldout_samples(index + 1, spec=scene_spec_for(backbone))[index]
     image = Image.fromarray(sample.image)

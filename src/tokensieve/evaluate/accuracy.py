@@ -10,6 +10,7 @@ from tokensieve.attach import Handle, attach
 from tokensieve.backbones import LlavaBackbone
 from tokensieve.backbones.llava_prompt import prompt
 from tokensieve.backbones.stage_plan import PADDING
+from tokensieve.data.synthetic_eval import object_oracle, scene_spec_for
 from tokensieve.data.vqa_files import VQAItem
 from tokensieve.errors import TokensieveError
 from tokensieve.evaluate.eval_data import EvalData
@@ -22,7 +23,7 @@ from tokensieve.evaluate.sample_log import SampleLog
 from tokensieve.evaluate.scoring import accuracy_summary, score
 from tokensieve.interrupt import Interrupted
 from tokensieve.method import Budget
-from tokensieve.testbed.evaluate import object_oracle, predict, scene_spec_for
+from tokensieve.testbed.evaluate import predict
 from tokensieve.train.distributed import Distributed
 
 FLOPS_STAGES = ("vision", "projector", "llm", "lm_head", "total")

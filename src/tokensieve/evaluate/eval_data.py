@@ -12,9 +12,9 @@ from pathlib import Path
 
 from tokensieve.backbones import LlavaBackbone
 from tokensieve.data.synthetic import Sample
+from tokensieve.data.synthetic_eval import heldout_samples, scene_spec_for
 from tokensieve.data.vqa_files import VQAItem, load_hf_dataset, load_llava_eval, load_spec
 from tokensieve.errors import TokensieveError
-from tokensieve.testbed.evaluate import heldout_samples, scene_spec_for
 
 # Real VQA answers are a word or a short phrase (LLaVA's VQA prompts ask for one); the testbed's are one token.
 REAL_ANSWER_TOKENS = 16

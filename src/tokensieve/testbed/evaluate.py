@@ -7,17 +7,19 @@ object tokens, and where the tower's CLS attention falls.
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import replace
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from tokensieve.backbones import LlavaBackbone
 from tokensieve.backbones.llava_prompt import encode
-from tokensieve.data.synthetic import FAMILIES, SPLIT_SEEDS, Sample, SceneSpec, blank_image, make_sample
+from tokensieve.data.synthetic import Sample, blank_image
+from tokensieve.data.synthetic_eval import (
+    KeepFn, cls_attention_object_ratio, heldout_samples, object_keep, question_only_predictor, random_keep,
+    scene_spec_for,
+)
 from tokensieve.evaluate.scoring import accuracy_summary
 
 # Targets from the foundation issue: what makes the testbed able to rank pruning methods.
@@ -30,13 +32,6 @@ TARGETS: dict[str, Callable[[dict], bool]] = {
     "cls_attention_object_ratio >= 2": lambda r: r["cls_attention_object_ratio"] >= 2,
     "n_visual_tokens >= 100": lambda r: r["n_visual_tokens"] >= 100,
 }
-
-KeepFn = Callable[[Sample], torch.Tensor]
-
-
-def heldout_samples(n: int, split: str = "heldout", spec: SceneSpec = SceneSpec()) -> list[Sample]:
-    """The first ``n`` samples of a split, families cycling so each gets ``n / 5``."""
-    return [make_sample(SPLIT_SEEDS[split], i, spec, family=FAMILIES[i % len(FAMILIES)]) for i in range(n)]
 
 
 def summarise(samples: list[Sample], predictions: list[str]) -> dict:
@@ -66,69 +61,6 @@ def predict(backbone: LlavaBackbone, samples: list, keep: KeepFn | None = None,
             ids = backbone.generate(**batch, keep=kept, max_new_tokens=max_new_tokens, do_sample=False)
         out.extend(text.strip() for text in tok.batch_decode(ids, skip_special_tokens=True))
     return out
-
-
-def question_only_predictor(n_reference: int, spec: SceneSpec = SceneSpec()) -> Callable[[Sample], str]:
-    """Best guess from the question alone: the most frequent training answer to that exact
-    question (family majority for unseen questions), from ``n_reference`` training samples."""
-    by_question: dict[str, Counter] = defaultdict(Counter)
-    by_family: dict[str, Counter] = defaultdict(Counter)
-    for i in range(n_reference):
-        s = make_sample(SPLIT_SEEDS["train"], i, spec, family=FAMILIES[i % len(FAMILIES)], with_image=False)
-        by_question[s.question][s.answer] += 1
-        by_family[s.family][s.answer] += 1
-
-    def guess(sample: Sample) -> str:
-        counts = by_question.get(sample.question) or by_family[sample.family]
-        return counts.most_common(1)[0][0]
-
-    return guess
-
-
-def random_keep(fraction: float, n_tokens: int, seed: int = 0) -> KeepFn:
-    """A random ``round(fraction * n_tokens)`` tokens per sample, sorted, seeded by the sample."""
-    count = max(1, round(fraction * n_tokens))
-
-    def keep(sample: Sample) -> torch.Tensor:
-        rng = np.random.default_rng([seed, sample.seed, sample.index])
-        return torch.from_numpy(np.sort(rng.choice(n_tokens, size=count, replace=False)))
-
-    return keep
-
-
-def object_keep(sample: Sample) -> torch.Tensor:
-    """Only the tokens of patches covered by objects (the oracle)."""
-    return torch.tensor(sample.object_patches)
-
-
-def object_oracle(count: int, grid: int) -> KeepFn:
-    """The object oracle at a budget of ``count`` tokens: tokens on objects only, one per object
-    before a second (each object's 4 patches taken in turn), at most ``count``, sorted."""
-
-    def keep(sample: Sample) -> torch.Tensor:
-        per_object = [o.patch_indices(grid) for o in sample.objects]
-        order = [patches[rank] for rank in range(4) for patches in per_object]
-        return torch.tensor(sorted(order[:count]))
-
-    return keep
-
-
-def cls_attention_object_ratio(attention: torch.Tensor, samples: list[Sample]) -> float:
-    """Mean over samples of (CLS attention share on object patches) / (object patches' share).
-
-    attention: ``(B, N_patches)`` CLS-row attention over the patch tokens.
-    """
-    ratios = []
-    for row, s in zip(attention, samples):
-        share = float(row[list(s.object_patches)].sum() / row.sum())
-        ratios.append(share / (len(s.object_patches) / row.numel()))
-    return float(np.mean(ratios))
-
-
-def scene_spec_for(backbone: LlavaBackbone) -> SceneSpec:
-    """Scenes drawn at the model's own image and patch size, so patches are tokens."""
-    vision = backbone.config.vision_config
-    return SceneSpec(image_size=vision.image_size, patch_size=vision.patch_size)
 
 
 def evaluate_testbed(backbone: LlavaBackbone, n_samples: int = 1000, batch_size: int = 64,

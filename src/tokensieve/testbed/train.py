@@ -247,7 +247,8 @@ class _Run:
         """Stage 2: tower frozen; projector + LLM learn to answer (loss on the answer token) and
         to look up every mentioned object at its mention (auxiliary loss)."""
         from tokensieve.backbones import LlavaBackbone
-        from tokensieve.testbed.evaluate import heldout_samples, predict, summarise
+        from tokensieve.data.synthetic_eval import heldout_samples
+        from tokensieve.testbed.evaluate import predict, summarise
 
         cfg, model = self.cfg, self.model
         model.model.vision_tower.eval().requires_grad_(False)

@@ -102,7 +102,7 @@ class TwoStageTrainer:
         if self.backbone.processor is None:
             raise TokensieveError(f"{cfg.model} has no processor; training needs one")
         self.backbone.model.requires_grad_(False).eval()
-        from tokensieve.testbed.evaluate import scene_spec_for
+        from tokensieve.data.synthetic_eval import scene_spec_for
 
         self.data = TrainingData(cfg, scene_spec_for(self.backbone))
         torch.manual_seed(cfg.run.seed)
