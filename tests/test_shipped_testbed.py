@@ -6,7 +6,8 @@ from __future__ import annotations
 from tokensieve.backbones import LlavaBackbone
 from tokensieve.backbones.hf_llava import default_model_path
 from tokensieve.data.synthetic_eval import heldout_samples, question_only_predictor
-from tokensieve.testbed.evaluate import predict, summarise
+from tokensieve.evaluate.predict import predict
+from tokensieve.testbed.evaluate import summarise
 
 
 def test_shipped_testbed_beats_the_question_only_prior():

@@ -19,11 +19,11 @@ from tokensieve.evaluate.intervals import accuracy_interval
 from tokensieve.evaluate.latency import kv_cache_bytes, measure_latency
 from tokensieve.evaluate.matching import MATCH_BY, matched_budget
 from tokensieve.evaluate.paired import paired_difference
+from tokensieve.evaluate.predict import predict
 from tokensieve.evaluate.sample_log import SampleLog
 from tokensieve.evaluate.scoring import accuracy_summary, score
 from tokensieve.interrupt import Interrupted
 from tokensieve.method import Budget
-from tokensieve.testbed.evaluate import predict
 from tokensieve.train.distributed import Distributed
 
 FLOPS_STAGES = ("vision", "projector", "llm", "lm_head", "total")

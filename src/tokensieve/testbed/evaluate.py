@@ -11,15 +11,13 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import torch
-from tqdm import tqdm
 
 from tokensieve.backbones import LlavaBackbone
-from tokensieve.backbones.llava_prompt import encode
 from tokensieve.data.synthetic import Sample, blank_image
 from tokensieve.data.synthetic_eval import (
-    KeepFn, cls_attention_object_ratio, heldout_samples, object_keep, question_only_predictor, random_keep,
-    scene_spec_for,
+    cls_attention_object_ratio, heldout_samples, object_keep, question_only_predictor, random_keep, scene_spec_for,
 )
+from tokensieve.evaluate.predict import predict
 from tokensieve.evaluate.scoring import accuracy_summary
 
 # Targets from the foundation issue: what makes the testbed able to rank pruning methods.
@@ -37,30 +35,6 @@ TARGETS: dict[str, Callable[[dict], bool]] = {
 def summarise(samples: list[Sample], predictions: list[str]) -> dict:
     """Overall and per-family exact-match accuracy."""
     return accuracy_summary([s.family for s in samples], [float(s.answer == p) for s, p in zip(samples, predictions)])
-
-
-@torch.no_grad()
-def predict(backbone: LlavaBackbone, samples: list, keep: KeepFn | None = None,
-            batch_size: int = 64, desc: str | None = None, max_new_tokens: int = 1) -> list[str]:
-    """Greedy answers to ``samples`` (anything with ``image`` and ``question``), decoded.
-
-    max_new_tokens: 1 takes the argmax over the whole vocabulary at the answer slot (one prefill,
-    the testbed's one-word answers); more generates up to that many tokens with the KV cache.
-    keep: optional per-sample indices of the visual tokens that enter the LLM.
-    """
-    tok = backbone.processor.tokenizer
-    out: list[str] = []
-    starts = range(0, len(samples), batch_size)
-    for i in tqdm(starts, desc=desc, unit="batch", disable=desc is None, leave=False):
-        chunk = samples[i : i + batch_size]
-        kept = [keep(s) for s in chunk] if keep else None
-        batch = encode(backbone.processor, chunk)
-        if max_new_tokens == 1:
-            ids = backbone.forward(**batch, keep=kept, logits_to_keep=1).logits[:, -1].argmax(-1)[:, None]
-        else:
-            ids = backbone.generate(**batch, keep=kept, max_new_tokens=max_new_tokens, do_sample=False)
-        out.extend(text.strip() for text in tok.batch_decode(ids, skip_special_tokens=True))
-    return out
 
 
 def evaluate_testbed(backbone: LlavaBackbone, n_samples: int = 1000, batch_size: int = 64,

@@ -248,7 +248,8 @@ class _Run:
         to look up every mentioned object at its mention (auxiliary loss)."""
         from tokensieve.backbones import LlavaBackbone
         from tokensieve.data.synthetic_eval import heldout_samples
-        from tokensieve.testbed.evaluate import predict, summarise
+        from tokensieve.evaluate.predict import predict
+        from tokensieve.testbed.evaluate import summarise
 
         cfg, model = self.cfg, self.model
         model.model.vision_tower.eval().requires_grad_(False)
