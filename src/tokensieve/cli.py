@@ -297,7 +297,9 @@ def _bench_train(args: argparse.Namespace) -> None:
     import torch
 
     from tokensieve.config import load_config
+    from tokensieve.data.synthetic import SceneSpec
     from tokensieve.evaluate.train_speed import train_step_benchmark
+    from tokensieve.testbed.processor import build_processor
     from tokensieve.train.two_stage_config import TwoStageConfig
 
     shape = _bench_shape(args)
@@ -306,7 +308,9 @@ def _bench_train(args: argparse.Namespace) -> None:
               f"run.dtype={args.dtype}"]
     with resources.as_file(resources.files("tokensieve") / "configs" / "two_stage_llava15_7b.yaml") as packaged:
         cfg = load_config(TwoStageConfig, args.config or packaged, [*args.set, *forced])
-    result = train_step_benchmark(cfg, shape, args.steps, dtype=getattr(torch, args.dtype), progress=not args.json)
+    processor = build_processor(SceneSpec(image_size=shape.image_size, patch_size=shape.patch_size))
+    result = train_step_benchmark(cfg, shape, processor, args.steps, dtype=getattr(torch, args.dtype),
+                                  progress=not args.json)
     if args.json:
         print(json.dumps(result, indent=2))
         return

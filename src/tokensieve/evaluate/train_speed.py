@@ -3,9 +3,10 @@
 No real checkpoint can be fetched here, yet a GPU user needs to know what a config costs before
 renting the hours: the backbone is randomly initialised at a real shape (a random model times
 like a trained one), with the testbed's tokenizer and a processor at the shape's image and
-patch size, and the steps train on synthetic scenes drawn at that size. Each step is the real
-one (:meth:`TwoStageTrainer.train_step`: student and teacher passes, every loss, the optimizer),
-with the config's schedules at their first steps.
+patch size (built by the caller: the testbed is a layer above), and the steps train on synthetic
+scenes drawn at that size. Each step is the real one (:meth:`TwoStageTrainer.train_step`:
+student and teacher passes, every loss, the optimizer), with the config's schedules at their
+first steps.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import replace
 
 import torch
 from tqdm import tqdm
+from transformers import LlavaProcessor
 
 from tokensieve.backbones import LlavaBackbone
 from tokensieve.evaluate.speed import BenchShape, bench_config, build_random_llava
@@ -24,14 +26,10 @@ from tokensieve.evaluate.timing import synchronizer
 from tokensieve.train.two_stage_config import TwoStageConfig
 
 
-def random_llava_backbone(shape: BenchShape, dtype: torch.dtype = torch.float32,
+def random_llava_backbone(shape: BenchShape, processor: LlavaProcessor, dtype: torch.dtype = torch.float32,
                           device: str = "cpu") -> LlavaBackbone:
-    """A random LLaVA of ``shape`` whose vocabulary and processor are the testbed's (so synthetic
-    scenes and questions can be encoded), images at the shape's size."""
-    from tokensieve.data.synthetic import SceneSpec
-    from tokensieve.testbed.processor import build_processor
-
-    processor = build_processor(SceneSpec(image_size=shape.image_size, patch_size=shape.patch_size))
+    """A random LLaVA of ``shape`` whose vocabulary and processor are ``processor``'s: the
+    testbed's (so synthetic scenes and questions can be encoded), images at the shape's size."""
     tok = processor.tokenizer
     config = bench_config(replace(shape, vocab=len(tok)))
     config.image_token_id = tok.convert_tokens_to_ids("<image>")
@@ -40,15 +38,17 @@ def random_llava_backbone(shape: BenchShape, dtype: torch.dtype = torch.float32,
     return LlavaBackbone(build_random_llava(config, dtype, device), processor)
 
 
-def train_step_benchmark(cfg: TwoStageConfig, shape: BenchShape, steps: int = 10, warmup: int = 2,
-                         dtype: torch.dtype = torch.float32, progress: bool = True) -> dict:
+def train_step_benchmark(cfg: TwoStageConfig, shape: BenchShape, processor: LlavaProcessor, steps: int = 10,
+                         warmup: int = 2, dtype: torch.dtype = torch.float32, progress: bool = True) -> dict:
     """Median seconds of ``steps`` training steps (after ``warmup`` untimed ones) of ``cfg`` on a
     random model of ``shape`` on ``cfg.run.device``, the peak device memory (CUDA only) and
-    ``projected_hours``: the median step times ``cfg.optim.steps`` (validation not included)."""
+    ``projected_hours``: the median step times ``cfg.optim.steps`` (validation not included).
+
+    processor: the testbed's processor at the shape's image and patch size."""
     from tokensieve.train.trainer import TwoStageTrainer
 
     device = cfg.run.device
-    backbone = random_llava_backbone(shape, dtype, device)
+    backbone = random_llava_backbone(shape, processor, dtype, device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
     sync = synchronizer(device)
