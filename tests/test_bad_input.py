@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tokensieve.attach import attach
-from tokensieve.backbones.hf_llava import default_model_path
+from tokensieve.backbones.llava_checkpoint import default_model_path
 from tokensieve.backbones.llava_prompt import encode
 from tokensieve.cli import main
 from tokensieve.errors import TokensieveError

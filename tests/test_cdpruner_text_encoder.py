@@ -18,7 +18,7 @@ from transformers import (
 
 from tokensieve.attach import attach
 from tokensieve.backbones import LlavaBackbone
-from tokensieve.backbones.hf_llava import default_model_path
+from tokensieve.backbones.llava_checkpoint import default_model_path
 from tokensieve.errors import TokensieveError
 from tokensieve.method import SiteInputs
 from tokensieve.methods import create_method

@@ -4,7 +4,7 @@ alone (the full report with every target is `tokensieve testbed eval --json`, se
 from __future__ import annotations
 
 from tokensieve.backbones import LlavaBackbone
-from tokensieve.backbones.hf_llava import default_model_path
+from tokensieve.backbones.llava_checkpoint import default_model_path
 from tokensieve.data.synthetic_eval import heldout_samples, question_only_predictor
 from tokensieve.evaluate.predict import predict
 from tokensieve.testbed.evaluate import summarise

@@ -14,22 +14,19 @@ LLM: the placeholder run of each row is shrunk to the tokens kept and rows are r
 from __future__ import annotations
 
 import contextlib
-import pickle
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from torch import nn
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from tokensieve.backbones.base import Site
+from tokensieve.backbones.llava_checkpoint import default_model_path, load_llava_weights
 from tokensieve.backbones.llava_pruning import LlavaPruningSession
 from tokensieve.devices import require_device
 from tokensieve.errors import TokensieveError
-from tokensieve.held_warnings import warnings_held_until_success
 from tokensieve.ops import query_attention
 
 
@@ -60,57 +57,6 @@ class AssembledInputs:
                 "position_ids": self.position_ids}
 
 
-def default_model_path() -> Path:
-    """The shipped testbed checkpoint (the embedded default)."""
-    return Path(__file__).resolve().parent.parent / "assets" / "testbed"
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
-def _check_is_llava(name_or_path: str) -> None:
-    from huggingface_hub.errors import HFValidationError
-    from transformers import AutoConfig
-
-    path = Path(name_or_path)
-    if path.exists() and not (path / "config.json").is_file():
-        raise TokensieveError(f"{name_or_path} is not a model checkpoint folder: it has no config.json")
-    try:
-        config = AutoConfig.from_pretrained(name_or_path)
-    except (OSError, ValueError) as err:
-        if HFValidationError in (type(err), type(err.__cause__)):  # a name no repo id can have: /abs/path, a/b/c
-            raise TokensieveError(f"cannot load model {name_or_path!r}: there is no such folder") from None
-        local = "" if path.exists() else "no such folder, and as a hub id: "
-        raise TokensieveError(f"cannot load model {name_or_path!r}: {local}{_first_line(err)}") from None
-    if config.model_type != "llava":
-        raise TokensieveError(
-            f"{name_or_path} is a {config.model_type!r} model; the LLaVA backbone needs model_type "
-            "'llava' (LlavaForConditionalGeneration)")
-
-
-def _load_weights(name: str, dtype: torch.dtype | None) -> tuple[LlavaForConditionalGeneration, dict]:
-    """The model and transformers' loading info; a load that fails is one line, with neither
-    transformers' load report nor torch's warnings."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the load report: its findings are checked by the caller
-    try:
-        with warnings_held_until_success():
-            loaded = LlavaForConditionalGeneration.from_pretrained(name, dtype=dtype, output_loading_info=True)
-    except (pickle.UnpicklingError, EOFError):
-        raise TokensieveError(f"cannot load the weights of {name!r}: its .bin weights are not a plain file of "
-                              "tensors (empty, corrupt, or holding pickled objects, which "
-                              "torch.load(weights_only=True) refuses to run)") from None
-    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
-        raise TokensieveError(f"cannot load the weights of {name!r}: {_first_line(err)}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    return loaded
-
-
 class LlavaBackbone:
     """A LLaVA model (and its processor) seen through named sites and a token layout."""
 
@@ -134,15 +80,7 @@ class LlavaBackbone:
 
         require_device(device)
         name = str(name_or_path or default_model_path())
-        _check_is_llava(name)
-        model, loaded = _load_weights(name, dtype)
-        missing = sorted(loaded["missing_keys"])
-        if missing:
-            raise TokensieveError(f"cannot load the weights of {name!r}: {len(missing)} of the model's weights are "
-                                  f"not in its checkpoint, e.g. {missing[0]}")
-        if loaded["unexpected_keys"]:
-            warnings.warn(f"{name}: {len(loaded['unexpected_keys'])} tensors of its checkpoint are not used by "
-                          f"the model, e.g. {min(loaded['unexpected_keys'])}", stacklevel=2)
+        model = load_llava_weights(name, dtype)
         try:
             # PIL: the image processing LLaVA and the testbed were trained with, and the same with
             # or without torchvision installed (transformers would otherwise switch backends).
