@@ -12,12 +12,16 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from tokensieve.errors import TokensieveError
 from tokensieve.method import Budget, Method
 from tokensieve.methods import create_method
+
+if TYPE_CHECKING:  # a type only: importing the backbones package would load every adapter's model code
+    from tokensieve.backbones.base import Backbone
 
 MODES = ("origin", "hard", "soft")
 
@@ -108,7 +112,7 @@ class Handle:
         return self.enabled and self.mode != "origin" and bool(self.hooks)
 
 
-def llm_depth(backbone) -> int | None:
+def llm_depth(backbone: Backbone) -> int | None:
     """The decoder layers of ``backbone``'s LLM; None for a backbone without one (a CLIP ViT)."""
     layers = getattr(backbone, "llm_layers", None)
     return None if layers is None else len(layers)
@@ -136,11 +140,15 @@ def make_stages(method: str | dict | Method | Sequence, budget: Budget | int | f
     return [Stage(m, at, b) for at, b in m.schedule(site or m.default_site, budget, depth)]
 
 
-def attach(backbone, method: str | dict | Method | Sequence, budget: Budget | int | float | str | None = None,
-           site: str | None = None, mode: str = "hard", seed: int = 0) -> Handle:
+def attach(backbone: Backbone, method: str | dict | Method | Sequence,
+           budget: Budget | int | float | str | None = None, site: str | None = None, mode: str = "hard",
+           seed: int = 0) -> Handle:
     """Attach ``method`` at ``site`` (default: the method's own) keeping ``budget`` tokens.
 
     ``method`` may also be a list of ``(method, site, budget)`` to reduce at several sites.
+    Every stage is checked against the backbone before any forward pass (its site exists, the
+    method may act there, one stage per site, the signals it needs are there, its budget fits
+    the tokens the site sees), when the backbone installs it.
     Returns a :class:`Handle`; ``handle.detach()`` restores the model bit for bit.
     """
     if mode not in MODES:
