@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from tokensieve.backbones.attention_signals import layer_cls_attention
 from tokensieve.backbones.base import Site
 from tokensieve.backbones.block_merging import BlockMerger, TokenSizes
 from tokensieve.backbones.llama_attention import (
@@ -44,7 +45,7 @@ from tokensieve.backbones.stage_plan import (
 )
 from tokensieve.errors import TokensieveError
 from tokensieve.method import ROW_SIGNALS, Selection, SiteInputs
-from tokensieve.ops import gather_tokens, query_attention
+from tokensieve.ops import gather_tokens
 
 # The end of a LLaVA prompt, where the answer starts ("... ASSISTANT:"), spaced by word-level tokenizers.
 ANSWER_CUE = re.compile(r"\s*ASSISTANT\s*:\s*$", re.IGNORECASE)
@@ -337,8 +338,8 @@ class LlavaPruningSession:
                 return
             hidden = args[0]  # (B, T, d): the block's normalised input
             with self.handle.scoring():
-                self._captured[key + ":cls_attention"] = query_attention(
-                    hidden, attn.q_proj, attn.k_proj, attn.num_heads, 0, attn.scale, self._vision_key_bias(), keys)
+                self._captured[key + ":cls_attention"] = layer_cls_attention(
+                    hidden, attn.q_proj, keys, attn.num_heads, attn.scale, self._vision_key_bias())
                 b, t, _ = keys.shape
                 self._captured[key + ":keys"] = keys.view(b, t, attn.num_heads, -1).mean(2)
         return hook
@@ -358,8 +359,8 @@ class LlavaPruningSession:
             hidden = args[0]  # (B, T, d): the block's normalised input
             with self.handle.scoring():
                 scale = hidden.shape[-1] ** -0.5
-                self._captured[key + ":last_block_cls_attention"] = query_attention(
-                    hidden, attn.q_proj, attn.k_proj, 1, 0, scale, self._vision_key_bias(), keys)
+                self._captured[key + ":last_block_cls_attention"] = layer_cls_attention(
+                    hidden, attn.q_proj, keys, 1, scale, self._vision_key_bias())
                 self._captured[key + ":last_block_keys"] = keys
         return hook
 

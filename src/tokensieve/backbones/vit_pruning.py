@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 
+from tokensieve.backbones.attention_signals import cls_attention, head_mean_attention
 from tokensieve.backbones.base import Site
 from tokensieve.backbones.block_merging import BlockMerger, TokenSizes
 from tokensieve.backbones.stage_plan import (
@@ -165,15 +166,14 @@ class ViTPruningSession:
                 cache["k"] = bb.keys(block, x)
             return cache["k"]
 
-        def cls_attention() -> torch.Tensor:
-            scores = bb.queries(block, x[:, :1]) @ keys().transpose(-1, -2) * bb.attention_scale(block)
-            return scores.float().softmax(-1).mean(1)[:, 0, 1:]
+        def cls_row() -> torch.Tensor:
+            return cls_attention(bb.queries(block, x[:, :1]), keys(), bb.attention_scale(block), upcast=True)[:, 1:]
 
-        def attention() -> torch.Tensor:
-            scores = bb.queries(block, x[:, 1:]) @ keys().transpose(-1, -2) * bb.attention_scale(block)
-            return scores.float().softmax(-1).mean(1)[:, :, 1:]
+        def rows() -> torch.Tensor:
+            q = bb.queries(block, x[:, 1:])
+            return head_mean_attention(q, keys(), bb.attention_scale(block), upcast=True)[:, :, 1:]
 
-        return {"cls_attention": cls_attention, "keys": lambda: keys().mean(1)[:, 1:], "attention": attention}
+        return {"cls_attention": cls_row, "keys": lambda: keys().mean(1)[:, 1:], "attention": rows}
 
     def _reduce(self, site):
         st = self.stages[site]
