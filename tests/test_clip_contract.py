@@ -12,11 +12,8 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 from tokensieve.attach import attach
 from tokensieve.backbones.hf_clip import HFClipViTBackbone
 from tokensieve.backbones.open_clip_vit import OpenClipViTBackbone
-from tokensieve.backbones.vit_pruning import (
-    SIGNALS,
-    ViTPruningSession,
-    merges_in_blocks,
-)
+from tokensieve.backbones.stage_plan import merges_in_blocks
+from tokensieve.backbones.vit_pruning import SIGNALS, ViTPruningSession
 from tokensieve.clip.tiny import build_tiny
 from tokensieve.errors import TokensieveError
 from tokensieve.integrations.clip_benchmark import (

@@ -23,10 +23,10 @@ argument; SigLIP's layers have the same layout) and open_clip ``ResidualAttentio
 ``attn`` an ``nn.MultiheadAttention``, ``attn_mask`` keyword).
 
 An engine runs a stage of a method with ``merges_in_blocks`` (ToMe) by building a
-:class:`BlockMerger` with ``schedule = dict(zip(range(first, end), method.merge_schedule(n, keep,
-end - first)))`` over the tower's blocks (``end``: the next stage's block or the block after the
-feature layer), installing it after its own pre-hooks that cut tokens, and following the tokens
-through ``on_merge`` (see ``vit_pruning.py``).
+:class:`BlockMerger` with the schedule its stage plan made (``StagePlan.schedules``:
+``method.merge_schedule(n, keep, end - first)`` over blocks ``first .. end - 1``, ``end`` the next
+stage's block or the end of the tower), installing it after its own pre-hooks that cut tokens, and
+following the tokens through ``on_merge`` (see ``vit_pruning.py``).
 """
 
 from __future__ import annotations

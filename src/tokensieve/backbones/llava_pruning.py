@@ -1,6 +1,7 @@
 """Reduction stages running inside a LLaVA model through forward pre-hooks.
 
-One :class:`LlavaPruningSession` per attached handle. It registers pre-hooks on
+One :class:`LlavaPruningSession` per attached handle. Its :class:`LlavaStagePlan` checks the
+stages and chains their budgets when it is installed; then it registers pre-hooks on
 
 * vision encoder blocks (``vision.i``): tokens after CLS are chosen before block ``i``;
 * the projector (``projector``): fewer tokens enter the LLM;
@@ -19,7 +20,7 @@ attention mask, so positions skip them exactly as after hard removal).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -38,10 +39,9 @@ from tokensieve.backbones.llama_attention import (
 from tokensieve.backbones.stage_plan import (
     EXTRA,
     PADDING,
-    check_selection,
+    StagePlan,
     merges_in_blocks,
     row_generator,
-    stage_inputs,
 )
 from tokensieve.errors import TokensieveError
 from tokensieve.method import ROW_SIGNALS, Selection, SiteInputs
@@ -70,46 +70,61 @@ class _Drop:
     inserted: bool = False  # this or an earlier stage put tokens of its own into the sequence
 
 
+def llava_signals_at(backbone, site: Site) -> set[str]:
+    """The signals a LLaVA adapter offers at ``site`` (docs/methods.md has the table)."""
+    if site.stage == "vision":
+        return {"cls_attention", "keys"} if site.layer >= 1 else set()
+    if site.before_llm:
+        tower = {"cls_attention", "keys", "last_block_cls_attention", "last_block_keys"}
+        if site.stage == "projector":
+            return tower | ({"cls_token"} if not backbone.keeps_cls else set())
+        return tower | {"projector_input"}
+    return {"text_attention", "prev_layer_keys", "normed_states", "positions", "layer_text_attention",
+            "post_image_attention", "input_image_embeddings"}
+
+
+class LlavaStagePlan(StagePlan):
+    """The stage plan in LLaVA: sites in the tower up to its feature layer, the projector and the
+    LLM's layers; CLS enters the LLM when ``vision_feature_select_strategy`` keeps it."""
+
+    def __init__(self, backbone, handle):
+        self.depth = len(backbone.llm_layers)
+        super().__init__(handle.stages, handle.mode, backbone.sites(), lambda site: llava_signals_at(backbone, site),
+                         backbone.n_patches, backbone.keeps_cls, backbone.feature_hidden_index)
+
+    def missing_site(self, site: Site, st) -> TokensieveError:
+        if site.stage == "llm" and site.layer >= self.depth:
+            return TokensieveError(f"{st}: the LLM has {self.depth} decoder layers (sites llm.0 .. "
+                                   f"llm.{self.depth - 1}); llm.{site.layer} is past its depth")
+        return super().missing_site(site, st)
+
+    def check_stage(self, site: Site, st) -> None:
+        """Refuse what soft mode cannot hold, and tokens a method makes where no run takes them."""
+        if merges_in_blocks(st.method) and self.mode == "soft":
+            raise TokensieveError(f"{st}: {st.method.name} merges tokens inside the tower's blocks, which soft "
+                                  "mode cannot do (it keeps every token in place); use mode hard")
+        # Tokens a method makes go into the image run the LLM receives (a vision site, where a
+        # method may do without them, is checked when it returns some).
+        if st.method.makes_extra_tokens and not site.before_llm and not getattr(
+                st.method, "renumbers_positions", False):
+            raise TokensieveError(f"{st}: {st.method.name} adds tokens of its own, which inside the LLM need "
+                                  "positions renumbered after the drop; before it, the projector and llm.0 "
+                                  "sites take them")
+        if getattr(st.method, "renumbers_positions", False) and self.mode == "soft":
+            raise TokensieveError(f"{st}: {st.method.name} renumbers positions after a drop, which soft mode "
+                                  "cannot do (it keeps every token in place); use mode hard")
+        if st.method.makes_extra_tokens and site.stage != "vision" and self.mode == "soft":
+            raise TokensieveError(f"{st}: {st.method.name} adds tokens of its own, which soft mode cannot "
+                                  "hold (it keeps every token in place); use mode hard")
+
+
 class LlavaPruningSession:
     """The hooks of one handle on one :class:`LlavaBackbone`, and the state of one forward pass."""
 
     def __init__(self, backbone, handle, seed: int):
         self.bb, self.handle, self.seed, self.mode = backbone, handle, seed, handle.mode
-        self.stages: dict = {}
-        for st in handle.stages:
-            site = Site.parse(st.site)
-            depth = len(backbone.llm_layers)
-            if site.stage == "llm" and site.layer >= depth:
-                raise TokensieveError(f"{st}: the LLM has {depth} decoder layers (sites llm.0 .. llm.{depth - 1}); "
-                                      f"llm.{site.layer} is past its depth")
-            in_blocks = merges_in_blocks(st.method)
-            if not (in_blocks and site == Site("vision", 0)):  # merging from the first block on
-                backbone.site_module(site)  # raises for a site this model does not have
-            if in_blocks and self.mode == "soft":
-                raise TokensieveError(f"{st}: {st.method.name} merges tokens inside the tower's blocks, which soft "
-                                      "mode cannot do (it keeps every token in place); use mode hard")
-            if site.stage not in st.method.stages:
-                raise TokensieveError(f"method {st.method.name!r} cannot act at {site} "
-                                      f"(it acts at: {', '.join(st.method.stages)})")
-            # Tokens a method makes go into the image run the LLM receives (a vision site, where a
-            # method may do without them, is checked when it returns some).
-            if st.method.makes_extra_tokens and not site.before_llm and not getattr(
-                    st.method, "renumbers_positions", False):
-                raise TokensieveError(f"{st}: {st.method.name} adds tokens of its own, which inside the LLM need "
-                                      "positions renumbered after the drop; before it, the projector and llm.0 "
-                                      "sites take them")
-            if getattr(st.method, "renumbers_positions", False) and self.mode == "soft":
-                raise TokensieveError(f"{st}: {st.method.name} renumbers positions after a drop, which soft mode "
-                                      "cannot do (it keeps every token in place); use mode hard")
-            if st.method.makes_extra_tokens and site.stage != "vision" and self.mode == "soft":
-                raise TokensieveError(f"{st}: {st.method.name} adds tokens of its own, which soft mode cannot "
-                                      "hold (it keeps every token in place); use mode hard")
-            if site in self.stages:
-                raise TokensieveError(f"two stages at site {site}")
-            self.stages[site] = st
-        self.merges: dict = {}  # in-block stage site -> ({block: tokens merged there}, (tokens at the site, budget))
-        self._check_signals()
-        self._check_budgets()
+        self.plan = LlavaStagePlan(backbone, handle)
+        self.stages = self.plan.stages
         self.sizes = TokenSizes()  # tokens each tower token stands for, once a stage has merged (CLS included)
         self._captured: dict[str, torch.Tensor] = {}
         self._attention_kwargs: dict | None = None
@@ -117,62 +132,6 @@ class LlavaPruningSession:
         self.begin_image_pass()
         self.begin_llm_pass(None, 0, 0)
         self._register()
-
-    def _check_budgets(self) -> None:
-        """Resolve every budget against the tokens its site will see, before any model work.
-
-        After a stage that keeps a count per row a later budget is a cap: a token count (each
-        row keeps at most that many) or 1.0; a ratio of a row's tokens would make a row's result
-        depend on the batch it is in.
-        """
-        per_row = None
-        self.capped: set = set()  # sites whose budget caps a count that varies per row
-        for site, st, n in stage_inputs(self.stages, self.bb.n_patches, self.bb.keeps_cls):
-            if st.method.count_per_row and site.before_llm:
-                raise TokensieveError(f"{st}: a count that varies per row is supported inside the LLM only (llm.k, k >= 1)")
-            if per_row is not None:
-                if st.budget.ratio is not None and st.budget.ratio < 1:
-                    raise TokensieveError(f"{st} follows {per_row}, which keeps a count per row: give it a token "
-                                          "count (the most a row keeps) or 1.0, not a ratio")
-                self.capped.add(site)
-            keep = st.budget.resolve(n, str(site))
-            st.method.check(n, keep, str(site))
-            if st.method.count_per_row:
-                per_row = per_row or st
-            if merges_in_blocks(st.method):
-                self._plan_merges(site, st, n, keep)
-
-    def signals_at(self, site) -> set[str]:
-        """The signals the adapter computes at ``site`` (docs/methods.md has the table)."""
-        if site.stage == "vision":
-            return {"cls_attention", "keys"} if site.layer >= 1 else set()
-        if site.before_llm:
-            tower = {"cls_attention", "keys", "last_block_cls_attention", "last_block_keys"}
-            if site.stage == "projector":
-                return tower | ({"cls_token"} if not self.bb.keeps_cls else set())
-            return tower | {"projector_input"}
-        return {"text_attention", "prev_layer_keys", "normed_states", "positions", "layer_text_attention",
-                "post_image_attention", "input_image_embeddings"}
-
-    def _check_signals(self) -> None:
-        """Every signal a stage's method needs exists at its site, before any model work."""
-        for site, st in self.stages.items():
-            missing = sorted(set(st.method.signals) - self.signals_at(site))
-            if missing and not merges_in_blocks(st.method):
-                have = ", ".join(sorted(self.signals_at(site))) or "none"
-                raise TokensieveError(f"{st}: {st.method.name} needs {', '.join(missing)}, which {site} does not "
-                                      f"provide (it provides: {have})")
-
-    def _plan_merges(self, site, st, n: int, keep: int) -> None:
-        """An in-block stage (ToMe) at ``vision.i`` merges in blocks ``i`` up to the next vision stage
-        or the feature block, ``r`` tokens each as its ``merge_schedule`` says."""
-        later = [s.layer for s in self.stages if s.stage == "vision" and s.layer > site.layer]
-        end = min(later, default=self.bb.feature_hidden_index)
-        try:
-            r = st.method.merge_schedule(n, keep, end - site.layer)
-        except TokensieveError as e:
-            raise TokensieveError(f"{st} merges in blocks {site.layer}..{end - 1}: {e}") from None
-        self.merges[site] = ({site.layer + i: r_i for i, r_i in enumerate(r)}, (n, keep))
 
     # --- per-pass state -----------------------------------------------------------------
     def begin_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -257,7 +216,7 @@ class LlavaPruningSession:
         hooks.append(bb.vision_layers[0].register_forward_pre_hook(self._tower_start))
         for site, st in self.stages.items():
             needs = set(st.method.signals) | set(st.method.optional_signals)
-            if site in self.merges:
+            if site in self.plan.schedules:
                 continue  # merging inside blocks reads each block's own keys (BlockMerger)
             if site.before_llm:
                 source = site.layer - 1 if site.stage == "vision" else bb.feature_hidden_index - 1
@@ -301,7 +260,7 @@ class LlavaPruningSession:
     def _install_merges(self) -> None:
         """In-block stages, after the cuts' pre-hooks (a block's proportional-attention bias must
         see the tokens a cut left)."""
-        for site, (schedule, _) in sorted(self.merges.items(), key=lambda item: item[0].layer):
+        for site, schedule in sorted(self.plan.schedules.items(), key=lambda item: item[0].layer):
             st = self.stages[site]
             if not any(schedule.values()):  # the budget keeps every token: reported, nothing merges
                 self.handle.hooks.append(self.bb.vision_layers[site.layer].register_forward_pre_hook(
@@ -315,7 +274,7 @@ class LlavaPruningSession:
     def _merged(self, site):
         """After each merging block of the in-block stage at ``site``: follow the patches behind the
         tower's tokens (in ToMe's order, which the LLM receives), and report the stage after its last."""
-        schedule, (n, keep) = self.merges[site]
+        schedule, (n, _) = self.plan.schedules[site], self.plan.counts[site]
         last = max((block for block, r in schedule.items() if r > 0), default=site.layer)
 
         def fn(block: int, order: torch.Tensor | None) -> None:
@@ -325,10 +284,9 @@ class LlavaPruningSession:
                 self.tower_origin = origin.gather(1, order[:, 1:] - 1)  # CLS stays first
             if block == last:
                 b = order.shape[0] if order is not None else self._batch
-                self.handle.record_counts(str(self.stages[site]), torch.full((b,), n), torch.full((b,), keep))
                 if self.tower_origin is None:
                     self.tower_origin = torch.arange(n).expand(b, -1)
-                self._record_kept(site, self.tower_origin)
+                self.plan.record_merged(self.handle, site, b, self.tower_origin)
         return fn
 
     # Signals are computed in forward hooks on the layer's own k_proj, so keys are not recomputed.
@@ -407,7 +365,7 @@ class LlavaPruningSession:
         """
         st = self.stages[site]
         b, n, _ = tokens.shape
-        keep = min(st.budget.count, n) if site in self.capped and st.budget.count else st.budget.resolve(n, str(site))
+        keep = self.plan.keep_at(site, n)
         known = self.question_ids is not None
         with self.handle.scoring():
             inputs = SiteInputs(tokens, keep, str(site), lambda: row_generator(self.seed, tokens, valid), signals,
@@ -423,19 +381,8 @@ class LlavaPruningSession:
                 raise TokensieveError(f"{st.method.name} at {site}: tokens of its own go into the image run before "
                                       "the LLM (projector, llm.0), or inside it with positions renumbered, in hard "
                                       "mode only")
-            check_selection(sel, b, n, st.method.kept_count(n, keep), f"{st.method.name} at {site}",
-                            per_row=not site.before_llm)
-            if valid is not None:
-                still = valid.gather(1, sel.indices)
-                sel = replace(sel, valid=still if sel.valid is None else sel.valid & still)
-            if sel.valid is not None and bool(sel.valid.all()):
-                sel = replace(sel, valid=None)
-        before = valid.sum(1) if valid is not None else torch.full((b,), n)
-        kept = sel.valid.sum(1) if sel.valid is not None else torch.full((b,), sel.indices.shape[1])
-        made = sel.extra_valid.sum(1) if sel.extra_valid is not None else torch.full(
-            (b,), 0 if sel.extra is None else sel.extra.shape[1])
-        after = kept + made
-        self.handle.record_counts(str(st), before, after)
+            sel = self.plan.settle(site, sel, b, n, keep, valid)
+        self.plan.record(self.handle, site, sel, n, valid)
         return sel
 
     def _question_text(self) -> list[str]:
@@ -471,7 +418,7 @@ class LlavaPruningSession:
                 return None
             hidden, mask = args[0], args[1] if len(args) > 1 else None
             self._batch = hidden.shape[0]
-            if site in self.stages and site not in self.merges:
+            if site in self.stages and site not in self.plan.schedules:
                 hidden = self._reduce_tower(site, hidden, key=str(site), prefix=self.bb.prefix_tokens(site))
             if self.vision_bias is not None:
                 bias = self.vision_bias.to(hidden.dtype)

@@ -1,18 +1,23 @@
-"""The stage plan every pruning session shares, whatever the backbone: which tokens a stage
-may keep, in what order the stages see them, and how a selection is checked.
+"""The stage plan every pruning session shares, whatever the backbone: which stages a request
+may hold, which tokens each stage may keep, in what order the stages see them, and how a
+selection is checked and counted.
 
-A session (LLaVA's, a CLIP ViT's) walks its stages with :func:`stage_inputs`, seeds each row
-with :func:`row_generator`, checks what a method returns with :func:`check_selection`, and marks
-the patch index it records for slots that are not image patches with :data:`PADDING` and
-:data:`EXTRA`.
+A session (LLaVA's, a CLIP ViT's) builds a :class:`StagePlan` when it is installed (so a bad
+request is refused before any forward pass), seeds each row with :func:`row_generator`, settles
+what a method returns with :meth:`StagePlan.settle` (:func:`check_selection`), records counts with
+:meth:`StagePlan.record`, and marks the patch index it records for slots that are not image
+patches with :data:`PADDING` and :data:`EXTRA`.
 """
 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
+from tokensieve.backbones.base import Site
 from tokensieve.errors import TokensieveError
 from tokensieve.method import Selection
 
@@ -104,3 +109,145 @@ def stage_inputs(stages: dict, n_patches: int, keeps_cls: bool):
         stage = stages[site]
         yield site, stage, n
         n = stage.method.kept_count(n, stage.budget.resolve(n, str(site)))
+
+
+def check_signals(stages: dict, signals_at: Callable[[Site], set[str]]) -> None:
+    """Every signal a stage's method needs exists at its site (``signals_at``: the backbone's
+    :meth:`~tokensieve.backbones.base.Backbone.signals_at`); in-block methods read their blocks' own keys."""
+    for site, st in stages.items():
+        missing = sorted(set(st.method.signals) - signals_at(site))
+        if missing and not merges_in_blocks(st.method):
+            have = ", ".join(sorted(signals_at(site))) or "none"
+            raise TokensieveError(f"{st}: {st.method.name} needs {', '.join(missing)}, which {site} does not "
+                                  f"provide (it provides: {have})")
+
+
+class StagePlan:
+    """The stages of one handle on one backbone, checked, with their budgets chained.
+
+    Built when a session is installed, before any model work. A backbone's plan says in a few
+    methods what differs in its messages (:meth:`missing_site`, :meth:`place`, :meth:`budget_where`,
+    :meth:`merge_span`) and what more it refuses (:meth:`check_stage`).
+
+    stages: ``{Site: Stage}`` in the order given. counts: ``{Site: (tokens the site sees, budget)}``
+    (a stage after one keeping a count per row is followed as if that one kept its budget).
+    schedules: ``{Site: {block: tokens merged there}}`` for in-block stages (ToMe), which merge in
+    blocks ``i`` up to the next vision stage or ``tower_end``. capped: sites whose budget caps a
+    count that varies per row.
+    """
+
+    def __init__(self, stages: list, mode: str, sites: list[Site], signals_at: Callable[[Site], set[str]],
+                 n_patches: int, keeps_cls: bool, tower_end: int):
+        self.mode, self.sites, self.tower_end = mode, sites, tower_end
+        self.stages: dict = {}
+        for st in stages:
+            site = Site.parse(st.site)
+            if site not in sites and not (merges_in_blocks(st.method) and site == Site("vision", 0)):
+                raise self.missing_site(site, st)  # an in-block stage may merge from the first block on
+            if site.stage not in st.method.stages:
+                raise TokensieveError(f"method {st.method.name!r} cannot act {self.place(site)} "
+                                      f"(it acts at: {', '.join(st.method.stages)})")
+            self.check_stage(site, st)
+            if site in self.stages:
+                raise TokensieveError(f"two stages at site {site}")
+            self.stages[site] = st
+        check_signals(self.stages, signals_at)
+        self.counts: dict = {}
+        self.schedules: dict = {}
+        self.capped: set = set()
+        self._chain_budgets(n_patches, keeps_cls)
+
+    # --- what a backbone's plan words or refuses its own way -----------------------------
+    def missing_site(self, site: Site, st) -> TokensieveError:
+        """The error for a stage at a site this model does not have."""
+        return TokensieveError(f"site {site} does not exist here; sites are {', '.join(map(str, self.sites))}")
+
+    def place(self, site: Site) -> str:
+        """Where a method that cannot act at ``site`` was asked to act, as words."""
+        return f"at {site}"
+
+    def check_stage(self, site: Site, st) -> None:
+        """Raise for a stage this backbone cannot run at ``site`` in this mode (nothing by default)."""
+
+    def budget_where(self, site: Site, n: int) -> str:
+        """How a budget's error names ``site``, where it sees ``n`` tokens."""
+        return str(site)
+
+    def merge_span(self, site: Site, end: int) -> str:
+        """How an in-block stage's error names the blocks it merges in."""
+        return f"{site.layer}..{end - 1}"
+
+    # --- the budget chain ---------------------------------------------------------------
+    def _chain_budgets(self, n_patches: int, keeps_cls: bool) -> None:
+        """Resolve every budget against the tokens its site will see.
+
+        After a stage that keeps a count per row a later budget is a cap: a token count (each
+        row keeps at most that many) or 1.0; a ratio of a row's tokens would make a row's result
+        depend on the batch it is in.
+        """
+        per_row = None
+        for site, st, n in stage_inputs(self.stages, n_patches, keeps_cls):
+            if st.method.count_per_row and site.before_llm:
+                raise TokensieveError(f"{st}: a count that varies per row is supported inside the LLM only (llm.k, k >= 1)")
+            if per_row is not None:
+                if st.budget.ratio is not None and st.budget.ratio < 1:
+                    raise TokensieveError(f"{st} follows {per_row}, which keeps a count per row: give it a token "
+                                          "count (the most a row keeps) or 1.0, not a ratio")
+                self.capped.add(site)
+            keep = st.budget.resolve(n, self.budget_where(site, n))
+            st.method.check(n, keep, str(site))
+            if st.method.count_per_row:
+                per_row = per_row or st
+            if merges_in_blocks(st.method):
+                self._plan_merges(site, st, n, keep)
+            self.counts[site] = (n, keep)
+
+    def _plan_merges(self, site: Site, st, n: int, keep: int) -> None:
+        """An in-block stage at ``vision.i`` merges in blocks ``i`` up to the next vision stage or
+        ``tower_end``, ``r`` tokens each as its ``merge_schedule`` says."""
+        later = [s.layer for s in self.stages if s.stage == "vision" and s.layer > site.layer]
+        end = min(later, default=self.tower_end)
+        try:
+            r = st.method.merge_schedule(n, keep, end - site.layer)
+        except TokensieveError as e:
+            raise TokensieveError(f"{st} merges in blocks {self.merge_span(site, end)}: {e}") from None
+        self.schedules[site] = {site.layer + i: r_i for i, r_i in enumerate(r)}
+
+    # --- one forward pass ---------------------------------------------------------------
+    def keep_at(self, site: Site, n: int) -> int:
+        """The budget of the stage at ``site`` over the ``n`` tokens it sees now (a cap after a
+        count per row)."""
+        budget = self.stages[site].budget
+        return min(budget.count, n) if site in self.capped and budget.count else budget.resolve(n, str(site))
+
+    def settle(self, site: Site, sel: Selection, batch: int, n: int, keep: int,
+               valid: torch.Tensor | None = None) -> Selection:
+        """``sel`` checked (:func:`check_selection`, a count per row inside the LLM only), with the
+        padding of the ``(B, n)`` ``valid`` it kept marked in its ``valid`` (None when every slot is real)."""
+        st = self.stages[site]
+        check_selection(sel, batch, n, st.method.kept_count(n, keep), f"{st.method.name} at {site}",
+                        per_row=not site.before_llm)
+        if valid is not None:
+            still = valid.gather(1, sel.indices)
+            sel = replace(sel, valid=still if sel.valid is None else sel.valid & still)
+        if sel.valid is not None and bool(sel.valid.all()):
+            sel = replace(sel, valid=None)
+        return sel
+
+    def record(self, handle, site: Site, sel: Selection, n: int, valid: torch.Tensor | None = None) -> None:
+        """``handle.record_counts`` of a settled selection over ``n`` tokens (``valid``: ``(B, n)`` as given
+        to :meth:`settle`): the real tokens per row before, the kept and made ones after."""
+        b = sel.indices.shape[0]
+        before = valid.sum(1) if valid is not None else torch.full((b,), n)
+        kept = sel.valid.sum(1) if sel.valid is not None else torch.full((b,), sel.indices.shape[1])
+        made = sel.extra_valid.sum(1) if sel.extra_valid is not None else torch.full(
+            (b,), 0 if sel.extra is None else sel.extra.shape[1])
+        handle.record_counts(str(self.stages[site]), before, kept + made)
+
+    def record_merged(self, handle, site: Site, batch: int, kept: torch.Tensor) -> None:
+        """An in-block stage's counts (planned: every row merges to the budget) and ``kept`` ``(B, keep)``,
+        the patches behind the tokens it left, in ``handle.last_kept``."""
+        n, keep = self.counts[site]
+        stage = str(self.stages[site])
+        handle.record_counts(stage, torch.full((batch,), n), torch.full((batch,), keep))
+        handle.last_kept[stage] = kept

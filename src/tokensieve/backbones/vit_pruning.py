@@ -10,7 +10,10 @@ which supply the module paths through a small interface:
 * ``queries(i, x)`` / ``keys(i, x)``: block ``i``'s own projections of ``x`` as ``(B, H, T, d_h)``,
   and ``attention_scale(i)``;
 * ``depth``, ``n_patches`` and ``sites()`` (``geometry``, ``image_size`` and ``encode_images`` serve
-  the speed benchmark).
+  the speed benchmark); the signals at each site are :func:`vit_signals_at`'s.
+
+The stages are checked and their budgets chained by :class:`ViTStagePlan` (the shared
+:class:`~tokensieve.backbones.stage_plan.StagePlan`) when the session is installed.
 
 A stage at site ``vision.i`` (``1 <= i < depth``) chooses patch tokens before block ``i``, from
 the signals of block ``i - 1``'s attention (so block 0, which has no earlier attention, is
@@ -35,15 +38,41 @@ import torch
 from tokensieve.backbones.attention_signals import cls_attention, head_mean_attention
 from tokensieve.backbones.base import Site
 from tokensieve.backbones.block_merging import BlockMerger, TokenSizes
-from tokensieve.backbones.stage_plan import (
-    check_selection,
-    merges_in_blocks,
-    row_generator,
-)
+from tokensieve.backbones.stage_plan import StagePlan, merges_in_blocks, row_generator
 from tokensieve.errors import TokensieveError
 from tokensieve.method import SiteInputs
 
 SIGNALS = ("cls_attention", "keys", "attention")
+
+
+def vit_signals_at(backbone, site: Site) -> set[str]:
+    """The signals of a ViT adapter at ``site``: :data:`SIGNALS` at each of its sites (``vision.i``,
+    ``i >= 1``, from block ``i - 1``'s attention), none elsewhere."""
+    return set(SIGNALS) if site in backbone.sites() else set()
+
+
+class ViTStagePlan(StagePlan):
+    """The stage plan in a CLIP ViT: patch tokens after CLS, in-block stages up to the end of the tower."""
+
+    def __init__(self, backbone, handle):
+        self.depth = backbone.depth
+        super().__init__(handle.stages, handle.mode, backbone.sites(), lambda site: vit_signals_at(backbone, site),
+                         backbone.n_patches, keeps_cls=False, tower_end=backbone.depth)
+
+    def missing_site(self, site: Site, st) -> TokensieveError:
+        first = 0 if merges_in_blocks(st.method) else 1
+        return TokensieveError(f"site {site} does not exist in this {self.depth}-block ViT; sites are "
+                               f"vision.{first} .. vision.{self.depth - 1}")
+
+    def place(self, site: Site) -> str:
+        return "in a vision tower"
+
+    def budget_where(self, site: Site, n: int) -> str:
+        return f"{site} ({n} patch tokens + CLS)"
+
+    def merge_span(self, site: Site, end: int) -> str:
+        upto = f"the next stage at vision.{end}" if end < self.depth else "the end of the tower"
+        return f"{site.layer}..{end - 1} (up to {upto})"
 
 
 class ViTPruningSession:
@@ -53,49 +82,12 @@ class ViTPruningSession:
         if handle.mode != "hard":
             raise TokensieveError(f"mode {handle.mode!r} is not available in a CLIP vision tower; use hard")
         self.bb, self.handle, self.seed = backbone, handle, seed
-        self.stages: dict = {}
-        for st in handle.stages:
-            site = Site.parse(st.site)
-            in_blocks = merges_in_blocks(st.method)
-            if site not in backbone.sites() and not (in_blocks and site == Site("vision", 0)):
-                first = 0 if in_blocks else 1
-                raise TokensieveError(f"site {site} does not exist in this {backbone.depth}-block ViT; sites are "
-                                      f"vision.{first} .. vision.{backbone.depth - 1}")
-            if "vision" not in st.method.stages:
-                raise TokensieveError(f"method {st.method.name!r} cannot act in a vision tower "
-                                      f"(it acts at: {', '.join(st.method.stages)})")
-            missing = sorted(set(st.method.signals) - set(SIGNALS))
-            if missing:
-                raise TokensieveError(f"method {st.method.name!r} needs {', '.join(missing)}, which a CLIP "
-                                      "vision tower does not have")
-            if site in self.stages:
-                raise TokensieveError(f"two stages at site {site}")
-            self.stages[site] = st
-        self.schedules: dict = {}  # site -> {block: tokens merged there}, for stages merging inside blocks
-        self.counts: dict = {}  # site -> (patch tokens at the site, budget)
-        self._check_budgets()
+        self.plan = ViTStagePlan(backbone, handle)
+        self.stages, self.schedules = self.plan.stages, self.plan.schedules
         self._inputs: dict[int, torch.Tensor] = {}  # block -> the normalised states its attention saw
         self.positions: torch.Tensor | None = None  # (B, n) original patch index of each patch token
         self.sizes = TokenSizes()  # (B, 1 + n) patches each token stands for, once a stage has merged
         self._register()
-
-    def _check_budgets(self) -> None:
-        """Resolve every budget against the patch tokens its site will see, before any model work."""
-        n = self.bb.n_patches
-        sites = sorted(self.stages, key=lambda s: s.layer)
-        for site, end in zip(sites, [s.layer for s in sites[1:]] + [self.bb.depth]):
-            st = self.stages[site]
-            keep = st.budget.resolve(n, f"{site} ({n} patch tokens + CLS)")
-            st.method.check(n, keep, str(site))
-            if merges_in_blocks(st.method):
-                try:
-                    r = st.method.merge_schedule(n, keep, end - site.layer)
-                except TokensieveError as e:
-                    upto = f"the next stage at vision.{end}" if end < self.bb.depth else "the end of the tower"
-                    raise TokensieveError(f"{st} merges in blocks {site.layer}..{end - 1} (up to {upto}): {e}") from None
-                self.schedules[site] = {site.layer + i: r_i for i, r_i in enumerate(r)}
-            self.counts[site] = (n, keep)
-            n = keep
 
     def _register(self) -> None:
         hooks = self.handle.hooks
@@ -127,25 +119,18 @@ class ViTPruningSession:
 
     def _merged(self, site):
         """After each merging block of the stage at ``site``: follow the patches, report the last."""
-        st, (n, keep) = self.stages[site], self.counts[site]
         last = max(b for b, r in self.schedules[site].items() if r > 0)
 
         def fn(block: int, order: torch.Tensor) -> None:
             self.positions = self.positions.gather(1, order[:, 1:] - 1)  # CLS stays first
             if block == last:
-                b = order.shape[0]
-                self.handle.record_counts(str(st), torch.full((b,), n), torch.full((b,), keep))
-                self.handle.last_kept[str(st)] = self.positions
+                self.plan.record_merged(self.handle, site, order.shape[0], self.positions)
         return fn
 
     def _unchanged(self, site):
-        st, (n, keep) = self.stages[site], self.counts[site]
-
         def hook(_module, args):
             if self.handle.active:
-                b = args[0].shape[0]
-                self.handle.record_counts(str(st), torch.full((b,), n), torch.full((b,), keep))
-                self.handle.last_kept[str(st)] = self.positions
+                self.plan.record_merged(self.handle, site, args[0].shape[0], self.positions)
         return hook
 
     def _remember(self, block: int):
@@ -184,18 +169,17 @@ class ViTPruningSession:
             hidden = args[0]  # (B, 1 + n, d)
             b, t, d = hidden.shape
             patches = hidden[:, 1:]
-            keep = st.budget.resolve(t - 1, str(site))
+            keep = self.plan.keep_at(site, t - 1)
             with self.handle.scoring():
                 inputs = SiteInputs(patches, keep, str(site), lambda: row_generator(self.seed, patches),
                                     self._signals(site.layer - 1))
-                sel = st.method.select(inputs)
-                check_selection(sel, b, t - 1, keep, f"{st.method.name} at {site}")
+                sel = self.plan.settle(site, st.method.select(inputs), b, t - 1, keep)
             self._inputs.pop(site.layer - 1, None)
             values = sel.tokens if sel.tokens is not None else patches.gather(1, sel.indices[..., None].expand(-1, -1, d))
             self.positions = self.positions.gather(1, sel.indices)
             if self.sizes.value is not None:  # the kept tokens keep what they stand for
                 self.sizes.value = torch.cat([self.sizes.value[:, :1], self.sizes.value[:, 1:].gather(1, sel.indices)], 1)
-            self.handle.record_counts(str(st), torch.full((b,), t - 1), torch.full((b,), keep))
+            self.plan.record(self.handle, site, sel, t - 1)
             self.handle.last_kept[str(st)] = self.positions
             return (torch.cat([hidden[:, :1], values.to(hidden.dtype)], 1), *args[1:])
         return hook
