@@ -18,7 +18,7 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from tokensieve.attach import attach
-from tokensieve.backbones.llama_attention import last_query_attention
+from tokensieve.backbones.llama_decoder import last_query_attention
 from tokensieve.errors import TokensieveError
 from tokensieve.method import Budget
 from tokensieve.methods.pyramiddrop import PyramidDrop, pyramid_layers, pyramiddrop_keep
