@@ -1,0 +1,93 @@
+"""The contract every backbone keeps: the one signals check at attach (before any forward pass),
+and the one CLS-attention implementation, on tiny random models on the CPU."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+from tokensieve.attach import attach
+from tokensieve.backbones.attention_signals import (
+    cls_attention,
+    layer_cls_attention,
+    split_heads,
+)
+from tokensieve.backbones.base import Site
+from tokensieve.backbones.hf_clip import HFClipViTBackbone
+from tokensieve.backbones.llava_signals import llava_signals_at
+from tokensieve.backbones.vit_pruning import SIGNALS, vit_signals_at
+from tokensieve.errors import TokensieveError
+from tokensieve.method import Method, Selection, SiteInputs
+from tokensieve.ops import query_attention
+
+
+@dataclass
+class _NeedsText(Method):
+    """A vision method that asks for the LLM's text attention, which no vision site has."""
+
+    name = "needs_text"
+    stages = ("vision", "projector")
+    signals = ("text_attention",)
+
+    def select(self, inputs: SiteInputs) -> Selection:
+        raise AssertionError("a refused stage must never run")
+
+
+def _hooks(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+@pytest.fixture(scope="module")
+def vit():
+    torch.manual_seed(0)
+    return HFClipViTBackbone(CLIPVisionModel(CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+        image_size=32, patch_size=4)).eval())
+
+
+def test_a_vit_refuses_a_missing_signal_at_attach_with_the_shared_message(vit):
+    before = _hooks(vit.model)
+    message = (r"needs_text@vision.1:8: needs_text needs text_attention, which vision.1 does not provide "
+               r"\(it provides: attention, cls_attention, keys\)")
+    with pytest.raises(TokensieveError, match=message):
+        attach(vit, _NeedsText(), 8, site="vision.1")
+    assert _hooks(vit.model) == before
+
+
+def test_llava_refuses_a_missing_signal_at_attach_with_the_same_message(backbone):
+    before = _hooks(backbone.model)
+    with pytest.raises(TokensieveError, match=r"needs text_attention, which projector does not provide"):
+        attach(backbone, _NeedsText(), 8, site="projector")
+    assert _hooks(backbone.model) == before
+
+
+def test_signal_tables(vit, backbone):
+    assert vit_signals_at(vit, Site("vision", 1)) == set(SIGNALS)
+    assert vit_signals_at(vit, Site("vision", 0)) == set()  # block 0 has no earlier attention
+    assert {"cls_attention", "keys"} <= llava_signals_at(backbone, Site("vision", 1))
+    assert "text_attention" in llava_signals_at(backbone, Site("llm", 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads", [1, 4])
+def test_cls_attention_is_the_query_attention_of_ops_bit_for_bit(dtype, heads):
+    torch.manual_seed(0)
+    q_proj, k_proj = torch.nn.Linear(32, 32).to(dtype), torch.nn.Linear(32, 32).to(dtype)
+    hidden, bias = torch.randn(3, 17, 32, dtype=dtype), torch.randn(3, 17, dtype=dtype)
+    for key_bias in (None, bias):
+        ours = layer_cls_attention(hidden, q_proj, k_proj(hidden), heads, 0.3, key_bias)
+        assert ours.shape == (3, 17) and ours.dtype == dtype
+        assert torch.equal(ours, query_attention(hidden, q_proj, k_proj, heads, 0, 0.3, key_bias))
+
+
+def test_cls_attention_upcast_softmaxes_in_float32():
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 2, 1, 8, dtype=torch.bfloat16), torch.randn(2, 2, 5, 8, dtype=torch.bfloat16)
+    row = cls_attention(q, k, 0.5, upcast=True)
+    expected = ((q @ k.transpose(-1, -2)) * 0.5).float().softmax(-1).mean(1)[:, 0]
+    assert row.dtype == torch.float32 and torch.equal(row, expected)
+    assert torch.allclose(row.sum(1), torch.ones(2))
+    assert split_heads(torch.randn(2, 5, 16), 2).shape == (2, 2, 5, 8)
