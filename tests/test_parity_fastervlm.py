@@ -16,7 +16,7 @@ from torch import nn
 from tokensieve.method import SiteInputs
 from tokensieve.methods import create_method
 from tokensieve.methods.fastervlm import FasterVLM
-from tokensieve.ops import query_attention
+from tokensieve.backbones.attention_signals import layer_cls_attention
 
 TENSORS, META = load_fixture("fastervlm")
 
@@ -42,14 +42,14 @@ def test_small_and_tied_cases_keep_the_same_patches(prefix, keep):
 
 
 def test_the_engines_cls_attention_is_the_references_head_mean():
-    """The backbone computes ``cls_attention`` with ops.query_attention from the feature block's
+    """The backbone computes ``cls_attention`` with attention_signals.layer_cls_attention from the feature block's
     normed input and q/k projections; on the fixture's block that is the reference's
     ``attentions[-2][:, :, 0, 1:].mean(1)``, and it keeps the same patches."""
     q, k = nn.Linear(64, 64), nn.Linear(64, 64)
     with torch.no_grad():
         q.weight.copy_(TENSORS["q_weight"]), q.bias.copy_(TENSORS["q_bias"])
         k.weight.copy_(TENSORS["k_weight"]), k.bias.copy_(TENSORS["k_bias"])
-        ours = query_attention(TENSORS["block_input"], q, k, num_heads=4)[:, 1:]
+        ours = layer_cls_attention(TENSORS["block_input"], q, k(TENSORS["block_input"]), 4, 16 ** -0.5)[:, 1:]
     reference = TENSORS["head_cls_attention"].mean(1)
     assert float((ours - reference).abs().max() / reference.abs().max()) <= 1e-5
     inputs = SiteInputs(TENSORS["features"], 64, "projector", [torch.Generator()] * 2, {"cls_attention": lambda: ours})

@@ -14,7 +14,7 @@ from parity_fixtures import assert_close_relative, load_fixture
 from tokensieve.method import SiteInputs
 from tokensieve.methods.prumerge import (PruMerge, PruMergePlus, adaptive_count, iqr_outlier_ratio, plus_stride,
                                          prumerge_keep, prumerge_merge, prumerge_plus_keep, pruned_summary)
-from tokensieve.ops import query_attention
+from tokensieve.backbones.attention_signals import layer_cls_attention
 
 FIXTURES = {name: load_fixture(name) for name in ("prumerge", "prumerge_plus")}
 CASES = [(name, case) for name, (_, meta) in FIXTURES.items() for case in meta["cases"]]
@@ -36,7 +36,7 @@ def test_fixtures_are_the_paper_setting():
 
 @pytest.mark.parametrize("name, case", CASES, ids=IDS)
 def test_signals_are_the_last_block_full_width_attention_and_keys(name, case):
-    """The engine's last_block_cls_attention is ops.query_attention with one head over the full
+    """The engine's last_block_cls_attention is attention_signals.layer_cls_attention with one head over the full
     width, scale d**-0.5, on the block's layer-normed input; last_block_keys is k_proj without CLS."""
     t, _ = case_tensors(name, case)
     d = t["features"].shape[-1]
@@ -46,7 +46,7 @@ def test_signals_are_the_last_block_full_width_attention_and_keys(name, case):
     with torch.no_grad():
         q_proj.weight.copy_(t["q_weight"]), q_proj.bias.copy_(t["q_bias"])
         k_proj.weight.copy_(t["k_weight"]), k_proj.bias.copy_(t["k_bias"])
-        attention = query_attention(normed, q_proj, k_proj, 1, 0, d ** -0.5)
+        attention = layer_cls_attention(normed, q_proj, k_proj(normed), 1, d ** -0.5)
         keys = k_proj(normed)
     assert_close_relative(attention[:, 1:], t["cls_attention"])
     assert_close_relative(keys, t["k"])

@@ -8,27 +8,6 @@ import torch
 from torch import nn
 
 
-def query_attention(hidden: torch.Tensor, q_proj: nn.Linear, k_proj: nn.Linear, num_heads: int,
-                    query_index: int = 0, scale: float | None = None,
-                    key_bias: torch.Tensor | None = None, keys: torch.Tensor | None = None) -> torch.Tensor:
-    """Softmax attention of one query position over all keys, averaged over heads.
-
-    Recomputed from the layer's own projections so fused (SDPA) attention can stay on.
-    hidden: ``(B, T, d)`` the states the attention layer receives (already normalised).
-    key_bias: optional ``(B, T)`` additive bias on the keys (a soft mask's ``log(mask)``).
-    keys: optional ``(B, T, d)`` output of ``k_proj`` already computed by the layer (saves redoing it).
-    Returns ``(B, T)``; each row sums to 1.
-    """
-    b, t, _ = hidden.shape
-    q = q_proj(hidden[:, query_index : query_index + 1]).view(b, 1, num_heads, -1).transpose(1, 2)
-    k = (k_proj(hidden) if keys is None else keys).view(b, t, num_heads, -1).transpose(1, 2)  # (B, H, T, dh)
-    scale = scale if scale is not None else q.shape[-1] ** -0.5
-    scores = (q @ k.transpose(-1, -2)).squeeze(2) * scale  # (B, H, T)
-    if key_bias is not None:
-        scores = scores + key_bias[:, None, :]
-    return scores.softmax(-1).mean(1)
-
-
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Rows of ``x`` ``(B, N, ...)`` at ``index`` ``(B, K)`` -> ``(B, K, ...)``."""
     expanded = index.reshape(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:])

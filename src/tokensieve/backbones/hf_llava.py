@@ -22,12 +22,13 @@ import torch
 from torch import nn
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
+from tokensieve.backbones.attention_signals import layer_cls_attention
 from tokensieve.backbones.base import Site
 from tokensieve.backbones.llava_checkpoint import default_model_path, load_llava_weights
 from tokensieve.backbones.llava_pruning import LlavaPruningSession
+from tokensieve.backbones.llava_signals import llava_signals_at
 from tokensieve.devices import require_device
 from tokensieve.errors import TokensieveError
-from tokensieve.ops import query_attention
 
 
 @dataclass
@@ -154,6 +155,10 @@ class LlavaBackbone:
         vision = [Site("vision", i) for i in range(1, self.feature_hidden_index)]
         llm = [Site("llm", k) for k in range(len(self.llm_layers))]
         return vision + [Site("projector")] + llm
+
+    def signals_at(self, site: Site) -> set[str]:
+        """The signals a method can read at ``site`` (docs/methods.md has the table)."""
+        return llava_signals_at(self, site)
 
     def site_module(self, site: Site) -> nn.Module:
         """The module whose forward pre-hook sees the tokens at ``site`` (``llm.0``: the projector,
@@ -287,7 +292,7 @@ class LlavaBackbone:
 
         def hook(_module, args, kwargs):
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            row = query_attention(hidden, attn.q_proj, attn.k_proj, attn.num_heads, 0, attn.scale)
+            row = layer_cls_attention(hidden, attn.q_proj, attn.k_proj(hidden), attn.num_heads, attn.scale)
             captured.append(row[:, 1:].detach())
 
         handle = attn.register_forward_pre_hook(hook, with_kwargs=True)

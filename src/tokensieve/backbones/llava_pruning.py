@@ -25,7 +25,7 @@ from tokensieve.backbones.base import Site
 from tokensieve.backbones.block_merging import TokenSizes
 from tokensieve.backbones.llama_decoder import Drop, soft_key_bias
 from tokensieve.backbones.llava_llm import LLMReductions
-from tokensieve.backbones.llava_signals import LlavaSignals, llava_signals_at
+from tokensieve.backbones.llava_signals import LlavaSignals
 from tokensieve.backbones.llava_tower import TowerReductions
 from tokensieve.backbones.stage_plan import StagePlan, merges_in_blocks, row_generator
 from tokensieve.errors import TokensieveError
@@ -41,7 +41,7 @@ class LlavaStagePlan(StagePlan):
 
     def __init__(self, backbone, handle):
         self.depth = len(backbone.llm_layers)
-        super().__init__(handle.stages, handle.mode, backbone.sites(), lambda site: llava_signals_at(backbone, site),
+        super().__init__(handle.stages, handle.mode, backbone.sites(), backbone.signals_at,
                          backbone.n_patches, backbone.keeps_cls, backbone.feature_hidden_index)
 
     def missing_site(self, site: Site, st) -> TokensieveError:
