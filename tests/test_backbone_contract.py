@@ -63,6 +63,23 @@ def test_llava_refuses_a_missing_signal_at_attach_with_the_same_message(backbone
     assert _hooks(backbone.model) == before
 
 
+@pytest.mark.parametrize("later", [("visionzip", "vision.2", 20), ("fastervlm", "projector", 20),
+                                   ("prumerge", "projector", 20)], ids=lambda s: f"{s[0]}@{s[1]}")
+def test_a_stage_reading_tower_attention_cannot_follow_a_merge_inside_that_block(backbone, later):
+    """ToMe at vision.1 merges inside blocks 1..2 of the tiny tower (3 blocks, features from the
+    last): block 2's attention ran before its merge, so a later stage reading it is refused at attach."""
+    before = _hooks(backbone.model)
+    with pytest.raises(TokensieveError, match=r"comes from block \d's attention, which runs before tome@vision.1:40 "
+                                              r"merges inside block \d"):
+        attach(backbone, [("tome", "vision.1", 40), later])
+    assert _hooks(backbone.model) == before
+
+
+def test_a_vit_refuses_tower_attention_after_a_merge_in_that_block(vit):
+    with pytest.raises(TokensieveError, match=r"cls_attention comes from block 1's attention"):
+        attach(vit, [("tome", "vision.1", 50), ("fastervlm", "vision.2", 20)])
+
+
 def test_signal_tables(vit, backbone):
     assert vit_signals_at(vit, Site("vision", 1)) == set(SIGNALS)
     assert vit_signals_at(vit, Site("vision", 0)) == set()  # block 0 has no earlier attention

@@ -40,9 +40,14 @@ class LlavaStagePlan(StagePlan):
     LLM's layers; CLS enters the LLM when ``vision_feature_select_strategy`` keeps it."""
 
     def __init__(self, backbone, handle):
-        self.depth = len(backbone.llm_layers)
+        self.depth, self.last_block = len(backbone.llm_layers), len(backbone.vision_layers) - 1
         super().__init__(handle.stages, handle.mode, backbone.sites(), backbone.signals_at,
                          backbone.n_patches, backbone.keeps_cls, backbone.feature_hidden_index)
+
+    def signal_block(self, site: Site, signal: str) -> int:
+        if signal.startswith("last_block_"):
+            return self.last_block
+        return super().signal_block(site, signal)
 
     def missing_site(self, site: Site, st) -> TokensieveError:
         if site.stage == "llm" and site.layer >= self.depth:

@@ -122,6 +122,11 @@ def check_signals(stages: dict, signals_at: Callable[[Site], set[str]]) -> None:
                                   f"provide (it provides: {have})")
 
 
+# Signals computed from a tower block's attention input: they describe the tokens that block saw.
+TOWER_ATTENTION_SIGNALS = frozenset({"cls_attention", "keys", "attention", "last_block_cls_attention",
+                                     "last_block_keys"})
+
+
 class StagePlan:
     """The stages of one handle on one backbone, checked, with their budgets chained.
 
@@ -156,6 +161,7 @@ class StagePlan:
         self.schedules: dict = {}
         self.capped: set = set()
         self._chain_budgets(n_patches, keeps_cls)
+        self._check_merged_signals()
 
     # --- what a backbone's plan words or refuses its own way -----------------------------
     def missing_site(self, site: Site, st) -> TokensieveError:
@@ -172,6 +178,11 @@ class StagePlan:
     def budget_where(self, site: Site, n: int) -> str:
         """How a budget's error names ``site``, where it sees ``n`` tokens."""
         return str(site)
+
+    def signal_block(self, site: Site, signal: str) -> int:
+        """The tower block whose attention gives ``signal`` to a stage at ``site`` (before the LLM):
+        the block before a vision site, else the feature block."""
+        return site.layer - 1 if site.stage == "vision" else self.tower_end - 1
 
     def merge_span(self, site: Site, end: int) -> str:
         """How an in-block stage's error names the blocks it merges in."""
@@ -212,6 +223,22 @@ class StagePlan:
         except TokensieveError as e:
             raise TokensieveError(f"{st} merges in blocks {self.merge_span(site, end)}: {e}") from None
         self.schedules[site] = {site.layer + i: r_i for i, r_i in enumerate(r)}
+
+    def _check_merged_signals(self) -> None:
+        """Refuse a stage reading a block's attention when an in-block stage merges inside that block:
+        the attention ran before the merge, so it would describe tokens that are gone."""
+        merging = {block: st for site, st in self.stages.items() if site in self.schedules
+                   for block, r in self.schedules[site].items() if r}
+        for site, st in self.stages.items():
+            if site in self.schedules or not site.before_llm:
+                continue
+            for signal in sorted((set(st.method.signals) | set(st.method.optional_signals)) & TOWER_ATTENTION_SIGNALS):
+                block = self.signal_block(site, signal)
+                if block in merging:
+                    raise TokensieveError(f"{st}: {signal} comes from block {block}'s attention, which runs before "
+                                          f"{merging[block]} merges inside block {block}, so it would describe tokens "
+                                          "that are gone; a stage reading tower attention cannot follow one merging "
+                                          "in that block")
 
     # --- one forward pass ---------------------------------------------------------------
     def keep_at(self, site: Site, n: int) -> int:
