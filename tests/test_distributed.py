@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 from tokensieve.cli import main
 from tokensieve.config import load_config
+from tokensieve.distributed import Distributed
 from tokensieve.errors import TokensieveError
-from tokensieve.train.distributed import Distributed
 from tokensieve.train.trainer import TwoStageTrainer
 from tokensieve.train.two_stage_config import TwoStageConfig
 

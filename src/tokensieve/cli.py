@@ -195,7 +195,7 @@ def _eval(args: argparse.Namespace) -> None:
 
         pruner = load_parts(args.pruner, backbone)
         pruner.cfg = replace(pruner.cfg, pruner=replace(pruner.cfg.pruner, **head_settings))
-    from tokensieve.train.distributed import Distributed
+    from tokensieve.distributed import Distributed
 
     dist = Distributed()  # one process unless launched by torchrun / accelerate launch: then each scores a share
     log = None

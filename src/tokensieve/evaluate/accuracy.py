@@ -12,6 +12,7 @@ from tokensieve.backbones.llava_prompt import prompt
 from tokensieve.backbones.stage_plan import PADDING
 from tokensieve.data.synthetic_eval import object_oracle, scene_spec_for
 from tokensieve.data.vqa_files import VQAItem
+from tokensieve.distributed import Distributed
 from tokensieve.errors import TokensieveError
 from tokensieve.evaluate.eval_data import EvalData
 from tokensieve.evaluate.flops import TokenCounts, prefill_flops, token_counts
@@ -24,7 +25,6 @@ from tokensieve.evaluate.sample_log import SampleLog
 from tokensieve.evaluate.scoring import accuracy_summary, score
 from tokensieve.interrupt import Interrupted
 from tokensieve.method import Budget
-from tokensieve.train.distributed import Distributed
 
 FLOPS_STAGES = ("vision", "projector", "llm", "lm_head", "total")
 

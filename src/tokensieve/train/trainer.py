@@ -33,12 +33,12 @@ from tokensieve.checkpoint import atomic_torch_save, atomic_write_text, load_che
 from tokensieve.config import load_config, save_config, to_dict
 from tokensieve.data.instruct import InstructExample, collate, load_instruct, synthetic_examples
 from tokensieve.data.synthetic import SPLIT_SEEDS, training_seed
+from tokensieve.distributed import Distributed
 from tokensieve.errors import TokensieveError
 from tokensieve.interrupt import Interrupted, stop_at_step_end
 from tokensieve.learned import keep_probability
 from tokensieve.method import Budget
 from tokensieve.train import losses, schedules
-from tokensieve.train.distributed import Distributed
 from tokensieve.train.parts import CONFIG_FILE, PrunerParts
 from tokensieve.train.two_stage_config import TwoStageConfig, stage_targets
 
