@@ -19,7 +19,6 @@ from tokensieve.attach import attach
 from tokensieve.backbones.block_merging import BlockMerger
 from tokensieve.backbones.hf_clip import HFClipViTBackbone
 from tokensieve.backbones.open_clip_vit import OpenClipViTBackbone
-from tokensieve.clip.compat import import_open_clip
 from tokensieve.errors import TokensieveError
 from tokensieve.method import SiteInputs
 from tokensieve.methods import create_method
@@ -30,6 +29,7 @@ from tokensieve.methods.tome import (
     merge_wavg,
     schedule_leaves,
 )
+from tokensieve.optional import import_open_clip
 
 VIT, VIT_META = load_fixture("tome_vit")
 

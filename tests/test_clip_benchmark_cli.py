@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from tokensieve.cli import main
-from tokensieve.clip.compat import import_open_clip
 from tokensieve.clip.shapes import CLASSNAMES
 from tokensieve.clip.wds import write_shape_datasets
+from tokensieve.optional import import_open_clip
 
 TINY = ["--model", "tokensieve-tiny-clip", "--pretrained", "tokensieve", "--num_workers", "0", "--no_amp",
         "--batch_size", "48", "--quiet"]

@@ -205,7 +205,7 @@ def test_bad_settings_are_refused(kwargs, message):
 
 
 def test_models_that_are_not_vits_are_refused():
-    from tokensieve.clip.compat import import_open_clip
+    from tokensieve.optional import import_open_clip
 
     resnet = import_open_clip().modified_resnet.ModifiedResNet(layers=[1, 1, 1, 1], output_dim=16, heads=2,
                                                                image_size=32, width=8)

@@ -52,7 +52,7 @@ def test_the_exported_local_dir_loads_through_open_clip_itself(tmp_path):
     import torch
     from PIL import Image
 
-    from tokensieve.clip.compat import import_open_clip
+    from tokensieve.optional import import_open_clip
     from tokensieve.clip.export import export_local_dir
     from tokensieve.clip.shapes import shape_image
     from tokensieve.clip.tiny import load_tiny

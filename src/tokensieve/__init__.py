@@ -1,8 +1,8 @@
 """tokensieve: prune and merge visual tokens in vision-language models and CLIP ViTs, and measure it."""
 
-from tokensieve.clip.compat import ensure_torchvision_importable
+from tokensieve.optional import shim_torchvision_when_imported
 
-ensure_torchvision_importable()  # before transformers imports torchvision: see tokensieve/clip/compat.py
+shim_torchvision_when_imported()  # transformers imports torchvision when installed: see tokensieve/optional.py
 
 from tokensieve.attach import Handle, attach
 from tokensieve.method import Budget, Method, Selection, SiteInputs, register

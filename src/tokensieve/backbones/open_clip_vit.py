@@ -16,14 +16,13 @@ from torch.nn import functional as F
 
 from tokensieve.backbones.base import Site
 from tokensieve.errors import TokensieveError
+from tokensieve.optional import import_open_clip
 
 
 class OpenClipViTBackbone:
     """An open_clip model (``CLIP``, ``CustomTextCLIP``) or its ``VisionTransformer`` seen through sites."""
 
     def __init__(self, model: nn.Module):
-        from tokensieve.clip.compat import import_open_clip
-
         oc = import_open_clip()
         visual = getattr(model, "visual", model)
         if not isinstance(visual, oc.transformer.VisionTransformer):

@@ -1,2 +1,2 @@
-"""CLIP side of tokensieve: the tiny open_clip model trained on synthetic shapes, its data sets in
-clip_benchmark's ``wds`` layout, and the import shims the CLIP libraries need here."""
+"""CLIP side of tokensieve: the tiny open_clip model trained on synthetic shapes, and its data sets in
+clip_benchmark's ``wds`` layout."""

@@ -18,9 +18,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tokensieve.checkpoint import atomic_write, atomic_write_text
-from tokensieve.clip.compat import import_open_clip
 from tokensieve.clip.shapes import CLASSNAMES, TEMPLATES
 from tokensieve.errors import TokensieveError
+from tokensieve.optional import import_open_clip
 
 TINY_NAME = "tokensieve-tiny-clip"
 WEIGHTS_FILE = "tiny_clip.safetensors"

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from tokensieve.evaluate.timing import alternate_timings
+from tokensieve.optional import import_open_clip
 
 TARGET = 0.9  # measured speedup >= 90% of the ideal (issue 6)
 
@@ -42,8 +43,6 @@ SHAPES = {"vit-b-16": ViTShape(), "vit-b-32": ViTShape(patch_size=32)}
 def build_vit(shape: ViTShape, seed: int = 0) -> torch.nn.Module:
     """A randomly initialised open_clip ``VisionTransformer`` of ``shape`` in eval mode (a random
     model times like a trained one of the same shape)."""
-    from tokensieve.clip.compat import import_open_clip
-
     oc = import_open_clip()
     torch.manual_seed(seed)
     return oc.transformer.VisionTransformer(image_size=shape.image_size, patch_size=shape.patch_size,

@@ -37,6 +37,7 @@ from tokensieve.backbones.stage_plan import merges_in_blocks, tokens_entering_me
 from tokensieve.errors import TokensieveError
 from tokensieve.held_warnings import warnings_held_until_success
 from tokensieve.methods import create_method
+from tokensieve.optional import ensure_torchvision_importable, import_open_clip, require
 
 CLIP_BENCHMARK_VERSION = "1.6.2"
 DEFAULT_METHOD = "anchor"
@@ -208,7 +209,6 @@ def load_model(load_func, model_type: str, model_name: str, pretrained: str, cac
     """
     from safetensors import SafetensorError
 
-    from tokensieve.clip.compat import import_open_clip
     from tokensieve.clip.tiny import TINY_NAME, load_tiny
 
     if model_type == "open_clip" and model_name == TINY_NAME:
@@ -408,12 +408,9 @@ class ClipBenchmarkSession:
 def run_clip_benchmark(clip_benchmark_args: list[str], settings: PruningSettings,
                        keep_models: bool = False) -> ClipBenchmarkSession:
     """``clip_benchmark eval ARGS`` with ``settings`` applied; returns the session (its runs)."""
-    from tokensieve.clip.compat import ensure_torchvision_importable
-
     settings.validate()
     ensure_torchvision_importable()
-    from clip_benchmark import cli
-
+    cli = require("clip_benchmark.cli", "clip")
     session = ClipBenchmarkSession(settings, keep_models)
     argv, usage = sys.argv, io.StringIO()
     sys.argv = ["clip_benchmark", "eval", *clip_benchmark_args]  # clip_benchmark's parser reads sys.argv
