@@ -19,6 +19,7 @@ from typing import TypeVar
 import torch
 
 from tokensieve.errors import TokensieveError
+from tokensieve.optional import require
 
 T = TypeVar("T")
 
@@ -29,11 +30,9 @@ class Distributed:
     def __init__(self, device: str = "cpu"):
         self.state = None
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            from accelerate import PartialState
-
             # Reads the launcher's environment, joins the process group (nccl on GPUs, gloo on CPUs)
             # and makes this process's GPU the current one, so "cuda" means it.
-            self.state = PartialState(cpu=device == "cpu")
+            self.state = require("accelerate", "dist").PartialState(cpu=device == "cpu")
 
     @property
     def world_size(self) -> int:

@@ -73,6 +73,29 @@ def installed(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+class _NoEvents:
+    """What the trainer writes TensorBoard events with when tensorboard is not installed: nothing."""
+
+    def __init__(self, *_args, **_kwargs):
+        pass
+
+    def add_scalar(self, *_args, **_kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def summary_writer() -> type:
+    """torch's ``SummaryWriter`` with ``tokensieve[tensorboard]`` installed, else a writer of nothing
+    (the training log ``log.jsonl`` holds the same numbers)."""
+    if not installed("tensorboard"):
+        return _NoEvents
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter
+
+
 def import_open_clip() -> ModuleType:
     """``open_clip``, importable on a CPU-only torch (see the module docstring)."""
     ensure_torchvision_importable()

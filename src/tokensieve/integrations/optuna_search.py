@@ -25,8 +25,9 @@ import torch
 
 from tokensieve.config import from_dict, save_config, to_dict
 from tokensieve.errors import TokensieveError
-from tokensieve.interrupt import Interrupted
 from tokensieve.integrations.search_space import Param, Search, load_search
+from tokensieve.interrupt import Interrupted
+from tokensieve.optional import require
 from tokensieve.train.two_stage_config import TwoStageConfig
 
 BEST_CONFIG = "best_config.yaml"
@@ -34,8 +35,7 @@ BEST_TRIAL = "best_trial.json"
 
 
 def _optuna():
-    import optuna
-
+    optuna = require("optuna", "search")
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     return optuna
 

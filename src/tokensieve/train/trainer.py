@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from tokensieve import optional
 from tokensieve.backbones import LlavaBackbone
 from tokensieve.checkpoint import atomic_torch_save, atomic_write_text, load_checkpoint, remove_stale_temporaries
 from tokensieve.config import load_config, save_config, to_dict
@@ -297,7 +298,7 @@ class TwoStageTrainer:
 
     # --- the loop -----------------------------------------------------------------------
     def run(self) -> Path:
-        from torch.utils.tensorboard import SummaryWriter
+        SummaryWriter = optional.summary_writer()  # events in tb/ only with tokensieve[tensorboard] installed
 
         cfg = self.cfg
         self.parts.train()
