@@ -80,7 +80,7 @@ RECIPES = [
     Recipe(r"^\.venv/bin/pip install -c requirements\.lock ", "skip",
            "installed the environment these tests run in; tests/test_lock.py checks it equals requirements.lock"),
     Recipe(r"^\.venv/bin/python -m pytest", "skip", "this test run"),
-    Recipe(r"^pip install -e \.\[lmms-eval\]$", "parse", "installs an extra: the extra must exist"),
+    Recipe(r"^pip install -e \.\[(clip|search|lmms|dist|tensorboard|all)\]$", "parse", "installs an extra: the extra must exist"),
     Recipe(r"--device cuda", "parse", "needs a CUDA GPU"),
     Recipe(r"llava-hf/llava-1\.5-7b-hf|/data/", "parse", "needs LLaVA-1.5-7B (and its data) from the hub"),
     Recipe(r"--pretrained openai", "parse", "needs OpenAI's CLIP weights and CIFAR-10 from the network"),
