@@ -13,6 +13,7 @@ from tokensieve.attach import attach
 from tokensieve.backbones.hf_clip import HFClipViTBackbone
 from tokensieve.backbones.open_clip_vit import OpenClipViTBackbone
 from tokensieve.backbones.stage_plan import merges_in_blocks
+from tokensieve.backbones.vit_adapters import vit_backbone
 from tokensieve.backbones.vit_pruning import SIGNALS, ViTPruningSession
 from tokensieve.clip.tiny import build_tiny
 from tokensieve.errors import TokensieveError
@@ -20,7 +21,6 @@ from tokensieve.integrations.clip_benchmark import (
     PruningSettings,
     attach_pruning,
     tokens_per_block,
-    vit_backbone,
 )
 from tokensieve.methods import create_method, list_methods, method_class
 

@@ -34,6 +34,7 @@ import torch
 
 from tokensieve.attach import Handle, attach
 from tokensieve.backbones.stage_plan import merges_in_blocks, tokens_entering_merges
+from tokensieve.backbones.vit_adapters import vit_backbone
 from tokensieve.errors import TokensieveError
 from tokensieve.held_warnings import warnings_held_until_success
 from tokensieve.methods import create_method
@@ -100,24 +101,11 @@ class PruningSettings:
         return sorted(set(self.prune_layers)) if self.prune_layers else list(range(1, backbone.depth))
 
 
-def vit_backbone(model):
-    """The ViT adapter for ``model`` (open_clip or transformers CLIP), or a :class:`TokensieveError`."""
-    from tokensieve.backbones.hf_clip import HFClipViTBackbone
-    from tokensieve.backbones.open_clip_vit import OpenClipViTBackbone
-
-    if hasattr(model, "visual") or type(model).__module__.startswith("open_clip"):
-        return OpenClipViTBackbone(model)
-    if hasattr(model, "vision_model") or hasattr(model, "embeddings"):
-        return HFClipViTBackbone(model)
-    raise TokensieveError(f"{type(model).__name__} is neither an open_clip model with a ViT image tower nor a "
-                          "transformers CLIP vision model; tokensieve prunes ViT image tokens only")
-
-
 def attach_pruning(backbone, settings: PruningSettings) -> Handle:
     """Attach ``settings``' method before every block of its ``prune_layers`` of a ViT adapter
-    (:func:`vit_backbone`), or, for a method that merges inside blocks (ToMe), once at the first of
-    them (it merges in every block from there on, as released); refuses budgets and blocks this
-    tower does not have."""
+    (:func:`tokensieve.backbones.vit_adapters.vit_backbone`), or, for a method that merges inside
+    blocks (ToMe), once at the first of them (it merges in every block from there on, as
+    released); refuses budgets and blocks this tower does not have."""
     n = backbone.n_patches
     if settings.budget + 1 > n + 1:
         raise TokensieveError(f"k_anchors + top_m + 1 = {settings.k_anchors} + {settings.top_m} + 1 = "
