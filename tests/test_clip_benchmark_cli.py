@@ -159,7 +159,8 @@ def test_compare_writes_two_result_files_from_one_template():
 def test_loader_workers_are_capped_at_the_shards_of_a_local_wds_set(tmp_path):
     from argparse import Namespace
 
-    from tokensieve.integrations.clip_benchmark import ClipBenchmarkSession, PruningSettings
+    from tokensieve.evaluate.clip_pruning import PruningSettings
+    from tokensieve.integrations.clip_benchmark import ClipBenchmarkSession
 
     (tmp_path / "shapes_classification" / "test").mkdir(parents=True)
     (tmp_path / "shapes_classification" / "test" / "nshards.txt").write_text("3\n")

@@ -17,7 +17,7 @@ from tokensieve.backbones.vit_adapters import vit_backbone
 from tokensieve.backbones.vit_pruning import SIGNALS, ViTPruningSession
 from tokensieve.clip.tiny import build_tiny
 from tokensieve.errors import TokensieveError
-from tokensieve.integrations.clip_benchmark import (
+from tokensieve.evaluate.clip_pruning import (
     PruningSettings,
     attach_pruning,
     tokens_per_block,

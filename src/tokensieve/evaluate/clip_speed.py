@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from tokensieve.backbones.open_clip_vit import OpenClipViTBackbone
+from tokensieve.evaluate.clip_pruning import attach_pruning, tokens_per_block
 from tokensieve.evaluate.timing import alternate_timings
 from tokensieve.optional import import_open_clip
 
@@ -84,11 +86,8 @@ def speed_row(backbone, handle, pixels: torch.Tensor, tokens_per_block: list[int
 
 
 def speed_rows(shape: ViTShape, variants: list, batch: int = 8, repeats: int = 5, threads: int | None = None) -> dict:
-    """One row per :class:`~tokensieve.integrations.clip_benchmark.PruningSettings` in ``variants``,
+    """One row per :class:`~tokensieve.evaluate.clip_pruning.PruningSettings` in ``variants``,
     on a random open_clip ViT of ``shape`` with a random batch of ``batch`` images."""
-    from tokensieve.backbones.open_clip_vit import OpenClipViTBackbone
-    from tokensieve.integrations.clip_benchmark import attach_pruning, tokens_per_block
-
     if threads:
         torch.set_num_threads(threads)
     backbone = OpenClipViTBackbone(build_vit(shape))

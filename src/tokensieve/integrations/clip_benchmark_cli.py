@@ -13,7 +13,8 @@ from pathlib import Path
 
 from tokensieve.cli_args import OneLineParser, out_folder, positive_int
 from tokensieve.errors import TokensieveError
-from tokensieve.integrations.clip_benchmark import VIT_METHODS, PruningSettings, run_clip_benchmark, write_json
+from tokensieve.evaluate.clip_pruning import VIT_METHODS, PruningSettings
+from tokensieve.integrations.clip_benchmark import run_clip_benchmark, write_json
 
 
 def _layers(text: str) -> list[int]:
