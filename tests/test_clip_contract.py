@@ -229,15 +229,11 @@ def test_bad_attach_requests(backbones, kwargs, message):
 
 
 def test_speed_rows_and_the_ideal_on_a_small_shape():
-    from tokensieve.evaluate.clip_speed import (
-        ViTShape,
-        ideal_speedup,
-        linear_flops,
-        speed_rows,
-    )
+    from tokensieve.evaluate.clip_speed import ViTShape, ideal_speedup, speed_rows
+    from tokensieve.evaluate.flops import vit_flops
 
     width, patch = 32, 8
-    full = linear_flops(width, patch, 4.0, 16, [17, 17, 17])
+    full = vit_flops(width, patch, 4.0, 16, [17, 17, 17], attention_scores=False)
     assert full == 2 * 16 * 3 * 64 * 32 + 2 * (4 * 32 * 32 + 2 * 32 * 128) * 51
     assert ideal_speedup(width, patch, 4.0, 16, [17, 17, 17]) == 1.0
     shape = ViTShape(image_size=32, patch_size=8, width=32, layers=3, heads=2, output_dim=16)

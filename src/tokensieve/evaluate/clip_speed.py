@@ -1,9 +1,10 @@
 """Image-encoder speed of pruning inside a CLIP ViT: measured speedup against the FLOPs ideal.
 
 ``ideal_speedup`` is the ratio of the linear FLOPs (dense matmuls, which grow linearly with
-tokens: patch embedding, q/k/v/out projections and the MLP of every block) of the image encoder
-unpruned vs pruned, each block counted on the tokens it runs on; the quadratic attention-score
-term is left out, as in ``tokensieve bench speed``. Pruned and unpruned passes run alternately on
+tokens: patch embedding, q/k/v/out projections and the MLP of every block;
+:func:`tokensieve.evaluate.flops.vit_flops` without the attention-score term) of the image
+encoder unpruned vs pruned, each block counted on the tokens it runs on, as in
+``tokensieve bench speed``. Pruned and unpruned passes run alternately on
 the same inputs and the medians are compared.
 """
 
@@ -16,6 +17,7 @@ import torch
 
 from tokensieve.backbones.open_clip_vit import OpenClipViTBackbone
 from tokensieve.evaluate.clip_pruning import attach_pruning, tokens_per_block
+from tokensieve.evaluate.flops import vit_flops
 from tokensieve.evaluate.timing import alternate_timings
 from tokensieve.optional import import_open_clip
 
@@ -52,16 +54,11 @@ def build_vit(shape: ViTShape, seed: int = 0) -> torch.nn.Module:
                                             mlp_ratio=shape.mlp_ratio, output_dim=shape.output_dim).eval()
 
 
-def linear_flops(width: int, patch_size: int, mlp_ratio: float, n_patches: int, tokens_per_block: list[int]) -> float:
-    """Dense-matmul FLOPs of one image: patch embedding plus every block on its tokens."""
-    per_token = 2 * (4 * width * width + 2 * width * int(width * mlp_ratio))
-    return 2 * n_patches * 3 * patch_size * patch_size * width + per_token * sum(tokens_per_block)
-
-
 def ideal_speedup(width: int, patch_size: int, mlp_ratio: float, n_patches: int, pruned_tokens: list[int]) -> float:
+    """Linear-FLOPs ratio of the unpruned tower to one whose blocks run on ``pruned_tokens``."""
     full = [n_patches + 1] * len(pruned_tokens)
-    return (linear_flops(width, patch_size, mlp_ratio, n_patches, full)
-            / linear_flops(width, patch_size, mlp_ratio, n_patches, pruned_tokens))
+    return (vit_flops(width, patch_size, mlp_ratio, n_patches, full, attention_scores=False)
+            / vit_flops(width, patch_size, mlp_ratio, n_patches, pruned_tokens, attention_scores=False))
 
 
 def speed_row(backbone, handle, pixels: torch.Tensor, tokens_per_block: list[int], repeats: int) -> dict:

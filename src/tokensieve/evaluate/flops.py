@@ -1,12 +1,15 @@
-"""Analytic prefill FLOPs of a LLaVA model, stage by stage, for the tokens each block sees.
+"""Analytic FLOPs for the tokens each block sees: one model of a transformer block
+(:func:`block_flops`), used for a ViT image tower (:func:`vit_flops`) and for a LLaVA prefill,
+stage by stage (:func:`prefill_flops`).
 
 FLOPs are 2 x multiply-accumulates of the matmuls of one prefill of one sequence (a padded
 batch of B rows costs B times the FLOPs of its padded length). Counted: the patch-embedding
 convolution, every linear layer, and attention's ``Q K^T`` and ``A V`` over the full
 ``n x n`` square of each layer — no causal halving, because that is what SDPA kernels compute
 on a dense mask and what ``torch.utils.flop_counter`` reports. Not counted: norms,
-activations, softmax, RoPE, residual adds, biases and the embedding lookup. See
-docs/evaluation.md ("Prefill FLOPs").
+activations, softmax, RoPE, residual adds, biases and the embedding lookup. Without the
+attention-score term the count is the linear FLOPs (dense matmuls, which grow linearly with
+tokens) that the speed benchmarks take as their ideal. See docs/evaluation.md ("Prefill FLOPs").
 """
 
 from __future__ import annotations
@@ -45,24 +48,35 @@ def _check_counts(name: str, counts: Sequence[int], expected_length: int, layers
         _check_count(f"{name}[{i}]", n)
 
 
-def vision_block_flops(config: LlavaConfig, tokens: int, attention_scores: bool = True) -> int:
-    """FLOPs of one CLIP encoder block on ``tokens`` tokens: q/k/v/out, fc1/fc2 and, with
-    ``attention_scores``, the quadratic ``Q K^T`` and ``A V``."""
-    vc = config.vision_config
-    d, n = vc.hidden_size, tokens
-    return 2 * n * (4 * d * d + 2 * d * vc.intermediate_size) + attention_scores * 2 * 2 * n * n * d
-
-
-def llm_layer_flops(config: LlavaConfig, tokens: int, attention_scores: bool = True) -> int:
-    """FLOPs of one Llama decoder layer on ``tokens`` positions (grouped-query K/V projections),
-    with or without the quadratic attention-score term."""
-    tc = config.text_config
-    d, n = tc.hidden_size, tokens
-    q_width, kv_width = tc.num_attention_heads * tc.head_dim, tc.num_key_value_heads * tc.head_dim
+def block_flops(tokens: int, width: int, mlp_hidden: int, attention_scores: bool = True, q_width: int | None = None,
+                kv_width: int | None = None, mlp_matrices: int = 2) -> int:
+    """FLOPs of one transformer block on ``tokens`` tokens of ``width``: the q/k/v/out projections
+    (queries and outputs ``q_width`` wide, keys and values ``kv_width``: grouped-query attention;
+    both default to ``width``), an MLP of ``mlp_matrices`` ``width x mlp_hidden`` matrices (2: a
+    CLIP block's fc1/fc2; 3: Llama's gate/up/down) and, with ``attention_scores``, the quadratic
+    ``Q K^T`` and ``A V`` (per query head: K/V heads are shared, scores are not)."""
+    n, d = tokens, width
+    q_width = d if q_width is None else q_width
+    kv_width = q_width if kv_width is None else kv_width
     projections = 2 * n * (2 * d * q_width + 2 * d * kv_width)  # q and o, then k and v
-    mlp = 2 * n * 3 * d * tc.intermediate_size  # gate, up, down
-    scores = 2 * 2 * n * n * q_width  # K/V heads are shared, scores are per query head
+    mlp = 2 * n * mlp_matrices * d * mlp_hidden
+    scores = 2 * 2 * n * n * q_width
     return projections + mlp + attention_scores * scores
+
+
+def patch_embedding_flops(patches: int, patch_size: int, width: int, channels: int = 3) -> int:
+    """FLOPs of the patch-embedding convolution over ``patches`` patches of one image."""
+    return 2 * patches * channels * patch_size**2 * width
+
+
+def vit_flops(width: int, patch_size: int, mlp_ratio: float, n_patches: int, tokens_per_block: Sequence[int],
+              attention_scores: bool = True) -> int:
+    """FLOPs of one image through a ViT image tower of ``width`` (MLP ``int(width * mlp_ratio)``
+    wide): the patch embedding of its ``n_patches`` patches and every block on the tokens it runs
+    on, ``tokens_per_block`` (CLS included)."""
+    mlp_hidden = int(width * mlp_ratio)
+    return patch_embedding_flops(n_patches, patch_size, width) + sum(
+        block_flops(n, width, mlp_hidden, attention_scores) for n in tokens_per_block)
 
 
 def prefill_flops(config: LlavaConfig, vision_tokens: Sequence[int], projector_tokens: int,
@@ -85,11 +99,13 @@ def prefill_flops(config: LlavaConfig, vision_tokens: Sequence[int], projector_t
     _check_counts("llm_tokens", llm_tokens, tc.num_hidden_layers, "LLM decoder layers")
     _check_count("projector_tokens", projector_tokens)
     patches = (vc.image_size // vc.patch_size) ** 2
-    patch_embedding = 2 * patches * vc.num_channels * vc.patch_size**2 * vc.hidden_size
-    vision_layers = [vision_block_flops(config, n, attention_scores) for n in vision_tokens]
+    patch_embedding = patch_embedding_flops(patches, vc.patch_size, vc.hidden_size, vc.num_channels)
+    vision_layers = [block_flops(n, vc.hidden_size, vc.intermediate_size, attention_scores) for n in vision_tokens]
     feature_layers = 1 if isinstance(config.vision_feature_layer, int) else len(config.vision_feature_layer)
     projector = 2 * projector_tokens * (vc.hidden_size * feature_layers + tc.hidden_size) * tc.hidden_size
-    llm_layers = [llm_layer_flops(config, n, attention_scores) for n in llm_tokens]
+    llm_layers = [block_flops(n, tc.hidden_size, tc.intermediate_size, attention_scores,  # a Llama decoder layer
+                              q_width=tc.num_attention_heads * tc.head_dim,
+                              kv_width=tc.num_key_value_heads * tc.head_dim, mlp_matrices=3) for n in llm_tokens]
     lm_head = 2 * tc.hidden_size * tc.vocab_size
     vision = patch_embedding + sum(vision_layers)
     llm = sum(llm_layers)
