@@ -3,7 +3,7 @@
 A base install (``pip install tokensieve``) runs the demo, training, evaluation and the speed
 benchmark. Each integration imports its library through :func:`require`, so a missing one is
 one line naming the extra that brings it (the CLI prints it and exits 2) instead of a
-traceback, and nothing here is imported by ``import tokensieve``.
+traceback; ``import tokensieve`` imports none of them.
 
 torchvision next to a CPU-only torch
 ------------------------------------
@@ -49,8 +49,7 @@ EXTRAS = {
     "search": ("tokensieve search", {"optuna": "optuna", "sqlalchemy": "optuna"}),
     "lmms": ("the tokensieve lmms-eval model", {"lmms_eval": "lmms-eval"}),
     "dist": ("a run in several processes", {"accelerate": "accelerate"}),
-    "tensorboard": ("TensorBoard events", {"tensorboard": "tensorboard"}),
-}
+}  # tensorboard (extra "tensorboard") is optional even for the trainer: see summary_writer
 
 
 def require(name: str, extra: str) -> ModuleType:
@@ -66,11 +65,6 @@ def require(name: str, extra: str) -> ModuleType:
         if missing not in libraries:
             raise
         raise TokensieveError(f"{use} needs {libraries[missing]}: pip install 'tokensieve[{extra}]'") from None
-
-
-def installed(name: str) -> bool:
-    """Whether the top-level module ``name`` can be imported (without importing it)."""
-    return importlib.util.find_spec(name) is not None
 
 
 class _NoEvents:
@@ -89,7 +83,7 @@ class _NoEvents:
 def summary_writer() -> type:
     """torch's ``SummaryWriter`` with ``tokensieve[tensorboard]`` installed, else a writer of nothing
     (the training log ``log.jsonl`` holds the same numbers)."""
-    if not installed("tensorboard"):
+    if importlib.util.find_spec("tensorboard") is None:
         return _NoEvents
     from torch.utils.tensorboard import SummaryWriter
 
