@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from tokensieve.attach import Handle
+from tokensieve.backbones.attention_signals import cls_attention
 from tokensieve.checkpoint import atomic_torch_save
 
 
@@ -29,8 +30,8 @@ class AttentionRecorder:
     def _record(self, block: int):
         def fn(x: torch.Tensor) -> None:
             with torch.no_grad():
-                scores = self.bb.queries(block, x[:, :1]) @ self.bb.keys(block, x).transpose(-1, -2)
-                row = (scores * self.bb.attention_scale(block)).float().softmax(-1).mean(1)[:, 0, 1:]
+                row = cls_attention(self.bb.queries(block, x[:, :1]), self.bb.keys(block, x),
+                                    self.bb.attention_scale(block), upcast=True)[:, 1:]
             self.cls_attention[block].append(row.half().cpu())
         return fn
 

@@ -199,14 +199,12 @@ class ClipBenchmarkSession:
     def _annotate(self, run: EvalRun) -> None:
         from importlib.metadata import version
 
-        from tokensieve import __version__
-
         tower = {} if run.backbone is None else {
             "image_tokens_per_block": tokens_per_block(run.backbone, run.handle),
             "patch_tokens": run.backbone.n_patches, "blocks": run.backbone.depth}
         info = {"pruning": self.settings.record(run.backbone), **tower,
                 "measured_counts": dict(run.handle.last_counts) if run.handle else {},
-                "versions": {"tokensieve": __version__, "clip_benchmark": version("clip_benchmark"),
+                "versions": {"tokensieve": version("tokensieve"), "clip_benchmark": version("clip_benchmark"),
                              "open_clip_torch": version("open_clip_torch"), "torch": torch.__version__},
                 "workarounds": self.workarounds, "command": " ".join(sys.argv)}
         if run.recorder is not None:
