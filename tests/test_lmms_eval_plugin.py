@@ -142,7 +142,7 @@ def test_loglikelihood_scores_the_continuation_after_the_image(task_dir, backbon
 
 def test_a_trained_pruner_answers_through_lmms_eval_at_a_budget(task_dir, backbone, tmp_path):
     from tokensieve.config import from_dict
-    from tokensieve.train.parts import load_parts
+    from tokensieve.pruner import TwoStagePruner
     from tokensieve.train.trainer import train_two_stage
     from tokensieve.train.two_stage_config import TwoStageConfig
 
@@ -152,7 +152,7 @@ def test_a_trained_pruner_answers_through_lmms_eval_at_a_budget(task_dir, backbo
                                      "validation": {"every": 1, "samples": 2}, "run": {"threads": 1}})
     run = train_two_stage(cfg, tmp_path / "pruner", progress=False)
     answers = answers_of(evaluate(task_dir, f"pruner={run},keep=20"))
-    handle, _, _ = load_parts(run, backbone).attach(backbone, "hard", keep=20)
+    handle, _, _ = TwoStagePruner.from_pretrained(run, backbone).attach(backbone, "hard", keep=20)
     assert answers == direct_answers(backbone, task_dir, handle)
 
 

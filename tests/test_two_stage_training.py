@@ -17,7 +17,7 @@ from tokensieve.cli import main
 from tokensieve.config import from_dict
 from tokensieve.errors import TokensieveError
 from tokensieve.method import Method, Selection, SiteInputs
-from tokensieve.train.parts import PrunerParts, load_parts
+from tokensieve.pruner import TwoStagePruner
 from tokensieve.train.trainer import TwoStageTrainer, train_two_stage
 from tokensieve.train.two_stage_config import TwoStageConfig
 
@@ -232,11 +232,11 @@ def test_each_group_steps_at_its_configured_rate_times_the_schedule(tiny_llava_d
 
 
 def test_each_step_draws_its_merge_budget_from_the_range_the_same_way_every_time(tiny_llava_dir, backbone):
-    parts = PrunerParts(tiny_config(tiny_llava_dir), backbone)
+    parts = TwoStagePruner(tiny_config(tiny_llava_dir), backbone)
     draws = [parts.training_centres(step) for step in range(20)]
     assert draws == [parts.training_centres(step) for step in range(20)]  # a resumed run replays them
     assert all(16 <= d <= 48 for d in draws) and len(set(draws)) > 5  # 0.25 .. 0.75 of 64 patches
-    fixed = PrunerParts(tiny_config(tiny_llava_dir, merger={"train_merge_range": None}), backbone)
+    fixed = TwoStagePruner(tiny_config(tiny_llava_dir, merger={"train_merge_range": None}), backbone)
     assert {fixed.training_centres(step) for step in range(5)} == {32}
 
 
@@ -252,7 +252,7 @@ def test_validation_scores_both_ends_of_the_trained_merge_range(tiny_llava_dir, 
     monkeypatch.setattr(trainer, "_validate_at", validate_at)
     assert trainer.validate() == 0.75 and [c for c, _ in seen] == [16, 48]
     assert trainer.last_validation == {16: 0.5, 48: 1.0}  # logged as val_accuracy_at_16 / _48
-    fixed = PrunerParts(tiny_config(tiny_llava_dir, merger={"train_merge_range": None}), trainer.backbone)
+    fixed = TwoStagePruner(tiny_config(tiny_llava_dir, merger={"train_merge_range": None}), trainer.backbone)
     assert fixed.validation_centres() == [32]
 
 
@@ -344,7 +344,7 @@ def test_head_settings_need_a_pruner_and_a_sensible_value(tiny_llava_dir, finish
 
 
 def test_loaded_parts_are_the_saved_ones(finished_run, backbone):
-    parts = load_parts(finished_run, backbone)
+    parts = TwoStagePruner.from_pretrained(finished_run, backbone)
     saved = load_file(finished_run / "best" / "parts.safetensors")
     assert all(torch.equal(parts.state_dict()[k], v) for k, v in saved.items())
 

@@ -191,9 +191,9 @@ def _eval(args: argparse.Namespace) -> None:
         data = synthetic_data(backbone, args.samples or 500, args.max_new_tokens, skip=args.skip)
     pruner = None
     if args.pruner is not None:
-        from tokensieve.train.parts import load_parts
+        from tokensieve.pruner import TwoStagePruner
 
-        pruner = load_parts(args.pruner, backbone)
+        pruner = TwoStagePruner.from_pretrained(args.pruner, backbone)
         pruner.cfg = replace(pruner.cfg, pruner=replace(pruner.cfg.pruner, **head_settings))
     from tokensieve.distributed import Distributed
 

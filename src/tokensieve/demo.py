@@ -24,7 +24,7 @@ from tokensieve.evaluate.report import timing_warning, write_report
 from tokensieve.evaluate.sample_log import SampleLog
 from tokensieve.interrupt import Interrupted
 from tokensieve.methods import list_methods, method_class
-from tokensieve.train.parts import load_parts
+from tokensieve.pruner import TwoStagePruner
 from tokensieve.train.trainer import train_two_stage
 from tokensieve.train.two_stage_config import TwoStageConfig
 
@@ -85,7 +85,7 @@ def run_demo(out: str | Path | None = None, overrides: list[str] = (), samples: 
                                      "data": data.name, "max_new_tokens": data.max_new_tokens, "site": None,
                                      "pruner": str(run)})
     rows = compare_methods(backbone, data, [], list(budgets), mode="hard", progress=progress, pairs=pairs,
-                           pruner=load_parts(run, backbone), oracle=True, log=log, timing_samples=timing_samples,
+                           pruner=TwoStagePruner.from_pretrained(run, backbone), oracle=True, log=log, timing_samples=timing_samples,
                            kept_examples=kept_examples)
     meta = {"model": str(cfg.model or "shipped testbed"), "mode": "hard", "data": data.name,
             "text_tokens_for_flops": rows[0]["tokens_per_llm_layer"][0] - backbone.n_visual_tokens,

@@ -69,7 +69,7 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str |
     Accuracy is the VQA score of :func:`tokensieve.evaluate.scoring.score` (exact match after
     the official normalisation; the soft score for 10 annotator answers).
 
-    pruner: optional trained :class:`tokensieve.train.parts.PrunerParts`, evaluated at each
+    pruner: optional trained :class:`tokensieve.pruner.TwoStagePruner`, evaluated at each
     budget (tokens entering the LLM; its heads then keep their trained shares) as ``two_stage``;
     each such row gets ``paired``, its paired comparison with every other pruned row at that
     budget (``{against, accuracy, difference, better, worse, p_value}``, :mod:`.paired`), and

@@ -99,9 +99,9 @@ class TokensieveLlava(lmms):
         from tokensieve.attach import attach
 
         if pruner is not None:
-            from tokensieve.train.parts import load_parts
+            from tokensieve.pruner import TwoStagePruner
 
-            handle, _, _ = load_parts(pruner, self.backbone).to(self._device).attach(
+            handle, _, _ = TwoStagePruner.from_pretrained(pruner, self.backbone).to(self._device).attach(
                 self.backbone, mode, keep=None if keep is None else str(keep))
             return handle
         if method is not None:

@@ -39,9 +39,10 @@ from tokensieve.errors import TokensieveError
 from tokensieve.interrupt import Interrupted, stop_at_step_end
 from tokensieve.learned import keep_probability
 from tokensieve.method import Budget
+from tokensieve.pruner.settings import stage_targets
+from tokensieve.pruner.two_stage import CONFIG_FILE, TwoStagePruner
 from tokensieve.train import losses, schedules
-from tokensieve.train.parts import CONFIG_FILE, PrunerParts
-from tokensieve.train.two_stage_config import TwoStageConfig, stage_targets
+from tokensieve.train.two_stage_config import TwoStageConfig
 
 STATE_FILE = "state.pt"
 DONE_FILE = "done.json"
@@ -107,7 +108,7 @@ class TwoStageTrainer:
 
         self.data = TrainingData(cfg, scene_spec_for(self.backbone))
         torch.manual_seed(cfg.run.seed)
-        self.parts = PrunerParts(cfg, self.backbone).to(cfg.run.device)
+        self.parts = TwoStagePruner(cfg, self.backbone).to(cfg.run.device)
         o = cfg.optim
         parts = {"token_merger": self.parts.token_merger, "layer_pruners": self.parts.layer_pruners,
                  "discriminator": self.parts.discriminator}
@@ -152,7 +153,7 @@ class TwoStageTrainer:
         atomic_torch_save({"parts": self.parts.state_dict(), "optimizer": self.optimizer.state_dict(),
                            "step": self.step, "best": self.best, "signature": self.parts.signature,
                            "rng": rng_state()}, self.out / STATE_FILE)
-        self.parts.save(self.out, {"step": str(self.step)})
+        self.parts.save_pretrained(self.out, {"step": str(self.step)})
 
     def _load_state(self) -> None:
         saved = load_checkpoint(self.out / STATE_FILE, "start the run again in a new folder")
@@ -272,7 +273,7 @@ class TwoStageTrainer:
         """Teacher-forced accuracy over the answer tokens (for one-word answers: the answer
         accuracy), merger and heads deterministic, in ``soft`` mode with binary masks (equal to
         ``hard`` removal on the kept tokens); the mean over the merger budgets of
-        :meth:`PrunerParts.validation_centres` (each one's score: ``last_validation``)."""
+        :meth:`TwoStagePruner.validation_centres` (each one's score: ``last_validation``)."""
         self.last_validation = {centres: self._validate_at(centres) for centres in self.parts.validation_centres()}
         return sum(self.last_validation.values()) / len(self.last_validation)
 
@@ -321,7 +322,7 @@ class TwoStageTrainer:
                         if self.best is None or row["val_accuracy"] > self.best:
                             self.best = row["val_accuracy"]
                             if main:
-                                self.parts.save(self.out / "best",
+                                self.parts.save_pretrained(self.out / "best",
                                                 {"step": str(self.step), "val_accuracy": str(self.best)})
                         handle, merger, pruners = self.parts.attach(self.backbone, "soft", training=True)
                     row = {"step": self.step, "elapsed_s": round(time.time() - started, 1), **row}

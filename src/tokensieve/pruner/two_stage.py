@@ -1,13 +1,18 @@
-"""The trainable parts of a two-stage pruner, how they attach to a backbone, and how they are saved.
+"""The trained two-stage pruner as an inference object: load it, attach it, save it.
 
 All parts live under one ``nn.Module`` (prefixes ``token_merger.``, ``layer_pruners.<layer>.``,
 ``discriminator.``) and are saved alone (safetensors + the resolved config); the backbone is
-never saved with them and they load onto any copy of it.
+never saved with them and they load onto any copy of it:
+
+    pruner = TwoStagePruner.from_pretrained("runs/two_stage_testbed", backbone)  # its best/ if there is one
+    handle, merger, pruners = pruner.attach(backbone, "hard", keep=0.25)
+    pruner.save_pretrained("my_pruner")
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +23,13 @@ from torch import nn
 
 from tokensieve.attach import Handle, attach
 from tokensieve.checkpoint import atomic_write
-from tokensieve.config import load_config, save_config
+from tokensieve.config import from_dict, save_config, yaml_file
 from tokensieve.errors import TokensieveError
 from tokensieve.method import Budget
 from tokensieve.learned import HiddenStateDiscriminator, LayerPrunerHead, TokenMerger
 from tokensieve.methods.layer_pruner import LearnedLayerPruner
 from tokensieve.methods.token_merger import LearnedTokenMerger
-from tokensieve.train.two_stage_config import TwoStageConfig, default_pruning_layers, stage_targets
+from tokensieve.pruner.settings import PrunerSettings, default_pruning_layers, stage_targets
 
 PARTS_FILE = "parts.safetensors"
 CONFIG_FILE = "config.yaml"
@@ -41,10 +46,14 @@ def backbone_signature(backbone) -> dict[str, int]:
             "visual_tokens": backbone.n_visual_tokens}
 
 
-class PrunerParts(nn.Module):
-    """Token merger, layer pruner heads and discriminator for one backbone and config."""
+class TwoStagePruner(nn.Module):
+    """Token merger, layer pruner heads and discriminator for one backbone and config.
 
-    def __init__(self, cfg: TwoStageConfig, backbone):
+    cfg: the pruner's settings; a training run passes its whole :class:`TwoStageConfig`
+    (a :class:`PrunerSettings` with the training sections), which is what ``config.yaml`` holds.
+    """
+
+    def __init__(self, cfg: PrunerSettings, backbone):
         super().__init__()
         self.cfg, self.signature = cfg, backbone_signature(backbone)
         n, d_vision, d_text = backbone.n_patches, self.signature["vision_hidden"], self.signature["text_hidden"]
@@ -71,7 +80,7 @@ class PrunerParts(nn.Module):
         self.discriminator = HiddenStateDiscriminator(d_text, len(disc.layers), disc.d_internal) if disc.enabled else None
 
     @staticmethod
-    def pruning_layers(cfg: TwoStageConfig, n_layers: int) -> list[int]:
+    def pruning_layers(cfg: PrunerSettings, n_layers: int) -> list[int]:
         if not cfg.pruner.enabled:
             return []
         layers = cfg.pruner.pruning_layers or default_pruning_layers(n_layers)
@@ -156,7 +165,7 @@ class PrunerParts(nn.Module):
         """Merger and heads only: what inference needs (the discriminator stays with the run)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("discriminator.")}
 
-    def save(self, folder: str | Path, metadata: dict[str, str] | None = None) -> None:
+    def save_pretrained(self, folder: str | Path, metadata: dict[str, str] | None = None) -> None:
         """``parts.safetensors`` (fsynced) + ``config.yaml`` in ``folder``, each written atomically."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -165,28 +174,41 @@ class PrunerParts(nn.Module):
         state = {k: v.detach().contiguous() for k, v in self.inference_state().items()}
         atomic_write(folder / PARTS_FILE, lambda tmp: save_file(state, tmp, metadata=meta))
 
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, backbone) -> TwoStagePruner:
+        """The pruner saved in ``folder`` (a run folder: its ``best/`` if there is one) onto
+        ``backbone``, in eval mode. Only the pruner's sections of ``config.yaml`` are read."""
+        folder = Path(folder)
+        if (folder / "best" / PARTS_FILE).is_file():
+            folder = folder / "best"
+        weights, config = folder / PARTS_FILE, folder / CONFIG_FILE
+        if not weights.is_file() or not config.is_file():
+            raise TokensieveError(f"{folder} is not a trained pruner: it needs {PARTS_FILE} and {CONFIG_FILE}")
+        pruner = cls(read_settings(config), backbone)
+        try:
+            with safe_open(weights, "pt") as f:
+                state = {k: f.get_tensor(k) for k in f.keys()}
+                saved_signature = json.loads((f.metadata() or {}).get("signature", "{}"))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise TokensieveError(f"cannot read {weights}: {err}") from None
+        if saved_signature and saved_signature != pruner.signature:
+            raise TokensieveError(f"{weights} was trained on a different backbone ({saved_signature}); "
+                                  f"this one is {pruner.signature}")
+        missing, unexpected = pruner.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("discriminator.")]
+        if missing or unexpected:
+            raise TokensieveError(f"{weights} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        return pruner.eval()
 
-def load_parts(folder: str | Path, backbone) -> PrunerParts:
-    """Trained parts from a run folder (its ``best/`` if there is one) onto ``backbone``."""
-    folder = Path(folder)
-    if (folder / "best" / PARTS_FILE).is_file():
-        folder = folder / "best"
-    weights, config = folder / PARTS_FILE, folder / CONFIG_FILE
-    if not weights.is_file() or not config.is_file():
-        raise TokensieveError(f"{folder} is not a trained pruner: it needs {PARTS_FILE} and {CONFIG_FILE}")
-    cfg = load_config(TwoStageConfig, config)
-    parts = PrunerParts(cfg, backbone)
+
+def read_settings(path: Path) -> PrunerSettings:
+    """The pruner's sections of a ``config.yaml`` (a training run's file also holds its training
+    sections, which inference does not read)."""
+    data = yaml_file(path, "config file") or {}
+    if not isinstance(data, dict):
+        raise TokensieveError(f"config file {path} must hold a mapping, got {type(data).__name__}")
+    names = [f.name for f in fields(PrunerSettings)]
     try:
-        with safe_open(weights, "pt") as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}
-            saved_signature = json.loads((f.metadata() or {}).get("signature", "{}"))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise TokensieveError(f"cannot read {weights}: {err}") from None
-    if saved_signature and saved_signature != parts.signature:
-        raise TokensieveError(f"{weights} was trained on a different backbone ({saved_signature}); "
-                              f"this one is {parts.signature}")
-    missing, unexpected = parts.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("discriminator.")]
-    if missing or unexpected:
-        raise TokensieveError(f"{weights} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    return parts.eval()
+        return from_dict(PrunerSettings, {k: v for k, v in data.items() if k in names})
+    except TokensieveError as err:
+        raise TokensieveError(f"{path}: {err}") from err
