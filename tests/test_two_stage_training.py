@@ -55,9 +55,9 @@ def test_only_the_trainable_parts_get_gradients(tiny_llava_dir, tmp_path, dtype)
     assert trainer.backbone.model.dtype == getattr(torch, dtype)
     before = {k: v.clone() for k, v in trainer.backbone.model.state_dict().items()}
     trainer.parts.train()
-    handle, merger, pruners = trainer.parts.attach(trainer.backbone, "soft", training=True)
+    handle = trainer.parts.attach(trainer.backbone, "soft", training=True)
     try:
-        row = trainer.train_step(handle, merger, pruners)
+        row = trainer.train_step(handle)
     finally:
         handle.detach()
     assert {"task", "distill", "sparsity", "merge_sparsity", "hidden_mse", "adversarial", "discriminator",
@@ -77,15 +77,15 @@ def test_the_task_loss_alone_reaches_the_merger_scorer_through_either_gate(tiny_
                       loss={"distill": 0.0, "sparsity": 0.0, "merge_sparsity": 0.0})
     trainer = TwoStageTrainer(cfg, tmp_path / "run", progress=False)
     trainer.parts.train()
-    handle, merger, pruners = trainer.parts.attach(trainer.backbone, "soft", training=True)
+    handle = trainer.parts.attach(trainer.backbone, "soft", training=True)
     try:
-        trainer.train_step(handle, merger, pruners)
+        trainer.train_step(handle)
     finally:
         handle.detach()
     scorer_out = trainer.parts.token_merger.scorer[-1].weight
     assert scorer_out.grad is not None and scorer_out.grad.abs().sum() > 0
     # Gated keys leave the centres' values as merged; gated values leave no key mask.
-    assert merger.gates_keys == (gate == "keys")
+    assert handle.stages[0].method.gates_keys == (gate == "keys")
 
 
 @dataclass
@@ -220,10 +220,10 @@ def test_each_group_steps_at_its_configured_rate_times_the_schedule(tiny_llava_d
     cfg = tiny_config(tiny_llava_dir, optim={"lr_schedule": "cosine", "lr_floor": 0.2, "lr_token_merger": 0.01,
                                              "lr_layer_pruners": 0.02})
     trainer = TwoStageTrainer(cfg, tmp_path / "run", progress=False)
-    handle, merger, pruners = trainer.parts.attach(trainer.backbone, "soft", training=True)
+    handle = trainer.parts.attach(trainer.backbone, "soft", training=True)
     try:
         for _ in range(3):
-            trainer.train_step(handle, merger, pruners)
+            trainer.train_step(handle)
     finally:
         handle.detach()
     factor = 0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * 2 / 4))  # the third of four steps
@@ -262,9 +262,9 @@ def test_validating_at_a_budget_changes_what_the_merger_keeps(tiny_llava_dir, tm
     original = trainer.parts.attach
 
     def attach_and_watch(*args, **kwargs):
-        handle, merger, pruners = original(*args, **kwargs)
+        handle = original(*args, **kwargs)
         counts.append(handle)
-        return handle, merger, pruners
+        return handle
 
     trainer.parts.attach = attach_and_watch
     assert 0 <= trainer._validate_at(8) <= 1

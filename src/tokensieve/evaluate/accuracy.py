@@ -115,7 +115,7 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str |
         else:
             attach(backbone, name, keep, site=site, mode=mode).detach()
     for keep in (keeps or [None]) if pruner is not None else []:
-        pruner.attach(backbone, mode, keep=keep)[0].detach()
+        pruner.attach(backbone, mode, keep=keep).detach()
     items = data.items
     text_tokens = median_text_tokens(backbone, items)
     scored = _Scorer(backbone, data, log, batch_size, progress, dist or Distributed())
@@ -138,7 +138,7 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str |
             handle = attach(backbone, name, budget, site=site, mode=mode)
             name = name if isinstance(name, str) else name["name"]
         else:
-            handle = name.attach(backbone, mode, keep=keep)[0]
+            handle = name.attach(backbone, mode, keep=keep)
             name = "two_stage"
         stage = handle.stages[0]
         run = f"{name}@{stage.site}:{budget}"

@@ -55,13 +55,13 @@ def train_step_benchmark(cfg: TwoStageConfig, shape: BenchShape, processor: Llav
     with tempfile.TemporaryDirectory() as out:
         trainer = TwoStageTrainer(cfg, out, progress=False, backbone=backbone)
         trainer.parts.train()
-        handle, merger, pruners = trainer.parts.attach(backbone, "soft", training=True)
+        handle = trainer.parts.attach(backbone, "soft", training=True)
         seconds, row = [], {}
         try:
             for i in tqdm(range(warmup + steps), desc="training steps", unit="step", disable=not progress):
                 sync()
                 started = time.perf_counter()
-                row = trainer.train_step(handle, merger, pruners)
+                row = trainer.train_step(handle)
                 sync()
                 if i >= warmup:
                     seconds.append(time.perf_counter() - started)

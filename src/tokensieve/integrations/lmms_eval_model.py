@@ -101,9 +101,8 @@ class TokensieveLlava(lmms):
         if pruner is not None:
             from tokensieve.pruner import TwoStagePruner
 
-            handle, _, _ = TwoStagePruner.from_pretrained(pruner, self.backbone).to(self._device).attach(
+            return TwoStagePruner.from_pretrained(pruner, self.backbone).to(self._device).attach(
                 self.backbone, mode, keep=None if keep is None else str(keep))
-            return handle
         if method is not None:
             return attach(self.backbone, method, str(keep), site=site, mode=mode)
         return None

@@ -110,7 +110,7 @@ def trained_flops_ratio(trainer) -> float:
                 & ~after_first_answer(batch["labels"]))
     text_tokens = int(question.sum(1).median())
     trainer.parts.eval()
-    handle, _, _ = trainer.parts.attach(backbone, "hard")
+    handle = trainer.parts.attach(backbone, "hard")
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             backbone.forward(*(batch[k][:1].to(trainer.cfg.run.device)

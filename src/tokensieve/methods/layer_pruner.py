@@ -6,6 +6,7 @@ state to the question and gives keep/drop logits (:class:`tokensieve.learned.Lay
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -27,7 +28,8 @@ class LearnedLayerPruner(Method):
     (``soft`` mode, budget 1.0): every token stays and a hard Gumbel-softmax mask with
     temperature ``tau`` (straight-through) weights it as an attention key, so the head learns
     from the loss. module: the trained head; when absent one is initialised from
-    ``init_seed`` on first use.
+    ``init_seed`` on first use. record: called with every forward's keep/drop logits ``(B, N, 2)``
+    (the two-stage pruner's training hands them to its sparsity loss this way); None records nothing.
     """
 
     name = "layer_pruner"
@@ -43,7 +45,8 @@ class LearnedLayerPruner(Method):
     threshold: float | None = None
     init_seed: int = 0
     module: LayerPrunerHead | None = field(default=None, repr=False, compare=False, metadata={"state": True})
-    last_logits: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False, metadata={"state": True})
+    record: Callable[[torch.Tensor], None] | None = field(default=None, repr=False, compare=False,
+                                                          metadata={"state": True})
 
     def build(self, d_model: int) -> LayerPrunerHead:
         """A fresh head for hidden states of width ``d_model`` (seeded, global RNG untouched)."""
@@ -64,7 +67,8 @@ class LearnedLayerPruner(Method):
         if self.module is None:
             self.module = self.build(inputs.tokens.shape[-1]).to(inputs.tokens.device, inputs.tokens.dtype).eval()
         logits = self.module(inputs.tokens, question, question_valid)  # (B, N, 2)
-        self.last_logits = logits
+        if self.record is not None:
+            self.record(logits)
         b, n = logits.shape[:2]
         if self.module.training:
             if inputs.keep != n:

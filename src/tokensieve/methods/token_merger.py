@@ -7,13 +7,13 @@ token is softly assigned to the centres; the centres become the assignment-weigh
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from tokensieve.errors import TokensieveError
-from tokensieve.learned import TokenMerger
+from tokensieve.learned import MergeResult, TokenMerger
 from tokensieve.learned.token_merger import GATE_SITES, VARIANTS
 from tokensieve.method import Method, Selection, SiteInputs, register
 
@@ -38,6 +38,8 @@ class LearnedTokenMerger(Method):
     layer, so its gradient is how much attending to a centre helps rather than how much
     scaling it does (steadier on the shipped 8-layer testbed, worse on the previous 4-layer one:
     docs/BENCHMARKS.md).
+    record: called with every forward's :class:`MergeResult` (the two-stage pruner's training
+    hands its centre logits to the losses this way); None records nothing.
     """
 
     name = "token_merger"
@@ -57,7 +59,8 @@ class LearnedTokenMerger(Method):
     gate: str = "values"
     init_seed: int = 0
     module: TokenMerger | None = field(default=None, repr=False, compare=False, metadata={"state": True})
-    last: Any = field(default=None, init=False, repr=False, compare=False, metadata={"state": True})
+    record: Callable[[MergeResult], None] | None = field(default=None, repr=False, compare=False,
+                                                         metadata={"state": True})
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -83,7 +86,8 @@ class LearnedTokenMerger(Method):
                              assign_tau=self.assign_tau, diversity=self.diversity,
                              diversity_radius=None if self.module.training else self.diversity_radius,
                              gate_values=not self.gates_keys)
-        self.last = result
+        if self.record is not None:
+            self.record(result)
         return Selection(result.indices, result.tokens, key_mask=result.gate if self.gates_keys else None)
 
     @property

@@ -5,7 +5,7 @@ All parts live under one ``nn.Module`` (prefixes ``token_merger.``, ``layer_prun
 never saved with them and they load onto any copy of it:
 
     pruner = TwoStagePruner.from_pretrained("runs/two_stage_testbed", backbone)  # its best/ if there is one
-    handle, merger, pruners = pruner.attach(backbone, "hard", keep=0.25)
+    handle = pruner.attach(backbone, "hard", keep=0.25)
     pruner.save_pretrained("my_pruner")
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import fields
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +27,11 @@ from tokensieve.checkpoint import atomic_write
 from tokensieve.config import from_dict, save_config, yaml_file
 from tokensieve.errors import TokensieveError
 from tokensieve.method import Budget
-from tokensieve.learned import HiddenStateDiscriminator, LayerPrunerHead, TokenMerger
+from tokensieve.learned import HiddenStateDiscriminator, LayerPrunerHead, MergeResult, TokenMerger
 from tokensieve.methods.layer_pruner import LearnedLayerPruner
 from tokensieve.methods.token_merger import LearnedTokenMerger
 from tokensieve.pruner.settings import PrunerSettings, default_pruning_layers, stage_targets
+from tokensieve.pruner.training_step import TrainingStep
 
 PARTS_FILE = "parts.safetensors"
 CONFIG_FILE = "config.yaml"
@@ -78,6 +80,8 @@ class TwoStagePruner(nn.Module):
             raise TokensieveError(f"discriminator.layers {bad} do not exist: this LLM has {n_states} hidden "
                                   f"states (indices {-n_states} .. {n_states - 1})")
         self.discriminator = HiddenStateDiscriminator(d_text, len(disc.layers), disc.d_internal) if disc.enabled else None
+        self._training: tuple[Handle, LearnedTokenMerger | None, list[LearnedLayerPruner]] | None = None
+        self._step: TrainingStep | None = None  # set by set_step, filled by the training forward
 
     @staticmethod
     def pruning_layers(cfg: PrunerSettings, n_layers: int) -> list[int]:
@@ -129,27 +133,30 @@ class TwoStagePruner(nn.Module):
         total = (centres if centres is not None else self.signature["n_patches"]) + extra
         return [max(1, round(r * total)) for r in stage_targets(self.cfg.pruner.target_ratio, len(self.layers))]
 
-    def methods(self) -> tuple[LearnedTokenMerger | None, list[LearnedLayerPruner]]:
-        """Registry methods wrapping these modules (they share the weights)."""
+    def _methods(self, training: bool) -> tuple[LearnedTokenMerger | None, list[LearnedLayerPruner]]:
+        """Registry methods wrapping these modules (they share the weights); in training they
+        record their logits into the step of :meth:`set_step`."""
         m, p = self.cfg.merger, self.cfg.pruner
         merger = None if self.token_merger is None else LearnedTokenMerger(
             variant=m.variant, d_internal=m.d_internal, num_heads=m.num_heads, assign_tau=m.assign_tau,
             diversity=m.diversity, diversity_radius=m.diversity_radius, null_logit=m.null_logit, gate=m.gate,
-            module=self.token_merger)
+            module=self.token_merger, record=self._record_merge if training else None)
         pruners = [LearnedLayerPruner(d_internal=p.d_internal, num_heads=p.num_heads, init_keep_bias=p.init_keep_bias,
-                                      threshold=p.keep_threshold, module=self.layer_pruners[str(k)])
-                   for k in self.layers]
+                                      threshold=p.keep_threshold, module=self.layer_pruners[str(k)],
+                                      record=partial(self._record_head, i) if training else None)
+                   for i, k in enumerate(self.layers)]
         return merger, pruners
 
     def attach(self, backbone, mode: str = "hard", training: bool = False,
-               keep: Budget | int | float | str | None = None) -> tuple[Handle, LearnedTokenMerger | None, list[LearnedLayerPruner]]:
+               keep: Budget | int | float | str | None = None) -> Handle:
         """Attach the parts: for training (soft mode, heads keep everything and mask by Gumbel
-        samples) or for inference (heads keep their share by keep probability, or the tokens
-        above ``pruner.keep_threshold``).
+        samples; advance it with :meth:`set_step` before each forward) or for inference (heads
+        keep their share by keep probability, or the tokens above ``pruner.keep_threshold``).
 
         keep: tokens entering the LLM (the merger's centres) at inference; default as trained.
+        The stages are the merger's at ``projector`` (if any), then one per head at ``llm.<layer>``.
         """
-        merger, pruners = self.methods()
+        merger, pruners = self._methods(training)
         centres = self.centres_for(keep)
         stages = []
         if merger is not None:
@@ -158,7 +165,40 @@ class TwoStagePruner(nn.Module):
         for k, method, count in zip(self.layers, pruners, counts):
             # With a keep threshold a head decides its own count (every token may stay).
             stages.append((method, f"llm.{k}", 1.0 if training or method.count_per_row else count))
-        return attach(backbone, stages, mode=mode), merger, pruners
+        handle = attach(backbone, stages, mode=mode)
+        if training:
+            self._training, self._step = (handle, merger, pruners), None
+        return handle
+
+    # --- training -----------------------------------------------------------------------
+    def set_step(self, step: int, tau: float) -> TrainingStep:
+        """Advance the latest training attachment to training ``step``: the merger's centres
+        (:meth:`training_centres`) and Gumbel temperature ``tau`` for the merger and every head.
+        Returns the step's :class:`TrainingStep`, which the forward that follows fills with the
+        logits the losses need."""
+        if self._training is None:
+            raise TokensieveError("set_step needs the pruner attached for training: attach(..., training=True)")
+        handle, merger, pruners = self._training
+        centres = self.training_centres(step)
+        if merger is not None:
+            merger.gumbel_tau = tau
+            handle.stages[0].budget = Budget(count=centres)  # the merger's stage
+        for method in pruners:
+            method.tau = tau
+        self._step = TrainingStep(step, tau, centres, stage_targets(self.cfg.pruner.target_ratio, len(pruners)),
+                                  head_logits=[None] * len(pruners))
+        return self._step
+
+    def _current_step(self) -> TrainingStep:
+        if self._step is None:
+            raise TokensieveError("a training forward of the pruner needs set_step(step, tau) first")
+        return self._step
+
+    def _record_merge(self, result: MergeResult) -> None:
+        self._current_step().merge = result
+
+    def _record_head(self, index: int, logits: torch.Tensor) -> None:
+        self._current_step().head_logits[index] = logits
 
     # --- saving -------------------------------------------------------------------------
     def inference_state(self) -> dict[str, torch.Tensor]:

@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from tokensieve import optional
+from tokensieve.attach import Handle
 from tokensieve.backbones import LlavaBackbone
 from tokensieve.checkpoint import atomic_torch_save, atomic_write_text, load_checkpoint, remove_stale_temporaries
 from tokensieve.config import load_config, save_config, to_dict
@@ -38,8 +39,7 @@ from tokensieve.distributed import Distributed
 from tokensieve.errors import TokensieveError
 from tokensieve.interrupt import Interrupted, stop_at_step_end
 from tokensieve.learned import keep_probability
-from tokensieve.method import Budget
-from tokensieve.pruner.settings import stage_targets
+from tokensieve.pruner.training_step import TrainingStep
 from tokensieve.pruner.two_stage import CONFIG_FILE, TwoStagePruner
 from tokensieve.train import losses, schedules
 from tokensieve.train.two_stage_config import TwoStageConfig
@@ -178,33 +178,34 @@ class TwoStageTrainer:
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.cfg.run.device) for k, v in batch.items()}
 
-    def _losses(self, batch: dict, text: torch.Tensor, student, teacher, merger, pruners) -> StepLosses:
-        """text: ``(B, L)`` the real non-image positions (hidden-state and discriminator losses)."""
-        cfg, step, total = self.cfg, self.step, self.cfg.optim.steps
+    def _losses(self, batch: dict, text: torch.Tensor, student, teacher, step: TrainingStep) -> StepLosses:
+        """text: ``(B, L)`` the real non-image positions (hidden-state and discriminator losses);
+        step: what the pruner set for this step, filled by the student forward."""
+        cfg, total = self.cfg, self.cfg.optim.steps
         w, labels = cfg.loss, batch["labels"]
         parts = {"task": losses.answer_cross_entropy(student.logits, labels)}
         if w.distill:
             parts["distill"] = losses.distillation_kl(student.logits, teacher.logits, labels, w.distill_temperature)
         keep_ratios = []
-        if pruners:
+        if step.head_targets:
             cumulative, sparsity = None, []
-            final = stage_targets(cfg.pruner.target_ratio, len(pruners))
-            for method, target in zip(pruners, final):
-                p = keep_probability(method.last_logits)  # (B, n) of the tokens entering the LLM
+            for logits, target in zip(step.keep_logits(), step.head_targets):
+                p = keep_probability(logits)  # (B, n) of the tokens entering the LLM
                 cumulative = p if cumulative is None else cumulative * p
-                now = schedules.target_ratio_at(step, total, target, cfg.schedule.target_curriculum)
+                now = schedules.target_ratio_at(step.step, total, target, cfg.schedule.target_curriculum)
                 sparsity.append(losses.target_ratio_sparsity(cumulative, torch.ones_like(p, dtype=torch.bool), now))
                 keep_ratios.append(float(cumulative.detach().mean()))
             parts["sparsity"] = torch.stack(sparsity).mean()
-        if merger is not None and w.merge_sparsity:
-            n, centres = merger.last.logits.shape[1], merger.last.indices.shape[1]  # this step's centres
-            p = torch.sigmoid(merger.last.logits)
+        if step.centres is not None and w.merge_sparsity:
+            merged = step.merged()
+            n, centres = merged.logits.shape[1], merged.indices.shape[1]  # this step's centres
+            p = torch.sigmoid(merged.logits)
             parts["merge_sparsity"] = losses.target_ratio_sparsity(p, torch.ones_like(p, dtype=torch.bool),
                                                                    centres / n)
         if w.hidden_mse:
             parts["hidden_mse"] = losses.hidden_state_mse(student.hidden_states[-1], teacher.hidden_states[-1], text)
         weights = {"task": w.task, "distill": w.distill, "merge_sparsity": w.merge_sparsity, "hidden_mse": w.hidden_mse,
-                   "sparsity": schedules.warmup_weight_at(step, total, w.sparsity, cfg.schedule.sparsity_warmup)}
+                   "sparsity": schedules.warmup_weight_at(step.step, total, w.sparsity, cfg.schedule.sparsity_warmup)}
         loss = sum(weights[k] * v for k, v in parts.items())
         if self.parts.discriminator is not None:
             fake = self._disc_states(student)
@@ -225,15 +226,12 @@ class TwoStageTrainer:
         return {"discriminator": float(loss.detach()), "disc_prob_real": float(torch.sigmoid(real.detach()).mean()),
                 "disc_prob_fake": float(torch.sigmoid(fake.detach()).mean())}
 
-    def train_step(self, handle, merger, pruners) -> dict:
+    def train_step(self, handle: Handle) -> dict:
+        """One optimizer step; ``handle``: the pruner's latest ``attach(..., training=True)``."""
         cfg = self.cfg
         tau = schedules.temperature_at(self.step, cfg.optim.steps, cfg.schedule.tau_start, cfg.schedule.tau_end,
                                        cfg.schedule.tau_kind, cfg.schedule.anneal_fraction, cfg.schedule.tau_floor)
-        for method in pruners:
-            method.tau = tau
-        if merger is not None:
-            merger.gumbel_tau = tau
-            handle.stages[0].budget = Budget(count=self.parts.training_centres(self.step))  # the merger's stage
+        step = self.parts.set_step(self.step, tau)
         batch = self._to_device(collate(self.backbone.processor, self.dist.shard(self.data.batch(self.step)),
                                         label_eos=self.data.label_eos))
         need_hidden = cfg.loss.hidden_mse > 0 or self.parts.discriminator is not None
@@ -243,7 +241,7 @@ class TwoStageTrainer:
         student = self.backbone.forward(**inputs, answer_mask=after_first_answer(batch["labels"]),
                                         output_hidden_states=need_hidden)
         text = batch["attention_mask"].bool() & (batch["input_ids"] != self.backbone.image_token_id)
-        step_losses = self._losses(batch, text, student, teacher, merger, pruners)
+        step_losses = self._losses(batch, text, student, teacher, step)
         self.optimizer.zero_grad(set_to_none=True)
         step_losses.total.backward()
         row = {"loss": float(step_losses.total.detach()), **step_losses.parts, "tau": tau,
@@ -279,7 +277,7 @@ class TwoStageTrainer:
 
     def _validate_at(self, centres: int | None) -> float:
         self.parts.eval()
-        handle, _, _ = self.parts.attach(self.backbone, "soft", training=False, keep=centres)
+        handle = self.parts.attach(self.backbone, "soft", training=False, keep=centres)
         try:
             examples, right, total = self.dist.shard(self.data.validation()), 0, 0
             for i in range(0, len(examples), 32):
@@ -303,7 +301,7 @@ class TwoStageTrainer:
 
         cfg = self.cfg
         self.parts.train()
-        handle, merger, pruners = self.parts.attach(self.backbone, "soft", training=True)
+        handle = self.parts.attach(self.backbone, "soft", training=True)
         main = self.dist.is_main  # the only process that writes the run folder
         log = (self.out / LOG_FILE).open("a") if main else None
         writer = SummaryWriter(str(self.out / "tb"), purge_step=self.step) if main else None
@@ -313,7 +311,7 @@ class TwoStageTrainer:
         try:
             with stop_at_step_end() as stop:
                 while self.step < cfg.optim.steps:
-                    row = self.train_step(handle, merger, pruners)
+                    row = self.train_step(handle)
                     if self.step % cfg.validation.every == 0 or self.step == cfg.optim.steps:
                         handle.detach()
                         row["val_accuracy"] = self.validate()
@@ -324,7 +322,7 @@ class TwoStageTrainer:
                             if main:
                                 self.parts.save_pretrained(self.out / "best",
                                                 {"step": str(self.step), "val_accuracy": str(self.best)})
-                        handle, merger, pruners = self.parts.attach(self.backbone, "soft", training=True)
+                        handle = self.parts.attach(self.backbone, "soft", training=True)
                     row = {"step": self.step, "elapsed_s": round(time.time() - started, 1), **row}
                     if main:
                         self._record(row, log, writer)
