@@ -26,8 +26,8 @@ from tokensieve.attach import Handle, attach
 from tokensieve.checkpoint import atomic_write
 from tokensieve.config import from_dict, save_config, yaml_file
 from tokensieve.errors import TokensieveError
-from tokensieve.method import Budget
 from tokensieve.learned import HiddenStateDiscriminator, LayerPrunerHead, MergeResult, TokenMerger
+from tokensieve.method import Budget
 from tokensieve.methods.layer_pruner import LearnedLayerPruner
 from tokensieve.methods.token_merger import LearnedTokenMerger
 from tokensieve.pruner.settings import PrunerSettings, default_pruning_layers, stage_targets

@@ -6,10 +6,7 @@ hard Gumbel-softmax mask weights the tokens as attention keys. Losses: answer cr
 KL distillation from the teacher, target-ratio sparsity of the heads' keep probabilities
 (visual tokens only), merge sparsity, optional hidden-state MSE and adversarial loss.
 
-Run folder: ``config.yaml`` (resolved), ``state.pt`` (everything needed to resume exactly:
-parts, optimizer, step, RNG; tensors and plain values only, loaded with ``weights_only``),
-``parts.safetensors`` (latest trainable parts), ``best/`` (the parts with the best validation
-accuracy), ``log.jsonl`` and TensorBoard events in ``tb/``. ``done.json`` marks a finished run.
+The run folder (:mod:`tokensieve.train.run_folder`) also holds TensorBoard events in ``tb/``.
 Every file is written atomically and fsynced, so ``kill -9`` at any moment and ``--resume``
 give the weights of an uninterrupted run; Ctrl-C saves the step it ends and stops
 (:mod:`tokensieve.interrupt`).
@@ -24,15 +21,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from tokensieve import optional
 from tokensieve.attach import Handle
 from tokensieve.backbones import LlavaBackbone
-from tokensieve.checkpoint import atomic_torch_save, atomic_write_text, load_checkpoint, remove_stale_temporaries
-from tokensieve.config import load_config, save_config, to_dict
+from tokensieve.checkpoint import remove_stale_temporaries
+from tokensieve.config import save_config
 from tokensieve.data.instruct import InstructExample, collate, load_instruct, synthetic_examples
 from tokensieve.data.synthetic import SPLIT_SEEDS, training_seed
 from tokensieve.distributed import Distributed
@@ -42,11 +38,16 @@ from tokensieve.learned import keep_probability
 from tokensieve.pruner.training_step import TrainingStep
 from tokensieve.pruner.two_stage import CONFIG_FILE, TwoStagePruner
 from tokensieve.train import losses, schedules
+from tokensieve.train.run_folder import (
+    LOG_FILE,
+    STATE_FILE,
+    check_run_folder,
+    drop_log_rows_after,
+    load_run_state,
+    mark_done,
+    save_run_state,
+)
 from tokensieve.train.two_stage_config import TwoStageConfig
-
-STATE_FILE = "state.pt"
-DONE_FILE = "done.json"
-LOG_FILE = "log.jsonl"
 
 
 class TrainingData:
@@ -96,7 +97,7 @@ class TwoStageTrainer:
         torch.set_num_threads(cfg.run.threads)
         self.dist = Distributed(cfg.run.device)  # one process unless launched by accelerate or torchrun
         self.dist.check_batch(cfg.optim.batch_size)
-        self._check_folder(resume)
+        check_run_folder(self.out, cfg, resume)
         if backbone is None:
             dtype = None if cfg.run.dtype == "auto" else getattr(torch, cfg.run.dtype)
             backbone = LlavaBackbone.from_pretrained(cfg.model, dtype=dtype, device=cfg.run.device)
@@ -130,49 +131,15 @@ class TwoStageTrainer:
         """The configured learning rate of an optimizer group (``optim.lr_<group>``)."""
         return getattr(self.cfg.optim, f"lr_{group}")
 
-    # --- run folder ---------------------------------------------------------------------
-    def _check_folder(self, resume: bool) -> None:
-        saved = self.out / CONFIG_FILE
-        if (self.out / DONE_FILE).exists() and not resume:
-            raise TokensieveError(f"{self.out} holds a finished run; choose another folder")
-        if saved.exists() and not resume:
-            raise TokensieveError(f"{self.out} already holds a run; pass --resume to continue it or choose another folder")
-        if resume and saved.exists():
-            before = _flatten(to_dict(load_config(TwoStageConfig, saved)))
-            now = _flatten(to_dict(self.cfg))
-            differ = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
-            if differ:
-                raise TokensieveError(f"cannot resume {self.out}: its run had a different config "
-                                      f"({', '.join(f'{k}: {before.get(k)!r} -> {now.get(k)!r}' for k in differ[:4])})")
-        # The folder itself is made by the first file written (the config), once every setting
-        # that needs the backbone has been checked: a refused run leaves no folder behind.
-
+    # --- run folder (tokensieve.train.run_folder) -------------------------------------------
     def _save_state(self) -> None:
-        if not self.dist.is_main:
-            return
-        atomic_torch_save({"parts": self.parts.state_dict(), "optimizer": self.optimizer.state_dict(),
-                           "step": self.step, "best": self.best, "signature": self.parts.signature,
-                           "rng": rng_state()}, self.out / STATE_FILE)
-        self.parts.save_pretrained(self.out, {"step": str(self.step)})
+        if self.dist.is_main:
+            save_run_state(self.out, self.parts, self.optimizer, self.step, self.best)
 
     def _load_state(self) -> None:
-        saved = load_checkpoint(self.out / STATE_FILE, "start the run again in a new folder")
-        try:
-            if saved["signature"] != self.parts.signature:
-                raise TokensieveError(f"cannot resume {self.out}: it was trained on a different backbone "
-                                      f"({saved['signature']}; this one is {self.parts.signature})")
-            self.parts.load_state_dict(saved["parts"])
-            self.optimizer.load_state_dict(saved["optimizer"])
-            self.step, self.best = saved["step"], saved["best"]
-            set_rng_state(saved["rng"])
-        except TokensieveError:
-            raise
-        except Exception as err:  # a foreign file means the same thing to the user
-            first_line = (str(err).splitlines() or [""])[0]
-            raise TokensieveError(f"cannot resume from {self.out / STATE_FILE}: "
-                                  f"{type(err).__name__}: {first_line}") from None
+        self.step, self.best = load_run_state(self.out, self.parts, self.optimizer)
         if self.dist.is_main:
-            _drop_log_rows_after(self.out / LOG_FILE, self.step)  # those steps run again
+            drop_log_rows_after(self.out / LOG_FILE, self.step)  # those steps run again
 
     # --- one step -----------------------------------------------------------------------
     def _to_device(self, batch: dict) -> dict:
@@ -343,8 +310,7 @@ class TwoStageTrainer:
                 writer.close()
                 log.close()
         if main:
-            done = {"steps": self.step, "best_val_accuracy": self.best}
-            atomic_write_text(self.out / DONE_FILE, json.dumps(done) + "\n")
+            mark_done(self.out, self.step, self.best)
         return self.out
 
     def _stop_here(self) -> None:
@@ -365,55 +331,10 @@ class TwoStageTrainer:
             writer.add_scalar(f"keep_ratio/stage{i}", ratio, self.step)
 
 
-def rng_state() -> dict:
-    """Every random generator a step draws from, as tensors and plain values (``weights_only`` loads them)."""
-    numpy = np.random.get_state(legacy=False)  # {"bit_generator", "state": {"key": (624,) uint32, "pos"}, ...}
-    numpy["state"] = {"key": numpy["state"]["key"].tolist(), "pos": numpy["state"]["pos"]}
-    return {"torch": torch.get_rng_state(), "numpy": numpy, "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(saved: dict) -> None:
-    """Restore what :func:`rng_state` saved."""
-    torch.set_rng_state(saved["torch"])
-    numpy = dict(saved["numpy"])
-    numpy["state"] = {"key": np.asarray(numpy["state"]["key"], dtype=np.uint32), "pos": numpy["state"]["pos"]}
-    np.random.set_state(numpy)
-    random.setstate(saved["python"])
-    if saved["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(saved["cuda"])
-
-
-def _drop_log_rows_after(path: Path, step: int) -> None:
-    """Keep the rows of ``log.jsonl`` up to ``step`` (a resumed run logs the later steps again;
-    a row cut by a kill goes too)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line + "\n")
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-    atomic_write_text(path, "".join(kept))
-
-
 def after_first_answer(labels: torch.Tensor) -> torch.Tensor:
     """``(B, L)`` True from each row's first answer token on. In a teacher-forced sequence
     every later token has seen an answer, so methods reading the question stop before it."""
     return (labels != -100).cumsum(1) > 0
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def train_two_stage(cfg: TwoStageConfig, out: str | Path, resume: bool = False, progress: bool = True) -> Path:
