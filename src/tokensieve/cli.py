@@ -298,8 +298,8 @@ def _bench_train(args: argparse.Namespace) -> None:
 
     from tokensieve.config import load_config
     from tokensieve.data.synthetic import SceneSpec
-    from tokensieve.evaluate.train_speed import train_step_benchmark
     from tokensieve.testbed.processor import build_processor
+    from tokensieve.train.speed import train_step_benchmark
     from tokensieve.train.two_stage_config import TwoStageConfig
 
     shape = _bench_shape(args)

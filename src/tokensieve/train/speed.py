@@ -23,6 +23,7 @@ from transformers import LlavaProcessor
 from tokensieve.backbones import LlavaBackbone
 from tokensieve.evaluate.speed import BenchShape, bench_config, build_random_llava
 from tokensieve.evaluate.timing import synchronizer
+from tokensieve.train.trainer import TwoStageTrainer
 from tokensieve.train.two_stage_config import TwoStageConfig
 
 
@@ -45,8 +46,6 @@ def train_step_benchmark(cfg: TwoStageConfig, shape: BenchShape, processor: Llav
     ``projected_hours``: the median step times ``cfg.optim.steps`` (validation not included).
 
     processor: the testbed's processor at the shape's image and patch size."""
-    from tokensieve.train.trainer import TwoStageTrainer
-
     device = cfg.run.device
     backbone = random_llava_backbone(shape, processor, dtype, device)
     if device.startswith("cuda"):
