@@ -7,7 +7,7 @@ shim_torchvision_when_imported()  # transformers imports torchvision when instal
 from tokensieve.attach import Handle, attach
 from tokensieve.method import Budget, Method, Selection, SiteInputs, register
 from tokensieve.methods import create_method, list_methods
+from tokensieve.version import __version__  # noqa: F401  (tokensieve.__version__)
 
 __all__ = ["Budget", "Handle", "Method", "Selection", "SiteInputs", "attach", "create_method", "list_methods",
            "register"]
-__version__ = "0.1.0"

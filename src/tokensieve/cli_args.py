@@ -42,3 +42,8 @@ def out_folder(text: str) -> Path:
     if not os.access(nearest, os.W_OK | os.X_OK):
         raise argparse.ArgumentTypeError(f"{text} is not writable here ({nearest} is not)")
     return path
+
+
+def comma_list(text: str) -> list[str]:
+    """The items of a comma-separated argument (``"fastv, divprune"`` -> ``["fastv", "divprune"]``), blanks dropped."""
+    return [part.strip() for part in text.split(",") if part.strip()]

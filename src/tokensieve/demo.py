@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
 
-from tokensieve import __version__
+from tokensieve.version import __version__
 from tokensieve.attach import attach
 from tokensieve.backbones import LlavaBackbone
 from tokensieve.config import load_config

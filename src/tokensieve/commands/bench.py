@@ -1,0 +1,126 @@
+"""``tokensieve bench speed|train``: measured prefill speed of methods, and what a training
+config costs per step."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from importlib import resources
+from pathlib import Path
+
+from tokensieve.cli_args import comma_list, positive_int
+from tokensieve.errors import TokensieveError
+
+
+def _bench_shape(args: argparse.Namespace):
+    """The benchmark's model shape, once ``args.device`` is known to be able to hold it."""
+    from tokensieve.devices import require_device
+    from tokensieve.evaluate.speed import BenchShape
+
+    require_device(args.device, "--device")
+    if args.shape == "llava-7b" and not args.device.startswith("cuda"):
+        # 7 B parameters: 28 GB in float32, more than a workstation's memory, and hours per case.
+        raise TokensieveError("--shape llava-7b is a 7B model: run it on a GPU (--device cuda --dtype bfloat16), "
+                              "or use --shape cpu here")
+    return BenchShape.llava7b() if args.shape == "llava-7b" else BenchShape()
+
+
+def _bench_speed(args: argparse.Namespace) -> None:
+    import torch
+
+    from tokensieve.evaluate.speed import (
+        native_llm_reference,
+        shape_summary,
+        speed_benchmark,
+    )
+    from tokensieve.method import Budget
+    from tokensieve.methods import create_method
+
+    methods, keeps = comma_list(args.method), [float(Budget.parse(k).ratio or 0) for k in comma_list(args.keep)]
+    for name in methods:
+        create_method(name)
+    if not all(keeps):
+        raise TokensieveError("bench speed takes keep ratios (0.33), not token counts")
+    shape = _bench_shape(args)
+    dtype = getattr(torch, args.dtype)
+    rows = speed_benchmark(shape, tuple(methods), tuple(keeps), repeats=args.repeats, threads=args.threads,
+                           device=args.device, dtype=dtype, progress=not args.json, batch=args.batch)
+    kept = sorted({r["visual_tokens_kept"] for r in rows}, reverse=True)
+    native = native_llm_reference(shape, kept, repeats=args.repeats, device=args.device, dtype=dtype,
+                                  batch=args.batch)
+    if args.json:
+        print(json.dumps({"shape": shape_summary(shape, args.device, dtype, args.batch), "rows": rows,
+                          "native_llm": native}, indent=2))
+        return
+    print(f"{'method':10s} {'site':9s} {'keep':>5s} {'full ms':>8s} {'pruned ms':>9s} {'speedup':>7s} "
+          f"{'ideal':>6s} {'scoring':>7s}")
+    for r in rows:
+        print(f"{r['method']:10s} {r['site']:9s} {r['keep']:5.2f} {r['prefill_ms_full']:8.1f} "
+              f"{r['prefill_ms_pruned']:9.1f} {r['speedup']:7.2f} {r['ideal_speedup']:6.2f} "
+              f"{r['scoring_overhead']:7.3f}  " + " ".join("ok" if ok else "MISSED" for ok in r["targets"].values()))
+    print("the unpruned LLM alone on a natively shorter prompt (what perfect removal could reach here):")
+    for n in native:
+        print(f"  {n['visual_tokens_kept']:4d} visual tokens: {n['llm_ms_full']:8.1f} -> {n['llm_ms_short']:7.1f} ms, "
+              f"speedup {n['speedup']:5.2f} of token ratio {n['token_ratio']:5.2f} ({n['share_of_token_ratio']:.3f}); "
+              f"with the unpruned tower ({n['tower_ms']:.1f} ms) the most a projector-site method could reach: "
+              f"{n['projector_site_bound']:.2f}")
+
+
+def _bench_train(args: argparse.Namespace) -> None:
+    import torch
+
+    from tokensieve.config import load_config
+    from tokensieve.data.synthetic import SceneSpec
+    from tokensieve.testbed.processor import build_processor
+    from tokensieve.train.speed import train_step_benchmark
+    from tokensieve.train.two_stage_config import TwoStageConfig
+
+    shape = _bench_shape(args)
+    # Synthetic scenes stand in for the config's data; the device and dtype are the command's.
+    forced = ["data.kind=synthetic", "data.path=null", "data.image_folder=null", f"run.device={args.device}",
+              f"run.dtype={args.dtype}"]
+    with resources.as_file(resources.files("tokensieve") / "configs" / "two_stage_llava15_7b.yaml") as packaged:
+        cfg = load_config(TwoStageConfig, args.config or packaged, [*args.set, *forced])
+    processor = build_processor(SceneSpec(image_size=shape.image_size, patch_size=shape.patch_size))
+    result = train_step_benchmark(cfg, shape, processor, args.steps, dtype=getattr(torch, args.dtype),
+                                  progress=not args.json)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    memory = "" if result["peak_memory_gib"] is None else f", peak memory {result['peak_memory_gib']:.1f} GiB"
+    print(f"{result['step_s_median']:.3f} s per step of {result['batch_size']} samples "
+          f"({result['samples_per_s']:.1f} samples/s){memory}; {result['config_steps']} steps: "
+          f"about {result['projected_hours']:.2f} h without validation")
+
+
+def add(sub) -> None:
+    """Add ``bench speed`` and ``bench train``."""
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    speed = bench.add_parser("speed", help="measured prefill speedup vs the FLOPs ideal on a LLaVA-shaped model")
+    speed.add_argument("--method", default="fastv,divprune", help="methods, each at its default site")
+    speed.add_argument("--keep", default="0.33,0.22,0.11", help="keep ratios")
+    speed.add_argument("--shape", default="cpu", choices=["cpu", "llava-7b"],
+                       help="cpu: 8 layers x 512 (default); llava-7b: LLaVA-1.5-7B's shape (needs a big machine)")
+    speed.add_argument("--repeats", type=positive_int, default=7, help="timed runs per case (median)")
+    speed.add_argument("--batch", type=positive_int, default=1, help="prompts per prefill")
+    speed.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
+    speed.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    speed.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                       help="the model's dtype (default float32)")
+    speed.add_argument("--json", action="store_true", help="print the rows as JSON")
+    speed.set_defaults(func=_bench_speed)
+
+    train_bench = bench.add_parser("train", help="two-stage training step time and memory on a random model of a "
+                                   "real shape (what a config costs before renting GPU hours)")
+    train_bench.add_argument("config", type=Path, nargs="?", default=None,
+                             help="training config (default: the packaged two_stage_llava15_7b.yaml)")
+    train_bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                             help="override a config key (repeatable)")
+    train_bench.add_argument("--shape", default="llava-7b", choices=["cpu", "llava-7b"],
+                             help="llava-7b: LLaVA-1.5-7B's shape (default); cpu: 8 layers x 512")
+    train_bench.add_argument("--steps", type=positive_int, default=10, help="timed steps (median)")
+    train_bench.add_argument("--device", default="cuda", help="cuda[:i], or cpu with --shape cpu")
+    train_bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                             help="the frozen backbone's dtype")
+    train_bench.add_argument("--json", action="store_true", help="print the result as JSON")
+    train_bench.set_defaults(func=_bench_train)

@@ -1,0 +1,66 @@
+"""``tokensieve testbed train|eval``: train the embedded LLaVA-architecture testbed, and check it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from tokensieve.cli_args import out_folder, positive_int
+from tokensieve.errors import TokensieveError
+
+
+def _testbed_train(args: argparse.Namespace) -> None:
+    from tokensieve.testbed.model import TestbedSize
+    from tokensieve.testbed.train import TestbedTrainConfig, train_testbed
+
+    given = {key: getattr(args, key) for key in ("tower_steps", "llm_steps", "mention_layer", "relation_layer")
+             if getattr(args, key) is not None}
+    if args.llm_layers is not None:
+        given["size"] = TestbedSize(text_layers=args.llm_layers)
+    cfg = TestbedTrainConfig(**given)
+    out = train_testbed(args.out, cfg, resume=not args.no_resume)
+    print(f"testbed checkpoint written to {out}")
+
+
+def _testbed_eval(args: argparse.Namespace) -> None:
+    from tokensieve.backbones import LlavaBackbone
+    from tokensieve.testbed.evaluate import evaluate_testbed
+
+    backbone = LlavaBackbone.from_pretrained(args.model)
+    if backbone.processor is None:
+        raise TokensieveError(f"{args.model} has no processor files; the testbed evaluation needs one")
+    report = evaluate_testbed(backbone, n_samples=args.samples, batch_size=args.batch_size, progress=not args.json)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    for key, value in report.items():
+        if key not in ("per_family", "targets"):
+            print(f"{key:28s} {value}")
+    print("per family: " + ", ".join(f"{k} {v:.3f}" for k, v in report["per_family"].items()))
+    for name, ok in report["targets"].items():
+        print(f"  [{'ok' if ok else 'MISSED'}] {name}")
+
+
+def add(sub) -> None:
+    """Add ``testbed train`` and ``testbed eval``."""
+
+    testbed = sub.add_parser("testbed", help="the embedded LLaVA-architecture testbed").add_subparsers(
+        dest="testbed_command", required=True)
+    train = testbed.add_parser("train", help="train the testbed on the synthetic set (resumable)")
+    train.add_argument("--out", required=True, type=out_folder, help="folder for the checkpoint")
+    train.add_argument("--tower-steps", type=positive_int, help="stage-1 (vision tower) steps")
+    train.add_argument("--llm-steps", type=positive_int, help="stage-2 (projector + LLM) steps")
+    train.add_argument("--llm-layers", type=positive_int, help="decoder layers of the LLM (default 8)")
+    train.add_argument("--mention-layer", type=positive_int,
+                       help="LLM hidden state the question's mention words are looked up at (default 4)")
+    train.add_argument("--relation-layer", type=positive_int,
+                       help="LLM hidden state the spatial relation is looked up at (default 5)")
+    train.add_argument("--no-resume", action="store_true", help="start over even if a saved state exists")
+    train.set_defaults(func=_testbed_train)
+
+    ev = testbed.add_parser("eval", help="accuracy and the controls that make the testbed trustworthy")
+    ev.add_argument("--model", default=None, help="LLaVA checkpoint folder or hub id (default: shipped testbed)")
+    ev.add_argument("--samples", type=positive_int, default=1000, help="held-out samples")
+    ev.add_argument("--batch-size", type=positive_int, default=64, help="samples per forward pass (default 64)")
+    ev.add_argument("--json", action="store_true", help="print the report as JSON")
+    ev.set_defaults(func=_testbed_eval)
