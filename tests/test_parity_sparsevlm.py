@@ -111,7 +111,7 @@ def test_select_is_the_released_step(case):
     """The kept tokens and the recycled ones as the engine receives them (the density noise, drawn
     here from the row's generator, does not decide these clusters)."""
     p = _step_parts(case)
-    method = SparseVLM().for_budget(p["spec"]["budget"])
+    method = SparseVLM().for_budget(Budget.parse(p["spec"]["budget"]))
     sel = method.select(_site_inputs(p["image"], p["attention"], p["entry_image"], p["entry_text"], [0]))
     kept = STEP[f"{case}.kept"]
     assert torch.equal(sel.indices, kept) and bool(sel.valid.all())
@@ -123,7 +123,7 @@ def test_select_is_the_released_step(case):
 def _alone(case: str, seed: int, first: int = 0):
     """The method on one step fixture alone, with the tokens after the image from ``first`` on."""
     p = _step_parts(case)
-    return SparseVLM().for_budget(192).select(
+    return SparseVLM().for_budget(Budget.parse(192)).select(
         _site_inputs(p["image"], p["attention"][:, first:], p["entry_image"], p["entry_text"][:, first:], [seed]))
 
 
@@ -134,7 +134,7 @@ def test_rows_of_a_batch_are_each_row_alone():
     batch = {name: torch.cat([p[name] for p in rows]) for name in ("image", "attention", "entry_image", "entry_text")}
     text_valid = torch.ones(2, batch["entry_text"].shape[1], dtype=torch.bool)
     text_valid[1, :20] = False
-    sel = SparseVLM().for_budget(192).select(_site_inputs(**batch, seeds=[3, 4], text_valid=text_valid))
+    sel = SparseVLM().for_budget(Budget.parse(192)).select(_site_inputs(**batch, seeds=[3, 4], text_valid=text_valid))
     for r, (case, seed, first) in enumerate([("layer2_192", 3, 0), ("layer2_64", 4, 20)]):
         alone = _alone(case, seed, first)
         assert sel.indices[r][sel.valid[r]].tolist() == alone.indices[0].tolist()
@@ -156,7 +156,7 @@ def test_padding_in_the_image_run_and_the_text_is_skipped():
     valid = torch.zeros(1, n + 9, dtype=torch.bool)
     valid[:, slots] = True
     text_valid = torch.cat([torch.zeros(1, 3, dtype=torch.bool), torch.ones(1, t, dtype=torch.bool)], 1)
-    sel = SparseVLM().for_budget(192).select(_site_inputs(image, attention, p["entry_image"], text, [1],
+    sel = SparseVLM().for_budget(Budget.parse(192)).select(_site_inputs(image, attention, p["entry_image"], text, [1],
                                                           valid=valid, text_valid=text_valid))
     alone = _alone("later_layer_192", 1)
     assert sel.indices[0][sel.valid[0]].tolist() == slots[alone.indices[0]].tolist()
@@ -167,7 +167,7 @@ def test_padding_in_the_image_run_and_the_text_is_skipped():
 def test_a_row_without_raters_keeps_its_image_run():
     """One token after the image: no rater (the released scores are NaN there); nothing pruned."""
     p = _step_parts("layer2_192")
-    sel = SparseVLM().for_budget(192).select(
+    sel = SparseVLM().for_budget(Budget.parse(192)).select(
         _site_inputs(p["image"], p["attention"][:, -1:], p["entry_image"], p["entry_text"][:, -1:], [0]))
     assert sel.indices.tolist() == [list(range(576))] and sel.extra is None
 
@@ -176,7 +176,7 @@ def test_a_single_rater_at_the_64_setting_keeps_only_recycled_tokens():
     """Two tokens after the image give one rater, rank 1, and int(1 * 0.8) = 0 tokens kept: as
     released, every image token is pruned and the image run is the recycled clusters alone."""
     p = _step_parts("layer2_64")
-    sel = SparseVLM().for_budget(64).select(
+    sel = SparseVLM().for_budget(Budget.parse(64)).select(
         _site_inputs(p["image"], p["attention"][:, -2:], p["entry_image"], p["entry_text"][:, -2:], [0]))
     assert sel.indices.shape == (1, 0) and sel.valid.shape == (1, 0)
     assert sel.extra.shape == (1, cluster_count(recycled_count(576)), p["image"].shape[2])
@@ -186,22 +186,22 @@ def test_budgets_choose_the_released_scale_and_bias():
     for budget, knobs in {192: (13.5, 0.0), 128: (9.0, 6.0), 64: (0.8, 0.0), 1 / 3: (13.5, 0.0),
                           "22.2%": (9.0, 6.0), Budget(count=64): (0.8, 0.0), 0.33: (13.5, 0.0),
                           0.22: (9.0, 6.0), 0.11: (0.8, 0.0)}.items():
-        method = SparseVLM().for_budget(budget)
+        method = SparseVLM().for_budget(Budget.parse(budget))
         assert (method.scale, method.bias) == knobs
-    assert SparseVLM(scale=2.0).for_budget(128).bias == 6.0
+    assert SparseVLM(scale=2.0).for_budget(Budget.parse(128)).bias == 6.0
     explicit = SparseVLM(scale=5.0, bias=1.0)
-    assert explicit.for_budget(100) is explicit
+    assert explicit.for_budget(Budget.parse(100)) is explicit
     with pytest.raises(TokensieveError, match="192 -> scale 13.5, bias 0.*scale= and bias="):
-        SparseVLM().for_budget(100)
+        SparseVLM().for_budget(Budget.parse(100))
     with pytest.raises(TokensieveError, match="scale= and bias="):
-        SparseVLM().for_budget(0.3)  # 173 of 576: more than a percent from any setting
+        SparseVLM().for_budget(Budget.parse(0.3))  # 173 of 576: more than a percent from any setting
     with pytest.raises(TokensieveError, match="count setting"):
         SparseVLM().select(_site_inputs(torch.zeros(1, 4, 2), torch.zeros(1, 2, 4), torch.zeros(1, 4, 2),
                                         torch.zeros(1, 2, 2), [0]))
 
 
 def test_schedule_prunes_after_layers_2_6_15_19_of_32():
-    method = create_method("sparsevlm").for_budget(192)
+    method = create_method("sparsevlm").for_budget(Budget.parse(192))
     assert method.schedule("llm", Budget(count=192), 32) == [(f"llm.{k}", Budget(ratio=1.0)) for k in (3, 7, 16, 20)]
     assert sparsevlm_layers(32) == (3, 7, 16, 20)
     assert sparsevlm_layers(24) == (2, 5, 12, 15)

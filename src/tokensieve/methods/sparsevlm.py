@@ -214,13 +214,12 @@ class SparseVLM(Method):
     def renumbers_positions(self) -> bool:
         return self.positions == "renumbered"
 
-    def for_budget(self, budget: Budget | float | str) -> SparseVLM:
+    def for_budget(self, budget: Budget) -> SparseVLM:
         """This method with the released ``(scale, bias)`` of ``budget`` (192, 128 or 64 tokens, or a
         ratio of 576 within a percent of one: 0.33, 0.22 and 0.11 name them too), where they were not
         given."""
         if self.scale is not None and self.bias is not None:
             return self
-        budget = Budget.parse(budget)
         tokens = budget.count
         if budget.ratio is not None:  # the nearest setting, if the ratio is within a percent of it
             near = min(PAPER_SETTINGS, key=lambda k: abs(k / PAPER_IMAGE_TOKENS - budget.ratio))
