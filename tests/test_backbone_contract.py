@@ -108,3 +108,17 @@ def test_cls_attention_upcast_softmaxes_in_float32():
     assert row.dtype == torch.float32 and torch.equal(row, expected)
     assert torch.allclose(row.sum(1), torch.ones(2))
     assert split_heads(torch.randn(2, 5, 16), 2).shape == (2, 2, 5, 8)
+
+
+def test_every_shipped_adapter_keeps_the_protocol(vit, backbone):
+    from tokensieve.backbones import Backbone
+    from tokensieve.backbones.open_clip_vit import OpenClipViTBackbone
+    from tokensieve.clip.tiny import build_tiny
+
+    assert isinstance(vit, Backbone) and isinstance(backbone, Backbone)
+    assert isinstance(OpenClipViTBackbone(build_tiny()[0]), Backbone)
+
+
+def test_attach_refuses_what_is_not_an_adapter(backbone):
+    with pytest.raises(TokensieveError, match="a LlavaForConditionalGeneration is not a backbone adapter"):
+        attach(backbone.model, "fastv", 8)

@@ -12,16 +12,12 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
 import torch
 
+from tokensieve.backbones.base import Backbone
 from tokensieve.errors import TokensieveError
 from tokensieve.method import Budget, Method
 from tokensieve.methods import create_method
-
-if TYPE_CHECKING:  # a type only: importing the backbones package would load every adapter's model code
-    from tokensieve.backbones.base import Backbone
 
 MODES = ("origin", "hard", "soft")
 
@@ -153,6 +149,10 @@ def attach(backbone: Backbone, method: str | dict | Method | Sequence,
     """
     if mode not in MODES:
         raise TokensieveError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+    if not isinstance(backbone, Backbone):
+        raise TokensieveError(f"a {type(backbone).__name__} is not a backbone adapter: attach needs sites(), "
+                              "signals_at(site) and install(handle, seed) (docs/architecture.md), e.g. "
+                              "LlavaBackbone.from_pretrained(...)")
     stages = make_stages(method, budget, site, llm_depth(backbone))
     handle = Handle(stages, mode)
     if mode != "origin":

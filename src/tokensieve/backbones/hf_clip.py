@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from tokensieve.backbones.base import Site
+from tokensieve.backbones.vit_pruning import ViTPruningSession, vit_signals_at
 from tokensieve.errors import TokensieveError
 
 
@@ -55,6 +56,10 @@ class HFClipViTBackbone:
     def sites(self) -> list:
         return [Site("vision", i) for i in range(1, self.depth)]
 
+    def signals_at(self, site: Site) -> set[str]:
+        """The signals a method can read at ``site`` (block ``i - 1``'s attention at ``vision.i``)."""
+        return vit_signals_at(self, site)
+
     def hook_attention_input(self, block: int, fn):
         def hook(_module, args, kwargs):
             fn(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
@@ -84,6 +89,4 @@ class HFClipViTBackbone:
 
     def install(self, handle, seed: int = 0) -> None:
         """Register the hooks of ``handle``'s stages (called by :func:`tokensieve.attach`)."""
-        from tokensieve.backbones.vit_pruning import ViTPruningSession
-
         ViTPruningSession(self, handle, seed)

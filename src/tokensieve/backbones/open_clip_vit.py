@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from tokensieve.backbones.base import Site
+from tokensieve.backbones.vit_pruning import ViTPruningSession, vit_signals_at
 from tokensieve.errors import TokensieveError
 from tokensieve.optional import import_open_clip
 
@@ -64,6 +65,10 @@ class OpenClipViTBackbone:
     def sites(self) -> list:
         return [Site("vision", i) for i in range(1, self.depth)]
 
+    def signals_at(self, site: Site) -> set[str]:
+        """The signals a method can read at ``site`` (block ``i - 1``'s attention at ``vision.i``)."""
+        return vit_signals_at(self, site)
+
     def hook_attention_input(self, block: int, fn):
         return self.blocks[block].attn.register_forward_pre_hook(lambda _m, args: fn(args[0]))
 
@@ -93,6 +98,4 @@ class OpenClipViTBackbone:
 
     def install(self, handle, seed: int = 0) -> None:
         """Register the hooks of ``handle``'s stages (called by :func:`tokensieve.attach`)."""
-        from tokensieve.backbones.vit_pruning import ViTPruningSession
-
         ViTPruningSession(self, handle, seed)

@@ -56,7 +56,7 @@ class ViTStagePlan(StagePlan):
 
     def __init__(self, backbone, handle):
         self.depth = backbone.depth
-        super().__init__(handle.stages, handle.mode, backbone.sites(), lambda site: vit_signals_at(backbone, site),
+        super().__init__(handle.stages, handle.mode, backbone.sites(), backbone.signals_at,
                          backbone.n_patches, keeps_cls=False, tower_end=backbone.depth)
 
     def missing_site(self, site: Site, st) -> TokensieveError:
