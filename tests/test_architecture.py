@@ -150,3 +150,31 @@ def test_cycles_are_found():
 def test_no_source_file_over_the_limit(path):
     lines = len(path.read_text().splitlines())
     assert lines <= MAX_LINES, f"{path.relative_to(SRC)} has {lines} lines; split one job out of it"
+
+
+def layout_paths() -> set[str]:
+    """The paths README.md's layout block names (``a/b.py, c.py``: ``c.py`` is in ``a/`` too)."""
+    readme = (SRC.parent / "README.md").read_text()
+    block = readme[readme.index("## Layout"):].split("```")[1]
+    names = set()
+    for line in block.splitlines():
+        if not line.startswith("  ") or line.startswith("   "):
+            continue  # the root line, and continuation lines of a description
+        folder = ""
+        for name in line.strip().split("  ")[0].split(", "):
+            if "/" in name.rstrip("/"):
+                folder = name.rsplit("/", 1)[0] + "/"
+            names.add(name if "/" in name.rstrip("/") else folder + name)
+    return names
+
+
+def test_the_readme_layout_matches_the_tree():
+    named = layout_paths()
+    missing = sorted(n for n in named if not (PACKAGE / n).exists())
+    assert not missing, f"README's layout names what is not in src/tokensieve: {missing}"
+    entries = {p.name + ("/" if p.is_dir() else "") for p in PACKAGE.iterdir()
+               if p.name not in ("__init__.py", "__pycache__")}
+    top = {n.split("/")[0] + ("/" if "/" in n else "") for n in named}
+    assert entries <= top, f"README's layout leaves out {sorted(entries - top)}"
+    backbones = {f"backbones/{p.name}" for p in (PACKAGE / "backbones").glob("*.py") if p.name != "__init__.py"}
+    assert backbones <= named, f"README's layout leaves out {sorted(backbones - named)}"
