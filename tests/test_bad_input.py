@@ -325,16 +325,16 @@ def batch(backbone, tiny_samples):
                  id="attach-name-list"),
     pytest.param(lambda bb, _: attach(bb, []), "nothing to attach", id="attach-empty-list"),
     pytest.param(lambda bb, _: attach(bb, "fastv", 0.5, mode="firm"), "unknown mode 'firm'", id="attach-bad-mode"),
-    pytest.param(lambda bb, b: bb.forward(**b, keep=[torch.tensor([3, 500])]), "index 500 is outside the 64",
-                 id="keep-out-of-range"),
-    pytest.param(lambda bb, b: bb.forward(**b, keep=[torch.tensor([-1, 3])]), "index -1 is outside",
-                 id="keep-negative"),
-    pytest.param(lambda bb, b: bb.forward(**b, keep=[torch.tensor([5, 5, 3])]), "5 follows 5", id="keep-repeated"),
-    pytest.param(lambda bb, b: bb.forward(**b, keep=[torch.tensor([5, 3])]), "3 follows 5", id="keep-unsorted"),
-    pytest.param(lambda bb, b: bb.forward(**b, keep=[torch.tensor([1.0, 3.0])]), "a 1-D tensor of token indices",
-                 id="keep-floats"),
-    pytest.param(lambda bb, b: bb.forward(**b, keep=[torch.tensor([1]), torch.tensor([2])]),
-                 "keep has 2 rows for a batch of 1", id="keep-rows"),
+    pytest.param(lambda bb, b: bb.forward(**b, kept=[torch.tensor([3, 500])]), "index 500 is outside the 64",
+                 id="kept-out-of-range"),
+    pytest.param(lambda bb, b: bb.forward(**b, kept=[torch.tensor([-1, 3])]), "index -1 is outside",
+                 id="kept-negative"),
+    pytest.param(lambda bb, b: bb.forward(**b, kept=[torch.tensor([5, 5, 3])]), "5 follows 5", id="kept-repeated"),
+    pytest.param(lambda bb, b: bb.forward(**b, kept=[torch.tensor([5, 3])]), "3 follows 5", id="kept-unsorted"),
+    pytest.param(lambda bb, b: bb.forward(**b, kept=[torch.tensor([1.0, 3.0])]), "a 1-D tensor of token indices",
+                 id="kept-floats"),
+    pytest.param(lambda bb, b: bb.forward(**b, kept=[torch.tensor([1]), torch.tensor([2])]),
+                 "kept has 2 rows for a batch of 1", id="kept-rows"),
     pytest.param(lambda bb, _: OptimConfig(steps=-1), "steps -1 must be >= 1", id="config-steps"),
     pytest.param(lambda bb, _: RunConfig(device="gpu"), "'gpu' is not a device", id="config-device"),
 ])
@@ -344,9 +344,9 @@ def test_python_api_refuses_bad_input(call, words, backbone, batch):
     assert words in str(caught.value)
 
 
-def test_keep_in_order_still_runs(backbone, batch):
-    kept = backbone.prepare(**batch, keep=[torch.tensor([0, 5, 63])])
-    assert (kept.input_ids == backbone.image_token_id).sum() == 3
+def test_kept_in_order_still_runs(backbone, batch):
+    inputs = backbone.prepare(**batch, kept=[torch.tensor([0, 5, 63])])
+    assert (inputs.input_ids == backbone.image_token_id).sum() == 3
 
 
 def _parsers(parser, path=("tokensieve",)):

@@ -70,17 +70,17 @@ def test_layout_finds_image_run_and_question(backbone, tiny_samples):
 def test_kept_subset_equals_sample_alone(backbone, tiny_samples):
     """Rows keeping different numbers of tokens in one padded batch = each row alone."""
     batch = encode(backbone.processor, tiny_samples[:3])
-    keep = [torch.tensor([0, 5, 7]), torch.arange(64), torch.tensor([3, 60])]
-    together = backbone.forward(**batch, keep=keep).logits[:, -1]
+    kept = [torch.tensor([0, 5, 7]), torch.arange(64), torch.tensor([3, 60])]
+    together = backbone.forward(**batch, kept=kept).logits[:, -1]
     for b in range(3):
         alone = encode(backbone.processor, tiny_samples[b : b + 1])
-        single = backbone.forward(**alone, keep=[keep[b]]).logits[:, -1]
+        single = backbone.forward(**alone, kept=[kept[b]]).logits[:, -1]
         torch.testing.assert_close(together[b : b + 1], single, rtol=1e-5, atol=1e-5)
 
 
 def test_kept_subset_shrinks_the_sequence(backbone, tiny_samples):
     batch = encode(backbone.processor, tiny_samples[:1])
-    inputs = backbone.prepare(**batch, keep=[torch.tensor([1, 2, 3, 4])])
+    inputs = backbone.prepare(**batch, kept=[torch.tensor([1, 2, 3, 4])])
     assert inputs.inputs_embeds.shape[1] == batch["input_ids"].shape[1] - 60
     assert (inputs.input_ids == backbone.image_token_id).sum() == 4
 

@@ -195,7 +195,7 @@ def test_kept_patches_are_the_tokens_the_llm_receives(backbone, batch):
     finally:
         handle.detach()
     (kept,) = handle.last_kept.values()
-    assert torch.equal(pruned, backbone.forward(**batch, keep=list(kept), logits_to_keep=1).logits[:, -1])
+    assert torch.equal(pruned, backbone.forward(**batch, kept=list(kept), logits_to_keep=1).logits[:, -1])
 
 
 def test_kept_patches_of_later_stages_are_among_the_earlier_ones(backbone, batch):

@@ -253,11 +253,11 @@ class LlavaBackbone:
         return AssembledInputs(ids, mask, position_ids, embeds)
 
     def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
-                keep: torch.Tensor | Sequence[torch.Tensor] | None = None,
+                kept: torch.Tensor | Sequence[torch.Tensor] | None = None,
                 answer_mask: torch.Tensor | None = None) -> AssembledInputs:
         """Encode images and assemble the LLM input.
 
-        keep: optional indices into the N visual tokens per row (``(B, M)`` or one ``(M_b,)``
+        kept: optional indices into the N visual tokens per row (``(B, M)`` or one ``(M_b,)``
         per row), increasing: only these enter the LLM, in image order.
         answer_mask: optional ``(B, L)`` positions of a teacher-forced sequence that methods
         reading the question must not see (the answers and every token after the first one).
@@ -265,18 +265,18 @@ class LlavaBackbone:
         for session in self._active_sessions():
             session.begin_prompt(input_ids, attention_mask, answer_mask)
         features = self.encode_images(pixel_values)
-        if keep is not None:
-            features = [f[k] for f, k in zip(features, _checked_keep(keep, *features.shape[:2]))]
+        if kept is not None:
+            features = [f[k] for f, k in zip(features, _checked_kept(kept, *features.shape[:2]))]
         return self.assemble(input_ids, attention_mask, features)
 
-    def forward(self, input_ids, attention_mask, pixel_values, keep=None, answer_mask=None, **kwargs):
+    def forward(self, input_ids, attention_mask, pixel_values, kept=None, answer_mask=None, **kwargs):
         """Logits ``(B, L', vocab)`` of the assembled sequence (``L' < L`` when tokens were dropped)."""
-        inputs = self.prepare(input_ids, attention_mask, pixel_values, keep, answer_mask)
+        inputs = self.prepare(input_ids, attention_mask, pixel_values, kept, answer_mask)
         return self.model(**inputs.model_kwargs(), **kwargs)
 
-    def generate(self, input_ids, attention_mask, pixel_values, keep=None, **generate_kwargs) -> torch.Tensor:
+    def generate(self, input_ids, attention_mask, pixel_values, kept=None, **generate_kwargs) -> torch.Tensor:
         """New token ids ``(B, T_new)``; decoding uses the KV cache of the assembled prompt."""
-        inputs = self.prepare(input_ids, attention_mask, pixel_values, keep)
+        inputs = self.prepare(input_ids, attention_mask, pixel_values, kept)
         return self.model.generate(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
                                    **generate_kwargs)
 
@@ -302,25 +302,25 @@ class LlavaBackbone:
             handle.remove()
 
 
-def _checked_keep(keep: torch.Tensor | Sequence, rows: int, n_tokens: int) -> list[torch.Tensor]:
-    """``keep`` as one ``(M_b,)`` index tensor per row, refused unless each row holds increasing
+def _checked_kept(kept: torch.Tensor | Sequence, rows: int, n_tokens: int) -> list[torch.Tensor]:
+    """``kept`` as one ``(M_b,)`` index tensor per row, refused unless each row holds increasing
     (sorted, distinct) integers in ``[0, n_tokens)``."""
-    if len(keep) != rows:
-        raise TokensieveError(f"keep has {len(keep)} rows for a batch of {rows}")
+    if len(kept) != rows:
+        raise TokensieveError(f"kept has {len(kept)} rows for a batch of {rows}")
     checked = []
-    for b, row in enumerate(keep):
+    for b, row in enumerate(kept):
         row = torch.as_tensor(row)
         if row.dim() != 1 or row.is_floating_point() or row.is_complex() or row.dtype == torch.bool:
-            raise TokensieveError(f"keep row {b}: expected a 1-D tensor of token indices, got a "
+            raise TokensieveError(f"kept row {b}: expected a 1-D tensor of token indices, got a "
                                   f"{tuple(row.shape)} {row.dtype} tensor")
         outside = row[(row < 0) | (row >= n_tokens)]
         if outside.numel():
-            raise TokensieveError(f"keep row {b}: index {int(outside[0])} is outside the {n_tokens} visual tokens "
+            raise TokensieveError(f"kept row {b}: index {int(outside[0])} is outside the {n_tokens} visual tokens "
                                   f"(0 .. {n_tokens - 1})")
         unordered = (row[1:] <= row[:-1]).nonzero()
         if unordered.numel():
             i = int(unordered[0])
-            raise TokensieveError(f"keep row {b}: indices must increase, each once (sorted, no repeats); "
+            raise TokensieveError(f"kept row {b}: indices must increase, each once (sorted, no repeats); "
                                   f"{int(row[i + 1])} follows {int(row[i])}")
         checked.append(row)
     return checked

@@ -17,7 +17,7 @@ from tokensieve.backbones import LlavaBackbone
 from tokensieve.data.synthetic import FAMILIES, SPLIT_SEEDS, Sample, SceneSpec, make_sample
 
 # Per-sample indices ``(M,)`` of the visual tokens that enter the LLM, increasing.
-KeepFn = Callable[[Sample], torch.Tensor]
+KeptFn = Callable[[Sample], torch.Tensor]
 
 
 def heldout_samples(n: int, split: str = "heldout", spec: SceneSpec = SceneSpec()) -> list[Sample]:
@@ -42,15 +42,15 @@ def question_only_predictor(n_reference: int, spec: SceneSpec = SceneSpec()) -> 
     return guess
 
 
-def random_keep(fraction: float, n_tokens: int, seed: int = 0) -> KeepFn:
+def random_keep(fraction: float, n_tokens: int, seed: int = 0) -> KeptFn:
     """A random ``round(fraction * n_tokens)`` tokens per sample, sorted, seeded by the sample."""
     count = max(1, round(fraction * n_tokens))
 
-    def keep(sample: Sample) -> torch.Tensor:
+    def kept(sample: Sample) -> torch.Tensor:
         rng = np.random.default_rng([seed, sample.seed, sample.index])
         return torch.from_numpy(np.sort(rng.choice(n_tokens, size=count, replace=False)))
 
-    return keep
+    return kept
 
 
 def object_keep(sample: Sample) -> torch.Tensor:
@@ -58,16 +58,16 @@ def object_keep(sample: Sample) -> torch.Tensor:
     return torch.tensor(sample.object_patches)
 
 
-def object_oracle(count: int, grid: int) -> KeepFn:
+def object_oracle(count: int, grid: int) -> KeptFn:
     """The object oracle at a budget of ``count`` tokens: tokens on objects only, one per object
     before a second (each object's 4 patches taken in turn), at most ``count``, sorted."""
 
-    def keep(sample: Sample) -> torch.Tensor:
+    def kept(sample: Sample) -> torch.Tensor:
         per_object = [o.patch_indices(grid) for o in sample.objects]
         order = [patches[rank] for rank in range(4) for patches in per_object]
         return torch.tensor(sorted(order[:count]))
 
-    return keep
+    return kept
 
 
 def cls_attention_object_ratio(attention: torch.Tensor, samples: list[Sample]) -> float:

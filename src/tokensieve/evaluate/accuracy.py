@@ -50,12 +50,12 @@ def cost_fields(backbone: LlavaBackbone, text_tokens: int, handle: Handle | None
             "kv_cache_bytes": kv_cache_bytes(backbone.config, counts.llm_tokens)}
 
 
-def timing_fields(backbone: LlavaBackbone, samples: list[VQAItem], keep=None, progress: bool = False) -> dict:
+def timing_fields(backbone: LlavaBackbone, samples: list[VQAItem], kept=None, progress: bool = False) -> dict:
     """Measured latency on ``samples`` (none: every field None, the timing was not asked for)."""
     if not samples:
         return {"ttft_ms": None, "ttft_ms_iqr": None, "decode_ms_per_token": None, "decode_ms_per_token_iqr": None,
                 "peak_memory_mb": None}
-    return measure_latency(backbone, samples, keep=keep, progress=progress)
+    return measure_latency(backbone, samples, kept=kept, progress=progress)
 
 
 def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str | dict], keeps: list[str],
@@ -258,7 +258,7 @@ class _Scorer:
         self.item_predictions: dict[str, dict[str, str]] = {}  # run name -> prediction per question id
         self.item_kept: dict[str, list[dict[str, int]]] = {}  # run name -> tokens kept per stage, per item
 
-    def __call__(self, run: str, keep=None, handle: Handle | None = None) -> dict:
+    def __call__(self, run: str, kept=None, handle: Handle | None = None) -> dict:
         items = self.data.items
         done = self.log.done(run) if self.log is not None else {}
         if handle is not None:  # a line written before counts were logged is scored again
@@ -266,14 +266,14 @@ class _Scorer:
         todo = [item for item in items if item.question_id not in done]
         scores = {}
         predictions = {qid: record["prediction"] for qid, record in done.items()}
-        kept = {qid: record.get("kept") for qid, record in done.items()}
+        kept_counts = {qid: record.get("kept") for qid, record in done.items()}
         step = self.batch_size * self.dist.world_size  # every process answers batch_size items a step
         try:
             for i in tqdm(range(0, len(todo), step), desc=run, unit="batch", leave=False,
                           disable=not self.progress or not todo or not self.dist.is_main):
                 chunk = todo[i: i + step]
                 mine = self.dist.shard(chunk)
-                answers = predict(self.backbone, mine, keep, self.batch_size, max_new_tokens=self.data.max_new_tokens)
+                answers = predict(self.backbone, mine, kept, self.batch_size, max_new_tokens=self.data.max_new_tokens)
                 counts = _kept_per_row(handle, len(mine)) if handle is not None else [None] * len(mine)
                 by_id = dict(self.dist.gather([(item.question_id, (p, c))
                                                for item, p, c in zip(mine, answers, counts)]))
@@ -286,14 +286,14 @@ class _Scorer:
                 ids = [item.question_id for item in chunk]
                 scores.update(zip(ids, chunk_scores))
                 predictions.update(zip(ids, answers))
-                kept.update(zip(ids, counts))
+                kept_counts.update(zip(ids, counts))
         except KeyboardInterrupt:
             if self.log is None:
                 raise
             raise Interrupted(f"interrupted while scoring {run}; the items scored so far are kept in {self.log.path}",
                               "rerun the same command to continue") from None
         scores.update((qid, record["score"]) for qid, record in done.items())
-        self.item_kept[run] = [kept[item.question_id] for item in items]
+        self.item_kept[run] = [kept_counts[item.question_id] for item in items]
         self.item_scores[run] = [scores[item.question_id] for item in items]
         self.item_predictions[run] = predictions
         return {**accuracy_summary([item.family for item in items], self.item_scores[run]),
@@ -333,7 +333,7 @@ def _oracle_row(backbone: LlavaBackbone, data: EvalData, keep: str, text_tokens:
     cost = cost_fields(backbone, text_tokens, counts=counts)
     row = {"method": "object_oracle", "site": "projector", "keep": keep, "visual_tokens_kept": kept, **result,
            **cost, "flops_ratio": round(cost["flops"]["total"] / baseline["flops"]["total"], 4),
-           **timing_fields(backbone, timed, keep=choose, progress=scored.progress)}
+           **timing_fields(backbone, timed, kept=choose, progress=scored.progress)}
     if examples:
         row["kept_tokens"] = {"ids": [i.question_id for i in examples],
                               "stages": {f"object_oracle@projector:{keep}": [choose(i).tolist() for i in examples]}}

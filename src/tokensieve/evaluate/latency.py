@@ -37,20 +37,20 @@ def _generate_seconds(backbone: LlavaBackbone, batch: dict, new_tokens: int) -> 
 
 
 @torch.no_grad()
-def measure_latency(backbone: LlavaBackbone, samples: list, new_tokens: int = 8, keep=None,
+def measure_latency(backbone: LlavaBackbone, samples: list, new_tokens: int = 8, kept=None,
                     progress: bool = False) -> dict:
     """``{"ttft_ms", "ttft_ms_iqr", "decode_ms_per_token", "decode_ms_per_token_iqr",
     "peak_memory_mb"}``: medians and ``[q1, q3]`` over ``samples`` (anything with ``image`` and
     ``question``), one at a time, after one warm-up generation; ``peak_memory_mb`` is None off CUDA.
 
-    keep: optional function giving each sample's kept visual-token indices (an oracle).
+    kept: optional function giving each sample's kept visual-token indices (an oracle).
     progress: a progress bar over the samples.
     """
     device = backbone.model.device
     batches = [{k: v.to(device) for k, v in encode(backbone.processor, [s]).items()} for s in samples]
-    if keep is not None:
+    if kept is not None:
         for batch, s in zip(batches, samples):
-            batch["keep"] = [keep(s)]
+            batch["kept"] = [kept(s)]
     _generate_seconds(backbone, batches[0], new_tokens)  # warm-up: allocator, kernels, caches
     cuda = device.type == "cuda"
     if cuda:

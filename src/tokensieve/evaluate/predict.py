@@ -7,28 +7,28 @@ from tqdm import tqdm
 
 from tokensieve.backbones import LlavaBackbone
 from tokensieve.backbones.llava_prompt import encode
-from tokensieve.data.synthetic_eval import KeepFn
+from tokensieve.data.synthetic_eval import KeptFn
 
 
 @torch.no_grad()
-def predict(backbone: LlavaBackbone, samples: list, keep: KeepFn | None = None,
+def predict(backbone: LlavaBackbone, samples: list, kept: KeptFn | None = None,
             batch_size: int = 64, desc: str | None = None, max_new_tokens: int = 1) -> list[str]:
     """Greedy answers to ``samples`` (anything with ``image`` and ``question``), decoded.
 
     max_new_tokens: 1 takes the argmax over the whole vocabulary at the answer slot (one prefill,
     the testbed's one-word answers); more generates up to that many tokens with the KV cache.
-    keep: optional per-sample indices of the visual tokens that enter the LLM.
+    kept: optional per-sample indices of the visual tokens that enter the LLM.
     """
     tok = backbone.processor.tokenizer
     out: list[str] = []
     starts = range(0, len(samples), batch_size)
     for i in tqdm(starts, desc=desc, unit="batch", disable=desc is None, leave=False):
         chunk = samples[i : i + batch_size]
-        kept = [keep(s) for s in chunk] if keep else None
+        rows_kept = [kept(s) for s in chunk] if kept else None
         batch = encode(backbone.processor, chunk)
         if max_new_tokens == 1:
-            ids = backbone.forward(**batch, keep=kept, logits_to_keep=1).logits[:, -1].argmax(-1)[:, None]
+            ids = backbone.forward(**batch, kept=rows_kept, logits_to_keep=1).logits[:, -1].argmax(-1)[:, None]
         else:
-            ids = backbone.generate(**batch, keep=kept, max_new_tokens=max_new_tokens, do_sample=False)
+            ids = backbone.generate(**batch, kept=rows_kept, max_new_tokens=max_new_tokens, do_sample=False)
         out.extend(text.strip() for text in tok.batch_decode(ids, skip_special_tokens=True))
     return out

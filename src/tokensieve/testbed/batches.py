@@ -49,18 +49,18 @@ class TowerBatches(torch.utils.data.Dataset):
 def shortened_runs(samples: list[Sample], rng: np.random.Generator, n_patches: int) -> list[torch.Tensor]:
     """Per row: every object patch plus a random share (uniform in [0, 1)) of the background,
     sorted. Training on such runs teaches the LLM lookups that survive token removal."""
-    keep = []
+    kept = []
     for s in samples:
         background = np.setdiff1d(np.arange(n_patches), s.object_patches)
         chosen = rng.choice(background, size=int(rng.random() * len(background)), replace=False)
-        keep.append(torch.from_numpy(np.sort(np.concatenate([np.array(s.object_patches), chosen]))).long())
-    return keep
+        kept.append(torch.from_numpy(np.sort(np.concatenate([np.array(s.object_patches), chosen]))).long())
+    return kept
 
 
 class QuestionBatches(torch.utils.data.Dataset):
     """Batch ``i``: processor inputs, the answer token id of each question, the mention lookups
     (:func:`tokensieve.testbed.mention_probe.batch_targets`) and, for a ``short_run_share`` of
-    batches, the visual tokens each row keeps (``keep``; None: all).
+    batches, the visual tokens each row keeps (``kept``; None: all).
 
     object_curriculum: ``(first_batch, min_objects, max_objects)`` rows, sorted; batch ``i``
     uses the last row whose ``first_batch <= i``.
@@ -92,5 +92,5 @@ class QuestionBatches(torch.utils.data.Dataset):
         words = [tok.convert_ids_to_tokens(row) for row in batch["input_ids"].tolist()]
         batch["mention_targets"] = batch_targets(samples, batch["input_ids"], words)
         rng = np.random.default_rng([self.seed, i, 7])
-        batch["keep"] = shortened_runs(samples, rng, spec.n_patches) if rng.random() < self.short_run_share else None
+        batch["kept"] = shortened_runs(samples, rng, spec.n_patches) if rng.random() < self.short_run_share else None
         return batch
