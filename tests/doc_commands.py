@@ -89,7 +89,7 @@ RECIPES = [
     Recipe(r"--tasks ", "parse", "needs lmms-eval's task data from the hub"),
     Recipe(r"--dataset vqav2_val/", "parse", "needs VQAv2's validation set, saved from the hub"),
     Recipe(r"^(\.venv/bin/)?tokensieve demo", "run",
-           extra=["--samples", "4", "--keep", "0.22", "--timing-samples", "1", *SMALL_TRAIN]),
+           extra=["--samples", "4", "--budget", "0.22", "--timing-samples", "1", *SMALL_TRAIN]),
     Recipe(r"^tokensieve train ", "run", extra=SMALL_TRAIN, subs=[(r"run\.seed=S$", "run.seed=0"),
                                                                    (r"^runs/sS$", "runs/s0")]),
     Recipe(r"^tokensieve eval ", "run", extra=SMALL_EVAL, subs=[(r"^runs/sS$", "runs/s0")]),

@@ -26,7 +26,7 @@ def test_a_method_answers_beside_the_unpruned_model_and_shows_what_it_kept(tmp_p
     scene, picture = tmp_path / "scene.png", tmp_path / "kept.png"
     Image.fromarray(heldout_samples(1)[0].image).save(scene)
     assert main(["ask", "--image", str(scene), "--question", "What color is the circle?", "--method", "fastv",
-                 "--keep", "0.25", "--site", "llm.2", "--show-kept", str(picture)]) == 0
+                 "--budget", "0.25", "--site", "llm.2", "--show-kept", str(picture)]) == 0
     out = capsys.readouterr().out
     assert "answer (hard, fastv@llm.2:0.25): " in out
     assert "fastv@llm.2:0.25: 25 of 100 visual tokens kept" in out
@@ -42,8 +42,8 @@ def test_answer_length_follows_the_checkpoint(tiny_llava_dir):
 
 @pytest.mark.parametrize("argv, needle", [
     (["ask", "--question", "?"], "give --image FILE or --scene N"),
-    (["ask", "--scene", "1", "--method", "fastv"], "--method needs --keep"),
-    (["ask", "--scene", "1", "--keep", "0.5"], "go with --method"),
+    (["ask", "--scene", "1", "--method", "fastv"], "--method needs --budget"),
+    (["ask", "--scene", "1", "--budget", "0.5"], "go with --method"),
     (["ask", "--image", "x.png"], "--image needs --question"),
     (["ask", "--image", "x.png", "--question", "?", "--save-scene", "y.png"], "--save-scene"),
 ])

@@ -21,7 +21,7 @@ def test_the_demo_config_is_the_documented_one():
 def test_demo_trains_compares_every_method_and_writes_the_report(tiny_llava_dir, tmp_path, capsys):
     out = tmp_path / "demo"
     # The tiny model has 64 tokens: 11% would leave fewer than the anchor rule's 10 anchors.
-    assert main(["demo", "--out", str(out), "--samples", "5", "--keep", "0.33,0.22,0.2", "--set", f"model={tiny_llava_dir}",
+    assert main(["demo", "--out", str(out), "--samples", "5", "--budget", "0.33,0.22,0.2", "--set", f"model={tiny_llava_dir}",
                  "--set", "optim.steps=2", "--set", "optim.batch_size=2", "--set", "validation.samples=4",
                  "--set", "pruner.d_internal=16", "--set", "merger.d_internal=16",
                  "--set", "pruner.pruning_layers=[2]"]) == 0  # the tiny LLM has 3 layers
@@ -36,7 +36,7 @@ def test_demo_trains_compares_every_method_and_writes_the_report(tiny_llava_dir,
     assert {r["method"] for r in rows} <= {"none", "two_stage", "object_oracle", *free}
     assert "cdpruner at 0.33: cdpruner needs a CLIP text encoder" in left_out  # no CLIP text tower here
     assert "tokensieve demo: left out cdpruner at 0.33" in printed.err
-    assert {r["keep"] for r in rows if r["method"] == "two_stage"} == {"0.33", "0.22", "0.2"}
+    assert {r["budget"] for r in rows if r["method"] == "two_stage"} == {"0.33", "0.22", "0.2"}
     for name in ("accuracy_vs_tokens.png", "tokens_per_layer.png", "samples.jsonl"):
         assert (out / "report" / name).stat().st_size > 0
     assert (out / "pruner" / "done.json").exists()

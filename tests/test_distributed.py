@@ -161,7 +161,7 @@ def _evaluate(rank: int, args: list[str], counts) -> None:
 def test_eval_in_two_processes_scores_each_item_once_and_reports_what_one_process_does(tiny_llava_dir, tmp_path):
     from tokensieve.evaluate.report import load_report
 
-    args = ["eval", "--model", str(tiny_llava_dir), "--method", "random,fastv", "--keep", "8", "--samples", "10",
+    args = ["eval", "--model", str(tiny_llava_dir), "--method", "random,fastv", "--budget", "8", "--samples", "10",
             "--batch-size", "3", "--timing-samples", "0", "--kept-examples", "0", "--json", "--out"]
     run_in_two_processes(_evaluate, [*args, str(tmp_path / "two")], tmp_path)
     shares = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]

@@ -89,7 +89,7 @@ def test_native_reference_times_the_llm_alone_on_a_shorter_prompt():
 
 def test_bench_speed_prints_rows_and_the_native_reference(monkeypatch, capsys):
     monkeypatch.setattr(speed, "BenchShape", lambda: MICRO)
-    assert main(["bench", "speed", "--method", "random", "--keep", "0.5,0.25", "--repeats", "1", "--batch", "2",
+    assert main(["bench", "speed", "--method", "random", "--budget", "0.5,0.25", "--repeats", "1", "--batch", "2",
                  "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert [r["visual_tokens_kept"] for r in out["rows"]] == [8, 4]  # per prompt
@@ -121,7 +121,7 @@ def test_the_7b_shape_is_refused_on_a_cpu_before_any_model_is_built(command, cap
 
 
 def test_eval_compares_methods_with_the_unpruned_model(tiny_llava_dir, capsys):
-    assert main(["eval", "--model", str(tiny_llava_dir), "--method", "random,fastv", "--keep", "0.5,8",
+    assert main(["eval", "--model", str(tiny_llava_dir), "--method", "random,fastv", "--budget", "0.5,8",
                  "--samples", "10", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [(r["method"], r["visual_tokens_kept"]) for r in rows] == [
@@ -138,21 +138,21 @@ def test_eval_compares_methods_with_the_unpruned_model(tiny_llava_dir, capsys):
 
 def test_eval_writes_a_report_with_plots(tiny_llava_dir, tmp_path, capsys):
     out = tmp_path / "report"
-    assert main(["eval", "--model", str(tiny_llava_dir), "--method", "random", "--keep", "8",
+    assert main(["eval", "--model", str(tiny_llava_dir), "--method", "random", "--budget", "8",
                  "--samples", "6", "--json", "--out", str(out)]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert load_report(out)["rows"] == rows
     assert load_report(out)["meta"]["command"] == (
-        f"tokensieve eval --model {tiny_llava_dir} --method random --keep 8 --samples 6 --json --out {out}")
+        f"tokensieve eval --model {tiny_llava_dir} --method random --budget 8 --samples 6 --json --out {out}")
     for name in ("report.md", "accuracy_vs_tokens.png", "tokens_per_layer.png"):
         assert (out / name).stat().st_size > 0
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--method", "random", "--keep", "65"], "budget of 65 tokens is larger than the 64 visual tokens"),
-    (["--method", "random", "--keep", "0.5", "--site", "llm.9"], "llm.9 is past its depth"),
-    (["--method", "fastv", "--keep", "0.5", "--site", "projector"], "cannot act at projector"),
-    (["--method", "nope", "--keep", "0.5"], "unknown method 'nope'; known methods: anchor"),
+    (["--method", "random", "--budget", "65"], "budget of 65 tokens is larger than the 64 visual tokens"),
+    (["--method", "random", "--budget", "0.5", "--site", "llm.9"], "llm.9 is past its depth"),
+    (["--method", "fastv", "--budget", "0.5", "--site", "projector"], "cannot act at projector"),
+    (["--method", "nope", "--budget", "0.5"], "unknown method 'nope'; known methods: anchor"),
 ])
 def test_eval_bad_input_is_one_line(tiny_llava_dir, capsys, args, needle):
     assert main(["eval", "--model", str(tiny_llava_dir), "--samples", "4", *args]) == 2
@@ -176,11 +176,11 @@ def test_the_object_oracle_takes_one_token_per_object_before_a_second():
 
 
 def test_eval_adds_the_object_oracle_at_each_budget(tiny_llava_dir, capsys):
-    assert main(["eval", "--model", str(tiny_llava_dir), "--method", "random", "--keep", "4,64",
+    assert main(["eval", "--model", str(tiny_llava_dir), "--method", "random", "--budget", "4,64",
                  "--oracle", "--samples", "10", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     oracle = [r for r in rows if r["method"] == "object_oracle"]
-    assert [r["keep"] for r in oracle] == ["4", "64"]
+    assert [r["budget"] for r in oracle] == ["4", "64"]
     assert oracle[0]["visual_tokens_kept"] <= 4 and 4 < oracle[1]["visual_tokens_kept"] < 64
     text = rows[0]["tokens_per_llm_layer"][0] - 64
     assert oracle[1]["tokens_per_llm_layer"] == [text + oracle[1]["visual_tokens_kept"]] * 3
@@ -189,7 +189,7 @@ def test_eval_adds_the_object_oracle_at_each_budget(tiny_llava_dir, capsys):
 def test_an_interrupted_eval_resumes_from_its_sample_lines(tiny_llava_dir, tmp_path, capsys, monkeypatch):
     import tokensieve.evaluate.accuracy as accuracy
 
-    args = ["eval", "--model", str(tiny_llava_dir), "--method", "random,fastv", "--keep", "8",
+    args = ["eval", "--model", str(tiny_llava_dir), "--method", "random,fastv", "--budget", "8",
             "--samples", "10", "--batch-size", "4", "--timing-samples", "0", "--json"]  # timings differ per run
     assert main([*args, "--out", str(tmp_path / "whole")]) == 0
     whole = json.loads(capsys.readouterr().out)
@@ -216,20 +216,20 @@ def test_an_interrupted_eval_resumes_from_its_sample_lines(tiny_llava_dir, tmp_p
     records = [json.loads(line) for line in (tmp_path / "resumed" / "samples.jsonl").read_text().splitlines()[1:]]
     assert len(records) == 30
     for row in resumed:
-        run = "none" if row["method"] == "none" else f"{row['method']}@{row['site']}:{row['keep']}"
+        run = "none" if row["method"] == "none" else f"{row['method']}@{row['site']}:{row['budget']}"
         mine = [r["score"] for r in records if r["run"] == run]
         assert len(mine) == 10 and row["accuracy"] == round(sum(mine) / len(mine), 4)
 
 
 def test_an_eval_folder_from_other_settings_is_refused(tiny_llava_dir, tmp_path, capsys):
-    base = ["eval", "--model", str(tiny_llava_dir), "--method", "random", "--keep", "8", "--out", str(tmp_path)]
+    base = ["eval", "--model", str(tiny_llava_dir), "--method", "random", "--budget", "8", "--out", str(tmp_path)]
     assert main([*base, "--samples", "4"]) == 0
     assert main([*base, "--samples", "6"]) == 2
     assert "other settings (data)" in capsys.readouterr().err
 
 
 def test_every_row_has_measured_latency_and_its_kv_cache(tiny_llava_dir, capsys):
-    assert main(["eval", "--model", str(tiny_llava_dir), "--method", "random", "--keep", "8", "--oracle",
+    assert main(["eval", "--model", str(tiny_llava_dir), "--method", "random", "--budget", "8", "--oracle",
                  "--samples", "6", "--timing-samples", "2", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     config = LlavaConfig.from_pretrained(tiny_llava_dir).text_config
@@ -241,7 +241,7 @@ def test_every_row_has_measured_latency_and_its_kv_cache(tiny_llava_dir, capsys)
 
 
 def test_eval_sets_method_parameters_with_param(tiny_llava_dir, capsys):
-    assert main(["eval", "--model", str(tiny_llava_dir), "--method", "pyramiddrop", "--keep", "0.5",
+    assert main(["eval", "--model", str(tiny_llava_dir), "--method", "pyramiddrop", "--budget", "0.5",
                  "--param", "pyramiddrop.layers=[1,2]", "--samples", "4", "--timing-samples", "0", "--json"]) == 0
     _, row = json.loads(capsys.readouterr().out)
     assert row["method"] == "pyramiddrop"

@@ -50,8 +50,8 @@ def _eval(capsys, *args) -> list[dict]:
 
 def test_llava_files_score_as_the_synthetic_samples_they_hold(llava_files, capsys):
     questions, images, answers = llava_files
-    synthetic = _eval(capsys, "--method", "random,fastv", "--keep", "0.22", "--samples", str(N))
-    files = _eval(capsys, "--method", "random,fastv", "--keep", "0.22", "--questions", str(questions),
+    synthetic = _eval(capsys, "--method", "random,fastv", "--budget", "0.22", "--samples", str(N))
+    files = _eval(capsys, "--method", "random,fastv", "--budget", "0.22", "--questions", str(questions),
                   "--images", str(images), "--answers", str(answers), "--max-new-tokens", "1")
     assert [(r["method"], r["accuracy"], r["per_family"]) for r in files] == [
         (r["method"], r["accuracy"], r["per_family"]) for r in synthetic]
@@ -66,7 +66,7 @@ def test_a_hf_dataset_generates_answers_and_the_log_recomputes_the_summary(tmp_p
                                   "kind": datasets.Value("string")})
     datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "set"))
     (tmp_path / "spec.yaml").write_text("image: picture\nquestion: query\nanswers: votes\nfamily: kind\n")
-    args = ["--method", "random", "--keep", "0.33", "--dataset", str(tmp_path / "set"), "--spec",
+    args = ["--method", "random", "--budget", "0.33", "--dataset", str(tmp_path / "set"), "--spec",
             str(tmp_path / "spec.yaml"), "--samples", "8", "--batch-size", "3", "--kept-examples", "0"]
     logs = {}
     for length in ("16", "1"):  # 16 generates (the real-data default); 1 takes the first token's argmax
@@ -76,7 +76,7 @@ def test_a_hf_dataset_generates_answers_and_the_log_recomputes_the_summary(tmp_p
         logs[length] = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()[1:]]
         assert len(logs[length]) == 2 * 8
         for row in rows:
-            run = "none" if row["method"] == "none" else f"{row['method']}@{row['site']}:{row['keep']}"
+            run = "none" if row["method"] == "none" else f"{row['method']}@{row['site']}:{row['budget']}"
             mine = [r for r in logs[length] if r["run"] == run]
             assert all(r["score"] == score(r["prediction"], r["answers"]) for r in mine)  # 10 votes: soft score
             assert row["accuracy"] == round(sum(r["score"] for r in mine) / len(mine), 4)
@@ -89,7 +89,7 @@ def test_a_hf_dataset_generates_answers_and_the_log_recomputes_the_summary(tmp_p
 def test_kept_token_pictures_are_written_and_embedded(llava_files, tmp_path, capsys):
     questions, images, answers = llava_files
     out = tmp_path / "report"
-    _eval(capsys, "--method", "random,fastv", "--keep", "0.22", "--questions", str(questions), "--images",
+    _eval(capsys, "--method", "random,fastv", "--budget", "0.22", "--questions", str(questions), "--images",
           str(images), "--answers", str(answers), "--samples", "4", "--kept-examples", "2", "--out", str(out))
     markdown = (out / "report.md").read_text()
     for row in load_report(out)["rows"][1:]:
@@ -103,7 +103,7 @@ def test_kept_token_pictures_are_written_and_embedded(llava_files, tmp_path, cap
 
 
 def _fails(capsys, *args) -> str:
-    assert main(["eval", "--method", "random", "--keep", "0.5", *args]) == 2
+    assert main(["eval", "--method", "random", "--budget", "0.5", *args]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
     return err.strip().splitlines()[-1]
@@ -128,7 +128,7 @@ def test_real_file_bad_input_names_the_file_and_line(llava_files, tmp_path, caps
 
 def test_an_unreadable_image_mid_run_loses_nothing_already_scored(llava_files, tmp_path, capsys):
     questions, images, answers = llava_files
-    args = ["eval", "--method", "random", "--keep", "0.5", "--questions", str(questions), "--images", str(images),
+    args = ["eval", "--method", "random", "--budget", "0.5", "--questions", str(questions), "--images", str(images),
             "--answers", str(answers), "--batch-size", "4", "--max-new-tokens", "1", "--timing-samples", "0",
             "--kept-examples", "0", "--json", "--out", str(tmp_path / "out")]
     good = (images / "scene9.png").read_bytes()
@@ -150,7 +150,7 @@ def test_origin_mode_measures_the_unpruned_model_alone(capsys):
 
 
 def test_rows_count_visual_tokens_per_stage_and_on_average(capsys):
-    two_sites = _eval(capsys, "--method", "fastv", "--keep", "0.5", "--site", "llm.2", "--samples", "4")
+    two_sites = _eval(capsys, "--method", "fastv", "--budget", "0.5", "--site", "llm.2", "--samples", "4")
     row = two_sites[1]
     assert row["visual_tokens_per_stage"] == {"fastv@llm.2:0.5": 50}
     layers = len(LlavaBackbone.from_pretrained().llm_layers)

@@ -58,24 +58,24 @@ def test_a_count_per_row_cannot_be_planned(backbone):
 
 
 def test_eval_matches_methods_at_equal_mean_tokens_in_the_llm(tiny_llava_dir, tmp_path, capsys):
-    assert main(["eval", "--model", str(tiny_llava_dir), "--method", "random,fastv", "--keep", "48",
+    assert main(["eval", "--model", str(tiny_llava_dir), "--method", "random,fastv", "--budget", "48",
                  "--match", "tokens", "--samples", "4", "--timing-samples", "0", "--json",
                  "--out", str(tmp_path)]) == 0
     rows = json.loads(capsys.readouterr().out)
     random_row, fastv_row = rows[1:]
-    assert random_row["keep"] == 48 and random_row["matched"] == {"by": "tokens", "to": "48", "target": 48,
+    assert random_row["budget"] == 48 and random_row["matched"] == {"by": "tokens", "to": "48", "target": 48,
                                                                   "planned": 48}
     # FastV at its site llm.2 of 3 layers: (64 + 64 + 16) / 3 = 48 visual tokens on average.
-    assert (fastv_row["site"], fastv_row["keep"], fastv_row["visual_tokens_mean_llm"]) == ("llm.2", 16, 48)
+    assert (fastv_row["site"], fastv_row["budget"], fastv_row["visual_tokens_mean_llm"]) == ("llm.2", 16, 48)
     assert fastv_row["matched"]["planned"] == 48
     report = (tmp_path / "report.md").read_text()
     assert "## Budgets matched at equal cost" in report and "| fastv | llm.2 | 48 | 16 |" in report
 
 
 def test_matching_by_flops_needs_shares(tiny_llava_dir, capsys):
-    assert main(["eval", "--model", str(tiny_llava_dir), "--method", "random", "--keep", "16",
+    assert main(["eval", "--model", str(tiny_llava_dir), "--method", "random", "--budget", "16",
                  "--match", "flops", "--samples", "4"]) == 2
-    assert "matching by flops needs each --keep as a share" in capsys.readouterr().err
+    assert "matching by flops needs each --budget as a share" in capsys.readouterr().err
 
 
 def test_a_method_whose_budget_is_a_share_is_matched_by_its_share(backbone):
@@ -87,7 +87,7 @@ def test_a_method_whose_budget_is_a_share_is_matched_by_its_share(backbone):
 
 
 def test_a_method_that_cannot_be_planned_is_refused_before_any_scoring(tiny_llava_dir, capsys):
-    assert main(["eval", "--model", str(tiny_llava_dir), "--method", "sparsevlm", "--keep", "16",
+    assert main(["eval", "--model", str(tiny_llava_dir), "--method", "sparsevlm", "--budget", "16",
                  "--match", "tokens", "--samples", "4"]) == 2
     err = capsys.readouterr().err
     assert "sparsevlm cannot be matched at equal cost" in err and "none " not in err

@@ -39,9 +39,9 @@ def test_the_report_lists_each_paired_comparison(tmp_path):
             "flops_ratio": 1.0, "tokens_per_llm_layer": [30, 30], "n": 40, "accuracy_ci95": [0.45, 0.95]}
     paired = {"against": "fastv@llm.2", "accuracy": 0.6, "difference": 0.25, "better": 30, "worse": 5,
               "p_value": 0.0001}
-    rows = [{**base, "method": "none", "site": None, "keep": 1.0, "accuracy": 0.9},
-            {**base, "method": "fastv", "keep": "8", "accuracy": 0.6},
-            {**base, "method": "two_stage", "keep": "8", "accuracy": 0.85, "paired": [paired]}]
+    rows = [{**base, "method": "none", "site": None, "budget": 1.0, "accuracy": 0.9},
+            {**base, "method": "fastv", "budget": "8", "accuracy": 0.6},
+            {**base, "method": "two_stage", "budget": "8", "accuracy": 0.85, "paired": [paired]}]
     md = write_report(rows, {}, tmp_path)["report.md"].read_text()
     section = md.split("## The two-stage pruner against each method at its budget", 1)[1]
     assert "| 8 | 0.850 | fastv@llm.2 | 0.600 | +0.250 | 30 | 5 | 0.0001 |" in section
@@ -49,8 +49,8 @@ def test_the_report_lists_each_paired_comparison(tmp_path):
 
 
 def test_each_method_meets_the_costliest_two_stage_row_that_costs_no_more():
-    def row(method, keep, total, accuracy):
-        return {"method": method, "keep": keep, "flops": {"total": total}, "flops_ratio": total / 10,
+    def row(method, budget, total, accuracy):
+        return {"method": method, "budget": budget, "flops": {"total": total}, "flops_ratio": total / 10,
                 "accuracy": accuracy}
 
     rows = [row("none", 1.0, 10, 1.0), row("two_stage", "0.33", 5, 1.0), row("two_stage", "0.11", 3, 0.5),
@@ -58,9 +58,9 @@ def test_each_method_meets_the_costliest_two_stage_row_that_costs_no_more():
     scores = [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 0, 1], [1, 0, 0, 0]]
     _add_paired_at_cost(rows, scores)
     fastv, divprune, tome = rows[3:]
-    assert fastv["two_stage_at_cost"] == {"keep": "0.33", "flops_ratio": 0.5, "accuracy": 1.0,
+    assert fastv["two_stage_at_cost"] == {"budget": "0.33", "flops_ratio": 0.5, "accuracy": 1.0,
                                           **paired_difference(scores[1], scores[3])}
-    assert divprune["two_stage_at_cost"]["keep"] == "0.11"  # the 0.33 row costs more than divprune's
+    assert divprune["two_stage_at_cost"]["budget"] == "0.11"  # the 0.33 row costs more than divprune's
     assert divprune["two_stage_at_cost"]["better"] == 1 and divprune["two_stage_at_cost"]["worse"] == 1
     assert tome["two_stage_at_cost"] is None  # cheaper than every two-stage row
     assert all("two_stage_at_cost" not in r for r in rows[:3])
@@ -70,12 +70,12 @@ def test_the_report_lists_each_method_against_the_two_stage_row_at_its_cost(tmp_
     flops = {"vision": 1, "projector": 1, "llm": 1, "lm_head": 1, "total": 4}
     base = {"site": "llm.2", "visual_tokens_kept": 8, "per_family": {"count": 0.5}, "flops": flops,
             "tokens_per_llm_layer": [30, 30], "n": 40, "accuracy_ci95": [0.45, 1.0]}
-    at_cost = {"keep": "0.33", "flops_ratio": 0.45, "accuracy": 1.0, "difference": 0.034, "better": 17,
+    at_cost = {"budget": "0.33", "flops_ratio": 0.45, "accuracy": 1.0, "difference": 0.034, "better": 17,
                "worse": 0, "p_value": 1.53e-05}
-    rows = [{**base, "method": "none", "site": None, "keep": 1.0, "accuracy": 1.0, "flops_ratio": 1.0},
-            {**base, "method": "fastv", "keep": "0.11", "accuracy": 0.966, "flops_ratio": 0.525,
+    rows = [{**base, "method": "none", "site": None, "budget": 1.0, "accuracy": 1.0, "flops_ratio": 1.0},
+            {**base, "method": "fastv", "budget": "0.11", "accuracy": 0.966, "flops_ratio": 0.525,
              "two_stage_at_cost": at_cost},
-            {**base, "method": "tome", "site": "vision.1", "keep": "0.11", "accuracy": 0.6, "flops_ratio": 0.24,
+            {**base, "method": "tome", "site": "vision.1", "budget": "0.11", "accuracy": 0.6, "flops_ratio": 0.24,
              "two_stage_at_cost": None}]
     md = write_report(rows, {}, tmp_path)["report.md"].read_text()
     section = md.split("## The two-stage pruner against each method at no more prefill cost", 1)[1]

@@ -23,13 +23,13 @@ FILES = ("report.json", "report.md", "report.html", *PLOTS)
 N = 500
 
 
-def make_row(method: str, site: str | None, keep, kept: int, accuracy: float, cut_layer: int) -> dict:
+def make_row(method: str, site: str | None, budget, kept: int, accuracy: float, cut_layer: int) -> dict:
     """A row as ``compare_methods`` returns it: ``kept`` visual tokens from decoder layer ``cut_layer`` on."""
     tokens = [TEXT + (VISUAL if k < cut_layer else kept) for k in range(LAYERS)]
     llm = sum(1_000_000 * n for n in tokens)
     flops = {"vision": 5_000_000, "projector": 300_000, "llm": llm, "lm_head": 70_000}
     flops["total"] = sum(flops.values())
-    return {"method": method, "site": site, "keep": keep, "visual_tokens_kept": kept, "accuracy": accuracy,
+    return {"method": method, "site": site, "budget": budget, "visual_tokens_kept": kept, "accuracy": accuracy,
             **accuracy_interval([1.0] * round(accuracy * N) + [0.0] * (N - round(accuracy * N))),
             "per_family": {f: round(accuracy - 0.01 * i, 4) for i, f in enumerate(FAMILIES)},
             "flops": flops, "flops_ratio": None, "tokens_per_llm_layer": tokens}
@@ -47,7 +47,7 @@ def rows() -> list[dict]:
 
 
 META = {"model": "shipped testbed", "mode": "hard", "samples": 500, "text_tokens_for_flops": TEXT,
-        "command": "tokensieve eval --method random,fastv --keep 32,16,8 --out r", "tokensieve_version": "0.1.0",
+        "command": "tokensieve eval --method random,fastv --budget 32,16,8 --out r", "tokensieve_version": "0.1.0",
         "date": "2025-01-01T00:00:00+00:00"}
 
 
@@ -125,7 +125,7 @@ def test_timings_show_their_interquartile_range_and_a_large_one_is_flagged(rows,
     assert "timings are noisy" not in md
     rows[2]["decode_ms_per_token_iqr"] = [3.0, 9.0]  # a busy machine: IQR 150% of the median
     warning = timing_warning(rows)
-    assert warning.startswith("timings are noisy: 1 of 14 timings") and "150% (decode of fastv keep=32)" in warning
+    assert warning.startswith("timings are noisy: 1 of 14 timings") and "150% (decode of fastv budget=32)" in warning
     assert f"**Warning: {warning}.**" in write_report(rows, META, tmp_path)["report.md"].read_text()
 
 

@@ -26,9 +26,9 @@ META = {"model": "tiny-llava", "mode": "soft"}
 GRID = 4  # 16 patches
 
 
-def row(method: str, keep: str, kept: int, accuracy: float, tokens: list[int] | None = None) -> dict:
+def row(method: str, budget: str, kept: int, accuracy: float, tokens: list[int] | None = None) -> dict:
     flops = {"total": 100 * kept + 1000}
-    return {"method": method, "site": None if method == "none" else "projector", "keep": keep,
+    return {"method": method, "site": None if method == "none" else "projector", "budget": budget,
             "visual_tokens_kept": kept, "accuracy": accuracy, **accuracy_interval([1.0] * round(accuracy * N)
                                                                                   + [0.0] * round((1 - accuracy) * N)),
             "per_family": {"all": accuracy}, "flops": flops, "flops_ratio": flops["total"] / 2600,
@@ -74,7 +74,7 @@ def test_one_budget_gets_integer_ticks_visible_points_and_a_title_with_model_mod
     assert random_x != divprune_x and abs(np.log(random_x / 8)) < 0.1  # nudged apart, still at about 8
     oracle_x = x_of["object_oracle @ projector"]
     assert oracle_x[0] != oracle_x[1]  # both of the oracle's budgets are seen...
-    assert any(t.get_text() == "keep 0.5 = 0.4" for t in ax.texts)  # ...and named
+    assert any(t.get_text() == "budget 0.5 = 0.4" for t in ax.texts)  # ...and named
     low, high = ax.get_ylim()
     assert low <= min(r["accuracy_ci95"][0] for r in rows) and high >= 1.0
 
@@ -86,7 +86,7 @@ def test_tokens_per_layer_has_a_panel_per_method_with_integer_axes(tmp_path):
     fig = plot_tokens_per_layer(rows, META, tmp_path / "t.png")
     panels = [ax for ax in fig.axes if ax.get_visible()]
     assert [ax.get_title() for ax in panels] == ["fastv @ projector", "object_oracle @ projector"]
-    assert [t.get_text() for t in panels[1].get_legend().get_texts()] == ["keep 0.5 = 0.4"]  # one line, both named
+    assert [t.get_text() for t in panels[1].get_legend().get_texts()] == ["budget 0.5 = 0.4"]  # one line, both named
     for ax in panels:
         assert all(float(t).is_integer() for t in [*ax.get_yticks(), *ax.get_xticks()])
 
@@ -96,9 +96,9 @@ def gallery_rows() -> tuple[list[dict], list[Example]]:
     examples = [Example("a", "What color is the circle?", ["red"], np.full((32, 32, 3), 30, np.uint8)),
                 Example("b", "How many?", ["2"] * 7 + ["3"] * 3, np.full((32, 32, 3), 200, np.uint8))]
     rows = [row("none", "1.0", 16, 1.0)]
-    for method, keep, kept in (("random", "0.5", 8), ("random", "0.25", 4), ("two_stage", "0.5", 8)):
-        rows.append(row(method, keep, kept, 0.8))
-        stages = {f"{method}@projector:{keep}": [list(range(kept)), list(range(8, 8 + kept))]}
+    for method, budget, kept in (("random", "0.5", 8), ("random", "0.25", 4), ("two_stage", "0.5", 8)):
+        rows.append(row(method, budget, kept, 0.8))
+        stages = {f"{method}@projector:{budget}": [list(range(kept)), list(range(8, 8 + kept))]}
         if method == "two_stage":  # its head in the LLM keeps half the merger's centres
             stages["two_stage@llm.1:0.5"] = [list(range(4)) + [-2] * 4, list(range(8, 12)) + [-2] * 4]
         rows[-1]["kept_tokens"] = {"ids": ["a", "b"], "stages": stages}
@@ -122,8 +122,8 @@ def test_the_gallery_shows_every_method_and_budget_on_the_same_items_with_answer
     assert paths["report.html"].read_text().count('src="data:image/png;base64,') == 3 + 2
     fig = plot_gallery(rows, examples[1], GRID, META, tmp_path / "b.png")
     titles = [ax.get_title() for ax in fig.axes if ax.axison]
-    assert titles == ["unpruned · 16 tokens\n“2” ✓ right", "keep 0.5 · 8 tokens\n“3” ≈ 0.90",
-                      "keep 0.25 · 4 tokens\n“2” ✓ right", "keep 0.5 · 4 tokens\n“3” ✗ wrong"]
+    assert titles == ["unpruned · 16 tokens\n“2” ✓ right", "budget 0.5 · 8 tokens\n“3” ≈ 0.90",
+                      "budget 0.25 · 4 tokens\n“2” ✓ right", "budget 0.5 · 4 tokens\n“3” ✗ wrong"]
     assert "item b: How many?\nreference answer: 2 (7) / 3 (3)\ntiny-llava · soft mode" in fig.get_suptitle()
 
 
@@ -136,7 +136,7 @@ def test_reference_answers_are_shown_most_voted_first():
 @pytest.mark.parametrize("change,needle", [
     (lambda rows, ex: ex.pop(), "no example image for pictured item(s) b"),
     (lambda rows, ex: rows[2].pop("examples"), "give them to every row or to none"),
-    (lambda rows, ex: rows[2].pop("kept_tokens"), "random keep=0.25 has answers on the pictured items but no kept"),
+    (lambda rows, ex: rows[2].pop("kept_tokens"), "random budget=0.25 has answers on the pictured items but no kept"),
     (lambda rows, ex: rows[3]["examples"].update(ids=["b", "a"]), "pictures other items than the baseline"),
 ])
 def test_a_gallery_missing_a_piece_is_refused_before_writing(tmp_path, change, needle):
@@ -156,7 +156,7 @@ def test_eval_times_with_spread_warns_when_noisy_and_pictures_the_answers(tiny_l
 
     monkeypatch.setattr(latency, "_generate_seconds", fake_seconds)
     out = tmp_path / "report"
-    assert main(["eval", "--model", str(tiny_llava_dir), "--method", "random", "--keep", "8", "--oracle",
+    assert main(["eval", "--model", str(tiny_llava_dir), "--method", "random", "--budget", "8", "--oracle",
                  "--samples", "4", "--timing-samples", "2", "--kept-examples", "2", "--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert "timing:" in err  # the timing pass's progress bar
@@ -173,6 +173,6 @@ def test_eval_times_with_spread_warns_when_noisy_and_pictures_the_answers(tiny_l
     assert random_row["examples"]["predictions"] == logged_random[:2]
     for qid in random_row["examples"]["ids"]:
         assert (out / gallery_file(qid)).stat().st_size > 5000
-    assert main(["eval", "--model", str(tiny_llava_dir), "--method", "random", "--keep", "8", "--samples", "4",
+    assert main(["eval", "--model", str(tiny_llava_dir), "--method", "random", "--budget", "8", "--samples", "4",
                  "--timing-samples", "2", "--json"]) == 0
     assert "timing:" not in capsys.readouterr().err  # --json: no progress bars

@@ -280,7 +280,7 @@ def test_a_run_folder_holds_config_best_and_logs(finished_run):
 
 
 def test_trained_parts_evaluate_in_hard_mode_at_their_budget_and_at_others(finished_run, tiny_llava_dir, capsys):
-    assert main(["eval", "--model", str(tiny_llava_dir), "--pruner", str(finished_run), "--keep", "0.25,24",
+    assert main(["eval", "--model", str(tiny_llava_dir), "--pruner", str(finished_run), "--budget", "0.25,24",
                  "--samples", "10", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     learned = [r for r in rows if r["method"] == "two_stage"]
@@ -292,7 +292,7 @@ def test_trained_parts_evaluate_in_hard_mode_at_their_budget_and_at_others(finis
 
 def test_the_trained_parts_are_compared_pairwise_with_each_method_at_their_budget(finished_run, tiny_llava_dir,
                                                                                    capsys):
-    assert main(["eval", "--model", str(tiny_llava_dir), "--pruner", str(finished_run), "--keep", "0.25",
+    assert main(["eval", "--model", str(tiny_llava_dir), "--pruner", str(finished_run), "--budget", "0.25",
                  "--method", "random,visionzip", "--oracle", "--samples", "10", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     learned = next(r for r in rows if r["method"] == "two_stage")
@@ -307,12 +307,12 @@ def test_the_trained_parts_are_compared_pairwise_with_each_method_at_their_budge
     for other in by_name.values():
         assert learned["flops"]["total"] <= other["flops"]["total"]
         at_cost = other["two_stage_at_cost"]
-        assert (at_cost["keep"], at_cost["accuracy"]) == ("0.25", learned["accuracy"])
+        assert (at_cost["budget"], at_cost["accuracy"]) == ("0.25", learned["accuracy"])
         assert at_cost["difference"] == pytest.approx(learned["accuracy"] - other["accuracy"], abs=1e-3)
 
 
 def test_eval_with_a_head_threshold_lets_each_head_keep_a_count_per_row(finished_run, tiny_llava_dir, capsys):
-    assert main(["eval", "--model", str(tiny_llava_dir), "--pruner", str(finished_run), "--keep", "0.25",
+    assert main(["eval", "--model", str(tiny_llava_dir), "--pruner", str(finished_run), "--budget", "0.25",
                  "--head-threshold", "0.5", "--samples", "10", "--json"]) == 0
     learned = next(r for r in json.loads(capsys.readouterr().out) if r["method"] == "two_stage")
     per_stage = learned["visual_tokens_per_stage"]
@@ -324,7 +324,7 @@ def test_eval_with_a_head_threshold_lets_each_head_keep_a_count_per_row(finished
 
 
 def test_eval_with_a_head_share_sets_what_the_heads_keep(finished_run, tiny_llava_dir, capsys):
-    assert main(["eval", "--model", str(tiny_llava_dir), "--pruner", str(finished_run), "--keep", "0.25",
+    assert main(["eval", "--model", str(tiny_llava_dir), "--pruner", str(finished_run), "--budget", "0.25",
                  "--head-share", "0.125", "--samples", "10", "--json"]) == 0
     learned = next(r for r in json.loads(capsys.readouterr().out) if r["method"] == "two_stage")
     # of the 16 tokens entering the LLM, the head at llm.1 keeps sqrt(0.125) (6), the one at llm.2 an eighth (2)
@@ -332,7 +332,7 @@ def test_eval_with_a_head_share_sets_what_the_heads_keep(finished_run, tiny_llav
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--method", "random", "--keep", "8", "--head-threshold", "0.5"], "--head-threshold 0.5: give it with --pruner"),
+    (["--method", "random", "--budget", "8", "--head-threshold", "0.5"], "--head-threshold 0.5: give it with --pruner"),
     (["--pruner", "RUN", "--head-threshold", "1.5"], "--head-threshold 1.5: give it with --pruner, in [0, 1)"),
     (["--pruner", "RUN", "--head-share", "0"], "--head-share 0.0: give it with --pruner, in (0, 1]"),
     (["--pruner", "RUN", "--head-share", "0.5", "--head-threshold", "0.5"], "give one of them"),

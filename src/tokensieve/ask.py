@@ -82,7 +82,7 @@ def save_kept(backbone: LlavaBackbone, image: Image.Image, kept: dict, path: Pat
 
 
 def ask(question: Question, backbone: LlavaBackbone, max_new_tokens: int, method: str | None = None,
-        keep: str | None = None, site: str | None = None, mode: str = "hard",
+        budget: str | None = None, site: str | None = None, mode: str = "hard",
         show_kept: Path | None = None) -> list[str]:
     """The lines ``tokensieve ask`` prints: question, unpruned answer, then (with ``method``) the
     pruned answer and each stage's kept tokens, and the gold answer when known."""
@@ -94,7 +94,7 @@ def ask(question: Question, backbone: LlavaBackbone, max_new_tokens: int, method
     batch = backbone.processor(images=[question.image], text=[prompt(question.question)], return_tensors="pt")
     lines = [f"question: {question.question}", f"answer (unpruned): {answer(backbone, batch, max_new_tokens)}"]
     if method is not None:
-        handle = attach(backbone, method, keep, site=site, mode=mode)
+        handle = attach(backbone, method, budget, site=site, mode=mode)
         try:
             pruned = answer(backbone, batch, max_new_tokens)
             kept = dict(handle.last_kept)

@@ -36,14 +36,14 @@ def _bench_speed(args: argparse.Namespace) -> None:
     from tokensieve.method import Budget
     from tokensieve.methods import create_method
 
-    methods, keeps = comma_list(args.method), [float(Budget.parse(k).ratio or 0) for k in comma_list(args.keep)]
+    methods, budgets = comma_list(args.method), [float(Budget.parse(b).ratio or 0) for b in comma_list(args.budget)]
     for name in methods:
         create_method(name)
-    if not all(keeps):
-        raise TokensieveError("bench speed takes keep ratios (0.33), not token counts")
+    if not all(budgets):
+        raise TokensieveError("bench speed takes budget ratios (0.33), not token counts")
     shape = _bench_shape(args)
     dtype = getattr(torch, args.dtype)
-    rows = speed_benchmark(shape, tuple(methods), tuple(keeps), repeats=args.repeats, threads=args.threads,
+    rows = speed_benchmark(shape, tuple(methods), tuple(budgets), repeats=args.repeats, threads=args.threads,
                            device=args.device, dtype=dtype, progress=not args.json, batch=args.batch)
     kept = sorted({r["visual_tokens_kept"] for r in rows}, reverse=True)
     native = native_llm_reference(shape, kept, repeats=args.repeats, device=args.device, dtype=dtype,
@@ -52,10 +52,10 @@ def _bench_speed(args: argparse.Namespace) -> None:
         print(json.dumps({"shape": shape_summary(shape, args.device, dtype, args.batch), "rows": rows,
                           "native_llm": native}, indent=2))
         return
-    print(f"{'method':10s} {'site':9s} {'keep':>5s} {'full ms':>8s} {'pruned ms':>9s} {'speedup':>7s} "
+    print(f"{'method':10s} {'site':9s} {'budget':>6s} {'full ms':>8s} {'pruned ms':>9s} {'speedup':>7s} "
           f"{'ideal':>6s} {'scoring':>7s}")
     for r in rows:
-        print(f"{r['method']:10s} {r['site']:9s} {r['keep']:5.2f} {r['prefill_ms_full']:8.1f} "
+        print(f"{r['method']:10s} {r['site']:9s} {r['budget']:6.2f} {r['prefill_ms_full']:8.1f} "
               f"{r['prefill_ms_pruned']:9.1f} {r['speedup']:7.2f} {r['ideal_speedup']:6.2f} "
               f"{r['scoring_overhead']:7.3f}  " + " ".join("ok" if ok else "MISSED" for ok in r["targets"].values()))
     print("the unpruned LLM alone on a natively shorter prompt (what perfect removal could reach here):")
@@ -98,7 +98,7 @@ def add(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     speed = bench.add_parser("speed", help="measured prefill speedup vs the FLOPs ideal on a LLaVA-shaped model")
     speed.add_argument("--method", default="fastv,divprune", help="methods, each at its default site")
-    speed.add_argument("--keep", default="0.33,0.22,0.11", help="keep ratios")
+    speed.add_argument("--budget", default="0.33,0.22,0.11", help="budget ratios")
     speed.add_argument("--shape", default="cpu", choices=["cpu", "llava-7b"],
                        help="cpu: 8 layers x 512 (default); llava-7b: LLaVA-1.5-7B's shape (needs a big machine)")
     speed.add_argument("--repeats", type=positive_int, default=7, help="timed runs per case (median)")

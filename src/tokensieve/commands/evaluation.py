@@ -42,7 +42,7 @@ def _eval(args: argparse.Namespace) -> None:
     from tokensieve.method import Budget
     from tokensieve.methods import create_method
 
-    methods, keeps = comma_list(args.method or ""), comma_list(args.keep or "")
+    methods, budgets = comma_list(args.method or ""), comma_list(args.budget or "")
     if args.mode == "origin" and (methods or args.pruner is not None):
         raise TokensieveError("--mode origin measures the unpruned model alone; drop --method and --pruner")
     if not methods and args.pruner is None and args.mode != "origin":
@@ -56,13 +56,13 @@ def _eval(args: argparse.Namespace) -> None:
                               "give one of them")
     head_settings = {key: value for key, value in (("keep_threshold", args.head_threshold),
                                                    ("target_ratio", args.head_share)) if value is not None}
-    if methods and not keeps:
-        raise TokensieveError("--method needs --keep budgets: ratios (0.33) or counts (64)")
+    if methods and not budgets:
+        raise TokensieveError("--method needs --budget: ratios (0.33) or counts (64)")
     methods = _with_parameters(methods, args.param)
     for spec in methods:
         create_method(spec)
-    for keep in keeps:
-        Budget.parse(keep)
+    for budget in budgets:
+        Budget.parse(budget)
     real = any(v is not None for v in (args.questions, args.images, args.answers, args.dataset, args.spec))
     if real:
         from tokensieve.evaluate.eval_data import file_data
@@ -98,7 +98,7 @@ def _eval(args: argparse.Namespace) -> None:
             log = SampleLog(args.out, fingerprint)
         dist.barrier()
         log = log or SampleLog(args.out, fingerprint)
-    rows = compare_methods(backbone, data, methods, keeps, mode=args.mode, site=args.site,
+    rows = compare_methods(backbone, data, methods, budgets, mode=args.mode, site=args.site,
                            batch_size=args.batch_size, progress=not args.json and dist.is_main, pruner=pruner,
                            oracle=args.oracle, log=log, timing_samples=args.timing_samples,
                            kept_examples=args.kept_examples if args.out else 0, dist=dist, match=args.match)
@@ -120,9 +120,9 @@ def _eval(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"{'method':14s} {'site':10s} {'keep':>6s} {'tokens':>6s} {'accuracy':>8s} {'FLOPs':>6s}")
+    print(f"{'method':14s} {'site':10s} {'budget':>6s} {'tokens':>6s} {'accuracy':>8s} {'FLOPs':>6s}")
     for r in rows:
-        print(f"{r['method']:14s} {str(r['site'] or '-'):10s} {str(r['keep']):>6s} "
+        print(f"{r['method']:14s} {str(r['site'] or '-'):10s} {str(r['budget']):>6s} "
               f"{r['visual_tokens_kept']!s:>6} {r['accuracy']:8.3f} {r['flops_ratio']:6.3f}")
 
 
@@ -131,7 +131,7 @@ def add(sub) -> None:
     ev = sub.add_parser("eval", help="accuracy of methods at budgets, next to the unpruned model")
     ev.add_argument("--model", default=None, help="LLaVA checkpoint folder or hub id (default: shipped testbed)")
     ev.add_argument("--method", default=None, help="comma-separated method names (see `tokensieve methods`)")
-    ev.add_argument("--keep", default=None, help="comma-separated budgets: ratios (0.33) or counts (64); for "
+    ev.add_argument("--budget", default=None, help="comma-separated budgets: ratios (0.33) or counts (64); for "
                     "--pruner, the tokens entering the LLM (default: as trained)")
     ev.add_argument("--pruner", type=Path, default=None, help="a trained two-stage pruner run folder")
     ev.add_argument("--head-threshold", type=float, default=None, metavar="T",
@@ -150,7 +150,7 @@ def add(sub) -> None:
                          "or pyramiddrop.layers=[8,16,24]; docs/methods.md lists each method's parameters")
     ev.add_argument("--match", default=None, choices=["tokens", "flops"],
                     help="give each method the budget that puts it at equal cost: the same visual tokens averaged "
-                         "over the LLM's layers (tokens) or the same prefill FLOPs (flops) as each --keep value "
+                         "over the LLM's layers (tokens) or the same prefill FLOPs (flops) as each --budget value "
                          "(tokens: a count or share of the visual tokens; flops: a share of the unpruned prefill), "
                          "or with --pruner as the two-stage pruner at each budget")
     ev.add_argument("--mode", default="hard", choices=["hard", "soft", "origin"],

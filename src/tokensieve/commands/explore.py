@@ -33,17 +33,17 @@ def _ask(args: argparse.Namespace) -> None:
         raise TokensieveError("--image needs --question")
     if args.save_scene is not None and args.scene is None:
         raise TokensieveError("--save-scene writes the image of --scene N; give --scene")
-    if args.method is None and (args.keep or args.site or args.show_kept):
-        raise TokensieveError("--keep, --site and --show-kept go with --method")
-    if args.method is not None and args.keep is None:
-        raise TokensieveError("--method needs --keep: a ratio (0.25) or a token count (25)")
+    if args.method is None and (args.budget or args.site or args.show_kept):
+        raise TokensieveError("--budget, --site and --show-kept go with --method")
+    if args.method is not None and args.budget is None:
+        raise TokensieveError("--method needs --budget: a ratio (0.25) or a token count (25)")
     image = load_image(args.image) if args.image is not None else None
     backbone = LlavaBackbone.from_pretrained(args.model)
     if backbone.processor is None:
         raise TokensieveError(f"{args.model} has no processor files; cannot prepare the image and question")
     question = (Question(image, args.question) if image is not None
                 else scene_question(backbone, args.scene, args.question, args.save_scene))
-    for line in ask(question, backbone, answer_tokens(args.model, args.max_new_tokens), args.method, args.keep,
+    for line in ask(question, backbone, answer_tokens(args.model, args.max_new_tokens), args.method, args.budget,
                     args.site, args.mode, args.show_kept):
         print(line)
 
@@ -63,7 +63,7 @@ def add_ask(sub) -> None:
     ask.add_argument("--save-scene", type=Path, default=None, metavar="PNG", help="write the --scene image here")
     ask.add_argument("--question", default=None, help="the question (default with --scene: the scene's own)")
     ask.add_argument("--method", default=None, help="also answer with this method attached (see `tokensieve methods`)")
-    ask.add_argument("--keep", default=None, help="the method's budget: a ratio (0.25) or a token count (25)")
+    ask.add_argument("--budget", default=None, help="the method's budget: a ratio (0.25) or a token count (25)")
     ask.add_argument("--site", default=None, help="where the method acts (default: its own site)")
     ask.add_argument("--mode", default="hard", choices=["hard", "soft"], help="remove tokens, or mask them as keys")
     ask.add_argument("--show-kept", type=Path, default=None, metavar="PNG",

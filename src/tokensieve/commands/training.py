@@ -14,11 +14,11 @@ def _demo(args: argparse.Namespace) -> None:
     from tokensieve.demo import run_demo
     from tokensieve.method import Budget
 
-    budgets = tuple(comma_list(args.keep))
+    budgets = tuple(comma_list(args.budget))
     if not budgets:
-        raise TokensieveError("--keep needs budgets: ratios (0.33) or counts (64)")
-    for keep in budgets:  # before training, which a bad budget would otherwise end after
-        Budget.parse(keep)
+        raise TokensieveError("--budget needs ratios (0.33) or counts (64)")
+    for budget in budgets:  # before training, which a bad budget would otherwise end after
+        Budget.parse(budget)
     out = run_demo(args.out, args.set, samples=args.samples, budgets=budgets,
                    timing_samples=args.timing_samples)
     print(f"demo report: {out / 'report' / 'report.md'} (plots beside it; the trained pruner in {out / 'pruner'})")
@@ -50,7 +50,7 @@ def add(sub) -> None:
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a key of the packaged two_stage_testbed.yaml (repeatable)")
     demo.add_argument("--samples", type=positive_int, default=500, help="held-out samples")
-    demo.add_argument("--keep", default="0.33,0.22,0.11", help="budgets (default: LLaVA's 192/128/64 of 576)")
+    demo.add_argument("--budget", default="0.33,0.22,0.11", help="budgets (default: LLaVA's 192/128/64 of 576)")
     demo.add_argument("--timing-samples", type=non_negative_int, default=8,
                       help="samples timed one at a time for TTFT and decode latency per row (0: no timing)")
     demo.set_defaults(func=_demo)

@@ -58,12 +58,12 @@ def timing_fields(backbone: LlavaBackbone, samples: list[VQAItem], kept=None, pr
     return measure_latency(backbone, samples, kept=kept, progress=progress)
 
 
-def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str | dict], keeps: list[str],
+def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str | dict], budgets: list[str],
                     mode: str = "hard", site: str | None = None, batch_size: int = 64, progress: bool = True,
                     pruner=None, oracle: bool = False, log: SampleLog | None = None, timing_samples: int = 8,
                     kept_examples: int = 0, dist: Distributed | None = None, match: str | None = None,
                     pairs: list[tuple[str, str]] | None = None) -> list[dict]:
-    """Rows ``{method, site, keep, visual_tokens_kept, accuracy, per_family, flops, flops_ratio,
+    """Rows ``{method, site, budget, visual_tokens_kept, accuracy, per_family, flops, flops_ratio,
     tokens_per_llm_layer}``; the first row is the unpruned model (``method`` ``"none"``),
     measured on the same items of ``data``. FLOPs are for one prefill of the median prompt.
     Accuracy is the VQA score of :func:`tokensieve.evaluate.scoring.score` (exact match after
@@ -96,7 +96,7 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str |
     match: ``"tokens"`` or ``"flops"``: each method's budget (a token count at its site) is the one
     whose planned visual tokens averaged over the LLM's layers, or prefill FLOPs, are nearest a
     target (:mod:`.matching`): with a pruner, the two-stage row's measured value at each budget
-    (those rows run first); otherwise each ``keeps`` value (tokens: a count or share of the visual
+    (those rows run first); otherwise each ``budgets`` value (tokens: a count or share of the visual
     tokens; flops: a share of the unpruned prefill). Such rows get ``matched``: ``{by, to,
     target, planned}`` (``to``: the budget matched, by which rows are paired).
     methods: names, or configs ``{"name": ..., parameter: value}`` (a row is labelled by the name).
@@ -106,39 +106,39 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str |
         raise TokensieveError("--oracle needs the synthetic set: the object oracle knows where its objects are")
     if match is not None and match not in MATCH_BY:
         raise TokensieveError(f"cannot match by {match!r}; expected one of {', '.join(MATCH_BY)}")
-    if match == "flops" and pruner is None and any(Budget.parse(k).ratio is None for k in keeps):
-        raise TokensieveError("matching by flops needs each --keep as a share of the unpruned prefill FLOPs (0.3)")
-    pairs = [(m, k) for m in methods for k in keeps] if pairs is None else list(pairs)
-    for name, keep in pairs:  # names, sites, budgets and parameters are checked before any model work
+    if match == "flops" and pruner is None and any(Budget.parse(b).ratio is None for b in budgets):
+        raise TokensieveError("matching by flops needs each --budget as a share of the unpruned prefill FLOPs (0.3)")
+    pairs = [(m, b) for m in methods for b in budgets] if pairs is None else list(pairs)
+    for name, budget in pairs:  # names, sites, budgets and parameters are checked before any model work
         if match:  # the budget comes from the match: the method must have one that can be planned
             matched_budget(backbone, name, site, 0.0, match, text_tokens=0)
         else:
-            attach(backbone, name, keep, site=site, mode=mode).detach()
-    for keep in (keeps or [None]) if pruner is not None else []:
-        pruner.attach(backbone, mode, keep=keep).detach()
+            attach(backbone, name, budget, site=site, mode=mode).detach()
+    for budget in (budgets or [None]) if pruner is not None else []:
+        pruner.attach(backbone, mode, keep=budget).detach()
     items = data.items
     text_tokens = median_text_tokens(backbone, items)
     scored = _Scorer(backbone, data, log, batch_size, progress, dist or Distributed())
     timed, examples = items[:timing_samples], items[:kept_examples]
     baseline = cost_fields(backbone, text_tokens)
     runs = ["none"]  # the scorer's run name of each row
-    rows = [{"method": "none", "site": None, "keep": 1.0, "visual_tokens_kept": backbone.n_visual_tokens,
+    rows = [{"method": "none", "site": None, "budget": 1.0, "visual_tokens_kept": backbone.n_visual_tokens,
              **scored("none"), **baseline, "flops_ratio": 1.0, **timing_fields(backbone, timed, progress=progress)}]
     cases = pairs
-    learned = [(pruner, k) for k in keeps or [None]] if pruner is not None else []
+    learned = [(pruner, b) for b in budgets or [None]] if pruner is not None else []
     cases = learned + cases if match else cases + learned  # matched to the pruner: its rows first
     targets = {}  # budget -> the cost the methods are matched to
-    for name, keep in tqdm(cases, desc="methods x budgets", unit="run", disable=not progress):
-        budget, matched = keep, None
+    for name, asked in tqdm(cases, desc="methods x budgets", unit="run", disable=not progress):
+        budget, matched = asked, None
         if isinstance(name, (str, dict)):  # a method name, or a config {"name": ..., parameters}
             if match:
-                target = targets[keep] if pruner is not None else _target(backbone, keep, match, baseline)
+                target = targets[asked] if pruner is not None else _target(backbone, asked, match, baseline)
                 budget, planned = matched_budget(backbone, name, site, target, match, text_tokens)
-                matched = {"by": match, "to": keep, "target": round(target, 2), "planned": round(planned, 2)}
+                matched = {"by": match, "to": asked, "target": round(target, 2), "planned": round(planned, 2)}
             handle = attach(backbone, name, budget, site=site, mode=mode)
             name = name if isinstance(name, str) else name["name"]
         else:
-            handle = name.attach(backbone, mode, keep=keep)
+            handle = name.attach(backbone, mode, keep=asked)
             name = "two_stage"
         stage = handle.stages[0]
         run = f"{name}@{stage.site}:{budget}"
@@ -152,16 +152,16 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str |
         finally:
             handle.detach()
         runs.append(run)
-        rows.append({"method": name, "site": stage.site, "keep": budget if budget is not None else "trained",
+        rows.append({"method": name, "site": stage.site, "budget": budget if budget is not None else "trained",
                      "visual_tokens_kept": counts[str(stage)], "visual_tokens_per_stage": counts,
                      **result, **cost,
                      "flops_ratio": round(cost["flops"]["total"] / baseline["flops"]["total"], 4), **timing,
                      **kept, **({"matched": matched} if matched else {})})
         if name == "two_stage" and match:
-            targets[keep] = cost["visual_tokens_mean_llm"] if match == "tokens" else cost["flops"]["total"]
-    for keep in keeps if oracle else []:
-        runs.append(f"object_oracle:{keep}")
-        rows.append(_oracle_row(backbone, data, keep, text_tokens, baseline, scored, timed, examples))
+            targets[asked] = cost["visual_tokens_mean_llm"] if match == "tokens" else cost["flops"]["total"]
+    for budget in budgets if oracle else []:
+        runs.append(f"object_oracle:{budget}")
+        rows.append(_oracle_row(backbone, data, budget, text_tokens, baseline, scored, timed, examples))
     if examples:  # what each row answered on the pictured items, for the report's gallery
         for row, run in zip(rows, runs):
             row["examples"] = scored.examples(run, examples)
@@ -171,17 +171,17 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str |
     return rows
 
 
-def _target(backbone: LlavaBackbone, keep: str, match: str, baseline: dict) -> float:
-    """The cost a ``keep`` value asks for: visual tokens averaged over the LLM's layers (a count, or
+def _target(backbone: LlavaBackbone, budget: str, match: str, baseline: dict) -> float:
+    """The cost a ``budget`` value asks for: visual tokens averaged over the LLM's layers (a count, or
     a share of the visual tokens), or prefill FLOPs (a share of the unpruned ``baseline``'s)."""
     if match == "tokens":
-        return Budget.parse(keep).resolve(backbone.n_visual_tokens, "the visual tokens")
-    return Budget.parse(keep).ratio * baseline["flops"]["total"]
+        return Budget.parse(budget).resolve(backbone.n_visual_tokens, "the visual tokens")
+    return Budget.parse(budget).ratio * baseline["flops"]["total"]
 
 
 def _pairing_budget(row: dict):
     """The budget a row is compared at: the one it was matched to, else its own."""
-    return row.get("matched", {}).get("to", row["keep"])
+    return row.get("matched", {}).get("to", row["budget"])
 
 
 def _kept_per_row(handle: Handle, rows: int) -> list[dict[str, int]]:
@@ -226,7 +226,7 @@ def _add_paired_at_cost(rows: list[dict], item_scores: list[list[float]]) -> Non
     """Give every other pruned row ``two_stage_at_cost`` when there are ``two_stage`` rows: the
     :func:`paired_difference` (the two-stage row's scores against this row's) of the most
     expensive two-stage row whose prefill FLOPs are no more than this row's, with that row's
-    ``keep``, ``flops_ratio`` and ``accuracy``; None when every two-stage row costs more.
+    ``budget``, ``flops_ratio`` and ``accuracy``; None when every two-stage row costs more.
     Budgets count tokens at different places (entering the LLM, or after an LLM layer), so
     equal cost is the other fair comparison."""
     learned = [(row, scores) for row, scores in zip(rows, item_scores) if row["method"] == "two_stage"]
@@ -240,7 +240,7 @@ def _add_paired_at_cost(rows: list[dict], item_scores: list[list[float]]) -> Non
             row["two_stage_at_cost"] = None
             continue
         best, best_scores = max(affordable, key=lambda pair: pair[0]["flops"]["total"])
-        row["two_stage_at_cost"] = {"keep": best["keep"], "flops_ratio": best["flops_ratio"],
+        row["two_stage_at_cost"] = {"budget": best["budget"], "flops_ratio": best["flops_ratio"],
                                     "accuracy": best["accuracy"], **paired_difference(best_scores, scores)}
 
 
@@ -317,24 +317,24 @@ def _kept_tokens(backbone: LlavaBackbone, handle: Handle, items: list[VQAItem]) 
                             "stages": {stage: kept.tolist() for stage, kept in handle.last_kept.items()}}}
 
 
-def _oracle_row(backbone: LlavaBackbone, data: EvalData, keep: str, text_tokens: int, baseline: dict,
+def _oracle_row(backbone: LlavaBackbone, data: EvalData, budget: str, text_tokens: int, baseline: dict,
                 scored: _Scorer, timed: list[VQAItem], examples: list[VQAItem]) -> dict:
     """The object oracle's row: chosen between the projector and the LLM, like a projector-site method."""
-    count = Budget.parse(keep).resolve(backbone.n_patches, "the object oracle")
+    count = Budget.parse(budget).resolve(backbone.n_patches, "the object oracle")
     by_scene = object_oracle(count, scene_spec_for(backbone).grid)
 
     def choose(item: VQAItem):
         return by_scene(data.scenes[item.question_id])
 
-    result = scored(f"object_oracle:{keep}", choose)
+    result = scored(f"object_oracle:{budget}", choose)
     kept = round(statistics.mean(len(choose(i)) for i in data.items))
     full = token_counts(backbone, text_tokens)
     counts = TokenCounts(full.vision_tokens, full.projector_tokens, [text_tokens + kept] * len(full.llm_tokens))
     cost = cost_fields(backbone, text_tokens, counts=counts)
-    row = {"method": "object_oracle", "site": "projector", "keep": keep, "visual_tokens_kept": kept, **result,
+    row = {"method": "object_oracle", "site": "projector", "budget": budget, "visual_tokens_kept": kept, **result,
            **cost, "flops_ratio": round(cost["flops"]["total"] / baseline["flops"]["total"], 4),
            **timing_fields(backbone, timed, kept=choose, progress=scored.progress)}
     if examples:
         row["kept_tokens"] = {"ids": [i.question_id for i in examples],
-                              "stages": {f"object_oracle@projector:{keep}": [choose(i).tolist() for i in examples]}}
+                              "stages": {f"object_oracle@projector:{budget}": [choose(i).tolist() for i in examples]}}
     return row

@@ -115,8 +115,8 @@ def plot_gallery(rows: list[dict], example: Example, grid: int, meta: dict, path
     items) and every pruned one with ``kept_tokens``."""
     qid = example.question_id
     groups = by_method(rows)
-    keeps = list(dict.fromkeys(str(r["keep"]) for r in rows if r["method"] != BASELINE))
-    n_rows, n_cols = max(1, len(groups)), 1 + len(keeps)
+    budgets = list(dict.fromkeys(str(r["budget"]) for r in rows if r["method"] != BASELINE))
+    n_rows, n_cols = max(1, len(groups)), 1 + len(budgets)
     fig = Figure(figsize=(1.75 * n_cols, 1.95 * n_rows + 0.9), layout="constrained")
     axes = fig.subplots(n_rows, n_cols, squeeze=False)
     for ax in axes.flat:
@@ -126,14 +126,14 @@ def plot_gallery(rows: list[dict], example: Example, grid: int, meta: dict, path
     _draw(axes[0][0], example.image, f"unpruned · {base['visual_tokens_kept']} tokens", *_answer_of(base, qid))
     for r, (method, group) in enumerate(groups.items()):
         for row in group:
-            ax = axes[r][1 + keeps.index(str(row["keep"]))]
+            ax = axes[r][1 + budgets.index(str(row["budget"]))]
             ax.set_axis_on()
             kept = row["kept_tokens"]
             stages = [per_item[kept["ids"].index(qid)] for per_item in kept["stages"].values()]
             count = sum(p >= 0 for p in stages[-1])
-            _draw(ax, fade_dropped(example.image, stages, grid), f"keep {row['keep']} · {count} tokens",
+            _draw(ax, fade_dropped(example.image, stages, grid), f"budget {row['budget']} · {count} tokens",
                   *_answer_of(row, qid))
-        first = axes[r][1 + min(keeps.index(str(row["keep"])) for row in group)]
+        first = axes[r][1 + min(budgets.index(str(row["budget"])) for row in group)]
         first.set_ylabel(method_label(group[0]), fontsize=8)
     question = textwrap.fill(f"item {qid}: {example.question}", 90)
     fig.suptitle(f"{question}\nreference answer: {gold_text(example.answers)}\n{subtitle(meta, rows)} · faded: "

@@ -138,8 +138,8 @@ def plot_accuracy(rows: list[dict], meta: dict, path: Path, x_of: Callable[[dict
                     color=style["color"], linestyle=style["linestyle"], linewidth=1.2, marker=style["marker"],
                     markersize=MARKER_PT, markerfacecolor="white", markeredgewidth=1.6, capsize=2.5, elinewidth=1,
                     zorder=3, label=method_label(group[0]))
-        for (x, y), keeps in _coinciding(group, x_of).items():
-            ax.annotate(f"keep {' = '.join(keeps)}", (x, y), xytext=(10, -14), textcoords="offset points",
+        for (x, y), budgets in _coinciding(group, x_of).items():
+            ax.annotate(f"budget {' = '.join(budgets)}", (x, y), xytext=(10, -14), textcoords="offset points",
                         fontsize=7, color=style["color"], zorder=5,
                         bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.85})
     ax.set_xlabel(x_label)
@@ -171,11 +171,11 @@ def _bars(rows: list[dict]) -> list[list[float]]:
 
 
 def _coinciding(group: list[dict], x_of: Callable[[dict], float]) -> dict[tuple[float, float], list[str]]:
-    """``{(x, accuracy): [keeps]}`` for the places two or more of one method's rows share."""
+    """``{(x, accuracy): [budgets]}`` for the places two or more of one method's rows share."""
     at: dict[tuple[float, float], list[str]] = {}
     for row in group:
-        at.setdefault((x_of(row), row["accuracy"]), []).append(str(row["keep"]))
-    return {point: keeps for point, keeps in at.items() if len(keeps) > 1}
+        at.setdefault((x_of(row), row["accuracy"]), []).append(str(row["budget"]))
+    return {point: budgets for point, budgets in at.items() if len(budgets) > 1}
 
 
 def plot_accuracy_vs_tokens(rows: list[dict], meta: dict, path: Path) -> Figure:
@@ -208,10 +208,10 @@ def plot_tokens_per_layer(rows: list[dict], meta: dict, path: Path) -> Figure:
         ax.stairs(base, edges, baseline=None, color="black", linestyle="--", linewidth=1)
         lines: dict[tuple[int, ...], list[str]] = {}
         for row in group:
-            lines.setdefault(tuple(row["tokens_per_llm_layer"]), []).append(str(row["keep"]))
-        for k, (counts, keeps) in enumerate(lines.items()):
+            lines.setdefault(tuple(row["tokens_per_llm_layer"]), []).append(str(row["budget"]))
+        for k, (counts, budgets) in enumerate(lines.items()):
             ax.stairs(counts, edges, baseline=None, color=styles[method]["color"],
-                      linestyle=LINESTYLES[k % len(LINESTYLES)], linewidth=1.8, label=f"keep {' = '.join(keeps)}")
+                      linestyle=LINESTYLES[k % len(LINESTYLES)], linewidth=1.8, label=f"budget {' = '.join(budgets)}")
         ax.set_title(method_label(group[0]), fontsize=9)
         ax.legend(fontsize=6.5, loc="upper right", frameon=False)
         ax.grid(alpha=0.3)

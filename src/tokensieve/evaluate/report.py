@@ -37,7 +37,7 @@ from tokensieve.evaluate.report_blocks import (
     to_markdown,
 )
 
-ROW_KEYS = ("method", "site", "keep", "visual_tokens_kept", "accuracy", "n", "accuracy_ci95", "per_family", "flops",
+ROW_KEYS = ("method", "site", "budget", "visual_tokens_kept", "accuracy", "n", "accuracy_ci95", "per_family", "flops",
             "flops_ratio", "tokens_per_llm_layer")
 ACCURACY_PLOT = "accuracy_vs_tokens.png"
 COST_PLOT = "accuracy_vs_flops.png"
@@ -75,8 +75,8 @@ def format_change(accuracy: float, baseline: float) -> str:
 
 
 def row_label(row: dict) -> str:
-    """``method keep=...`` for a pruned row, ``none (baseline)`` for the unpruned one."""
-    return f"{row['method']} (baseline)" if row["method"] == BASELINE else f"{row['method']} keep={row['keep']}"
+    """``method budget=...`` for a pruned row, ``none (baseline)`` for the unpruned one."""
+    return f"{row['method']} (baseline)" if row["method"] == BASELINE else f"{row['method']} budget={row['budget']}"
 
 
 def families(rows: list[dict]) -> list[str]:
@@ -117,7 +117,7 @@ def report_blocks(rows: list[dict], meta: dict, gallery: Sequence[str] = ()) -> 
     """The report: meta, main table, per-family table, tokens per layer, the figures, the paired
     comparisons, and the kept-token gallery of the items ``gallery`` (question ids)."""
     base = rows[0]["accuracy"]
-    main = [[r["method"], r["site"] or MISSING, r["keep"], r["visual_tokens_kept"],
+    main = [[r["method"], r["site"] or MISSING, r["budget"], r["visual_tokens_kept"],
              _number(r.get("visual_tokens_mean_llm"), 1), f"{r['accuracy']:.3f}",
              f"{r['accuracy_ci95'][0]:.3f}–{r['accuracy_ci95'][1]:.3f}",
              MISSING if i == 0 else format_change(r["accuracy"], base), format_gflops(r["flops"]["total"]),
@@ -125,7 +125,7 @@ def report_blocks(rows: list[dict], meta: dict, gallery: Sequence[str] = ()) -> 
              _number(None if r.get("kv_cache_bytes") is None else r["kv_cache_bytes"] / 1024, 1)]
             for i, r in enumerate(rows)]
     names = families(rows)
-    per_family = [[r["method"], r["site"] or MISSING, r["keep"],
+    per_family = [[r["method"], r["site"] or MISSING, r["budget"],
                    *(f"{r['per_family'][f]:.3f}" if f in r["per_family"] else MISSING for f in names)] for r in rows]
     sizes = ", ".join(str(n) for n in sorted({r["n"] for r in rows}))
     warning = timing_warning(rows)
@@ -134,7 +134,7 @@ def report_blocks(rows: list[dict], meta: dict, gallery: Sequence[str] = ()) -> 
         Facts(list(meta.items())),
         Heading("Accuracy and prefill cost"),
         *([Paragraph(f"Warning: {warning}.", strong=True)] if warning else []),
-        Table(["method", "site", "keep", "visual tokens kept", "mean visual tokens in LLM", "accuracy", "95% CI",
+        Table(["method", "site", "budget", "visual tokens kept", "mean visual tokens in LLM", "accuracy", "95% CI",
                "change vs baseline", "prefill GFLOPs", "FLOPs ratio", "TTFT ms [IQR]", "decode ms/token [IQR]",
                "KV cache KiB"], main),
         Paragraph(
@@ -150,7 +150,7 @@ def report_blocks(rows: list[dict], meta: dict, gallery: Sequence[str] = ()) -> 
             "prefill, from the tokens each layer keeps."),
         *_matched_section(rows),
         Heading("Accuracy per question family"),
-        Table(["method", "site", "keep", *names], per_family),
+        Table(["method", "site", "budget", *names], per_family),
         Heading("Figures"),
         Picture("accuracy vs visual tokens kept", ACCURACY_PLOT),
         Paragraph("Accuracy against the visual tokens each row keeps after its first stage (log axis), bars at "
@@ -162,8 +162,8 @@ def report_blocks(rows: list[dict], meta: dict, gallery: Sequence[str] = ()) -> 
                   "its tokens (one that cuts inside the LLM pays for its first layers on every token)."),
         Picture("tokens entering each LLM decoder layer", LAYERS_PLOT),
         Heading("Tokens per LLM layer"),
-        Table(["method", "site", "keep", "tokens entering each layer (layers)"],
-              [[r["method"], r["site"] or MISSING, r["keep"], layer_runs(r["tokens_per_llm_layer"])] for r in rows]),
+        Table(["method", "site", "budget", "tokens entering each layer (layers)"],
+              [[r["method"], r["site"] or MISSING, r["budget"], layer_runs(r["tokens_per_llm_layer"])] for r in rows]),
         *_paired_section(rows),
         *_paired_at_cost_section(rows),
         *_gallery_section(rows, gallery),
@@ -173,13 +173,13 @@ def report_blocks(rows: list[dict], meta: dict, gallery: Sequence[str] = ()) -> 
 def _paired_section(rows: list[dict]) -> list[Block]:
     """Blocks comparing each two-stage row with the other methods at its budget (none when no
     row has ``paired``)."""
-    table = [[r["keep"], f"{r['accuracy']:.3f}", p["against"], f"{p['accuracy']:.3f}", f"{p['difference']:+.3f}",
+    table = [[r["budget"], f"{r['accuracy']:.3f}", p["against"], f"{p['accuracy']:.3f}", f"{p['difference']:+.3f}",
               p["better"], p["worse"], f"{p['p_value']:.3g}"]
              for r in rows for p in r.get("paired", [])]
     if not table:
         return []
     return [Heading("The two-stage pruner against each method at its budget"),
-            Table(["keep", "two_stage", "against", "its accuracy", "difference", "items better", "items worse",
+            Table(["budget", "two_stage", "against", "its accuracy", "difference", "items better", "items worse",
                    "p (sign test)"], table),
             Paragraph("Every row answers the same items, so the comparison is paired: items better / worse count the "
                       "items the two-stage pruner scored higher / lower than the other method, and p is the exact "
@@ -201,7 +201,7 @@ def _matched_section(rows: list[dict]) -> list[Block]:
     def planned(value):
         return _number(value, 1) if by == "tokens" else format_gflops(value)
 
-    table = [[r["method"], r["site"], r["matched"]["to"], r["keep"], planned(r["matched"]["target"]),
+    table = [[r["method"], r["site"], r["matched"]["to"], r["budget"], planned(r["matched"]["target"]),
               planned(r["matched"]["planned"]), measured(r)] for r in matched]
     what = "mean visual tokens in LLM" if by == "tokens" else "prefill GFLOPs"
     return [Heading("Budgets matched at equal cost"),
@@ -221,16 +221,16 @@ def _paired_at_cost_section(rows: list[dict]) -> list[Block]:
         if "two_stage_at_cost" not in r:
             continue
         ours = r["two_stage_at_cost"]
-        theirs = [f"{r['method']}@{r['site']}", r["keep"], f"{r['flops_ratio']:.3f}", f"{r['accuracy']:.3f}"]
+        theirs = [f"{r['method']}@{r['site']}", r["budget"], f"{r['flops_ratio']:.3f}", f"{r['accuracy']:.3f}"]
         if ours is None:
             table.append([*theirs, *[MISSING] * 7])
             continue
-        table.append([*theirs, ours["keep"], f"{ours['flops_ratio']:.3f}", f"{ours['accuracy']:.3f}",
+        table.append([*theirs, ours["budget"], f"{ours['flops_ratio']:.3f}", f"{ours['accuracy']:.3f}",
                       f"{ours['difference']:+.3f}", ours["better"], ours["worse"], f"{ours['p_value']:.3g}"])
     if not table:
         return []
     return [Heading("The two-stage pruner against each method at no more prefill cost"),
-            Table(["method", "keep", "FLOPs ratio", "accuracy", "two_stage keep", "its FLOPs ratio", "its accuracy",
+            Table(["method", "budget", "FLOPs ratio", "accuracy", "two_stage budget", "its FLOPs ratio", "its accuracy",
                    "difference", "items better", "items worse", "p (sign test)"], table),
             Paragraph("A budget counts visual tokens where a method cuts them: entering the LLM, or after an LLM layer "
                       "(a method there runs its first layers on every token). So each method's row is also compared "
@@ -247,7 +247,7 @@ def _gallery_section(rows: list[dict], gallery: Sequence[str]) -> list[Block]:
         examples = r["examples"]
         cells = [f"{prediction} {verdict(score)[0]}" for prediction, score in zip(examples["predictions"],
                                                                                   examples["scores"])]
-        answers.append([r["method"], r["site"] or MISSING, r["keep"], *cells])
+        answers.append([r["method"], r["site"] or MISSING, r["budget"], *cells])
     return [Heading("Kept tokens and answers on the same items"),
             Paragraph("Each picture is one item as the vision tower sees it (the processor's resized and cropped "
                       "pixels): the unpruned model top left, then a row per method and a column per budget. Patches "
@@ -256,7 +256,7 @@ def _gallery_section(rows: list[dict], gallery: Sequence[str]) -> list[Block]:
                       "gives the answer and whether it was right (green ✓), wrong (red ✗) or partly right (≈, a "
                       "VQA soft score)."),
             *(Picture(f"kept tokens and answers on item {qid}", gallery_file(qid)) for qid in gallery),
-            Table(["method", "site", "keep", *(f"item {qid}" for qid in gallery)], answers)]
+            Table(["method", "site", "budget", *(f"item {qid}" for qid in gallery)], answers)]
 
 
 def _check_gallery(rows: list[dict], examples: Sequence[Example] | None, patch_grid: int | None) -> list[str]:

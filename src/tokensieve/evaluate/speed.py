@@ -1,7 +1,7 @@
 """Prefill speed of pruning on a LLaVA-shaped model: measured speedup against the FLOPs ideal.
 
 The model is randomly initialised (a random model of a given shape times like a trained one).
-For each (method at its site, keep ratio) the pruned and the unpruned prefill run alternately
+For each (method at its site, budget ratio) the pruned and the unpruned prefill run alternately
 on the same inputs, and the medians are compared. ``ideal_speedup`` is the ratio of the linear
 FLOPs (dense matmuls, which grow linearly with tokens: :func:`tokensieve.evaluate.flops.prefill_flops`
 without the attention-score term) of the whole prefill, full vs pruned, each block counted on
@@ -113,10 +113,10 @@ def ideal_speedup(config: LlavaConfig, full: TokenCounts, pruned: TokenCounts) -
 
 
 def speed_benchmark(shape: BenchShape = BenchShape(), methods: tuple[str, ...] = ("fastv", "divprune"),
-                    keeps: tuple[float, ...] = (0.33, 0.22, 0.11), repeats: int = 7, threads: int | None = None,
+                    budgets: tuple[float, ...] = (0.33, 0.22, 0.11), repeats: int = 7, threads: int | None = None,
                     device: str = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True,
                     batch: int = 1) -> list[dict]:
-    """One row per (method at its default site, keep ratio), each prefill on ``batch`` prompts
+    """One row per (method at its default site, budget ratio), each prefill on ``batch`` prompts
     (on a GPU, batch 1 of eager transformers code can be bound by the host launching kernels);
     see the module docstring."""
     if threads:
@@ -131,9 +131,9 @@ def speed_benchmark(shape: BenchShape = BenchShape(), methods: tuple[str, ...] =
         backbone.forward(**inputs, logits_to_keep=1)
 
     rows = []
-    cases = [(m, k) for m in methods for k in keeps]
-    for name, keep in tqdm(cases, desc="speed", unit="case", disable=not progress):
-        handle = attach(backbone, name, keep, mode="hard")  # at the method's own site(s)
+    cases = [(m, b) for m in methods for b in budgets]
+    for name, budget in tqdm(cases, desc="speed", unit="case", disable=not progress):
+        handle = attach(backbone, name, budget, mode="hard")  # at the method's own site(s)
         site = handle.stages[0].site
 
         def full_prefill():
@@ -148,7 +148,7 @@ def speed_benchmark(shape: BenchShape = BenchShape(), methods: tuple[str, ...] =
         finally:
             handle.detach()
         full, pruned = times["full"], times["pruned"]
-        row = {"method": name, "site": site, "keep": keep, "visual_tokens_kept": kept,
+        row = {"method": name, "site": site, "budget": budget, "visual_tokens_kept": kept,
                "prefill_ms_full": round(1000 * statistics.median(full), 2),
                "prefill_ms_pruned": round(1000 * statistics.median(pruned), 2),
                "scoring_overhead": round(statistics.median(scoring), 4),

@@ -124,7 +124,7 @@ class TwoStagePruner(nn.Module):
             return self.n_centres
         if self.token_merger is None:
             raise TokensieveError("this pruner has no token merger, so its budget is fixed by pruner.target_ratio; "
-                                  "evaluate it without --keep")
+                                  "evaluate it without --budget")
         return Budget.parse(keep).resolve(self.signature["n_patches"], "the token merger")
 
     def inference_counts(self, centres: int | None) -> list[int]:
