@@ -152,7 +152,7 @@ def test_a_trained_pruner_answers_through_lmms_eval_at_a_budget(task_dir, backbo
                                      "validation": {"every": 1, "samples": 2}, "run": {"threads": 1}})
     run = train_two_stage(cfg, tmp_path / "pruner", progress=False)
     answers = answers_of(evaluate(task_dir, f"pruner={run},keep=20"))
-    handle = TwoStagePruner.from_pretrained(run, backbone).attach(backbone, "hard", keep=20)
+    handle = TwoStagePruner.from_pretrained(run, backbone).attach(backbone, "hard", centres=20)
     assert answers == direct_answers(backbone, task_dir, handle)
 
 

@@ -176,7 +176,7 @@ def pruner_run(tiny_llava_dir, tmp_path_factory):
 def _eval_args(tiny_llava_dir, pruner_run, out: Path) -> list[str]:
     # The heads keep a count per row: the figures of the two-stage row are means over the items.
     return ["eval", "--model", str(tiny_llava_dir), "--pruner", str(pruner_run), "--head-threshold", "0.5",
-            "--budget", "0.25", "--method", "random", "--samples", "24", "--batch-size", "4",
+            "--centres", "0.25", "--budget", "0.25", "--method", "random", "--samples", "24", "--batch-size", "4",
             "--timing-samples", "0", "--kept-examples", "1", "--out", str(out)]
 
 

@@ -280,7 +280,7 @@ def test_a_run_folder_holds_config_best_and_logs(finished_run):
 
 
 def test_trained_parts_evaluate_in_hard_mode_at_their_budget_and_at_others(finished_run, tiny_llava_dir, capsys):
-    assert main(["eval", "--model", str(tiny_llava_dir), "--pruner", str(finished_run), "--budget", "0.25,24",
+    assert main(["eval", "--model", str(tiny_llava_dir), "--pruner", str(finished_run), "--centres", "0.25,24",
                  "--samples", "10", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     learned = [r for r in rows if r["method"] == "two_stage"]
@@ -292,8 +292,8 @@ def test_trained_parts_evaluate_in_hard_mode_at_their_budget_and_at_others(finis
 
 def test_the_trained_parts_are_compared_pairwise_with_each_method_at_their_budget(finished_run, tiny_llava_dir,
                                                                                    capsys):
-    assert main(["eval", "--model", str(tiny_llava_dir), "--pruner", str(finished_run), "--budget", "0.25",
-                 "--method", "random,visionzip", "--oracle", "--samples", "10", "--json"]) == 0
+    assert main(["eval", "--model", str(tiny_llava_dir), "--pruner", str(finished_run), "--centres", "0.25",
+                 "--budget", "0.25", "--method", "random,visionzip", "--oracle", "--samples", "10", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     learned = next(r for r in rows if r["method"] == "two_stage")
     by_name = {f"{r['method']}@{r['site']}": r for r in rows if r["method"] not in ("none", "two_stage")}
@@ -311,8 +311,20 @@ def test_the_trained_parts_are_compared_pairwise_with_each_method_at_their_budge
         assert at_cost["difference"] == pytest.approx(learned["accuracy"] - other["accuracy"], abs=1e-3)
 
 
+def test_methods_are_matched_to_the_trained_parts_at_each_centres_value(finished_run, tiny_llava_dir, capsys):
+    assert main(["eval", "--model", str(tiny_llava_dir), "--pruner", str(finished_run), "--centres", "0.25",
+                 "--method", "random", "--match", "tokens", "--samples", "10", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    learned = next(r for r in rows if r["method"] == "two_stage")
+    other = next(r for r in rows if r["method"] == "random")
+    assert learned["budget"] == "0.25" and learned["visual_tokens_kept"] == 16
+    assert other["matched"]["to"] == "0.25"
+    assert other["matched"]["target"] == pytest.approx(learned["visual_tokens_mean_llm"], abs=0.01)
+    assert [p["against"] for p in learned["paired"]] == [f"random@{other['site']}"]
+
+
 def test_eval_with_a_head_threshold_lets_each_head_keep_a_count_per_row(finished_run, tiny_llava_dir, capsys):
-    assert main(["eval", "--model", str(tiny_llava_dir), "--pruner", str(finished_run), "--budget", "0.25",
+    assert main(["eval", "--model", str(tiny_llava_dir), "--pruner", str(finished_run), "--centres", "0.25",
                  "--head-threshold", "0.5", "--samples", "10", "--json"]) == 0
     learned = next(r for r in json.loads(capsys.readouterr().out) if r["method"] == "two_stage")
     per_stage = learned["visual_tokens_per_stage"]
@@ -324,7 +336,7 @@ def test_eval_with_a_head_threshold_lets_each_head_keep_a_count_per_row(finished
 
 
 def test_eval_with_a_head_share_sets_what_the_heads_keep(finished_run, tiny_llava_dir, capsys):
-    assert main(["eval", "--model", str(tiny_llava_dir), "--pruner", str(finished_run), "--budget", "0.25",
+    assert main(["eval", "--model", str(tiny_llava_dir), "--pruner", str(finished_run), "--centres", "0.25",
                  "--head-share", "0.125", "--samples", "10", "--json"]) == 0
     learned = next(r for r in json.loads(capsys.readouterr().out) if r["method"] == "two_stage")
     # of the 16 tokens entering the LLM, the head at llm.1 keeps sqrt(0.125) (6), the one at llm.2 an eighth (2)

@@ -2,7 +2,8 @@
 
 Train the two-stage pruner briefly, then measure it, every training-free method and the
 object oracle at three budgets in ``hard`` mode next to the unpruned model, and write the
-report with its plots. About 5 minutes on 2 CPU cores.
+report with its plots. The pruner's centres are the methods' budgets: at each value it sends
+as many tokens into the LLM as each method keeps at its site. About 5 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ def run_demo(out: str | Path | None = None, overrides: list[str] = (), samples: 
 
     ``out/pruner`` holds the training run, ``out/report`` the report (resumable: rerun the same
     command after an interruption and finished work is kept).
+    budgets: the methods' budgets, and the same values as the pruner's centres.
     """
     if out is None:
         out = default_folder()
@@ -85,8 +87,8 @@ def run_demo(out: str | Path | None = None, overrides: list[str] = (), samples: 
                                      "data": data.name, "max_new_tokens": data.max_new_tokens, "site": None,
                                      "pruner": str(run)})
     rows = compare_methods(backbone, data, [], list(budgets), mode="hard", progress=progress, pairs=pairs,
-                           pruner=TwoStagePruner.from_pretrained(run, backbone), oracle=True, log=log, timing_samples=timing_samples,
-                           kept_examples=kept_examples)
+                           pruner=TwoStagePruner.from_pretrained(run, backbone), centres=list(budgets), oracle=True,
+                           log=log, timing_samples=timing_samples, kept_examples=kept_examples)
     meta = {"model": str(cfg.model or "shipped testbed"), "mode": "hard", "data": data.name,
             "text_tokens_for_flops": rows[0]["tokens_per_llm_layer"][0] - backbone.n_visual_tokens,
             "pruner": str(run), "left out": "; ".join(left_out) or "none", "command": "tokensieve demo",

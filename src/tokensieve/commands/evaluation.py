@@ -43,6 +43,7 @@ def _eval(args: argparse.Namespace) -> None:
     from tokensieve.methods import create_method
 
     methods, budgets = comma_list(args.method or ""), comma_list(args.budget or "")
+    centres = comma_list(args.centres or "")
     if args.mode == "origin" and (methods or args.pruner is not None):
         raise TokensieveError("--mode origin measures the unpruned model alone; drop --method and --pruner")
     if not methods and args.pruner is None and args.mode != "origin":
@@ -56,13 +57,19 @@ def _eval(args: argparse.Namespace) -> None:
                               "give one of them")
     head_settings = {key: value for key, value in (("keep_threshold", args.head_threshold),
                                                    ("target_ratio", args.head_share)) if value is not None}
-    if methods and not budgets:
+    if centres and args.pruner is None:
+        raise TokensieveError("--centres sets the tokens the trained pruner sends into the LLM: give it with --pruner")
+    to_pruner = args.match is not None and args.pruner is not None  # methods matched to the pruner's centres
+    if to_pruner and budgets:
+        raise TokensieveError("--match with --pruner matches the methods to the pruner at each --centres value: "
+                              "drop --budget")
+    if methods and not budgets and not to_pruner:
         raise TokensieveError("--method needs --budget: ratios (0.33) or counts (64)")
     methods = _with_parameters(methods, args.param)
     for spec in methods:
         create_method(spec)
-    for budget in budgets:
-        Budget.parse(budget)
+    for value in budgets + centres:
+        Budget.parse(value)
     real = any(v is not None for v in (args.questions, args.images, args.answers, args.dataset, args.spec))
     if real:
         from tokensieve.evaluate.eval_data import file_data
@@ -100,7 +107,7 @@ def _eval(args: argparse.Namespace) -> None:
         log = log or SampleLog(args.out, fingerprint)
     rows = compare_methods(backbone, data, methods, budgets, mode=args.mode, site=args.site,
                            batch_size=args.batch_size, progress=not args.json and dist.is_main, pruner=pruner,
-                           oracle=args.oracle, log=log, timing_samples=args.timing_samples,
+                           centres=centres, oracle=args.oracle, log=log, timing_samples=args.timing_samples,
                            kept_examples=args.kept_examples if args.out else 0, dist=dist, match=args.match)
     if not dist.is_main:
         return
@@ -131,8 +138,11 @@ def add(sub) -> None:
     ev = sub.add_parser("eval", help="accuracy of methods at budgets, next to the unpruned model")
     ev.add_argument("--model", default=None, help="LLaVA checkpoint folder or hub id (default: shipped testbed)")
     ev.add_argument("--method", default=None, help="comma-separated method names (see `tokensieve methods`)")
-    ev.add_argument("--budget", default=None, help="comma-separated budgets: ratios (0.33) or counts (64); for "
-                    "--pruner, the tokens entering the LLM (default: as trained)")
+    ev.add_argument("--budget", default=None,
+                    help="comma-separated budgets of the --method methods: ratios (0.33) or counts (64)")
+    ev.add_argument("--centres", default=None,
+                    help="with --pruner: comma-separated tokens it sends into the LLM (its merger's centres): "
+                         "ratios of the patch tokens (0.25) or counts (24) (default: as trained)")
     ev.add_argument("--pruner", type=Path, default=None, help="a trained two-stage pruner run folder")
     ev.add_argument("--head-threshold", type=float, default=None, metavar="T",
                     help="with --pruner: its heads keep the tokens they give a keep probability > T, a count per "
@@ -152,7 +162,7 @@ def add(sub) -> None:
                     help="give each method the budget that puts it at equal cost: the same visual tokens averaged "
                          "over the LLM's layers (tokens) or the same prefill FLOPs (flops) as each --budget value "
                          "(tokens: a count or share of the visual tokens; flops: a share of the unpruned prefill), "
-                         "or with --pruner as the two-stage pruner at each budget")
+                         "or with --pruner as the two-stage pruner at each --centres value")
     ev.add_argument("--mode", default="hard", choices=["hard", "soft", "origin"],
                     help="hard removes tokens, soft masks them as attention keys, origin runs the unpruned model only")
     ev.add_argument("--samples", type=positive_int, default=None,

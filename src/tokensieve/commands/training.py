@@ -50,7 +50,9 @@ def add(sub) -> None:
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a key of the packaged two_stage_testbed.yaml (repeatable)")
     demo.add_argument("--samples", type=positive_int, default=500, help="held-out samples")
-    demo.add_argument("--budget", default="0.33,0.22,0.11", help="budgets (default: LLaVA's 192/128/64 of 576)")
+    demo.add_argument("--budget", default="0.33,0.22,0.11",
+                      help="budgets of the methods and, as its centres, of the trained pruner: it sends as many "
+                           "tokens into the LLM as each method keeps (default: LLaVA's 192/128/64 of 576)")
     demo.add_argument("--timing-samples", type=non_negative_int, default=8,
                       help="samples timed one at a time for TTFT and decode latency per row (0: no timing)")
     demo.set_defaults(func=_demo)

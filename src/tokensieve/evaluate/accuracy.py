@@ -60,7 +60,7 @@ def timing_fields(backbone: LlavaBackbone, samples: list[VQAItem], kept=None, pr
 
 def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str | dict], budgets: list[str],
                     mode: str = "hard", site: str | None = None, batch_size: int = 64, progress: bool = True,
-                    pruner=None, oracle: bool = False, log: SampleLog | None = None, timing_samples: int = 8,
+                    pruner=None, centres: list[str] | None = None, oracle: bool = False, log: SampleLog | None = None, timing_samples: int = 8,
                     kept_examples: int = 0, dist: Distributed | None = None, match: str | None = None,
                     pairs: list[tuple[str, str]] | None = None) -> list[dict]:
     """Rows ``{method, site, budget, visual_tokens_kept, accuracy, per_family, flops, flops_ratio,
@@ -69,14 +69,15 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str |
     Accuracy is the VQA score of :func:`tokensieve.evaluate.scoring.score` (exact match after
     the official normalisation; the soft score for 10 annotator answers).
 
-    pruner: optional trained :class:`tokensieve.pruner.TwoStagePruner`, evaluated at each
-    budget (tokens entering the LLM; its heads then keep their trained shares) as ``two_stage``;
+    pruner: optional trained :class:`tokensieve.pruner.TwoStagePruner`, evaluated as ``two_stage``
+    at each of ``centres`` (tokens entering the LLM, the merger's centres: counts or ratios of the
+    patch tokens; none: once as trained, budget ``"trained"``; its heads keep their trained shares);
     each such row gets ``paired``, its paired comparison with every other pruned row at that
     budget (``{against, accuracy, difference, better, worse, p_value}``, :mod:`.paired`), and
     every other pruned row gets ``two_stage_at_cost``: the same comparison with the two-stage
     row of the most prefill FLOPs that are still no more than its own (None: none that cheap).
-    oracle: add the object oracle at each budget (``object_oracle``: tokens on objects only,
-    one per object before a second; fewer than the budget when the objects cover fewer);
+    oracle: add the object oracle at each of ``budgets`` and ``centres`` (``object_oracle``: tokens
+    on objects only, one per object before a second; fewer than the budget when the objects cover fewer);
     synthetic data only.
     log: per-item results (with the tokens each stage kept) are appended there batch by batch,
     and items it already holds are not scored again; every figure comes from all its items, so
@@ -95,9 +96,9 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str |
     one writes the log).
     match: ``"tokens"`` or ``"flops"``: each method's budget (a token count at its site) is the one
     whose planned visual tokens averaged over the LLM's layers, or prefill FLOPs, are nearest a
-    target (:mod:`.matching`): with a pruner, the two-stage row's measured value at each budget
-    (those rows run first); otherwise each ``budgets`` value (tokens: a count or share of the visual
-    tokens; flops: a share of the unpruned prefill). Such rows get ``matched``: ``{by, to,
+    target (:mod:`.matching`): with a pruner, the two-stage row's measured value at each of its
+    ``centres`` (those rows run first; ``budgets`` is not used); otherwise each ``budgets`` value
+    (tokens: a count or share of the visual tokens; flops: a share of the unpruned prefill). Such rows get ``matched``: ``{by, to,
     target, planned}`` (``to``: the budget matched, by which rows are paired).
     methods: names, or configs ``{"name": ..., parameter: value}`` (a row is labelled by the name).
     pairs: the ``(method, budget)`` rows to measure, instead of every method at every budget.
@@ -108,14 +109,16 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str |
         raise TokensieveError(f"cannot match by {match!r}; expected one of {', '.join(MATCH_BY)}")
     if match == "flops" and pruner is None and any(Budget.parse(b).ratio is None for b in budgets):
         raise TokensieveError("matching by flops needs each --budget as a share of the unpruned prefill FLOPs (0.3)")
-    pairs = [(m, b) for m in methods for b in budgets] if pairs is None else list(pairs)
+    learned_at = centres or [None]  # the pruner's centres values; None: as trained
+    matched_to = learned_at if match and pruner is not None else budgets  # what each method row is set by
+    pairs = [(m, b) for m in methods for b in matched_to] if pairs is None else list(pairs)
     for name, budget in pairs:  # names, sites, budgets and parameters are checked before any model work
         if match:  # the budget comes from the match: the method must have one that can be planned
             matched_budget(backbone, name, site, 0.0, match, text_tokens=0)
         else:
             attach(backbone, name, budget, site=site, mode=mode).detach()
-    for budget in (budgets or [None]) if pruner is not None else []:
-        pruner.attach(backbone, mode, keep=budget).detach()
+    for value in learned_at if pruner is not None else []:
+        pruner.attach(backbone, mode, centres=value).detach()
     items = data.items
     text_tokens = median_text_tokens(backbone, items)
     scored = _Scorer(backbone, data, log, batch_size, progress, dist or Distributed())
@@ -125,7 +128,7 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str |
     rows = [{"method": "none", "site": None, "budget": 1.0, "visual_tokens_kept": backbone.n_visual_tokens,
              **scored("none"), **baseline, "flops_ratio": 1.0, **timing_fields(backbone, timed, progress=progress)}]
     cases = pairs
-    learned = [(pruner, b) for b in budgets or [None]] if pruner is not None else []
+    learned = [(pruner, c) for c in learned_at] if pruner is not None else []
     cases = learned + cases if match else cases + learned  # matched to the pruner: its rows first
     targets = {}  # budget -> the cost the methods are matched to
     for name, asked in tqdm(cases, desc="methods x budgets", unit="run", disable=not progress):
@@ -134,11 +137,12 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str |
             if match:
                 target = targets[asked] if pruner is not None else _target(backbone, asked, match, baseline)
                 budget, planned = matched_budget(backbone, name, site, target, match, text_tokens)
-                matched = {"by": match, "to": asked, "target": round(target, 2), "planned": round(planned, 2)}
+                matched = {"by": match, "to": _or_trained(asked), "target": round(target, 2),
+                           "planned": round(planned, 2)}
             handle = attach(backbone, name, budget, site=site, mode=mode)
             name = name if isinstance(name, str) else name["name"]
         else:
-            handle = name.attach(backbone, mode, keep=asked)
+            handle = name.attach(backbone, mode, centres=asked)
             name = "two_stage"
         stage = handle.stages[0]
         run = f"{name}@{stage.site}:{budget}"
@@ -152,14 +156,14 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str |
         finally:
             handle.detach()
         runs.append(run)
-        rows.append({"method": name, "site": stage.site, "budget": budget if budget is not None else "trained",
+        rows.append({"method": name, "site": stage.site, "budget": _or_trained(budget),
                      "visual_tokens_kept": counts[str(stage)], "visual_tokens_per_stage": counts,
                      **result, **cost,
                      "flops_ratio": round(cost["flops"]["total"] / baseline["flops"]["total"], 4), **timing,
                      **kept, **({"matched": matched} if matched else {})})
         if name == "two_stage" and match:
             targets[asked] = cost["visual_tokens_mean_llm"] if match == "tokens" else cost["flops"]["total"]
-    for budget in budgets if oracle else []:
+    for budget in dict.fromkeys([*budgets, *(centres or [])]) if oracle else []:
         runs.append(f"object_oracle:{budget}")
         rows.append(_oracle_row(backbone, data, budget, text_tokens, baseline, scored, timed, examples))
     if examples:  # what each row answered on the pictured items, for the report's gallery
@@ -177,6 +181,11 @@ def _target(backbone: LlavaBackbone, budget: str, match: str, baseline: dict) ->
     if match == "tokens":
         return Budget.parse(budget).resolve(backbone.n_visual_tokens, "the visual tokens")
     return Budget.parse(budget).ratio * baseline["flops"]["total"]
+
+
+def _or_trained(value):
+    """A row's budget: the value asked for, or ``"trained"`` for the pruner as trained."""
+    return value if value is not None else "trained"
 
 
 def _pairing_budget(row: dict):

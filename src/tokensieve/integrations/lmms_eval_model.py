@@ -102,7 +102,7 @@ class TokensieveLlava(lmms):
             from tokensieve.pruner import TwoStagePruner
 
             return TwoStagePruner.from_pretrained(pruner, self.backbone).to(self._device).attach(
-                self.backbone, mode, keep=None if keep is None else str(keep))
+                self.backbone, mode, centres=None if keep is None else str(keep))
         if method is not None:
             return attach(self.backbone, method, str(keep), site=site, mode=mode)
         return None

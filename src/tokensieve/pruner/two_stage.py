@@ -5,7 +5,7 @@ All parts live under one ``nn.Module`` (prefixes ``token_merger.``, ``layer_prun
 never saved with them and they load onto any copy of it:
 
     pruner = TwoStagePruner.from_pretrained("runs/two_stage_testbed", backbone)  # its best/ if there is one
-    handle = pruner.attach(backbone, "hard", keep=0.25)
+    handle = pruner.attach(backbone, "hard", centres=0.25)
     pruner.save_pretrained("my_pruner")
 """
 
@@ -118,14 +118,15 @@ class TwoStagePruner(nn.Module):
             return [self.n_centres]
         return [max(1, round(r * self.signature["n_patches"])) for r in low_high]
 
-    def centres_for(self, keep: Budget | int | float | str | None) -> int | None:
-        """Merger centres for a budget of tokens entering the LLM (None: as trained)."""
-        if keep is None:
+    def centres_for(self, centres: Budget | int | float | str | None) -> int | None:
+        """The merger's centre count for ``centres``, the tokens entering the LLM: a count or a ratio of
+        the patch tokens (None: as trained)."""
+        if centres is None:
             return self.n_centres
         if self.token_merger is None:
             raise TokensieveError("this pruner has no token merger, so its budget is fixed by pruner.target_ratio; "
-                                  "evaluate it without --budget")
-        return Budget.parse(keep).resolve(self.signature["n_patches"], "the token merger")
+                                  "evaluate it without --centres")
+        return Budget.parse(centres).resolve(self.signature["n_patches"], "the token merger")
 
     def inference_counts(self, centres: int | None) -> list[int]:
         """Tokens each head keeps at inference: its share of the tokens entering the LLM."""
@@ -148,20 +149,21 @@ class TwoStagePruner(nn.Module):
         return merger, pruners
 
     def attach(self, backbone, mode: str = "hard", training: bool = False,
-               keep: Budget | int | float | str | None = None) -> Handle:
+               centres: Budget | int | float | str | None = None) -> Handle:
         """Attach the parts: for training (soft mode, heads keep everything and mask by Gumbel
         samples; advance it with :meth:`set_step` before each forward) or for inference (heads
         keep their share by keep probability, or the tokens above ``pruner.keep_threshold``).
 
-        keep: tokens entering the LLM (the merger's centres) at inference; default as trained.
+        centres: tokens entering the LLM (the merger's centres) at inference, a count or a ratio of the
+        patch tokens; default as trained.
         The stages are the merger's at ``projector`` (if any), then one per head at ``llm.<layer>``.
         """
         merger, pruners = self._methods(training)
-        centres = self.centres_for(keep)
+        n_centres = self.centres_for(centres)
         stages = []
         if merger is not None:
-            stages.append((merger, "projector", centres))
-        counts = self.inference_counts(centres)
+            stages.append((merger, "projector", n_centres))
+        counts = self.inference_counts(n_centres)
         for k, method, count in zip(self.layers, pruners, counts):
             # With a keep threshold a head decides its own count (every token may stay).
             stages.append((method, f"llm.{k}", 1.0 if training or method.count_per_row else count))

@@ -244,7 +244,7 @@ class TwoStageTrainer:
 
     def _validate_at(self, centres: int | None) -> float:
         self.parts.eval()
-        handle = self.parts.attach(self.backbone, "soft", training=False, keep=centres)
+        handle = self.parts.attach(self.backbone, "soft", training=False, centres=centres)
         try:
             examples, right, total = self.dist.shard(self.data.validation()), 0, 0
             for i in range(0, len(examples), 32):
