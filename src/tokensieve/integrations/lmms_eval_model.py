@@ -7,8 +7,8 @@ Registered through the ``lmms_eval.models`` entry point as ``tokensieve``::
 
 Model arguments: ``pretrained`` (checkpoint folder or hub id; default the shipped testbed),
 ``method`` (a registered method name) or ``pruner`` (a ``tokensieve train`` run folder),
-``keep`` (budget: a count or a ratio; for a pruner, the tokens entering the LLM; default as
-trained), ``site`` (default the method's own), ``mode`` (``hard``, ``soft`` or ``origin``),
+``keep`` (the method's budget: a count or a ratio; for a pruner, its centres: the tokens entering
+the LLM, default as trained), ``site`` (default the method's own), ``mode`` (``hard``, ``soft`` or ``origin``),
 ``dtype`` (``float32``, ``bfloat16``, ``float16``), ``device`` and ``batch_size``.
 
 Every prompt is one image and a question in the LLaVA-1.5 format (``USER: <image>\\n...
