@@ -98,7 +98,7 @@ def direct_answers(backbone, task_dir: Path, handle) -> list[str]:
 
 
 def test_generation_through_lmms_eval_equals_tokensieve_generation_with_the_method_attached(task_dir, backbone):
-    result = evaluate(task_dir, "method=fastv,keep=0.25")
+    result = evaluate(task_dir, "method=fastv,budget=0.25")
     answers = answers_of(result)
     assert answers == direct_answers(backbone, task_dir, attach(backbone, "fastv", 0.25))
     score = sum(a == r["answer"] for a, r in zip(answers, rows(task_dir))) / len(answers)
@@ -151,7 +151,7 @@ def test_a_trained_pruner_answers_through_lmms_eval_at_a_budget(task_dir, backbo
                                      "optim": {"steps": 1, "batch_size": 2},
                                      "validation": {"every": 1, "samples": 2}, "run": {"threads": 1}})
     run = train_two_stage(cfg, tmp_path / "pruner", progress=False)
-    answers = answers_of(evaluate(task_dir, f"pruner={run},keep=20"))
+    answers = answers_of(evaluate(task_dir, f"pruner={run},centres=20"))
     handle = TwoStagePruner.from_pretrained(run, backbone).attach(backbone, "hard", centres=20)
     assert answers == direct_answers(backbone, task_dir, handle)
 
@@ -165,13 +165,15 @@ def test_lmms_eval_keeps_loglikelihood_results_as_they_are():
 
 
 @pytest.mark.parametrize("model_args, message", [
-    ("method=fastvv,keep=0.25", "unknown method 'fastvv'; known methods: "),
-    ("method=fastv", "method=fastv needs keep="),
-    ("method=layer_pruner,keep=0.5", "method=layer_pruner is learned; give pruner=RUN_DIR"),
-    ("budget=0.25", "unknown tokensieve model argument(s) budget"),
-    ("keep=0.25", "keep=0.25 needs method=NAME or pruner=RUN_DIR"),
-    ("method=fastv,keep=2.5", "budget ratio 2.5 is not in"),
-    ("method=fastv,keep=0.25,pruner=runs/x", "not both"),
+    ("method=fastvv,budget=0.25", "unknown method 'fastvv'; known methods: "),
+    ("method=fastv", "method=fastv needs budget="),
+    ("method=layer_pruner,budget=0.5", "method=layer_pruner is learned; give pruner=RUN_DIR"),
+    ("keep=0.25", "unknown tokensieve model argument(s) keep"),
+    ("budget=0.25", "budget=0.25 needs method=NAME"),
+    ("centres=20", "centres=20 needs pruner=RUN_DIR"),
+    ("pruner=runs/x,budget=20", "budget=20 needs method=NAME"),
+    ("method=fastv,budget=2.5", "budget ratio 2.5 is not in"),
+    ("method=fastv,budget=0.25,pruner=runs/x", "not both"),
 ])
 def test_bad_plugin_arguments_are_named(model_args, message):
     from lmms_eval.models import get_model
@@ -184,7 +186,7 @@ def test_batch_size_in_model_args_and_on_the_command_line():
     # lmms-eval hands its own --batch_size (default 1) next to --model_args: the model_args value wins.
     from tokensieve.integrations.lmms_eval_model import TokensieveLlava
 
-    model = TokensieveLlava.create_from_arg_string("method=fastv,keep=0.5,batch_size=3",
+    model = TokensieveLlava.create_from_arg_string("method=fastv,budget=0.5,batch_size=3",
                                                    {"batch_size": 1, "max_batch_size": None, "device": None})
     assert model.batch_size == 3
     assert TokensieveLlava.create_from_arg_string("", {"batch_size": 2, "device": "cpu"}).batch_size == 2

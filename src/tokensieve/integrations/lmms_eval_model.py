@@ -2,13 +2,13 @@
 
 Registered through the ``lmms_eval.models`` entry point as ``tokensieve``::
 
-    lmms-eval --model tokensieve --model_args pretrained=llava-hf/llava-1.5-7b-hf,method=fastv,keep=0.25 \\
+    lmms-eval --model tokensieve --model_args pretrained=llava-hf/llava-1.5-7b-hf,method=fastv,budget=0.25 \\
         --tasks mme,pope --batch_size 1
 
 Model arguments: ``pretrained`` (checkpoint folder or hub id; default the shipped testbed),
 ``method`` (a registered method name) or ``pruner`` (a ``tokensieve train`` run folder),
-``keep`` (the method's budget: a count or a ratio; for a pruner, its centres: the tokens entering
-the LLM, default as trained), ``site`` (default the method's own), ``mode`` (``hard``, ``soft`` or ``origin``),
+``budget`` (the method's: a count or a ratio), ``centres`` (the pruner's: the tokens its merger sends
+into the LLM, a count or a ratio; default as trained), ``site`` (default the method's own), ``mode`` (``hard``, ``soft`` or ``origin``),
 ``dtype`` (``float32``, ``bfloat16``, ``float16``), ``device`` and ``batch_size``.
 
 Every prompt is one image and a question in the LLaVA-1.5 format (``USER: <image>\\n...
@@ -47,12 +47,13 @@ def _default_device() -> str:
 
 
 class TokensieveLlava(lmms):
-    """A LLaVA backbone with ``method`` or ``pruner`` attached at budget ``keep`` (see the module)."""
+    """A LLaVA backbone with ``method`` attached at ``budget``, or ``pruner`` at ``centres`` (see the module)."""
 
     is_simple = True
 
-    def __init__(self, pretrained: str | None = None, method: str | None = None, keep: int | float | str | None = None,
-                 site: str | None = None, mode: str = "hard", pruner: str | None = None, dtype: str | None = None,
+    def __init__(self, pretrained: str | None = None, method: str | None = None,
+                 budget: int | float | str | None = None, site: str | None = None, mode: str = "hard",
+                 pruner: str | None = None, centres: int | float | str | None = None, dtype: str | None = None,
                  device: str | None = None, batch_size: int | str = 1, **unknown):
         super().__init__()
         from tokensieve.backbones import LlavaBackbone
@@ -61,18 +62,22 @@ class TokensieveLlava(lmms):
 
         if unknown:
             raise TokensieveError(f"unknown tokensieve model argument(s) {', '.join(sorted(unknown))}; known: "
-                                  "pretrained, method, keep, site, mode, pruner, dtype, device, batch_size")
+                                  "pretrained, method, budget, site, mode, pruner, centres, dtype, device, batch_size")
         if method is not None and pruner is not None:
             raise TokensieveError("give method=NAME or pruner=RUN_DIR, not both")
         if method is not None:
             if method_class(method).trained:  # an unknown name fails here, before the model loads
                 raise TokensieveError(f"method={method} is learned; give pruner=RUN_DIR (a tokensieve train run folder)")
-            if keep is None:
-                raise TokensieveError(f"method={method} needs keep=: a count (64) or a ratio (0.25)")
-        if keep is not None:
-            if method is None and pruner is None:
-                raise TokensieveError(f"keep={keep} needs method=NAME or pruner=RUN_DIR")
-            Budget.parse(str(keep))
+            if budget is None:
+                raise TokensieveError(f"method={method} needs budget=: a count (64) or a ratio (0.25)")
+        if budget is not None:
+            if method is None:
+                raise TokensieveError(f"budget={budget} needs method=NAME (a trained pruner takes centres=)")
+            Budget.parse(str(budget))
+        if centres is not None:
+            if pruner is None:
+                raise TokensieveError(f"centres={centres} needs pruner=RUN_DIR (a method takes budget=)")
+            Budget.parse(str(centres))
         if dtype is not None and dtype not in DTYPES:
             raise TokensieveError(f"dtype={dtype} is not one of {', '.join(DTYPES)}")
         self.batch_size_per_gpu = int(batch_size)
@@ -81,7 +86,7 @@ class TokensieveLlava(lmms):
         if self.backbone.processor is None:
             raise TokensieveError(f"{pretrained} has no processor files; lmms-eval needs one to read prompts")
         self.backbone.processor.tokenizer.padding_side = "left"  # every row ends at the last position
-        self.handle = self._attach(method, keep, site, mode, pruner)
+        self.handle = self._attach(method, budget, site, mode, pruner, centres)
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> TokensieveLlava:
@@ -95,16 +100,16 @@ class TokensieveLlava(lmms):
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in given}
         return cls(**given, **extra)
 
-    def _attach(self, method, keep, site, mode, pruner):
+    def _attach(self, method, budget, site, mode, pruner, centres):
         from tokensieve.attach import attach
 
         if pruner is not None:
             from tokensieve.pruner import TwoStagePruner
 
             return TwoStagePruner.from_pretrained(pruner, self.backbone).to(self._device).attach(
-                self.backbone, mode, centres=None if keep is None else str(keep))
+                self.backbone, mode, centres=None if centres is None else str(centres))
         if method is not None:
-            return attach(self.backbone, method, str(keep), site=site, mode=mode)
+            return attach(self.backbone, method, str(budget), site=site, mode=mode)
         return None
 
     @property
