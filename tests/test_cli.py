@@ -99,3 +99,13 @@ def test_methods_lists_every_method_with_its_default_sites(capsys):
     assert "default site llm.2 " in lines["fastv"]
     # a schedule placed by the LLM's depth shows its sites in LLaVA-1.5's 32 layers
     assert "default site llm.8,llm.16,llm.24 of 32" in lines["pyramiddrop"]
+
+
+def test_a_reader_that_stops_early_gets_no_traceback():
+    """``tokensieve methods | head -1``: the closed pipe ends the command quietly, exit 0."""
+    proc = subprocess.Popen([sys.executable, "-m", "tokensieve", "methods"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, bufsize=0)
+    proc.stdout.read(10)
+    proc.stdout.close()  # like head, stop reading after the first bytes
+    assert proc.wait(timeout=120) == 0
+    assert b"Traceback" not in proc.stderr.read()

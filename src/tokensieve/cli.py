@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from tokensieve.cli_args import OneLineParser
@@ -39,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     except TokensieveError as err:
         print(f"tokensieve: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader stopped early (tokensieve methods | head): nothing is lost
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail again
+        return 0
     except KeyboardInterrupt as err:  # Ctrl-C; tokensieve.interrupt.Interrupted says what was kept and where
         print(f"tokensieve: {str(err) or 'interrupted'}", file=sys.stderr)
         return 130  # the shell's code for SIGINT
