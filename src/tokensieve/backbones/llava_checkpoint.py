@@ -1,23 +1,19 @@
 """Reading a LLaVA checkpoint (a local folder or a hub id) safely and completely.
 
-The checkpoint is checked to be a LLaVA one before any weight is read; weights are read as
-safetensors, or ``.bin`` files by ``torch.load(weights_only=True)`` (transformers' own choice),
-so a checkpoint cannot run code; one that lacks any of the model's weights is refused rather
-than completed with random ones. Every failure is one line (a :class:`TokensieveError`).
+The checkpoint is checked to be a LLaVA one before any weight is read, then read by
+:func:`tokensieve.backbones.hf_checkpoint.load_complete` (no code run, no weight missing).
+Every failure is one line (a :class:`TokensieveError`).
 """
 
 from __future__ import annotations
 
-import pickle
-import warnings
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from transformers import LlavaForConditionalGeneration
 
+from tokensieve.backbones.hf_checkpoint import checkpoint_config, load_complete
 from tokensieve.errors import TokensieveError
-from tokensieve.held_warnings import warnings_held_until_success
 
 
 def default_model_path() -> Path:
@@ -25,63 +21,12 @@ def default_model_path() -> Path:
     return Path(__file__).resolve().parent.parent / "assets" / "testbed"
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
-def _check_is_llava(name_or_path: str) -> None:
-    from huggingface_hub.errors import HFValidationError
-    from transformers import AutoConfig
-
-    path = Path(name_or_path)
-    if path.exists() and not (path / "config.json").is_file():
-        raise TokensieveError(f"{name_or_path} is not a model checkpoint folder: it has no config.json")
-    try:
-        config = AutoConfig.from_pretrained(name_or_path)
-    except (OSError, ValueError) as err:
-        if HFValidationError in (type(err), type(err.__cause__)):  # a name no repo id can have: /abs/path, a/b/c
-            raise TokensieveError(f"cannot load model {name_or_path!r}: there is no such folder") from None
-        local = "" if path.exists() else "no such folder, and as a hub id: "
-        raise TokensieveError(f"cannot load model {name_or_path!r}: {local}{_first_line(err)}") from None
-    if config.model_type != "llava":
-        raise TokensieveError(
-            f"{name_or_path} is a {config.model_type!r} model; the LLaVA backbone needs model_type "
-            "'llava' (LlavaForConditionalGeneration)")
-
-
-def _load_weights(name: str, dtype: torch.dtype | None) -> tuple[LlavaForConditionalGeneration, dict]:
-    """The model and transformers' loading info; a load that fails is one line, with neither
-    transformers' load report nor torch's warnings."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the load report: its findings are checked by the caller
-    try:
-        with warnings_held_until_success():
-            loaded = LlavaForConditionalGeneration.from_pretrained(name, dtype=dtype, output_loading_info=True)
-    except (pickle.UnpicklingError, EOFError):
-        raise TokensieveError(f"cannot load the weights of {name!r}: its .bin weights are not a plain file of "
-                              "tensors (empty, corrupt, or holding pickled objects, which "
-                              "torch.load(weights_only=True) refuses to run)") from None
-    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
-        raise TokensieveError(f"cannot load the weights of {name!r}: {_first_line(err)}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    return loaded
-
-
 def load_llava_weights(name: str, dtype: torch.dtype | None) -> LlavaForConditionalGeneration:
     """The LLaVA model of checkpoint ``name`` (a folder or a hub id), every weight from the
     checkpoint; tensors it holds that the model does not use are warned about."""
-    _check_is_llava(name)
-    model, loaded = _load_weights(name, dtype)
-    missing = sorted(loaded["missing_keys"])
-    if missing:
-        raise TokensieveError(f"cannot load the weights of {name!r}: {len(missing)} of the model's weights are "
-                              f"not in its checkpoint, e.g. {missing[0]}")
-    if loaded["unexpected_keys"]:
-        # stacklevel 3: the warning names the caller of LlavaBackbone.from_pretrained.
-        warnings.warn(f"{name}: {len(loaded['unexpected_keys'])} tensors of its checkpoint are not used by "
-                      f"the model, e.g. {min(loaded['unexpected_keys'])}", stacklevel=3)
-    return model
+    config = checkpoint_config(name)
+    if config.model_type != "llava":
+        raise TokensieveError(
+            f"{name} is a {config.model_type!r} model; the LLaVA backbone needs model_type "
+            "'llava' (LlavaForConditionalGeneration)")
+    return load_complete(LlavaForConditionalGeneration, name, dtype)
