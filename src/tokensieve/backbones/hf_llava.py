@@ -24,6 +24,7 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from tokensieve.backbones.attention_signals import layer_cls_attention
 from tokensieve.backbones.base import Site
+from tokensieve.backbones.kept_indices import checked_indices
 from tokensieve.backbones.llava_checkpoint import default_model_path, load_llava_weights
 from tokensieve.backbones.llava_pruning import LlavaPruningSession
 from tokensieve.backbones.llava_signals import llava_signals_at
@@ -307,23 +308,7 @@ def _checked_kept(kept: torch.Tensor | Sequence, rows: int, n_tokens: int) -> li
     (sorted, distinct) integers in ``[0, n_tokens)``."""
     if len(kept) != rows:
         raise TokensieveError(f"kept has {len(kept)} rows for a batch of {rows}")
-    checked = []
-    for b, row in enumerate(kept):
-        row = torch.as_tensor(row)
-        if row.dim() != 1 or row.is_floating_point() or row.is_complex() or row.dtype == torch.bool:
-            raise TokensieveError(f"kept row {b}: expected a 1-D tensor of token indices, got a "
-                                  f"{tuple(row.shape)} {row.dtype} tensor")
-        outside = row[(row < 0) | (row >= n_tokens)]
-        if outside.numel():
-            raise TokensieveError(f"kept row {b}: index {int(outside[0])} is outside the {n_tokens} visual tokens "
-                                  f"(0 .. {n_tokens - 1})")
-        unordered = (row[1:] <= row[:-1]).nonzero()
-        if unordered.numel():
-            i = int(unordered[0])
-            raise TokensieveError(f"kept row {b}: indices must increase, each once (sorted, no repeats); "
-                                  f"{int(row[i + 1])} follows {int(row[i])}")
-        checked.append(row)
-    return checked
+    return [checked_indices(row, n_tokens, f"kept row {b}") for b, row in enumerate(kept)]
 
 
 @dataclass
