@@ -1,0 +1,107 @@
+"""Tiny random Qwen2-VL, Qwen2.5-VL and Qwen3-VL models with offline processors, for tests.
+
+:func:`save_tiny_qwen` builds one family (a few thousand weights, < 1 s) and saves model and
+processor with ``save_pretrained``, so the adapter loads them as it loads a real checkpoint.
+Processor: a local WordLevel tokenizer that knows the chat and vision special tokens, the PIL
+image processor (patch 14, 2x2 merge, min 28x28 px), and the video processor ProcessorMixin
+requires. A 112x112 image is a 8x8 patch grid -> 16 visual tokens; 56x84 -> 4x6 -> 6 tokens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import tokensieve  # noqa: F401  (its torchvision shim must come before transformers' Qwen classes)
+
+# isort: split
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessorPil,
+    Qwen2VLProcessor,
+    Qwen2VLVideoProcessor,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
+    Qwen3VLVideoProcessor,
+)
+
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+SPECIAL = ["<pad>", "<|im_end|>", "<|im_start|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+           "<|video_pad|>"]
+WORDS = ["system", "user", "assistant", "You", "are", "a", "helpful", ".", "?", "what", "is", "the", "colour",
+         "of", "shape", "red", "green", "blue", "circle", "square", "and", "left", "right"]
+VOCAB = {t: i for i, t in enumerate(SPECIAL + WORDS)}
+IMAGE_SIZES = {"big": (112, 112), "small": (56, 84)}  # (height, width) -> 16 and 6 visual tokens
+
+
+def tokenizer() -> PreTrainedTokenizerFast:
+    """Whitespace-split words of :data:`WORDS`; special tokens kept whole; left padding."""
+    core = Tokenizer(models.WordLevel(vocab=VOCAB, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<|im_end|>",
+                                  padding_side="left")
+    tok.add_special_tokens({"additional_special_tokens": SPECIAL[2:]})
+    return tok
+
+
+def _config(family: str):
+    ids = {"image_token_id": VOCAB["<|image_pad|>"], "video_token_id": VOCAB["<|video_pad|>"],
+           "vision_start_token_id": VOCAB["<|vision_start|>"], "vision_end_token_id": VOCAB["<|vision_end|>"]}
+    text = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "vocab_size": len(VOCAB), "max_position_embeddings": 512, "pad_token_id": 0,
+            "bos_token_id": None, "eos_token_id": VOCAB["<|im_end|>"]}
+    vision = {"depth": 3, "num_heads": 2, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+              "in_channels": 3}
+    rope = {"rope_type": "default", "rope_theta": 1e4}  # mrope_section sums to head_dim / 2 = 8
+    if family == "qwen2_vl":
+        return Qwen2VLConfig(text_config={**text, "rope_parameters": {**rope, "mrope_section": [2, 3, 3]}},
+                             vision_config={**vision, "embed_dim": 32, "hidden_size": 64, "mlp_ratio": 2}, **ids)
+    vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=64)
+    if family == "qwen2_5_vl":
+        return Qwen2_5_VLConfig(text_config={**text, "rope_parameters": {**rope, "mrope_section": [2, 3, 3]}},
+                                vision_config={**vision, "window_size": 56, "fullatt_block_indexes": [2],
+                                               "tokens_per_second": 2}, **ids)
+    return Qwen3VLConfig(text_config={**text, "head_dim": 16, "rope_parameters": {**rope, "mrope_section": [4, 2, 2]}},
+                         vision_config={**vision, "num_position_embeddings": 16, "deepstack_visual_indexes": [0, 1]},
+                         **ids)
+
+
+MODEL_CLASSES = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+                 "qwen3_vl": Qwen3VLForConditionalGeneration}
+PROCESSOR_CLASSES = {"qwen2_vl": (Qwen2VLProcessor, Qwen2VLVideoProcessor),
+                     "qwen2_5_vl": (Qwen2_5_VLProcessor, Qwen2VLVideoProcessor),
+                     "qwen3_vl": (Qwen3VLProcessor, Qwen3VLVideoProcessor)}
+
+
+def processor(family: str):
+    """The offline processor of ``family`` (images 28x28 .. 224x224 px)."""
+    processor_class, video_class = PROCESSOR_CLASSES[family]
+    patches = {"patch_size": 14, "merge_size": 2, "temporal_patch_size": 2}
+    return processor_class(image_processor=Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=224 * 224, **patches),
+                           tokenizer=tokenizer(), video_processor=video_class(**patches))
+
+
+def save_tiny_qwen(family: str, folder: Path, seed: int = 0) -> Path:
+    """A random tiny ``family`` model (3 vision blocks, 3 decoder layers) and its processor,
+    saved in ``folder``."""
+    torch.manual_seed(seed)
+    MODEL_CLASSES[family](_config(family)).save_pretrained(folder)
+    processor(family).save_pretrained(folder)
+    return folder
+
+
+def image(size: str, seed: int = 0) -> Image.Image:
+    """A random RGB image of :data:`IMAGE_SIZES` ``size``."""
+    height, width = IMAGE_SIZES[size]
+    pixels = np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
