@@ -1,0 +1,270 @@
+"""Adapter for transformers' Qwen-VL models: ``Qwen2VLForConditionalGeneration``,
+``Qwen2_5_VLForConditionalGeneration`` and ``Qwen3VLForConditionalGeneration`` (transformers 5.x).
+
+This file is the only place that knows their module paths: vision tower ``model.model.visual``
+(blocks ``.blocks``, 2x2 patch merger ``.merger``; Qwen3 also ``.deepstack_merger_list``), LLM
+``model.model.language_model`` (layers ``.layers``), head ``model.lm_head``.
+
+Supported inputs: images, any number per prompt and any size (dynamic resolution: image ``i``
+with patch grid ``t x h x w`` gives ``t*h*w / 4`` visual tokens), rows of a batch with different
+images. Video (``pixel_values_videos``, ``<|video_pad|>``) is refused for now.
+
+The adapter runs the model as it runs itself - one tower pass over every image of the batch
+(``get_image_features``), M-RoPE ids from ``get_rope_index`` on the full prompt - but assembles
+the LLM input itself, so fewer visual tokens than placeholders can enter the LLM: each image's
+placeholder run shrinks to the tokens kept, those keep their 3-D position ids, rows are re-padded
+on the left, and the pruned features (Qwen3: every DeepStack level too, with the same indices)
+go to the model as ``mm_encoder_outputs``, which does the scatter and the DeepStack additions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLForConditionalGeneration,
+    Qwen3VLForConditionalGeneration,
+)
+
+from tokensieve.backbones.hf_checkpoint import checkpoint_config, load_complete
+from tokensieve.backbones.kept_indices import checked_indices
+from tokensieve.backbones.qwen_positions import (
+    keep_columns,
+    rope_positions,
+    token_types,
+)
+from tokensieve.backbones.qwen_prompt import DEFAULT_SYSTEM
+from tokensieve.devices import require_device
+from tokensieve.errors import TokensieveError
+
+MODEL_CLASSES = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+                 "qwen3_vl": Qwen3VLForConditionalGeneration}
+VIDEO_REFUSED = "the Qwen-VL backbone takes images only for now: video inputs are not supported yet"
+
+
+def load_qwen_weights(name: str, dtype: torch.dtype | None) -> nn.Module:
+    """The Qwen-VL model of checkpoint ``name`` (a folder or a hub id), every weight from it."""
+    family = checkpoint_config(name).model_type
+    if family not in MODEL_CLASSES:
+        raise TokensieveError(
+            f"{name} is a {family!r} model; the Qwen-VL backbone needs model_type 'qwen2_vl', 'qwen2_5_vl' or "
+            "'qwen3_vl' (Qwen2VL-, Qwen2_5_VL- or Qwen3VLForConditionalGeneration)")
+    return load_complete(MODEL_CLASSES[family], name, dtype)
+
+
+@dataclass(frozen=True)
+class VisualRun:
+    """One image's placeholder run: ``count`` columns from ``start`` (in the padded row), holding
+    image ``image`` (its index in ``image_grid_thw``, prompt order over the batch)."""
+
+    start: int
+    count: int
+    image: int
+
+
+@dataclass
+class QwenLayout:
+    """Where things sit in a batch of prompts.
+
+    runs: per row, its images' placeholder runs in prompt order (a row may have none).
+    question_mask: ``(B, L)`` True on real tokens after the row's last image.
+    """
+
+    runs: list[list[VisualRun]]
+    question_mask: torch.Tensor
+
+    @property
+    def n_images(self) -> int:
+        return sum(len(row) for row in self.runs)
+
+
+@dataclass
+class QwenInputs:
+    """What the model receives: ``input_ids``, ``attention_mask`` ``(B, L')``, ``position_ids``
+    ``(4, B, L')`` (text row over t/h/w), ``image_features`` the tower output whose
+    ``pooler_output`` holds one ``(M_i, d)`` per image (Qwen3: ``deepstack_features`` one such
+    tuple per level), ``M_i`` = tokens kept of image ``i``."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    image_features: object
+
+    def model_kwargs(self) -> dict:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
+                "position_ids": self.position_ids, "mm_encoder_outputs": {"image": self.image_features}}
+
+
+class QwenVLBackbone:
+    """A Qwen-VL model (and its processor) seen through a token layout of several images per row."""
+
+    def __init__(self, model: nn.Module, processor=None):
+        if not isinstance(model, tuple(MODEL_CLASSES.values())):
+            raise TokensieveError(f"expected a Qwen2-VL, Qwen2.5-VL or Qwen3-VL model, got {type(model).__name__}")
+        self.model = model
+        self.processor = processor
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, dtype: torch.dtype | None = None,
+                        device: str | torch.device = "cpu") -> QwenVLBackbone:
+        """Load a hub id or a local folder holding a Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint.
+
+        Weights are read safely and completely (:mod:`tokensieve.backbones.hf_checkpoint`); the
+        processor's image processor is the PIL one, the same with or without torchvision.
+        """
+        from transformers import AutoImageProcessor, AutoProcessor
+
+        require_device(device)
+        name = str(name_or_path)
+        model = load_qwen_weights(name, dtype)
+        try:
+            processor = AutoProcessor.from_pretrained(name)
+            processor.image_processor = AutoImageProcessor.from_pretrained(name, backend="pil")
+        except (OSError, ValueError):
+            processor = None  # some checkpoints ship weights only; callers that need one say so
+        return cls(model.to(device).eval(), processor)
+
+    # --- module paths and geometry -------------------------------------------------------
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def family(self) -> str:
+        """``qwen2_vl``, ``qwen2_5_vl`` or ``qwen3_vl``."""
+        return self.config.model_type
+
+    @property
+    def visual(self) -> nn.Module:
+        return self.model.model.visual
+
+    @property
+    def system_prompt(self) -> str | None:
+        """The system turn the family's chat template adds (for :func:`qwen_prompt.encode`)."""
+        return DEFAULT_SYSTEM[self.family]
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.config.image_token_id)
+
+    @property
+    def video_token_id(self) -> int:
+        return int(self.config.video_token_id)
+
+    def image_token_counts(self, image_grid_thw: torch.Tensor) -> list[int]:
+        """Visual tokens of each image, ``t*h*w / merge**2`` of its ``(n_images, 3)`` grid row."""
+        merge = self.config.vision_config.spatial_merge_size
+        return (image_grid_thw.prod(-1) // merge ** 2).tolist()
+
+    def layout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> QwenLayout:
+        """The image runs and question tokens of each row of ``input_ids`` ``(B, L)``."""
+        is_image = (input_ids == self.image_token_id) & attention_mask.bool()
+        edges = torch.diff(is_image.int(), dim=1, prepend=is_image.new_zeros(is_image.shape[0], 1).int(),
+                           append=is_image.new_zeros(is_image.shape[0], 1).int())
+        runs, image = [], 0
+        question = attention_mask.bool().clone()
+        for b in range(input_ids.shape[0]):
+            starts = (edges[b] == 1).nonzero().flatten().tolist()
+            ends = (edges[b] == -1).nonzero().flatten().tolist()
+            runs.append([VisualRun(s, e - s, image + i) for i, (s, e) in enumerate(zip(starts, ends))])
+            image += len(starts)
+            if ends:
+                question[b, : ends[-1]] = False
+        return QwenLayout(runs, question)
+
+    # --- running the model --------------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor):
+        """One tower pass over every image: ``pixel_values`` ``(sum_i t_i*h_i*w_i, 3*2*14*14)``
+        packed patches, ``image_grid_thw`` ``(n_images, 3)`` -> the model's output whose
+        ``pooler_output`` is one ``(N_i, d_text)`` per image (Qwen3: and ``deepstack_features``)."""
+        return self.model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+
+    def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
+                image_grid_thw: torch.Tensor, kept: Sequence[torch.Tensor] | None = None,
+                mm_token_type_ids: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
+                video_grid_thw: torch.Tensor | None = None) -> QwenInputs:
+        """Encode the images and assemble the model input.
+
+        input_ids, attention_mask: ``(B, L)`` prompts with full placeholder runs (padded on
+        either side; the result is padded on the left).
+        kept: optional, per image (in ``image_grid_thw`` order) a ``(M_i,)`` increasing index
+        tensor into its ``N_i`` visual tokens: only these enter the LLM, in image order.
+        mm_token_type_ids: the processor's ``(B, L)`` token types (computed from ``input_ids``
+        when absent).
+        pixel_values_videos, video_grid_thw: refused (video is not supported yet).
+        """
+        if pixel_values_videos is not None or video_grid_thw is not None or (input_ids == self.video_token_id).any():
+            raise TokensieveError(VIDEO_REFUSED)
+        layout = self.layout(input_ids, attention_mask)
+        counts = self._checked_runs(layout, image_grid_thw)
+        kept = None if kept is None else _checked_kept(kept, counts)
+        if mm_token_type_ids is None:
+            mm_token_type_ids = token_types(input_ids, self.image_token_id, self.video_token_id)
+        positions = rope_positions(self.model.model, input_ids, attention_mask, image_grid_thw, mm_token_type_ids)
+        features = self.encode_images(pixel_values, image_grid_thw)
+        stays = attention_mask.bool().clone()
+        if kept is not None:
+            for b, row in enumerate(layout.runs):
+                for run in row:
+                    dropped = torch.ones(run.count, dtype=torch.bool, device=stays.device)
+                    dropped[kept[run.image]] = False
+                    stays[b, run.start + dropped.nonzero().flatten()] = False
+            features = _kept_features(features, kept)
+        pad = self.config.text_config.pad_token_id
+        shrunk = keep_columns(input_ids, positions, stays, 0 if pad is None else pad, attention_mask.dtype)
+        # Read by the model only when it builds positions itself (a later cached call without ids).
+        self.model.model.rope_deltas = shrunk.rope_deltas
+        return QwenInputs(shrunk.input_ids, shrunk.attention_mask, shrunk.position_ids, features)
+
+    def forward(self, input_ids, attention_mask, pixel_values, image_grid_thw, kept=None, mm_token_type_ids=None,
+                pixel_values_videos=None, video_grid_thw=None, **kwargs):
+        """The model's output for the assembled sequence; logits ``(B, L', vocab)``, ``L' < L``
+        when tokens were dropped. Without ``kept`` (and left-padded input) it is the plain model's."""
+        inputs = self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw, kept, mm_token_type_ids,
+                              pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw)
+        return self.model(**inputs.model_kwargs(), **kwargs)
+
+    def generate(self, input_ids, attention_mask, pixel_values, image_grid_thw, kept=None, mm_token_type_ids=None,
+                 pixel_values_videos=None, video_grid_thw=None, **generate_kwargs) -> torch.Tensor:
+        """New token ids ``(B, T_new)``; decoding uses the KV cache of the assembled prompt and
+        continues the M-RoPE ids from the last prompt column (``max + 1`` of the full prompt)."""
+        inputs = self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw, kept, mm_token_type_ids,
+                              pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw)
+        out = self.model.generate(**inputs.model_kwargs(), **generate_kwargs)
+        return out[:, inputs.input_ids.shape[1]:]
+
+    def _checked_runs(self, layout: QwenLayout, image_grid_thw: torch.Tensor) -> list[int]:
+        """The token count of each image, refused unless each placeholder run holds its image's count."""
+        counts = self.image_token_counts(image_grid_thw)
+        if layout.n_images != len(counts):
+            raise TokensieveError(f"the prompts hold {layout.n_images} image placeholder runs for "
+                                  f"{len(counts)} images (image_grid_thw rows)")
+        for row in layout.runs:
+            for run in row:
+                if run.count != counts[run.image]:
+                    grid = "x".join(map(str, image_grid_thw[run.image].tolist()))
+                    raise TokensieveError(f"image {run.image}: its placeholder run has {run.count} tokens, its "
+                                          f"{grid} patch grid gives {counts[run.image]}")
+        return counts
+
+
+def _checked_kept(kept: Sequence, counts: list[int]) -> list[torch.Tensor]:
+    """``kept`` as one ``(M_i,)`` index tensor per image, each increasing and in ``[0, N_i)``."""
+    if len(kept) != len(counts):
+        raise TokensieveError(f"kept has {len(kept)} entries for the {len(counts)} images of the batch "
+                              "(one index list per image)")
+    return [checked_indices(k, n, f"kept image {i}") for i, (k, n) in enumerate(zip(kept, counts))]
+
+
+def _kept_features(features, kept: list[torch.Tensor]):
+    """The tower output with each image's tokens (and, Qwen3, each DeepStack level's) cut to ``kept``."""
+    fields = {"pooler_output": tuple(f[k.to(f.device)] for f, k in zip(features.pooler_output, kept))}
+    deepstack = getattr(features, "deepstack_features", None)
+    if deepstack is not None:
+        fields["deepstack_features"] = [tuple(f[k.to(f.device)] for f, k in zip(level, kept)) for level in deepstack]
+    return type(features)(**fields)

@@ -1,0 +1,34 @@
+"""The Qwen-VL chat format: the text a question about images is asked in, and the processor
+inputs of a batch of such questions.
+
+The text is what the families' chat templates give for one user turn (the images first, then
+the question) followed by the assistant's cue. Qwen2-VL and Qwen2.5-VL's templates open with a
+default system turn (:data:`DEFAULT_SYSTEM`); Qwen3-VL's do not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"  # the processor repeats <|image_pad|> per token
+DEFAULT_SYSTEM = {"qwen2_vl": "You are a helpful assistant.", "qwen2_5_vl": "You are a helpful assistant.",
+                  "qwen3_vl": None}
+
+
+def prompt(question: str, n_images: int = 1, system: str | None = None) -> str:
+    """One user turn with ``n_images`` images then ``question``, ending where the answer starts."""
+    head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+    return f"{head}<|im_start|>user\n{IMAGE * n_images}{question}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def encode(processor, samples: Sequence, system: str | None = None) -> dict[str, torch.Tensor]:
+    """Processor inputs of ``samples`` (anything with ``image`` and ``question``), each asked in
+    :func:`prompt`: ``input_ids``, ``attention_mask``, ``mm_token_type_ids`` ``(B, L)`` padded on
+    the tokenizer's side, ``pixel_values`` ``(sum_i t_i*h_i*w_i, 3*2*14*14)`` (the patches of every
+    image, packed), ``image_grid_thw`` ``(n_images, 3)``."""
+    return dict(processor(
+        images=[s.image for s in samples], text=[prompt(s.question, 1, system) for s in samples],
+        return_tensors="pt", padding=True,
+    ))
