@@ -189,3 +189,13 @@ def test_rope_deltas_continue_from_the_full_prompt(qwen, mixed):
     kept_next = qwen.model.model.rope_deltas + prepared.attention_mask.sum(1, keepdim=True)
     assert torch.equal(kept_next, full + mask.sum(1, keepdim=True))
     assert torch.equal(kept_next[:, 0], prepared.position_ids[1:, :, -1].max(0).values + 1)
+
+
+def test_corrupt_weights_are_one_line(tmp_path, tiny_qwen_dir):
+    import shutil
+
+    broken = shutil.copytree(tiny_qwen_dir, tmp_path / "broken")
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(TokensieveError, match="cannot load the weights") as caught:
+        QwenVLBackbone.from_pretrained(broken)
+    assert "\n" not in str(caught.value)
