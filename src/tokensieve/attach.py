@@ -9,6 +9,7 @@ additive ``log(mask)``, so a binary soft mask gives what hard removal gives on t
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,9 @@ from tokensieve.method import Budget, Method
 from tokensieve.methods import create_method
 
 MODES = ("origin", "hard", "soft")
+# When the checks that read a selection's values run (they wait for the device): on each stage's
+# first forward pass after attach, or on every pass (a debug switch; also TOKENSIEVE_CHECK=always).
+CHECKS = ("first", "always")
 
 
 @dataclass
@@ -38,11 +42,17 @@ class Stage:
 class Handle:
     """What :func:`attach` returns: the attached stages, and the way back.
 
+    check: ``"first"`` or ``"always"``: when each stage's selection has its values checked
+    (indices sorted, unique and in range, per-row counts within the budget, an order that is a
+    permutation), which waits for the device: on the stage's first forward pass after
+    :func:`attach`, or on every pass (for debugging a method). Shapes are checked on every pass.
     last_counts: visual tokens before and after each stage in the latest forward pass,
     ``{str(stage): (before, after)}`` (rounded means over the rows, when a stage keeps a count
     per row).
     kept_totals: ``{str(stage): (rows, tokens)}``, the rows seen and the visual tokens kept by
     each stage summed over every forward pass since :func:`attach` (:meth:`mean_kept`).
+    Both are kept as device tensors during a pass and become numbers when read, so a forward
+    pass never waits for the device to count.
     scoring_seconds: time spent choosing tokens (signals + selection) since it was last reset.
     scoring_sync: called at both edges of each scoring block; a benchmark sets it to wait for
     the GPU (:func:`tokensieve.evaluate.timing.synchronizer`), whose queued kernels a host timer
@@ -57,17 +67,37 @@ class Handle:
     mode: str
     hooks: list = field(default_factory=list)
     enabled: bool = True
-    last_counts: dict[str, tuple[int, int]] = field(default_factory=dict)
-    kept_totals: dict[str, tuple[int, int]] = field(default_factory=dict)
+    check: str = "first"
     scoring_seconds: float = 0.0
     scoring_sync: Callable[[], None] = field(default=lambda: None, repr=False)
     last_kept: dict = field(default_factory=dict)
+    # {stage: (before, after)} and {stage: (rows, tokens)}, each count an int or a device tensor
+    # until read (last_counts, kept_totals).
+    _counts: dict = field(default_factory=dict, repr=False)
+    _totals: dict = field(default_factory=dict, repr=False)
 
-    def record_counts(self, stage: str, before: torch.Tensor, after: torch.Tensor) -> None:
-        """One forward pass of ``stage``: visual tokens per row ``(B,)`` before and after it."""
-        self.last_counts[stage] = (round(before.float().mean().item()), round(after.float().mean().item()))
-        rows, tokens = self.kept_totals.get(stage, (0, 0))
-        self.kept_totals[stage] = (rows + after.numel(), tokens + int(after.sum()))
+    def record_counts(self, stage: str, rows: int, before: int | torch.Tensor, after: int | torch.Tensor) -> None:
+        """One forward pass of ``stage`` over ``rows`` rows: visual tokens per row before and after it,
+        each a ``(rows,)`` tensor or an int (the same in every row). Nothing is read from the device."""
+        self._counts[stage] = (before, after)
+        seen, tokens = self._totals.get(stage, (0, 0))
+        self._totals[stage] = (seen + rows, tokens + (after.sum() if torch.is_tensor(after) else rows * after))
+
+    @property
+    def last_counts(self) -> dict[str, tuple[int, int]]:
+        """``{str(stage): (before, after)}`` of the latest pass, read from the device now (once)."""
+        self._counts = {stage: tuple(_mean_count(c) for c in pair) for stage, pair in self._counts.items()}
+        return dict(self._counts)
+
+    @property
+    def kept_totals(self) -> dict[str, tuple[int, int]]:
+        """``{str(stage): (rows, tokens)}`` since :func:`attach`, read from the device now (once)."""
+        self._totals = {stage: (rows, int(tokens)) for stage, (rows, tokens) in self._totals.items()}
+        return dict(self._totals)
+
+    @kept_totals.setter
+    def kept_totals(self, totals: dict[str, tuple[int, int]]) -> None:
+        self._totals = dict(totals)
 
     def mean_kept(self, stage: str) -> float:
         """Visual tokens ``stage`` kept per row, averaged over every row since :func:`attach`."""
@@ -108,6 +138,11 @@ class Handle:
         return self.enabled and self.mode != "origin" and bool(self.hooks)
 
 
+def _mean_count(count: int | torch.Tensor) -> int:
+    """A count per row ``(B,)`` as its rounded mean (an int stays as it is)."""
+    return round(count.float().mean().item()) if torch.is_tensor(count) else count
+
+
 def llm_depth(backbone: Backbone) -> int | None:
     """The decoder layers of ``backbone``'s LLM; None for a backbone without one (a CLIP ViT)."""
     layers = getattr(backbone, "llm_layers", None)
@@ -138,7 +173,7 @@ def make_stages(method: str | dict | Method | Sequence, budget: Budget | int | f
 
 def attach(backbone: Backbone, method: str | dict | Method | Sequence,
            budget: Budget | int | float | str | None = None, site: str | None = None, mode: str = "hard",
-           seed: int = 0) -> Handle:
+           seed: int = 0, check: str | None = None) -> Handle:
     """Attach ``method`` at ``site`` (default: the method's own) keeping ``budget`` tokens.
 
     ``method`` may also be a list of ``(method, site, budget)`` to reduce at several sites.
@@ -146,15 +181,24 @@ def attach(backbone: Backbone, method: str | dict | Method | Sequence,
     method may act there, one stage per site, the signals it needs are there, its budget fits
     the tokens the site sees), when the backbone installs it.
     Returns a :class:`Handle`; ``handle.detach()`` restores the model bit for bit.
+
+    check: when the checks that read a selection's values run (they wait for the device):
+    ``"first"`` (default), each stage's first forward pass; ``"always"``, every pass, for
+    debugging a method. Unset, the environment variable ``TOKENSIEVE_CHECK`` decides (default
+    ``first``). Shapes are checked on every pass.
     """
     if mode not in MODES:
         raise TokensieveError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+    check = check or os.environ.get("TOKENSIEVE_CHECK") or "first"
+    if check not in CHECKS:
+        raise TokensieveError(f"unknown check {check!r} (attach's check= or TOKENSIEVE_CHECK); expected one of "
+                              f"{', '.join(CHECKS)}")
     if not isinstance(backbone, Backbone):
         raise TokensieveError(f"a {type(backbone).__name__} is not a backbone adapter: attach needs sites(), "
                               "signals_at(site) and install(handle, seed) (docs/architecture.md), e.g. "
                               "LlavaBackbone.from_pretrained(...)")
     stages = make_stages(method, budget, site, llm_depth(backbone))
-    handle = Handle(stages, mode)
+    handle = Handle(stages, mode, check=check)
     if mode != "origin":
         backbone.install(handle, seed)
     return handle

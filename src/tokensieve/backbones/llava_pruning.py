@@ -42,7 +42,7 @@ class LlavaStagePlan(StagePlan):
     def __init__(self, backbone, handle):
         self.depth, self.last_block = len(backbone.llm_layers), len(backbone.vision_layers) - 1
         super().__init__(handle.stages, handle.mode, backbone.sites(), backbone.signals_at,
-                         backbone.n_patches, backbone.keeps_cls, backbone.feature_hidden_index)
+                         backbone.n_patches, backbone.keeps_cls, backbone.feature_hidden_index, handle.check)
 
     def signal_block(self, site: Site, signal: str) -> int:
         if signal.startswith("last_block_"):

@@ -39,9 +39,15 @@ def row_generator(seed: int, tokens: torch.Tensor, valid: torch.Tensor | None = 
     return gens
 
 
-def check_selection(sel: Selection, batch: int, n: int, keep: int, where: str, per_row: bool = False) -> None:
+def check_selection(sel: Selection, batch: int, n: int, keep: int, where: str, per_row: bool = False,
+                    values: bool = True) -> None:
     """Budgets met exactly, or at most per row where ``per_row`` allows a count per row (``valid``,
-    ``extra_valid``); indices sorted, unique and in range. Extra tokens count toward the budget."""
+    ``extra_valid``); indices sorted, unique and in range. Extra tokens count toward the budget.
+
+    Shapes and dtypes (host metadata) are always checked; what needs the tensors' values (order,
+    range, per-row totals, ``order`` a permutation) only with ``values``, since reading them waits
+    for the device.
+    """
     idx, made = sel.indices, 0
     if sel.extra is not None:
         if sel.extra.dim() != 3 or sel.extra.shape[0] != batch:
@@ -64,15 +70,21 @@ def check_selection(sel: Selection, batch: int, n: int, keep: int, where: str, p
                                   f"expected ({batch}, at most {n})")
         if sel.valid is not None and (sel.valid.shape != idx.shape or sel.valid.dtype != torch.bool):
             raise TokensieveError(f"{where}: valid must be a bool tensor shaped like the indices {tuple(idx.shape)}")
-        kept = sel.valid.sum(1) if sel.valid is not None else torch.full((batch,), idx.shape[1])
+    order_error = f"{where}: order must be a permutation of the {idx.shape[1]} kept slots in each row"
+    if sel.order is not None and sel.order.shape != idx.shape:
+        raise TokensieveError(order_error)
+    if not values:
+        return
+    if counted:
+        kept = sel.valid.sum(1) if sel.valid is not None else idx.shape[1]
         total = kept + (sel.extra_valid.sum(1) if sel.extra_valid is not None else made)
         if not bool((total >= 1).all()):
             raise TokensieveError(f"{where}: every row must keep at least one token")
         if bool((total > keep).any()):
             raise TokensieveError(f"{where}: a row keeps {int(total.max())} tokens, more than the budget of {keep}")
-    if sel.order is not None and (sel.order.shape != idx.shape or not torch.equal(
-            sel.order.sort(1).values, torch.arange(idx.shape[1], device=idx.device).expand_as(idx))):
-        raise TokensieveError(f"{where}: order must be a permutation of the {idx.shape[1]} kept slots in each row")
+    if sel.order is not None and not torch.equal(
+            sel.order.sort(1).values, torch.arange(idx.shape[1], device=idx.device).expand_as(idx)):
+        raise TokensieveError(order_error)
     if idx.shape[1] > 1 and not bool((idx[:, 1:] > idx[:, :-1]).all()):
         raise TokensieveError(f"{where}: kept indices must be sorted and unique")
     if bool((idx < 0).any()) or bool((idx >= n).any()):
@@ -138,12 +150,15 @@ class StagePlan:
     (a stage after one keeping a count per row is followed as if that one kept its budget).
     schedules: ``{Site: {block: tokens merged there}}`` for in-block stages (ToMe), which merge in
     blocks ``i`` up to the next vision stage or ``tower_end``. capped: sites whose budget caps a
-    count that varies per row.
+    count that varies per row. check: ``"first"`` or ``"always"`` (the handle's): whether
+    :meth:`settle` checks a selection's values on a stage's first pass only or on every pass;
+    checked: the sites whose values were checked.
     """
 
     def __init__(self, stages: list, mode: str, sites: list[Site], signals_at: Callable[[Site], set[str]],
-                 n_patches: int, keeps_cls: bool, tower_end: int):
-        self.mode, self.sites, self.tower_end = mode, sites, tower_end
+                 n_patches: int, keeps_cls: bool, tower_end: int, check: str = "first"):
+        self.mode, self.sites, self.tower_end, self.check = mode, sites, tower_end, check
+        self.checked: set[Site] = set()
         self.stages: dict = {}
         for st in stages:
             site = Site.parse(st.site)
@@ -249,11 +264,14 @@ class StagePlan:
 
     def settle(self, site: Site, sel: Selection, batch: int, n: int, keep: int,
                valid: torch.Tensor | None = None) -> Selection:
-        """``sel`` checked (:func:`check_selection`, a count per row inside the LLM only), with the
-        padding of the ``(B, n)`` ``valid`` it kept marked in its ``valid`` (None when every slot is real)."""
+        """``sel`` checked (:func:`check_selection`, a count per row inside the LLM only; its values on the
+        stage's first pass, or every pass with ``check="always"``), with the padding of the ``(B, n)``
+        ``valid`` it kept marked in its ``valid`` (None when every slot is real)."""
         st = self.stages[site]
+        values = self.check == "always" or site not in self.checked
         check_selection(sel, batch, n, st.method.kept_count(n, keep), f"{st.method.name} at {site}",
-                        per_row=not site.before_llm)
+                        per_row=not site.before_llm, values=values)
+        self.checked.add(site)
         if valid is not None:
             still = valid.gather(1, sel.indices)
             sel = replace(sel, valid=still if sel.valid is None else sel.valid & still)
@@ -264,17 +282,16 @@ class StagePlan:
     def record(self, handle, site: Site, sel: Selection, n: int, valid: torch.Tensor | None = None) -> None:
         """``handle.record_counts`` of a settled selection over ``n`` tokens (``valid``: ``(B, n)`` as given
         to :meth:`settle`): the real tokens per row before, the kept and made ones after."""
-        b = sel.indices.shape[0]
-        before = valid.sum(1) if valid is not None else torch.full((b,), n)
-        kept = sel.valid.sum(1) if sel.valid is not None else torch.full((b,), sel.indices.shape[1])
-        made = sel.extra_valid.sum(1) if sel.extra_valid is not None else torch.full(
-            (b,), 0 if sel.extra is None else sel.extra.shape[1])
-        handle.record_counts(str(self.stages[site]), before, kept + made)
+        before = valid.sum(1) if valid is not None else n
+        kept = sel.valid.sum(1) if sel.valid is not None else sel.indices.shape[1]
+        made = sel.extra_valid.sum(1) if sel.extra_valid is not None else (
+            0 if sel.extra is None else sel.extra.shape[1])
+        handle.record_counts(str(self.stages[site]), sel.indices.shape[0], before, kept + made)
 
     def record_merged(self, handle, site: Site, batch: int, kept: torch.Tensor) -> None:
         """An in-block stage's counts (planned: every row merges to the budget) and ``kept`` ``(B, keep)``,
         the patches behind the tokens it left, in ``handle.last_kept``."""
         n, keep = self.counts[site]
         stage = str(self.stages[site])
-        handle.record_counts(stage, torch.full((batch,), n), torch.full((batch,), keep))
+        handle.record_counts(stage, batch, n, keep)
         handle.last_kept[stage] = kept

@@ -57,7 +57,7 @@ class ViTStagePlan(StagePlan):
     def __init__(self, backbone, handle):
         self.depth = backbone.depth
         super().__init__(handle.stages, handle.mode, backbone.sites(), backbone.signals_at,
-                         backbone.n_patches, keeps_cls=False, tower_end=backbone.depth)
+                         backbone.n_patches, keeps_cls=False, tower_end=backbone.depth, check=handle.check)
 
     def missing_site(self, site: Site, st) -> TokensieveError:
         first = 0 if merges_in_blocks(st.method) else 1
