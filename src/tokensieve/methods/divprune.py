@@ -14,8 +14,8 @@ lowest index, ``round(ratio * N)`` kept (the stage's budget; the paper's 0.098 k
 
 Differences from the paper's code: the released code handles one image of a batch of one
 (rows ``35:35+576`` of the sequence, a template-specific offset); here every row of a batch
-runs its own greedy selection on its own image run (the sequential loop in NumPy on the
-host). Tokens already chosen are masked out, so exact duplicates can never be chosen twice:
+runs its own greedy selection on its own image run (one sequential loop over the picks, each
+step over every row at once on the tokens' device). Tokens already chosen are masked out, so exact duplicates can never be chosen twice:
 the released code does not mask them, and once every distinct token is picked its argmax
 over rounding noise can return a token already chosen (a repeated index, which a selection
 cannot hold). Sites other than ``llm.0`` are ours: ``projector`` (the tower's output, before
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from tokensieve.errors import TokensieveError
@@ -36,27 +35,27 @@ from tokensieve.method import Method, Selection, SiteInputs, register
 from tokensieve.ops import cosine_matrix
 
 
-def greedy_max_min(dist: np.ndarray, first_score: np.ndarray, keep: int) -> np.ndarray:
-    """Greedy max-min diverse picks for each row, in selection order.
+def greedy_max_min(dist: torch.Tensor, first_score: torch.Tensor, keep: int) -> torch.Tensor:
+    """Greedy max-min diverse picks for each row, in selection order, on ``dist``'s device.
 
-    dist: ``(B, N, N)`` pairwise distances; first_score: ``(B, N)`` what the first pick
-    maximises (each token's distance to its nearest other token); returns ``(B, keep)`` indices.
-    The loop is sequential by nature, so it runs in NumPy, one step for all rows at once: a
-    step costs a few microseconds against the tens a torch op dispatch costs, which at 190
-    picks was most of the method's share of the prefill.
+    dist: ``(B, N, N)`` pairwise distances, overwritten: its diagonal becomes ``-inf``, so that a
+    pick's own distance marks it chosen (never picked again, even among exact duplicates);
+    first_score: ``(B, N)`` what the first pick maximises (each token's distance to its nearest
+    other token); returns ``(B, keep)`` indices. One step per pick, each over every row at once and
+    on the device: the host never waits for a pick.
     """
-    rows = np.arange(dist.shape[0])
-    to_chosen = first_score.copy()  # (B, N) distance of every token to the chosen set
-    picks = np.empty((dist.shape[0], keep), dtype=np.int64)
+    n = dist.shape[-1]
+    dist.diagonal(dim1=-2, dim2=-1).fill_(-torch.inf)
+    to_chosen = first_score  # (B, N) distance of every token to the chosen set
+    picks = []
     for step in range(keep):
-        pick = to_chosen.argmax(1)  # first maximal index on ties, like torch.argmax
-        picks[:, step] = pick
-        if step == 0:
-            to_chosen[:] = dist[rows, pick]  # distances from the first pick replace the first scores
-        else:
-            np.minimum(to_chosen, dist[rows, pick], out=to_chosen)
-        to_chosen[rows, pick] = -np.inf  # a chosen token is never picked again, even among duplicates
-    return picks
+        pick = to_chosen.argmax(1, keepdim=True)  # (B, 1): first maximal index on ties, as the reference's argmax
+        picks.append(pick)
+        if step + 1 < keep:
+            row = dist.gather(1, pick[..., None].expand(-1, 1, n))[:, 0]  # (B, N): distances from the pick
+            # The first pick's distances replace the first scores; later ones lower them.
+            to_chosen = row if step == 0 else torch.minimum(to_chosen, row, out=to_chosen)
+    return torch.cat(picks, 1)
 
 
 def divprune_keep(tokens: torch.Tensor, keep: int, full_precision: bool = False) -> torch.Tensor:
@@ -65,8 +64,8 @@ def divprune_keep(tokens: torch.Tensor, keep: int, full_precision: bool = False)
     tokens: ``(B, N, d)``. Distance is ``1 - cos``, computed in the tokens' dtype (float32 with
     ``full_precision``). The first pick is the token whose distance to its nearest other token
     is largest; each next pick is the unchosen token whose minimum distance to the chosen set
-    is largest (ties go to the lowest index). The distance matrix is computed on the tokens'
-    device; the greedy loop runs on the host. Returns ``(B, keep)`` sorted indices.
+    is largest (ties go to the lowest index). Everything runs on the tokens' device, batched over
+    the rows. Returns ``(B, keep)`` sorted indices.
     """
     b, n, _ = tokens.shape
     if not 1 <= keep <= n:
@@ -80,9 +79,7 @@ def divprune_keep(tokens: torch.Tensor, keep: int, full_precision: bool = False)
     # The second smallest of each column: the smallest is the token's distance to itself, which
     # rounding leaves near but not always at 0, so it is not simply masked out.
     first_score = dist.topk(2, dim=-2, largest=False).values[:, 1]  # (B, N)
-    # float32 holds float16/bfloat16 values exactly (NumPy has no bfloat16), so the order is kept.
-    picks = greedy_max_min(dist.float().cpu().numpy(), first_score.float().cpu().numpy(), keep)
-    return torch.from_numpy(np.sort(picks, -1)).to(tokens.device)
+    return greedy_max_min(dist, first_score, keep).sort(1).values
 
 
 @register
