@@ -74,15 +74,18 @@ class LLMReductions:
         tokens = hidden.gather(1, columns[..., None].expand(-1, -1, d))
         signals = self._signals(str(site), columns, 0)
         norm = self.bb.language_model.norm
-        t = 0 if self.question_ids is None else self.question_ids.shape[1]
         positions = self._positions(kwargs, b)  # (B, L) position id of every current column
         signals["normed_states"] = lambda: norm(tokens)
         signals["positions"] = lambda: positions.gather(1, columns)
         signals["layer_text_attention"] = lambda: self._layer_text_attention(site.layer, hidden, kwargs).gather(1, columns)
+
+        def question_columns() -> slice:  # the question's columns (read only where a method asks)
+            return slice(length - self.question_span()[0].shape[1], None)
+
         question_signals = {"normed_states": lambda: norm(self._question_in_llm(hidden)()[0]),
-                            "positions": lambda: positions[:, length - t:]}
+                            "positions": lambda: positions[:, question_columns()]}
         if f"{site}:prev_layer_keys" in self._captured:
-            question_signals["prev_layer_keys"] = lambda: self._captured[f"{site}:prev_layer_keys"][:, length - t:]
+            question_signals["prev_layer_keys"] = lambda: self._captured[f"{site}:prev_layer_keys"][:, question_columns()]
         if f"{site}#post_image_attention" in self._captured:  # (B, T, L) -> the image tokens' columns
             rows = self._captured[f"{site}#post_image_attention"]
             signals["post_image_attention"] = lambda: rows.gather(2, columns[:, None, :].expand(-1, rows.shape[1], -1))
@@ -90,7 +93,7 @@ class LLMReductions:
             entry, count = self._entry
             run = start[:, None] + torch.arange(count, device=hidden.device)
             signals["input_image_embeddings"] = lambda: entry.gather(1, run[..., None].expand(-1, -1, d))
-            question_signals["input_embeddings"] = lambda: entry[:, entry.shape[1] - t:]
+            question_signals["input_embeddings"] = lambda: entry[:, entry.shape[1] - self.question_span()[0].shape[1]:]
         sel = self._choose(site, tokens, signals, self._question_in_llm(hidden), self.image_valid, question_signals)
         kept_columns = columns.gather(1, sel.indices)
         kept_run = kept_columns - start[:, None]  # positions in the image run as the LLM received it

@@ -83,7 +83,7 @@ class LlavaPruningSession(LlavaSignals, TowerReductions, LLMReductions):
         self.plan = LlavaStagePlan(backbone, handle)
         self.stages = self.plan.stages
         self.sizes = TokenSizes()  # tokens each tower token stands for, once a stage has merged (CLS included)
-        self.question_ids: torch.Tensor | None = None
+        self.prompt: tuple | None = None  # (input_ids, attention_mask, exclude) of the latest prompt
         self.begin_image_pass()
         self.begin_llm_pass(None, 0, 0)
         self._register()
@@ -91,27 +91,38 @@ class LlavaPruningSession(LlavaSignals, TowerReductions, LLMReductions):
     # --- per-pass state -----------------------------------------------------------------
     def begin_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      exclude: torch.Tensor | None = None) -> None:
-        """Remember where each row's question is, for methods that read it.
+        """Remember the prompt, for methods that read its question (:meth:`question_span`).
 
         input_ids, attention_mask: ``(B, L)`` left-padded prompts. exclude: optional ``(B, L)``
         positions that are not question (the answers of a teacher-forced training sequence,
-        which a method must never see). Questions follow the image run, so they are the last
-        ``T`` columns of every row, before and after any visual tokens are removed.
+        which a method must never see).
         """
-        question = self.bb.layout(input_ids, attention_mask).question_mask
-        if exclude is not None:
-            question = question & ~exclude.bool()
-        first = int(question.int().argmax(1)[question.any(1)].min()) if bool(question.any()) else input_ids.shape[1]
-        self.question_ids = input_ids[:, first:]
-        self.question_valid = question[:, first:]
+        self.prompt = (input_ids, attention_mask, exclude)
+        self._question: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def question_span(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ids (B, T), valid (B, T))``: the question of each row of the latest prompt. Questions
+        follow the image run, so they are the last ``T`` columns of every row, before and after any
+        visual tokens are removed. Found when first asked (its width is read from the device, which
+        a pass whose methods never read the question does not wait for)."""
+        if self._question is None:
+            input_ids, attention_mask, exclude = self.prompt
+            question = self.bb.layout(input_ids, attention_mask).question_mask
+            if exclude is not None:
+                question = question & ~exclude.bool()
+            starts = torch.where(question.any(1), question.int().argmax(1), input_ids.shape[1])
+            first = int(starts.min())
+            self._question = (input_ids[:, first:], question[:, first:])
+        return self._question
 
     def _question_before_llm(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.bb.model.get_input_embeddings()(self.question_ids), self.question_valid
+        ids, valid = self.question_span()
+        return self.bb.model.get_input_embeddings()(ids), valid
 
     def _question_in_llm(self, hidden: torch.Tensor):
         def get() -> tuple[torch.Tensor, torch.Tensor]:
-            t = self.question_ids.shape[1]
-            return hidden[:, hidden.shape[1] - t:], self.question_valid
+            ids, valid = self.question_span()
+            return hidden[:, hidden.shape[1] - ids.shape[1]:], valid
         return get
 
     def begin_image_pass(self) -> None:
@@ -186,7 +197,7 @@ class LlavaPruningSession(LlavaSignals, TowerReductions, LLMReductions):
         st = self.stages[site]
         b, n, _ = tokens.shape
         keep = self.plan.keep_at(site, n)
-        known = self.question_ids is not None
+        known = self.prompt is not None
         with self.handle.scoring():
             inputs = SiteInputs(tokens, keep, str(site), lambda: row_generator(self.seed, tokens, valid), signals,
                                 question if known else None, valid, question_signals if known else {},
@@ -210,6 +221,6 @@ class LlavaPruningSession(LlavaSignals, TowerReductions, LLMReductions):
         (LLaVA's "ASSISTANT:"), which is the prompt's, not the user's."""
         tokenizer = self.bb.processor.tokenizer
         texts = [tokenizer.decode(ids[valid], skip_special_tokens=True)
-                 for ids, valid in zip(self.question_ids, self.question_valid)]
+                 for ids, valid in zip(*self.question_span())]
         return [ANSWER_CUE.sub("", text).strip() for text in texts]
 

@@ -5,7 +5,7 @@ Signals are computed in forward hooks on a layer's own ``k_proj``, from the keys
 (so nothing is recomputed and fused attention stays on), only for the signals a stage's method
 asks for, and stored per site as ``"<site>:<name>"`` (``"<site>#<name>"`` for one kept apart from
 the token signals). A mixin of :class:`~tokensieve.backbones.llava_pruning.LlavaPruningSession`:
-it reads the session's ``handle``, ``bb``, ``stages``, ``plan``, ``vision_bias``, ``question_ids``
+it reads the session's ``handle``, ``bb``, ``stages``, ``plan``, ``vision_bias``, ``prompt``, ``question_span``
 and ``image_count``.
 """
 
@@ -124,10 +124,10 @@ class LlavaSignals:
                             attn, args[0], keys, self._attention_kwargs)
                     if "prev_layer_keys" in needs:
                         self._captured[key + ":prev_layer_keys"] = rotated_keys(attn, keys, self._attention_kwargs)
-                    if "post_image_attention" in needs and self.question_ids is not None:
+                    if "post_image_attention" in needs and self.prompt is not None:
                         # every token after the image queries: (B, T, L), kept apart from token signals
                         self._captured[key + "#post_image_attention"] = last_queries_attention(
-                            attn, args[0], keys, self._attention_kwargs, self.question_ids.shape[1])
+                            attn, args[0], keys, self._attention_kwargs, self.question_span()[0].shape[1])
         return hook
 
     def _signals(self, key: str, alive: torch.Tensor | None, offset: int) -> dict:
