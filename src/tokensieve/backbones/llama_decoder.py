@@ -103,6 +103,8 @@ class Drop:
     shift: ``(B,)`` how far positions after the prompt move down (tokens generated later).
     key_bias: ``(B, L')`` additive bias on the keys of the columns (``-inf`` on slots that only pad
         a row keeping fewer tokens), or None.
+    renumbered: this or an earlier removal renumbered positions (``shift`` may then be non-zero;
+        known on the host, so decoding need not read ``shift`` to know).
     """
 
     layer: int
@@ -111,6 +113,7 @@ class Drop:
     shift: torch.Tensor
     key_bias: torch.Tensor | None = None
     inserted: bool = False  # this or an earlier stage put tokens of its own into the sequence
+    renumbered: bool = False
 
 
 def drop_before(layer: int, previous: Drop | None, columns: torch.Tensor, local: torch.Tensor | None,
@@ -127,7 +130,8 @@ def drop_before(layer: int, previous: Drop | None, columns: torch.Tensor, local:
     positions = previous.positions if previous else columns.new_tensor(range(length)).expand(b, -1)
     shift = previous.shift if previous else columns.new_zeros(b)
     if not renumber:
-        return Drop(layer, columns, positions.gather(1, local), shift, key_bias)
+        return Drop(layer, columns, positions.gather(1, local), shift, key_bias,
+                    renumbered=previous is not None and previous.renumbered)
     original = position_ids.expand(b, -1)
     padding = length - 1 - original[:, -1]  # (B,) left padding: a row's last column is real
     real = columns >= padding[:, None]
@@ -135,7 +139,7 @@ def drop_before(layer: int, previous: Drop | None, columns: torch.Tensor, local:
         real &= key_bias > most_negative(key_bias.dtype) / 2
     rank = real.long().cumsum(1) - 1
     holding = torch.where(real, padding[:, None] + rank, columns)  # the original column at that position
-    return Drop(layer, columns, holding, length - padding - real.sum(1), key_bias)
+    return Drop(layer, columns, holding, length - padding - real.sum(1), key_bias, renumbered=True)
 
 
 def layer_kwargs(kwargs: dict, hidden: torch.Tensor, drop: Drop | None, biases: list[torch.Tensor],
@@ -179,7 +183,7 @@ def layer_kwargs(kwargs: dict, hidden: torch.Tensor, drop: Drop | None, biases: 
             columns = torch.cat([gather, new], 1)
             mask = mask.expand(b, -1, -1, -1)
             mask = mask.gather(3, columns[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1))
-        if bool(drop.shift.any()):  # renumbered positions: new tokens follow the shorter prompt
+        if drop.renumbered:  # new tokens follow the shorter prompt (a shift of 0 changes nothing)
             positions = kwargs["position_ids"].expand(b, -1) - drop.shift[:, None]
             kwargs["position_ids"] = positions
             kwargs["position_embeddings"] = rotary_emb(hidden, positions)
