@@ -71,9 +71,10 @@ def _grid_nearness(n: int, radius: float, device: torch.device) -> torch.Tensor:
 
 def complement(index: torch.Tensor, n: int) -> torch.Tensor:
     """The sorted indices ``(B, n - K)`` of ``0..n-1`` not in ``index`` ``(B, K)`` (unique per row)."""
-    taken = torch.zeros(index.shape[0], n, dtype=torch.bool, device=index.device)
-    taken.scatter_(1, index, True)
-    return torch.arange(n, device=index.device).expand(index.shape[0], n)[~taken].view(index.shape[0], -1)
+    taken = torch.zeros(index.shape[0], n, dtype=torch.uint8, device=index.device)
+    taken.scatter_(1, index, 1)
+    # A stable sort puts the untaken first, in index order; a boolean mask would wait for the device.
+    return taken.argsort(dim=1, stable=True)[:, :n - index.shape[1]]
 
 
 def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -48,10 +48,13 @@ def visionzip_reduce(tokens: torch.Tensor, cls_attention: torch.Tensor, keys: to
     r = rest.shape[1]
     if contextual == 0:
         return dom, rest[:, :0], tokens.new_zeros(b, 0, d)
-    slots = torch.arange(0, r, max(1, r // contextual), device=tokens.device)[:contextual]
-    is_target = torch.zeros(r, dtype=torch.bool, device=tokens.device)
-    is_target[slots] = True
-    targets, others = rest[:, is_target], rest[:, ~is_target]  # (B, C), (B, R - C)
+    step = max(1, r // contextual)
+    slots = torch.arange(0, r, step, device=tokens.device)[:contextual]
+    c = len(range(0, r, step)[:contextual])
+    is_other = torch.ones(r, dtype=torch.uint8, device=tokens.device).index_fill_(0, slots, 0)
+    # Targets, then the others, each in index order (a stable sort; a boolean mask would wait for the device).
+    order = is_other.argsort(stable=True)
+    targets, others = rest.index_select(1, order[:c]), rest.index_select(1, order[c:])  # (B, C), (B, R - C)
     similarity = cosine_matrix(gather_tokens(keys.float(), others), gather_tokens(keys.float(), targets))
     assign = similarity.argmax(-1)  # (B, R - C) index into the targets; argmax keeps the first maximum
     target_x, other_x = gather_tokens(tokens, targets).float(), gather_tokens(tokens, others).float()
