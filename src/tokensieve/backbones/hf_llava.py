@@ -250,7 +250,7 @@ class LlavaBackbone:
                 mask = mask.masked_scatter(is_image, alive.to(mask.dtype).flatten())
         position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
         for session in self._active_sessions():
-            session.begin_llm_pass(is_image.int().argmax(1), int(is_image[0].sum()), ids.shape[1])
+            session.begin_llm_pass(is_image.int().argmax(1), len(image_embeds[0]), ids.shape[1])
         return AssembledInputs(ids, mask, position_ids, embeds)
 
     def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,

@@ -131,7 +131,9 @@ class LLMReductions:
         here = torch.arange(length, device=hidden.device).expand(b, length)
         drop = torch.zeros(b, length, dtype=torch.bool, device=hidden.device)
         drop.scatter_(1, columns, True).scatter_(1, kept_columns, False)
-        local = here[~drop].view(b, -1)  # (B, L'): every row drops the same count
+        # (B, L'): the columns that stay, in order (every row drops the same count; a stable sort puts
+        # them first, where a boolean mask would wait for the device)
+        local = drop.to(torch.uint8).argsort(dim=1, stable=True)[:, :length - columns.shape[1] + sel.indices.shape[1]]
         previous = self.drops[-1] if self.drops else None
         kept_hidden = hidden.gather(1, local[..., None].expand(-1, -1, d))
         original = (previous.columns if previous else here).gather(1, local)  # current -> original columns
