@@ -65,8 +65,10 @@ def test_a_pruned_llava_pass_waits_no_more_than_the_unpruned_one(backbone, batch
                                       "fastv@llm.2:8": (16, 8)}
     finally:
         handle.detach()
-    # the adapter's own reads of the prompt's layout (in both) are all there is
     assert pruned == unpruned, f"more in the pruned pass: {sorted((pruned - unpruned).items())}"
+    # The adapter reads the prompt's layout back twice a pass (its refusals; each row's geometry).
+    adapter = {call: n for call, n in unpruned.items() if call[1] == "hf_llava.py"}
+    assert adapter == {("tolist", "hf_llava.py", "layout"): 1, ("tolist", "hf_llava.py", "assemble"): 1}
 
 
 def test_checking_every_pass_is_seen_by_the_counter(backbone, batch):

@@ -183,11 +183,13 @@ class LlavaBackbone:
         """Image run and question tokens of each row of ``input_ids`` ``(B, L)``."""
         is_image = (input_ids == self.image_token_id) & attention_mask.bool()
         count = is_image.sum(1)
-        if (count == 0).any():
-            raise TokensieveError("a prompt has no <image> token")
         start = is_image.int().argmax(1)
         last = input_ids.shape[1] - 1 - is_image.flip(1).int().argmax(1)
-        if (last - start + 1 != count).any():
+        # Both refusals read back from the device at once: one wait, not two.
+        missing, scattered = torch.stack([(count == 0).any(), (last - start + 1 != count).any()]).tolist()
+        if missing:
+            raise TokensieveError("a prompt has no <image> token")
+        if scattered:
             raise TokensieveError("the <image> tokens of a prompt are not one contiguous run")
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         end = start + count
@@ -223,15 +225,19 @@ class LlavaBackbone:
         so a row gives the same result alone or in a padded batch.
         """
         layout = self.layout(input_ids, attention_mask)
+        # Each row's image start, padding and image count, read back from the device at once.
+        starts, pads, counts = torch.stack([layout.image_start, (~attention_mask.bool()).sum(1),
+                                            layout.image_count]).tolist()
+        # Each row's real columns first, in order (a stable sort; a boolean mask would wait for the device).
+        real_first = (~attention_mask.bool()).to(torch.uint8).argsort(dim=1, stable=True)
         rows = []
         for b in range(input_ids.shape[0]):
-            real = input_ids[b][attention_mask[b].bool()]
-            start = int(layout.image_start[b]) - int((~attention_mask[b].bool()).sum())
-            kept = image_embeds[b].shape[0]
-            if kept > int(layout.image_count[b]):
-                raise TokensieveError(f"row {b}: {kept} visual tokens for {int(layout.image_count[b])} <image> placeholders")
+            real = input_ids[b].index_select(0, real_first[b, :input_ids.shape[1] - pads[b]])
+            start, count, kept = starts[b] - pads[b], counts[b], image_embeds[b].shape[0]
+            if kept > count:
+                raise TokensieveError(f"row {b}: {kept} visual tokens for {count} <image> placeholders")
             run = real.new_full((kept,), self.image_token_id)
-            rows.append(torch.cat([real[:start], run, real[start + int(layout.image_count[b]):]]))
+            rows.append(torch.cat([real[:start], run, real[start + count:]]))
         length = max(len(r) for r in rows)
         pad = self.config.text_config.pad_token_id
         pad = 0 if pad is None else pad
