@@ -30,11 +30,16 @@ EXTRA = -3
 def row_generator(seed: int, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> list[torch.Generator]:
     """One generator per row, seeded by ``seed`` and the row's own content, so a sample draws
     the same whether it is alone or in a batch. tokens: ``(B, N, d)``; valid: optional ``(B, N)``,
-    False for slots that only pad a row (left out of its seed)."""
+    False for slots that only pad a row (left out of its seed).
+
+    Built only for a method that draws (:meth:`~tokensieve.method.SiteInputs.generators`): seeding
+    from content reads it back from the device, once for the batch (the 4 features a seed reads).
+    """
     gens = []
-    for r, row in enumerate(tokens.detach().float().cpu()):
-        row = row if valid is None else row[valid[r].cpu()]
-        digest = zlib.crc32(row[:, :4].mul(100).round().to(torch.int64).numpy().tobytes())
+    valid = None if valid is None else valid.cpu()
+    for r, row in enumerate(tokens.detach()[..., :4].float().cpu()):
+        row = row if valid is None else row[valid[r]]
+        digest = zlib.crc32(row.mul(100).round().to(torch.int64).numpy().tobytes())
         gens.append(torch.Generator().manual_seed(seed * 1_000_003 + digest))
     return gens
 
