@@ -71,6 +71,18 @@ def test_a_pruned_llava_pass_waits_no_more_than_the_unpruned_one(backbone, batch
     assert adapter == {("tolist", "hf_llava.py", "layout"): 1, ("tolist", "hf_llava.py", "assemble"): 1}
 
 
+def test_pruned_llava_decoding_waits_no_more_than_unpruned(backbone, batch):
+    def run():
+        return backbone.generate(**batch, max_new_tokens=3, do_sample=False)
+    unpruned = waits_of_second_pass(run)
+    handle = attach(backbone, LLAVA_STAGES)
+    try:
+        pruned = waits_of_second_pass(run)
+    finally:
+        handle.detach()
+    assert pruned == unpruned, f"more in the pruned pass: {sorted((pruned - unpruned).items())}"
+
+
 def test_checking_every_pass_is_seen_by_the_counter(backbone, batch):
     """The counter sees the value checks when they run on every pass (so it would see them on the hot path)."""
     handle = attach(backbone, LLAVA_STAGES, check="always")
