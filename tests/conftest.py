@@ -1,9 +1,11 @@
-"""Shared fixtures: a tiny LLaVA-architecture model saved locally and reloaded, on the CPU."""
+"""Shared fixtures: a tiny LLaVA-architecture model saved locally and reloaded, on the CPU; the tiny
+Qwen-VL models of every family, saved locally."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from tiny_qwen import FAMILIES, save_tiny_qwen
 
 from tokensieve.data.synthetic import SceneSpec, make_sample
 from tokensieve.testbed import model as model_module
@@ -32,6 +34,12 @@ def tiny_llava_dir(tmp_path_factory):
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def tiny_qwen_dir(request, tmp_path_factory):
+    """One Qwen-VL family's random tiny model and processor, saved with ``save_pretrained``."""
+    return save_tiny_qwen(request.param, tmp_path_factory.mktemp(request.param))
 
 
 @pytest.fixture(scope="session")

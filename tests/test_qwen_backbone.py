@@ -5,32 +5,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_qwen import FAMILIES, image, save_tiny_qwen
+from tiny_qwen import image, inputs, until_eos
 
 from tokensieve.backbones.hf_qwen import QwenVLBackbone
-from tokensieve.backbones.qwen_prompt import encode, prompt
+from tokensieve.backbones.qwen_prompt import encode
 from tokensieve.errors import TokensieveError
 
 # Per image of the batch below (16, 6 and 16 visual tokens): the tokens that stay.
 KEPT = [torch.tensor([0, 3, 5, 9, 10, 15]), torch.tensor([1, 2, 4]), torch.tensor([2, 7, 8, 14])]
 
 
-@pytest.fixture(scope="session", params=FAMILIES)
-def tiny_qwen_dir(request, tmp_path_factory):
-    """One family's random tiny model and processor, saved with ``save_pretrained``."""
-    return save_tiny_qwen(request.param, tmp_path_factory.mktemp(request.param))
-
-
 @pytest.fixture(scope="module")
 def qwen(tiny_qwen_dir):
     return QwenVLBackbone.from_pretrained(tiny_qwen_dir)
-
-
-def inputs(qwen, rows):
-    """Processor inputs of ``rows``, each ``(question, [image sizes])``, left-padded."""
-    texts = [prompt(q, len(sizes), qwen.system_prompt) for q, sizes in rows]
-    images = [image(size, seed=i) for i, (_, sizes) in enumerate(rows) for size in sizes]
-    return dict(qwen.processor(images=images, text=texts, return_tensors="pt", padding=True))
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +40,6 @@ def masked_reference(qwen, batch, kept):
             dropped[kept[run.image]] = False
             soft[b, run.start + dropped.nonzero().flatten()] = 0
     return dict(batch, attention_mask=soft, position_ids=positions)
-
-
-def until_eos(tokens, eos):
-    """Each row's tokens up to and including its first ``eos`` (generate pads after it)."""
-    rows = []
-    for row in tokens.tolist():
-        rows.append(row[: row.index(eos) + 1] if eos in row else row)
-    return rows
 
 
 def test_loads_family_and_processor(qwen, tiny_qwen_dir):

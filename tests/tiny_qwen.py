@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import tokensieve  # noqa: F401  (its torchvision shim must come before transformers' Qwen classes)
+from tokensieve.backbones.qwen_prompt import prompt
 
 # isort: split
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -105,3 +106,16 @@ def image(size: str, seed: int = 0) -> Image.Image:
     height, width = IMAGE_SIZES[size]
     pixels = np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8)
     return Image.fromarray(pixels)
+
+
+def inputs(qwen, rows) -> dict:
+    """Processor inputs of ``rows`` for the adapter ``qwen``, each row ``(question, [image sizes])``,
+    left-padded; image ``j`` of the batch is ``image(size, seed=row index)``."""
+    texts = [prompt(q, len(sizes), qwen.system_prompt) for q, sizes in rows]
+    images = [image(size, seed=i) for i, (_, sizes) in enumerate(rows) for size in sizes]
+    return dict(qwen.processor(images=images, text=texts, return_tensors="pt", padding=True))
+
+
+def until_eos(tokens: torch.Tensor, eos: int) -> list[list[int]]:
+    """Each row's tokens up to and including its first ``eos`` (generate pads after it)."""
+    return [row[: row.index(eos) + 1] if eos in row else row for row in tokens.tolist()]
