@@ -9,6 +9,10 @@ Supported inputs: images, any number per prompt and any size (dynamic resolution
 with patch grid ``t x h x w`` gives ``t*h*w / 4`` visual tokens), rows of a batch with different
 images. Video (``pixel_values_videos``, ``<|video_pad|>``) is refused for now.
 
+Sites: ``llm.0`` only for now (the patch merger's output, per image; its session is
+:mod:`tokensieve.backbones.qwen_pruning`). No ``vision.i``: the tower runs packed, window-permuted
+(Qwen2.5) and without a mask input (docs/notes/qwen-vl-study.md, section 4).
+
 The adapter runs the model as it runs itself - one tower pass over every image of the batch
 (``get_image_features``), M-RoPE ids from ``get_rope_index`` on the full prompt - but assembles
 the LLM input itself, so fewer visual tokens than placeholders can enter the LLM: each image's
@@ -19,6 +23,7 @@ go to the model as ``mm_encoder_outputs``, which does the scatter and the DeepSt
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +35,9 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
     Qwen3VLForConditionalGeneration,
 )
+from transformers.vision_utils import get_vision_window_index
 
+from tokensieve.backbones.base import Site
 from tokensieve.backbones.hf_checkpoint import checkpoint_config, load_complete
 from tokensieve.backbones.kept_indices import checked_indices
 from tokensieve.backbones.qwen_positions import (
@@ -38,7 +45,8 @@ from tokensieve.backbones.qwen_positions import (
     rope_positions,
     token_types,
 )
-from tokensieve.backbones.qwen_prompt import DEFAULT_SYSTEM
+from tokensieve.backbones.qwen_prompt import DEFAULT_SYSTEM, image_questions
+from tokensieve.backbones.qwen_pruning import QwenPruningSession
 from tokensieve.devices import require_device
 from tokensieve.errors import TokensieveError
 
@@ -108,6 +116,7 @@ class QwenVLBackbone:
             raise TokensieveError(f"expected a Qwen2-VL, Qwen2.5-VL or Qwen3-VL model, got {type(model).__name__}")
         self.model = model
         self.processor = processor
+        self.sessions: list[QwenPruningSession] = []  # attached pruning sessions (tokensieve.attach)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, dtype: torch.dtype | None = None,
@@ -156,6 +165,34 @@ class QwenVLBackbone:
     def video_token_id(self) -> int:
         return int(self.config.video_token_id)
 
+    @property
+    def llm_layers(self) -> nn.ModuleList:
+        return self.model.model.language_model.layers
+
+    @property
+    def merge_unit(self) -> int:
+        """Patches behind one visual token (``spatial_merge_size**2``: 2x2)."""
+        return self.config.vision_config.spatial_merge_size ** 2
+
+    def most_image_tokens(self) -> int:
+        """The most visual tokens one image can give: the processor's ``max_pixels`` over the pixels
+        of one token (``(patch * merge)**2``); without a processor no bound is known (``sys.maxsize``)."""
+        size = getattr(getattr(self.processor, "image_processor", None), "size", None) or {}
+        vc = self.config.vision_config
+        if "longest_edge" not in size:
+            return sys.maxsize
+        return size["longest_edge"] // (vc.patch_size * vc.spatial_merge_size) ** 2
+
+    def merger_output_order(self, image_grid_thw: torch.Tensor) -> torch.Tensor | None:
+        """Qwen2.5: ``(sum_i N_i,)`` the order that takes the merger's rows (window order) to the
+        tower's output order (what ``visual.forward`` does after the merger); other families: None."""
+        if self.family != "qwen2_5_vl":
+            return None
+        vc = self.config.vision_config
+        window_index, _ = get_vision_window_index(image_grid_thw, vc.spatial_merge_size, vc.window_size,
+                                                  vc.patch_size)
+        return torch.argsort(window_index)
+
     def image_token_counts(self, image_grid_thw: torch.Tensor) -> list[int]:
         """Visual tokens of each image, ``t*h*w / merge**2`` of its ``(n_images, 3)`` grid row."""
         merge = self.config.vision_config.spatial_merge_size
@@ -177,6 +214,28 @@ class QwenVLBackbone:
                 question[b, : ends[-1]] = False
         return QwenLayout(runs, question)
 
+    # --- pruning ------------------------------------------------------------------------
+    def sites(self) -> list[Site]:
+        """``llm.0`` only for now: the patch merger's output, the visual tokens as the LLM receives them."""
+        return [Site("llm", 0)]
+
+    def signals_at(self, site: Site) -> set[str]:
+        """``projector_input`` at ``llm.0``: per visual token ``(N, 4 * d_v)``, the merger's input (its
+        2x2 patches side by side). No ``cls_attention``: the Qwen towers have no CLS token."""
+        return {"projector_input"} if site == Site("llm", 0) else set()
+
+    def install(self, handle, seed: int = 0) -> None:
+        """Check ``handle``'s stages and register them (called by :func:`tokensieve.attach`)."""
+        session = QwenPruningSession(self, handle, seed)
+        if self.sessions:
+            handle.detach()
+            raise TokensieveError("a Qwen-VL backbone runs one attached handle at a time for now: detach the other "
+                                  "one first")
+        self.sessions.append(session)
+
+    def _active_session(self) -> QwenPruningSession | None:
+        return next((s for s in self.sessions if s.handle.active), None)
+
     # --- running the model --------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor):
         """One tower pass over every image: ``pixel_values`` ``(sum_i t_i*h_i*w_i, 3*2*14*14)``
@@ -193,7 +252,8 @@ class QwenVLBackbone:
         input_ids, attention_mask: ``(B, L)`` prompts with full placeholder runs (padded on
         either side; the result is padded on the left).
         kept: optional, per image (in ``image_grid_thw`` order) a ``(M_i,)`` increasing index
-        tensor into its ``N_i`` visual tokens: only these enter the LLM, in image order.
+        tensor into its ``N_i`` visual tokens: only these enter the LLM, in image order. With a
+        handle attached its stage chooses them instead (and passing ``kept`` is refused).
         mm_token_type_ids: the processor's ``(B, L)`` token types (computed from ``input_ids``
         when absent).
         pixel_values_videos, video_grid_thw: refused (video is not supported yet).
@@ -203,10 +263,19 @@ class QwenVLBackbone:
         layout = self.layout(input_ids, attention_mask)
         counts = self._checked_runs(layout, image_grid_thw)
         kept = None if kept is None else _checked_kept(kept, counts)
+        session = self._active_session()
+        if session is not None and kept is not None:
+            raise TokensieveError("kept= and an attached pruning handle both choose the visual tokens: pass kept= "
+                                  "after handle.detach() or inside handle.disabled()")
         if mm_token_type_ids is None:
             mm_token_type_ids = token_types(input_ids, self.image_token_id, self.video_token_id)
         positions = rope_positions(self.model.model, input_ids, attention_mask, image_grid_thw, mm_token_type_ids)
         features = self.encode_images(pixel_values, image_grid_thw)
+        values = None
+        if session is not None and counts:
+            questions = None if self.processor is None else (
+                lambda: image_questions(self.processor.tokenizer, input_ids, layout))
+            kept, values = session.choose(features.pooler_output, image_grid_thw, questions)
         stays = attention_mask.bool().clone()
         if kept is not None:
             for b, row in enumerate(layout.runs):
@@ -214,7 +283,7 @@ class QwenVLBackbone:
                     dropped = torch.ones(run.count, dtype=torch.bool, device=stays.device)
                     dropped[kept[run.image]] = False
                     stays[b, run.start + dropped.nonzero().flatten()] = False
-            features = _kept_features(features, kept)
+            features = _kept_features(features, kept, values)
         pad = self.config.text_config.pad_token_id
         shrunk = keep_columns(input_ids, positions, stays, 0 if pad is None else pad, attention_mask.dtype)
         # Read by the model only when it builds positions itself (a later cached call without ids).
@@ -261,9 +330,13 @@ def _checked_kept(kept: Sequence, counts: list[int]) -> list[torch.Tensor]:
     return [checked_indices(k, n, f"kept image {i}") for i, (k, n) in enumerate(zip(kept, counts))]
 
 
-def _kept_features(features, kept: list[torch.Tensor]):
-    """The tower output with each image's tokens (and, Qwen3, each DeepStack level's) cut to ``kept``."""
-    fields = {"pooler_output": tuple(f[k.to(f.device)] for f, k in zip(features.pooler_output, kept))}
+def _kept_features(features, kept: list[torch.Tensor], values: list[torch.Tensor | None] | None = None):
+    """The tower output with each image's tokens (and, Qwen3, each DeepStack level's) cut to ``kept``;
+    ``values``: per image ``(M_i, d)`` new contents of its kept tokens, or None to keep theirs (the
+    DeepStack levels are always cut, never replaced)."""
+    values = values or [None] * len(kept)
+    fields = {"pooler_output": tuple(f[k.to(f.device)] if v is None else v.to(f.dtype)
+                                     for f, k, v in zip(features.pooler_output, kept, values))}
     deepstack = getattr(features, "deepstack_features", None)
     if deepstack is not None:
         fields["deepstack_features"] = [tuple(f[k.to(f.device)] for f, k in zip(level, kept)) for level in deepstack]

@@ -8,6 +8,7 @@ default system turn (:data:`DEFAULT_SYSTEM`); Qwen3-VL's do not.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
@@ -15,6 +16,8 @@ import torch
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"  # the processor repeats <|image_pad|> per token
 DEFAULT_SYSTEM = {"qwen2_vl": "You are a helpful assistant.", "qwen2_5_vl": "You are a helpful assistant.",
                   "qwen3_vl": None}
+# The assistant's cue that ends a prompt, once its special tokens are left out of the text.
+ANSWER_CUE = re.compile(r"\s*assistant\s*$")
 
 
 def prompt(question: str, n_images: int = 1, system: str | None = None) -> str:
@@ -32,3 +35,14 @@ def encode(processor, samples: Sequence, system: str | None = None) -> dict[str,
         images=[s.image for s in samples], text=[prompt(s.question, 1, system) for s in samples],
         return_tensors="pt", padding=True,
     ))
+
+
+def image_questions(tokenizer, input_ids: torch.Tensor, layout) -> list[str]:
+    """Each image's question as text, in image order over the batch: the text of its row after the
+    row's last image (``layout.question_mask``), without special tokens and the assistant's cue.
+
+    input_ids: ``(B, L)``; layout: the adapter's ``QwenLayout`` of them.
+    """
+    texts = [ANSWER_CUE.sub("", tokenizer.decode(ids[mask], skip_special_tokens=True)).strip()
+             for ids, mask in zip(input_ids, layout.question_mask)]
+    return [texts[b] for b, row in enumerate(layout.runs) for _ in row]

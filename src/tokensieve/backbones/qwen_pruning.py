@@ -1,0 +1,162 @@
+"""Reduction stages on a Qwen-VL model (:class:`~tokensieve.backbones.hf_qwen.QwenVLBackbone`): the session.
+
+One :class:`QwenPruningSession` per attached handle. Its :class:`QwenStagePlan` checks the stages
+when it is installed; then, in every forward pass through the adapter (``forward``, ``generate``,
+``prepare``), after the vision tower has run, the stage at ``llm.0`` chooses per image which of the
+patch merger's output tokens (the visual tokens as the LLM receives them) stay, and the adapter
+assembles the LLM input from those (its ``kept=`` path: shrunk placeholder runs, M-RoPE ids kept,
+every DeepStack level cut with the same indices).
+
+Only ``llm.0`` for now, in ``hard`` mode. Rows of a method's :class:`SiteInputs` are images, not
+prompts: each image has its own token count and its own budget (a ratio: that share of its tokens;
+a count: that many of every image).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from tokensieve.backbones.base import Site
+from tokensieve.backbones.stage_plan import PADDING, StagePlan, row_generator
+from tokensieve.errors import TokensieveError
+from tokensieve.method import Selection, SiteInputs
+
+LLM0 = Site("llm", 0)
+
+
+class QwenStagePlan(StagePlan):
+    """The stage plan on Qwen-VL: the one site ``llm.0``, ``hard`` mode, no tokens a method makes.
+
+    Budgets are resolved per image in each pass (images differ in token count); at attach a count
+    is checked against the most tokens one image can give (:meth:`QwenVLBackbone.most_image_tokens`).
+    """
+
+    def __init__(self, backbone, handle):
+        super().__init__(handle.stages, handle.mode, backbone.sites(), backbone.signals_at,
+                         backbone.most_image_tokens(), False, 0, check=handle.check)
+
+    def missing_site(self, site: Site, st) -> TokensieveError:
+        return TokensieveError(f"{st}: site {site} does not exist on the Qwen-VL backbone yet; its only site is "
+                               "llm.0 (the patch merger's output, per image)")
+
+    def check_stage(self, site: Site, st) -> None:
+        if self.mode == "soft":
+            raise TokensieveError(f"{st}: mode 'soft' is not available on Qwen-VL yet; use hard")
+        if st.method.makes_extra_tokens:
+            raise TokensieveError(f"{st}: {st.method.name} adds tokens of its own, which the Qwen-VL backbone "
+                                  "cannot place yet (each visual token's M-RoPE position comes from the image grid)")
+
+    def budget_where(self, site: Site, n: int) -> str:
+        return f"{site} (the most one image gives with this processor's max_pixels)"
+
+
+class QwenPruningSession:
+    """The stage of one handle on one Qwen-VL adapter, and what it captures in a forward pass.
+
+    It is also one of the handle's hooks: ``remove()`` (on ``handle.detach()``) takes it off the
+    adapter, which then runs the plain model again.
+    """
+
+    def __init__(self, backbone, handle, seed: int):
+        self.bb, self.handle, self.seed = backbone, handle, seed
+        self.plan = QwenStagePlan(backbone, handle)
+        self.stage = self.plan.stages[LLM0]
+        self._merger_input: torch.Tensor | None = None  # (S, d_v): the patch merger's packed input
+        wants = set(self.stage.method.signals) | set(self.stage.method.optional_signals)
+        self.reads_merger_input = "projector_input" in wants
+        if self.reads_merger_input:
+            handle.hooks.append(backbone.visual.merger.register_forward_hook(self._capture_merger_input))
+        handle.hooks.append(self)
+
+    def remove(self) -> None:
+        """Take this session off its adapter."""
+        if self in self.bb.sessions:
+            self.bb.sessions.remove(self)
+
+    def _capture_merger_input(self, _merger, args, _output) -> None:
+        if self.handle.active:
+            self._merger_input = args[0]
+
+    def _projector_inputs(self, image_grid_thw: torch.Tensor) -> Callable[[], list[torch.Tensor]]:
+        """A function giving, per image, the merger's input behind each of its ``N_i`` tokens:
+        ``(N_i, merge**2 * d_v)``, the ``merge x merge`` patches of a token side by side, in the
+        order of the merger's output (Qwen2.5's window order undone)."""
+        cache: list[list[torch.Tensor]] = []
+
+        def get() -> list[torch.Tensor]:
+            if not cache:
+                x = self._merger_input
+                units = x.reshape(-1, self.bb.merge_unit * x.shape[-1])
+                order = self.bb.merger_output_order(image_grid_thw)
+                if order is not None:
+                    units = units[order.to(units.device)]
+                cache.append(list(units.split(self.bb.image_token_counts(image_grid_thw))))
+            return cache[0]
+        return get
+
+    def choose(self, pooled: tuple[torch.Tensor, ...], image_grid_thw: torch.Tensor,
+               questions: Callable[[], list[str]] | None = None
+               ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """The stage's choice for every image of the batch.
+
+        pooled: the tower's output, one ``(N_i, d)`` per image in ``image_grid_thw`` order.
+        questions: a function giving each image's question as text (its row's), for methods that
+        read it (CDPruner); None when the adapter has no processor to decode it with.
+        Returns per image the kept indices ``(K_i,)`` (increasing) and the values the method gives
+        the kept tokens ``(K_i, d)`` (None: the tokens as they are). Records counts (rows: images)
+        and ``handle.last_kept``.
+        """
+        inputs_of = self._projector_inputs(image_grid_thw)
+        texts: list[str] = []  # decoded once, when a method first asks
+
+        def question_of(i: int) -> list[str]:
+            if not texts:
+                texts.extend(questions())
+            return [texts[i]]
+
+        kept, values = [], []
+        # One image at a time: each has its own token count and budget, and its choice must not depend
+        # on the other images of the batch. Images of equal count could go as one batch (a speed-up).
+        for i, tokens in enumerate(pooled):
+            signals = {"projector_input": lambda i=i: inputs_of()[i][None]} if self.reads_merger_input else {}
+            sel = self._choose_image(i, tokens[None], signals,
+                                     None if questions is None else lambda i=i: question_of(i))
+            kept.append(sel.indices[0])
+            values.append(None if sel.tokens is None else sel.tokens[0])
+        self._record(kept, [t.shape[0] for t in pooled])
+        return kept, values
+
+    def _choose_image(self, i: int, rows: torch.Tensor, signals: dict, question_text) -> Selection:
+        """The stage's settled selection for image ``i``, whose tokens ``rows`` are ``(1, N_i, d)``."""
+        st, method, n = self.stage, self.stage.method, rows.shape[1]
+        if st.budget.count is not None and st.budget.count > n:
+            raise TokensieveError(f"{st}: image {i} gives {n} visual tokens, fewer than the budget of "
+                                  f"{st.budget.count}; give a smaller count or a ratio")
+        keep = self.plan.keep_at(LLM0, n)
+        with self.handle.scoring():
+            sel = method.select(SiteInputs(rows, keep, str(LLM0), lambda: row_generator(self.seed, rows), signals,
+                                           question_text=question_text))
+            if sel.order is not None:
+                raise TokensieveError(f"{method.name} at llm.0: an order of its own is not supported on Qwen-VL "
+                                      "(kept tokens stay in image order, with their grid positions)")
+            if sel.extra is not None:
+                raise TokensieveError(f"{method.name} at llm.0: tokens of its own are not supported on Qwen-VL")
+            sel = self.plan.settle(LLM0, sel, 1, n, keep)
+            if sel.tokens is not None and sel.tokens.shape != (1, sel.indices.shape[1], rows.shape[-1]):
+                raise TokensieveError(f"{method.name} at llm.0: merged tokens of shape {tuple(sel.tokens.shape)} "
+                                      f"for kept indices of shape {tuple(sel.indices.shape)}")
+        return sel
+
+    def _record(self, kept: list[torch.Tensor], counts: list[int]) -> None:
+        """Counts per image (``handle.last_counts``: means over the images) and ``handle.last_kept[stage]``:
+        ``(n_images, K_max)`` long, image ``i``'s kept token indices in its row, then ``PADDING`` (-2)
+        where it keeps fewer than ``K_max`` (a count budget keeps the same in every image; a ratio may not)."""
+        device = kept[0].device
+        padded = torch.full((len(kept), max(len(k) for k in kept)), PADDING, dtype=torch.long, device=device)
+        for i, k in enumerate(kept):
+            padded[i, : len(k)] = k
+        real = torch.arange(max(counts), device=device) < torch.tensor(counts, device=device)[:, None]
+        self.plan.record(self.handle, LLM0, Selection(padded.clamp(min=0), valid=padded >= 0), max(counts), real)
+        self.handle.last_kept[str(self.stage)] = padded

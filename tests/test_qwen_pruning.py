@@ -1,0 +1,191 @@
+"""Pruning stages on the Qwen-VL adapter on tiny random Qwen2-VL, Qwen2.5-VL and Qwen3-VL models: the
+site ``llm.0`` (the patch merger's output), chosen per image, assembled through the ``kept=`` path."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from tiny_clip_text import save_tiny_clip
+from tiny_qwen import inputs, until_eos
+
+from tokensieve.attach import attach
+from tokensieve.backbones.base import Backbone, Site
+from tokensieve.backbones.hf_qwen import QwenVLBackbone
+from tokensieve.backbones.qwen_prompt import image_questions
+from tokensieve.errors import TokensieveError
+from tokensieve.method import Method, Selection, SiteInputs
+
+# Row 0: one 112x112 image (16 tokens); row 1: a 56x84 image (6) then a 112x112 one (16).
+ROWS = [("what is the colour ?", ["big"]), ("what shape is left and right ?", ["small", "big"])]
+METHODS = ("random", "divprune")
+
+
+@pytest.fixture(scope="module")
+def qwen(tiny_qwen_dir):
+    return QwenVLBackbone.from_pretrained(tiny_qwen_dir)
+
+
+@pytest.fixture(scope="module")
+def mixed(qwen):
+    return inputs(qwen, ROWS)
+
+
+@pytest.fixture(scope="module")
+def plain(qwen, mixed):
+    with torch.no_grad():
+        return qwen.forward(**mixed).logits
+
+
+def kept_of(handle) -> list[torch.Tensor]:
+    """Per image the indices its stage kept (``handle.last_kept`` without the padding slots)."""
+    return [row[row >= 0] for row in handle.last_kept[str(handle.stages[0])]]
+
+
+@dataclass
+class Scaled(Method):
+    """Keeps the first ``keep`` tokens, their values times ``scale``; records what it saw."""
+
+    name = "scaled"
+    signals = ("projector_input",)
+    scale: float = 1.0
+    seen: list = None
+
+    def select(self, inputs: SiteInputs) -> Selection:
+        self.seen.append((inputs.tokens, inputs.signal("projector_input")))
+        idx = torch.arange(inputs.keep).expand(inputs.tokens.shape[0], -1)
+        return Selection(idx, tokens=inputs.tokens[:, : inputs.keep] * self.scale)
+
+
+@dataclass
+class MakesTokens(Method):
+    name = "makes_tokens"
+    makes_extra_tokens = True
+
+
+def test_sites_and_signals(qwen):
+    assert isinstance(qwen, Backbone)
+    assert qwen.sites() == [Site("llm", 0)]
+    assert qwen.signals_at(Site("llm", 0)) == {"projector_input"}  # no cls_attention: no CLS in the tower
+    assert qwen.signals_at(Site("llm", 2)) == set()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_keep_all_is_the_plain_model(qwen, mixed, plain, method):
+    handle = attach(qwen, method, 1.0, site="llm.0")
+    with torch.no_grad():
+        assert torch.equal(qwen.forward(**mixed).logits, plain)
+    handle.detach()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_hard_equals_the_kept_path_with_budgets_per_image(qwen, mixed, plain, method):
+    handle = attach(qwen, method, 0.5, site="llm.0")
+    with torch.no_grad():
+        pruned = qwen.forward(**mixed).logits
+        kept = kept_of(handle)
+        assert [len(k) for k in kept] == [8, 3, 8]  # half of 16, 6 and 16 tokens
+        assert handle.last_counts == {f"{method}@llm.0:0.5": (13, 6)}  # means over the three images
+        assert handle.last_kept[f"{method}@llm.0:0.5"].shape == (3, 8)
+        with handle.disabled():
+            assert torch.equal(qwen.forward(**mixed).logits, plain)
+        handle.detach()
+        assert torch.equal(pruned, qwen.forward(**mixed, kept=kept).logits)
+        assert torch.equal(qwen.forward(**mixed).logits, plain), "detach restores the model bit for bit"
+
+
+def test_count_budget_keeps_that_many_of_every_image(qwen, mixed):
+    handle = attach(qwen, "divprune", 5)
+    with torch.no_grad():
+        qwen.forward(**mixed)
+    assert [len(k) for k in kept_of(handle)] == [5, 5, 5]
+    assert handle.last_counts == {"divprune@llm.0:5": (13, 5)}
+    handle.detach()
+
+
+def test_merged_values_replace_the_kept_tokens_and_projector_input_is_the_merger_input(qwen, mixed):
+    seen, outputs = [], []
+    with torch.no_grad():
+        for scale in (1.0, 2.0):
+            handle = attach(qwen, Scaled(scale=scale, seen=seen), 0.5, site="llm.0")
+            outputs.append(qwen.forward(**mixed).logits)
+            handle.detach()
+        assert torch.equal(outputs[0], qwen.forward(**mixed, kept=[torch.arange(k) for k in (8, 3, 8)]).logits)
+        assert not torch.equal(outputs[0], outputs[1])
+        d_vision = seen[0][1].shape[-1] // qwen.merge_unit
+        for tokens, merger_input in seen[:3]:  # the merger's input per token gives the token (window order undone)
+            torch.testing.assert_close(qwen.visual.merger(merger_input[0].reshape(-1, d_vision)), tokens[0])
+
+
+def test_cdpruner_reads_each_images_question_and_merger_input(qwen, mixed, tmp_path):
+    layout = qwen.layout(mixed["input_ids"], mixed["attention_mask"])
+    assert image_questions(qwen.processor.tokenizer, mixed["input_ids"], layout) == [
+        "what is the colour ?", "what shape is left and right ?", "what shape is left and right ?"]
+    d_vision = qwen.visual.blocks[0].norm1.weight.shape[0]
+    clip = save_tiny_clip(tmp_path, qwen.merge_unit * d_vision)  # a CLIP as wide as the merger's input per token
+    handle = attach(qwen, {"name": "cdpruner", "text_encoder": str(clip)}, 0.5)  # its default site: llm.0
+    with torch.no_grad():
+        pruned, kept = qwen.forward(**mixed).logits, kept_of(handle)
+        handle.detach()
+        assert [len(k) for k in kept] == [8, 3, 8]
+        assert torch.equal(pruned, qwen.forward(**mixed, kept=kept).logits)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_padded_batch_equals_each_row_alone(qwen, mixed, method):
+    handle = attach(qwen, method, 0.5, site="llm.0")
+    with torch.no_grad():
+        together, kept = qwen.forward(**mixed).logits[:, -1], kept_of(handle)
+        for b, row in enumerate(ROWS):
+            alone = inputs(qwen, [row])
+            first = int(mixed["image_grid_thw"][:b].prod(-1).sum())  # the same images as in the batch
+            alone["pixel_values"] = mixed["pixel_values"][first: first + len(alone["pixel_values"])]
+            single = qwen.forward(**alone).logits[:, -1]
+            torch.testing.assert_close(together[b: b + 1], single, rtol=1e-5, atol=1e-5)
+            images = [0] if b == 0 else [1, 2]
+            assert all(torch.equal(kept[i], k) for i, k in zip(images, kept_of(handle)))
+    handle.detach()
+
+
+def test_generate_with_cache_equals_steps_without(qwen, mixed):
+    eos = qwen.config.text_config.eos_token_id
+    handle = attach(qwen, "random", 0.5, site="llm.0")
+    with torch.no_grad():
+        new = qwen.generate(**mixed, max_new_tokens=4, do_sample=False)
+        ids, mask = mixed["input_ids"], mixed["attention_mask"]
+        for _ in range(4):  # no cache: the whole prompt again each step (the same choice), new tokens as text
+            step = dict(mixed, input_ids=ids, attention_mask=mask, mm_token_type_ids=None)
+            token = qwen.forward(**step, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+    handle.detach()
+    assert until_eos(new, eos) == until_eos(ids[:, mixed["input_ids"].shape[1]:], eos)
+
+
+@pytest.mark.parametrize(("request_", "words"), [
+    ({"method": "divprune", "budget": 0.5, "mode": "soft"}, "mode 'soft' is not available on Qwen-VL yet; use hard"),
+    ({"method": "fastv", "budget": 0.5, "site": "llm.0"}, "fastv needs text_attention, which llm.0 does not provide"),
+    ({"method": "fastv", "budget": 0.5}, "site llm.2 does not exist on the Qwen-VL backbone yet"),
+    ({"method": "fastervlm", "budget": 0.5, "site": "llm.0"}, "'fastervlm' cannot act at llm.0"),
+    ({"method": "divprune", "budget": 100}, "budget of 100 tokens is larger than the 64 visual tokens at llm.0"),
+    ({"method": MakesTokens(), "budget": 0.5, "site": "llm.0"}, "makes_tokens adds tokens of its own"),
+])
+def test_refused_at_attach_in_one_line(qwen, request_, words):
+    with pytest.raises(TokensieveError, match=words) as caught:
+        attach(qwen, **request_)
+    assert "\n" not in str(caught.value)
+    assert not qwen.sessions
+
+
+def test_refused_at_forward_in_one_line(qwen, mixed):
+    handle = attach(qwen, "divprune", 10)
+    try:
+        for call, words in [(lambda: qwen.forward(**mixed), "image 1 gives 6 visual tokens, fewer than the budget of 10"),
+                            (lambda: qwen.forward(**mixed, kept=[torch.arange(2)] * 3), "kept= and an attached"),
+                            (lambda: attach(qwen, "random", 0.5, site="llm.0"), "one attached handle at a time")]:
+            with pytest.raises(TokensieveError, match=words) as caught:
+                call()
+            assert "\n" not in str(caught.value)
+    finally:
+        handle.detach()
+    assert not qwen.sessions
