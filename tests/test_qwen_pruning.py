@@ -189,3 +189,27 @@ def test_refused_at_forward_in_one_line(qwen, mixed):
     finally:
         handle.detach()
     assert not qwen.sessions
+
+
+@dataclass
+class BackwardsOnSecondImage(Method):
+    """Keeps the first ``keep`` tokens, but in descending order for the second image it is shown."""
+
+    name = "backwards_on_second_image"
+    shown: int = 0
+
+    def select(self, inputs: SiteInputs) -> Selection:
+        self.shown += 1
+        idx = torch.arange(inputs.keep)[None]
+        return Selection(idx.flip(1) if self.shown == 2 else idx)
+
+
+def test_every_image_of_the_first_pass_is_checked(qwen, mixed):
+    """The plan checks a selection's values on a stage's first pass only: on Qwen-VL that pass is
+    every image of the batch, not its first image alone."""
+    handle = attach(qwen, BackwardsOnSecondImage(), 4, site="llm.0")
+    try:
+        with pytest.raises(TokensieveError, match="kept indices must be sorted and unique"), torch.no_grad():
+            qwen.forward(**mixed)
+    finally:
+        handle.detach()

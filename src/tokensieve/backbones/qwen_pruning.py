@@ -122,14 +122,15 @@ class QwenPruningSession:
         for i, tokens in enumerate(pooled):
             signals = {"projector_input": lambda i=i: inputs_of()[i][None]} if self.reads_merger_input else {}
             sel = self._choose_image(i, tokens[None], signals,
-                                     None if questions is None else lambda i=i: question_of(i))
+                                     None if questions is None else lambda i=i: question_of(i), i == len(pooled) - 1)
             kept.append(sel.indices[0])
             values.append(None if sel.tokens is None else sel.tokens[0])
         self._record(kept, [t.shape[0] for t in pooled])
         return kept, values
 
-    def _choose_image(self, i: int, rows: torch.Tensor, signals: dict, question_text) -> Selection:
-        """The stage's settled selection for image ``i``, whose tokens ``rows`` are ``(1, N_i, d)``."""
+    def _choose_image(self, i: int, rows: torch.Tensor, signals: dict, question_text, last: bool) -> Selection:
+        """The stage's settled selection for image ``i``, whose tokens ``rows`` are ``(1, N_i, d)`` (last:
+        the pass's last image, after which the plan stops checking values)."""
         st, method, n = self.stage, self.stage.method, rows.shape[1]
         if st.budget.count is not None and st.budget.count > n:
             raise TokensieveError(f"{st}: image {i} gives {n} visual tokens, fewer than the budget of "
@@ -143,7 +144,7 @@ class QwenPruningSession:
                                       "(kept tokens stay in image order, with their grid positions)")
             if sel.extra is not None:
                 raise TokensieveError(f"{method.name} at llm.0: tokens of its own are not supported on Qwen-VL")
-            sel = self.plan.settle(LLM0, sel, 1, n, keep)
+            sel = self.plan.settle(LLM0, sel, 1, n, keep, pass_done=last)
             if sel.tokens is not None and sel.tokens.shape != (1, sel.indices.shape[1], rows.shape[-1]):
                 raise TokensieveError(f"{method.name} at llm.0: merged tokens of shape {tuple(sel.tokens.shape)} "
                                       f"for kept indices of shape {tuple(sel.indices.shape)}")

@@ -268,15 +268,17 @@ class StagePlan:
         return min(budget.count, n) if site in self.capped and budget.count else budget.resolve(n, str(site))
 
     def settle(self, site: Site, sel: Selection, batch: int, n: int, keep: int,
-               valid: torch.Tensor | None = None) -> Selection:
+               valid: torch.Tensor | None = None, pass_done: bool = True) -> Selection:
         """``sel`` checked (:func:`check_selection`, a count per row inside the LLM only; its values on the
         stage's first pass, or every pass with ``check="always"``), with the padding of the ``(B, n)``
-        ``valid`` it kept marked in its ``valid`` (None when every slot is real)."""
+        ``valid`` it kept marked in its ``valid`` (None when every slot is real). pass_done: False while
+        more selections of this stage's pass follow (a session choosing image by image), so each is checked."""
         st = self.stages[site]
         values = self.check == "always" or site not in self.checked
         check_selection(sel, batch, n, st.method.kept_count(n, keep), f"{st.method.name} at {site}",
                         per_row=not site.before_llm, values=values)
-        self.checked.add(site)
+        if pass_done:
+            self.checked.add(site)
         if valid is not None:
             still = valid.gather(1, sel.indices)
             sel = replace(sel, valid=still if sel.valid is None else sel.valid & still)
