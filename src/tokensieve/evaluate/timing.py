@@ -36,22 +36,28 @@ def repeated_timings(fn: Callable[[], object], repeats: int, warmup: int = 1,
 
 
 @torch.no_grad()
-def alternate_timings(full: Callable[[], object], pruned: Callable[[], object], repeats: int,
-                      warmup: int = 1, sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
-    """Seconds of each of ``repeats`` runs of ``full()`` and ``pruned()``, run alternately after
+def alternating_timings(variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
+                        sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+    """Seconds of each of ``repeats`` runs of every function of ``variants``, run in turn after
     ``warmup`` untimed runs of each; ``sync`` waits for the device before and after each run."""
     for _ in range(warmup):
-        full()
-        pruned()
-    times: dict[str, list[float]] = {"full": [], "pruned": []}
+        for fn in variants.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
-        for name, fn in (("full", full), ("pruned", pruned)):
+        for name, fn in variants.items():
             sync()
             started = time.perf_counter()
             fn()
             sync()
             times[name].append(time.perf_counter() - started)
     return times
+
+
+def alternate_timings(full: Callable[[], object], pruned: Callable[[], object], repeats: int,
+                      warmup: int = 1, sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+    """``{"full": [...], "pruned": [...]}``: :func:`alternating_timings` of the two."""
+    return alternating_timings({"full": full, "pruned": pruned}, repeats, warmup, sync)
 
 
 @torch.no_grad()

@@ -1,0 +1,177 @@
+"""The native bound of a pruned LLaVA prefill: the same prefill built from the model's own
+modules with no pruning code, the most any method acting at those sites could reach.
+
+The tower blocks before a site run on all tokens and the rest on the kept ones; the projector
+and the LLM run on the tokens that reach them; inside the LLM, the layers before ``llm.k`` run
+on the full prompt and the rest on a natively shorter hidden state (the kept visual columns and
+the text) with the positions gathered to them and the causal mask built by transformers for
+that shorter sequence. No hook, session or check runs: the model is a hook-free twin of the
+benchmarked one (:func:`hook_free_twin`), sharing its weights.
+
+A plan is ``{site: (B, K) indices}``: before ``site``, keep these of the visual tokens present
+there (patches after CLS in the tower and before the LLM, the image run's columns in the LLM).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import torch
+from transformers import LlavaForConditionalGeneration
+from transformers.masking_utils import create_causal_mask
+
+from tokensieve.backbones import LlavaBackbone
+from tokensieve.backbones.base import Site
+from tokensieve.backbones.stage_plan import merges_in_blocks
+from tokensieve.errors import TokensieveError
+from tokensieve.evaluate.flops import TokenCounts
+
+Plan = dict[Site, torch.Tensor]
+
+
+def hook_free_twin(model: LlavaForConditionalGeneration) -> LlavaForConditionalGeneration:
+    """A copy of ``model``'s modules sharing every parameter and buffer (no tensor is copied):
+    the same weights and code, with no hook of any attached pruning. Make it before attaching."""
+    if any(m._forward_pre_hooks or m._forward_hooks for m in model.modules()):
+        raise TokensieveError("make the hook-free twin before attaching a method to the model")
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def _take(tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``tokens`` ``(B, n, d)`` at ``keep`` ``(B, K)`` -> ``(B, K, d)``."""
+    return tokens.gather(1, keep[..., None].to(tokens.device).expand(-1, -1, tokens.shape[-1]))
+
+
+def spaced(n: int, k: int, batch: int) -> torch.Tensor:
+    """``(batch, k)`` evenly spaced increasing indices into ``n`` tokens (``k <= n``)."""
+    return torch.linspace(0, n - 1, k).round().long().expand(batch, -1)
+
+
+def plan_from_kept(handle, backbone: LlavaBackbone) -> tuple[Plan, torch.Tensor] | None:
+    """The plan of the tokens ``handle``'s stages kept in its latest pass (``handle.last_kept``),
+    and ``(B, K)`` the visual tokens (of those entering the LLM unpruned) that reach its last
+    layer; None when a stage made or merged tokens, or CLS enters the LLM (no index says them)."""
+    if backbone.keeps_cls or any(merges_in_blocks(st.method) for st in handle.stages):
+        return None
+    current, plan = None, {}
+    for stage in sorted(handle.stages, key=lambda st: Site.parse(st.site).order):
+        kept = handle.last_kept.get(str(stage))
+        if kept is None or bool((kept < 0).any()):
+            return None
+        if current is None:
+            current = torch.arange(backbone.n_patches, device=kept.device).expand(kept.shape[0], -1)
+        match = current[:, None, :] == kept[:, :, None]  # (B, K, n): where each kept token is now
+        if not bool(match.any(-1).all()):
+            return None
+        plan[Site.parse(stage.site)] = match.int().argmax(-1)
+        current = kept
+    if current is None:
+        return None
+    return plan, current
+
+
+def plan_from_counts(counts: TokenCounts, backbone: LlavaBackbone, text_tokens: int,
+                     batch: int) -> tuple[Plan, torch.Tensor]:
+    """A plan of evenly spaced tokens that gives every block the count ``counts`` says it saw
+    (a method that merges or makes tokens: the shapes, hence the time, of its prefill), and the
+    visual tokens that reach the LLM's last layer."""
+    cls, plan, patches = int(backbone.keeps_cls), {}, backbone.n_patches
+    for i, seen in enumerate(counts.vision_tokens):
+        if seen - 1 < patches:
+            plan[Site("vision", i)], patches = spaced(patches, seen - 1, batch), seen - 1
+    if counts.projector_tokens - cls < patches:
+        plan[Site("projector")] = spaced(patches, counts.projector_tokens - cls, batch)
+        patches = counts.projector_tokens - cls
+    if counts.llm_tokens[0] - text_tokens - cls < patches:
+        plan[Site("llm", 0)] = spaced(patches, counts.llm_tokens[0] - text_tokens - cls, batch)
+    visual = counts.llm_tokens[0] - text_tokens
+    for k, seen in enumerate(counts.llm_tokens[1:], start=1):
+        if seen - text_tokens < visual:
+            plan[Site("llm", k)], visual = spaced(visual, seen - text_tokens, batch), seen - text_tokens
+    return plan, spaced(backbone.n_visual_tokens, visual, batch)
+
+
+def native_image_features(backbone: LlavaBackbone, pixel_values: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """``(B, 3, H, W)`` -> ``(B, M, d_text)``: the tower (blocks before a ``vision`` site on all
+    tokens, CLS always kept), the projector on what reaches it, and an ``llm.0`` choice after it."""
+    tower = backbone.vision_tower
+    hidden = tower.pre_layrnorm(tower.embeddings(pixel_values))  # (B, 1 + N, d_vision)
+    at = backbone.feature_hidden_index
+    selected = hidden
+    for i, layer in enumerate(backbone.vision_layers):
+        if (keep := plan.get(Site("vision", i))) is not None:
+            hidden = torch.cat([hidden[:, :1], _take(hidden[:, 1:], keep)], 1)
+        hidden = layer(hidden, None)
+        if i + 1 == at:
+            selected = hidden
+    tower.post_layernorm(hidden[:, 0])  # the pooled CLS the tower computes, unused by LLaVA
+    cls = int(backbone.keeps_cls)
+    features = selected if cls else selected[:, 1:]
+    if (keep := plan.get(Site("projector"))) is not None:
+        features = torch.cat([features[:, :cls], _take(features[:, cls:], keep)], 1)
+    features = backbone.projector(features)
+    if (keep := plan.get(Site("llm", 0))) is not None:
+        features = torch.cat([features[:, :cls], _take(features[:, cls:], keep)], 1)
+    return features
+
+
+def _kept_columns(length: int, start: torch.Tensor, count: int, keep: torch.Tensor) -> torch.Tensor:
+    """``(B, L')``: the columns of a ``length``-column sequence that stay when only ``keep``
+    ``(B, K)`` of each row's image run (``count`` columns from ``start`` ``(B,)``) stay."""
+    b = keep.shape[0]
+    run = start[:, None] + torch.arange(count, device=start.device)
+    drop = torch.zeros(b, length, dtype=torch.bool, device=start.device)
+    drop.scatter_(1, run, True).scatter_(1, start[:, None] + keep.to(start.device), False)
+    return torch.arange(length, device=start.device).expand(b, -1)[~drop].view(b, -1)
+
+
+def native_llm(backbone: LlavaBackbone, inputs, plan: Plan, renumber: bool = False) -> torch.Tensor:
+    """The decoder stack and final norm on ``inputs`` (:class:`AssembledInputs`), shortened before
+    each ``llm.k`` of ``plan`` -> ``(B, L', d)``. renumber: positions close the gaps (``0..L'-1``
+    over a row's real tokens) after a drop, as methods that renumber do; else each keeps its own."""
+    lm = backbone.language_model
+    hidden, mask, positions = inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids
+    layout = backbone.layout(inputs.input_ids, mask)
+    start, count = layout.image_start, int(layout.image_count[0])
+    causal = rope = None
+    for k, layer in enumerate(lm.layers):
+        keep = plan.get(Site("llm", k)) if k > 0 else None
+        if keep is not None:
+            columns = _kept_columns(hidden.shape[1], start, count, keep)
+            hidden = _take(hidden, columns)
+            mask = mask.gather(1, columns)
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0) if renumber else \
+                positions.expand(hidden.shape[0], -1).gather(1, columns)
+            count = keep.shape[1]
+        if causal is None or keep is not None:
+            causal = create_causal_mask(config=lm.config, inputs_embeds=hidden, attention_mask=mask,
+                                        past_key_values=None, position_ids=positions)
+            rope = lm.rotary_emb(hidden, positions)
+        hidden = layer(hidden, attention_mask=causal, position_embeddings=rope, position_ids=positions)
+    return lm.norm(hidden)
+
+
+@torch.no_grad()
+def native_prefill(backbone: LlavaBackbone, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   pixel_values: torch.Tensor, plan: Plan, renumber: bool = False,
+                   logits_to_keep: int = 1) -> torch.Tensor:
+    """Logits ``(B, logits_to_keep, vocab)`` of the prefill that ``plan`` describes, built natively
+    on ``backbone`` (a hook-free one: :func:`hook_free_twin`); ``(B, L)`` prompts with full
+    ``<image>`` runs, ``(B, 3, H, W)`` images, as :meth:`LlavaBackbone.forward` takes them."""
+    if backbone._active_sessions():
+        raise TokensieveError("the native bound runs on a model with no pruning attached (hook_free_twin)")
+    inputs = backbone.assemble(input_ids, attention_mask, native_image_features(backbone, pixel_values, plan))
+    hidden = native_llm(backbone, inputs, plan, renumber)
+    return backbone.model.lm_head(hidden[:, -logits_to_keep:])
+
+
+def native_plan(handle, backbone: LlavaBackbone, counts: TokenCounts, text_tokens: int,
+                batch: int) -> tuple[Plan, torch.Tensor, bool]:
+    """``(plan, short_kept, renumber)`` of ``handle``'s latest pruned pass: its kept tokens where
+    they say it (:func:`plan_from_kept`), else the counts its blocks saw (:func:`plan_from_counts`);
+    ``short_kept`` ``(B, K)``: the visual tokens a natively short prompt keeps."""
+    found = plan_from_kept(handle, backbone) or plan_from_counts(counts, backbone, text_tokens, batch)
+    renumber = any(getattr(st.method, "renumbers_positions", False) for st in handle.stages)
+    return found[0], found[1], renumber

@@ -1,0 +1,90 @@
+"""`tokensieve bench speed`'s native bound of each row, on tiny shapes.
+
+No timing is asserted here: the targets are read off the benchmark command's output. What is
+checked is that the native bound runs the same computation as the pruned hooked model (the same
+logits, for methods whose kept tokens it can reproduce), and that the figures are there.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokensieve.attach import attach
+from tokensieve.backbones import LlavaBackbone
+from tokensieve.evaluate import speed
+from tokensieve.evaluate.flops import token_counts
+from tokensieve.evaluate.native_bounds import (
+    hook_free_twin,
+    native_plan,
+    native_prefill,
+    plan_from_counts,
+)
+from tokensieve.evaluate.timing import alternating_timings
+
+# 16 visual + 8 text tokens; two tower blocks (so vision.1 is a site), four LLM layers.
+TINY = speed.BenchShape(llm_layers=4, llm_hidden=32, llm_heads=2, llm_intermediate=64, vision_layers=2,
+                        vision_hidden=16, vision_heads=2, image_size=56, patch_size=14, text_tokens=8, vocab=100)
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    backbone = LlavaBackbone(speed.build_bench_model(TINY))
+    return backbone, LlavaBackbone(hook_free_twin(backbone.model)), speed.bench_inputs(TINY, batch=2)
+
+
+def test_the_twin_shares_every_weight_and_has_no_hook(models):
+    backbone, native, _ = models
+    for (name, a), (_, b) in zip(backbone.model.state_dict().items(), native.model.state_dict().items(), strict=True):
+        assert a.data_ptr() == b.data_ptr(), name
+    handle = attach(backbone, "fastv", 0.5)
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in native.model.modules())
+    handle.detach()
+
+
+@pytest.mark.parametrize(("method", "site", "budget"), [
+    ("random", "vision.1", 0.5), ("random", "projector", 0.5), ("random", "llm.0", 0.25),
+    ("fastv", "llm.2", 0.5), ("random", "llm.1", 0.25), ("pyramiddrop", None, 0.5)])
+def test_the_native_bound_computes_the_pruned_models_logits(models, method, site, budget):
+    backbone, native, inputs = models
+    handle = attach(backbone, method, budget, site=site)
+    try:
+        with torch.no_grad():
+            pruned = backbone.forward(**inputs, logits_to_keep=1).logits
+        plan, short_kept, renumber = native_plan(handle, backbone, token_counts(backbone, TINY.text_tokens, handle),
+                                                 TINY.text_tokens, 2)
+        sites = sorted(str(s) for s in plan)
+        assert sites == sorted(st.site for st in handle.stages)
+        last = handle.last_kept[str(handle.stages[-1])]
+        assert torch.equal(short_kept, last)  # the visual tokens that reach the last layer
+    finally:
+        handle.detach()
+    bound = native_prefill(native, **inputs, plan=plan, renumber=renumber)
+    torch.testing.assert_close(bound, pruned, rtol=0, atol=0)
+    with torch.no_grad():
+        unpruned = backbone.forward(**inputs, logits_to_keep=1).logits
+    torch.testing.assert_close(native_prefill(native, **inputs, plan={}), unpruned, rtol=0, atol=0)
+
+
+def test_a_method_that_merges_is_bounded_by_the_counts_its_blocks_saw(models):
+    backbone, _, _ = models
+    handle = attach(backbone, "tome", 0.5)  # merges inside both tower blocks: 16 -> 12 -> 8 patches
+    try:
+        with torch.no_grad():
+            backbone.forward(**models[2], logits_to_keep=1)
+        counts = token_counts(backbone, TINY.text_tokens, handle)
+        plan, short_kept, _ = native_plan(handle, backbone, counts, TINY.text_tokens, 2)
+    finally:
+        handle.detach()
+    assert {str(s): tuple(k.shape) for s, k in plan.items()} == {"vision.1": (2, 12), "projector": (2, 8)}
+    assert short_kept.shape == (2, 8)
+    unpruned, all_visual = plan_from_counts(token_counts(backbone, TINY.text_tokens), backbone, TINY.text_tokens, 2)
+    assert unpruned == {} and torch.equal(all_visual[0], torch.arange(TINY.n_visual))
+
+
+def test_alternating_timings_runs_the_variants_in_turn():
+    calls = []
+    times = alternating_timings({n: (lambda n=n: calls.append(n)) for n in "abc"}, repeats=2, warmup=1)
+    assert calls == list("abc") * 3
+    assert {n: len(t) for n, t in times.items()} == {"a": 2, "b": 2, "c": 2}
