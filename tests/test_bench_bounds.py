@@ -1,4 +1,4 @@
-"""`tokensieve bench speed`'s native bound of each row, on tiny shapes.
+"""`tokensieve bench speed`'s native bound of each row and its decoding figures, on tiny shapes.
 
 No timing is asserted here: the targets are read off the benchmark command's output. What is
 checked is that the native bound runs the same computation as the pruned hooked model (the same
@@ -13,7 +13,9 @@ import torch
 from tokensieve.attach import attach
 from tokensieve.backbones import LlavaBackbone
 from tokensieve.evaluate import speed
+from tokensieve.evaluate.decode_speed import cache_bytes, decode_figures
 from tokensieve.evaluate.flops import token_counts
+from tokensieve.evaluate.latency import kv_cache_bytes
 from tokensieve.evaluate.native_bounds import (
     hook_free_twin,
     native_plan,
@@ -88,3 +90,32 @@ def test_alternating_timings_runs_the_variants_in_turn():
     times = alternating_timings({n: (lambda n=n: calls.append(n)) for n in "abc"}, repeats=2, warmup=1)
     assert calls == list("abc") * 3
     assert {n: len(t) for n, t in times.items()} == {"a": 2, "b": 2, "c": 2}
+
+
+def test_decoding_figures_count_the_cache_the_prefill_left(models):
+    backbone, native, inputs = models
+    handle = attach(backbone, "fastv", 0.5)
+    try:
+        with torch.no_grad():
+            backbone.forward(**inputs, logits_to_keep=1)
+        short_kept = handle.last_kept[str(handle.stages[0])]
+        row = decode_figures(backbone, native, inputs, short_kept, new_tokens=3, repeats=1)
+    finally:
+        handle.detach()
+    config, n, text = backbone.config, TINY.n_visual, TINY.text_tokens
+    per_row = {"full": [n + text] * 4, "pruned": [n + text] * 2 + [n // 2 + text] * 2, "short": [n // 2 + text] * 4}
+    for variant, layers in per_row.items():  # float32: 4 bytes; two prompts
+        assert row[f"kv_cache_bytes_{variant}"] == 2 * kv_cache_bytes(config, layers, dtype_bytes=4)
+        assert row[f"decode_ms_per_token_{variant}"] > 0 and row[f"generate_s_{variant}"] > 0
+        assert row[f"peak_memory_mb_{variant}"] is None  # measured on CUDA only
+    assert row["kv_ratio_to_short"] == pytest.approx(row["kv_cache_bytes_pruned"] / row["kv_cache_bytes_short"],
+                                                     abs=1e-3)
+    assert row["decode_ratio_to_short"] == pytest.approx(
+        row["decode_ms_per_token_pruned"] / row["decode_ms_per_token_short"], rel=1e-2)
+
+
+def test_cache_bytes_sums_keys_and_values_of_every_layer(models):
+    backbone, _, inputs = models
+    with torch.no_grad():
+        cache = backbone.forward(**inputs, use_cache=True, logits_to_keep=1).past_key_values
+    assert cache_bytes(cache) == 2 * kv_cache_bytes(backbone.config, [TINY.n_visual + TINY.text_tokens] * 4, 4)
