@@ -95,7 +95,7 @@ RECIPES = [
     Recipe(r"^tokensieve eval ", "run", extra=SMALL_EVAL, subs=[(r"^runs/sS$", "runs/s0")]),
     Recipe(r"^tokensieve methods$", "run"),
     Recipe(r"^tokensieve ask ", "run"),
-    Recipe(r"^tokensieve bench speed ", "run", extra=["--repeats", "1"]),
+    Recipe(r"^tokensieve bench speed ", "run", extra=["--repeats", "1", "--new-tokens", "2"]),
     Recipe(r"^tokensieve search ", "run", extra=["--trials", "1"],
            subs=[(r"^configs/search_testbed\.yaml$", "{small_search}")]),
     Recipe(r"^tokensieve clip-benchmark write-data ", "run",

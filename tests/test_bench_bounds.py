@@ -7,11 +7,15 @@ logits, for methods whose kept tokens it can reproduce), and that the figures ar
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+
 import pytest
 import torch
 
 from tokensieve.attach import attach
 from tokensieve.backbones import LlavaBackbone
+from tokensieve.cli import main
 from tokensieve.evaluate import speed
 from tokensieve.evaluate.decode_speed import cache_bytes, decode_figures
 from tokensieve.evaluate.flops import token_counts
@@ -119,3 +123,26 @@ def test_cache_bytes_sums_keys_and_values_of_every_layer(models):
     with torch.no_grad():
         cache = backbone.forward(**inputs, use_cache=True, logits_to_keep=1).past_key_values
     assert cache_bytes(cache) == 2 * kv_cache_bytes(backbone.config, [TINY.n_visual + TINY.text_tokens] * 4, 4)
+
+
+def test_bench_speed_reports_the_bound_and_decoding_of_each_row(monkeypatch, capsys):
+    monkeypatch.setattr(speed, "BenchShape", lambda: replace(TINY, llm_layers=3, vision_layers=1))
+    assert main(["bench", "speed", "--method", "fastv,random", "--budget", "0.5", "--repeats", "1",
+                 "--new-tokens", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["shape"]["new_tokens"] == 2
+    for r in out["rows"]:
+        assert r["native_bound_ms"] > 0
+        assert r["ratio_to_bound"] == pytest.approx(r["native_bound_ms"] / r["prefill_ms_pruned"], rel=1e-2)
+        for variant in ("full", "pruned", "short"):
+            assert {f"decode_ms_per_token_{variant}", f"generate_s_{variant}", f"kv_cache_bytes_{variant}",
+                    f"peak_memory_mb_{variant}"} <= set(r)
+        assert {"decode_ratio_to_short", "kv_ratio_to_short"} <= set(r)
+    assert main(["bench", "speed", "--method", "fastv", "--budget", "0.5", "--repeats", "1", "--new-tokens", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "built natively with no pruning code" in text and "fastv      llm.2" in text
+
+
+def test_one_new_token_is_refused(capsys):
+    assert main(["bench", "speed", "--new-tokens", "1"]) != 0
+    assert "--new-tokens must be at least 2" in capsys.readouterr().err

@@ -41,15 +41,19 @@ def _bench_speed(args: argparse.Namespace) -> None:
         create_method(name)
     if not all(budgets):
         raise TokensieveError("bench speed takes budget ratios (0.33), not token counts")
+    if args.new_tokens < 2:
+        raise TokensieveError("--new-tokens must be at least 2: time per token is read between the first and the "
+                              "last new token")
     shape = _bench_shape(args)
     dtype = getattr(torch, args.dtype)
     rows = speed_benchmark(shape, tuple(methods), tuple(budgets), repeats=args.repeats, threads=args.threads,
-                           device=args.device, dtype=dtype, progress=not args.json, batch=args.batch)
+                           device=args.device, dtype=dtype, progress=not args.json, batch=args.batch,
+                           new_tokens=args.new_tokens)
     kept = sorted({r["visual_tokens_kept"] for r in rows}, reverse=True)
     native = native_llm_reference(shape, kept, repeats=args.repeats, device=args.device, dtype=dtype,
                                   batch=args.batch)
     if args.json:
-        print(json.dumps({"shape": shape_summary(shape, args.device, dtype, args.batch), "rows": rows,
+        print(json.dumps({"shape": shape_summary(shape, args.device, dtype, args.batch, args.new_tokens), "rows": rows,
                           "native_llm": native}, indent=2))
         return
     print(f"{'method':10s} {'site':9s} {'budget':>6s} {'full ms':>8s} {'pruned ms':>9s} {'speedup':>7s} "
@@ -64,6 +68,24 @@ def _bench_speed(args: argparse.Namespace) -> None:
               f"speedup {n['speedup']:5.2f} of token ratio {n['token_ratio']:5.2f} ({n['share_of_token_ratio']:.3f}); "
               f"with the unpruned tower ({n['tower_ms']:.1f} ms) the most a projector-site method could reach: "
               f"{n['projector_site_bound']:.2f}")
+    _print_bounds_and_decoding(rows, args.new_tokens)
+
+
+def _print_bounds_and_decoding(rows: list[dict], new_tokens: int) -> None:
+    """Each row's native bound and its decoding figures (pruned; unpruned and natively short)."""
+    print(f"per row: the same prefill built natively with no pruning code (bound), and decoding {new_tokens} new "
+          "tokens (unpruned / pruned / natively short prompt):")
+    print(f"{'method':10s} {'site':9s} {'budget':>6s} {'bound ms':>8s} {'ratio':>6s} {'decode ms/token':>23s} "
+          f"{'ratio':>6s} {'KV MiB':>20s} {'ratio':>6s} {'generate s':>22s}")
+    for r in rows:
+        decode = "/".join(f"{r[f'decode_ms_per_token_{v}']:.2f}" for v in ("full", "pruned", "short"))
+        kv = "/".join(f"{r[f'kv_cache_bytes_{v}'] / 2**20:.2f}" for v in ("full", "pruned", "short"))
+        whole = "/".join(f"{r[f'generate_s_{v}']:.3f}" for v in ("full", "pruned", "short"))
+        peak = "" if r["peak_memory_mb_pruned"] is None else \
+            "  peak MiB " + "/".join(f"{r[f'peak_memory_mb_{v}']:.0f}" for v in ("full", "pruned", "short"))
+        print(f"{r['method']:10s} {r['site']:9s} {r['budget']:6.2f} {r['native_bound_ms']:8.1f} "
+              f"{r['ratio_to_bound']:6.3f} {decode:>23s} {r['decode_ratio_to_short']:6.3f} {kv:>20s} "
+              f"{r['kv_ratio_to_short']:6.3f} {whole:>22s}{peak}")
 
 
 def _bench_train(args: argparse.Namespace) -> None:
@@ -103,6 +125,8 @@ def add(sub) -> None:
                        help="cpu: 8 layers x 512 (default); llava-7b: LLaVA-1.5-7B's shape (needs a big machine)")
     speed.add_argument("--repeats", type=positive_int, default=7, help="timed runs per case (median)")
     speed.add_argument("--batch", type=positive_int, default=1, help="prompts per prefill")
+    speed.add_argument("--new-tokens", type=positive_int, default=8,
+                       help="tokens generated per prompt for the decoding figures (at least 2; default 8)")
     speed.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     speed.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     speed.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],

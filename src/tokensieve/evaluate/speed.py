@@ -7,6 +7,12 @@ FLOPs (dense matmuls, which grow linearly with tokens: :func:`tokensieve.evaluat
 without the attention-score term) of the whole prefill, full vs pruned, each block counted on
 the tokens it saw; ``scoring_overhead`` is the share of the pruned prefill spent choosing tokens,
 measured in pruned runs of its own (:func:`tokensieve.evaluate.timing.scoring_shares`).
+
+``native_bound_ms`` is the same prefill built natively with no pruning code, timed in the same
+alternation (:mod:`tokensieve.evaluate.native_bounds`), and ``ratio_to_bound`` its time over the
+pruned one's: the share of the site's native bound that the pruned prefill reaches. The decoding
+figures (time per token, KV cache, ``generate()``, peak memory) of the pruned model, the
+unpruned one and a natively shorter prompt come from :mod:`tokensieve.evaluate.decode_speed`.
 """
 
 from __future__ import annotations
@@ -25,9 +31,16 @@ from transformers import (
 
 from tokensieve.attach import attach
 from tokensieve.backbones import LlavaBackbone
+from tokensieve.evaluate.decode_speed import decode_figures
 from tokensieve.evaluate.flops import TokenCounts, prefill_flops, token_counts
+from tokensieve.evaluate.native_bounds import (
+    hook_free_twin,
+    native_plan,
+    native_prefill,
+)
 from tokensieve.evaluate.timing import (
     alternate_timings,
+    alternating_timings,
     repeated_timings,
     scoring_shares,
     synchronizer,
@@ -115,17 +128,19 @@ def ideal_speedup(config: LlavaConfig, full: TokenCounts, pruned: TokenCounts) -
 def speed_benchmark(shape: BenchShape = BenchShape(), methods: tuple[str, ...] = ("fastv", "divprune"),
                     budgets: tuple[float, ...] = (0.33, 0.22, 0.11), repeats: int = 7, threads: int | None = None,
                     device: str = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True,
-                    batch: int = 1) -> list[dict]:
+                    batch: int = 1, new_tokens: int = 8) -> list[dict]:
     """One row per (method at its default site, budget ratio), each prefill on ``batch`` prompts
-    (on a GPU, batch 1 of eager transformers code can be bound by the host launching kernels);
-    see the module docstring."""
+    (on a GPU, batch 1 of eager transformers code can be bound by the host launching kernels),
+    and ``new_tokens`` (>= 2) generated for the decoding figures; see the module docstring."""
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
     backbone = LlavaBackbone(build_bench_model(shape, dtype, device))
+    native = LlavaBackbone(hook_free_twin(backbone.model))  # the same weights, never hooked
     inputs = {k: v.to(device) for k, v in bench_inputs(shape, batch).items()}
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     full_counts = token_counts(backbone, shape.text_tokens)
+    sync = synchronizer(device)
 
     def prefill():
         backbone.forward(**inputs, logits_to_keep=1)
@@ -141,10 +156,19 @@ def speed_benchmark(shape: BenchShape = BenchShape(), methods: tuple[str, ...] =
                 prefill()
 
         try:
-            times = alternate_timings(full_prefill, prefill, repeats, sync=synchronizer(device))
-            scoring = scoring_shares(prefill, handle, repeats, sync=synchronizer(device))
+            with torch.no_grad():
+                prefill()  # the tokens it keeps here, for the native bound
+            counts = token_counts(backbone, shape.text_tokens, handle)
+            plan, short_kept, renumber = native_plan(handle, backbone, counts, shape.text_tokens, batch)
+
+            def bound():
+                native_prefill(native, **inputs, plan=plan, renumber=renumber)
+
+            times = alternating_timings({"full": full_prefill, "pruned": prefill, "bound": bound}, repeats, sync=sync)
+            scoring = scoring_shares(prefill, handle, repeats, sync=sync)
             kept = handle.last_counts[str(handle.stages[0])][1]
             ideal = ideal_speedup(backbone.config, full_counts, token_counts(backbone, shape.text_tokens, handle))
+            decoding = decode_figures(backbone, native, inputs, short_kept.to(device), new_tokens, repeats, sync)
         finally:
             handle.detach()
         full, pruned = times["full"], times["pruned"]
@@ -155,7 +179,9 @@ def speed_benchmark(shape: BenchShape = BenchShape(), methods: tuple[str, ...] =
                "ideal_speedup": round(ideal, 3)}
         row["speedup"] = round(row["prefill_ms_full"] / row["prefill_ms_pruned"], 3)
         row["targets"] = {label: bool(check(row)) for label, check in TARGETS.items()}
-        rows.append(row)
+        row["native_bound_ms"] = round(1000 * statistics.median(times["bound"]), 2)
+        row["ratio_to_bound"] = round(row["native_bound_ms"] / row["prefill_ms_pruned"], 3)
+        rows.append(row | decoding)
     return rows
 
 
@@ -194,7 +220,8 @@ def native_llm_reference(shape: BenchShape, kept_counts: list[int], repeats: int
     return out
 
 
-def shape_summary(shape: BenchShape, device: str = "cpu", dtype: torch.dtype = torch.float32, batch: int = 1) -> dict:
+def shape_summary(shape: BenchShape, device: str = "cpu", dtype: torch.dtype = torch.float32, batch: int = 1,
+                  new_tokens: int = 8) -> dict:
     where = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"cpu, {torch.get_num_threads()} threads"
     return {**asdict(shape), "n_visual": shape.n_visual, "device": where, "dtype": str(dtype).replace("torch.", ""),
-            "batch": batch}
+            "batch": batch, "new_tokens": new_tokens}
