@@ -119,22 +119,23 @@ def native_image_features(backbone: LlavaBackbone, pixel_values: torch.Tensor, p
 
 def _kept_columns(length: int, start: torch.Tensor, count: int, keep: torch.Tensor) -> torch.Tensor:
     """``(B, L')``: the columns of a ``length``-column sequence that stay when only ``keep``
-    ``(B, K)`` of each row's image run (``count`` columns from ``start`` ``(B,)``) stay."""
-    b = keep.shape[0]
+    ``(B, K)`` of each row's image run (``count`` columns from ``start`` ``(B,)``) stay. Built on
+    the device without waiting for it: a stable sort puts the kept columns first, in order."""
+    b, kept = keep.shape
     run = start[:, None] + torch.arange(count, device=start.device)
-    drop = torch.zeros(b, length, dtype=torch.bool, device=start.device)
-    drop.scatter_(1, run, True).scatter_(1, start[:, None] + keep.to(start.device), False)
-    return torch.arange(length, device=start.device).expand(b, -1)[~drop].view(b, -1)
+    drop = torch.zeros(b, length, dtype=torch.uint8, device=start.device)
+    drop.scatter_(1, run, 1).scatter_(1, start[:, None] + keep.to(start.device), 0)
+    return torch.sort(drop, dim=1, stable=True).indices[:, :length - count + kept]
 
 
-def native_llm(backbone: LlavaBackbone, inputs, plan: Plan, renumber: bool = False) -> torch.Tensor:
-    """The decoder stack and final norm on ``inputs`` (:class:`AssembledInputs`), shortened before
-    each ``llm.k`` of ``plan`` -> ``(B, L', d)``. renumber: positions close the gaps (``0..L'-1``
-    over a row's real tokens) after a drop, as methods that renumber do; else each keeps its own."""
+def native_llm(backbone: LlavaBackbone, inputs, count: int, plan: Plan, renumber: bool = False) -> torch.Tensor:
+    """The decoder stack and final norm on ``inputs`` (:class:`AssembledInputs`, ``count`` visual
+    tokens per row), shortened before each ``llm.k`` of ``plan`` -> ``(B, L', d)``. renumber:
+    positions close the gaps (``0..L'-1`` over a row's real tokens) after a drop, as methods that
+    renumber do; else each keeps its own."""
     lm = backbone.language_model
     hidden, mask, positions = inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids
-    layout = backbone.layout(inputs.input_ids, mask)
-    start, count = layout.image_start, int(layout.image_count[0])
+    start = (inputs.input_ids == backbone.image_token_id).int().argmax(1)  # (B,) where the image run starts
     causal = rope = None
     for k, layer in enumerate(lm.layers):
         keep = plan.get(Site("llm", k)) if k > 0 else None
@@ -162,8 +163,9 @@ def native_prefill(backbone: LlavaBackbone, input_ids: torch.Tensor, attention_m
     ``<image>`` runs, ``(B, 3, H, W)`` images, as :meth:`LlavaBackbone.forward` takes them."""
     if backbone._active_sessions():
         raise TokensieveError("the native bound runs on a model with no pruning attached (hook_free_twin)")
-    inputs = backbone.assemble(input_ids, attention_mask, native_image_features(backbone, pixel_values, plan))
-    hidden = native_llm(backbone, inputs, plan, renumber)
+    features = native_image_features(backbone, pixel_values, plan)  # (B, M, d)
+    inputs = backbone.assemble(input_ids, attention_mask, features)
+    hidden = native_llm(backbone, inputs, features.shape[1], plan, renumber)
     return backbone.model.lm_head(hidden[:, -logits_to_keep:])
 
 
