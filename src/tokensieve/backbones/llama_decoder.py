@@ -4,7 +4,9 @@ remove a token as an attention key, and what a decoder layer receives once token
 before it (:class:`Drop`, :func:`drop_before`, :func:`layer_kwargs`: RoPE ``cos``/``sin`` tables,
 ``position_ids`` and the 4D mask gathered to the kept columns, positions renumbered, and the
 mask's key axis remapped to the shorter KV cache while decoding). Families whose decoders are
-Llama's (1D positions, RoPE tables passed to every layer as ``position_embeddings``) reuse it.
+Llama's (1D positions, RoPE tables passed to every layer as ``position_embeddings``) reuse it;
+so do Qwen-VL's, whose tables arrive already combined from their 3-D ids and whose Qwen3 heads
+are normalised (``q_norm``/``k_norm``) before RoPE.
 """
 
 from __future__ import annotations
@@ -46,6 +48,13 @@ def as_additive(mask: torch.Tensor | None, batch: int, q: int, k: int, dtype, de
     return mask.to(dtype)
 
 
+def _head_norm(attn, name: str, heads: torch.Tensor) -> torch.Tensor:
+    """``heads`` ``(B, T, H, d_head)`` through the layer's per-head norm ``name`` before RoPE, where it
+    has one (Qwen3's ``q_norm``/``k_norm``); unchanged otherwise (Llama, Qwen2/2.5)."""
+    norm = getattr(attn, name, None)
+    return heads if norm is None else norm(heads)
+
+
 def last_queries_attention(attn, hidden: torch.Tensor, keys: torch.Tensor, kwargs: dict,
                            queries: int = 1) -> torch.Tensor:
     """``(B, queries, T)``: the attention of the last ``queries`` positions over all positions in a
@@ -58,8 +67,9 @@ def last_queries_attention(attn, hidden: torch.Tensor, keys: torch.Tensor, kwarg
     """
     cos, sin = kwargs["position_embeddings"]
     b, t, _ = hidden.shape
-    q = attn.q_proj(hidden[:, t - queries:]).view(b, queries, -1, attn.head_dim).transpose(1, 2)
-    k = keys.view(b, t, -1, attn.head_dim).transpose(1, 2)
+    q = _head_norm(attn, "q_norm", attn.q_proj(hidden[:, t - queries:]).view(b, queries, -1, attn.head_dim))
+    k = _head_norm(attn, "k_norm", keys.view(b, t, -1, attn.head_dim))
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
     q, _ = apply_rotary_pos_emb(q, q, cos[:, t - queries:], sin[:, t - queries:])
     _, k = apply_rotary_pos_emb(k, k, cos, sin)
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # grouped-query attention
@@ -82,7 +92,7 @@ def rotated_keys(attn, keys: torch.Tensor, kwargs: dict) -> torch.Tensor:
     RoPE, heads side by side per position, as DART's released code reads them."""
     cos, sin = kwargs["position_embeddings"]
     b, t, _ = keys.shape
-    k = keys.view(b, t, -1, attn.head_dim).transpose(1, 2)
+    k = _head_norm(attn, "k_norm", keys.view(b, t, -1, attn.head_dim)).transpose(1, 2)
     _, k = apply_rotary_pos_emb(k, k, cos, sin)
     return k.transpose(1, 2).reshape(b, t, -1)
 
