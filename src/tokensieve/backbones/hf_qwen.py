@@ -9,9 +9,10 @@ Supported inputs: images, any number per prompt and any size (dynamic resolution
 with patch grid ``t x h x w`` gives ``t*h*w / 4`` visual tokens), rows of a batch with different
 images. Video (``pixel_values_videos``, ``<|video_pad|>``) is refused for now.
 
-Sites: ``llm.0`` only for now (the patch merger's output, per image; its session is
-:mod:`tokensieve.backbones.qwen_pruning`). No ``vision.i``: the tower runs packed, window-permuted
-(Qwen2.5) and without a mask input (docs/notes/qwen-vl-study.md, section 4).
+Sites: ``llm.0`` (the patch merger's output, per image) and ``llm.k`` (before decoder layer ``k``, per
+row; Qwen3-VL from its DeepStack levels on); the session is :mod:`tokensieve.backbones.qwen_pruning`.
+No ``vision.i``: the tower runs packed, window-permuted (Qwen2.5) and without a mask input
+(docs/notes/qwen-vl-study.md, section 4).
 
 The adapter runs the model as it runs itself - one tower pass over every image of the batch
 (``get_image_features``), M-RoPE ids from ``get_rope_index`` on the full prompt - but assembles
@@ -39,7 +40,8 @@ from transformers.vision_utils import get_vision_window_index
 
 from tokensieve.backbones.base import Site
 from tokensieve.backbones.hf_checkpoint import checkpoint_config, load_complete
-from tokensieve.backbones.kept_indices import checked_indices
+from tokensieve.backbones.qwen_kept import checked_kept, kept_features, row_origins
+from tokensieve.backbones.qwen_llm import LLM_SIGNALS
 from tokensieve.backbones.qwen_positions import (
     keep_columns,
     rope_positions,
@@ -170,6 +172,11 @@ class QwenVLBackbone:
         return self.model.model.language_model.layers
 
     @property
+    def deepstack_levels(self) -> int:
+        """Qwen3-VL: the decoder layers after which DeepStack features are added (layers 0..n-1); else 0."""
+        return len(getattr(self.config.vision_config, "deepstack_visual_indexes", None) or ())
+
+    @property
     def merge_unit(self) -> int:
         """Patches behind one visual token (``spatial_merge_size**2``: 2x2)."""
         return self.config.vision_config.spatial_merge_size ** 2
@@ -216,13 +223,20 @@ class QwenVLBackbone:
 
     # --- pruning ------------------------------------------------------------------------
     def sites(self) -> list[Site]:
-        """``llm.0`` only for now: the patch merger's output, the visual tokens as the LLM receives them."""
-        return [Site("llm", 0)]
+        """``llm.0`` (the patch merger's output, the visual tokens as the LLM receives them) and ``llm.k``
+        before decoder layer ``k >= 1`` (Qwen3-VL: ``k >=`` its DeepStack levels, whose additions after
+        layers 0..n-1 are locals of the model's forward that a drop before them would break)."""
+        first = max(1, self.deepstack_levels)
+        return [Site("llm", 0)] + [Site("llm", k) for k in range(first, len(self.llm_layers))]
 
     def signals_at(self, site: Site) -> set[str]:
         """``projector_input`` at ``llm.0``: per visual token ``(N, 4 * d_v)``, the merger's input (its
-        2x2 patches side by side). No ``cls_attention``: the Qwen towers have no CLS token."""
-        return {"projector_input"} if site == Site("llm", 0) else set()
+        2x2 patches side by side); at ``llm.k``: ``text_attention``, ``prev_layer_keys``,
+        ``normed_states``, ``positions`` (1-D) and ``layer_text_attention``. No ``cls_attention``: the
+        Qwen towers have no CLS token."""
+        if site not in self.sites():
+            return set()
+        return {"projector_input"} if site == Site("llm", 0) else set(LLM_SIGNALS)
 
     def install(self, handle, seed: int = 0) -> None:
         """Check ``handle``'s stages and register them (called by :func:`tokensieve.attach`)."""
@@ -262,7 +276,7 @@ class QwenVLBackbone:
             raise TokensieveError(VIDEO_REFUSED)
         layout = self.layout(input_ids, attention_mask)
         counts = self._checked_runs(layout, image_grid_thw)
-        kept = None if kept is None else _checked_kept(kept, counts)
+        kept = None if kept is None else checked_kept(kept, counts)
         session = self._active_session()
         if session is not None and kept is not None:
             raise TokensieveError("kept= and an attached pruning handle both choose the visual tokens: pass kept= "
@@ -272,7 +286,7 @@ class QwenVLBackbone:
         positions = rope_positions(self.model.model, input_ids, attention_mask, image_grid_thw, mm_token_type_ids)
         features = self.encode_images(pixel_values, image_grid_thw)
         values = None
-        if session is not None and counts:
+        if session is not None and session.stage is not None and counts:
             questions = None if self.processor is None else (
                 lambda: image_questions(self.processor.tokenizer, input_ids, layout))
             kept, values = session.choose(features.pooler_output, image_grid_thw, questions)
@@ -283,11 +297,13 @@ class QwenVLBackbone:
                     dropped = torch.ones(run.count, dtype=torch.bool, device=stays.device)
                     dropped[kept[run.image]] = False
                     stays[b, run.start + dropped.nonzero().flatten()] = False
-            features = _kept_features(features, kept, values)
+            features = kept_features(features, kept, values)
         pad = self.config.text_config.pad_token_id
         shrunk = keep_columns(input_ids, positions, stays, 0 if pad is None else pad, attention_mask.dtype)
         # Read by the model only when it builds positions itself (a later cached call without ids).
         self.model.model.rope_deltas = shrunk.rope_deltas
+        if session is not None:
+            session.begin_llm_pass(shrunk.input_ids, shrunk.attention_mask, row_origins(layout.runs, counts, kept, input_ids.device))
         return QwenInputs(shrunk.input_ids, shrunk.attention_mask, shrunk.position_ids, features)
 
     def forward(self, input_ids, attention_mask, pixel_values, image_grid_thw, kept=None, mm_token_type_ids=None,
@@ -320,24 +336,3 @@ class QwenVLBackbone:
                     raise TokensieveError(f"image {run.image}: its placeholder run has {run.count} tokens, its "
                                           f"{grid} patch grid gives {counts[run.image]}")
         return counts
-
-
-def _checked_kept(kept: Sequence, counts: list[int]) -> list[torch.Tensor]:
-    """``kept`` as one ``(M_i,)`` index tensor per image, each increasing and in ``[0, N_i)``."""
-    if len(kept) != len(counts):
-        raise TokensieveError(f"kept has {len(kept)} entries for the {len(counts)} images of the batch "
-                              "(one index list per image)")
-    return [checked_indices(k, n, f"kept image {i}") for i, (k, n) in enumerate(zip(kept, counts))]
-
-
-def _kept_features(features, kept: list[torch.Tensor], values: list[torch.Tensor | None] | None = None):
-    """The tower output with each image's tokens (and, Qwen3, each DeepStack level's) cut to ``kept``;
-    ``values``: per image ``(M_i, d)`` new contents of its kept tokens, or None to keep theirs (the
-    DeepStack levels are always cut, never replaced)."""
-    values = values or [None] * len(kept)
-    fields = {"pooler_output": tuple(f[k.to(f.device)] if v is None else v.to(f.dtype)
-                                     for f, k, v in zip(features.pooler_output, kept, values))}
-    deepstack = getattr(features, "deepstack_features", None)
-    if deepstack is not None:
-        fields["deepstack_features"] = [tuple(f[k.to(f.device)] for f, k in zip(level, kept)) for level in deepstack]
-    return type(features)(**fields)

@@ -2,14 +2,19 @@
 
 One :class:`QwenPruningSession` per attached handle. Its :class:`QwenStagePlan` checks the stages
 when it is installed; then, in every forward pass through the adapter (``forward``, ``generate``,
-``prepare``), after the vision tower has run, the stage at ``llm.0`` chooses per image which of the
-patch merger's output tokens (the visual tokens as the LLM receives them) stay, and the adapter
-assembles the LLM input from those (its ``kept=`` path: shrunk placeholder runs, M-RoPE ids kept,
-every DeepStack level cut with the same indices).
+``prepare``):
 
-Only ``llm.0`` for now, in ``hard`` mode. Rows of a method's :class:`SiteInputs` are images, not
-prompts: each image has its own token count and its own budget (a ratio: that share of its tokens;
-a count: that many of every image).
+* ``llm.0``: after the vision tower has run, the stage chooses per image which of the patch
+  merger's output tokens (the visual tokens as the LLM receives them) stay, and the adapter
+  assembles the LLM input from those (its ``kept=`` path: shrunk placeholder runs, M-RoPE ids kept,
+  every DeepStack level cut with the same indices). Rows of its :class:`SiteInputs` are images: each
+  has its own token count and budget (a ratio: that share of its tokens; a count: that many of every
+  image).
+* ``llm.k`` (``k >= 1``; Qwen3-VL: ``k >=`` its DeepStack levels): before decoder layer ``k`` each
+  row chooses among all its visual tokens (:mod:`.qwen_llm`; a ratio: that share of the row's
+  tokens; a count: that many in every row).
+
+``hard`` mode only; methods that make tokens or renumber positions are refused.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from collections.abc import Callable
 import torch
 
 from tokensieve.backbones.base import Site
+from tokensieve.backbones.qwen_llm import QwenLLMStages
 from tokensieve.backbones.stage_plan import PADDING, StagePlan, row_generator
 from tokensieve.errors import TokensieveError
 from tokensieve.method import Selection, SiteInputs
@@ -27,21 +33,33 @@ LLM0 = Site("llm", 0)
 
 
 class QwenStagePlan(StagePlan):
-    """The stage plan on Qwen-VL: the one site ``llm.0``, ``hard`` mode, no tokens a method makes.
+    """The stage plan on Qwen-VL: ``llm.0`` and ``llm.k``, ``hard`` mode, no tokens a method makes and
+    no renumbered positions.
 
-    Budgets are resolved per image in each pass (images differ in token count); at attach a count
-    is checked against the most tokens one image can give (:meth:`QwenVLBackbone.most_image_tokens`).
+    Budgets are resolved per image (``llm.0``) or per row (``llm.k``) in each pass (images and rows
+    differ in token count); at attach a count at ``llm.0`` is checked against the most tokens one
+    image can give (:meth:`QwenVLBackbone.most_image_tokens`); a row may hold any number of images.
     """
 
     def __init__(self, backbone, handle):
+        self.depth, self.deepstack = len(backbone.llm_layers), backbone.deepstack_levels
         super().__init__(handle.stages, handle.mode, backbone.sites(), backbone.signals_at,
                          backbone.most_image_tokens(), False, 0, check=handle.check)
 
     def missing_site(self, site: Site, st) -> TokensieveError:
-        return TokensieveError(f"{st}: site {site} does not exist on the Qwen-VL backbone yet; its only site is "
-                               "llm.0 (the patch merger's output, per image)")
+        if site.stage == "llm" and 0 < site.layer < self.deepstack:
+            return TokensieveError(f"{st}: Qwen3-VL adds DeepStack features after layers 0..{self.deepstack - 1}: "
+                                   f"sites llm.{self.deepstack} and later")
+        if site.stage == "llm" and site.layer >= self.depth:
+            return TokensieveError(f"{st}: the LLM has {self.depth} decoder layers (sites llm.0 .. "
+                                   f"llm.{self.depth - 1}); llm.{site.layer} is past its depth")
+        return TokensieveError(f"{st}: site {site} does not exist on the Qwen-VL backbone yet; its sites are llm.0 "
+                               "(the patch merger's output, per image) and llm.k before decoder layer k")
 
     def check_stage(self, site: Site, st) -> None:
+        if getattr(st.method, "renumbers_positions", False):
+            raise TokensieveError(f"{st}: {st.method.name} renumbers positions, which is not defined for Qwen-VL's "
+                                  "3-D M-RoPE ids yet")
         if self.mode == "soft":
             raise TokensieveError(f"{st}: mode 'soft' is not available on Qwen-VL yet; use hard")
         if st.method.makes_extra_tokens:
@@ -51,9 +69,21 @@ class QwenStagePlan(StagePlan):
     def budget_where(self, site: Site, n: int) -> str:
         return f"{site} (the most one image gives with this processor's max_pixels)"
 
+    def _chain_budgets(self, n_patches: int, keeps_cls: bool) -> None:
+        """Each stage's budget checked on its own: ``llm.0`` against the most one image gives; inside the
+        LLM a row's visual tokens are known only in the pass (any number of images), so there the budget
+        is resolved per row then and the method's check sees it over as many tokens as a row may hold."""
+        for site, st in self.stages.items():
+            if st.method.count_per_row and site.before_llm:
+                raise TokensieveError(f"{st}: a count that varies per row is supported inside the LLM only (llm.k, k >= 1)")
+            n = n_patches if site.before_llm else max(n_patches, st.budget.count or 0)
+            keep = st.budget.resolve(n, self.budget_where(site, n))
+            st.method.check(n, keep, str(site))
+            self.counts[site] = (n, keep)
 
-class QwenPruningSession:
-    """The stage of one handle on one Qwen-VL adapter, and what it captures in a forward pass.
+
+class QwenPruningSession(QwenLLMStages):
+    """The stages of one handle on one Qwen-VL adapter, and what they capture in a forward pass.
 
     It is also one of the handle's hooks: ``remove()`` (on ``handle.detach()``) takes it off the
     adapter, which then runs the plain model again.
@@ -62,12 +92,14 @@ class QwenPruningSession:
     def __init__(self, backbone, handle, seed: int):
         self.bb, self.handle, self.seed = backbone, handle, seed
         self.plan = QwenStagePlan(backbone, handle)
-        self.stage = self.plan.stages[LLM0]
+        self.stage = self.plan.stages.get(LLM0)  # the stage at llm.0, if any
+        self.llm_stages = {site: st for site, st in self.plan.stages.items() if site != LLM0}
         self._merger_input: torch.Tensor | None = None  # (S, d_v): the patch merger's packed input
-        wants = set(self.stage.method.signals) | set(self.stage.method.optional_signals)
+        wants = set() if self.stage is None else set(self.stage.method.signals) | set(self.stage.method.optional_signals)
         self.reads_merger_input = "projector_input" in wants
         if self.reads_merger_input:
             handle.hooks.append(backbone.visual.merger.register_forward_hook(self._capture_merger_input))
+        self._register_llm()
         handle.hooks.append(self)
 
     def remove(self) -> None:

@@ -1,0 +1,182 @@
+"""Stages inside the LLM (``llm.k``, ``k >= 1``) on the Qwen-VL adapter, on tiny random Qwen2-VL,
+Qwen2.5-VL and Qwen3-VL models: each row chooses among all its visual tokens (rows of different
+image counts and sizes), hard mode, positions kept (never renumbered)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_qwen import inputs
+
+from tokensieve.attach import attach
+from tokensieve.backbones.base import Site
+from tokensieve.backbones.hf_qwen import QwenVLBackbone
+from tokensieve.errors import TokensieveError
+from tokensieve.ops import topk_sorted
+
+# Row 0: one 112x112 image (16 tokens); row 1: a 56x84 image (6) then a 112x112 one (16): 22 tokens.
+ROWS = [("what is the colour ?", ["big"]), ("what shape is left and right ?", ["small", "big"])]
+VISUAL = (16, 22)
+# DART with exact_budget keeps the budget exactly (its paper's rule keeps a multiple of its pivots).
+METHODS = {"fastv": "fastv", "dart": {"name": "dart", "exact_budget": True}}
+
+
+@pytest.fixture(scope="module")
+def qwen(tiny_qwen_dir):
+    return QwenVLBackbone.from_pretrained(tiny_qwen_dir)
+
+
+@pytest.fixture(scope="module")
+def site(qwen):
+    """llm.1, or Qwen3-VL's first site after its DeepStack additions (llm.2 in the tiny model)."""
+    return f"llm.{max(1, qwen.deepstack_levels)}"
+
+
+@pytest.fixture(scope="module")
+def mixed(qwen):
+    return inputs(qwen, ROWS)
+
+
+@pytest.fixture(scope="module")
+def plain(qwen, mixed):
+    with torch.no_grad():
+        return qwen.forward(**mixed).logits
+
+
+def kept_of(handle) -> list[torch.Tensor]:
+    """Per row the indices among its visual tokens its stage kept (``handle.last_kept`` without padding)."""
+    return [row[row >= 0] for row in handle.last_kept[str(handle.stages[0])]]
+
+
+def test_sites_and_signals(qwen, site):
+    first = int(site.split(".")[1])
+    assert qwen.sites() == [Site("llm", 0)] + [Site("llm", k) for k in range(first, 3)]
+    assert qwen.signals_at(Site.parse(site)) == {"text_attention", "prev_layer_keys", "normed_states", "positions",
+                                                 "layer_text_attention"}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_budgets_per_row_keep_all_and_detach(qwen, mixed, plain, site, method):
+    with torch.no_grad():
+        handle = attach(qwen, METHODS[method], 1.0, site=site)
+        assert torch.equal(qwen.forward(**mixed).logits, plain), "keep-all is the plain model bit for bit"
+        handle.detach()
+        handle = attach(qwen, METHODS[method], 0.5, site=site)
+        pruned = qwen.forward(**mixed).logits
+        assert [len(k) for k in kept_of(handle)] == [8, 11]  # half of each row's 16 and 22 visual tokens
+        assert pruned.shape[1] == plain.shape[1] - 8  # the row dropping fewest (8) sets the length
+        with handle.disabled():
+            assert torch.equal(qwen.forward(**mixed).logits, plain)
+        handle.detach()
+        assert torch.equal(qwen.forward(**mixed).logits, plain), "detach restores the model bit for bit"
+        handle = attach(qwen, METHODS[method], 10, site=site)
+        qwen.forward(**mixed)
+        assert [len(k) for k in kept_of(handle)] == [10, 10]
+        handle.detach()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_padded_batch_equals_each_row_alone(qwen, mixed, site, method):
+    handle = attach(qwen, METHODS[method], 0.5, site=site)
+    try:
+        with torch.no_grad():
+            together, kept = qwen.forward(**mixed).logits[:, -1], kept_of(handle)
+            for b, row in enumerate(ROWS):
+                alone = inputs(qwen, [row])
+                first = int(mixed["image_grid_thw"][:b].prod(-1).sum())  # the same images as in the batch
+                alone["pixel_values"] = mixed["pixel_values"][first: first + len(alone["pixel_values"])]
+                single = qwen.forward(**alone).logits[:, -1]
+                torch.testing.assert_close(together[b: b + 1], single, rtol=1e-5, atol=1e-5)
+                assert torch.equal(kept[b], kept_of(handle)[0])
+    finally:
+        handle.detach()
+
+
+@pytest.mark.parametrize("method", ["random", "divprune"])
+def test_generate_with_cache_equals_steps_without(qwen, mixed, site, method):
+    """The KV cache holds fewer columns from the site's layer on (and masked slots in the row dropping
+    fewer); decoding continues as the whole sequence run again without a cache. These methods choose
+    from the visual tokens alone, which later tokens cannot change (causal), so every step chooses alike."""
+    # Placeholders would read as images, and the end of turn would end a random model's answer at once.
+    suppressed = [qwen.config.image_token_id, qwen.config.video_token_id, qwen.config.text_config.eos_token_id]
+    handle = attach(qwen, method, 0.5, site=site)
+    try:
+        with torch.no_grad():
+            new = qwen.generate(**mixed, max_new_tokens=4, do_sample=False, suppress_tokens=suppressed)
+            ids, mask = mixed["input_ids"], mixed["attention_mask"]
+            for _ in range(4):
+                step = dict(mixed, input_ids=ids, attention_mask=mask, mm_token_type_ids=None)
+                logits = qwen.forward(**step, use_cache=False).logits[:, -1]
+                token = logits.index_fill(1, torch.tensor(suppressed), -torch.inf).argmax(-1, keepdim=True)
+                ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+    finally:
+        handle.detach()
+    assert torch.equal(new, ids[:, mixed["input_ids"].shape[1]:])
+
+
+def test_fastv_keeps_the_top_of_the_models_own_attention(qwen, mixed, site):
+    """FastV's choice is the top-k of layer k-1's attention from the last token (mean over heads) as
+    the model's own eager attention returns it, over each row's visual columns."""
+    k = int(site.split(".")[1])
+    handle = attach(qwen, "fastv", 0.5, site=site)
+    try:
+        with torch.no_grad():
+            qwen.forward(**mixed)
+            kept = kept_of(handle)
+            qwen.model.set_attn_implementation("eager")
+            with handle.disabled():
+                attentions = qwen.forward(**mixed, output_attentions=True).attentions
+    finally:
+        qwen.model.set_attn_implementation("sdpa")
+        handle.detach()
+    text = attentions[k - 1][:, :, -1].mean(1)  # (B, L)
+    layout = qwen.layout(mixed["input_ids"], mixed["attention_mask"])
+    for b, runs in enumerate(layout.runs):
+        columns = torch.cat([torch.arange(r.start, r.start + r.count) for r in runs])
+        assert torch.equal(topk_sorted(text[b, columns][None], VISUAL[b] // 2)[0], kept[b])
+
+
+def test_pyramiddrop_with_original_positions_runs_per_row(qwen, mixed, site):
+    """A method that needs only LLM signals and keeps positions: PyramidDrop with positions='original'."""
+    first = int(site.split(".")[1])
+    layers = list(range(first, 3))
+    handle = attach(qwen, {"name": "pyramiddrop", "layers": layers, "positions": "original"}, 0.5)
+    try:
+        with torch.no_grad():
+            qwen.forward(**mixed)
+        counts = handle.last_counts
+        assert list(counts) == [f"pyramiddrop@llm.{k}:0.5" for k in layers]
+        assert [len(k) for k in kept_of(handle)] == [8, 11]  # its first stage: half of each row, rounded down
+    finally:
+        handle.detach()
+
+
+def test_refused_at_attach_in_one_line(qwen, site):
+    requests = [
+        ({"method": {"name": "pyramiddrop", "layers": [2]}, "budget": 0.5},
+         "pyramiddrop renumbers positions, which is not defined for Qwen-VL's 3-D M-RoPE ids yet"),
+        ({"method": {"name": "sparsevlm", "layers": [2]}, "budget": 64},
+         "sparsevlm renumbers positions, which is not defined for Qwen-VL's 3-D M-RoPE ids yet"),
+        ({"method": "fastv", "budget": 0.5, "site": site, "mode": "soft"}, "mode 'soft' is not available on Qwen-VL"),
+        ({"method": "fastv", "budget": 0.5, "site": "llm.5"}, "the LLM has 3 decoder layers"),
+        ({"method": "cdpruner", "budget": 0.5, "site": site}, "cdpruner needs projector_input"),
+    ]
+    if qwen.deepstack_levels:
+        requests.append(({"method": "fastv", "budget": 0.5, "site": "llm.1"},
+                         "Qwen3-VL adds DeepStack features after layers 0..1: sites llm.2 and later"))
+    for request, words in requests:
+        with pytest.raises(TokensieveError, match=words) as caught:
+            attach(qwen, **request)
+        assert "\n" not in str(caught.value)
+        assert not qwen.sessions
+
+
+def test_count_above_a_rows_visual_tokens_is_refused_in_one_line(qwen, mixed, site):
+    handle = attach(qwen, "fastv", 20, site=site)
+    try:
+        with pytest.raises(TokensieveError, match="row 0 holds 16 visual tokens, fewer than the budget of 20") as caught, \
+                torch.no_grad():
+            qwen.forward(**mixed)
+        assert "\n" not in str(caught.value)
+    finally:
+        handle.detach()
