@@ -11,6 +11,7 @@ from tiny_qwen import inputs
 from tokensieve.attach import attach
 from tokensieve.backbones.base import Site
 from tokensieve.backbones.hf_qwen import QwenVLBackbone
+from tokensieve.backbones.llama_decoder import as_additive, log_mask
 from tokensieve.errors import TokensieveError
 from tokensieve.ops import topk_sorted
 
@@ -28,8 +29,8 @@ def qwen(tiny_qwen_dir):
 
 @pytest.fixture(scope="module")
 def site(qwen):
-    """llm.1, or Qwen3-VL's first site after its DeepStack additions (llm.2 in the tiny model)."""
-    return f"llm.{max(1, qwen.deepstack_levels)}"
+    """llm.1: on Qwen3-VL before its second DeepStack addition (the session adds it to the kept columns)."""
+    return "llm.1"
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +50,7 @@ def kept_of(handle) -> list[torch.Tensor]:
 
 
 def test_sites_and_signals(qwen, site):
-    first = int(site.split(".")[1])
-    assert qwen.sites() == [Site("llm", 0)] + [Site("llm", k) for k in range(first, 3)]
+    assert qwen.sites() == [Site("llm", k) for k in range(3)]
     assert qwen.signals_at(Site.parse(site)) == {"text_attention", "prev_layer_keys", "normed_states", "positions",
                                                  "layer_text_attention"}
 
@@ -136,10 +136,45 @@ def test_fastv_keeps_the_top_of_the_models_own_attention(qwen, mixed, site):
         assert torch.equal(topk_sorted(text[b, columns][None], VISUAL[b] // 2)[0], kept[b])
 
 
+def test_hard_equals_the_plain_model_with_the_dropped_columns_masked_as_keys(qwen, mixed, site):
+    """Dropping at llm.k == the plain model (its own DeepStack additions, on Qwen3-VL) where, from layer
+    k on, each row's dropped visual columns are masked as attention keys: the kept tokens keep their
+    rotations and DeepStack features, so the last token's logits agree to float precision."""
+    k = int(site.split(".")[1])
+    handle = attach(qwen, "fastv", 0.5, site=site)
+    with torch.no_grad():
+        hard = qwen.forward(**mixed).logits[:, -1]
+        kept = kept_of(handle)
+    handle.detach()
+    layout = qwen.layout(mixed["input_ids"], mixed["attention_mask"])
+    keep = mixed["attention_mask"].bool().clone()
+    for b, runs in enumerate(layout.runs):
+        columns = torch.cat([torch.arange(r.start, r.start + r.count) for r in runs])
+        dropped = torch.ones(len(columns), dtype=torch.bool)
+        dropped[kept[b]] = False
+        keep[b, columns[dropped]] = False
+
+    def masked(_layer, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        b, length = hidden.shape[:2]
+        mask = as_additive(kwargs.get("attention_mask"), b, length, length, hidden.dtype, hidden.device)
+        kwargs["attention_mask"] = (mask + log_mask(keep, hidden.dtype)[:, None, None, :]).clamp(
+            min=torch.finfo(hidden.dtype).min)
+        return args, kwargs
+
+    hooks = [layer.register_forward_pre_hook(masked, with_kwargs=True) for layer in qwen.llm_layers[k:]]
+    try:
+        with torch.no_grad():
+            soft = qwen.forward(**mixed).logits[:, -1]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    torch.testing.assert_close(hard, soft, rtol=1e-5, atol=1e-5)
+
+
 def test_pyramiddrop_with_original_positions_runs_per_row(qwen, mixed, site):
     """A method that needs only LLM signals and keeps positions: PyramidDrop with positions='original'."""
-    first = int(site.split(".")[1])
-    layers = list(range(first, 3))
+    layers = [1, 2]
     handle = attach(qwen, {"name": "pyramiddrop", "layers": layers, "positions": "original"}, 0.5)
     try:
         with torch.no_grad():
@@ -161,9 +196,6 @@ def test_refused_at_attach_in_one_line(qwen, site):
         ({"method": "fastv", "budget": 0.5, "site": "llm.5"}, "the LLM has 3 decoder layers"),
         ({"method": "cdpruner", "budget": 0.5, "site": site}, "cdpruner needs projector_input"),
     ]
-    if qwen.deepstack_levels:
-        requests.append(({"method": "fastv", "budget": 0.5, "site": "llm.1"},
-                         "Qwen3-VL adds DeepStack features after layers 0..1: sites llm.2 and later"))
     for request, words in requests:
         with pytest.raises(TokensieveError, match=words) as caught:
             attach(qwen, **request)

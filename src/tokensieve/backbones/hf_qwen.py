@@ -10,7 +10,7 @@ with patch grid ``t x h x w`` gives ``t*h*w / 4`` visual tokens), rows of a batc
 images. Video (``pixel_values_videos``, ``<|video_pad|>``) is refused for now.
 
 Sites: ``llm.0`` (the patch merger's output, per image) and ``llm.k`` (before decoder layer ``k``, per
-row; Qwen3-VL from its DeepStack levels on); the session is :mod:`tokensieve.backbones.qwen_pruning`.
+row; Qwen3-VL's DeepStack additions then made by the session); the session is :mod:`tokensieve.backbones.qwen_pruning`.
 No ``vision.i``: the tower runs packed, window-permuted (Qwen2.5) and without a mask input
 (docs/notes/qwen-vl-study.md, section 4).
 
@@ -224,10 +224,8 @@ class QwenVLBackbone:
     # --- pruning ------------------------------------------------------------------------
     def sites(self) -> list[Site]:
         """``llm.0`` (the patch merger's output, the visual tokens as the LLM receives them) and ``llm.k``
-        before decoder layer ``k >= 1`` (Qwen3-VL: ``k >=`` its DeepStack levels, whose additions after
-        layers 0..n-1 are locals of the model's forward that a drop before them would break)."""
-        first = max(1, self.deepstack_levels)
-        return [Site("llm", 0)] + [Site("llm", k) for k in range(first, len(self.llm_layers))]
+        before decoder layer ``k >= 1`` (Qwen3-VL too: its session then adds the DeepStack features)."""
+        return [Site("llm", k) for k in range(len(self.llm_layers))]
 
     def signals_at(self, site: Site) -> set[str]:
         """``projector_input`` at ``llm.0``: per visual token ``(N, 4 * d_v)``, the merger's input (its
@@ -303,7 +301,9 @@ class QwenVLBackbone:
         # Read by the model only when it builds positions itself (a later cached call without ids).
         self.model.model.rope_deltas = shrunk.rope_deltas
         if session is not None:
-            session.begin_llm_pass(shrunk.input_ids, shrunk.attention_mask, row_origins(layout.runs, counts, kept, input_ids.device))
+            session.begin_llm_pass(shrunk.input_ids, shrunk.attention_mask,
+                                   row_origins(layout.runs, counts, kept, input_ids.device))
+            features = session.take_deepstack(features, layout.runs)
         return QwenInputs(shrunk.input_ids, shrunk.attention_mask, shrunk.position_ids, features)
 
     def forward(self, input_ids, attention_mask, pixel_values, image_grid_thw, kept=None, mm_token_type_ids=None,

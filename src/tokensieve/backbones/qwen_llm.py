@@ -9,7 +9,8 @@ slots masked as keys in every later layer, so all rows stay one length. Later la
 tables (already combined from the 3-D M-RoPE ids), the 1-D ``position_ids`` and the mask gathered to
 the kept columns, and while decoding the mask's key axis remapped to their shorter K/V
 (:mod:`tokensieve.backbones.llama_decoder`): kept tokens keep their rotations, text after them its
-positions. Positions are never renumbered. A mixin of
+positions. Positions are never renumbered. Qwen3-VL's DeepStack additions after the early layers
+follow each row's visual columns (:mod:`.qwen_deepstack`). A mixin of
 :class:`~tokensieve.backbones.qwen_pruning.QwenPruningSession`: it reads the session's ``bb``,
 ``handle``, ``plan``, ``seed`` and ``llm_stages``.
 """
@@ -68,6 +69,7 @@ class QwenLLMStages:
                        if row else torch.zeros(0, dtype=torch.long, device=device) for row in layout.runs]
         self.question = [layout.question_mask[b].nonzero().flatten() for b in range(len(layout.runs))]
         self.origin = origins
+        self.entering = [torch.arange(len(c), device=device) for c in self.visual]  # of the row's tokens entering
         self.drops: list = []
         self._adjusted: dict = {}
 
@@ -207,6 +209,7 @@ class QwenLLMStages:
         self.drops.append(drop_before(site.layer, previous, original, local, self.length, key_bias, False,
                                       kwargs.get("position_ids")))
         self.visual = [moved[row, columns[kept]] for row, (columns, kept) in enumerate(zip(self.visual, chosen))]
+        self.entering = [entering[kept] for entering, kept in zip(self.entering, chosen)]
         self.question = [moved[row, q] for row, q in enumerate(self.question)]
         return hidden.gather(1, local[..., None].expand(-1, -1, d))
 

@@ -10,9 +10,10 @@ when it is installed; then, in every forward pass through the adapter (``forward
   every DeepStack level cut with the same indices). Rows of its :class:`SiteInputs` are images: each
   has its own token count and budget (a ratio: that share of its tokens; a count: that many of every
   image).
-* ``llm.k`` (``k >= 1``; Qwen3-VL: ``k >=`` its DeepStack levels): before decoder layer ``k`` each
-  row chooses among all its visual tokens (:mod:`.qwen_llm`; a ratio: that share of the row's
-  tokens; a count: that many in every row).
+* ``llm.k`` (``k >= 1``): before decoder layer ``k`` each row chooses among all its visual tokens
+  (:mod:`.qwen_llm`; a ratio: that share of the row's tokens; a count: that many in every row);
+  Qwen3-VL's DeepStack features are then added by the session, to the columns that remain
+  (:mod:`.qwen_deepstack`).
 
 ``hard`` mode only; methods that make tokens or renumber positions are refused.
 """
@@ -24,6 +25,7 @@ from collections.abc import Callable
 import torch
 
 from tokensieve.backbones.base import Site
+from tokensieve.backbones.qwen_deepstack import QwenDeepStack
 from tokensieve.backbones.qwen_llm import QwenLLMStages
 from tokensieve.backbones.stage_plan import PADDING, StagePlan, row_generator
 from tokensieve.errors import TokensieveError
@@ -42,14 +44,11 @@ class QwenStagePlan(StagePlan):
     """
 
     def __init__(self, backbone, handle):
-        self.depth, self.deepstack = len(backbone.llm_layers), backbone.deepstack_levels
+        self.depth = len(backbone.llm_layers)
         super().__init__(handle.stages, handle.mode, backbone.sites(), backbone.signals_at,
                          backbone.most_image_tokens(), False, 0, check=handle.check)
 
     def missing_site(self, site: Site, st) -> TokensieveError:
-        if site.stage == "llm" and 0 < site.layer < self.deepstack:
-            return TokensieveError(f"{st}: Qwen3-VL adds DeepStack features after layers 0..{self.deepstack - 1}: "
-                                   f"sites llm.{self.deepstack} and later")
         if site.stage == "llm" and site.layer >= self.depth:
             return TokensieveError(f"{st}: the LLM has {self.depth} decoder layers (sites llm.0 .. "
                                    f"llm.{self.depth - 1}); llm.{site.layer} is past its depth")
@@ -82,7 +81,7 @@ class QwenStagePlan(StagePlan):
             self.counts[site] = (n, keep)
 
 
-class QwenPruningSession(QwenLLMStages):
+class QwenPruningSession(QwenLLMStages, QwenDeepStack):
     """The stages of one handle on one Qwen-VL adapter, and what they capture in a forward pass.
 
     It is also one of the handle's hooks: ``remove()`` (on ``handle.detach()``) takes it off the
@@ -100,6 +99,7 @@ class QwenPruningSession(QwenLLMStages):
         if self.reads_merger_input:
             handle.hooks.append(backbone.visual.merger.register_forward_hook(self._capture_merger_input))
         self._register_llm()
+        self._register_deepstack()
         handle.hooks.append(self)
 
     def remove(self) -> None:
