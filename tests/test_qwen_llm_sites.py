@@ -172,6 +172,22 @@ def test_hard_equals_the_plain_model_with_the_dropped_columns_masked_as_keys(qwe
     torch.testing.assert_close(hard, soft, rtol=1e-5, atol=1e-5)
 
 
+def test_llm0_then_llmk(qwen, mixed, plain, site):
+    """A stage at llm.0 (per image) then one inside the LLM (per row): keep-all is the plain model, and
+    the later stage keeps tokens the first kept, named among the row's visual tokens before pruning."""
+    with torch.no_grad():
+        handle = attach(qwen, [("divprune", "llm.0", 1.0), ("fastv", site, 1.0)])
+        assert torch.equal(qwen.forward(**mixed).logits, plain)
+        handle.detach()
+        handle = attach(qwen, [("divprune", "llm.0", 0.5), ("fastv", site, 0.5)])
+        qwen.forward(**mixed)
+    handle.detach()
+    first = [row[row >= 0] for row in handle.last_kept["divprune@llm.0:0.5"]]  # per image: 8, 3, 8 of 16, 6, 16
+    entering = [first[0], torch.cat([first[1], 6 + first[2]])]  # per row, its images in prompt order
+    for row, kept in enumerate([row[row >= 0] for row in handle.last_kept[f"fastv@{site}:0.5"]]):
+        assert len(kept) == round(len(entering[row]) / 2) and set(kept.tolist()) <= set(entering[row].tolist())
+
+
 def test_pyramiddrop_with_original_positions_runs_per_row(qwen, mixed, site):
     """A method that needs only LLM signals and keeps positions: PyramidDrop with positions='original'."""
     layers = [1, 2]
