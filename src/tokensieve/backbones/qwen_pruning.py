@@ -68,7 +68,7 @@ class QwenStagePlan(StagePlan):
     def budget_where(self, site: Site, n: int) -> str:
         return f"{site} (the most one image gives with this processor's max_pixels)"
 
-    def _chain_budgets(self, n_patches: int, keeps_cls: bool) -> None:
+    def chain_budgets(self, n_patches: int, keeps_cls: bool) -> None:
         """Each stage's budget checked on its own: ``llm.0`` against the most one image gives; inside the
         LLM a row's visual tokens are known only in the pass (any number of images), so there the budget
         is resolved per row then and the method's check sees it over as many tokens as a row may hold."""

@@ -149,7 +149,9 @@ class StagePlan:
 
     Built when a session is installed, before any model work. A backbone's plan says in a few
     methods what differs in its messages (:meth:`missing_site`, :meth:`place`, :meth:`budget_where`,
-    :meth:`merge_span`) and what more it refuses (:meth:`check_stage`).
+    :meth:`merge_span`), what more it refuses (:meth:`check_stage`), and, where a site's token count
+    is known only in the pass (Qwen-VL's images of any size), how budgets are checked at attach
+    (:meth:`chain_budgets`).
 
     stages: ``{Site: Stage}`` in the order given. counts: ``{Site: (tokens the site sees, budget)}``
     (a stage after one keeping a count per row is followed as if that one kept its budget).
@@ -180,7 +182,7 @@ class StagePlan:
         self.counts: dict = {}
         self.schedules: dict = {}
         self.capped: set = set()
-        self._chain_budgets(n_patches, keeps_cls)
+        self.chain_budgets(n_patches, keeps_cls)
         self._check_merged_signals()
 
     # --- what a backbone's plan words or refuses its own way -----------------------------
@@ -209,7 +211,7 @@ class StagePlan:
         return f"{site.layer}..{end - 1}"
 
     # --- the budget chain ---------------------------------------------------------------
-    def _chain_budgets(self, n_patches: int, keeps_cls: bool) -> None:
+    def chain_budgets(self, n_patches: int, keeps_cls: bool) -> None:
         """Resolve every budget against the tokens its site will see.
 
         After a stage that keeps a count per row a later budget is a cap: a token count (each
