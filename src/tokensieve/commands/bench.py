@@ -46,14 +46,18 @@ def _bench_speed(args: argparse.Namespace) -> None:
                               "last new token")
     shape = _bench_shape(args)
     dtype = getattr(torch, args.dtype)
+    backend = args.compile_backend if args.compile else None
+    if backend and backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise TokensieveError(f"--compile-backend {backend}: not a torch.compile backend (e.g. inductor, "
+                              "cudagraphs, aot_eager)")
     rows = speed_benchmark(shape, tuple(methods), tuple(budgets), repeats=args.repeats, threads=args.threads,
                            device=args.device, dtype=dtype, progress=not args.json, batch=args.batch,
-                           new_tokens=args.new_tokens)
+                           new_tokens=args.new_tokens, compile_backend=backend)
     kept = sorted({r["visual_tokens_kept"] for r in rows}, reverse=True)
     native = native_llm_reference(shape, kept, repeats=args.repeats, device=args.device, dtype=dtype,
                                   batch=args.batch)
     if args.json:
-        print(json.dumps({"shape": shape_summary(shape, args.device, dtype, args.batch, args.new_tokens), "rows": rows,
+        print(json.dumps({"shape": shape_summary(shape, args.device, dtype, args.batch, args.new_tokens, backend), "rows": rows,
                           "native_llm": native}, indent=2))
         return
     print(f"{'method':10s} {'site':9s} {'budget':>6s} {'full ms':>8s} {'pruned ms':>9s} {'speedup':>7s} "
@@ -62,6 +66,10 @@ def _bench_speed(args: argparse.Namespace) -> None:
         print(f"{r['method']:10s} {r['site']:9s} {r['budget']:6.2f} {r['prefill_ms_full']:8.1f} "
               f"{r['prefill_ms_pruned']:9.1f} {r['speedup']:7.2f} {r['ideal_speedup']:6.2f} "
               f"{r['scoring_overhead']:7.3f}  " + " ".join("ok" if ok else "MISSED" for ok in r["targets"].values()))
+    if backend:
+        print(f"prefills torch.compile'd ({backend}); first calls (compiling), s, pruned/full/bound: " +
+              ", ".join(f"{r['method']}@{r['budget']:.2f} " + "/".join(f"{r['compile_s'][k]:.1f}" for k in
+                                                                      ("pruned", "full", "bound")) for r in rows))
     print("the unpruned LLM alone on a natively shorter prompt (what perfect removal could reach here):")
     for n in native:
         print(f"  {n['visual_tokens_kept']:4d} visual tokens: {n['llm_ms_full']:8.1f} -> {n['llm_ms_short']:7.1f} ms, "
@@ -131,6 +139,11 @@ def add(sub) -> None:
     speed.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     speed.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                        help="the model's dtype (default float32)")
+    speed.add_argument("--compile", action="store_true",
+                       help="run the pruned and unpruned prefills and the native bound torch.compile'd "
+                            "(first calls compile, untimed; compile_s per row)")
+    speed.add_argument("--compile-backend", default="inductor",
+                       help="torch.compile backend with --compile (default inductor; aot_eager needs no C compiler)")
     speed.add_argument("--json", action="store_true", help="print the rows as JSON")
     speed.set_defaults(func=_bench_speed)
 

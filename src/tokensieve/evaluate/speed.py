@@ -13,10 +13,17 @@ alternation (:mod:`tokensieve.evaluate.native_bounds`), and ``ratio_to_bound`` i
 pruned one's: the share of the site's native bound that the pruned prefill reaches. The decoding
 figures (time per token, KV cache, ``generate()``, peak memory) of the pruned model, the
 unpruned one and a natively shorter prompt come from :mod:`tokensieve.evaluate.decode_speed`.
+
+With ``compile_backend`` the three prefills (pruned, unpruned, native bound) run ``torch.compile``'d
+(:mod:`tokensieve.evaluate.compiled`: the tower's, projector's and model's forwards; the whole
+native prefill), each case compiled afresh; their first calls compile and
+are left out of the medians (``compile_s``: each first call's seconds). The scoring shares and
+the decoding figures stay eager.
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 from dataclasses import asdict, dataclass
 
@@ -31,6 +38,7 @@ from transformers import (
 
 from tokensieve.attach import attach
 from tokensieve.backbones import LlavaBackbone
+from tokensieve.evaluate.compiled import compiled_forwards, first_call_seconds
 from tokensieve.evaluate.decode_speed import decode_figures
 from tokensieve.evaluate.flops import TokenCounts, prefill_flops, token_counts
 from tokensieve.evaluate.native_bounds import (
@@ -128,7 +136,7 @@ def ideal_speedup(config: LlavaConfig, full: TokenCounts, pruned: TokenCounts) -
 def speed_benchmark(shape: BenchShape = BenchShape(), methods: tuple[str, ...] = ("fastv", "divprune"),
                     budgets: tuple[float, ...] = (0.33, 0.22, 0.11), repeats: int = 7, threads: int | None = None,
                     device: str = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True,
-                    batch: int = 1, new_tokens: int = 8) -> list[dict]:
+                    batch: int = 1, new_tokens: int = 8, compile_backend: str | None = None) -> list[dict]:
     """One row per (method at its default site, budget ratio), each prefill on ``batch`` prompts
     (on a GPU, batch 1 of eager transformers code can be bound by the host launching kernels),
     and ``new_tokens`` (>= 2) generated for the decoding figures; see the module docstring."""
@@ -141,6 +149,7 @@ def speed_benchmark(shape: BenchShape = BenchShape(), methods: tuple[str, ...] =
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     full_counts = token_counts(backbone, shape.text_tokens)
     sync = synchronizer(device)
+    compiled = (backbone.vision_tower, backbone.projector, backbone.model)  # all a prefill runs (--compile)
 
     def prefill():
         backbone.forward(**inputs, logits_to_keep=1)
@@ -156,15 +165,19 @@ def speed_benchmark(shape: BenchShape = BenchShape(), methods: tuple[str, ...] =
                 prefill()
 
         try:
-            with torch.no_grad():
-                prefill()  # the tokens it keeps here, for the native bound
-            counts = token_counts(backbone, shape.text_tokens, handle)
-            plan, short_kept, renumber = native_plan(handle, backbone, counts, shape.text_tokens, batch)
+            with compiled_forwards(compiled, compile_backend) if compile_backend else contextlib.nullcontext():
+                first = {"pruned": first_call_seconds(prefill, compile_backend)}  # the tokens kept, for the bound
+                counts = token_counts(backbone, shape.text_tokens, handle)
+                plan, short_kept, renumber = native_plan(handle, backbone, counts, shape.text_tokens, batch)
 
-            def bound():
-                native_prefill(native, **inputs, plan=plan, renumber=renumber)
+                def bound():
+                    native_prefill(native, **inputs, plan=plan, renumber=renumber)
 
-            times = alternating_timings({"full": full_prefill, "pruned": prefill, "bound": bound}, repeats, sync=sync)
+                variants = {"full": full_prefill, "pruned": prefill,
+                            "bound": torch.compile(bound, backend=compile_backend) if compile_backend else bound}
+                if compile_backend:  # compile the other two before timing
+                    first |= {k: first_call_seconds(variants[k], compile_backend) for k in ("full", "bound")}
+                times = alternating_timings(variants, repeats, sync=sync)
             scoring = scoring_shares(prefill, handle, repeats, sync=sync)
             kept = handle.last_counts[str(handle.stages[0])][1]
             ideal = ideal_speedup(backbone.config, full_counts, token_counts(backbone, shape.text_tokens, handle))
@@ -181,6 +194,8 @@ def speed_benchmark(shape: BenchShape = BenchShape(), methods: tuple[str, ...] =
         row["targets"] = {label: bool(check(row)) for label, check in TARGETS.items()}
         row["native_bound_ms"] = round(1000 * statistics.median(times["bound"]), 2)
         row["ratio_to_bound"] = round(row["native_bound_ms"] / row["prefill_ms_pruned"], 3)
+        if compile_backend:
+            row["compile_s"] = {k: round(v, 2) for k, v in first.items()}
         rows.append(row | decoding)
     return rows
 
@@ -221,7 +236,8 @@ def native_llm_reference(shape: BenchShape, kept_counts: list[int], repeats: int
 
 
 def shape_summary(shape: BenchShape, device: str = "cpu", dtype: torch.dtype = torch.float32, batch: int = 1,
-                  new_tokens: int = 8) -> dict:
+                  new_tokens: int = 8, compile_backend: str | None = None) -> dict:
     where = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"cpu, {torch.get_num_threads()} threads"
     return {**asdict(shape), "n_visual": shape.n_visual, "device": where, "dtype": str(dtype).replace("torch.", ""),
-            "batch": batch, "new_tokens": new_tokens}
+            "batch": batch, "new_tokens": new_tokens, "compiled": bool(compile_backend)} | \
+        ({"compile_backend": compile_backend} if compile_backend else {})
