@@ -63,3 +63,20 @@ def test_an_unknown_backend_is_refused_in_one_line(capsys):
     assert main(["bench", "speed", "--compile", "--compile-backend", "nosuch"]) == 2
     assert capsys.readouterr().err == ("tokensieve: error: --compile-backend nosuch: not a torch.compile backend "
                                        "(e.g. inductor, cudagraphs, aot_eager)\n")
+
+
+def test_fastv_in_the_llm_compiles_to_one_graph(backbone, batch):
+    """Nothing the engine does inside the LLM breaks the graph: FastV at llm.2 (its capture of
+    layer 1's attention, the drop before layer 2, the gathered positions and mask) compiles with
+    the model's forward into a single graph."""
+    handle = attach(backbone, "fastv", 0.5, site="llm.2", mode="hard")
+    try:
+        with torch.no_grad():
+            backbone.forward(**batch)  # the stage's first pass checks values (a graph break by design)
+            counters.clear()
+            with compiled_forwards((backbone.model,), "aot_eager"):
+                backbone.forward(**batch)
+        assert dict(counters["graph_break"]) == {}
+        assert counters["stats"]["unique_graphs"] == 1
+    finally:
+        handle.detach()

@@ -42,6 +42,8 @@ class Stage:
 class Handle:
     """What :func:`attach` returns: the attached stages, and the way back.
 
+    detached: True once :meth:`detach` has run; the stages act only while it is False (and the
+    handle is ``enabled``, and the mode is not ``origin``).
     check: ``"first"`` or ``"always"``: when each stage's selection has its values checked
     (indices sorted, unique and in range, per-row counts within the budget, an order that is a
     permutation), which waits for the device: on the stage's first forward pass after
@@ -68,6 +70,7 @@ class Handle:
     hooks: list = field(default_factory=list)
     enabled: bool = True
     check: str = "first"
+    detached: bool = False
     scoring_seconds: float = 0.0
     scoring_sync: Callable[[], None] = field(default=lambda: None, repr=False)
     last_kept: dict = field(default_factory=dict)
@@ -111,6 +114,7 @@ class Handle:
         for hook in self.hooks:
             hook.remove()
         self.hooks.clear()
+        self.detached = True
 
     @contextlib.contextmanager
     def scoring(self) -> Iterator[None]:
@@ -139,7 +143,9 @@ class Handle:
 
     @property
     def active(self) -> bool:
-        return self.enabled and self.mode != "origin" and bool(self.hooks)
+        # A flag rather than the hook list: torch.compile cannot trace the list's hook handles, and
+        # every hook reads this (a graph break in each decoder layer).
+        return self.enabled and self.mode != "origin" and not self.detached
 
 
 def _mean_count(count: int | torch.Tensor) -> int:
