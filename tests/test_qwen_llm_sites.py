@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_qwen import inputs
+from tiny_qwen import inputs, kept_of
 
 from tokensieve.attach import attach
 from tokensieve.backbones.base import Site
@@ -42,11 +42,6 @@ def mixed(qwen):
 def plain(qwen, mixed):
     with torch.no_grad():
         return qwen.forward(**mixed).logits
-
-
-def kept_of(handle) -> list[torch.Tensor]:
-    """Per row the indices among its visual tokens its stage kept (``handle.last_kept`` without padding)."""
-    return [row[row >= 0] for row in handle.last_kept[str(handle.stages[0])]]
 
 
 def test_sites_and_signals(qwen, site):

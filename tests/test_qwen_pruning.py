@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from tiny_clip_text import save_tiny_clip
-from tiny_qwen import inputs, until_eos
+from tiny_qwen import inputs, kept_of, until_eos
 
 from tokensieve.attach import attach
 from tokensieve.backbones.base import Backbone, Site
@@ -36,11 +36,6 @@ def mixed(qwen):
 def plain(qwen, mixed):
     with torch.no_grad():
         return qwen.forward(**mixed).logits
-
-
-def kept_of(handle) -> list[torch.Tensor]:
-    """Per image the indices its stage kept (``handle.last_kept`` without the padding slots)."""
-    return [row[row >= 0] for row in handle.last_kept[str(handle.stages[0])]]
 
 
 @dataclass

@@ -119,3 +119,9 @@ def inputs(qwen, rows) -> dict:
 def until_eos(tokens: torch.Tensor, eos: int) -> list[list[int]]:
     """Each row's tokens up to and including its first ``eos`` (generate pads after it)."""
     return [row[: row.index(eos) + 1] if eos in row else row for row in tokens.tolist()]
+
+
+def kept_of(handle) -> list[torch.Tensor]:
+    """Per row of ``handle.last_kept`` (an image at ``llm.0``, a prompt row inside the LLM) the indices
+    its first stage kept, without the padding slots."""
+    return [row[row >= 0] for row in handle.last_kept[str(handle.stages[0])]]
