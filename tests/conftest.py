@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_qwen import FAMILIES, save_tiny_qwen
+from tiny_qwen import FAMILIES, ROWS, inputs, save_tiny_qwen
 
 from tokensieve.data.synthetic import SceneSpec, make_sample
 from tokensieve.testbed import model as model_module
@@ -63,3 +63,24 @@ def batch(backbone, tiny_samples):
 
     return encode(backbone.processor, tiny_samples)
 
+
+
+@pytest.fixture(scope="module")
+def qwen(tiny_qwen_dir):
+    """The tiny Qwen-VL model of one family, loaded once per test module."""
+    from tokensieve.backbones.hf_qwen import QwenVLBackbone
+
+    return QwenVLBackbone.from_pretrained(tiny_qwen_dir)
+
+
+@pytest.fixture(scope="module")
+def mixed(qwen):
+    """:data:`tiny_qwen.ROWS` encoded as one left-padded batch: rows of different image sizes, one with two images."""
+    return inputs(qwen, ROWS)
+
+
+@pytest.fixture(scope="module")
+def plain(qwen, mixed):
+    """The unpruned logits ``(B, L, vocab)`` of ``mixed``."""
+    with torch.no_grad():
+        return qwen.forward(**mixed).logits

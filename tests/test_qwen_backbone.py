@@ -15,17 +15,6 @@ from tokensieve.errors import TokensieveError
 KEPT = [torch.tensor([0, 3, 5, 9, 10, 15]), torch.tensor([1, 2, 4]), torch.tensor([2, 7, 8, 14])]
 
 
-@pytest.fixture(scope="module")
-def qwen(tiny_qwen_dir):
-    return QwenVLBackbone.from_pretrained(tiny_qwen_dir)
-
-
-@pytest.fixture(scope="module")
-def mixed(qwen):
-    """Row 0: one 112x112 image (16 tokens); row 1: a 56x84 image (6) then a 112x112 one (16)."""
-    return inputs(qwen, [("what is the colour ?", ["big"]), ("what shape is left and right ?", ["small", "big"])])
-
-
 def masked_reference(qwen, batch, kept):
     """The model itself with every token present and the dropped visual columns masked out
     (attention mask 0, every position id as in the full prompt)."""

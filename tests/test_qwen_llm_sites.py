@@ -6,42 +6,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_qwen import inputs, kept_of
+from tiny_qwen import ROWS, inputs, kept_of
 
 from tokensieve.attach import attach
 from tokensieve.backbones.base import Site
-from tokensieve.backbones.hf_qwen import QwenVLBackbone
 from tokensieve.backbones.llama_decoder import as_additive, log_mask
 from tokensieve.errors import TokensieveError
 from tokensieve.ops import topk_sorted
 
-# Row 0: one 112x112 image (16 tokens); row 1: a 56x84 image (6) then a 112x112 one (16): 22 tokens.
-ROWS = [("what is the colour ?", ["big"]), ("what shape is left and right ?", ["small", "big"])]
 VISUAL = (16, 22)
 # DART with exact_budget keeps the budget exactly (its paper's rule keeps a multiple of its pivots).
 METHODS = {"fastv": "fastv", "dart": {"name": "dart", "exact_budget": True}}
 
 
 @pytest.fixture(scope="module")
-def qwen(tiny_qwen_dir):
-    return QwenVLBackbone.from_pretrained(tiny_qwen_dir)
-
-
-@pytest.fixture(scope="module")
 def site(qwen):
     """llm.1: on Qwen3-VL before its second DeepStack addition (the session adds it to the kept columns)."""
     return "llm.1"
-
-
-@pytest.fixture(scope="module")
-def mixed(qwen):
-    return inputs(qwen, ROWS)
-
-
-@pytest.fixture(scope="module")
-def plain(qwen, mixed):
-    with torch.no_grad():
-        return qwen.forward(**mixed).logits
 
 
 def test_sites_and_signals(qwen, site):

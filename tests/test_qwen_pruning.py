@@ -8,34 +8,15 @@ from dataclasses import dataclass
 import pytest
 import torch
 from tiny_clip_text import save_tiny_clip
-from tiny_qwen import inputs, kept_of, until_eos
+from tiny_qwen import ROWS, inputs, kept_of, until_eos
 
 from tokensieve.attach import attach
 from tokensieve.backbones.base import Backbone, Site
-from tokensieve.backbones.hf_qwen import QwenVLBackbone
 from tokensieve.backbones.qwen_prompt import image_questions
 from tokensieve.errors import TokensieveError
 from tokensieve.method import Method, Selection, SiteInputs
 
-# Row 0: one 112x112 image (16 tokens); row 1: a 56x84 image (6) then a 112x112 one (16).
-ROWS = [("what is the colour ?", ["big"]), ("what shape is left and right ?", ["small", "big"])]
 METHODS = ("random", "divprune")
-
-
-@pytest.fixture(scope="module")
-def qwen(tiny_qwen_dir):
-    return QwenVLBackbone.from_pretrained(tiny_qwen_dir)
-
-
-@pytest.fixture(scope="module")
-def mixed(qwen):
-    return inputs(qwen, ROWS)
-
-
-@pytest.fixture(scope="module")
-def plain(qwen, mixed):
-    with torch.no_grad():
-        return qwen.forward(**mixed).logits
 
 
 @dataclass

@@ -45,6 +45,10 @@ VOCAB = {t: i for i, t in enumerate(SPECIAL + WORDS)}
 IMAGE_SIZES = {"big": (112, 112), "small": (56, 84)}  # (height, width) -> 16 and 6 visual tokens
 
 
+# Row 0: one 112x112 image (16 tokens); row 1: a 56x84 image (6) then a 112x112 one (16).
+ROWS = [("what is the colour ?", ["big"]), ("what shape is left and right ?", ["small", "big"])]
+
+
 def tokenizer() -> PreTrainedTokenizerFast:
     """Whitespace-split words of :data:`WORDS`; special tokens kept whole; left padding."""
     core = Tokenizer(models.WordLevel(vocab=VOCAB, unk_token="<pad>"))
