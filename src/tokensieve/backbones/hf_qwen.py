@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,6 +40,7 @@ from transformers.vision_utils import get_vision_window_index
 from tokensieve.backbones.base import Site
 from tokensieve.backbones.hf_checkpoint import checkpoint_config, load_complete
 from tokensieve.backbones.qwen_kept import checked_kept, kept_features, row_origins
+from tokensieve.backbones.qwen_layout import QwenInputs, QwenLayout, find_layout
 from tokensieve.backbones.qwen_llm import LLM_SIGNALS
 from tokensieve.backbones.qwen_positions import (
     keep_columns,
@@ -65,49 +65,6 @@ def load_qwen_weights(name: str, dtype: torch.dtype | None) -> nn.Module:
             f"{name} is a {family!r} model; the Qwen-VL backbone needs model_type 'qwen2_vl', 'qwen2_5_vl' or "
             "'qwen3_vl' (Qwen2VL-, Qwen2_5_VL- or Qwen3VLForConditionalGeneration)")
     return load_complete(MODEL_CLASSES[family], name, dtype)
-
-
-@dataclass(frozen=True)
-class VisualRun:
-    """One image's placeholder run: ``count`` columns from ``start`` (in the padded row), holding
-    image ``image`` (its index in ``image_grid_thw``, prompt order over the batch)."""
-
-    start: int
-    count: int
-    image: int
-
-
-@dataclass
-class QwenLayout:
-    """Where things sit in a batch of prompts.
-
-    runs: per row, its images' placeholder runs in prompt order (a row may have none).
-    question_mask: ``(B, L)`` True on real tokens after the row's last image.
-    """
-
-    runs: list[list[VisualRun]]
-    question_mask: torch.Tensor
-
-    @property
-    def n_images(self) -> int:
-        return sum(len(row) for row in self.runs)
-
-
-@dataclass
-class QwenInputs:
-    """What the model receives: ``input_ids``, ``attention_mask`` ``(B, L')``, ``position_ids``
-    ``(4, B, L')`` (text row over t/h/w), ``image_features`` the tower output whose
-    ``pooler_output`` holds one ``(M_i, d)`` per image (Qwen3: ``deepstack_features`` one such
-    tuple per level), ``M_i`` = tokens kept of image ``i``."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    image_features: object
-
-    def model_kwargs(self) -> dict:
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
-                "position_ids": self.position_ids, "mm_encoder_outputs": {"image": self.image_features}}
 
 
 class QwenVLBackbone:
@@ -207,19 +164,7 @@ class QwenVLBackbone:
 
     def layout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> QwenLayout:
         """The image runs and question tokens of each row of ``input_ids`` ``(B, L)``."""
-        is_image = (input_ids == self.image_token_id) & attention_mask.bool()
-        edges = torch.diff(is_image.int(), dim=1, prepend=is_image.new_zeros(is_image.shape[0], 1).int(),
-                           append=is_image.new_zeros(is_image.shape[0], 1).int())
-        runs, image = [], 0
-        question = attention_mask.bool().clone()
-        for b in range(input_ids.shape[0]):
-            starts = (edges[b] == 1).nonzero().flatten().tolist()
-            ends = (edges[b] == -1).nonzero().flatten().tolist()
-            runs.append([VisualRun(s, e - s, image + i) for i, (s, e) in enumerate(zip(starts, ends))])
-            image += len(starts)
-            if ends:
-                question[b, : ends[-1]] = False
-        return QwenLayout(runs, question)
+        return find_layout(input_ids, attention_mask, self.image_token_id)
 
     # --- pruning ------------------------------------------------------------------------
     def sites(self) -> list[Site]:

@@ -41,7 +41,7 @@ def image_questions(tokenizer, input_ids: torch.Tensor, layout) -> list[str]:
     """Each image's question as text, in image order over the batch: the text of its row after the
     row's last image (``layout.question_mask``), without special tokens and the assistant's cue.
 
-    input_ids: ``(B, L)``; layout: the adapter's ``QwenLayout`` of them.
+    input_ids: ``(B, L)``; layout: the adapter's ``QwenLayout`` (:mod:`.qwen_layout`) of them.
     """
     texts = [ANSWER_CUE.sub("", tokenizer.decode(ids[mask], skip_special_tokens=True)).strip()
              for ids, mask in zip(input_ids, layout.question_mask)]
