@@ -25,6 +25,7 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor
 from tokensieve.backbones.attention_signals import layer_cls_attention
 from tokensieve.backbones.base import Site
 from tokensieve.backbones.kept_indices import checked_indices
+from tokensieve.backbones.llava_assembly import AssembledInputs, assemble_rows
 from tokensieve.backbones.llava_checkpoint import default_model_path, load_llava_weights
 from tokensieve.backbones.llava_pruning import LlavaPruningSession
 from tokensieve.backbones.llava_signals import llava_signals_at
@@ -43,20 +44,6 @@ class TokenLayout:
     image_start: torch.Tensor
     image_count: torch.Tensor
     question_mask: torch.Tensor
-
-
-@dataclass
-class AssembledInputs:
-    """What the LLM receives. All ``(B, L')``, except ``inputs_embeds`` ``(B, L', d)``."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    inputs_embeds: torch.Tensor
-
-    def model_kwargs(self) -> dict[str, torch.Tensor]:
-        return {"inputs_embeds": self.inputs_embeds, "attention_mask": self.attention_mask,
-                "position_ids": self.position_ids}
 
 
 class LlavaBackbone:
@@ -225,39 +212,18 @@ class LlavaBackbone:
         so a row gives the same result alone or in a padded batch.
         """
         layout = self.layout(input_ids, attention_mask)
-        # Each row's image start, padding and image count, read back from the device at once.
-        starts, pads, counts = torch.stack([layout.image_start, (~attention_mask.bool()).sum(1),
-                                            layout.image_count]).tolist()
-        # Each row's real columns first, in order (a stable sort; a boolean mask would wait for the device).
-        real_first = (~attention_mask.bool()).to(torch.uint8).argsort(dim=1, stable=True)
-        rows = []
-        for b in range(input_ids.shape[0]):
-            real = input_ids[b].index_select(0, real_first[b, :input_ids.shape[1] - pads[b]])
-            start, count, kept = starts[b] - pads[b], counts[b], image_embeds[b].shape[0]
-            if kept > count:
-                raise TokensieveError(f"row {b}: {kept} visual tokens for {count} <image> placeholders")
-            run = real.new_full((kept,), self.image_token_id)
-            rows.append(torch.cat([real[:start], run, real[start + count:]]))
-        length = max(len(r) for r in rows)
-        pad = self.config.text_config.pad_token_id
-        pad = 0 if pad is None else pad
-        ids = torch.stack([torch.cat([r.new_full((length - len(r),), pad), r]) for r in rows])
-        mask = torch.stack([torch.cat([torch.zeros(length - len(r), dtype=attention_mask.dtype, device=r.device),
-                                       torch.ones(len(r), dtype=attention_mask.dtype, device=r.device)]) for r in rows])
-        embeds = self.model.get_input_embeddings()(ids)
-        features = torch.cat(list(image_embeds)).to(embeds.device, embeds.dtype)
-        is_image = ids == self.image_token_id
-        embeds = embeds.masked_scatter(is_image.unsqueeze(-1).expand_as(embeds), features)
+        alive = None
         for session in self._active_sessions():
-            alive = session.image_mask_for_llm()
-            if alive is not None:  # soft: tokens dropped before the LLM are masked, positions skip them
-                if self.keeps_cls:
-                    alive = torch.cat([alive.new_ones(alive.shape[0], 1), alive], 1)
-                mask = mask.masked_scatter(is_image, alive.to(mask.dtype).flatten())
-        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+            mask = session.image_mask_for_llm()
+            if mask is not None:  # soft: tokens dropped before the LLM are masked, positions skip them
+                alive = torch.cat([mask.new_ones(mask.shape[0], 1), mask], 1) if self.keeps_cls else mask
+        inputs = assemble_rows(self.model.get_input_embeddings(), input_ids, attention_mask, layout.image_start,
+                               layout.image_count, image_embeds, self.image_token_id,
+                               self.config.text_config.pad_token_id, alive)
+        ids, is_image = inputs.input_ids, inputs.input_ids == self.image_token_id
         for session in self._active_sessions():
             session.begin_llm_pass(is_image.int().argmax(1), len(image_embeds[0]), ids.shape[1])
-        return AssembledInputs(ids, mask, position_ids, embeds)
+        return inputs
 
     def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
                 kept: torch.Tensor | Sequence[torch.Tensor] | None = None,

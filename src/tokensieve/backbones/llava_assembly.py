@@ -1,0 +1,71 @@
+"""The LLM input of a LLaVA-style model, assembled from kept visual tokens: each row's one ``<image>``
+placeholder run shrunk to the tokens it keeps, the features scattered into it, rows re-padded on the left.
+
+Family-neutral for models with 1-D RoPE that take ``inputs_embeds`` (LLaVA-1.5, LLaVA-NeXT): the
+adapters find the runs, this builds what the LLM receives (:func:`assemble_rows`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tokensieve.errors import TokensieveError
+
+
+@dataclass
+class AssembledInputs:
+    """What the LLM receives. All ``(B, L')``, except ``inputs_embeds`` ``(B, L', d)``."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    inputs_embeds: torch.Tensor
+
+    def model_kwargs(self) -> dict[str, torch.Tensor]:
+        return {"inputs_embeds": self.inputs_embeds, "attention_mask": self.attention_mask,
+                "position_ids": self.position_ids}
+
+
+def assemble_rows(embedding: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  image_start: torch.Tensor, image_count: torch.Tensor,
+                  image_embeds: torch.Tensor | Sequence[torch.Tensor], image_token_id: int, pad_token_id: int | None,
+                  image_alive: torch.Tensor | None = None) -> AssembledInputs:
+    """Put the visual tokens of each row into its placeholder run, shrinking the run to fit.
+
+    embedding: the LLM's input embeddings. input_ids, attention_mask: ``(B, L)`` prompts with full
+    placeholder runs. image_start, image_count: ``(B,)`` each row's run (first column, length).
+    image_embeds: ``(B, M, d)`` or one ``(M_b, d)`` per row (rows may keep different counts).
+    image_alive: optional ``(B, M)`` (soft mode): False for visual tokens that stay in the run with
+    attention mask 0 (their positions skipped).
+    Positions follow the attention mask (``cumsum - 1``), as ``generate()`` computes them, so a row
+    gives the same result alone or in a padded batch.
+    """
+    # Each row's image start, padding and image count, read back from the device at once.
+    starts, pads, counts = torch.stack([image_start, (~attention_mask.bool()).sum(1), image_count]).tolist()
+    # Each row's real columns first, in order (a stable sort; a boolean mask would wait for the device).
+    real_first = (~attention_mask.bool()).to(torch.uint8).argsort(dim=1, stable=True)
+    rows = []
+    for b in range(input_ids.shape[0]):
+        real = input_ids[b].index_select(0, real_first[b, :input_ids.shape[1] - pads[b]])
+        start, count, kept = starts[b] - pads[b], counts[b], image_embeds[b].shape[0]
+        if kept > count:
+            raise TokensieveError(f"row {b}: {kept} visual tokens for {count} <image> placeholders")
+        run = real.new_full((kept,), image_token_id)
+        rows.append(torch.cat([real[:start], run, real[start + count:]]))
+    length = max(len(r) for r in rows)
+    pad = 0 if pad_token_id is None else pad_token_id
+    ids = torch.stack([torch.cat([r.new_full((length - len(r),), pad), r]) for r in rows])
+    mask = torch.stack([torch.cat([torch.zeros(length - len(r), dtype=attention_mask.dtype, device=r.device),
+                                   torch.ones(len(r), dtype=attention_mask.dtype, device=r.device)]) for r in rows])
+    embeds = embedding(ids)
+    features = torch.cat(list(image_embeds)).to(embeds.device, embeds.dtype)
+    is_image = ids == image_token_id
+    embeds = embeds.masked_scatter(is_image.unsqueeze(-1).expand_as(embeds), features)
+    if image_alive is not None:
+        mask = mask.masked_scatter(is_image, image_alive.to(mask.dtype).flatten())
+    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    return AssembledInputs(ids, mask, position_ids, embeds)
