@@ -1,10 +1,13 @@
 """Shared fixtures: a tiny LLaVA-architecture model saved locally and reloaded, on the CPU; the tiny
-Qwen-VL models of every family, saved locally."""
+Qwen-VL models of every family and the tiny LLaVA-NeXT, saved locally."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from tiny_llava_next import ROWS as NEXT_ROWS
+from tiny_llava_next import inputs as next_inputs
+from tiny_llava_next import save_tiny_llava_next
 from tiny_qwen import FAMILIES, ROWS, inputs, save_tiny_qwen
 
 from tokensieve.data.synthetic import SceneSpec, make_sample
@@ -84,3 +87,30 @@ def plain(qwen, mixed):
     """The unpruned logits ``(B, L, vocab)`` of ``mixed``."""
     with torch.no_grad():
         return qwen.forward(**mixed).logits
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_next_dir(tmp_path_factory):
+    """The random tiny LLaVA-NeXT and its processor, saved with ``save_pretrained``."""
+    return save_tiny_llava_next(tmp_path_factory.mktemp("tiny_llava_next"))
+
+
+@pytest.fixture(scope="module")
+def llava_next(tiny_llava_next_dir):
+    """The tiny LLaVA-NeXT adapter, loaded once per test module."""
+    from tokensieve.backbones.hf_llava_next import LlavaNextBackbone
+
+    return LlavaNextBackbone.from_pretrained(tiny_llava_next_dir)
+
+
+@pytest.fixture(scope="module")
+def next_batch(llava_next):
+    """:data:`tiny_llava_next.ROWS` as one left-padded batch: a wide, a square and a tall image."""
+    return next_inputs(llava_next.processor, NEXT_ROWS)
+
+
+@pytest.fixture(scope="module")
+def next_plain(llava_next, next_batch):
+    """The adapter's unpruned logits ``(B, L, vocab)`` of ``next_batch``."""
+    with torch.no_grad():
+        return llava_next.forward(**next_batch).logits

@@ -85,8 +85,8 @@ def image(size: str, seed: int = 0) -> Image.Image:
     return Image.fromarray(pixels)
 
 
-def inputs(processor, rows) -> dict:
+def inputs(processor, rows, first: int = 0) -> dict:
     """Processor inputs of ``rows`` ``(question, image size)``, left-padded; row ``b``'s image is
-    ``image(size, seed=b)``."""
-    return dict(processor(images=[image(size, seed=b) for b, (_, size) in enumerate(rows)],
+    ``image(size, seed=first + b)`` (``first``: a row's index in :data:`ROWS`, to ask it alone)."""
+    return dict(processor(images=[image(size, seed=first + b) for b, (_, size) in enumerate(rows)],
                           text=[prompt(q) for q, _ in rows], return_tensors="pt", padding=True))

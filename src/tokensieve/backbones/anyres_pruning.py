@@ -1,0 +1,171 @@
+"""Reduction stages on a LLaVA-NeXT model (:class:`~tokensieve.backbones.hf_llava_next.LlavaNextBackbone`):
+the session.
+
+One :class:`AnyresPruningSession` per attached handle. Its :class:`AnyresStagePlan` checks the stages
+when it is installed; then, in every forward pass through the adapter (``forward``, ``generate``,
+``prepare``):
+
+* ``llm.0``: after the model has packed each image's crops, the stage chooses per image which of its
+  base and crop tokens stay (the adapter assembles the LLM input from those, its ``kept=`` path). Each
+  image is one row of :class:`SiteInputs`, with its own token count and budget (a ratio: that share
+  of its tokens; a count: that many of every image), so no row of a method's input is padding.
+* ``llm.k`` (``k >= 1``): before decoder layer ``k`` each row chooses among its visual tokens, per row
+  (the row-wise LLM stages of :mod:`.qwen_llm`, on the Llama decoder math of :mod:`.llama_decoder`:
+  1-D RoPE, positions kept, the KV cache shortened).
+
+Newline tokens (``image_newline`` after every canvas row) follow the policy ``keep``: outside the
+budget, never candidates, all of them enter the LLM and stay there. ``handle.last_kept[stage]`` holds,
+per image (``llm.0``) or row (``llm.k``), the kept tokens as positions in the image's packed run
+(newlines counted in the numbering, never listed), then ``PADDING`` (-2).
+
+``hard`` mode only; methods that make tokens or renumber positions are refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from tokensieve.backbones.base import Site
+from tokensieve.backbones.qwen_llm import QwenLLMStages
+from tokensieve.backbones.qwen_pruning import QwenStagePlan
+from tokensieve.backbones.stage_plan import PADDING, row_generator
+from tokensieve.errors import TokensieveError
+from tokensieve.method import Selection, SiteInputs
+
+LLM0 = Site("llm", 0)
+
+
+class AnyresStagePlan(QwenStagePlan):
+    """The stage plan on LLaVA-NeXT: ``llm.0`` (per image) and ``llm.k`` (per row), ``hard`` mode, no
+    tokens a method makes and no renumbered positions. Budgets are resolved per image or row in each
+    pass; at attach a count is checked against the most candidate tokens one image can give
+    (:meth:`LlavaNextBackbone.most_image_tokens`)."""
+
+    def missing_site(self, site: Site, st) -> TokensieveError:
+        if site.stage != "llm":
+            return TokensieveError(f"{st}: LLaVA-NeXT has no {site} site: its vision tower runs on crops, not "
+                                   "prompts, and the model packs every crop's full grid, so tokens are chosen after "
+                                   "packing (llm.0, per image) or inside the LLM (llm.k)")
+        return super().missing_site(site, st)
+
+    def check_stage(self, site: Site, st) -> None:
+        if self.mode == "soft":
+            raise TokensieveError(f"{st}: mode 'soft' is not available on LLaVA-NeXT yet; use hard")
+        if getattr(st.method, "renumbers_positions", False):
+            raise TokensieveError(f"{st}: {st.method.name} renumbers positions after a drop, which the LLaVA-NeXT "
+                                  "backbone does not do yet")
+        if st.method.makes_extra_tokens:
+            raise TokensieveError(f"{st}: {st.method.name} adds tokens of its own, which the LLaVA-NeXT backbone "
+                                  "cannot place yet")
+
+    def budget_where(self, site: Site, n: int) -> str:
+        return f"{site} (the most one image gives: its base and the largest pinpoint's crops, newlines left out)"
+
+
+class AnyresPruningSession(QwenLLMStages):
+    """The stages of one handle on one LLaVA-NeXT adapter, and what they capture in a forward pass.
+
+    It is also one of the handle's hooks: ``remove()`` (on ``handle.detach()``) takes it off the
+    adapter, which then runs the plain model again.
+    """
+
+    def __init__(self, backbone, handle, seed: int):
+        self.bb, self.handle, self.seed = backbone, handle, seed
+        self.plan = AnyresStagePlan(backbone, handle)
+        self.stage = self.plan.stages.get(LLM0)  # the stage at llm.0, if any
+        self.llm_stages = {site: st for site, st in self.plan.stages.items() if site != LLM0}
+        self._projector_input: torch.Tensor | None = None  # (sum_i n_crops_i, g*g, d_v)
+        wants = set() if self.stage is None else set(self.stage.method.signals) | set(self.stage.method.optional_signals)
+        if "projector_input" in wants:
+            handle.hooks.append(backbone.projector.register_forward_hook(self._capture_projector_input))
+        self._register_llm()
+        handle.hooks.append(self)
+
+    def remove(self) -> None:
+        """Take this session off its adapter."""
+        if self in self.bb.sessions:
+            self.bb.sessions.remove(self)
+
+    def _capture_projector_input(self, _projector, args, _output) -> None:
+        if self.handle.active:
+            self._projector_input = args[0]
+
+    # --- llm.0 --------------------------------------------------------------------------
+    def choose(self, packed: list[torch.Tensor], layouts: list, questions: Callable[[], list[str]] | None = None
+               ) -> list[torch.Tensor]:
+        """The ``llm.0`` stage's choice for every image of the batch.
+
+        packed: per image its packed run ``(N_i, d)``; layouts: their :class:`AnyresLayout`; questions: a
+        function giving each image's question as text (None without a processor to decode it with).
+        Returns per image the positions in its run that enter the LLM, increasing: every newline and the
+        kept base and crop tokens. Records counts (rows: images, tokens: newlines left out) and
+        ``handle.last_kept``.
+        """
+        first = [sum(layout.n_crops for layout in layouts[:i]) for i in range(len(layouts))]
+        texts: list[str] = []  # decoded once, when a method first asks
+
+        def question_of(i: int) -> list[str]:
+            if not texts:
+                texts.extend(questions())
+            return [texts[i]]
+
+        def projector_input(i: int, candidates: torch.Tensor) -> torch.Tensor:  # (1, n_i, d_v)
+            crops = self._projector_input
+            flat = crops[first[i]: first[i] + layouts[i].n_crops].flatten(0, 1)
+            return flat[layouts[i].source[candidates].to(flat.device)][None]
+
+        chosen, runs = [], []
+        # One image at a time: each has its own token count and budget, and its choice must not depend
+        # on the other images of the batch.
+        for i, (tokens, layout) in enumerate(zip(packed, layouts)):
+            candidates = layout.candidates.to(tokens.device)
+            signals = {"projector_input": lambda i=i, c=candidates: projector_input(i, c)}
+            kept = self._choose_image(i, tokens[candidates][None], signals,
+                                      None if questions is None else lambda i=i: question_of(i), i == len(packed) - 1)
+            chosen.append(candidates[kept])
+            newlines = layout.is_newline.nonzero().flatten().to(tokens.device)
+            runs.append(torch.cat([candidates[kept], newlines]).sort().values)
+        self._record_images(chosen, [len(layout.candidates) for layout in layouts])
+        return runs
+
+    def _choose_image(self, i: int, rows: torch.Tensor, signals: dict, question_text, last: bool) -> torch.Tensor:
+        """``(K_i,)`` increasing indices into image ``i``'s candidate tokens ``rows`` ``(1, n_i, d)`` that stay
+        (last: the pass's last image, after which the plan stops checking values)."""
+        st, n = self.stage, rows.shape[1]
+        if st.budget.count is not None and st.budget.count > n:
+            raise TokensieveError(f"{st}: image {i} gives {n} visual tokens (newlines left out), fewer than the "
+                                  f"budget of {st.budget.count}; give a smaller count or a ratio")
+        keep = self.plan.keep_at(LLM0, n)
+        with self.handle.scoring():
+            sel = st.method.select(SiteInputs(rows, keep, str(LLM0), lambda: row_generator(self.seed, rows), signals,
+                                              question_text=question_text))
+            if sel.tokens is not None or sel.extra is not None or sel.order is not None or sel.key_mask is not None:
+                raise TokensieveError(f"{st.method.name} at llm.0: on LLaVA-NeXT a stage only chooses tokens (no new "
+                                      "values, tokens of its own, order or key weights) for now")
+            sel = self.plan.settle(LLM0, sel, 1, n, keep, pass_done=last)
+        return sel.indices[0]
+
+    def _record_images(self, chosen: list[torch.Tensor], counts: list[int]) -> None:
+        """Counts per image (``handle.last_counts``: means over the images, newlines left out) and
+        ``handle.last_kept[stage]``: ``(n_images, K_max)`` the kept tokens' positions in their packed runs,
+        then ``PADDING`` (-2) where an image keeps fewer than ``K_max``."""
+        device = chosen[0].device
+        padded = torch.full((len(chosen), max(len(k) for k in chosen)), PADDING, dtype=torch.long, device=device)
+        for i, k in enumerate(chosen):
+            padded[i, : len(k)] = k
+        real = torch.arange(max(counts), device=device) < torch.tensor(counts, device=device)[:, None]
+        self.plan.record(self.handle, LLM0, Selection(padded.clamp(min=0), valid=padded >= 0), max(counts), real)
+        self.handle.last_kept[str(self.stage)] = padded
+
+    # --- llm.k --------------------------------------------------------------------------
+    def begin_llm_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, runs: list[torch.Tensor],
+                       layouts: list) -> None:
+        """Called by the adapter once the LLM input ``(B, L)`` is assembled (left-padded). runs: per row
+        ``(n_b,)`` the position in its image's packed run of each visual column that entered the LLM;
+        layouts: the images' :class:`AnyresLayout`. Newline columns are left out of the candidates."""
+        candidates = [~layout.is_newline.to(run.device)[run] for run, layout in zip(runs, layouts)]
+        super().begin_llm_pass(input_ids, attention_mask, [run[c] for run, c in zip(runs, candidates)])
+        self.visual = [columns[c] for columns, c in zip(self.visual, candidates)]
+        self.entering = [torch.arange(len(columns), device=input_ids.device) for columns in self.visual]

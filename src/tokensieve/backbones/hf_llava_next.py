@@ -1,0 +1,224 @@
+"""Adapter for transformers' ``LlavaNextForConditionalGeneration`` (LLaVA-NeXT / LLaVA-1.6, anyres).
+
+This file is the only place that knows its module paths (transformers 5.x): vision tower
+``model.model.vision_tower``, projector ``model.model.multi_modal_projector``, newline vector
+``model.model.image_newline``, LLM ``model.model.language_model`` (layers ``.layers``), head ``model.lm_head``.
+
+Supported inputs: one image per prompt (v1), any size; rows of a batch may hold images of different
+sizes and aspect ratios, so their visual runs differ in length. Image ``i`` is cut into a base crop and
+``n_h x n_w`` high-resolution crops, and the model packs their features into one run of ``N_i`` tokens:
+the base grid, then the unpadded canvas of the crops with one newline token after every canvas row
+(:mod:`tokensieve.backbones.anyres_layout` gives each token's part, row, column and source).
+
+The adapter runs the model as it runs itself - one tower pass over every crop of the batch and the
+model's own packing (``get_image_features``) - but assembles the LLM input itself
+(:func:`~tokensieve.backbones.llava_assembly.assemble_rows`), so fewer visual tokens than placeholders
+can enter the LLM. Sites (the session is :mod:`tokensieve.backbones.anyres_pruning`, hard mode):
+
+* ``llm.0``: the packed run of each image, chosen per image (a ratio: that share of the image's
+  tokens; a count: that many of every image);
+* ``llm.k`` (``k >= 1``): before decoder layer ``k``, per row, among its visual tokens (1-D RoPE,
+  positions kept).
+
+Newline tokens follow the policy ``keep``: they are outside the budget and never candidates, at every
+site; a method sees only the base and crop tokens, and every newline enters the LLM. No ``vision.i``
+or ``projector`` site: the tower's batch is crops, not prompts, and the model's packing views every
+crop as its full grid, so tokens cannot be dropped before it (docs/notes/llava-next-study.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import LlavaNextForConditionalGeneration
+
+from tokensieve.backbones.anyres_layout import AnyresLayout, anyres_layout
+from tokensieve.backbones.anyres_pruning import LLM0, AnyresPruningSession
+from tokensieve.backbones.base import Site
+from tokensieve.backbones.hf_checkpoint import checkpoint_config, load_complete
+from tokensieve.backbones.llava_assembly import AssembledInputs, assemble_rows
+from tokensieve.backbones.llava_pruning import ANSWER_CUE
+from tokensieve.backbones.qwen_kept import checked_kept
+from tokensieve.backbones.qwen_layout import QwenLayout, find_layout
+from tokensieve.backbones.qwen_llm import LLM_SIGNALS
+from tokensieve.devices import require_device
+from tokensieve.errors import TokensieveError
+
+
+def load_llava_next_weights(name: str, dtype: torch.dtype | None) -> LlavaNextForConditionalGeneration:
+    """The LLaVA-NeXT model of checkpoint ``name`` (a folder or a hub id), every weight from it."""
+    config = checkpoint_config(name)
+    if config.model_type != "llava_next":
+        raise TokensieveError(f"{name} is a {config.model_type!r} model; the LLaVA-NeXT backbone needs model_type "
+                              "'llava_next' (LlavaNextForConditionalGeneration)")
+    return load_complete(LlavaNextForConditionalGeneration, name, dtype)
+
+
+class LlavaNextBackbone:
+    """A LLaVA-NeXT model (and its processor) seen through per-image anyres layouts."""
+
+    def __init__(self, model: LlavaNextForConditionalGeneration, processor=None):
+        if not isinstance(model, LlavaNextForConditionalGeneration):
+            raise TokensieveError(f"expected a LlavaNextForConditionalGeneration, got {type(model).__name__}")
+        self.model = model
+        self.processor = processor
+        self.sessions: list[AnyresPruningSession] = []  # attached pruning sessions (tokensieve.attach)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, dtype: torch.dtype | None = None,
+                        device: str | torch.device = "cpu") -> LlavaNextBackbone:
+        """Load a hub id or a local folder holding a LLaVA-NeXT checkpoint.
+
+        Weights are read safely and completely (:mod:`tokensieve.backbones.hf_checkpoint`); the
+        processor's image processor is the PIL one, the same with or without torchvision.
+        """
+        from transformers import AutoProcessor
+
+        require_device(device)
+        name = str(name_or_path)
+        model = load_llava_next_weights(name, dtype)
+        try:
+            processor = AutoProcessor.from_pretrained(name, backend="pil")
+        except (OSError, ValueError):
+            processor = None  # some checkpoints ship weights only; callers that need one say so
+        return cls(model.to(device).eval(), processor)
+
+    # --- module paths and geometry -------------------------------------------------------
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def projector(self) -> nn.Module:
+        return self.model.model.multi_modal_projector
+
+    @property
+    def llm_layers(self) -> nn.ModuleList:
+        return self.model.model.language_model.layers
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.config.image_token_id)
+
+    @property
+    def crop_grid(self) -> int:
+        """Patches per side of one crop (the tower's ``image_size // patch_size``)."""
+        vc = self.config.vision_config
+        return vc.image_size // vc.patch_size
+
+    def image_layout(self, image_size) -> AnyresLayout:
+        """The packed run of an image of ``image_size`` ``(height, width)``."""
+        return anyres_layout(image_size, self.config.image_grid_pinpoints, self.config.vision_config.image_size,
+                             self.crop_grid)
+
+    def most_image_tokens(self) -> int:
+        """The most candidate tokens (base + crops, newlines left out) one image can give: the base grid
+        and the largest canvas of ``image_grid_pinpoints``, which an image of that size fills uncut."""
+        crop, grid = self.config.vision_config.image_size, self.crop_grid
+        return grid * grid + max(h // crop * w // crop for h, w in self.config.image_grid_pinpoints) * grid * grid
+
+    def layout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> QwenLayout:
+        """The image runs and question tokens of each row of ``input_ids`` ``(B, L)``."""
+        return find_layout(input_ids, attention_mask, self.image_token_id)
+
+    # --- pruning ------------------------------------------------------------------------
+    def sites(self) -> list[Site]:
+        """``llm.0`` (the packed run of each image) and ``llm.k`` before decoder layer ``k >= 1``."""
+        return [Site("llm", k) for k in range(len(self.llm_layers))]
+
+    def signals_at(self, site: Site) -> set[str]:
+        """``projector_input`` at ``llm.0`` (per token ``(N, d_v)``, the tower feature behind it); at
+        ``llm.k``: ``text_attention``, ``prev_layer_keys``, ``normed_states``, ``positions`` and
+        ``layer_text_attention``. No tower attention signal yet (its CLS rows are per crop)."""
+        if site not in self.sites():
+            return set()
+        return {"projector_input"} if site == LLM0 else set(LLM_SIGNALS)
+
+    def install(self, handle, seed: int = 0) -> None:
+        """Check ``handle``'s stages and register them (called by :func:`tokensieve.attach`)."""
+        session = AnyresPruningSession(self, handle, seed)
+        if self.sessions:
+            handle.detach()
+            raise TokensieveError("a LLaVA-NeXT backbone runs one attached handle at a time for now: detach the "
+                                  "other one first")
+        self.sessions.append(session)
+
+    def _active_session(self) -> AnyresPruningSession | None:
+        return next((s for s in self.sessions if s.handle.active), None)
+
+    # --- running the model --------------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor
+                      ) -> tuple[list[torch.Tensor], list[AnyresLayout]]:
+        """One tower pass over every crop and the model's own packing: ``pixel_values``
+        ``(n_images, max_crops, 3, S, S)``, ``image_sizes`` ``(n_images, 2)`` -> per image its packed
+        run ``(N_i, d_text)`` and its layout."""
+        out = self.model.model.get_image_features(pixel_values=pixel_values, image_sizes=image_sizes, return_dict=True)
+        return list(out.pooler_output), [self.image_layout(size) for size in image_sizes.tolist()]
+
+    def _checked_runs(self, layout: QwenLayout, layouts: list[AnyresLayout]) -> list[int]:
+        """Each row's one image run, its length that of the image's packed run; returns the lengths."""
+        for b, row in enumerate(layout.runs):
+            if len(row) != 1:
+                raise TokensieveError(f"the LLaVA-NeXT backbone takes one image per prompt for now: row {b} has "
+                                      f"{len(row)} runs of <image> tokens")
+        if len(layouts) != len(layout.runs):
+            raise TokensieveError(f"{len(layouts)} images for {len(layout.runs)} prompts: one image per prompt")
+        for b, (row, image) in enumerate(zip(layout.runs, layouts)):
+            if row[0].count != len(image):
+                raise TokensieveError(f"row {b} has {row[0].count} <image> tokens for an image of {len(image)} "
+                                      "tokens (its image_sizes entry)")
+        return [len(image) for image in layouts]
+
+    def _questions(self, input_ids: torch.Tensor, layout: QwenLayout) -> list[str]:
+        """Each row's question as text, without special tokens and the answer cue ("ASSISTANT:")."""
+        tokenizer = self.processor.tokenizer
+        return [ANSWER_CUE.sub("", tokenizer.decode(ids[mask], skip_special_tokens=True)).strip()
+                for ids, mask in zip(input_ids, layout.question_mask)]
+
+    def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
+                image_sizes: torch.Tensor, kept: Sequence[torch.Tensor] | None = None) -> AssembledInputs:
+        """Encode the images and assemble the LLM input.
+
+        input_ids, attention_mask: ``(B, L)`` prompts with full placeholder runs (padded on either
+        side; the result is padded on the left). kept: optional, per image a ``(M_i,)`` increasing index
+        tensor into its packed run of ``N_i`` tokens (newlines included: give theirs to keep them): only
+        these enter the LLM, in order. With a handle attached its stages choose instead (and passing
+        ``kept`` is refused).
+        """
+        layout = self.layout(input_ids, attention_mask)
+        session = self._active_session()
+        if session is not None and kept is not None:
+            raise TokensieveError("kept= and an attached pruning handle both choose the visual tokens: pass kept= "
+                                  "after handle.detach() or inside handle.disabled()")
+        features, layouts = self.encode_images(pixel_values, image_sizes)
+        counts = self._checked_runs(layout, layouts)
+        kept = None if kept is None else checked_kept(kept, counts)
+        if session is not None and session.stage is not None:
+            questions = None if self.processor is None else (lambda: self._questions(input_ids, layout))
+            kept = session.choose(features, layouts, questions)
+        if kept is not None:
+            features = [f[k.to(f.device)] for f, k in zip(features, kept)]
+        starts = torch.tensor([row[0].start for row in layout.runs], device=input_ids.device)
+        inputs = assemble_rows(self.model.get_input_embeddings(), input_ids, attention_mask, starts,
+                               torch.tensor(counts, device=input_ids.device), features, self.image_token_id,
+                               self.config.text_config.pad_token_id)
+        if session is not None:
+            runs = [torch.arange(n, device=input_ids.device) for n in counts] if kept is None else \
+                [k.to(input_ids.device) for k in kept]
+            session.begin_llm_pass(inputs.input_ids, inputs.attention_mask, runs, layouts)
+        return inputs
+
+    def forward(self, input_ids, attention_mask, pixel_values, image_sizes, kept=None, **kwargs):
+        """The model's output for the assembled sequence; logits ``(B, L', vocab)``, ``L' < L`` when
+        tokens were dropped. Without ``kept`` it is the plain model's at positions ``cumsum(mask) - 1``."""
+        inputs = self.prepare(input_ids, attention_mask, pixel_values, image_sizes, kept)
+        return self.model(**inputs.model_kwargs(), **kwargs)
+
+    def generate(self, input_ids, attention_mask, pixel_values, image_sizes, kept=None, **generate_kwargs):
+        """New token ids ``(B, T_new)``; decoding uses the KV cache of the assembled prompt."""
+        inputs = self.prepare(input_ids, attention_mask, pixel_values, image_sizes, kept)
+        return self.model.generate(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+                                   **generate_kwargs)
