@@ -93,12 +93,13 @@ class AnyresPruningSession(QwenLLMStages):
             self._projector_input = args[0]
 
     # --- llm.0 --------------------------------------------------------------------------
-    def choose(self, packed: list[torch.Tensor], layouts: list, questions: Callable[[], list[str]] | None = None
-               ) -> list[torch.Tensor]:
+    def choose(self, packed: list[torch.Tensor], layouts: list, question_mask: tuple[torch.Tensor, torch.Tensor],
+               questions: Callable[[], list[str]] | None = None) -> list[torch.Tensor]:
         """The ``llm.0`` stage's choice for every image of the batch.
 
-        packed: per image its packed run ``(N_i, d)``; layouts: their :class:`AnyresLayout`; questions: a
-        function giving each image's question as text (None without a processor to decode it with).
+        packed: per image its packed run ``(N_i, d)``; layouts: their :class:`AnyresLayout`; question_mask:
+        ``(input_ids, mask)`` ``(B, L)``, True on each row's question tokens (image ``i`` is row ``i``'s);
+        questions: a function giving each image's question as text (None without a processor to decode it).
         Returns per image the positions in its run that enter the LLM, increasing: every newline and the
         kept base and crop tokens. Records counts (rows: images, tokens: newlines left out) and
         ``handle.last_kept``.
@@ -116,13 +117,17 @@ class AnyresPruningSession(QwenLLMStages):
             flat = crops[first[i]: first[i] + layouts[i].n_crops].flatten(0, 1)
             return flat[layouts[i].source[candidates].to(flat.device)][None]
 
+        def question_states(i: int) -> tuple[torch.Tensor, torch.Tensor]:  # (1, T_i, d) embeddings, (1, T_i)
+            ids = question_mask[0][i][question_mask[1][i]][None]
+            return self.bb.model.get_input_embeddings()(ids), torch.ones_like(ids, dtype=torch.bool)
+
         chosen, runs = [], []
         # One image at a time: each has its own token count and budget, and its choice must not depend
         # on the other images of the batch.
         for i, (tokens, layout) in enumerate(zip(packed, layouts)):
             candidates = layout.candidates.to(tokens.device)
             signals = {"projector_input": lambda i=i, c=candidates: projector_input(i, c)}
-            kept = self._choose_image(i, tokens[candidates][None], signals,
+            kept = self._choose_image(i, tokens[candidates][None], signals, lambda i=i: question_states(i),
                                       None if questions is None else lambda i=i: question_of(i), i == len(packed) - 1)
             chosen.append(candidates[kept])
             newlines = layout.is_newline.nonzero().flatten().to(tokens.device)
@@ -130,9 +135,11 @@ class AnyresPruningSession(QwenLLMStages):
         self._record_images(chosen, [len(layout.candidates) for layout in layouts])
         return runs
 
-    def _choose_image(self, i: int, rows: torch.Tensor, signals: dict, question_text, last: bool) -> torch.Tensor:
+    def _choose_image(self, i: int, rows: torch.Tensor, signals: dict, question, question_text,
+                      last: bool) -> torch.Tensor:
         """``(K_i,)`` increasing indices into image ``i``'s candidate tokens ``rows`` ``(1, n_i, d)`` that stay
-        (last: the pass's last image, after which the plan stops checking values)."""
+        (question: a function giving its question's embeddings; last: the pass's last image, after which
+        the plan stops checking values)."""
         st, n = self.stage, rows.shape[1]
         if st.budget.count is not None and st.budget.count > n:
             raise TokensieveError(f"{st}: image {i} gives {n} visual tokens (newlines left out), fewer than the "
@@ -140,7 +147,7 @@ class AnyresPruningSession(QwenLLMStages):
         keep = self.plan.keep_at(LLM0, n)
         with self.handle.scoring():
             sel = st.method.select(SiteInputs(rows, keep, str(LLM0), lambda: row_generator(self.seed, rows), signals,
-                                              question_text=question_text))
+                                              question, question_text=question_text))
             if sel.tokens is not None or sel.extra is not None or sel.order is not None or sel.key_mask is not None:
                 raise TokensieveError(f"{st.method.name} at llm.0: on LLaVA-NeXT a stage only chooses tokens (no new "
                                       "values, tokens of its own, order or key weights) for now")

@@ -198,7 +198,7 @@ class LlavaNextBackbone:
         kept = None if kept is None else checked_kept(kept, counts)
         if session is not None and session.stage is not None:
             questions = None if self.processor is None else (lambda: self._questions(input_ids, layout))
-            kept = session.choose(features, layouts, questions)
+            kept = session.choose(features, layouts, (input_ids, layout.question_mask), questions)
         if kept is not None:
             features = [f[k.to(f.device)] for f, k in zip(features, kept)]
         starts = torch.tensor([row[0].start for row in layout.runs], device=input_ids.device)

@@ -1,0 +1,68 @@
+"""Every registered method at every stage it acts at, on the tiny LLaVA-NeXT: it runs (each image or row
+keeps at most its budget, never a newline) or is refused when attaching, in one line. A new method
+joins by being registered; :data:`RUNS` says which run today."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_clip_text import save_tiny_clip
+
+from tokensieve.attach import attach
+from tokensieve.errors import TokensieveError
+from tokensieve.methods import create_method, list_methods, method_class
+
+SITE_OF_STAGE = {"vision": "vision.1", "projector": "projector", "llm": ("llm.0", "llm.1")}
+CASES = [(name, site) for name in list_methods() for stage in method_class(name).stages
+         for site in ([SITE_OF_STAGE[stage]] if stage != "llm" else SITE_OF_STAGE[stage])]
+# What runs: scoring methods after packing (llm.0: no tower signal yet, so the methods reading the
+# projector's input or nothing) and inside the LLM (llm.1). Refused: every vision/projector site (none
+# on NeXT), methods needing signals a site lacks, positions renumbered (PyramidDrop's and SparseVLM's
+# defaults) and tokens a method makes (SparseVLM).
+RUNS = {("cdpruner", "llm.0"), ("dart", "llm.1"), ("divprune", "llm.0"), ("divprune", "llm.1"), ("fastv", "llm.1"),
+        ("layer_pruner", "llm.0"), ("layer_pruner", "llm.1"), ("random", "llm.0"), ("random", "llm.1")}
+BUDGET = 16
+
+
+@pytest.fixture(scope="module")
+def make(tmp_path_factory):
+    """Method name -> an instance for the tiny model (CDPruner's CLIP text encoder a tiny one as wide as
+    the tiny tower; PyramidDrop and SparseVLM at layers the 3-layer LLM has)."""
+    clip = save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"), width=32)
+    needs = {"cdpruner": {"text_encoder": str(clip)}, "pyramiddrop": {"layers": (1, 2)},
+             "sparsevlm": {"layers": (1, 2), "scale": 9.0, "bias": 6.0}}
+    return lambda name, **extra: create_method(name, **needs.get(name, {}), **extra)
+
+
+@pytest.mark.parametrize(("name", "site"), CASES)
+def test_runs_or_is_refused_in_one_line(llava_next, next_batch, make, name, site):
+    method = make(name)
+    budget = 0.5 if method.budget_is_share or name in ("pyramiddrop", "sparsevlm") else BUDGET
+    try:
+        handle = attach(llava_next, method, budget, site=site)
+    except TokensieveError as err:
+        assert (name, site) not in RUNS, f"{name} at {site} should run: {err}"
+        assert "\n" not in str(err)
+        assert not llava_next.sessions
+        return
+    assert (name, site) in RUNS, f"{name} at {site} runs: add it to RUNS"
+    layouts = [llava_next.image_layout(size) for size in next_batch["image_sizes"].tolist()]
+    try:
+        with torch.no_grad():
+            llava_next.forward(**next_batch)
+        kept = handle.last_kept[str(handle.stages[0])]
+        for row, layout in zip(kept, layouts):
+            row = row[row >= 0]
+            assert 1 <= len(row) <= BUDGET and not layout.is_newline[row].any()
+    finally:
+        handle.detach()
+
+
+def test_pyramiddrop_with_original_positions_runs_per_row(llava_next, next_batch, make):
+    handle = attach(llava_next, make("pyramiddrop", positions="original"), 0.5)
+    try:
+        with torch.no_grad():
+            llava_next.forward(**next_batch)
+        assert handle.last_counts == {"pyramiddrop@llm.1:0.5": (59, 29), "pyramiddrop@llm.2:0.5": (29, 15)}
+    finally:
+        handle.detach()
