@@ -16,7 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+from transformers.models.llava_next.modeling_llava_next import (
+    get_anyres_image_grid_shape,
+    unpad_image,
+)
 
 BASE, NEWLINE = 0, -1  # AnyresLayout.part of the base crop's tokens and of a newline
 
