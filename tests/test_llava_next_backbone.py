@@ -128,3 +128,21 @@ def test_count_above_an_images_tokens_is_refused(llava_next, next_batch):
         handle.detach()
     with pytest.raises(TokensieveError, match="budget of 81 tokens is larger than the 80"):
         attach(llava_next, "random", 81, site="llm.0")
+
+
+def test_missing_and_corrupt_weights_are_one_line(tmp_path, tiny_llava_next_dir):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    missing = shutil.copytree(tiny_llava_next_dir, tmp_path / "missing")
+    weights = load_file(missing / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if "image_newline" not in k}, missing / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(TokensieveError, match="1 of the model's weights are not in its checkpoint, e.g. .*image_newline"):
+        LlavaNextBackbone.from_pretrained(missing)
+    broken = shutil.copytree(tiny_llava_next_dir, tmp_path / "broken")
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(TokensieveError, match="cannot load the weights") as caught:
+        LlavaNextBackbone.from_pretrained(broken)
+    assert "\n" not in str(caught.value)
