@@ -118,7 +118,7 @@ class LlavaNextBackbone:
         """The most candidate tokens (base + crops, newlines left out) one image can give: the base grid
         and the largest canvas of ``image_grid_pinpoints``, which an image of that size fills uncut."""
         crop, grid = self.config.vision_config.image_size, self.crop_grid
-        return grid * grid + max(h // crop * w // crop for h, w in self.config.image_grid_pinpoints) * grid * grid
+        return grid * grid + max((h // crop) * (w // crop) for h, w in self.config.image_grid_pinpoints) * grid * grid
 
     def layout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> QwenLayout:
         """The image runs and question tokens of each row of ``input_ids`` ``(B, L)``."""
