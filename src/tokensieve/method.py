@@ -77,6 +77,22 @@ class Budget:
 ROW_SIGNALS = frozenset({"cls_token", "input_image_embeddings", "post_image_attention"})
 
 
+@dataclass(frozen=True)
+class VisualUnit:
+    """One image or video among a row's visual tokens: its grid of ``frames x rows x cols`` tokens as the
+    site sees them (an image: one frame; a Qwen-VL video: its temporal patches, two frames each, of merged
+    2x2 patches), and which cells of it the row holds: ``cells`` ``(n,)`` increasing flat indices
+    ``(f * rows + r) * cols + c``, the row's tokens ``start .. start + n`` (all cells unless an earlier
+    stage dropped some)."""
+
+    kind: str  # "image" or "video"
+    frames: int
+    rows: int
+    cols: int
+    start: int
+    cells: torch.Tensor
+
+
 @dataclass
 class SiteInputs:
     """What a method sees at a site, for one batch.
@@ -97,6 +113,9 @@ class SiteInputs:
     valid: optional ``(B, N)`` bool, False for tokens that only pad a row: an earlier stage kept
         fewer tokens in that row than in others (see :class:`Selection`). A method should not
         keep them; any it keeps stay padding (the row then keeps fewer than ``keep``).
+    units: optional, per row its :class:`VisualUnit` s in token order (images and videos with their
+        grids), where the backbone has several per row or videos (Qwen-VL); None where each row is the
+        one image grid the backbone has (LLaVA, CLIP).
     """
 
     tokens: torch.Tensor
@@ -108,6 +127,7 @@ class SiteInputs:
     valid: torch.Tensor | None = None
     question_signals: dict[str, Callable[[], torch.Tensor]] = field(default_factory=dict)
     question_text: Callable[[], list[str]] | None = None
+    units: list[list[VisualUnit]] | None = None
 
     def __post_init__(self):
         n = self.tokens.shape[1]
@@ -205,7 +225,9 @@ class Method:
     asks the backbone for), ``trained`` (its weights come from ``tokensieve train``) and
     ``makes_extra_tokens`` (its selections may add tokens of its own, :class:`Selection`); an
     instance may also decide the last from its parameters (a property). ``optional_signals`` are
-    read where a site offers them and done without elsewhere.
+    read where a site offers them and done without elsewhere. ``handles_video``: it may be given a
+    video's tokens (frames of a grid, :attr:`SiteInputs.units`); a video given to a method without it
+    is refused in the pass.
     """
 
     name: ClassVar[str]
@@ -217,6 +239,7 @@ class Method:
     trained: ClassVar[bool] = False  # True for methods whose weights come from training (tokensieve train)
     makes_extra_tokens: ClassVar[bool] = False  # True if select() may return Selection.extra
     budget_is_share: ClassVar[bool] = False  # True if its budget is a share of each stage's tokens, not a count
+    handles_video: ClassVar[bool] = False  # True if its rule holds for a video's tokens (no single 2-D grid assumed)
 
     def select(self, inputs: SiteInputs) -> Selection:
         """Choose ``inputs.keep`` of the ``N`` tokens of every row."""

@@ -237,6 +237,7 @@ class CDPruner(Method):
              "Diversity for Token Pruning in MLLMs. NeurIPS 2025. arXiv:2506.10967")
     stages = ("llm",)
     default_site = "llm.0"
+    handles_video = True  # a DPP over the set of tokens and their text relevance, no grid assumed
     signals = ("projector_input",)
 
     text_encoder: str | None = None

@@ -129,6 +129,7 @@ class DART(Method):
              "Multimodal Language Models: Duplication Matters More. EMNLP 2025. arXiv:2502.11494")
     stages = ("llm",)
     default_site = "llm.2"
+    handles_video = True  # pivots and duplicates over the set of tokens, no grid assumed
     signals = ("prev_layer_keys", "normed_states", "positions")
 
     def __post_init__(self):

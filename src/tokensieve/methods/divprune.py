@@ -102,6 +102,7 @@ class DivPrune(Method):
              "Multimodal Models. CVPR 2025. arXiv:2503.02175")
     stages = ("projector", "llm")
     default_site = "llm.0"
+    handles_video = True  # pairwise distances over the set of tokens, no grid assumed
     signals = ()
 
     full_precision: bool = False

@@ -56,6 +56,7 @@ class FastV(Method):
              "arXiv:2403.06764")
     stages = ("llm",)
     default_site = "llm.2"
+    handles_video = True  # the text's attention over the tokens, no grid assumed
     signals = ("text_attention",)
 
     def check(self, n_tokens: int, keep: int, site: str) -> None:

@@ -55,6 +55,7 @@ class PyramidDrop(Method):
              "Large Vision-Language Models via Pyramid Visual Redundancy Reduction. CVPR 2025. arXiv:2410.17247")
     stages = ("llm",)
     default_site = "llm"  # placed by its layers, not one site
+    handles_video = True  # the text's attention rank over the tokens, no grid assumed
     signals = ("layer_text_attention",)
     budget_is_share = True
 

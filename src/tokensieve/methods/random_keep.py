@@ -21,6 +21,7 @@ class RandomKeep(Method):
     name = "random"
     paper = "baseline used throughout the token-pruning literature"
     default_site = "projector"
+    handles_video = True  # a uniform draw over the tokens, whatever their grid
 
     def select(self, inputs: SiteInputs) -> Selection:
         n = inputs.tokens.shape[1]
