@@ -26,7 +26,7 @@ def masked_reference(qwen, batch, kept):
     for b, row in enumerate(qwen.layout(ids, mask).runs):
         for run in row:
             dropped = torch.ones(run.count, dtype=torch.bool)
-            dropped[kept[run.image]] = False
+            dropped[kept[run.unit]] = False
             soft[b, run.start + dropped.nonzero().flatten()] = 0
     return dict(batch, attention_mask=soft, position_ids=positions)
 
@@ -38,7 +38,8 @@ def test_loads_family_and_processor(qwen, tiny_qwen_dir):
 
 def test_layout_several_images_per_row(qwen, mixed):
     layout = qwen.layout(mixed["input_ids"], mixed["attention_mask"])
-    assert [[(r.count, r.image) for r in row] for row in layout.runs] == [[(16, 0)], [(6, 1), (16, 2)]]
+    assert [[(r.count, r.unit) for r in row] for row in layout.runs] == [[(16, 0)], [(6, 1), (16, 2)]]
+    assert layout.kinds == ["image"] * 3 and layout.units == [[0], [1, 2]]
     ids = mixed["input_ids"]
     for b, row in enumerate(layout.runs):
         for run in row:
@@ -130,12 +131,10 @@ def test_bad_kept_is_one_line(qwen, mixed, kept, words):
     assert "\n" not in str(caught.value)
 
 
-def test_video_and_mismatched_runs_are_refused(qwen, mixed):
-    with pytest.raises(TokensieveError, match="images only for now"):
-        qwen.forward(**mixed, pixel_values_videos=mixed["pixel_values"], video_grid_thw=mixed["image_grid_thw"])
+def test_mismatched_runs_are_refused(qwen, mixed):
     ids = mixed["input_ids"].clone()
-    ids[0, -3] = qwen.video_token_id
-    with pytest.raises(TokensieveError, match="images only for now"):
+    ids[0, -3] = qwen.video_token_id  # a video placeholder without a video
+    with pytest.raises(TokensieveError, match="the prompts hold 1 videos for 0 videos"):
         qwen.forward(**dict(mixed, input_ids=ids))
     with pytest.raises(TokensieveError, match="3 image placeholder runs for 2 images"):
         qwen.forward(**dict(mixed, image_grid_thw=mixed["image_grid_thw"][:2]))

@@ -5,19 +5,21 @@ This file is the only place that knows their module paths: vision tower ``model.
 (blocks ``.blocks``, 2x2 patch merger ``.merger``; Qwen3 also ``.deepstack_merger_list``), LLM
 ``model.model.language_model`` (layers ``.layers``), head ``model.lm_head``.
 
-Supported inputs: images, any number per prompt and any size (dynamic resolution: image ``i``
-with patch grid ``t x h x w`` gives ``t*h*w / 4`` visual tokens), rows of a batch with different
-images. Video (``pixel_values_videos``, ``<|video_pad|>``) is refused for now.
+Supported inputs: images and videos, any number per prompt in any mix and any size (dynamic
+resolution: an image or video with patch grid ``t x h x w`` gives ``t*h*w / 4`` visual tokens; a
+video's ``t`` is its frames / 2), rows of a batch with different ones. Each image and each video is one
+visual unit, numbered in prompt order over the batch (:mod:`.qwen_units`): ``kept=`` lists and the
+``llm.0`` stage's choices are per unit, in that order.
 
-Sites: ``llm.0`` (the patch merger's output, per image) and ``llm.k`` (before decoder layer ``k``, per
+Sites: ``llm.0`` (the patch merger's output, per image or video) and ``llm.k`` (before decoder layer ``k``, per
 row; Qwen3-VL's DeepStack additions then made by the session); the session is :mod:`tokensieve.backbones.qwen_pruning`.
 No ``vision.i``: the tower runs packed, window-permuted (Qwen2.5) and without a mask input
 (docs/notes/qwen-vl-study.md, section 4).
 
 The adapter runs the model as it runs itself - one tower pass over every image of the batch
-(``get_image_features``), M-RoPE ids from ``get_rope_index`` on the full prompt - but assembles
-the LLM input itself, so fewer visual tokens than placeholders can enter the LLM: each image's
-placeholder run shrinks to the tokens kept, those keep their 3-D position ids, rows are re-padded
+(``get_image_features``), one over every video (``get_video_features``), M-RoPE ids from ``get_rope_index`` on the full prompt - but assembles
+the LLM input itself, so fewer visual tokens than placeholders can enter the LLM: each unit's
+placeholder runs shrink to the tokens kept, those keep their 3-D position ids, rows are re-padded
 on the left, and the pruned features (Qwen3: every DeepStack level too, with the same indices)
 go to the model as ``mm_encoder_outputs``, which does the scatter and the DeepStack additions.
 """
@@ -49,12 +51,18 @@ from tokensieve.backbones.qwen_positions import (
 )
 from tokensieve.backbones.qwen_prompt import DEFAULT_SYSTEM, image_questions
 from tokensieve.backbones.qwen_pruning import QwenPruningSession
+from tokensieve.backbones.qwen_units import (
+    checked_counts,
+    encode_units,
+    frame_runs,
+    unit_grids,
+    visual_units,
+)
 from tokensieve.devices import require_device
 from tokensieve.errors import TokensieveError
 
 MODEL_CLASSES = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
                  "qwen3_vl": Qwen3VLForConditionalGeneration}
-VIDEO_REFUSED = "the Qwen-VL backbone takes images only for now: video inputs are not supported yet"
 
 
 def load_qwen_weights(name: str, dtype: torch.dtype | None) -> nn.Module:
@@ -162,9 +170,12 @@ class QwenVLBackbone:
         merge = self.config.vision_config.spatial_merge_size
         return (image_grid_thw.prod(-1) // merge ** 2).tolist()
 
-    def layout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> QwenLayout:
-        """The image runs and question tokens of each row of ``input_ids`` ``(B, L)``."""
-        return find_layout(input_ids, attention_mask, self.image_token_id)
+    def layout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               video_grid_thw: torch.Tensor | None = None) -> QwenLayout:
+        """The placeholder runs, visual units and question tokens of each row of ``input_ids`` ``(B, L)``
+        (``video_grid_thw`` groups a Qwen3-VL video's frame runs into one unit)."""
+        return find_layout(input_ids, attention_mask, self.image_token_id, self.video_token_id,
+                           frame_runs(video_grid_thw, self.family == "qwen3_vl"))
 
     # --- pruning ------------------------------------------------------------------------
     def sites(self) -> list[Site]:
@@ -200,46 +211,53 @@ class QwenVLBackbone:
         ``pooler_output`` is one ``(N_i, d_text)`` per image (Qwen3: and ``deepstack_features``)."""
         return self.model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
 
-    def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
-                image_grid_thw: torch.Tensor, kept: Sequence[torch.Tensor] | None = None,
+    def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                image_grid_thw: torch.Tensor | None = None, kept: Sequence[torch.Tensor] | None = None,
                 mm_token_type_ids: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
-                video_grid_thw: torch.Tensor | None = None) -> QwenInputs:
-        """Encode the images and assemble the model input.
+                video_grid_thw: torch.Tensor | None = None, second_per_grid_ts: torch.Tensor | None = None
+                ) -> QwenInputs:
+        """Encode the images and videos and assemble the model input.
 
         input_ids, attention_mask: ``(B, L)`` prompts with full placeholder runs (padded on
         either side; the result is padded on the left).
-        kept: optional, per image (in ``image_grid_thw`` order) a ``(M_i,)`` increasing index
-        tensor into its ``N_i`` visual tokens: only these enter the LLM, in image order. With a
-        handle attached its stage chooses them instead (and passing ``kept`` is refused).
+        pixel_values, image_grid_thw / pixel_values_videos, video_grid_thw: the processor's packed
+        patches and ``(n, 3)`` grids of the images / videos (either may be absent);
+        second_per_grid_ts: ``(n_videos,)`` Qwen2.5-VL's seconds per temporal patch.
+        kept: optional, per visual unit (images and videos in prompt order over the batch) a ``(M_u,)``
+        increasing index tensor into its ``N_u`` visual tokens (a video's frame-major): only these enter
+        the LLM, in unit order. With a handle attached its stage chooses them instead (and passing
+        ``kept`` is refused).
         mm_token_type_ids: the processor's ``(B, L)`` token types (computed from ``input_ids``
         when absent).
-        pixel_values_videos, video_grid_thw: refused (video is not supported yet).
         """
-        if pixel_values_videos is not None or video_grid_thw is not None or (input_ids == self.video_token_id).any():
-            raise TokensieveError(VIDEO_REFUSED)
-        layout = self.layout(input_ids, attention_mask)
-        counts = self._checked_runs(layout, image_grid_thw)
-        kept = None if kept is None else checked_kept(kept, counts)
+        layout = self.layout(input_ids, attention_mask, video_grid_thw)
+        merge = self.config.vision_config.spatial_merge_size
+        counts = checked_counts(layout, image_grid_thw, video_grid_thw, merge)
+        kept = None if kept is None else checked_kept(kept, counts, layout.kinds)
         session = self._active_session()
         if session is not None and kept is not None:
             raise TokensieveError("kept= and an attached pruning handle both choose the visual tokens: pass kept= "
                                   "after handle.detach() or inside handle.disabled()")
         if mm_token_type_ids is None:
             mm_token_type_ids = token_types(input_ids, self.image_token_id, self.video_token_id)
-        positions = rope_positions(self.model.model, input_ids, attention_mask, image_grid_thw, mm_token_type_ids)
-        features = self.encode_images(pixel_values, image_grid_thw)
+        positions = rope_positions(self.model.model, input_ids, attention_mask, image_grid_thw, mm_token_type_ids,
+                                   video_grid_thw, second_per_grid_ts)
+        features = encode_units(self.model.model, layout.kinds, pixel_values, image_grid_thw, pixel_values_videos,
+                                video_grid_thw)
+        units = visual_units(layout, unit_grids(layout, image_grid_thw, video_grid_thw, merge), input_ids.device)
         values = None
         if session is not None and session.stage is not None and counts:
             questions = None if self.processor is None else (
                 lambda: image_questions(self.processor.tokenizer, input_ids, layout))
-            kept, values = session.choose(features.pooler_output, image_grid_thw, questions)
+            tower_grids = [g for g in (image_grid_thw, video_grid_thw) if g is not None]
+            kept, values = session.choose(features.pooler_output, units, tower_grids, layout.kinds, questions)
         stays = attention_mask.bool().clone()
-        if kept is not None:
+        if kept is not None and counts:
             for b, row in enumerate(layout.runs):
                 for run in row:
-                    dropped = torch.ones(run.count, dtype=torch.bool, device=stays.device)
-                    dropped[kept[run.image]] = False
-                    stays[b, run.start + dropped.nonzero().flatten()] = False
+                    dropped = torch.ones(counts[run.unit], dtype=torch.bool, device=stays.device)
+                    dropped[kept[run.unit]] = False
+                    stays[b, run.start + dropped[run.offset: run.offset + run.count].nonzero().flatten()] = False
             features = kept_features(features, kept, values)
         pad = self.config.text_config.pad_token_id
         shrunk = keep_columns(input_ids, positions, stays, 0 if pad is None else pad, attention_mask.dtype)
@@ -247,37 +265,25 @@ class QwenVLBackbone:
         self.model.model.rope_deltas = shrunk.rope_deltas
         if session is not None:
             session.begin_llm_pass(shrunk.input_ids, shrunk.attention_mask,
-                                   row_origins(layout.runs, counts, kept, input_ids.device))
-            features = session.take_deepstack(features, layout.runs)
-        return QwenInputs(shrunk.input_ids, shrunk.attention_mask, shrunk.position_ids, features)
+                                   row_origins(layout.units, counts, kept, input_ids.device), units)
+            features = session.take_deepstack(features, layout.units)
+        return QwenInputs(shrunk.input_ids, shrunk.attention_mask, shrunk.position_ids, features, layout.kinds)
 
-    def forward(self, input_ids, attention_mask, pixel_values, image_grid_thw, kept=None, mm_token_type_ids=None,
-                pixel_values_videos=None, video_grid_thw=None, **kwargs):
+    def forward(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, kept=None,
+                mm_token_type_ids=None, pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None,
+                **kwargs):
         """The model's output for the assembled sequence; logits ``(B, L', vocab)``, ``L' < L``
         when tokens were dropped. Without ``kept`` (and left-padded input) it is the plain model's."""
         inputs = self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw, kept, mm_token_type_ids,
-                              pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw)
+                              pixel_values_videos, video_grid_thw, second_per_grid_ts)
         return self.model(**inputs.model_kwargs(), **kwargs)
 
-    def generate(self, input_ids, attention_mask, pixel_values, image_grid_thw, kept=None, mm_token_type_ids=None,
-                 pixel_values_videos=None, video_grid_thw=None, **generate_kwargs) -> torch.Tensor:
+    def generate(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, kept=None,
+                 mm_token_type_ids=None, pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None,
+                 **generate_kwargs) -> torch.Tensor:
         """New token ids ``(B, T_new)``; decoding uses the KV cache of the assembled prompt and
         continues the M-RoPE ids from the last prompt column (``max + 1`` of the full prompt)."""
         inputs = self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw, kept, mm_token_type_ids,
-                              pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw)
+                              pixel_values_videos, video_grid_thw, second_per_grid_ts)
         out = self.model.generate(**inputs.model_kwargs(), **generate_kwargs)
         return out[:, inputs.input_ids.shape[1]:]
-
-    def _checked_runs(self, layout: QwenLayout, image_grid_thw: torch.Tensor) -> list[int]:
-        """The token count of each image, refused unless each placeholder run holds its image's count."""
-        counts = self.image_token_counts(image_grid_thw)
-        if layout.n_images != len(counts):
-            raise TokensieveError(f"the prompts hold {layout.n_images} image placeholder runs for "
-                                  f"{len(counts)} images (image_grid_thw rows)")
-        for row in layout.runs:
-            for run in row:
-                if run.count != counts[run.image]:
-                    grid = "x".join(map(str, image_grid_thw[run.image].tolist()))
-                    raise TokensieveError(f"image {run.image}: its placeholder run has {run.count} tokens, its "
-                                          f"{grid} patch grid gives {counts[run.image]}")
-        return counts

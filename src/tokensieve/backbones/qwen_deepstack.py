@@ -38,16 +38,16 @@ class QwenDeepStack:
                 self.handle.hooks.append(
                     self.bb.llm_layers[j].register_forward_hook(self._add_deepstack(j), with_kwargs=True))
 
-    def take_deepstack(self, features, runs: list):
-        """The tower output the model should receive: ``features`` (one ``(M_i, d)`` per image, every
+    def take_deepstack(self, features, units: list[list[int]]):
+        """The tower output the model should receive: ``features`` (one ``(M_u, d)`` per visual unit, every
         DeepStack level cut alike) without its DeepStack levels when this session adds them, which it
-        keeps per level and row: ``(n_b, d)``, the row's images in prompt order (runs: per row its
-        images' placeholder runs)."""
+        keeps per level and row: ``(n_b, d)``, the row's units in prompt order (units: per row its
+        visual units, ``QwenLayout.units``)."""
         levels = getattr(features, "deepstack_features", None)
         self.deepstack = None
         if not self.adds_deepstack or not levels:
             return features
-        self.deepstack = [[torch.cat([level[r.image] for r in row]) if row else level[0][:0] for row in runs]
+        self.deepstack = [[torch.cat([level[u] for u in row]) if row else level[0][:0] for row in units]
                           for level in levels]
         return type(features)(pooler_output=features.pooler_output, deepstack_features=[])
 

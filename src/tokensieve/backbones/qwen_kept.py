@@ -11,30 +11,33 @@ from tokensieve.backbones.kept_indices import checked_indices
 from tokensieve.errors import TokensieveError
 
 
-def checked_kept(kept: Sequence, counts: list[int]) -> list[torch.Tensor]:
-    """``kept`` as one ``(M_i,)`` index tensor per image, each increasing and in ``[0, N_i)``."""
+def checked_kept(kept: Sequence, counts: list[int], kinds: list[str]) -> list[torch.Tensor]:
+    """``kept`` as one ``(M_u,)`` index tensor per visual unit (``kinds``: ``"image"`` or ``"video"`` each,
+    prompt order over the batch), each increasing and in ``[0, N_u)``."""
     if len(kept) != len(counts):
-        raise TokensieveError(f"kept has {len(kept)} entries for the {len(counts)} images of the batch "
-                              "(one index list per image)")
-    return [checked_indices(k, n, f"kept image {i}") for i, (k, n) in enumerate(zip(kept, counts))]
+        held = "images" if set(kinds) <= {"image"} else "images and videos"
+        raise TokensieveError(f"kept has {len(kept)} entries for the {len(counts)} {held} of the batch "
+                              "(one index list per image or video, in prompt order)")
+    return [checked_indices(k, n, f"kept {kind} {i}") for i, (k, n, kind) in enumerate(zip(kept, counts, kinds))]
 
 
-def row_origins(runs: list, counts: list[int], kept: list[torch.Tensor] | None, device) -> list[torch.Tensor]:
+def row_origins(units: list[list[int]], counts: list[int], kept: list[torch.Tensor] | None,
+                device) -> list[torch.Tensor]:
     """Per row ``(n_b,)``: each visual token entering the LLM as an index among the row's visual tokens
-    before pruning (its images in prompt order), after ``kept`` (per image) if given. runs: per row
-    its images' placeholder runs (``QwenLayout.runs``); counts: each image's token count."""
+    before pruning (its units in prompt order), after ``kept`` (per unit) if given. units: per row its
+    visual units (``QwenLayout.units``); counts: each unit's token count."""
     origins = []
-    for row in runs:
-        offsets = [sum(counts[r.image] for r in row[:i]) for i in range(len(row))]
-        parts = [o + (torch.arange(counts[r.image], device=device) if kept is None else kept[r.image].to(device))
-                 for o, r in zip(offsets, row)]
+    for row in units:
+        offsets = [sum(counts[u] for u in row[:i]) for i in range(len(row))]
+        parts = [o + (torch.arange(counts[u], device=device) if kept is None else kept[u].to(device))
+                 for o, u in zip(offsets, row)]
         origins.append(torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device))
     return origins
 
 
 def kept_features(features, kept: list[torch.Tensor], values: list[torch.Tensor | None] | None = None):
-    """The tower output with each image's tokens (and, Qwen3, each DeepStack level's) cut to ``kept``;
-    ``values``: per image ``(M_i, d)`` new contents of its kept tokens, or None to keep theirs (the
+    """The tower output with each unit's tokens (and, Qwen3, each DeepStack level's) cut to ``kept``;
+    ``values``: per unit ``(M_u, d)`` new contents of its kept tokens, or None to keep theirs (the
     DeepStack levels are always cut, never replaced)."""
     values = values or [None] * len(kept)
     fields = {"pooler_output": tuple(f[k.to(f.device)] if v is None else v.to(f.dtype)

@@ -9,59 +9,110 @@ import torch
 
 @dataclass(frozen=True)
 class VisualRun:
-    """One image's placeholder run: ``count`` columns from ``start`` (in the padded row), holding
-    image ``image`` (its index in ``image_grid_thw``, prompt order over the batch)."""
+    """One placeholder run: ``count`` columns from ``start`` (in the padded row), holding the tokens
+    ``offset .. offset + count`` of visual unit ``unit`` (an image or a video, numbered in prompt order
+    over the batch). A unit is one run, except a Qwen3-VL video: one run per temporal patch (frame pair),
+    with its timestamp text between them."""
 
     start: int
     count: int
-    image: int
+    unit: int
+    offset: int = 0
 
 
 @dataclass
 class QwenLayout:
     """Where things sit in a batch of prompts.
 
-    runs: per row, its images' placeholder runs in prompt order (a row may have none).
-    question_mask: ``(B, L)`` True on real tokens after the row's last image.
+    runs: per row, its placeholder runs in prompt order (a row may have none).
+    question_mask: ``(B, L)`` True on real tokens after the row's last visual run.
+    kinds: per visual unit (prompt order over the batch) ``"image"`` or ``"video"``; the ``i``-th image
+    unit is row ``i`` of ``image_grid_thw``, the ``j``-th video unit row ``j`` of ``video_grid_thw``.
     """
 
     runs: list[list[VisualRun]]
     question_mask: torch.Tensor
+    kinds: list[str]
 
     @property
-    def n_images(self) -> int:
-        return sum(len(row) for row in self.runs)
+    def units(self) -> list[list[int]]:
+        """Per row, its visual units in prompt order."""
+        return [list(dict.fromkeys(r.unit for r in row)) for row in self.runs]
+
+    def of_kind(self, kind: str) -> list[int]:
+        """The units of ``kind`` (``"image"`` or ``"video"``), in their grid order."""
+        return [u for u, k in enumerate(self.kinds) if k == kind]
 
 
 @dataclass
 class QwenInputs:
     """What the model receives: ``input_ids``, ``attention_mask`` ``(B, L')``, ``position_ids``
-    ``(4, B, L')`` (text row over t/h/w), ``image_features`` the tower output whose
-    ``pooler_output`` holds one ``(M_i, d)`` per image (Qwen3: ``deepstack_features`` one such
-    tuple per level), ``M_i`` = tokens kept of image ``i``."""
+    ``(4, B, L')`` (text row over t/h/w), ``image_features`` the tower output of every visual unit in
+    unit order (``kinds``: ``"image"`` or ``"video"`` each), whose ``pooler_output`` holds one ``(M_u, d)``
+    per unit (Qwen3: ``deepstack_features`` one such tuple per level), ``M_u`` = tokens kept of unit ``u``."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
     image_features: object
+    kinds: list[str]
 
     def model_kwargs(self) -> dict:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
-                "position_ids": self.position_ids, "mm_encoder_outputs": {"image": self.image_features}}
+                "position_ids": self.position_ids, "mm_encoder_outputs": by_kind(self.image_features, self.kinds)}
 
 
-def find_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int) -> QwenLayout:
-    """The image runs (runs of ``image_token_id``) and question tokens of each row of ``input_ids`` ``(B, L)``."""
-    is_image = (input_ids == image_token_id) & attention_mask.bool()
-    edges = torch.diff(is_image.int(), dim=1, prepend=is_image.new_zeros(is_image.shape[0], 1).int(),
-                       append=is_image.new_zeros(is_image.shape[0], 1).int())
-    runs, image = [], 0
-    question = attention_mask.bool().clone()
+def by_kind(features, kinds: list[str]) -> dict:
+    """``features`` (in unit order, as from :func:`encode_units`) as the model's ``mm_encoder_outputs``:
+    ``{"image": ..., "video": ...}``, each in its grid order, a kind only where the batch has it."""
+    out = {}
+    if features is None:  # a batch of text only
+        return out
+    levels = getattr(features, "deepstack_features", None)
+    for kind in ("image", "video"):
+        units = [u for u, k in enumerate(kinds) if k == kind]
+        if not units:
+            continue
+        fields = {"pooler_output": tuple(features.pooler_output[u] for u in units)}
+        if levels is not None:
+            fields["deepstack_features"] = [tuple(level[u] for u in units) for level in levels]
+        out[kind] = type(features)(**fields)
+    return out
+
+
+def _spans(is_kind: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """Per row of ``is_kind`` ``(B, L)`` bool, its runs of True as ``(start, end)``."""
+    zeros = is_kind.new_zeros(is_kind.shape[0], 1).int()
+    edges = torch.diff(is_kind.int(), dim=1, prepend=zeros, append=zeros)
+    return [list(zip((row == 1).nonzero().flatten().tolist(), (row == -1).nonzero().flatten().tolist()))
+            for row in edges]
+
+
+def find_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int,
+                video_token_id: int | None = None, frame_runs: list[int] | None = None) -> QwenLayout:
+    """The placeholder runs (of ``image_token_id`` and ``video_token_id``), visual units and question
+    tokens of each row of ``input_ids`` ``(B, L)``. frame_runs: per video (``video_grid_thw`` order)
+    how many runs it spans (Qwen3-VL: its temporal patches; else 1); None: every video run is a video."""
+    real = attention_mask.bool()
+    images = _spans((input_ids == image_token_id) & real)
+    videos = _spans((input_ids == video_token_id) & real) if video_token_id is not None else [[]] * len(images)
+    runs, kinds, left = [], [], 0  # left: runs still to come of the open video
+    question = real.clone()
     for b in range(input_ids.shape[0]):
-        starts = (edges[b] == 1).nonzero().flatten().tolist()
-        ends = (edges[b] == -1).nonzero().flatten().tolist()
-        runs.append([VisualRun(s, e - s, image + i) for i, (s, e) in enumerate(zip(starts, ends))])
-        image += len(starts)
-        if ends:
-            question[b, : ends[-1]] = False
-    return QwenLayout(runs, question)
+        row = []
+        for start, end, kind in sorted([(*s, "image") for s in images[b]] + [(*s, "video") for s in videos[b]]):
+            if kind == "video" and left > 0:  # the next frame run of the open video
+                last = row[-1]
+                row.append(VisualRun(start, end - start, last.unit, last.offset + last.count))
+                left -= 1
+                continue
+            if kind == "video":
+                video = kinds.count("video")
+                left = (frame_runs[video] if frame_runs is not None and video < len(frame_runs) else 1) - 1
+            row.append(VisualRun(start, end - start, len(kinds)))
+            kinds.append(kind)
+        runs.append(row)
+        left = 0  # a video never spans rows
+        if row:
+            question[b, : row[-1].start + row[-1].count] = False
+    return QwenLayout(runs, question, kinds)

@@ -28,9 +28,10 @@ from tokensieve.backbones.llama_decoder import (
     most_negative,
     rotated_keys,
 )
+from tokensieve.backbones.qwen_units import refuse_video, units_now
 from tokensieve.backbones.stage_plan import PADDING, row_generator
 from tokensieve.errors import TokensieveError
-from tokensieve.method import Selection, SiteInputs
+from tokensieve.method import Selection, SiteInputs, VisualUnit
 
 LLM_SIGNALS = frozenset({"text_attention", "prev_layer_keys", "normed_states", "positions", "layer_text_attention"})
 CAPTURED = frozenset({"text_attention", "prev_layer_keys"})  # read from layer k-1's own q/k
@@ -56,10 +57,11 @@ class QwenLLMStages:
 
     # --- per-pass state -----------------------------------------------------------------
     def begin_llm_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       origins: list[torch.Tensor]) -> None:
+                       origins: list[torch.Tensor], units: list[list[VisualUnit]]) -> None:
         """Called by the adapter once the LLM input ``(B, L)`` is assembled (left-padded). origins: per
         row ``(n_b,)`` the index of each of its visual columns among the row's visual tokens before any
-        pruning (its images' tokens in prompt order), for ``handle.last_kept``."""
+        pruning (its units' tokens in prompt order), for ``handle.last_kept``; units: per row its images
+        and videos before any pruning (:func:`.qwen_units.visual_units`), for ``SiteInputs.units``."""
         layout = self.bb.layout(input_ids, attention_mask)
         device = input_ids.device
         self.length = input_ids.shape[1]
@@ -69,6 +71,7 @@ class QwenLLMStages:
                        if row else torch.zeros(0, dtype=torch.long, device=device) for row in layout.runs]
         self.question = [layout.question_mask[b].nonzero().flatten() for b in range(len(layout.runs))]
         self.origin = origins
+        self.units = units
         self.entering = [torch.arange(len(c), device=device) for c in self.visual]  # of the row's tokens entering
         self.drops: list = []
         self._adjusted: dict = {}
@@ -147,15 +150,17 @@ class QwenLLMStages:
         that stay (last: the pass's last row, after which the plan stops checking values)."""
         st, n = self.llm_stages[site], tokens.shape[1]
         if n == 0:
-            raise TokensieveError(f"{st}: row {row} holds no image; every row of a batch pruned inside the LLM "
+            raise TokensieveError(f"{st}: row {row} holds no image or video; every row of a batch pruned inside the LLM "
                                   "needs one")
         if st.budget.count is not None and st.budget.count > n:
             raise TokensieveError(f"{st}: row {row} holds {n} visual tokens, fewer than the budget of "
                                   f"{st.budget.count}; give a smaller count or a ratio")
+        units = units_now(self.units[row], self.origin[row])
+        refuse_video(st, units, f"row {row}")
         keep = self.plan.keep_at(site, n)
         with self.handle.scoring():
             sel = st.method.select(SiteInputs(tokens, keep, str(site), lambda: row_generator(self.seed, tokens),
-                                              signals, question, None, question_signals))
+                                              signals, question, None, question_signals, units=[units]))
             if sel.tokens is not None or sel.extra is not None or sel.order is not None or sel.key_mask is not None:
                 raise TokensieveError(f"{st.method.name} at {site}: on Qwen-VL a stage inside the LLM only "
                                       "chooses tokens (no new values, tokens of its own, order or key weights)")

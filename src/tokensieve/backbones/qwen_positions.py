@@ -23,11 +23,15 @@ def token_types(input_ids: torch.Tensor, image_token_id: int, video_token_id: in
     return types
 
 
-def rope_positions(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_grid_thw: torch.Tensor,
-                   mm_token_type_ids: torch.Tensor) -> torch.Tensor:
+def rope_positions(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_grid_thw: torch.Tensor | None,
+                   mm_token_type_ids: torch.Tensor, video_grid_thw: torch.Tensor | None = None,
+                   second_per_grid_ts: torch.Tensor | None = None) -> torch.Tensor:
     """``(3, B, L)`` t/h/w position ids of the full prompts (padding columns 0), from ``model``'s
-    ``get_rope_index`` (a ``Qwen*VLModel``); ``image_grid_thw`` ``(n_images, 3)``."""
+    ``get_rope_index`` (a ``Qwen*VLModel``); ``image_grid_thw`` ``(n_images, 3)``, ``video_grid_thw``
+    ``(n_videos, 3)``, ``second_per_grid_ts`` ``(n_videos,)`` (Qwen2.5-VL: seconds per temporal patch,
+    which spaces a video's temporal ids; the other families' take it in ``**kwargs`` and ignore it)."""
     positions, _ = model.get_rope_index(input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw,
+                                        video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts,
                                         attention_mask=attention_mask)
     return positions
 

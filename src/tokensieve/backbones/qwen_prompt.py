@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"  # the processor repeats <|image_pad|> per token
+VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"  # likewise <|video_pad|> (Qwen3-VL: per frame, timestamped)
 DEFAULT_SYSTEM = {"qwen2_vl": "You are a helpful assistant.", "qwen2_5_vl": "You are a helpful assistant.",
                   "qwen3_vl": None}
 # The assistant's cue that ends a prompt, once its special tokens are left out of the text.
@@ -38,11 +39,12 @@ def encode(processor, samples: Sequence, system: str | None = None) -> dict[str,
 
 
 def image_questions(tokenizer, input_ids: torch.Tensor, layout) -> list[str]:
-    """Each image's question as text, in image order over the batch: the text of its row after the
-    row's last image (``layout.question_mask``), without special tokens and the assistant's cue.
+    """Each visual unit's (image's or video's) question as text, in unit order over the batch: the text
+    of its row after the row's last unit (``layout.question_mask``), without special tokens and the
+    assistant's cue.
 
     input_ids: ``(B, L)``; layout: the adapter's ``QwenLayout`` (:mod:`.qwen_layout`) of them.
     """
     texts = [ANSWER_CUE.sub("", tokenizer.decode(ids[mask], skip_special_tokens=True)).strip()
              for ids, mask in zip(input_ids, layout.question_mask)]
-    return [texts[b] for b, row in enumerate(layout.runs) for _ in row]
+    return [texts[b] for b, row in enumerate(layout.units) for _ in row]

@@ -4,10 +4,10 @@ One :class:`QwenPruningSession` per attached handle. Its :class:`QwenStagePlan` 
 when it is installed; then, in every forward pass through the adapter (``forward``, ``generate``,
 ``prepare``):
 
-* ``llm.0``: after the vision tower has run, the stage chooses per image which of the patch
+* ``llm.0``: after the vision tower has run, the stage chooses per image or video which of the patch
   merger's output tokens (the visual tokens as the LLM receives them) stay, and the adapter
   assembles the LLM input from those (its ``kept=`` path: shrunk placeholder runs, M-RoPE ids kept,
-  every DeepStack level cut with the same indices). Rows of its :class:`SiteInputs` are images: each
+  every DeepStack level cut with the same indices). Rows of its :class:`SiteInputs` are images or videos: each
   has its own token count and budget (a ratio: that share of its tokens; a count: that many of every
   image).
 * ``llm.k`` (``k >= 1``): before decoder layer ``k`` each row chooses among all its visual tokens
@@ -21,15 +21,17 @@ when it is installed; then, in every forward pass through the adapter (``forward
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
 from tokensieve.backbones.base import Site
 from tokensieve.backbones.qwen_deepstack import QwenDeepStack
 from tokensieve.backbones.qwen_llm import QwenLLMStages
+from tokensieve.backbones.qwen_units import merger_inputs, refuse_video
 from tokensieve.backbones.stage_plan import PADDING, StagePlan, row_generator
 from tokensieve.errors import TokensieveError
-from tokensieve.method import Selection, SiteInputs
+from tokensieve.method import Selection, SiteInputs, VisualUnit
 
 LLM0 = Site("llm", 0)
 
@@ -93,7 +95,7 @@ class QwenPruningSession(QwenLLMStages, QwenDeepStack):
         self.plan = QwenStagePlan(backbone, handle)
         self.stage = self.plan.stages.get(LLM0)  # the stage at llm.0, if any
         self.llm_stages = {site: st for site, st in self.plan.stages.items() if site != LLM0}
-        self._merger_input: torch.Tensor | None = None  # (S, d_v): the patch merger's packed input
+        self._merger_inputs: list[torch.Tensor] = []  # (S, d_v) per tower pass: the patch merger's packed input
         wants = set() if self.stage is None else set(self.stage.method.signals) | set(self.stage.method.optional_signals)
         self.reads_merger_input = "projector_input" in wants
         if self.reads_merger_input:
@@ -109,38 +111,37 @@ class QwenPruningSession(QwenLLMStages, QwenDeepStack):
 
     def _capture_merger_input(self, _merger, args, _output) -> None:
         if self.handle.active:
-            self._merger_input = args[0]
+            self._merger_inputs.append(args[0])
 
-    def _projector_inputs(self, image_grid_thw: torch.Tensor) -> Callable[[], list[torch.Tensor]]:
-        """A function giving, per image, the merger's input behind each of its ``N_i`` tokens:
-        ``(N_i, merge**2 * d_v)``, the ``merge x merge`` patches of a token side by side, in the
-        order of the merger's output (Qwen2.5's window order undone)."""
+    def _projector_inputs(self, tower_grids: list[torch.Tensor], kinds: list[str]
+                          ) -> Callable[[], list[torch.Tensor]]:
+        """A function giving, per unit, the merger's input behind each of its tokens
+        (:func:`.qwen_units.merger_inputs`), from this pass's tower passes (``tower_grids``: theirs)."""
+        captured, self._merger_inputs = self._merger_inputs[len(self._merger_inputs) - len(tower_grids):], []
         cache: list[list[torch.Tensor]] = []
 
         def get() -> list[torch.Tensor]:
             if not cache:
-                x = self._merger_input
-                units = x.reshape(-1, self.bb.merge_unit * x.shape[-1])
-                order = self.bb.merger_output_order(image_grid_thw)
-                if order is not None:
-                    units = units[order.to(units.device)]
-                cache.append(list(units.split(self.bb.image_token_counts(image_grid_thw))))
+                cache.append(merger_inputs(self.bb, captured, tower_grids, kinds))
             return cache[0]
         return get
 
-    def choose(self, pooled: tuple[torch.Tensor, ...], image_grid_thw: torch.Tensor,
-               questions: Callable[[], list[str]] | None = None
+    def choose(self, pooled: tuple[torch.Tensor, ...], units: list[list[VisualUnit]], tower_grids: list[torch.Tensor],
+               kinds: list[str], questions: Callable[[], list[str]] | None = None
                ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
-        """The stage's choice for every image of the batch.
+        """The stage's choice for every visual unit (image or video) of the batch, each a row of its own.
 
-        pooled: the tower's output, one ``(N_i, d)`` per image in ``image_grid_thw`` order.
-        questions: a function giving each image's question as text (its row's), for methods that
+        pooled: the tower's output, one ``(N_i, d)`` per unit in unit order (prompt order over the batch).
+        units: per row its units (:func:`.qwen_units.visual_units`); tower_grids: the ``(n, 3)`` grids of
+        the batch's tower passes (images, then videos); kinds: per unit ``"image"`` or ``"video"``.
+        questions: a function giving each unit's question as text (its row's), for methods that
         read it (CDPruner); None when the adapter has no processor to decode it with.
-        Returns per image the kept indices ``(K_i,)`` (increasing) and the values the method gives
+        Returns per unit the kept indices ``(K_i,)`` (increasing) and the values the method gives
         the kept tokens ``(K_i, d)`` (None: the tokens as they are). Records counts (rows: images)
         and ``handle.last_kept``.
         """
-        inputs_of = self._projector_inputs(image_grid_thw)
+        inputs_of = self._projector_inputs(tower_grids, kinds)
+        every = [replace(unit, start=0) for row in units for unit in row]  # each unit alone in its SiteInputs
         texts: list[str] = []  # decoded once, when a method first asks
 
         def question_of(i: int) -> list[str]:
@@ -153,24 +154,27 @@ class QwenPruningSession(QwenLLMStages, QwenDeepStack):
         # on the other images of the batch. Images of equal count could go as one batch (a speed-up).
         for i, tokens in enumerate(pooled):
             signals = {"projector_input": lambda i=i: inputs_of()[i][None]} if self.reads_merger_input else {}
+            refuse_video(self.stage, every[i:i + 1], f"unit {i} (images and videos in prompt order)")
             sel = self._choose_image(i, tokens[None], signals,
-                                     None if questions is None else lambda i=i: question_of(i), i == len(pooled) - 1)
+                                     None if questions is None else lambda i=i: question_of(i), i == len(pooled) - 1,
+                                     [every[i]])
             kept.append(sel.indices[0])
             values.append(None if sel.tokens is None else sel.tokens[0])
         self._record(kept, [t.shape[0] for t in pooled])
         return kept, values
 
-    def _choose_image(self, i: int, rows: torch.Tensor, signals: dict, question_text, last: bool) -> Selection:
+    def _choose_image(self, i: int, rows: torch.Tensor, signals: dict, question_text, last: bool,
+                      unit: list[VisualUnit]) -> Selection:
         """The stage's settled selection for image ``i``, whose tokens ``rows`` are ``(1, N_i, d)`` (last:
         the pass's last image, after which the plan stops checking values)."""
         st, method, n = self.stage, self.stage.method, rows.shape[1]
         if st.budget.count is not None and st.budget.count > n:
-            raise TokensieveError(f"{st}: image {i} gives {n} visual tokens, fewer than the budget of "
+            raise TokensieveError(f"{st}: {unit[0].kind} {i} gives {n} visual tokens, fewer than the budget of "
                                   f"{st.budget.count}; give a smaller count or a ratio")
         keep = self.plan.keep_at(LLM0, n)
         with self.handle.scoring():
             sel = method.select(SiteInputs(rows, keep, str(LLM0), lambda: row_generator(self.seed, rows), signals,
-                                           question_text=question_text))
+                                           question_text=question_text, units=[unit]))
             if sel.order is not None:
                 raise TokensieveError(f"{method.name} at llm.0: an order of its own is not supported on Qwen-VL "
                                       "(kept tokens stay in image order, with their grid positions)")
