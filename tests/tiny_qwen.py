@@ -3,8 +3,10 @@
 :func:`save_tiny_qwen` builds one family (a few thousand weights, < 1 s) and saves model and
 processor with ``save_pretrained``, so the adapter loads them as it loads a real checkpoint.
 Processor: a local WordLevel tokenizer that knows the chat and vision special tokens, the PIL
-image processor (patch 14, 2x2 merge, min 28x28 px), and the video processor ProcessorMixin
-requires. A 112x112 image is a 8x8 patch grid -> 16 visual tokens; 56x84 -> 4x6 -> 6 tokens.
+image processor (patch 14, 2x2 merge, min 28x28 px), and the family's video processor (no frame
+sampling or resizing of the tiny videos; it runs on numpy frames, without torchvision or a decoder).
+A 112x112 image is a 8x8 patch grid -> 16 visual tokens; 56x84 -> 4x6 -> 6 tokens; a video of 4 56x84
+frames -> 2 temporal patches of 2x3 merged tokens -> 12 tokens.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from PIL import Image
 
 import tokensieve  # noqa: F401  (its torchvision shim must come before transformers' Qwen classes)
-from tokensieve.backbones.qwen_prompt import prompt
+from tokensieve.backbones.qwen_prompt import IMAGE, VIDEO, prompt
 
 # isort: split
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -43,6 +45,7 @@ WORDS = ["system", "user", "assistant", "You", "are", "a", "helpful", ".", "?", 
          "of", "shape", "red", "green", "blue", "circle", "square", "and", "left", "right"]
 VOCAB = {t: i for i, t in enumerate(SPECIAL + WORDS)}
 IMAGE_SIZES = {"big": (112, 112), "small": (56, 84)}  # (height, width) -> 16 and 6 visual tokens
+VIDEO_SHAPE = (4, 56, 84)  # (frames, height, width) -> 2 x 2 x 3 = 12 visual tokens
 
 
 # Row 0: one 112x112 image (16 tokens); row 1: a 56x84 image (6) then a 112x112 one (16).
@@ -92,8 +95,12 @@ def processor(family: str):
     """The offline processor of ``family`` (images 28x28 .. 224x224 px)."""
     processor_class, video_class = PROCESSOR_CLASSES[family]
     patches = {"patch_size": 14, "merge_size": 2, "temporal_patch_size": 2}
+    # Qwen3-VL's video bounds count the pixels of every frame together; every frame is kept as given.
+    frames = {"do_sample_frames": False, "size": {"shortest_edge": 28 * 28, "longest_edge": 4 * 224 * 224}} \
+        if family == "qwen3_vl" else {"size": {"shortest_edge": 28 * 28, "longest_edge": 224 * 224}}
     return processor_class(image_processor=Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=224 * 224, **patches),
-                           tokenizer=tokenizer(), video_processor=video_class(**patches))
+                           tokenizer=tokenizer(),
+                           video_processor=video_class(**patches, **frames, cap_pixels_per_frame=False))
 
 
 def save_tiny_qwen(family: str, folder: Path, seed: int = 0) -> Path:
@@ -112,12 +119,23 @@ def image(size: str, seed: int = 0) -> Image.Image:
     return Image.fromarray(pixels)
 
 
-def inputs(qwen, rows) -> dict:
-    """Processor inputs of ``rows`` for the adapter ``qwen``, each row ``(question, [image sizes])``,
-    left-padded; image ``j`` of the batch is ``image(size, seed=row index)``."""
-    texts = [prompt(q, len(sizes), qwen.system_prompt) for q, sizes in rows]
-    images = [image(size, seed=i) for i, (_, sizes) in enumerate(rows) for size in sizes]
-    return dict(qwen.processor(images=images, text=texts, return_tensors="pt", padding=True))
+def video(seed: int = 0) -> np.ndarray:
+    """A random video of :data:`VIDEO_SHAPE`: ``(frames, height, width, 3)`` uint8."""
+    return np.random.default_rng(1000 + seed).integers(0, 255, (*VIDEO_SHAPE, 3), dtype=np.uint8)
+
+
+def inputs(qwen, rows, first: int = 0) -> dict:
+    """Processor inputs of ``rows`` for the adapter ``qwen``, each row ``(question, [visuals])``, a visual an
+    image size of :data:`IMAGE_SIZES` or ``"video"``, left-padded; with ``first + row index`` as seed, the
+    row's images are ``image(size, seed)``, its videos ``video(seed)`` (2 frames a second: Qwen3-VL's
+    timestamps, Qwen2.5-VL's seconds per temporal patch)."""
+    texts = [prompt("".join(VIDEO if v == "video" else IMAGE for v in visuals) + q, 0, qwen.system_prompt)
+             for q, visuals in rows]
+    images = [image(v, seed=first + i) for i, (_, visuals) in enumerate(rows) for v in visuals if v != "video"]
+    videos = [video(seed=first + i) for i, (_, visuals) in enumerate(rows) for v in visuals if v == "video"]
+    clips = {} if not videos else {"videos": videos, "video_metadata": [
+        {"fps": 2.0, "total_num_frames": VIDEO_SHAPE[0], "frames_indices": list(range(VIDEO_SHAPE[0]))}] * len(videos)}
+    return dict(qwen.processor(images=images or None, text=texts, return_tensors="pt", padding=True, **clips))
 
 
 def until_eos(tokens: torch.Tensor, eos: int) -> list[list[int]]:
