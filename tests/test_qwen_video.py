@@ -9,9 +9,11 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from tiny_clip_text import save_tiny_clip
 from tiny_qwen import inputs, kept_of, until_eos
 
 from tokensieve.attach import attach
+from tokensieve.backbones.qwen_prompt import image_questions
 from tokensieve.errors import TokensieveError
 from tokensieve.method import Method, Selection, SiteInputs
 
@@ -19,7 +21,8 @@ from tokensieve.method import Method, Selection, SiteInputs
 ROWS = [("what is the colour ?", ["video"]), ("what shape is left and right ?", ["small", "video"]),
         ("what is the shape ?", ["big"])]
 COUNTS = [12, 6, 12, 16]
-KEPT = [torch.tensor([0, 5, 6, 11]), torch.tensor([1, 2, 4]), torch.tensor([2, 3, 7, 8, 9]), torch.arange(0, 16, 3)]
+# Video 2 keeps tokens of its first temporal patch only: on Qwen3-VL its second frame run goes entirely.
+KEPT = [torch.tensor([0, 5, 6, 11]), torch.tensor([1, 2, 4]), torch.tensor([1, 2, 4]), torch.arange(0, 16, 3)]
 SUPPRESSED = ("image_token_id", "video_token_id")  # placeholders would read as visual tokens in an answer
 
 
@@ -33,6 +36,18 @@ class Spy(Method):
 
     def select(self, inputs: SiteInputs) -> Selection:
         self.seen.append(inputs.units)
+        return Selection(torch.arange(inputs.keep).expand(inputs.tokens.shape[0], -1))
+
+
+@dataclass
+class MergerInputSpy(Spy):
+    """Also reads the patch merger's input behind each token (what CDPruner reads)."""
+
+    name = "merger_input_spy"
+    signals = ("projector_input",)
+
+    def select(self, inputs: SiteInputs) -> Selection:
+        self.seen.append((inputs.tokens, inputs.signal("projector_input")))
         return Selection(torch.arange(inputs.keep).expand(inputs.tokens.shape[0], -1))
 
 
@@ -86,6 +101,8 @@ def test_layout_has_one_unit_per_image_or_video(qwen, clips):
     assert clips["video_grid_thw"].tolist() == [[2, 4, 6]] * 2  # 4 frames -> 2 temporal patches
     layout = qwen.layout(clips["input_ids"], clips["attention_mask"], clips["video_grid_thw"])
     assert layout.kinds == ["video", "image", "video", "image"] and layout.units == [[0], [1, 2], [3]]
+    questions = [q for q, visuals in ROWS for _ in visuals]  # each unit's: its row's
+    assert image_questions(qwen.processor.tokenizer, clips["input_ids"], layout) == questions
     ids = clips["input_ids"]
     for unit, kind in ((0, "video"), (2, "video")):
         runs = [r for row in layout.runs for r in row if r.unit == unit]
@@ -224,6 +241,30 @@ def test_methods_see_each_units_grid(qwen, clips):
     assert [(u.kind, u.start) for u in row1] == [("image", 0), ("video", 3)]
     assert torch.equal(row1[0].cells, first[1]) and torch.equal(row1[1].cells, first[2])
     assert [[u.kind for u in units[0]] for units in seen1] == [["video"], ["image", "video"], ["image"]]
+
+
+def test_projector_input_of_images_and_videos_is_the_merger_input(qwen, clips):
+    """Per unit, from its own tower pass (images, then videos; Qwen2.5's window order undone)."""
+    seen = []
+    handle = attach(qwen, MergerInputSpy(seen=seen), 0.5, site="llm.0")
+    with torch.no_grad():
+        qwen.forward(**clips)
+        handle.detach()
+        d_vision = seen[0][1].shape[-1] // qwen.merge_unit
+        assert [tokens.shape[1] for tokens, _ in seen] == COUNTS
+        for tokens, merger_input in seen:
+            torch.testing.assert_close(qwen.visual.merger(merger_input[0].reshape(-1, d_vision)), tokens[0])
+
+
+def test_cdpruner_on_videos_reads_each_units_question(qwen, clips, tmp_path):
+    d_vision = qwen.visual.blocks[0].norm1.weight.shape[0]
+    clip = save_tiny_clip(tmp_path, qwen.merge_unit * d_vision)  # a CLIP as wide as the merger's input per token
+    handle = attach(qwen, {"name": "cdpruner", "text_encoder": str(clip)}, 0.5, site="llm.0")
+    with torch.no_grad():
+        pruned, kept = qwen.forward(**clips).logits, kept_of(handle)
+        handle.detach()
+        assert [len(k) for k in kept] == [6, 3, 6, 8]
+        assert torch.equal(pruned, qwen.forward(**clips, kept=kept).logits)
 
 
 @pytest.mark.parametrize("site", ["llm.0", "llm.1"])
