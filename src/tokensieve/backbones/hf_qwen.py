@@ -166,7 +166,7 @@ class QwenVLBackbone:
         return torch.argsort(window_index)
 
     def image_token_counts(self, image_grid_thw: torch.Tensor) -> list[int]:
-        """Visual tokens of each image, ``t*h*w / merge**2`` of its ``(n_images, 3)`` grid row."""
+        """Visual tokens of each image (or video), ``t*h*w / merge**2`` of its ``(n, 3)`` grid row."""
         merge = self.config.vision_config.spatial_merge_size
         return (image_grid_thw.prod(-1) // merge ** 2).tolist()
 
