@@ -32,7 +32,7 @@ from tokensieve.backbones.qwen_llm import QwenLLMStages
 from tokensieve.backbones.qwen_pruning import QwenStagePlan
 from tokensieve.backbones.stage_plan import PADDING, row_generator
 from tokensieve.errors import TokensieveError
-from tokensieve.method import Selection, SiteInputs
+from tokensieve.method import Selection, SiteInputs, VisualUnit
 
 LLM0 = Site("llm", 0)
 
@@ -171,8 +171,13 @@ class AnyresPruningSession(QwenLLMStages):
                        layouts: list) -> None:
         """Called by the adapter once the LLM input ``(B, L)`` is assembled (left-padded). runs: per row
         ``(n_b,)`` the position in its image's packed run of each visual column that entered the LLM;
-        layouts: the images' :class:`AnyresLayout`. Newline columns are left out of the candidates."""
+        layouts: the images' :class:`AnyresLayout`. Newline columns are left out of the candidates.
+        ``SiteInputs.units`` shows each row's image as one frame of one row of its packed run's
+        positions (base, crop canvas and newlines in the model's order): an anyres image is not one grid,
+        its :class:`AnyresLayout` says where each position lies."""
         candidates = [~layout.is_newline.to(run.device)[run] for run, layout in zip(runs, layouts)]
-        super().begin_llm_pass(input_ids, attention_mask, [run[c] for run, c in zip(runs, candidates)])
+        units = [[VisualUnit("image", 1, 1, len(layout), 0, torch.arange(len(layout), device=input_ids.device))]
+                 for layout in layouts]
+        super().begin_llm_pass(input_ids, attention_mask, [run[c] for run, c in zip(runs, candidates)], units)
         self.visual = [columns[c] for columns, c in zip(self.visual, candidates)]
         self.entering = [torch.arange(len(columns), device=input_ids.device) for columns in self.visual]

@@ -195,7 +195,7 @@ class LlavaNextBackbone:
                                   "after handle.detach() or inside handle.disabled()")
         features, layouts = self.encode_images(pixel_values, image_sizes)
         counts = self._checked_runs(layout, layouts)
-        kept = None if kept is None else checked_kept(kept, counts)
+        kept = None if kept is None else checked_kept(kept, counts, layout.kinds)
         if session is not None and session.stage is not None:
             questions = None if self.processor is None else (lambda: self._questions(input_ids, layout))
             kept = session.choose(features, layouts, (input_ids, layout.question_mask), questions)
