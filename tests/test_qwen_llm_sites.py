@@ -184,7 +184,6 @@ def test_refused_at_attach_in_one_line(qwen, site):
          "pyramiddrop renumbers positions, which is not defined for Qwen-VL's 3-D M-RoPE ids yet"),
         ({"method": {"name": "sparsevlm", "layers": [2]}, "budget": 64},
          "sparsevlm renumbers positions, which is not defined for Qwen-VL's 3-D M-RoPE ids yet"),
-        ({"method": "fastv", "budget": 0.5, "site": site, "mode": "soft"}, "mode 'soft' is not available on Qwen-VL"),
         ({"method": "fastv", "budget": 0.5, "site": "llm.5"}, "the LLM has 3 decoder layers"),
         ({"method": "cdpruner", "budget": 0.5, "site": site}, "cdpruner needs projector_input"),
     ]

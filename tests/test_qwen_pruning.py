@@ -139,7 +139,6 @@ def test_generate_with_cache_equals_steps_without(qwen, mixed):
 
 
 @pytest.mark.parametrize(("request_", "words"), [
-    ({"method": "divprune", "budget": 0.5, "mode": "soft"}, "mode 'soft' is not available on Qwen-VL yet; use hard"),
     ({"method": "fastv", "budget": 0.5, "site": "llm.0"}, "fastv needs text_attention, which llm.0 does not provide"),
     ({"method": "divprune", "budget": 0.5, "site": "projector"}, "site projector does not exist on the Qwen-VL backbone yet"),
     ({"method": "fastervlm", "budget": 0.5, "site": "llm.0"}, "'fastervlm' cannot act at llm.0"),

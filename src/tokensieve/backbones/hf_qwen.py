@@ -12,7 +12,8 @@ visual unit, numbered in prompt order over the batch (:mod:`.qwen_units`): ``kep
 ``llm.0`` stage's choices are per unit, in that order.
 
 Sites: ``llm.0`` (the patch merger's output, per image or video) and ``llm.k`` (before decoder layer ``k``, per
-row; Qwen3-VL's DeepStack additions then made by the session); the session is :mod:`tokensieve.backbones.qwen_pruning`.
+row; Qwen3-VL's DeepStack additions then made by the session), in ``hard`` or ``soft``
+mode; the session is :mod:`tokensieve.backbones.qwen_pruning`.
 No ``vision.i``: the tower runs packed, window-permuted (Qwen2.5) and without a mask input
 (docs/notes/qwen-vl-study.md, section 4).
 
@@ -251,6 +252,8 @@ class QwenVLBackbone:
                 lambda: image_questions(self.processor.tokenizer, input_ids, layout))
             tower_grids = [g for g in (image_grid_thw, video_grid_thw) if g is not None]
             kept, values = session.choose(features.pooler_output, units, tower_grids, layout.kinds, questions)
+            if session.soft:  # every token stays; the session masks the dropped ones as keys
+                features, kept = session.soft_features(features, kept, values), None
         stays = attention_mask.bool().clone()
         if kept is not None and counts:
             for b, row in enumerate(layout.runs):

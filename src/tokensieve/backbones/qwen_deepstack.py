@@ -28,8 +28,9 @@ class QwenDeepStack:
 
     @property
     def adds_deepstack(self) -> bool:
-        """True when this session adds Qwen3-VL's DeepStack features itself (it has stages inside the LLM)."""
-        return bool(self.bb.deepstack_levels and self.llm_stages)
+        """True when this session adds Qwen3-VL's DeepStack features itself (it has stages inside the LLM,
+        in hard mode; soft mode keeps every column, so the model adds them as it does unpruned)."""
+        return bool(self.bb.deepstack_levels and self.llm_stages and not self.soft)
 
     def _register_deepstack(self) -> None:
         self.deepstack: list[list[torch.Tensor]] | None = None

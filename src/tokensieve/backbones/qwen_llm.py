@@ -1,5 +1,5 @@
-"""The Qwen-VL session's stages inside the LLM (``llm.k``, ``k >= 1``), hard mode: visual tokens
-chosen before decoder layer ``k``, row by row.
+"""The Qwen-VL session's stages inside the LLM (``llm.k``, ``k >= 1``): visual tokens chosen before
+decoder layer ``k``, row by row; removed in hard mode (below), masked as keys in soft mode (:mod:`.qwen_soft`).
 
 A row's visual tokens are every placeholder column of its images (several images, any sizes, text
 between them), so rows differ in count: the stage runs its method on each row alone (``SiteInputs``
@@ -52,6 +52,8 @@ class QwenLLMStages:
                 hooks.append(attn.register_forward_pre_hook(self._remember_attention_kwargs, with_kwargs=True))
                 hooks.append(attn.k_proj.register_forward_hook(self._capture(site, attn, needs)))
         first = min((s.layer for s in self.llm_stages), default=len(layers))
+        if self.soft and self.stage is not None:  # soft llm.0 masks its dropped tokens from layer 0 on
+            first = 0
         for k in range(first, len(layers)):
             hooks.append(layers[k].register_forward_pre_hook(self._layer_hook(k), with_kwargs=True))
 
@@ -75,6 +77,9 @@ class QwenLLMStages:
         self.entering = [torch.arange(len(c), device=device) for c in self.visual]  # of the row's tokens entering
         self.drops: list = []
         self._adjusted: dict = {}
+        self.biases: list = []  # soft: (layer, (B, L) additive key bias)
+        if self.soft:
+            self._begin_soft(self.bb.model.dtype)
 
     # --- hooks --------------------------------------------------------------------------
     def _remember_attention_kwargs(self, attn, _args, kwargs):
@@ -141,13 +146,16 @@ class QwenLLMStages:
             states = (lambda r=row, q=question: (hidden[r, q][None],
                                                  torch.ones(1, len(q), dtype=torch.bool, device=hidden.device)))
             chosen.append(self._choose_row(site, row, tokens, signals, states, question_signals, row == b - 1))
-        self._record_llm(site, chosen)
-        return self._remove(site, hidden, chosen, kwargs)
+        self._record_llm(site, [kept for kept, _ in chosen])
+        if self.soft:
+            return self._mask_dropped(site, hidden, [kept for kept, _ in chosen], [weight for _, weight in chosen])
+        return self._remove(site, hidden, [kept for kept, _ in chosen], kwargs)
 
     def _choose_row(self, site: Site, row: int, tokens: torch.Tensor, signals: dict, question, question_signals,
-                    last: bool) -> torch.Tensor:
+                    last: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(K_b,)`` increasing indices into row ``row``'s ``n_b`` visual tokens ``tokens`` ``(1, n_b, d)``
-        that stay (last: the pass's last row, after which the plan stops checking values)."""
+        that stay, and their ``(K_b,)`` key weights in soft mode (None: none given, or hard mode);
+        last: the pass's last row, after which the plan stops checking values."""
         st, n = self.llm_stages[site], tokens.shape[1]
         if n == 0:
             raise TokensieveError(f"{st}: row {row} holds no image or video; every row of a batch pruned inside the LLM "
@@ -161,11 +169,14 @@ class QwenLLMStages:
         with self.handle.scoring():
             sel = st.method.select(SiteInputs(tokens, keep, str(site), lambda: row_generator(self.seed, tokens),
                                               signals, question, None, question_signals, units=[units]))
-            if sel.tokens is not None or sel.extra is not None or sel.order is not None or sel.key_mask is not None:
+            if sel.tokens is not None or sel.extra is not None or sel.order is not None or (
+                    sel.key_mask is not None and not self.soft):
                 raise TokensieveError(f"{st.method.name} at {site}: on Qwen-VL a stage inside the LLM only "
-                                      "chooses tokens (no new values, tokens of its own, order or key weights)")
+                                      "chooses tokens (no new values, tokens of its own, order, or key weights "
+                                      "outside soft mode)")
             sel = self.plan.settle(site, sel, 1, n, keep, pass_done=last)
-        return sel.indices[0] if sel.valid is None else sel.indices[0][sel.valid[0]]
+        real = slice(None) if sel.valid is None else sel.valid[0]
+        return sel.indices[0][real], None if sel.key_mask is None else sel.key_mask[0][real]
 
     def _record_llm(self, site: Site, chosen: list[torch.Tensor]) -> None:
         """Counts per row, and ``handle.last_kept[stage]``: ``(B, K_max)`` each row's kept tokens as
@@ -237,16 +248,19 @@ class QwenLLMStages:
         return positions.gather(1, self.drops[-1].positions) if self.drops else positions
 
     def _adjusted_kwargs(self, k: int, hidden: torch.Tensor, kwargs: dict, decoding: bool) -> dict:
-        """The layer's kwargs after the removals before layer ``k`` (gathered once per removal count and
-        originals, then reused by the later layers, which receive the same original tensors)."""
+        """The layer's kwargs after the removals before layer ``k`` (hard) or with the key biases of the
+        stages up to layer ``k`` (soft): computed once per (stages in effect, originals), then reused by
+        the later layers, which receive the same original tensors."""
         n_drops = sum(drop.layer <= k for drop in self.drops)
-        if n_drops == 0:
+        n_biases = sum(layer <= k for layer, _ in self.biases)
+        if n_drops == 0 and n_biases == 0:
             return kwargs
         originals = tuple(kwargs.get(name) for name in ("attention_mask", "position_embeddings", "position_ids"))
-        cached = self._adjusted.get((n_drops, decoding))
+        cached = self._adjusted.get((n_drops, n_biases, decoding))
         if cached is None or any(a is not b for a, b in zip(cached[0], originals)):
-            adjusted = layer_kwargs(kwargs, hidden, self.drops[n_drops - 1], [], self.length,
+            adjusted = layer_kwargs(kwargs, hidden, self.drops[n_drops - 1] if n_drops else None,
+                                    [bias for _, bias in self.biases[:n_biases]], self.length,
                                     self.bb.model.model.language_model.rotary_emb, k, decoding)
             cached = (originals, adjusted)
-            self._adjusted[(n_drops, decoding)] = cached
+            self._adjusted[(n_drops, n_biases, decoding)] = cached
         return {**kwargs, **cached[1]}

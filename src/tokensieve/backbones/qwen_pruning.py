@@ -15,7 +15,8 @@ when it is installed; then, in every forward pass through the adapter (``forward
   Qwen3-VL's DeepStack features are then added by the session, to the columns that remain
   (:mod:`.qwen_deepstack`).
 
-``hard`` mode only; methods that make tokens or renumber positions are refused.
+``hard`` mode removes the dropped tokens; ``soft`` keeps every token and masks the dropped ones as
+attention keys (:mod:`.qwen_soft`). Methods that make tokens or renumber positions are refused.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from tokensieve.backbones.base import Site
 from tokensieve.backbones.qwen_deepstack import QwenDeepStack
 from tokensieve.backbones.qwen_llm import QwenLLMStages
 from tokensieve.backbones.qwen_units import merger_inputs, refuse_video
+from tokensieve.backbones.qwen_soft import QwenSoftMasks
 from tokensieve.backbones.stage_plan import PADDING, StagePlan, row_generator
 from tokensieve.errors import TokensieveError
 from tokensieve.method import Selection, SiteInputs, VisualUnit
@@ -37,8 +39,8 @@ LLM0 = Site("llm", 0)
 
 
 class QwenStagePlan(StagePlan):
-    """The stage plan on Qwen-VL: ``llm.0`` and ``llm.k``, ``hard`` mode, no tokens a method makes and
-    no renumbered positions.
+    """The stage plan on Qwen-VL: ``llm.0`` and ``llm.k``, ``hard`` or ``soft`` mode, no tokens a method
+    makes and no renumbered positions.
 
     Budgets are resolved per image (``llm.0``) or per row (``llm.k``) in each pass (images and rows
     differ in token count); at attach a count at ``llm.0`` is checked against the most tokens one
@@ -61,8 +63,6 @@ class QwenStagePlan(StagePlan):
         if getattr(st.method, "renumbers_positions", False):
             raise TokensieveError(f"{st}: {st.method.name} renumbers positions, which is not defined for Qwen-VL's "
                                   "3-D M-RoPE ids yet")
-        if self.mode == "soft":
-            raise TokensieveError(f"{st}: mode 'soft' is not available on Qwen-VL yet; use hard")
         if st.method.makes_extra_tokens:
             raise TokensieveError(f"{st}: {st.method.name} adds tokens of its own, which the Qwen-VL backbone "
                                   "cannot place yet (each visual token's M-RoPE position comes from the image grid)")
@@ -83,7 +83,7 @@ class QwenStagePlan(StagePlan):
             self.counts[site] = (n, keep)
 
 
-class QwenPruningSession(QwenLLMStages, QwenDeepStack):
+class QwenPruningSession(QwenLLMStages, QwenDeepStack, QwenSoftMasks):
     """The stages of one handle on one Qwen-VL adapter, and what they capture in a forward pass.
 
     It is also one of the handle's hooks: ``remove()`` (on ``handle.detach()``) takes it off the
@@ -96,6 +96,8 @@ class QwenPruningSession(QwenLLMStages, QwenDeepStack):
         self.stage = self.plan.stages.get(LLM0)  # the stage at llm.0, if any
         self.llm_stages = {site: st for site, st in self.plan.stages.items() if site != LLM0}
         self._merger_inputs: list[torch.Tensor] = []  # (S, d_v) per tower pass: the patch merger's packed input
+        self._soft_kept: list[torch.Tensor] | None = None  # soft: llm.0's kept indices per image, until the LLM pass
+        self.llm0_key_masks: list[torch.Tensor | None] = []  # per image the (K_i,) key weights llm.0 gave, or None
         wants = set() if self.stage is None else set(self.stage.method.signals) | set(self.stage.method.optional_signals)
         self.reads_merger_input = "projector_input" in wants
         if self.reads_merger_input:
@@ -138,7 +140,8 @@ class QwenPruningSession(QwenLLMStages, QwenDeepStack):
         read it (CDPruner); None when the adapter has no processor to decode it with.
         Returns per unit the kept indices ``(K_i,)`` (increasing) and the values the method gives
         the kept tokens ``(K_i, d)`` (None: the tokens as they are). Records counts (rows: images)
-        and ``handle.last_kept``.
+        and ``handle.last_kept``, and in ``llm0_key_masks`` the ``(K_i,)`` key weights a method gives
+        (soft mode reads them).
         """
         inputs_of = self._projector_inputs(tower_grids, kinds)
         every = [replace(unit, start=0) for row in units for unit in row]  # each unit alone in its SiteInputs
@@ -149,7 +152,7 @@ class QwenPruningSession(QwenLLMStages, QwenDeepStack):
                 texts.extend(questions())
             return [texts[i]]
 
-        kept, values = [], []
+        kept, values, self.llm0_key_masks = [], [], []
         # One image at a time: each has its own token count and budget, and its choice must not depend
         # on the other images of the batch. Images of equal count could go as one batch (a speed-up).
         for i, tokens in enumerate(pooled):
@@ -160,6 +163,7 @@ class QwenPruningSession(QwenLLMStages, QwenDeepStack):
                                      [every[i]])
             kept.append(sel.indices[0])
             values.append(None if sel.tokens is None else sel.tokens[0])
+            self.llm0_key_masks.append(None if sel.key_mask is None else sel.key_mask[0])
         self._record(kept, [t.shape[0] for t in pooled])
         return kept, values
 
