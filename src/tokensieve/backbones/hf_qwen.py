@@ -215,8 +215,8 @@ class QwenVLBackbone:
     def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 image_grid_thw: torch.Tensor | None = None, kept: Sequence[torch.Tensor] | None = None,
                 mm_token_type_ids: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
-                video_grid_thw: torch.Tensor | None = None, second_per_grid_ts: torch.Tensor | None = None
-                ) -> QwenInputs:
+                video_grid_thw: torch.Tensor | None = None, second_per_grid_ts: torch.Tensor | None = None,
+                answer_mask: torch.Tensor | None = None) -> QwenInputs:
         """Encode the images and videos and assemble the model input.
 
         input_ids, attention_mask: ``(B, L)`` prompts with full placeholder runs (padded on
@@ -230,8 +230,12 @@ class QwenVLBackbone:
         ``kept`` is refused).
         mm_token_type_ids: the processor's ``(B, L)`` token types (computed from ``input_ids``
         when absent).
+        answer_mask: optional ``(B, L)`` positions of a teacher-forced sequence that methods reading the
+        question must not see (the answers and every token after the first one).
         """
         layout = self.layout(input_ids, attention_mask, video_grid_thw)
+        if answer_mask is not None:
+            layout.question_mask &= ~answer_mask.bool()
         merge = self.config.vision_config.spatial_merge_size
         counts = checked_counts(layout, image_grid_thw, video_grid_thw, merge)
         kept = None if kept is None else checked_kept(kept, counts, layout.kinds)
@@ -267,18 +271,20 @@ class QwenVLBackbone:
         # Read by the model only when it builds positions itself (a later cached call without ids).
         self.model.model.rope_deltas = shrunk.rope_deltas
         if session is not None:
+            exclude = None if answer_mask is None else keep_columns(  # the answers' columns, shrunk alike
+                answer_mask.long(), positions, stays, 0, attention_mask.dtype).input_ids.bool()
             session.begin_llm_pass(shrunk.input_ids, shrunk.attention_mask,
-                                   row_origins(layout.units, counts, kept, input_ids.device), units)
+                                   row_origins(layout.units, counts, kept, input_ids.device), units, exclude)
             features = session.take_deepstack(features, layout.units)
         return QwenInputs(shrunk.input_ids, shrunk.attention_mask, shrunk.position_ids, features, layout.kinds)
 
     def forward(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, kept=None,
                 mm_token_type_ids=None, pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None,
-                **kwargs):
+                answer_mask=None, **kwargs):
         """The model's output for the assembled sequence; logits ``(B, L', vocab)``, ``L' < L``
         when tokens were dropped. Without ``kept`` (and left-padded input) it is the plain model's."""
         inputs = self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw, kept, mm_token_type_ids,
-                              pixel_values_videos, video_grid_thw, second_per_grid_ts)
+                              pixel_values_videos, video_grid_thw, second_per_grid_ts, answer_mask)
         return self.model(**inputs.model_kwargs(), **kwargs)
 
     def generate(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, kept=None,

@@ -59,11 +59,13 @@ class QwenLLMStages:
 
     # --- per-pass state -----------------------------------------------------------------
     def begin_llm_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       origins: list[torch.Tensor], units: list[list[VisualUnit]]) -> None:
+                       origins: list[torch.Tensor], units: list[list[VisualUnit]],
+                       exclude: torch.Tensor | None = None) -> None:
         """Called by the adapter once the LLM input ``(B, L)`` is assembled (left-padded). origins: per
         row ``(n_b,)`` the index of each of its visual columns among the row's visual tokens before any
         pruning (its units' tokens in prompt order), for ``handle.last_kept``; units: per row its images
-        and videos before any pruning (:func:`.qwen_units.visual_units`), for ``SiteInputs.units``."""
+        and videos before any pruning (:func:`.qwen_units.visual_units`), for ``SiteInputs.units``;
+        exclude: optional ``(B, L)`` columns that are not question (a teacher-forced sequence's answers)."""
         layout = self.bb.layout(input_ids, attention_mask)
         device = input_ids.device
         self.length = input_ids.shape[1]
@@ -71,7 +73,8 @@ class QwenLLMStages:
         # last image (the question and the answer cue, (T_b,)).
         self.visual = [torch.cat([torch.arange(r.start, r.start + r.count, device=device) for r in row])
                        if row else torch.zeros(0, dtype=torch.long, device=device) for row in layout.runs]
-        self.question = [layout.question_mask[b].nonzero().flatten() for b in range(len(layout.runs))]
+        question = layout.question_mask if exclude is None else layout.question_mask & ~exclude
+        self.question = [question[b].nonzero().flatten() for b in range(len(layout.runs))]
         self.origin = origins
         self.units = units
         self.entering = [torch.arange(len(c), device=device) for c in self.visual]  # of the row's tokens entering
