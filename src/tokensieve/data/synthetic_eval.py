@@ -7,13 +7,13 @@ budget, and where CLS attention falls relative to the objects.
 
 from __future__ import annotations
 
+import math
 from collections import Counter, defaultdict
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from tokensieve.backbones import LlavaBackbone
 from tokensieve.data.synthetic import FAMILIES, SPLIT_SEEDS, Sample, SceneSpec, make_sample
 
 # Per-sample indices ``(M,)`` of the visual tokens that enter the LLM, increasing.
@@ -82,7 +82,19 @@ def cls_attention_object_ratio(attention: torch.Tensor, samples: list[Sample]) -
     return float(np.mean(ratios))
 
 
-def scene_spec_for(backbone: LlavaBackbone) -> SceneSpec:
-    """Scenes drawn at the model's own image and patch size, so patches are tokens."""
+# Visual tokens a side of a synthetic scene on a Qwen-VL model (LLaVA's testbed has 10x10 patches).
+QWEN_SCENE_GRID = 10
+
+
+def scene_spec_for(backbone) -> SceneSpec:
+    """Scenes drawn so that a scene's patch is one visual token: at a LLaVA model's own image and patch
+    size; on a Qwen-VL model (a :class:`QwenVLBackbone`), whose token is a 2x2 group of patches, at that
+    size (28 px), :data:`QWEN_SCENE_GRID` tokens a side or as many as its processor's ``max_pixels`` allow."""
+    from tokensieve.backbones.hf_qwen import QwenVLBackbone
+
     vision = backbone.config.vision_config
+    if isinstance(backbone, QwenVLBackbone):
+        unit = vision.patch_size * vision.spatial_merge_size
+        grid = min(QWEN_SCENE_GRID, math.isqrt(backbone.most_image_tokens()))
+        return SceneSpec(image_size=grid * unit, patch_size=unit)
     return SceneSpec(image_size=vision.image_size, patch_size=vision.patch_size)

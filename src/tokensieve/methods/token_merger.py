@@ -1,8 +1,8 @@
 """The learned token merger (stage 1 of tokensieve's two-stage pruner), as a registry method.
 
-Between the vision tower and the projector, a trained scorer picks M centre tokens and every
-token is softly assigned to the centres; the centres become the assignment-weighted means
-(:class:`tokensieve.learned.TokenMerger`). M is the site's budget.
+Between the vision tower and the projector (on Qwen-VL at ``llm.0``, after its patch merger), a
+trained scorer picks M centre tokens and every token is softly assigned to the centres; the centres
+become the assignment-weighted means (:class:`tokensieve.learned.TokenMerger`). M is the site's budget.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class LearnedTokenMerger(Method):
     name = "token_merger"
     trained = True
     paper = "tokensieve two-stage pruning (learned merger; Gumbel-top-k centres, soft assignment)"
-    stages = ("projector",)
+    stages = ("projector", "llm")  # llm: llm.0 on a backbone whose projector's grouping is fixed (Qwen-VL)
     default_site = "projector"
 
     variant: str = "simple"

@@ -30,6 +30,7 @@ from tokensieve.learned import HiddenStateDiscriminator, LayerPrunerHead, MergeR
 from tokensieve.method import Budget
 from tokensieve.methods.layer_pruner import LearnedLayerPruner
 from tokensieve.methods.token_merger import LearnedTokenMerger
+from tokensieve.pruner.placement import check_per_image_merger, placement
 from tokensieve.pruner.settings import PrunerSettings, default_pruning_layers, stage_targets
 from tokensieve.pruner.training_step import TrainingStep
 
@@ -42,10 +43,7 @@ MERGE_RANGE_SEED = 20261124  # seeds the per-step merge-ratio draws (with the st
 
 def backbone_signature(backbone) -> dict[str, int]:
     """The backbone facts the parts' shapes and sites depend on (checked when loading)."""
-    text = backbone.config.text_config
-    return {"vision_hidden": backbone.config.vision_config.hidden_size, "text_hidden": text.hidden_size,
-            "llm_layers": len(backbone.llm_layers), "n_patches": backbone.n_patches,
-            "visual_tokens": backbone.n_visual_tokens}
+    return placement(backbone).signature
 
 
 class TwoStagePruner(nn.Module):
@@ -53,15 +51,23 @@ class TwoStagePruner(nn.Module):
 
     cfg: the pruner's settings; a training run passes its whole :class:`TwoStageConfig`
     (a :class:`PrunerSettings` with the training sections), which is what ``config.yaml`` holds.
+    The merger acts where the backbone's :class:`~tokensieve.pruner.placement.Placement` says; where
+    every image has its own token count (Qwen-VL) its centres (``n_centres``) and the heads' budgets
+    are :class:`Budget` ratios of each image's (row's) tokens, elsewhere counts.
     """
 
     def __init__(self, cfg: PrunerSettings, backbone):
         super().__init__()
-        self.cfg, self.signature = cfg, backbone_signature(backbone)
-        n, d_vision, d_text = backbone.n_patches, self.signature["vision_hidden"], self.signature["text_hidden"]
+        self.place = placement(backbone)
+        self.cfg, self.signature = cfg, self.place.signature
+        n, d_vision, d_text = self.place.n_tokens, self.place.merger_width, self.signature["text_hidden"]
         m = cfg.merger
-        self.n_centres = None
-        if m.enabled:
+        self.n_centres: int | Budget | None = None
+        if m.enabled and n is None:
+            check_per_image_merger(m)
+            self.n_centres = Budget(count=m.target_merge_tokens) if m.target_merge_tokens is not None else Budget(
+                ratio=m.merge_ratio)
+        elif m.enabled:
             self.n_centres = m.target_merge_tokens if m.target_merge_tokens is not None else max(1, round(m.merge_ratio * n))
             if not 1 <= self.n_centres <= n:
                 raise TokensieveError(f"merger.target_merge_tokens {self.n_centres} is not between 1 and "
@@ -100,25 +106,31 @@ class TwoStagePruner(nn.Module):
     def layers(self) -> list[int]:
         return [int(k) for k in self.layer_pruners]
 
-    def training_centres(self, step: int) -> int | None:
+    def training_centres(self, step: int) -> int | Budget | None:
         """Centres at training ``step``: drawn from ``merger.train_merge_range`` when set (the same
         draw for the same step, so a resumed run replays it), else the configured count."""
         low_high = self.cfg.merger.train_merge_range
         if self.n_centres is None or low_high is None:
             return self.n_centres
         ratio = np.random.default_rng([MERGE_RANGE_SEED, step]).uniform(*low_high)
-        return max(1, round(ratio * self.signature["n_patches"]))
+        return self._centres_at(ratio)
 
-    def validation_centres(self) -> list[int | None]:
+    def _centres_at(self, ratio: float) -> int | Budget:
+        """``ratio`` of the merger's tokens: a count of the tokens every image has, or a ratio per image."""
+        if self.place.n_tokens is None:
+            return Budget(ratio=float(ratio))
+        return max(1, round(ratio * self.place.n_tokens))
+
+    def validation_centres(self) -> list[int | Budget | None]:
         """Merger budgets a validation scores (their mean picks ``best/``): both ends of
         ``merger.train_merge_range`` when set, since the parts are trained for every budget in
         it, else the configured count (None without a merger)."""
         low_high = self.cfg.merger.train_merge_range
         if self.n_centres is None or low_high is None:
             return [self.n_centres]
-        return [max(1, round(r * self.signature["n_patches"])) for r in low_high]
+        return [self._centres_at(r) for r in low_high]
 
-    def centres_for(self, centres: Budget | int | float | str | None) -> int | None:
+    def centres_for(self, centres: Budget | int | float | str | None) -> int | Budget | None:
         """The merger's centre count for ``centres``, the tokens entering the LLM: a count or a ratio of
         the patch tokens (None: as trained)."""
         if centres is None:
@@ -126,13 +138,18 @@ class TwoStagePruner(nn.Module):
         if self.token_merger is None:
             raise TokensieveError("this pruner has no token merger, so its budget is fixed by pruner.target_ratio; "
                                   "evaluate it without --centres")
-        return Budget.parse(centres).resolve(self.signature["n_patches"], "the token merger")
+        if self.place.n_tokens is None:
+            return Budget.parse(centres)
+        return Budget.parse(centres).resolve(self.place.n_tokens, "the token merger")
 
-    def inference_counts(self, centres: int | None) -> list[int]:
-        """Tokens each head keeps at inference: its share of the tokens entering the LLM."""
-        extra = self.signature["visual_tokens"] - self.signature["n_patches"]  # a kept CLS
-        total = (centres if centres is not None else self.signature["n_patches"]) + extra
-        return [max(1, round(r * total)) for r in stage_targets(self.cfg.pruner.target_ratio, len(self.layers))]
+    def inference_counts(self, centres: int | Budget | None) -> list[int | Budget]:
+        """Tokens each head keeps at inference: its share of the tokens entering the LLM (where each row
+        has its own count, the ratio of the tokens the head sees that gives that share)."""
+        targets = stage_targets(self.cfg.pruner.target_ratio, len(self.layers))
+        if self.place.n_tokens is None:
+            return [Budget(ratio=r / before) for r, before in zip(targets, [1.0, *targets])]
+        total = (centres if centres is not None else self.place.n_tokens) + self.place.extra  # a kept CLS
+        return [max(1, round(r * total)) for r in targets]
 
     def _methods(self, training: bool) -> tuple[LearnedTokenMerger | None, list[LearnedLayerPruner]]:
         """Registry methods wrapping these modules (they share the weights); in training they
@@ -156,13 +173,13 @@ class TwoStagePruner(nn.Module):
 
         centres: tokens entering the LLM (the merger's centres) at inference, a count or a ratio of the
         patch tokens; default as trained.
-        The stages are the merger's at ``projector`` (if any), then one per head at ``llm.<layer>``.
+        The stages are the merger's at its placement's site (if any), then one per head at ``llm.<layer>``.
         """
         merger, pruners = self._methods(training)
         n_centres = self.centres_for(centres)
         stages = []
         if merger is not None:
-            stages.append((merger, "projector", n_centres))
+            stages.append((merger, self.place.merger_site, n_centres))
         counts = self.inference_counts(n_centres)
         for k, method, count in zip(self.layers, pruners, counts):
             # With a keep threshold a head decides its own count (every token may stay).
@@ -184,11 +201,11 @@ class TwoStagePruner(nn.Module):
         centres = self.training_centres(step)
         if merger is not None:
             merger.gumbel_tau = tau
-            handle.stages[0].budget = Budget(count=centres)  # the merger's stage
+            handle.stages[0].budget = centres if isinstance(centres, Budget) else Budget(count=centres)  # the merger's
         for method in pruners:
             method.tau = tau
         self._step = TrainingStep(step, tau, centres, stage_targets(self.cfg.pruner.target_ratio, len(pruners)),
-                                  head_logits=[None] * len(pruners))
+                                  head_logits=[[] for _ in pruners])
         return self._step
 
     def _current_step(self) -> TrainingStep:
@@ -197,10 +214,10 @@ class TwoStagePruner(nn.Module):
         return self._step
 
     def _record_merge(self, result: MergeResult) -> None:
-        self._current_step().merge = result
+        self._current_step().merges.append(result)
 
     def _record_head(self, index: int, logits: torch.Tensor) -> None:
-        self._current_step().head_logits[index] = logits
+        self._current_step().head_logits[index].append(logits)
 
     # --- saving -------------------------------------------------------------------------
     def inference_state(self) -> dict[str, torch.Tensor]:

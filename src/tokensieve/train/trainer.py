@@ -27,10 +27,10 @@ from tqdm import tqdm
 from tokensieve import optional
 from tokensieve.attach import Handle
 from tokensieve.backbones import LlavaBackbone
+from tokensieve.backbones.hf_qwen import QwenVLBackbone
+from tokensieve.backbones.vlm_loading import load_vlm
 from tokensieve.checkpoint import remove_stale_temporaries
 from tokensieve.config import save_config
-from tokensieve.data.instruct import InstructExample, collate, load_instruct, synthetic_examples
-from tokensieve.data.synthetic import SPLIT_SEEDS, training_seed
 from tokensieve.distributed import Distributed
 from tokensieve.errors import TokensieveError
 from tokensieve.interrupt import Interrupted, stop_at_step_end
@@ -47,34 +47,8 @@ from tokensieve.train.run_folder import (
     mark_done,
     save_run_state,
 )
+from tokensieve.train.training_data import TrainingData, collate_for, model_inputs
 from tokensieve.train.two_stage_config import TwoStageConfig
-
-
-class TrainingData:
-    """Batch ``i`` depends only on ``i`` (so a resumed run sees exactly the same batches)."""
-
-    def __init__(self, cfg: TwoStageConfig, spec):
-        self.cfg, self.spec = cfg, spec
-        # The testbed answers one word and was never trained on what follows it.
-        self.label_eos = cfg.data.kind == "instruct"
-        self.records: list[InstructExample] | None = None
-        if cfg.data.kind == "instruct":
-            self.records = load_instruct(Path(cfg.data.path), Path(cfg.data.image_folder))
-            if len(self.records) <= cfg.validation.samples:
-                raise TokensieveError(f"{cfg.data.path} has {len(self.records)} records; validation alone takes "
-                                      f"{cfg.validation.samples}")
-
-    def batch(self, step: int) -> list[InstructExample]:
-        b = self.cfg.optim.batch_size
-        if self.records is None:
-            return synthetic_examples(training_seed(self.cfg.data.seed), step * b, b, self.spec)
-        pool = self.records[self.cfg.validation.samples:]
-        return [pool[(step * b + k) % len(pool)] for k in range(b)]
-
-    def validation(self) -> list[InstructExample]:
-        if self.records is None:
-            return synthetic_examples(SPLIT_SEEDS["validation"], 0, self.cfg.validation.samples, self.spec)
-        return self.records[: self.cfg.validation.samples]
 
 
 @dataclass
@@ -91,7 +65,7 @@ class TwoStageTrainer:
     train`` times steps on a random model of a real shape)."""
 
     def __init__(self, cfg: TwoStageConfig, out: str | Path, resume: bool = False, progress: bool = True,
-                 on_validation: Callable[[int, float], None] | None = None, backbone: LlavaBackbone | None = None):
+                 on_validation: Callable[[int, float], None] | None = None, backbone: LlavaBackbone | QwenVLBackbone | None = None):
         self.cfg, self.out, self.progress, self.on_validation = cfg, Path(out), progress, on_validation
         self.resume = resume
         torch.set_num_threads(cfg.run.threads)
@@ -100,10 +74,11 @@ class TwoStageTrainer:
         check_run_folder(self.out, cfg, resume)
         if backbone is None:
             dtype = None if cfg.run.dtype == "auto" else getattr(torch, cfg.run.dtype)
-            backbone = LlavaBackbone.from_pretrained(cfg.model, dtype=dtype, device=cfg.run.device)
+            backbone = load_vlm(cfg.model, dtype=dtype, device=cfg.run.device)
         self.backbone = backbone
         if self.backbone.processor is None:
             raise TokensieveError(f"{cfg.model} has no processor; training needs one")
+        self.collate = collate_for(backbone)
         self.backbone.model.requires_grad_(False).eval()
         from tokensieve.data.synthetic_eval import scene_spec_for
 
@@ -156,19 +131,20 @@ class TwoStageTrainer:
         keep_ratios = []
         if step.head_targets:
             cumulative, sparsity = None, []
-            for logits, target in zip(step.keep_logits(), step.head_targets):
-                p = keep_probability(logits)  # (B, n) of the tokens entering the LLM
+            for (logits, valid), target in zip(step.keep_logits(len(labels)), step.head_targets):
+                p = keep_probability(logits)  # (B, n) of the tokens entering the LLM (valid: real ones)
                 cumulative = p if cumulative is None else cumulative * p
                 now = schedules.target_ratio_at(step.step, total, target, cfg.schedule.target_curriculum)
-                sparsity.append(losses.target_ratio_sparsity(cumulative, torch.ones_like(p, dtype=torch.bool), now))
-                keep_ratios.append(float(cumulative.detach().mean()))
+                sparsity.append(losses.target_ratio_sparsity(cumulative, valid, now))
+                keep_ratios.append(float(cumulative.detach()[valid].mean()))
             parts["sparsity"] = torch.stack(sparsity).mean()
         if step.centres is not None and w.merge_sparsity:
-            merged = step.merged()
-            n, centres = merged.logits.shape[1], merged.indices.shape[1]  # this step's centres
-            p = torch.sigmoid(merged.logits)
-            parts["merge_sparsity"] = losses.target_ratio_sparsity(p, torch.ones_like(p, dtype=torch.bool),
-                                                                   centres / n)
+            terms = []  # one per merger call (the batch, or each image where images differ in count)
+            for merged in step.merged():
+                n, centres = merged.logits.shape[1], merged.indices.shape[1]  # this step's centres
+                p = torch.sigmoid(merged.logits)
+                terms.append(losses.target_ratio_sparsity(p, torch.ones_like(p, dtype=torch.bool), centres / n))
+            parts["merge_sparsity"] = torch.stack(terms).mean()
         if w.hidden_mse:
             parts["hidden_mse"] = losses.hidden_state_mse(student.hidden_states[-1], teacher.hidden_states[-1], text)
         weights = {"task": w.task, "distill": w.distill, "merge_sparsity": w.merge_sparsity, "hidden_mse": w.hidden_mse,
@@ -199,10 +175,10 @@ class TwoStageTrainer:
         tau = schedules.temperature_at(self.step, cfg.optim.steps, cfg.schedule.tau_start, cfg.schedule.tau_end,
                                        cfg.schedule.tau_kind, cfg.schedule.anneal_fraction, cfg.schedule.tau_floor)
         step = self.parts.set_step(self.step, tau)
-        batch = self._to_device(collate(self.backbone.processor, self.dist.shard(self.data.batch(self.step)),
-                                        label_eos=self.data.label_eos))
+        batch = self._to_device(self.collate(self.backbone.processor, self.dist.shard(self.data.batch(self.step)),
+                                             label_eos=self.data.label_eos))
         need_hidden = cfg.loss.hidden_mse > 0 or self.parts.discriminator is not None
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+        inputs = model_inputs(batch)
         with torch.no_grad(), handle.disabled():
             teacher = self.backbone.forward(**inputs, output_hidden_states=need_hidden)
         student = self.backbone.forward(**inputs, answer_mask=after_first_answer(batch["labels"]),
@@ -248,9 +224,9 @@ class TwoStageTrainer:
         try:
             examples, right, total = self.dist.shard(self.data.validation()), 0, 0
             for i in range(0, len(examples), 32):
-                batch = self._to_device(collate(self.backbone.processor, examples[i: i + 32],
-                                                label_eos=self.data.label_eos))
-                logits = self.backbone.forward(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                batch = self._to_device(self.collate(self.backbone.processor, examples[i: i + 32],
+                                                     label_eos=self.data.label_eos))
+                logits = self.backbone.forward(**model_inputs(batch),
                                                answer_mask=after_first_answer(batch["labels"])).logits
                 labels = batch["labels"][:, 1:]
                 scored = labels != -100
