@@ -49,7 +49,7 @@ def kept_columns(qwen, batch, kept: list[torch.Tensor]) -> torch.Tensor:
     for b, runs in enumerate(qwen.layout(batch["input_ids"], batch["attention_mask"]).runs):
         for r in runs:
             dropped = torch.ones(r.count, dtype=torch.bool)
-            dropped[kept[r.image]] = False
+            dropped[kept[r.unit]] = False
             stays[b, r.start + dropped.nonzero().flatten()] = False
     return stays
 

@@ -40,6 +40,11 @@ CAPTURED = frozenset({"text_attention", "prev_layer_keys"})  # read from layer k
 class QwenLLMStages:
     """Hooks and per-pass state of the stages inside the LLM (mixin of the Qwen-VL session)."""
 
+    @property
+    def soft(self) -> bool:
+        """Stages keep every token and mask the dropped ones as keys (:mod:`.qwen_soft`)."""
+        return self.handle.mode == "soft"
+
     def _register_llm(self) -> None:
         hooks, layers = self.handle.hooks, self.bb.llm_layers
         self._captured: dict[str, torch.Tensor] = {}

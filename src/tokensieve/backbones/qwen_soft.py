@@ -31,10 +31,6 @@ def masks_nothing(kept: list[torch.Tensor], weights: list[torch.Tensor | None], 
 class QwenSoftMasks:
     """Soft mode's key biases (mixin of the Qwen-VL session)."""
 
-    @property
-    def soft(self) -> bool:
-        return self.handle.mode == "soft"
-
     def soft_features(self, features, kept: list[torch.Tensor], values: list[torch.Tensor | None]):
         """``llm.0`` in soft mode: the tower output with every token, the kept ones' contents replaced by
         ``values`` where a method gives them (one ``(K_i, d)`` or None per image; DeepStack levels as
