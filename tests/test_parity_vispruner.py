@@ -43,7 +43,8 @@ def test_keeps_the_released_codes_patches(name):
 
 
 def test_defaults_are_the_evaluation_scripts():
-    assert create_method("vispruner").config() == {"name": "vispruner", "important_ratio": 0.5, "drop_per_round": 8}
+    assert create_method("vispruner").config() == {"name": "vispruner", "important_ratio": 0.5, "drop_per_round": 8,
+                                                   "importance": "cls_attention"}
     assert vispruner_split(64, 0.5) == (32, 32) and vispruner_split(64, 0.75) == (48, 16)
 
 

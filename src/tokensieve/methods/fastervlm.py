@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from tokensieve.method import Method, Selection, SiteInputs, register
+from tokensieve.methods.tower_importance import importance_signals
 from tokensieve.ops import topk_sorted
 
 
@@ -37,6 +38,10 @@ class FasterVLM(Method):
 
     Beyond the paper: any vision block's input as a site (``vision.K``, ranking by block K-1's
     CLS attention) and any budget; every row of a batch chooses its own tokens, as in the reference.
+
+    Ours, off by default: ``importance="received_attention"`` ranks by the attention each token
+    receives in the tower's last block instead, for towers without CLS (Qwen-VL; the authors
+    released no such port: docs/methods.md).
     """
 
     name = "fastervlm"
@@ -45,7 +50,13 @@ class FasterVLM(Method):
     stages = ("vision", "projector")
     default_site = "projector"
     signals = ("cls_attention",)
+    no_cls_options = {"importance": "received_attention"}  # its variant for a tower without CLS (ours)
+
+    importance: str = "cls_attention"
+
+    def __post_init__(self):
+        self.signals = importance_signals(self.name, self.importance, type(self).signals)
 
     def select(self, inputs: SiteInputs) -> Selection:
-        att = inputs.signal("cls_attention")
+        att = inputs.signal(self.importance)
         return Selection(fastervlm_keep(att, inputs.keep).to(inputs.tokens.device))

@@ -8,6 +8,7 @@ import torch
 
 from tokensieve.errors import TokensieveError
 from tokensieve.method import Method, Selection, SiteInputs, register
+from tokensieve.methods.tower_importance import importance_signals
 from tokensieve.ops import complement, cosine_matrix, gather_tokens, merge_into
 
 CLS_CHOICES = ("emit", "drop")
@@ -92,6 +93,14 @@ class VisionZip(Method):
     and the tokens assigned to it; ``order="positions"`` keeps every kept token in its
     original position instead of dominant-then-contextual.
     Decisions are per row, as in the released code.
+
+    Towers without CLS (Qwen-VL): ``importance="received_attention", cls="drop", order="positions"``
+    is the authors' own Qwen2.5-VL port (JIA-Lab-research/VisionZip ``Qwen2_5_VL/qwen2_5vl_visionzip.py``,
+    commit 68993a31): dominant tokens by the attention each merged token receives in the tower's last
+    block, ``keys`` that block's rotated keys per merged token, merging on the merger's output, every
+    kept token (contextual ones at their target's place) in its image position
+    (tests/test_parity_visionzip_qwen.py). Its 70% setting, 65% dominant + 5% contextual tokens, is a
+    budget of ``int(0.65 N) + max(int(0.05 N), 1)`` with ``dominant_ratio`` = 65/70 (up to rounding).
     """
 
     name = "visionzip"
@@ -101,11 +110,14 @@ class VisionZip(Method):
     default_site = "projector"
     signals = ("cls_attention", "keys")
     optional_signals = ("cls_token",)
+    # its authors' variant for a tower without CLS (their Qwen2.5-VL port)
+    no_cls_options = {"importance": "received_attention", "cls": "drop", "order": "positions"}
 
     dominant_ratio: float = 54 / 64
     cls: str = "emit"
     merge: str = "add"
     order: str = "blocks"
+    importance: str = "cls_attention"
 
     def __post_init__(self):
         ratio = self.dominant_ratio
@@ -115,6 +127,7 @@ class VisionZip(Method):
                                        ("order", self.order, ORDER_CHOICES)):
             if value not in choices:
                 raise TokensieveError(f"visionzip: {option} {value!r} is not one of {', '.join(choices)}")
+        self.signals = importance_signals(self.name, self.importance, type(self).signals)
 
     @property
     def makes_extra_tokens(self) -> bool:
@@ -122,7 +135,7 @@ class VisionZip(Method):
         return self.cls == "emit"
 
     def select(self, inputs: SiteInputs) -> Selection:
-        att, keys = inputs.signal("cls_attention"), inputs.signal("keys")
+        att, keys = inputs.signal(self.importance), inputs.signal("keys")
         dominant, contextual = visionzip_split(inputs.keep, self.dominant_ratio)
         cls = inputs.signal("cls_token") if self.cls == "emit" and "cls_token" in inputs.signals else None
         if cls is not None:  # CLS is one of the dominant tokens, so one patch fewer

@@ -9,6 +9,7 @@ from torch import nn
 
 from tokensieve.errors import TokensieveError
 from tokensieve.method import Method, Selection, SiteInputs, register
+from tokensieve.methods.tower_importance import importance_signals
 from tokensieve.ops import gather_tokens
 
 
@@ -65,6 +66,11 @@ class VisPruner(Method):
     Beyond the paper: budgets whose remainder has an odd length, where the released code fails
     (see :func:`vispruner_keep`), any vision block's input as a site (``vision.K``), and any
     ``drop_per_round``.
+
+    Ours, off by default: ``importance="received_attention"`` picks the important tokens by the
+    attention each token receives in the tower's last block, for towers without CLS (Qwen-VL). The
+    authors' SigLIP path ranks by that kind of attention (mean over queries and heads: same order
+    within an image) and they describe it for Qwen2.5-VL, but released no Qwen port (docs/methods.md).
     """
 
     name = "vispruner"
@@ -73,9 +79,14 @@ class VisPruner(Method):
     stages = ("vision", "projector")
     default_site = "projector"
     signals = ("cls_attention",)
+    no_cls_options = {"importance": "received_attention"}  # its variant for a tower without CLS (ours)
 
     important_ratio: float = 0.5
     drop_per_round: int = 8
+    importance: str = "cls_attention"
+
+    def __post_init__(self):
+        self.signals = importance_signals(self.name, self.importance, type(self).signals)
 
     def check(self, n_tokens: int, keep: int, site: str) -> None:
         if not 0 <= self.important_ratio <= 1:
@@ -86,7 +97,7 @@ class VisPruner(Method):
 
     def select(self, inputs: SiteInputs) -> Selection:
         self.check(inputs.tokens.shape[1], inputs.keep, inputs.site)
-        att = inputs.signal("cls_attention")
+        att = inputs.signal(self.importance)
         important, diverse = vispruner_split(inputs.keep, self.important_ratio)
         indices = vispruner_keep(inputs.tokens, att, important, diverse, self.drop_per_round)
         return Selection(indices.to(inputs.tokens.device))
