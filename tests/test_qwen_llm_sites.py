@@ -26,7 +26,7 @@ def site(qwen):
 
 
 def test_sites_and_signals(qwen, site):
-    assert qwen.sites() == [Site("llm", k) for k in range(3)]
+    assert qwen.sites() == [Site("projector")] + [Site("llm", k) for k in range(3)]
     assert qwen.signals_at(Site.parse(site)) == {"text_attention", "prev_layer_keys", "normed_states", "positions",
                                                  "layer_text_attention"}
 

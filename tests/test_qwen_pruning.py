@@ -42,9 +42,10 @@ class MakesTokens(Method):
 
 def test_sites_and_signals(qwen):
     assert isinstance(qwen, Backbone)
-    assert qwen.sites()[0] == Site("llm", 0)  # then llm.k (tests/test_qwen_llm_sites.py)
-    assert qwen.signals_at(Site("llm", 0)) == {"projector_input"}  # no cls_attention: no CLS in the tower
-    assert qwen.signals_at(Site("projector")) == set()
+    assert qwen.sites()[:2] == [Site("projector"), Site("llm", 0)]  # then llm.k (tests/test_qwen_llm_sites.py)
+    tower = {"projector_input", "received_attention", "keys"}  # no cls_attention: no CLS in the tower
+    assert qwen.signals_at(Site("llm", 0)) == qwen.signals_at(Site("projector")) == tower
+    assert qwen.signals_at(Site("vision", 1)) == set()
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -140,7 +141,7 @@ def test_generate_with_cache_equals_steps_without(qwen, mixed):
 
 @pytest.mark.parametrize(("request_", "words"), [
     ({"method": "fastv", "budget": 0.5, "site": "llm.0"}, "fastv needs text_attention, which llm.0 does not provide"),
-    ({"method": "divprune", "budget": 0.5, "site": "projector"}, "site projector does not exist on the Qwen-VL backbone yet"),
+    ({"method": "divprune", "budget": 0.5, "site": "vision.1"}, "site vision.1 does not exist on the Qwen-VL backbone yet"),
     ({"method": "fastervlm", "budget": 0.5, "site": "llm.0"}, "'fastervlm' cannot act at llm.0"),
     ({"method": "divprune", "budget": 100}, "budget of 100 tokens is larger than the 64 visual tokens at llm.0"),
     ({"method": MakesTokens(), "budget": 0.5, "site": "llm.0"}, "makes_tokens adds tokens of its own"),

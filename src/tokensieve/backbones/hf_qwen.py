@@ -11,9 +11,11 @@ video's ``t`` is its frames / 2), rows of a batch with different ones. Each imag
 visual unit, numbered in prompt order over the batch (:mod:`.qwen_units`): ``kept=`` lists and the
 ``llm.0`` stage's choices are per unit, in that order.
 
-Sites: ``llm.0`` (the patch merger's output, per image or video) and ``llm.k`` (before decoder layer ``k``, per
-row; Qwen3-VL's DeepStack additions then made by the session), in ``hard`` or ``soft``
-mode; the session is :mod:`tokensieve.backbones.qwen_pruning`.
+Sites: ``projector`` and ``llm.0`` (the patch merger's output, per image or video: a merged token exists
+only after the 2x2 merger, which is row-wise, so choosing there is choosing before it; ``projector`` is
+where the tower methods act, with the last vision block's signals, :mod:`.qwen_tower`) and ``llm.k``
+(before decoder layer ``k``, per row; Qwen3-VL's DeepStack additions then made by the session), in
+``hard`` or ``soft`` mode; the session is :mod:`tokensieve.backbones.qwen_pruning`.
 No ``vision.i``: the tower runs packed, window-permuted (Qwen2.5) and without a mask input
 (docs/notes/qwen-vl-study.md, section 4).
 
@@ -52,6 +54,7 @@ from tokensieve.backbones.qwen_positions import (
 )
 from tokensieve.backbones.qwen_prompt import DEFAULT_SYSTEM, image_questions
 from tokensieve.backbones.qwen_pruning import QwenPruningSession
+from tokensieve.backbones.qwen_tower import TOWER_SIGNALS
 from tokensieve.backbones.qwen_units import (
     checked_counts,
     encode_units,
@@ -180,18 +183,20 @@ class QwenVLBackbone:
 
     # --- pruning ------------------------------------------------------------------------
     def sites(self) -> list[Site]:
-        """``llm.0`` (the patch merger's output, the visual tokens as the LLM receives them) and ``llm.k``
-        before decoder layer ``k >= 1`` (Qwen3-VL too: its session then adds the DeepStack features)."""
-        return [Site("llm", k) for k in range(len(self.llm_layers))]
+        """``projector`` and ``llm.0`` (both the patch merger's output, the visual tokens as the LLM receives
+        them) and ``llm.k`` before decoder layer ``k >= 1`` (Qwen3-VL too: its session then adds the
+        DeepStack features)."""
+        return [Site("projector")] + [Site("llm", k) for k in range(len(self.llm_layers))]
 
     def signals_at(self, site: Site) -> set[str]:
-        """``projector_input`` at ``llm.0``: per visual token ``(N, 4 * d_v)``, the merger's input (its
-        2x2 patches side by side); at ``llm.k``: ``text_attention``, ``prev_layer_keys``,
-        ``normed_states``, ``positions`` (1-D) and ``layer_text_attention``. No ``cls_attention``: the
-        Qwen towers have no CLS token."""
+        """Before the LLM (``projector``, ``llm.0``): ``projector_input`` per visual token ``(N, 4 * d_v)``,
+        the merger's input (its 2x2 patches side by side), and the last vision block's
+        ``received_attention`` ``(N,)`` and ``keys`` ``(N, d_h)`` per visual token (:mod:`.qwen_tower`);
+        at ``llm.k``: ``text_attention``, ``prev_layer_keys``, ``normed_states``, ``positions`` (1-D)
+        and ``layer_text_attention``. No ``cls_attention``: the Qwen towers have no CLS token."""
         if site not in self.sites():
             return set()
-        return {"projector_input"} if site == Site("llm", 0) else set(LLM_SIGNALS)
+        return {"projector_input", *TOWER_SIGNALS} if site.before_llm else set(LLM_SIGNALS)
 
     def install(self, handle, seed: int = 0) -> None:
         """Check ``handle``'s stages and register them (called by :func:`tokensieve.attach`)."""

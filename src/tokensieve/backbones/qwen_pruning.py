@@ -31,11 +31,13 @@ from tokensieve.backbones.qwen_deepstack import QwenDeepStack
 from tokensieve.backbones.qwen_llm import QwenLLMStages
 from tokensieve.backbones.qwen_units import merger_inputs, refuse_video
 from tokensieve.backbones.qwen_soft import QwenSoftMasks
+from tokensieve.backbones.qwen_tower import TOWER_SIGNALS, TowerCapture, refuse_without_cls, without_cls_hint
 from tokensieve.backbones.stage_plan import PADDING, StagePlan, row_generator
 from tokensieve.errors import TokensieveError
 from tokensieve.method import Selection, SiteInputs, VisualUnit
 
 LLM0 = Site("llm", 0)
+PROJECTOR = Site("projector")  # the patch merger: the same tokens as llm.0 (module docstring of hf_qwen)
 
 
 class QwenStagePlan(StagePlan):
@@ -51,21 +53,26 @@ class QwenStagePlan(StagePlan):
         self.depth = len(backbone.llm_layers)
         super().__init__(handle.stages, handle.mode, backbone.sites(), backbone.signals_at,
                          backbone.most_image_tokens(), False, 0, check=handle.check)
+        if PROJECTOR in self.stages and LLM0 in self.stages:
+            raise TokensieveError("projector and llm.0 are the same tokens on Qwen-VL (the patch merger's output): "
+                                  "give one stage there, not two")
 
     def missing_site(self, site: Site, st) -> TokensieveError:
         if site.stage == "llm" and site.layer >= self.depth:
             return TokensieveError(f"{st}: the LLM has {self.depth} decoder layers (sites llm.0 .. "
                                    f"llm.{self.depth - 1}); llm.{site.layer} is past its depth")
-        return TokensieveError(f"{st}: site {site} does not exist on the Qwen-VL backbone yet; its sites are llm.0 "
-                               "(the patch merger's output, per image) and llm.k before decoder layer k")
+        return TokensieveError(f"{st}: site {site} does not exist on the Qwen-VL backbone yet; its sites are projector "
+                               "and llm.0 (the patch merger's output, per image) and llm.k before decoder layer k")
 
     def check_stage(self, site: Site, st) -> None:
+        refuse_without_cls(st)
         if getattr(st.method, "renumbers_positions", False):
             raise TokensieveError(f"{st}: {st.method.name} renumbers positions, which is not defined for Qwen-VL's "
                                   "3-D M-RoPE ids yet")
         if st.method.makes_extra_tokens:
             raise TokensieveError(f"{st}: {st.method.name} adds tokens of its own, which the Qwen-VL backbone "
-                                  "cannot place yet (each visual token's M-RoPE position comes from the image grid)")
+                                  "cannot place yet (each visual token's M-RoPE position comes from the image grid)"
+                                  + (without_cls_hint(st.method) if getattr(st.method, "no_cls_options", None) else ""))
 
     def budget_where(self, site: Site, n: int) -> str:
         return f"{site} (the most one image gives with this processor's max_pixels)"
@@ -93,13 +100,17 @@ class QwenPruningSession(QwenLLMStages, QwenDeepStack, QwenSoftMasks):
     def __init__(self, backbone, handle, seed: int):
         self.bb, self.handle, self.seed = backbone, handle, seed
         self.plan = QwenStagePlan(backbone, handle)
-        self.stage = self.plan.stages.get(LLM0)  # the stage at llm.0, if any
-        self.llm_stages = {site: st for site, st in self.plan.stages.items() if site != LLM0}
+        self.site = PROJECTOR if PROJECTOR in self.plan.stages else LLM0  # the site of the stage before the LLM
+        self.stage = self.plan.stages.get(self.site)  # that stage, if any
+        self.llm_stages = {site: st for site, st in self.plan.stages.items() if not site.before_llm}
         self._merger_inputs: list[torch.Tensor] = []  # (S, d_v) per tower pass: the patch merger's packed input
         self._soft_kept: list[torch.Tensor] | None = None  # soft: llm.0's kept indices per image, until the LLM pass
         self.llm0_key_masks: list[torch.Tensor | None] = []  # per image the (K_i,) key weights llm.0 gave, or None
         wants = set() if self.stage is None else set(self.stage.method.signals) | set(self.stage.method.optional_signals)
         self.reads_merger_input = "projector_input" in wants
+        self.tower = TowerCapture(backbone, lambda: handle.active) if set(TOWER_SIGNALS) & wants else None
+        if self.tower is not None:
+            self.tower.install(handle.hooks)
         if self.reads_merger_input:
             handle.hooks.append(backbone.visual.merger.register_forward_hook(self._capture_merger_input))
         self._register_llm()
@@ -145,6 +156,7 @@ class QwenPruningSession(QwenLLMStages, QwenDeepStack, QwenSoftMasks):
         """
         inputs_of = self._projector_inputs(tower_grids, kinds)
         every = [replace(unit, start=0) for row in units for unit in row]  # each unit alone in its SiteInputs
+        tower = None if self.tower is None else self.tower.signals(tower_grids, kinds)
         texts: list[str] = []  # decoded once, when a method first asks
 
         def question_of(i: int) -> list[str]:
@@ -158,6 +170,8 @@ class QwenPruningSession(QwenLLMStages, QwenDeepStack, QwenSoftMasks):
         for i, tokens in enumerate(pooled):
             signals = {"projector_input": lambda i=i: inputs_of()[i][None]} if self.reads_merger_input else {}
             refuse_video(self.stage, every[i:i + 1], f"unit {i} (images and videos in prompt order)")
+            if tower is not None:
+                signals.update({name: lambda i=i, name=name: tower()[name][i][None] for name in TOWER_SIGNALS})
             sel = self._choose_image(i, tokens[None], signals,
                                      None if questions is None else lambda i=i: question_of(i), i == len(pooled) - 1,
                                      [every[i]])
@@ -171,22 +185,22 @@ class QwenPruningSession(QwenLLMStages, QwenDeepStack, QwenSoftMasks):
                       unit: list[VisualUnit]) -> Selection:
         """The stage's settled selection for image ``i``, whose tokens ``rows`` are ``(1, N_i, d)`` (last:
         the pass's last image, after which the plan stops checking values)."""
-        st, method, n = self.stage, self.stage.method, rows.shape[1]
+        st, method, n, site = self.stage, self.stage.method, rows.shape[1], self.site
         if st.budget.count is not None and st.budget.count > n:
             raise TokensieveError(f"{st}: {unit[0].kind} {i} gives {n} visual tokens, fewer than the budget of "
                                   f"{st.budget.count}; give a smaller count or a ratio")
-        keep = self.plan.keep_at(LLM0, n)
+        keep = self.plan.keep_at(site, n)
         with self.handle.scoring():
-            sel = method.select(SiteInputs(rows, keep, str(LLM0), lambda: row_generator(self.seed, rows), signals,
+            sel = method.select(SiteInputs(rows, keep, str(site), lambda: row_generator(self.seed, rows), signals,
                                            question_text=question_text, units=[unit]))
             if sel.order is not None:
-                raise TokensieveError(f"{method.name} at llm.0: an order of its own is not supported on Qwen-VL "
+                raise TokensieveError(f"{method.name} at {site}: an order of its own is not supported on Qwen-VL "
                                       "(kept tokens stay in image order, with their grid positions)")
             if sel.extra is not None:
-                raise TokensieveError(f"{method.name} at llm.0: tokens of its own are not supported on Qwen-VL")
-            sel = self.plan.settle(LLM0, sel, 1, n, keep, pass_done=last)
+                raise TokensieveError(f"{method.name} at {site}: tokens of its own are not supported on Qwen-VL")
+            sel = self.plan.settle(site, sel, 1, n, keep, pass_done=last)
             if sel.tokens is not None and sel.tokens.shape != (1, sel.indices.shape[1], rows.shape[-1]):
-                raise TokensieveError(f"{method.name} at llm.0: merged tokens of shape {tuple(sel.tokens.shape)} "
+                raise TokensieveError(f"{method.name} at {site}: merged tokens of shape {tuple(sel.tokens.shape)} "
                                       f"for kept indices of shape {tuple(sel.indices.shape)}")
         return sel
 
@@ -199,5 +213,5 @@ class QwenPruningSession(QwenLLMStages, QwenDeepStack, QwenSoftMasks):
         for i, k in enumerate(kept):
             padded[i, : len(k)] = k
         real = torch.arange(max(counts), device=device) < torch.tensor(counts, device=device)[:, None]
-        self.plan.record(self.handle, LLM0, Selection(padded.clamp(min=0), valid=padded >= 0), max(counts), real)
+        self.plan.record(self.handle, self.site, Selection(padded.clamp(min=0), valid=padded >= 0), max(counts), real)
         self.handle.last_kept[str(self.stage)] = padded
