@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from tiny_qwen import kept_of
+from tiny_qwen import ROWS, inputs, kept_of
 
 from tokensieve.attach import attach
 from tokensieve.backbones.hf_qwen import MODEL_CLASSES, QwenVLBackbone
@@ -24,7 +24,8 @@ from tokensieve.methods import create_method
 from tokensieve.ops import topk_sorted
 
 PORTS = {"fastervlm": {"importance": "received_attention"}, "vispruner": {"importance": "received_attention"},
-         "visionzip": {"importance": "received_attention", "cls": "drop", "order": "positions"}}
+         "visionzip": {"importance": "received_attention", "cls": "drop", "order": "positions"},
+         "anchor": {"importance": "received_attention", "k_anchors": 2}}
 
 
 @dataclass
@@ -126,18 +127,37 @@ def test_the_same_signals_with_the_models_sdpa_attention(qwen, eager, mixed, mon
 @pytest.mark.parametrize("name", list(PORTS))
 def test_variants_run_keep_the_budget_and_keep_all_is_the_plain_model(qwen, mixed, plain, name):
     method = create_method(name, **PORTS[name])
+    site = "projector"  # the methods' default site (anchor's own, vision.1, is not on Qwen)
     for budget, kept in ((4, [4, 4, 4]), (0.5, [8, 3, 8])):  # a count: that many of every image; a ratio: a share
-        handle = attach(qwen, method, budget)
+        handle = attach(qwen, method, budget, site=site)
         try:
             with torch.no_grad():
                 qwen.forward(**mixed)
             assert [len(k) for k in kept_of(handle)] == kept
         finally:
             handle.detach()
-    handle = attach(qwen, method, 1.0)
+    handle = attach(qwen, method, 1.0, site=site)
     try:
         with torch.no_grad():
             torch.testing.assert_close(qwen.forward(**mixed).logits, plain, rtol=0, atol=0)
+    finally:
+        handle.detach()
+
+
+def test_padded_batch_equals_each_row_alone(qwen, mixed):
+    """Each image's signals come from its own attention span: a row chooses and merges alone as in the batch."""
+    handle = attach(qwen, create_method("visionzip", **PORTS["visionzip"]), 0.5)
+    try:
+        with torch.no_grad():
+            together, kept = qwen.forward(**mixed).logits[:, -1], kept_of(handle)
+            for b, row in enumerate(ROWS):
+                alone = inputs(qwen, [row])
+                first = int(mixed["image_grid_thw"][:b].prod(-1).sum())  # the same images as in the batch
+                alone["pixel_values"] = mixed["pixel_values"][first: first + len(alone["pixel_values"])]
+                single = qwen.forward(**alone).logits[:, -1]
+                torch.testing.assert_close(together[b: b + 1], single, rtol=1e-5, atol=1e-5)
+                images = [0] if b == 0 else [1, 2]
+                assert all(torch.equal(kept[i], k) for i, k in zip(images, kept_of(handle)))
     finally:
         handle.detach()
 
@@ -160,12 +180,12 @@ def test_fastervlm_keeps_the_tokens_receiving_most_attention(qwen, eager, mixed,
      "use fastervlm(importance='received_attention')"),
     ({"method": "vispruner", "budget": 0.5}, "use vispruner(importance='received_attention')"),
     ({"method": "visionzip", "budget": 0.5},
-     "use visionzip(importance='received_attention', cls='drop', order='positions')"),
+     "use visionzip(importance='received_attention', cls='drop', order='positions') (the authors' Qwen2.5-VL port"),
     ({"method": create_method("visionzip", importance="received_attention"), "budget": 0.5},
      "visionzip adds tokens of its own, which the Qwen-VL backbone cannot place yet"),
     ({"method": "prumerge", "budget": 0.5},
      "prumerge needs last_block_cls_attention, which the Qwen-VL towers do not have (no CLS token); it has no"),
-    ({"method": "anchor", "budget": 0.5, "site": "projector"}, "anchor needs cls_attention"),
+    ({"method": "anchor", "budget": 0.5, "site": "projector"}, "use anchor(importance='received_attention') (ours"),
     ({"method": [("divprune", "projector", 0.5), ("random", "llm.0", 0.5)]},
      "projector and llm.0 are the same tokens on Qwen-VL"),
 ])

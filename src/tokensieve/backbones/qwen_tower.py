@@ -114,7 +114,8 @@ class TowerCapture:
 
 def refuse_without_cls(st) -> None:
     """Refuse, in one line, a stage whose method reads CLS attention: the Qwen towers have no CLS
-    token. Names the method's variant without CLS where it has one (``no_cls_options``)."""
+    token. Names the method's variant without CLS where it has one (``no_cls_options``, and whose it
+    is: ``no_cls_source``, "ours" unless said)."""
     method = st.method
     missing = [s for s in CLS_SIGNALS if s in method.signals]
     if missing:
@@ -128,5 +129,6 @@ def without_cls_hint(method) -> str:
     if not options:
         return "; it has no variant without CLS"
     given = ", ".join(f"{k}={v!r}" for k, v in options.items())
-    return (f"; use {method.name}({given}), which ranks by the attention each token receives in the "
-            "tower's last block (see docs/methods.md)")
+    whose = getattr(method, "no_cls_source", "ours")
+    return (f"; use {method.name}({given}) ({whose}: it ranks by the attention each token receives in the "
+            "tower's last block; docs/methods.md)")

@@ -9,6 +9,7 @@ import torch
 
 from tokensieve.errors import TokensieveError
 from tokensieve.method import Method, Selection, SiteInputs, register
+from tokensieve.methods.tower_importance import importance_signals
 from tokensieve.ops import cosine_matrix, gather_tokens
 
 
@@ -91,6 +92,8 @@ class Anchor(Method):
     must match the budget (``keep == k_anchors + top_m``). The design note gives the rule, not
     a published implementation; the key-based estimate of ``I`` is ours.
     ``attention`` is optional: a site without it falls back to the key estimate.
+    ``importance="received_attention"`` picks the anchors by the attention each token receives in
+    the tower's last block instead, for towers without CLS (Qwen-VL, at ``projector``).
     """
 
     name = "anchor"
@@ -99,10 +102,15 @@ class Anchor(Method):
     default_site = "vision.1"
     signals = ("cls_attention", "keys")
     optional_signals = ("attention",)  # a site without it: the key estimate
+    no_cls_options = {"importance": "received_attention"}  # its variant for a tower without CLS
 
     k_anchors: int = 10
     top_m: int | None = None
     alpha: float = 0.5
+    importance: str = "cls_attention"
+
+    def __post_init__(self):
+        self.signals = importance_signals(self.name, self.importance, type(self).signals)
 
     def resolve_top_m(self, keep: int, n: int, site: str) -> int:
         """``top_m`` for a budget of ``keep`` of the ``n`` candidate tokens (``n + 1`` with CLS)."""
@@ -131,6 +139,6 @@ class Anchor(Method):
 
     def select(self, inputs: SiteInputs) -> Selection:
         m = self.resolve_top_m(inputs.keep, inputs.tokens.shape[1], inputs.site)
-        att, keys = inputs.signal("cls_attention"), inputs.signal("keys")
+        att, keys = inputs.signal(self.importance), inputs.signal("keys")
         attention = inputs.signal("attention") if "attention" in inputs.signals and m > 0 else None
         return Selection(anchor_keep(att, keys, self.k_anchors, m, self.alpha, attention))

@@ -112,6 +112,7 @@ class VisionZip(Method):
     optional_signals = ("cls_token",)
     # its authors' variant for a tower without CLS (their Qwen2.5-VL port)
     no_cls_options = {"importance": "received_attention", "cls": "drop", "order": "positions"}
+    no_cls_source = "the authors' Qwen2.5-VL port"
 
     dominant_ratio: float = 54 / 64
     cls: str = "emit"
