@@ -17,6 +17,7 @@ import torch
 from tiny_qwen import ROWS, inputs, kept_of
 
 from tokensieve.attach import attach
+from tokensieve.backbones import qwen_tower
 from tokensieve.backbones.hf_qwen import MODEL_CLASSES, QwenVLBackbone
 from tokensieve.errors import TokensieveError
 from tokensieve.method import Method, Selection, SiteInputs
@@ -110,8 +111,9 @@ def test_signals_equal_the_models_own_attention_per_image(eager, mixed, monkeypa
 
 def test_the_same_signals_with_the_models_sdpa_attention(qwen, eager, mixed, monkeypatch):
     """The adapter's own (sdpa) model gives the signals of the eager one: they are recomputed from the
-    block's qkv, not read from its attention kernel."""
+    block's qkv, not read from its attention kernel; here a few queries at a time."""
     expected = expected_signals(eager, mixed, monkeypatch)
+    monkeypatch.setattr(qwen_tower, "SLAB_ELEMENTS", 2 * 64 * 5)  # 5 queries of a 64-patch image per slab
     probe = Probe(seen=[])
     handle = attach(qwen, probe, 2, site="llm.0")
     try:

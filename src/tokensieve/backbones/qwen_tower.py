@@ -12,7 +12,7 @@ instead, read from the tower's LAST block as the authors' VisionZip Qwen2.5-VL p
 
 Rows come in the order of the merger's output (Qwen2.5's window order undone). The block's own
 ``qkv`` output is reused (a hook on it), so its fused attention stays on; the attention rows are
-recomputed in float32, one head and a slab of queries at a time.
+recomputed in float32, a slab of queries at a time (at most ``SLAB_ELEMENTS`` entries over the heads).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from tokensieve.errors import TokensieveError
 
 TOWER_SIGNALS = ("received_attention", "keys")
 CLS_SIGNALS = ("cls_attention", "last_block_cls_attention")
-QUERY_SLAB = 1024  # queries per softmax slab: bounds the recomputed rows at QUERY_SLAB x span
+SLAB_ELEMENTS = 1 << 26  # attention entries recomputed at once (256 MB in float32), whatever the span
 
 
 def received_attention(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scale: float) -> torch.Tensor:
@@ -41,8 +41,9 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tenso
     for a, b in zip(bounds[:-1], bounds[1:]):
         qs, ks = q[a:b].transpose(0, 1).float(), k[a:b].transpose(0, 1).float()  # (H, T, d_h)
         total = qs.new_zeros(b - a)
-        for start in range(0, b - a, QUERY_SLAB):
-            rows = (qs[:, start:start + QUERY_SLAB] @ ks.transpose(1, 2)) * scale  # (H, slab, T)
+        slab = max(1, SLAB_ELEMENTS // (qs.shape[0] * (b - a)))
+        for start in range(0, b - a, slab):
+            rows = (qs[:, start:start + slab] @ ks.transpose(1, 2)) * scale  # (H, slab, T)
             total += rows.softmax(-1).mean(0).sum(0)
         out.append(total)
     return torch.cat(out)
