@@ -1,0 +1,40 @@
+"""The prompt a backbone's model is asked a question about images in, and the processor inputs of
+a batch of such questions: LLaVA-1.5's format (:mod:`.llava_prompt`) or the Qwen-VL chat format
+(:mod:`.qwen_prompt`, with the family's default system turn)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from tokensieve.backbones.load import is_qwen
+from tokensieve.errors import TokensieveError
+
+
+def prompt_text(backbone, question: str, n_images: int = 1) -> str:
+    """``question`` after ``n_images`` image placeholders, ending where the answer starts (the
+    processor expands each placeholder into the image's visual tokens)."""
+    if is_qwen(backbone):
+        from tokensieve.backbones.qwen_prompt import prompt
+
+        return prompt(question, n_images, backbone.system_prompt)
+    from tokensieve.backbones.llava_prompt import prompt
+
+    if n_images != 1:
+        raise TokensieveError(f"the LLaVA backbone takes exactly one image per prompt, not {n_images}")
+    return prompt(question)
+
+
+def encode_samples(backbone, samples: Sequence) -> dict[str, torch.Tensor]:
+    """Processor inputs of ``samples`` (anything with ``image`` and ``question``), one image each,
+    padded on the tokenizer's side: LLaVA ``input_ids``, ``attention_mask`` ``(B, L)``,
+    ``pixel_values`` ``(B, 3, H, W)``; Qwen-VL also ``mm_token_type_ids`` ``(B, L)``, and
+    ``pixel_values`` ``(sum_i patches_i, 3*2*14*14)`` with ``image_grid_thw`` ``(B, 3)``."""
+    if is_qwen(backbone):
+        from tokensieve.backbones.qwen_prompt import encode
+
+        return encode(backbone.processor, samples, backbone.system_prompt)
+    from tokensieve.backbones.llava_prompt import encode
+
+    return encode(backbone.processor, samples)

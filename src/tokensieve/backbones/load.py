@@ -1,0 +1,38 @@
+"""The one place that picks a backbone adapter for a checkpoint: by its config's ``model_type``,
+read before any weight is."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tokensieve.backbones.hf_checkpoint import checkpoint_config
+from tokensieve.errors import TokensieveError
+
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+def load_backbone(name_or_path: str | Path | None = None, dtype: torch.dtype | None = None,
+                  device: str | torch.device = "cpu"):
+    """A :class:`~tokensieve.backbones.hf_llava.LlavaBackbone` (``model_type`` ``llava``; None: the
+    shipped testbed) or a :class:`~tokensieve.backbones.hf_qwen.QwenVLBackbone` (``qwen2_vl``,
+    ``qwen2_5_vl``, ``qwen3_vl``) of the checkpoint ``name_or_path`` (a folder or a hub id)."""
+    from tokensieve.backbones.hf_llava import LlavaBackbone
+
+    if name_or_path is None:
+        return LlavaBackbone.from_pretrained(None, dtype, device)
+    family = checkpoint_config(str(name_or_path)).model_type
+    if family in QWEN_FAMILIES:
+        from tokensieve.backbones.hf_qwen import QwenVLBackbone
+
+        return QwenVLBackbone.from_pretrained(name_or_path, dtype, device)
+    if family == "llava":
+        return LlavaBackbone.from_pretrained(name_or_path, dtype, device)
+    raise TokensieveError(f"{name_or_path} is a {family!r} model; tokensieve loads LLaVA ('llava') and Qwen-VL "
+                          f"({', '.join(map(repr, QWEN_FAMILIES))}) checkpoints")
+
+
+def is_qwen(backbone) -> bool:
+    """True for a Qwen-VL adapter: images of any size, a token count per image."""
+    return getattr(backbone, "family", None) in QWEN_FAMILIES
