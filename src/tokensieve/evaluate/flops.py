@@ -36,31 +36,33 @@ def _config(backbone_or_config) -> LlavaConfig:
     return backbone_or_config if isinstance(backbone_or_config, LlavaConfig) else backbone_or_config.config
 
 
-def _check_count(name: str, n: int, least: int = 1) -> None:
+def check_count(name: str, n: int, least: int = 1) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n < least:
         raise TokensieveError(f"{name} = {n!r}: a token count must be an integer >= {least}")
 
 
-def _check_counts(name: str, counts: Sequence[int], expected_length: int, layers: str) -> None:
+def check_counts(name: str, counts: Sequence[int], expected_length: int, layers: str) -> None:
     if len(counts) != expected_length:
         raise TokensieveError(f"{name} has {len(counts)} entries but the model has {expected_length} {layers}")
     for i, n in enumerate(counts):
-        _check_count(f"{name}[{i}]", n)
+        check_count(f"{name}[{i}]", n)
 
 
 def block_flops(tokens: int, width: int, mlp_hidden: int, attention_scores: bool = True, q_width: int | None = None,
-                kv_width: int | None = None, mlp_matrices: int = 2) -> int:
+                kv_width: int | None = None, mlp_matrices: int = 2, attention_runs: Sequence[int] | None = None) -> int:
     """FLOPs of one transformer block on ``tokens`` tokens of ``width``: the q/k/v/out projections
     (queries and outputs ``q_width`` wide, keys and values ``kv_width``: grouped-query attention;
     both default to ``width``), an MLP of ``mlp_matrices`` ``width x mlp_hidden`` matrices (2: a
     CLIP block's fc1/fc2; 3: Llama's gate/up/down) and, with ``attention_scores``, the quadratic
-    ``Q K^T`` and ``A V`` (per query head: K/V heads are shared, scores are not)."""
+    ``Q K^T`` and ``A V`` (per query head: K/V heads are shared, scores are not), over the whole
+    square, or within each of ``attention_runs`` (token counts summing to ``tokens``: Qwen-VL's
+    towers attend within each image, Qwen2.5-VL's within each window)."""
     n, d = tokens, width
     q_width = d if q_width is None else q_width
     kv_width = q_width if kv_width is None else kv_width
     projections = 2 * n * (2 * d * q_width + 2 * d * kv_width)  # q and o, then k and v
     mlp = 2 * n * mlp_matrices * d * mlp_hidden
-    scores = 2 * 2 * n * n * q_width
+    scores = sum(2 * 2 * r * r * q_width for r in (attention_runs or [n]))
     return projections + mlp + attention_scores * scores
 
 
@@ -95,9 +97,9 @@ def prefill_flops(config: LlavaConfig, vision_tokens: Sequence[int], projector_t
     and the per-layer lists ``vision_layers`` and ``llm_layers``; all in FLOPs (ints).
     """
     vc, tc = config.vision_config, config.text_config
-    _check_counts("vision_tokens", vision_tokens, vc.num_hidden_layers, "vision blocks")
-    _check_counts("llm_tokens", llm_tokens, tc.num_hidden_layers, "LLM decoder layers")
-    _check_count("projector_tokens", projector_tokens)
+    check_counts("vision_tokens", vision_tokens, vc.num_hidden_layers, "vision blocks")
+    check_counts("llm_tokens", llm_tokens, tc.num_hidden_layers, "LLM decoder layers")
+    check_count("projector_tokens", projector_tokens)
     patches = (vc.image_size // vc.patch_size) ** 2
     patch_embedding = patch_embedding_flops(patches, vc.patch_size, vc.hidden_size, vc.num_channels)
     vision_layers = [block_flops(n, vc.hidden_size, vc.intermediate_size, attention_scores) for n in vision_tokens]
@@ -126,7 +128,7 @@ def token_counts(backbone_or_config, text_tokens: int, handle=None, kept: dict[S
     ``merging``: ``{site: method}`` of the stages that merge inside the tower's blocks (ToMe),
     whose blocks each see the tokens the earlier blocks left (read from the handle's stages).
     """
-    _check_count("text_tokens", text_tokens, least=0)
+    check_count("text_tokens", text_tokens, least=0)
     config = _config(backbone_or_config)
     vc = config.vision_config
     patches = (vc.image_size // vc.patch_size) ** 2
