@@ -145,15 +145,15 @@ def test_a_batch_that_does_not_split_evenly_is_refused(tiny_llava_dir, tmp_path)
 
 
 def _evaluate(rank: int, args: list[str], counts) -> None:
-    import tokensieve.evaluate.accuracy as accuracy
+    import tokensieve.evaluate.scorer as scorer
 
-    answered, real_predict = [], accuracy.predict
+    answered, real_predict = [], scorer.predict
 
     def counting(backbone, items, *rest, **kwargs):
         answered.extend(item.question_id for item in items)
         return real_predict(backbone, items, *rest, **kwargs)
 
-    accuracy.predict = counting
+    scorer.predict = counting
     assert main(args) == 0
     (counts / f"rank{rank}.json").write_text(json.dumps(answered))
 

@@ -187,14 +187,14 @@ def test_eval_adds_the_object_oracle_at_each_budget(tiny_llava_dir, capsys):
 
 
 def test_an_interrupted_eval_resumes_from_its_sample_lines(tiny_llava_dir, tmp_path, capsys, monkeypatch):
-    import tokensieve.evaluate.accuracy as accuracy
+    import tokensieve.evaluate.scorer as scorer
 
     args = ["eval", "--model", str(tiny_llava_dir), "--method", "random,fastv", "--budget", "8",
             "--samples", "10", "--batch-size", "4", "--timing-samples", "0", "--json"]  # timings differ per run
     assert main([*args, "--out", str(tmp_path / "whole")]) == 0
     whole = json.loads(capsys.readouterr().out)
 
-    real_predict, calls = accuracy.predict, {"n": 0}
+    real_predict, calls = scorer.predict, {"n": 0}
 
     def interrupted(*a, **k):
         calls["n"] += 1
@@ -202,12 +202,12 @@ def test_an_interrupted_eval_resumes_from_its_sample_lines(tiny_llava_dir, tmp_p
             raise KeyboardInterrupt
         return real_predict(*a, **k)
 
-    monkeypatch.setattr(accuracy, "predict", interrupted)
+    monkeypatch.setattr(scorer, "predict", interrupted)
     assert main([*args, "--out", str(tmp_path / "resumed")]) == 130  # Ctrl-C's exit status
     assert capsys.readouterr().err.strip().endswith("samples.jsonl; rerun the same command to continue")
     lines = (tmp_path / "resumed" / "samples.jsonl").read_text().splitlines()
     assert len(lines) == 1 + 10 + 4
-    monkeypatch.setattr(accuracy, "predict", real_predict)
+    monkeypatch.setattr(scorer, "predict", real_predict)
     with open(tmp_path / "resumed" / "samples.jsonl", "a") as f:
         f.write('{"run": "random@projector:8", "i')  # a line cut short by the interruption
     assert main([*args, "--out", str(tmp_path / "resumed")]) == 0

@@ -11,7 +11,7 @@ from tokensieve.backbones.base import Site
 from tokensieve.backbones.llava_prompt import encode
 from tokensieve.cli import main
 from tokensieve.errors import TokensieveError
-from tokensieve.evaluate.accuracy import cost_fields
+from tokensieve.evaluate.costs import cost_fields
 from tokensieve.evaluate.matching import matched_budget, planned_cost, planned_kept
 
 TEXT_TOKENS = 12

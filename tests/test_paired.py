@@ -6,7 +6,7 @@ from math import comb
 
 import pytest
 
-from tokensieve.evaluate.accuracy import _add_paired_at_cost
+from tokensieve.evaluate.paired import add_paired_at_cost
 from tokensieve.evaluate.paired import paired_difference, sign_test_p
 from tokensieve.evaluate.report import write_report
 
@@ -56,7 +56,7 @@ def test_each_method_meets_the_costliest_two_stage_row_that_costs_no_more():
     rows = [row("none", 1.0, 10, 1.0), row("two_stage", "0.33", 5, 1.0), row("two_stage", "0.11", 3, 0.5),
             row("fastv", "0.11", 6, 0.75), row("divprune", "0.33", 4, 0.5), row("tome", "0.11", 2, 0.25)]
     scores = [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 0, 1], [1, 0, 0, 0]]
-    _add_paired_at_cost(rows, scores)
+    add_paired_at_cost(rows, scores)
     fastv, divprune, tome = rows[3:]
     assert fastv["two_stage_at_cost"] == {"budget": "0.33", "flops_ratio": 0.5, "accuracy": 1.0,
                                           **paired_difference(scores[1], scores[3])}

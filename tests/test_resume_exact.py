@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import tokensieve.evaluate.accuracy as accuracy
+import tokensieve.evaluate.scorer as scorer
 import tokensieve.testbed.train as testbed_train
 from tokensieve.cli import main
 from tokensieve.clip import train as clip_train
@@ -190,14 +190,14 @@ def _figures(out: Path) -> dict:
 
 # SIGKILL before the two-stage row's third batch is answered: its first two are in the log.
 KILL_IN_THE_TWO_STAGE_ROW = """
-import tokensieve.evaluate.accuracy as accuracy
-real_predict, calls = accuracy.predict, []
+import tokensieve.evaluate.scorer as scorer
+real_predict, calls = scorer.predict, []
 def predict(backbone, items, *args, **kwargs):
     calls.append(len(items))
-    if len(calls) == 6 + 7 + 3:  # the baseline (6 batches), random (6 and its pictured item), then ours
+    if len(calls) == 6 + 6 + 3:  # the baseline (6 batches), random (6), then ours
         os.kill(os.getpid(), signal.SIGKILL)
     return real_predict(backbone, items, *args, **kwargs)
-accuracy.predict = predict
+scorer.predict = predict
 """
 
 
@@ -215,13 +215,13 @@ def test_kill_9_in_eval_then_rerun_gives_the_uninterrupted_report(tiny_llava_dir
 
 def test_ctrl_c_in_eval_keeps_the_scored_items_and_says_how_to_continue(tiny_llava_dir, pruner_run, tmp_path,
                                                                         capsys, monkeypatch):
-    real_predict, calls = accuracy.predict, {"n": 0}
+    real_predict, calls = scorer.predict, {"n": 0}
 
     def predict(*args, **kwargs):
         _sigint_at(calls, 3)
         return real_predict(*args, **kwargs)
 
-    monkeypatch.setattr(accuracy, "predict", predict)
+    monkeypatch.setattr(scorer, "predict", predict)
     out = tmp_path / "cut"
     assert main(_eval_args(tiny_llava_dir, pruner_run, out)) == 130
     err = capsys.readouterr().err.strip().splitlines()[-1]

@@ -36,8 +36,8 @@ def _with_parameters(methods: list[str], settings: list[str]) -> list[str | dict
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from tokensieve.backbones import LlavaBackbone
-    from tokensieve.evaluate.accuracy import compare_methods
+    from tokensieve.backbones.load import is_qwen, load_backbone
+    from tokensieve.evaluate.accuracy import compare_methods, refuse_on_qwen
     from tokensieve.evaluate.report import timing_warning, write_report
     from tokensieve.method import Budget
     from tokensieve.methods import create_method
@@ -76,9 +76,14 @@ def _eval(args: argparse.Namespace) -> None:
 
         data = file_data(args.questions, args.images, args.answers, args.dataset, args.spec, limit=args.samples,
                          max_new_tokens=args.max_new_tokens, skip=args.skip)
-    backbone = LlavaBackbone.from_pretrained(args.model)
+    backbone = load_backbone(args.model)
     if backbone.processor is None:
         raise TokensieveError(f"{args.model} has no processor files; the evaluation needs one")
+    qwen = is_qwen(backbone)
+    kept_examples = args.kept_examples if args.kept_examples is not None else 0 if qwen else 3
+    kept_examples = kept_examples if args.out else 0  # pictures go into the report
+    if qwen:  # before a pruner is read
+        refuse_on_qwen(args.oracle, args.match, kept_examples, args.pruner)
     if not real:
         from tokensieve.evaluate.eval_data import synthetic_data
 
@@ -108,7 +113,7 @@ def _eval(args: argparse.Namespace) -> None:
     rows = compare_methods(backbone, data, methods, budgets, mode=args.mode, site=args.site,
                            batch_size=args.batch_size, progress=not args.json and dist.is_main, pruner=pruner,
                            centres=centres, oracle=args.oracle, log=log, timing_samples=args.timing_samples,
-                           kept_examples=args.kept_examples if args.out else 0, dist=dist, match=args.match)
+                           kept_examples=kept_examples, dist=dist, match=args.match)
     if not dist.is_main:
         return
     if warning := timing_warning(rows):
@@ -118,11 +123,13 @@ def _eval(args: argparse.Namespace) -> None:
 
         meta = {"model": str(args.model or "shipped testbed"), "mode": args.mode, "data": data.name, "match": args.match,
                 "items": len(data.items), "max_new_tokens": data.max_new_tokens,
-                "text_tokens_for_flops": rows[0]["tokens_per_llm_layer"][0] - backbone.n_visual_tokens,
+                "text_tokens_for_flops": round(rows[0]["tokens_per_llm_layer"][0] - rows[0]["visual_tokens_kept"]),
+                **({"visual_tokens": "means over the items: each image gives its own count (dynamic resolution)"}
+                   if qwen else {}),
                 "command": args.command_line, "tokensieve_version": __version__,
                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        paths = write_report(rows, meta, args.out, example_views(backbone, data.items[:args.kept_examples]),
-                             backbone.patch_grid)
+        paths = write_report(rows, meta, args.out, example_views(backbone, data.items[:kept_examples]),
+                             None if qwen else backbone.patch_grid)
         print(f"report written to {paths['report.md']}", file=sys.stderr)
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -136,7 +143,8 @@ def _eval(args: argparse.Namespace) -> None:
 def add(sub) -> None:
     """Add ``eval``."""
     ev = sub.add_parser("eval", help="accuracy of methods at budgets, next to the unpruned model")
-    ev.add_argument("--model", default=None, help="LLaVA checkpoint folder or hub id (default: shipped testbed)")
+    ev.add_argument("--model", default=None,
+                    help="LLaVA or Qwen2-VL/2.5-VL/3-VL checkpoint folder or hub id (default: shipped testbed)")
     ev.add_argument("--method", default=None, help="comma-separated method names (see `tokensieve methods`)")
     ev.add_argument("--budget", default=None,
                     help="comma-separated budgets of the --method methods: ratios (0.33) or counts (64)")
@@ -183,8 +191,9 @@ def add(sub) -> None:
                     help="answer length: 1 scores the first token (synthetic default), more generates (real: 16)")
     ev.add_argument("--batch-size", type=positive_int, default=64, help="samples per forward pass (default 64)")
     ev.add_argument("--json", action="store_true", help="print the rows as JSON")
-    ev.add_argument("--kept-examples", type=non_negative_int, default=3,
-                    help="with --out: samples pictured with the tokens every row kept (0: no pictures)")
+    ev.add_argument("--kept-examples", type=non_negative_int, default=None,
+                    help="with --out: samples pictured with the tokens every row kept (default 3; 0: no pictures; "
+                         "Qwen-VL: none, its images have no common patch grid)")
     ev.add_argument("--out", type=out_folder, default=None,
                     help="folder for report.json, report.md, plots (accuracy vs tokens, tokens per layer, kept "
                          "tokens) and samples.jsonl (one line per scored item; rerun the same command to resume)")

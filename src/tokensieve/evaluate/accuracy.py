@@ -1,4 +1,4 @@
-"""Accuracy of a LLaVA model with reduction methods attached, next to the unpruned model."""
+"""Accuracy of a LLaVA or Qwen-VL model with reduction methods attached, next to the unpruned model."""
 
 from __future__ import annotations
 
@@ -7,50 +7,25 @@ import statistics
 from tqdm import tqdm
 
 from tokensieve.attach import Handle, attach
-from tokensieve.backbones import LlavaBackbone
-from tokensieve.backbones.llava_prompt import prompt
-from tokensieve.backbones.stage_plan import PADDING
+from tokensieve.backbones.load import is_qwen
 from tokensieve.data.synthetic_eval import object_oracle, scene_spec_for
 from tokensieve.data.vqa_files import VQAItem
 from tokensieve.distributed import Distributed
 from tokensieve.errors import TokensieveError
+from tokensieve.evaluate.costs import LlavaCosts, cost_fields
 from tokensieve.evaluate.eval_data import EvalData
-from tokensieve.evaluate.flops import TokenCounts, prefill_flops, token_counts
-from tokensieve.evaluate.intervals import accuracy_interval
-from tokensieve.evaluate.latency import kv_cache_bytes, measure_latency
+from tokensieve.evaluate.flops import TokenCounts, token_counts
+from tokensieve.evaluate.latency import measure_latency
 from tokensieve.evaluate.matching import MATCH_BY, matched_budget
-from tokensieve.evaluate.paired import paired_difference
+from tokensieve.evaluate.paired import add_paired, add_paired_at_cost
 from tokensieve.evaluate.predict import predict
+from tokensieve.evaluate.qwen_costs import QwenCosts
 from tokensieve.evaluate.sample_log import SampleLog
-from tokensieve.evaluate.scoring import accuracy_summary, score
-from tokensieve.interrupt import Interrupted
+from tokensieve.evaluate.scorer import Scorer
 from tokensieve.method import Budget
 
-FLOPS_STAGES = ("vision", "projector", "llm", "lm_head", "total")
 
-
-def median_text_tokens(backbone: LlavaBackbone, items: list[VQAItem]) -> int:
-    """Median non-image tokens of the items' prompts (the prompt length FLOPs are reported for)."""
-    tok = backbone.processor.tokenizer
-    lengths = [sum(t != backbone.image_token_id for t in tok(prompt(i.question))["input_ids"]) for i in items]
-    return int(statistics.median(lengths))
-
-
-def cost_fields(backbone: LlavaBackbone, text_tokens: int, handle: Handle | None = None,
-                counts: TokenCounts | None = None) -> dict:
-    """``flops`` per stage, ``tokens_per_llm_layer``, ``visual_tokens_mean_llm`` (visual tokens
-    averaged over the LLM's layers) and ``kv_cache_bytes`` (bf16) of one prefill, as the
-    handle's latest forward pass reduced it (the unpruned model without a handle), or for the
-    given ``counts``."""
-    counts = counts or token_counts(backbone, text_tokens, handle)
-    flops = prefill_flops(backbone.config, *counts)
-    mean_visual = statistics.mean(counts.llm_tokens) - text_tokens
-    return {"flops": {k: flops[k] for k in FLOPS_STAGES}, "tokens_per_llm_layer": counts.llm_tokens,
-            "visual_tokens_mean_llm": round(mean_visual, 2),
-            "kv_cache_bytes": kv_cache_bytes(backbone.config, counts.llm_tokens)}
-
-
-def timing_fields(backbone: LlavaBackbone, samples: list[VQAItem], kept=None, progress: bool = False) -> dict:
+def timing_fields(backbone, samples: list[VQAItem], kept=None, progress: bool = False) -> dict:
     """Measured latency on ``samples`` (none: every field None, the timing was not asked for)."""
     if not samples:
         return {"ttft_ms": None, "ttft_ms_iqr": None, "decode_ms_per_token": None, "decode_ms_per_token_iqr": None,
@@ -58,14 +33,16 @@ def timing_fields(backbone: LlavaBackbone, samples: list[VQAItem], kept=None, pr
     return measure_latency(backbone, samples, kept=kept, progress=progress)
 
 
-def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str | dict], budgets: list[str],
+def compare_methods(backbone, data: EvalData, methods: list[str | dict], budgets: list[str],
                     mode: str = "hard", site: str | None = None, batch_size: int = 64, progress: bool = True,
                     pruner=None, centres: list[str] | None = None, oracle: bool = False, log: SampleLog | None = None, timing_samples: int = 8,
                     kept_examples: int = 0, dist: Distributed | None = None, match: str | None = None,
                     pairs: list[tuple[str, str]] | None = None) -> list[dict]:
     """Rows ``{method, site, budget, visual_tokens_kept, accuracy, per_family, flops, flops_ratio,
     tokens_per_llm_layer}``; the first row is the unpruned model (``method`` ``"none"``),
-    measured on the same items of ``data``. FLOPs are for one prefill of the median prompt.
+    measured on the same items of ``data``. FLOPs are for one prefill of the median prompt (on
+    Qwen-VL, whose images differ in visual tokens, the token counts, FLOPs and KV cache are means
+    over the items of each one's prefill: :mod:`.qwen_costs`).
     Accuracy is the VQA score of :func:`tokensieve.evaluate.scoring.score` (exact match after
     the official normalisation; the soft score for 10 annotator answers).
 
@@ -103,6 +80,8 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str |
     methods: names, or configs ``{"name": ..., parameter: value}`` (a row is labelled by the name).
     pairs: the ``(method, budget)`` rows to measure, instead of every method at every budget.
     """
+    if is_qwen(backbone):
+        refuse_on_qwen(oracle, match, kept_examples, pruner)
     if oracle and data.scenes is None:
         raise TokensieveError("--oracle needs the synthetic set: the object oracle knows where its objects are")
     if match is not None and match not in MATCH_BY:
@@ -120,12 +99,13 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str |
     for value in learned_at if pruner is not None else []:
         pruner.attach(backbone, mode, centres=value).detach()
     items = data.items
-    text_tokens = median_text_tokens(backbone, items)
-    scored = _Scorer(backbone, data, log, batch_size, progress, dist or Distributed())
+    costs = QwenCosts(backbone, items) if is_qwen(backbone) else LlavaCosts(backbone, items)
+    text_tokens = costs.text_tokens
+    scored = Scorer(backbone, data, log, batch_size, progress, dist or Distributed())
     timed, examples = items[:timing_samples], items[:kept_examples]
-    baseline = cost_fields(backbone, text_tokens)
+    baseline = costs.of_run()
     runs = ["none"]  # the scorer's run name of each row
-    rows = [{"method": "none", "site": None, "budget": 1.0, "visual_tokens_kept": backbone.n_visual_tokens,
+    rows = [{"method": "none", "site": None, "budget": 1.0, "visual_tokens_kept": costs.visual_tokens,
              **scored("none"), **baseline, "flops_ratio": 1.0, **timing_fields(backbone, timed, progress=progress)}]
     cases = pairs
     learned = [(pruner, c) for c in learned_at] if pruner is not None else []
@@ -150,7 +130,7 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str |
             result = scored(run, handle=handle)
             _total_from_items(handle, scored.item_kept[run])
             counts = {str(st): _mean_count(handle, st) for st in handle.stages}  # before the examples' pass
-            cost = cost_fields(backbone, text_tokens, handle)
+            cost = costs.of_run(handle, scored.item_kept[run])
             kept = _kept_tokens(backbone, handle, examples)
             timing = timing_fields(backbone, timed, progress=progress)
         finally:
@@ -170,12 +150,24 @@ def compare_methods(backbone: LlavaBackbone, data: EvalData, methods: list[str |
         for row, run in zip(rows, runs):
             row["examples"] = scored.examples(run, examples)
     item_scores = [scored.item_scores[run] for run in runs]
-    _add_paired(rows, item_scores)
-    _add_paired_at_cost(rows, item_scores)
+    add_paired(rows, item_scores)
+    add_paired_at_cost(rows, item_scores)
     return rows
 
 
-def _target(backbone: LlavaBackbone, budget: str, match: str, baseline: dict) -> float:
+def refuse_on_qwen(oracle: bool, match: str | None, kept_examples: int, pruner) -> None:
+    """What a Qwen-VL evaluation cannot do yet, refused before any model work: each needs one fixed
+    patch grid (every image's tokens the same), where Qwen-VL gives each image its own."""
+    for asked, what in ((oracle, "--oracle (the object oracle's patches)"),
+                        (match, "--match (budgets planned for one visual-token count)"),
+                        (kept_examples, "--kept-examples (pictures on one patch grid; give 0)"),
+                        (pruner is not None, "--pruner (the two-stage pruner's eval)")):
+        if asked:
+            raise TokensieveError(f"{what} is not available on a Qwen-VL model yet: its images each give their own "
+                                  "number of visual tokens")
+
+
+def _target(backbone, budget: str, match: str, baseline: dict) -> float:
     """The cost a ``budget`` value asks for: visual tokens averaged over the LLM's layers (a count, or
     a share of the visual tokens), or prefill FLOPs (a share of the unpruned ``baseline``'s)."""
     if match == "tokens":
@@ -186,23 +178,6 @@ def _target(backbone: LlavaBackbone, budget: str, match: str, baseline: dict) ->
 def _or_trained(value):
     """A row's budget: the value asked for, or ``"trained"`` for the pruner as trained."""
     return value if value is not None else "trained"
-
-
-def _pairing_budget(row: dict):
-    """The budget a row is compared at: the one it was matched to, else its own."""
-    return row.get("matched", {}).get("to", row["budget"])
-
-
-def _kept_per_row(handle: Handle, rows: int) -> list[dict[str, int]]:
-    """Per row of the latest forward pass, the visual tokens each stage kept ``{str(stage): n}``."""
-    if rows == 0:  # this process had no share of the batch: no forward pass
-        return []
-    per_stage = {}
-    for stage in map(str, handle.stages):
-        kept = handle.last_kept[stage]  # (rows, keep) patch indices, PADDING where a row kept fewer
-        assert kept.shape[0] == rows, f"{stage} kept tokens for {kept.shape[0]} rows, not {rows}"
-        per_stage[stage] = (kept != PADDING).sum(1).tolist()
-    return [{stage: counts[r] for stage, counts in per_stage.items()} for r in range(rows)]
 
 
 def _total_from_items(handle: Handle, per_item: list[dict[str, int]]) -> None:
@@ -218,105 +193,7 @@ def _mean_count(handle: Handle, stage) -> int | float:
     return int(mean) if mean.is_integer() else round(mean, 2)
 
 
-def _add_paired(rows: list[dict], item_scores: list[list[float]]) -> None:
-    """Give each ``two_stage`` row ``paired``: its :func:`paired_difference` against every other
-    pruned row at the same budget (``against``: that row's method and site)."""
-    for row, scores in zip(rows, item_scores):
-        if row["method"] != "two_stage":
-            continue
-        row["paired"] = [{"against": f"{other['method']}@{other['site']}", "accuracy": other["accuracy"],
-                          **paired_difference(scores, other_scores)}
-                         for other, other_scores in zip(rows, item_scores)
-                         if other["method"] not in ("none", "two_stage")
-                         and _pairing_budget(other) == _pairing_budget(row)]
-
-
-def _add_paired_at_cost(rows: list[dict], item_scores: list[list[float]]) -> None:
-    """Give every other pruned row ``two_stage_at_cost`` when there are ``two_stage`` rows: the
-    :func:`paired_difference` (the two-stage row's scores against this row's) of the most
-    expensive two-stage row whose prefill FLOPs are no more than this row's, with that row's
-    ``budget``, ``flops_ratio`` and ``accuracy``; None when every two-stage row costs more.
-    Budgets count tokens at different places (entering the LLM, or after an LLM layer), so
-    equal cost is the other fair comparison."""
-    learned = [(row, scores) for row, scores in zip(rows, item_scores) if row["method"] == "two_stage"]
-    if not learned:
-        return
-    for row, scores in zip(rows, item_scores):
-        if row["method"] in ("none", "two_stage"):
-            continue
-        affordable = [(r, s) for r, s in learned if r["flops"]["total"] <= row["flops"]["total"]]
-        if not affordable:
-            row["two_stage_at_cost"] = None
-            continue
-        best, best_scores = max(affordable, key=lambda pair: pair[0]["flops"]["total"])
-        row["two_stage_at_cost"] = {"budget": best["budget"], "flops_ratio": best["flops_ratio"],
-                                    "accuracy": best["accuracy"], **paired_difference(best_scores, scores)}
-
-
-class _Scorer:
-    """Scores every item of ``data`` under a run name, through the log when there is one:
-    items it holds are read back, the rest answered and appended batch by batch (an
-    interruption loses at most one batch). With a handle, the tokens each stage kept for each
-    item are logged and read back too (``item_kept``)."""
-
-    def __init__(self, backbone: LlavaBackbone, data: EvalData, log: SampleLog | None, batch_size: int,
-                 progress: bool, dist: Distributed):
-        self.backbone, self.data, self.log, self.batch_size, self.progress = backbone, data, log, batch_size, progress
-        self.dist = dist
-        self.item_scores: dict[str, list[float]] = {}  # run name -> score per item, in data order
-        self.item_predictions: dict[str, dict[str, str]] = {}  # run name -> prediction per question id
-        self.item_kept: dict[str, list[dict[str, int]]] = {}  # run name -> tokens kept per stage, per item
-
-    def __call__(self, run: str, kept=None, handle: Handle | None = None) -> dict:
-        items = self.data.items
-        done = self.log.done(run) if self.log is not None else {}
-        if handle is not None:  # a line written before counts were logged is scored again
-            done = {qid: record for qid, record in done.items() if "kept" in record}
-        todo = [item for item in items if item.question_id not in done]
-        scores = {}
-        predictions = {qid: record["prediction"] for qid, record in done.items()}
-        kept_counts = {qid: record.get("kept") for qid, record in done.items()}
-        step = self.batch_size * self.dist.world_size  # every process answers batch_size items a step
-        try:
-            for i in tqdm(range(0, len(todo), step), desc=run, unit="batch", leave=False,
-                          disable=not self.progress or not todo or not self.dist.is_main):
-                chunk = todo[i: i + step]
-                mine = self.dist.shard(chunk)
-                answers = predict(self.backbone, mine, kept, self.batch_size, max_new_tokens=self.data.max_new_tokens)
-                counts = _kept_per_row(handle, len(mine)) if handle is not None else [None] * len(mine)
-                by_id = dict(self.dist.gather([(item.question_id, (p, c))
-                                               for item, p, c in zip(mine, answers, counts)]))
-                answers = [by_id[item.question_id][0] for item in chunk]
-                counts = [by_id[item.question_id][1] for item in chunk]
-                chunk_scores = [score(p, item.answers) for item, p in zip(chunk, answers)]
-                if self.log is not None:
-                    self.log.append(run, chunk, answers, chunk_scores, kept=counts if handle is not None else None,
-                                    write=self.dist.is_main)
-                ids = [item.question_id for item in chunk]
-                scores.update(zip(ids, chunk_scores))
-                predictions.update(zip(ids, answers))
-                kept_counts.update(zip(ids, counts))
-        except KeyboardInterrupt:
-            if self.log is None:
-                raise
-            raise Interrupted(f"interrupted while scoring {run}; the items scored so far are kept in {self.log.path}",
-                              "rerun the same command to continue") from None
-        scores.update((qid, record["score"]) for qid, record in done.items())
-        self.item_kept[run] = [kept_counts[item.question_id] for item in items]
-        self.item_scores[run] = [scores[item.question_id] for item in items]
-        self.item_predictions[run] = predictions
-        return {**accuracy_summary([item.family for item in items], self.item_scores[run]),
-                **accuracy_interval(self.item_scores[run])}
-
-    def examples(self, run: str, items: list[VQAItem]) -> dict:
-        """``{"ids", "predictions", "scores"}`` of ``run`` on ``items`` (scored already)."""
-        score_of = dict(zip((item.question_id for item in self.data.items), self.item_scores[run]))
-        ids = [item.question_id for item in items]
-        return {"ids": ids, "predictions": [self.item_predictions[run][i] for i in ids],
-                "scores": [score_of[i] for i in ids]}
-
-
-def _kept_tokens(backbone: LlavaBackbone, handle: Handle, items: list[VQAItem]) -> dict:
+def _kept_tokens(backbone, handle: Handle, items: list[VQAItem]) -> dict:
     """``{"kept_tokens": ...}`` (see :func:`compare_methods`) from one pass over ``items``; ``{}`` for none."""
     if not items:
         return {}
@@ -326,8 +203,8 @@ def _kept_tokens(backbone: LlavaBackbone, handle: Handle, items: list[VQAItem]) 
                             "stages": {stage: kept.tolist() for stage, kept in handle.last_kept.items()}}}
 
 
-def _oracle_row(backbone: LlavaBackbone, data: EvalData, budget: str, text_tokens: int, baseline: dict,
-                scored: _Scorer, timed: list[VQAItem], examples: list[VQAItem]) -> dict:
+def _oracle_row(backbone, data: EvalData, budget: str, text_tokens: int, baseline: dict,
+                scored: Scorer, timed: list[VQAItem], examples: list[VQAItem]) -> dict:
     """The object oracle's row: chosen between the projector and the LLM, like a projector-site method."""
     count = Budget.parse(budget).resolve(backbone.n_patches, "the object oracle")
     by_scene = object_oracle(count, scene_spec_for(backbone).grid)

@@ -17,8 +17,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from tokensieve.backbones import LlavaBackbone
-from tokensieve.backbones.llava_prompt import encode
+from tokensieve.backbones.chat_format import encode_samples
 from tokensieve.evaluate.intervals import quartiles
 
 TIMED_FIELDS = {"ttft_ms": "TTFT", "decode_ms_per_token": "decode"}
@@ -27,7 +26,7 @@ TIMED_FIELDS = {"ttft_ms": "TTFT", "decode_ms_per_token": "decode"}
 NOISY_SPREAD = 0.25
 
 
-def _generate_seconds(backbone: LlavaBackbone, batch: dict, new_tokens: int) -> float:
+def _generate_seconds(backbone, batch: dict, new_tokens: int) -> float:
     sync = torch.cuda.synchronize if backbone.model.device.type == "cuda" else (lambda: None)
     sync()
     started = time.perf_counter()
@@ -37,7 +36,7 @@ def _generate_seconds(backbone: LlavaBackbone, batch: dict, new_tokens: int) -> 
 
 
 @torch.no_grad()
-def measure_latency(backbone: LlavaBackbone, samples: list, new_tokens: int = 8, kept=None,
+def measure_latency(backbone, samples: list, new_tokens: int = 8, kept=None,
                     progress: bool = False) -> dict:
     """``{"ttft_ms", "ttft_ms_iqr", "decode_ms_per_token", "decode_ms_per_token_iqr",
     "peak_memory_mb"}``: medians and ``[q1, q3]`` over ``samples`` (anything with ``image`` and
@@ -47,7 +46,7 @@ def measure_latency(backbone: LlavaBackbone, samples: list, new_tokens: int = 8,
     progress: a progress bar over the samples.
     """
     device = backbone.model.device
-    batches = [{k: v.to(device) for k, v in encode(backbone.processor, [s]).items()} for s in samples]
+    batches = [{k: v.to(device) for k, v in encode_samples(backbone, [s]).items()} for s in samples]
     if kept is not None:
         for batch, s in zip(batches, samples):
             batch["kept"] = [kept(s)]

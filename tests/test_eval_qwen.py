@@ -1,0 +1,116 @@
+"""`tokensieve eval` on the tiny random Qwen-VL checkpoints of every family (accuracy is meaningless on
+random weights): the pipeline runs end to end on images of different sizes, the token counts and
+FLOPs of its rows are those of real forward passes, and what the Qwen backbone refuses is one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny_qwen import image, save_tiny_qwen
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import BertConfig
+
+from tokensieve.backbones import LlavaBackbone
+from tokensieve.backbones.chat_format import encode_samples
+from tokensieve.backbones.hf_qwen import QwenVLBackbone
+from tokensieve.backbones.load import load_backbone
+from tokensieve.cli import main
+from tokensieve.data.vqa_files import load_llava_eval
+from tokensieve.errors import TokensieveError
+from tokensieve.evaluate.report import load_report
+
+SIZES = ["big", "small", "big", "small"]  # 16 and 6 visual tokens: 11 on average
+QUESTION = "what is the colour ?"  # one question: every prompt has the median text length
+
+
+@pytest.fixture
+def vqa_files(tmp_path):
+    """Four items in LLaVA's evaluation layout, with images of two sizes."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, size in enumerate(SIZES):
+        image(size, seed=i).save(images / f"{i}.png")
+    questions, answers = tmp_path / "questions.jsonl", tmp_path / "answers.jsonl"
+    questions.write_text("".join(json.dumps({"question_id": f"q{i}", "image": f"{i}.png", "text": QUESTION}) + "\n"
+                                 for i in range(len(SIZES))))
+    answers.write_text("".join(json.dumps({"question_id": f"q{i}", "answer": "red"}) + "\n" for i in range(len(SIZES))))
+    return ["--questions", str(questions), "--images", str(images), "--answers", str(answers)]
+
+
+def counted_flops(qwen: QwenVLBackbone, items, keep: int | None = None) -> float:
+    """Torch's FLOP count of one prefill of each item (eager attention, logits of the last position
+    only, as generate's prefill), keeping the first ``keep`` visual tokens of its image; the mean."""
+    for config in (qwen.config, qwen.config.vision_config, qwen.config.text_config):
+        config._attn_implementation = "eager"  # torch's counter skips the CPU SDPA kernel
+    total = 0
+    for item in items:
+        batch = encode_samples(qwen, [item])
+        kept = None if keep is None else [torch.arange(keep)]
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            qwen.forward(**batch, kept=kept, logits_to_keep=1)
+        total += counter.get_total_flops()
+    return total / len(items)
+
+
+def test_eval_runs_on_a_qwen_checkpoint_with_images_of_different_sizes(tiny_qwen_dir, vqa_files, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["eval", "--model", str(tiny_qwen_dir), "--method", "random", "--site", "llm.0", "--budget", "4",
+                 *vqa_files, "--max-new-tokens", "3", "--timing-samples", "1", "--json", "--out", str(out)]) == 0
+    baseline, pruned = rows = json.loads(capsys.readouterr().out)
+    assert load_report(out)["rows"] == rows and (out / "report.md").stat().st_size > 0
+    report = load_report(out)
+    text = report["meta"]["text_tokens_for_flops"]
+    assert "means over the items" in report["meta"]["visual_tokens"]
+    assert (baseline["visual_tokens_kept"], pruned["visual_tokens_kept"]) == (11, 4)  # (16 + 6) / 2; 4 per image
+    assert baseline["tokens_per_llm_layer"] == [text + 11] * 3 and pruned["tokens_per_llm_layer"] == [text + 4] * 3
+    assert pruned["visual_tokens_mean_llm"] == 4
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()[1:]]
+    assert [r["kept"] for r in records if r["run"] == "random@llm.0:4"] == [{"random@llm.0:4": 4}] * 4
+    assert all(row["ttft_ms"] > 0 and 0 <= row["accuracy"] <= 1 for row in rows)
+
+    qwen = QwenVLBackbone.from_pretrained(tiny_qwen_dir)
+    items = load_llava_eval(*(vqa_files[i] for i in (1, 3, 5)))
+    text_tokens = len(encode_samples(qwen, items[1:2])["input_ids"][0]) - 6  # the small image's prompt
+    assert text == text_tokens
+    assert baseline["flops"]["total"] == pytest.approx(counted_flops(qwen, items), abs=1)
+    assert pruned["flops"]["total"] == pytest.approx(counted_flops(qwen, items, keep=4), abs=1)
+    assert pruned["flops_ratio"] < 1
+    config = qwen.config.text_config
+    per_token = 2 * config.num_key_value_heads * 16 * 2  # bf16 keys and values; head_dim 16 in every tiny family
+    assert pruned["kv_cache_bytes"] == per_token * 3 * (text + 4)
+
+
+@pytest.fixture(scope="module")
+def qwen2_dir(tmp_path_factory):
+    return save_tiny_qwen("qwen2_vl", tmp_path_factory.mktemp("qwen2_vl"))
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--method", "visionzip", "--budget", "0.5"], "visionzip"),
+    (["--method", "random", "--site", "projector", "--budget", "0.5"], "site projector does not exist on the Qwen-VL"),
+    (["--method", "random", "--site", "llm.0", "--budget", "0.5", "--mode", "soft"], "mode 'soft' is not available"),
+    (["--method", "random", "--site", "llm.0", "--budget", "0.5", "--oracle"], "--oracle"),
+    (["--method", "random", "--site", "llm.0", "--budget", "0.5", "--match", "tokens"], "--match"),
+    (["--method", "random", "--site", "llm.0", "--budget", "10"], "gives 6 visual tokens, fewer than the budget of 10"),
+])
+def test_what_the_qwen_backbone_refuses_is_one_line(qwen2_dir, vqa_files, capsys, args, needle):
+    assert main(["eval", "--model", str(qwen2_dir), *vqa_files, "--timing-samples", "0", "--json", *args]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("tokensieve: error: ") and needle in err
+
+
+def test_kept_token_pictures_are_refused_on_qwen(qwen2_dir, vqa_files, tmp_path, capsys):
+    assert main(["eval", "--model", str(qwen2_dir), *vqa_files, "--method", "random", "--site", "llm.0",
+                 "--budget", "2", "--kept-examples", "2", "--out", str(tmp_path / "out")]) == 2
+    assert "--kept-examples (pictures on one patch grid; give 0) is not available" in capsys.readouterr().err
+
+
+def test_the_backbone_is_picked_by_the_checkpoints_model_type(qwen2_dir, tiny_llava_dir, tmp_path):
+    assert type(load_backbone(qwen2_dir)) is QwenVLBackbone
+    assert type(load_backbone(tiny_llava_dir)) is LlavaBackbone
+    BertConfig().save_pretrained(tmp_path)
+    with pytest.raises(TokensieveError, match="is a 'bert' model; tokensieve loads LLaVA"):
+        load_backbone(tmp_path)
