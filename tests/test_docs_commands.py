@@ -32,9 +32,9 @@ def _tokensieve_argv(argv: list[str]) -> list[str] | None:
 
 
 def _check_lmms_eval_model_args(model_args: str) -> None:
-    from tokensieve.integrations.lmms_eval_model import TokensieveLlava
+    from tokensieve.integrations.lmms_eval_model import TokensieveModel
 
-    known = set(inspect.signature(TokensieveLlava.__init__).parameters) - {"self", "unknown"}
+    known = set(inspect.signature(TokensieveModel.__init__).parameters) - {"self", "unknown"}
     given = {pair.split("=", 1)[0] for pair in model_args.split(",") if pair}
     assert given <= known, f"unknown tokensieve model_args {sorted(given - known)}"
 

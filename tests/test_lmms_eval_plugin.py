@@ -76,7 +76,7 @@ def test_the_plugin_is_registered_through_its_entry_point():
     from lmms_eval.models import get_model, list_available_models
 
     assert "tokensieve" in list_available_models()
-    assert get_model("tokensieve").__name__ == "TokensieveLlava"
+    assert get_model("tokensieve").__name__ == "TokensieveModel"
 
 
 def answers_of(result: dict) -> list[str]:
@@ -120,9 +120,9 @@ def direct_score(backbone, row: dict, image: Image.Image) -> tuple[float, bool]:
 def test_loglikelihood_scores_the_continuation_after_the_image(task_dir, backbone):
     from lmms_eval.api.instance import Instance
 
-    from tokensieve.integrations.lmms_eval_model import TokensieveLlava
+    from tokensieve.integrations.lmms_eval_model import TokensieveModel
 
-    model = TokensieveLlava(batch_size=4)  # the shipped testbed, unpruned
+    model = TokensieveModel(batch_size=4)  # the shipped testbed, unpruned
     docs = rows(task_dir)
     model.task_dict = {"t": {"test": docs}}
     blank = Image.new("RGB", (80, 80))
@@ -184,9 +184,9 @@ def test_bad_plugin_arguments_are_named(model_args, message):
 
 def test_batch_size_in_model_args_and_on_the_command_line():
     # lmms-eval hands its own --batch_size (default 1) next to --model_args: the model_args value wins.
-    from tokensieve.integrations.lmms_eval_model import TokensieveLlava
+    from tokensieve.integrations.lmms_eval_model import TokensieveModel
 
-    model = TokensieveLlava.create_from_arg_string("method=fastv,budget=0.5,batch_size=3",
+    model = TokensieveModel.create_from_arg_string("method=fastv,budget=0.5,batch_size=3",
                                                    {"batch_size": 1, "max_batch_size": None, "device": None})
     assert model.batch_size == 3
-    assert TokensieveLlava.create_from_arg_string("", {"batch_size": 2, "device": "cpu"}).batch_size == 2
+    assert TokensieveModel.create_from_arg_string("", {"batch_size": 2, "device": "cpu"}).batch_size == 2

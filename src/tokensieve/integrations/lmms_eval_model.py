@@ -1,20 +1,22 @@
-"""An lmms-eval model: a LLaVA checkpoint with a tokensieve method or a trained pruner attached.
+"""An lmms-eval model: a LLaVA or Qwen-VL checkpoint with a tokensieve method or a trained pruner attached.
 
 Registered through the ``lmms_eval.models`` entry point as ``tokensieve``::
 
     lmms-eval --model tokensieve --model_args pretrained=llava-hf/llava-1.5-7b-hf,method=fastv,budget=0.25 \\
         --tasks mme,pope --batch_size 1
 
-Model arguments: ``pretrained`` (checkpoint folder or hub id; default the shipped testbed),
+Model arguments: ``pretrained`` (a LLaVA, Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint folder or hub id,
+the backbone chosen by its ``model_type``; default the shipped testbed),
 ``method`` (a registered method name) or ``pruner`` (a ``tokensieve train`` run folder),
 ``budget`` (the method's: a count or a ratio), ``centres`` (the pruner's: the tokens its merger sends
 into the LLM, a count or a ratio; default as trained), ``site`` (default the method's own), ``mode`` (``hard``, ``soft`` or ``origin``),
 ``dtype`` (``float32``, ``bfloat16``, ``float16``), ``device`` and ``batch_size``.
 
-Every prompt is one image and a question in the LLaVA-1.5 format (``USER: <image>\\n...
-ASSISTANT:``). The image is in the context of both request types: ``loglikelihood`` scores the
-continuation tokens of the full image + context + continuation sequence, and a generation
-error is raised, never turned into an empty answer.
+Every prompt is the document's images then its text, in the model's own format: LLaVA-1.5's
+(``USER: <image>\\n... ASSISTANT:``, exactly one image) or the Qwen-VL chat turn (one or more
+images of any size). Videos are refused for now. The images are in the context of both request
+types: ``loglikelihood`` scores the continuation tokens of the full images + context +
+continuation sequence, and a generation error is raised, never turned into an empty answer.
 """
 
 from __future__ import annotations
@@ -34,10 +36,10 @@ IMAGE_TOKEN = "<image>"
 
 
 def manifest():
-    """The ``lmms_eval.models`` entry point: registers :class:`TokensieveLlava` as ``tokensieve``."""
+    """The ``lmms_eval.models`` entry point: registers :class:`TokensieveModel` as ``tokensieve``."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
-    return ModelManifest(model_id=MODEL_NAME, simple_class_path=f"{__name__}.TokensieveLlava")
+    return ModelManifest(model_id=MODEL_NAME, simple_class_path=f"{__name__}.TokensieveModel")
 
 
 def _default_device() -> str:
@@ -46,8 +48,9 @@ def _default_device() -> str:
     return f"cuda:{os.environ.get('LOCAL_RANK', 0)}"  # one GPU per process under accelerate launch
 
 
-class TokensieveLlava(lmms):
-    """A LLaVA backbone with ``method`` attached at ``budget``, or ``pruner`` at ``centres`` (see the module)."""
+class TokensieveModel(lmms):
+    """A LLaVA or Qwen-VL backbone with ``method`` attached at ``budget``, or ``pruner`` at ``centres`` (see
+    the module)."""
 
     is_simple = True
 
@@ -56,7 +59,7 @@ class TokensieveLlava(lmms):
                  pruner: str | None = None, centres: int | float | str | None = None, dtype: str | None = None,
                  device: str | None = None, batch_size: int | str = 1, **unknown):
         super().__init__()
-        from tokensieve.backbones import LlavaBackbone
+        from tokensieve.backbones.load import load_backbone
         from tokensieve.method import Budget
         from tokensieve.methods import method_class
 
@@ -82,14 +85,14 @@ class TokensieveLlava(lmms):
             raise TokensieveError(f"dtype={dtype} is not one of {', '.join(DTYPES)}")
         self.batch_size_per_gpu = int(batch_size)
         self._device = torch.device(device or _default_device())
-        self.backbone = LlavaBackbone.from_pretrained(pretrained, dtype=DTYPES.get(dtype), device=self._device)
+        self.backbone = load_backbone(pretrained, dtype=DTYPES.get(dtype), device=self._device)
         if self.backbone.processor is None:
             raise TokensieveError(f"{pretrained} has no processor files; lmms-eval needs one to read prompts")
         self.backbone.processor.tokenizer.padding_side = "left"  # every row ends at the last position
         self.handle = self._attach(method, budget, site, mode, pruner, centres)
 
     @classmethod
-    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> TokensieveLlava:
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> TokensieveModel:
         """How lmms-eval builds the model: ``--model_args`` plus its own ``--batch_size`` and ``--device``.
 
         lmms-eval always passes ``batch_size`` (its flag defaults to 1), so a ``batch_size`` in
@@ -125,25 +128,37 @@ class TokensieveLlava(lmms):
         return self.backbone.processor.tokenizer
 
     # --- requests -----------------------------------------------------------------------
-    def _image(self, doc_to_visual, doc_id, task, split):
+    def _images(self, doc_to_visual, doc_id, task, split) -> list:
+        """The document's images (RGB): one on LLaVA, one or more on Qwen-VL; a video is refused."""
+        from PIL import Image
+
+        from tokensieve.backbones.load import is_qwen
+
         visuals = doc_to_visual(self.task_dict[task][split][doc_id])
-        if len(visuals) != 1:
-            raise TokensieveError(f"task {task}, doc {doc_id}: tokensieve evaluates prompts with exactly one image, "
-                                  f"this one has {len(visuals)}")
-        return visuals[0].convert("RGB")
+        where = f"task {task}, doc {doc_id}"
+        for visual in visuals:
+            if not isinstance(visual, Image.Image):  # lmms-eval gives a video as its file path
+                raise TokensieveError(f"{where}: a video ({visual if isinstance(visual, str) else type(visual).__name__})"
+                                      "; the tokensieve model takes images only for now")
+        if not visuals:
+            raise TokensieveError(f"{where}: the document has no image; the tokensieve model needs one")
+        if len(visuals) > 1 and not is_qwen(self.backbone):
+            raise TokensieveError(f"{where}: the LLaVA backbone evaluates prompts with exactly one image, this one "
+                                  f"has {len(visuals)}")
+        return [visual.convert("RGB") for visual in visuals]
 
-    @staticmethod
-    def _prompt(context: str) -> str:
-        from tokensieve.backbones.llava_prompt import prompt
+    def _prompt(self, context: str, n_images: int) -> str:
+        from tokensieve.backbones.chat_format import prompt_text
 
-        return prompt(context.replace(IMAGE_TOKEN, "").strip())
+        return prompt_text(self.backbone, context.replace(IMAGE_TOKEN, "").strip(), n_images)
 
     def _encode(self, texts: Sequence[str], images: list) -> dict[str, torch.Tensor]:
+        """Processor inputs of ``texts`` and the images of all of them (in order), on the device;
+        pixels in the model's dtype."""
         batch = self.backbone.processor(images=images, text=list(texts), return_tensors="pt", padding=True)
         dtype = self.backbone.model.dtype
-        return {"input_ids": batch["input_ids"].to(self._device),
-                "attention_mask": batch["attention_mask"].to(self._device),
-                "pixel_values": batch["pixel_values"].to(self._device, dtype)}
+        return {k: v.to(self._device, dtype) if k.startswith("pixel_values") else v.to(self._device)
+                for k, v in batch.items()}
 
     def _chunks(self, requests: list[Instance], same=lambda args: None):
         """Consecutive runs of at most ``batch_size`` requests on which ``same(args)`` agrees."""
@@ -167,9 +182,10 @@ class TokensieveLlava(lmms):
             contexts, continuations, images = [], [], []
             for context, target, doc_to_visual, doc_id, task, split in (r.args for r in chunk):
                 doc = self.task_dict[task][split][doc_id]
-                contexts.append(self._prompt(context))
+                visuals = self._images(doc_to_visual, doc_id, task, split)
+                contexts.append(self._prompt(context, len(visuals)))
                 continuations.append(target if isinstance(target, str) else target(doc))
-                images.append(self._image(doc_to_visual, doc_id, task, split))
+                images.extend(visuals)
             full = [c + k for c, k in zip(contexts, continuations)]
             # The placeholder expands to the same visual tokens in both, so the difference counts the continuation.
             tokenize = self.tokenizer
@@ -197,8 +213,9 @@ class TokensieveLlava(lmms):
             until = [until] if isinstance(until, str) else list(until)
             texts, images = [], []
             for context, _, doc_to_visual, doc_id, task, split in (r.args for r in chunk):
-                texts.append(self._prompt(context))
-                images.append(self._image(doc_to_visual, doc_id, task, split))
+                visuals = self._images(doc_to_visual, doc_id, task, split)
+                texts.append(self._prompt(context, len(visuals)))
+                images.extend(visuals)
             temperature = float(gen.get("temperature") or 0)
             sampling = {"do_sample": True, "temperature": temperature, "top_p": gen.get("top_p")} if temperature > 0 \
                 else {"do_sample": False}

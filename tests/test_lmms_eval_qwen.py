@@ -1,0 +1,106 @@
+"""The lmms-eval model on the tiny random Qwen-VL checkpoints of every family, through lmms-eval's own
+``simple_evaluate`` and a local task this test writes: documents with images of different sizes and
+one with two images get the answers the adapter's own ``generate`` gives with the same method
+attached; a video is refused in one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lmms_eval.evaluator
+import pytest
+from PIL import Image
+from tiny_qwen import FAMILIES, image, save_tiny_qwen
+
+from tokensieve.attach import attach
+from tokensieve.backbones.chat_format import prompt_text
+from tokensieve.backbones.hf_qwen import QwenVLBackbone
+from tokensieve.errors import TokensieveError
+
+UTILS = '''
+from PIL import Image
+
+
+def doc_to_visual(doc):
+    return [Image.open(path) for path in doc["images"]]
+
+
+def doc_to_video(doc):
+    return [doc["video"]]  # what lmms-eval's video tasks give: the file's path
+
+
+def doc_to_text(doc):
+    return doc["question"]
+'''
+
+TASK = ("task: {name}\ndataset_path: json\ndataset_kwargs: {{data_files: {{test: {data}}}}}\ntest_split: test\n"
+        "doc_to_visual: !function utils.{visual}\ndoc_to_text: !function utils.doc_to_text\n"
+        "output_type: generate_until\ndoc_to_target: answer\n"
+        "generation_kwargs: {{max_new_tokens: 4, until: ['</s>'], do_sample: false}}\n"
+        "metric_list: [{{metric: exact_match, aggregation: mean, higher_is_better: true}}]\n")
+DOCS = [("what is the colour ?", ["big"]), ("what shape is left ?", ["small"]),
+        ("what shape is left and right ?", ["small", "big"])]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def qwen_dir(request, tmp_path_factory):
+    """A tiny random Qwen-VL of each family; seed 2: its greedy answers are words (seed 0's Qwen2-VL ends at once)."""
+    return save_tiny_qwen(request.param, tmp_path_factory.mktemp(request.param), seed=2)
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    """Three questions about images of two sizes (one with two images), and a video task."""
+    folder = tmp_path_factory.mktemp("lmms_qwen_tasks")
+    rows = []
+    for i, (question, sizes) in enumerate(DOCS):
+        paths = []
+        for j, size in enumerate(sizes):
+            paths.append(str(folder / f"{i}_{j}.png"))
+            image(size, seed=10 * i + j).save(paths[-1])
+        rows.append({"question": question, "answer": "red", "images": paths, "video": str(folder / "clip.mp4")})
+    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "utils.py").write_text(UTILS)
+    for name, visual in (("tiny_qwen_vqa", "doc_to_visual"), ("tiny_qwen_video", "doc_to_video")):
+        (folder / f"{name}.yaml").write_text(TASK.format(name=name, data=folder / "test.jsonl", visual=visual))
+    return folder
+
+
+def evaluate(task_dir: Path, task: str, model_args: str) -> dict:
+    from lmms_eval.tasks import TaskManager
+
+    return lmms_eval.evaluator.simple_evaluate(
+        model="tokensieve", model_args=model_args, tasks=[task], batch_size=2,
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False))
+
+
+def direct_answers(qwen: QwenVLBackbone, task_dir: Path, handle) -> list[str]:
+    """Each document's answer from ``qwen.generate`` alone, with ``handle`` attached (detached after)."""
+    try:
+        answers = []
+        for line in (task_dir / "test.jsonl").read_text().splitlines():
+            doc = json.loads(line)
+            images = [Image.open(path).convert("RGB") for path in doc["images"]]
+            batch = qwen.processor(images=images, text=[prompt_text(qwen, doc["question"], len(images))],
+                                   return_tensors="pt")
+            new = qwen.generate(**batch, max_new_tokens=4, do_sample=False)
+            answers.append(qwen.processor.tokenizer.decode(new[0], skip_special_tokens=True).strip())
+    finally:
+        handle.detach()
+    return answers
+
+
+def test_generate_until_on_a_qwen_checkpoint_equals_the_adapters_generate(qwen_dir, task_dir):
+    args = f"pretrained={qwen_dir},method=divprune,budget=0.5,site=llm.0"
+    result = evaluate(task_dir, "tiny_qwen_vqa", args)
+    samples = sorted(result["samples"]["tiny_qwen_vqa"], key=lambda s: s["doc_id"])
+    answers = [s["filtered_resps"][0] for s in samples]
+    assert all(isinstance(a, str) and a for a in answers)  # random weights: words, not an answer
+    qwen = QwenVLBackbone.from_pretrained(qwen_dir)
+    assert answers == direct_answers(qwen, task_dir, attach(qwen, "divprune", 0.5, site="llm.0"))
+
+
+def test_a_video_is_refused_in_one_line(qwen_dir, task_dir):
+    with pytest.raises(TokensieveError, match=r"doc 0: a video \(.*clip.mp4\); the tokensieve model takes images only"):
+        evaluate(task_dir, "tiny_qwen_video", f"pretrained={qwen_dir}")
