@@ -88,6 +88,7 @@ RECIPES = [
     Recipe(r"--nproc_per_node 8|--num_processes 8", "parse", "needs a machine with 8 GPUs"),
     Recipe(r"--tasks ", "parse", "needs lmms-eval's task data from the hub"),
     Recipe(r"--dataset vqav2_val/", "parse", "needs VQAv2's validation set, saved from the hub"),
+    Recipe(r"--model Qwen/Qwen", "parse", "needs a Qwen-VL checkpoint from the hub"),
     Recipe(r"^(\.venv/bin/)?tokensieve demo", "run",
            extra=["--samples", "4", "--budget", "0.22", "--timing-samples", "1", *SMALL_TRAIN]),
     Recipe(r"^tokensieve train ", "run", extra=SMALL_TRAIN, subs=[(r"run\.seed=S$", "run.seed=0"),
