@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 from transformers.vision_utils import get_vision_window_index
 
-from tokensieve.evaluate.flops import check_count, check_counts, block_flops
+from tokensieve.evaluate.flops import block_flops, check_count, check_counts
 
 
 def tower_mlp(config) -> tuple[int, int, int]:
