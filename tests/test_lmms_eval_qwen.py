@@ -104,3 +104,26 @@ def test_generate_until_on_a_qwen_checkpoint_equals_the_adapters_generate(qwen_d
 def test_a_video_is_refused_in_one_line(qwen_dir, task_dir):
     with pytest.raises(TokensieveError, match=r"doc 0: a video \(.*clip.mp4\); the tokensieve model takes images only"):
         evaluate(task_dir, "tiny_qwen_video", f"pretrained={qwen_dir}")
+
+
+def test_loglikelihood_on_qwen_scores_the_continuation_after_the_images(qwen_dir):
+    import torch
+    from lmms_eval.api.instance import Instance
+
+    from tokensieve.integrations.lmms_eval_model import TokensieveModel
+
+    model = TokensieveModel(pretrained=str(qwen_dir), batch_size=2)  # unpruned
+    docs = [{"question": q, "images": [image(size, seed=i) for size in sizes]} for i, (q, sizes) in enumerate(DOCS)]
+    model.task_dict = {"t": {"test": docs}}
+    requests = [Instance(request_type="loglikelihood", arguments=(doc["question"], " red", lambda d: d["images"], i,
+                                                                   "t", "test"), idx=0,
+                         metadata={"task": "t", "doc_id": i, "repeats": 1}) for i, doc in enumerate(docs)]
+    got = model.loglikelihood(requests)
+    qwen = model.backbone
+    for (loss, greedy), doc in zip(got, docs):
+        text = prompt_text(qwen, doc["question"], len(doc["images"])) + " red"
+        batch = qwen.processor(images=doc["images"], text=[text], return_tensors="pt")
+        with torch.no_grad():
+            logp = torch.log_softmax(qwen.forward(**batch).logits[0, -2], -1)
+        red = batch["input_ids"][0, -1]
+        assert loss == pytest.approx(float(-logp[red]), abs=1e-4) and greedy == bool(logp.argmax() == red)
