@@ -28,7 +28,7 @@ from tokensieve import optional
 from tokensieve.attach import Handle
 from tokensieve.backbones import LlavaBackbone
 from tokensieve.backbones.hf_qwen import QwenVLBackbone
-from tokensieve.backbones.vlm_loading import load_vlm
+from tokensieve.backbones.load import load_backbone
 from tokensieve.checkpoint import remove_stale_temporaries
 from tokensieve.config import save_config
 from tokensieve.distributed import Distributed
@@ -74,7 +74,7 @@ class TwoStageTrainer:
         check_run_folder(self.out, cfg, resume)
         if backbone is None:
             dtype = None if cfg.run.dtype == "auto" else getattr(torch, cfg.run.dtype)
-            backbone = load_vlm(cfg.model, dtype=dtype, device=cfg.run.device)
+            backbone = load_backbone(cfg.model, dtype, cfg.run.device)
         self.backbone = backbone
         if self.backbone.processor is None:
             raise TokensieveError(f"{cfg.model} has no processor; training needs one")
