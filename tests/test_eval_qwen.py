@@ -89,8 +89,8 @@ def qwen2_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("args,needle", [
     (["--method", "visionzip", "--budget", "0.5"], "visionzip"),
-    (["--method", "random", "--site", "projector", "--budget", "0.5"], "site projector does not exist on the Qwen-VL"),
-    (["--method", "random", "--site", "llm.0", "--budget", "0.5", "--mode", "soft"], "mode 'soft' is not available"),
+    (["--method", "random", "--site", "vision.1", "--budget", "0.5"], "site vision.1 does not exist on the Qwen-VL"),
+    (["--method", "prumerge", "--budget", "0.5"], "prumerge needs"),
     (["--method", "random", "--site", "llm.0", "--budget", "0.5", "--oracle"], "--oracle"),
     (["--method", "random", "--site", "llm.0", "--budget", "0.5", "--match", "tokens"], "--match"),
     (["--method", "random", "--site", "llm.0", "--budget", "10"], "gives 6 visual tokens, fewer than the budget of 10"),
