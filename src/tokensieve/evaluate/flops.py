@@ -66,6 +66,16 @@ def block_flops(tokens: int, width: int, mlp_hidden: int, attention_scores: bool
     return projections + mlp + attention_scores * scores
 
 
+def decoder_layer_flops(text_config, tokens: int, attention_scores: bool = True) -> int:
+    """FLOPs of one Llama-style decoder layer of ``text_config`` (grouped-query attention, a gated
+    MLP of three matrices; LLaVA's LLaMA, Qwen-VL's Qwen2) on ``tokens`` tokens."""
+    tc = text_config
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    return block_flops(tokens, tc.hidden_size, tc.intermediate_size, attention_scores,
+                       q_width=tc.num_attention_heads * head_dim, kv_width=tc.num_key_value_heads * head_dim,
+                       mlp_matrices=3)
+
+
 def patch_embedding_flops(patches: int, patch_size: int, width: int, channels: int = 3) -> int:
     """FLOPs of the patch-embedding convolution over ``patches`` patches of one image."""
     return 2 * patches * channels * patch_size**2 * width
@@ -105,9 +115,7 @@ def prefill_flops(config: LlavaConfig, vision_tokens: Sequence[int], projector_t
     vision_layers = [block_flops(n, vc.hidden_size, vc.intermediate_size, attention_scores) for n in vision_tokens]
     feature_layers = 1 if isinstance(config.vision_feature_layer, int) else len(config.vision_feature_layer)
     projector = 2 * projector_tokens * (vc.hidden_size * feature_layers + tc.hidden_size) * tc.hidden_size
-    llm_layers = [block_flops(n, tc.hidden_size, tc.intermediate_size, attention_scores,  # a Llama decoder layer
-                              q_width=tc.num_attention_heads * tc.head_dim,
-                              kv_width=tc.num_key_value_heads * tc.head_dim, mlp_matrices=3) for n in llm_tokens]
+    llm_layers = [decoder_layer_flops(tc, n, attention_scores) for n in llm_tokens]
     lm_head = 2 * tc.hidden_size * tc.vocab_size
     vision = patch_embedding + sum(vision_layers)
     llm = sum(llm_layers)

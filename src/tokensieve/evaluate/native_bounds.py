@@ -6,7 +6,8 @@ and the LLM run on the tokens that reach them; inside the LLM, the layers before
 on the full prompt and the rest on a natively shorter hidden state (the kept visual columns and
 the text) with the positions gathered to them and the causal mask built by transformers for
 that shorter sequence. No hook, session or check runs: the model is a hook-free twin of the
-benchmarked one (:func:`hook_free_twin`), sharing its weights.
+benchmarked one (:func:`hook_free_twin`), sharing its weights. The decoder loop
+(:func:`native_decoder`) serves the Qwen-VL bound too (:mod:`tokensieve.evaluate.qwen_bounds`).
 
 A plan is ``{site: (B, K) indices}``: before ``site``, keep these of the visual tokens present
 there (patches after CLS in the tower and before the LLM, the image run's columns in the LLM).
@@ -44,6 +45,15 @@ def _take(tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return tokens.gather(1, keep[..., None].to(tokens.device).expand(-1, -1, tokens.shape[-1]))
 
 
+def positions_among(current: torch.Tensor, kept: torch.Tensor) -> torch.Tensor | None:
+    """``(B, K)``: where each of ``kept`` ``(B, K)`` sits in ``current`` ``(B, n)`` (both token ids, e.g.
+    indices before any pruning), or None when one is not there."""
+    match = current[:, None, :] == kept[:, :, None]  # (B, K, n)
+    if not bool(match.any(-1).all()):
+        return None
+    return match.int().argmax(-1)
+
+
 def spaced(n: int, k: int, batch: int) -> torch.Tensor:
     """``(batch, k)`` evenly spaced increasing indices into ``n`` tokens (``k <= n``)."""
     return torch.linspace(0, n - 1, k).round().long().expand(batch, -1)
@@ -62,10 +72,10 @@ def plan_from_kept(handle, backbone: LlavaBackbone) -> tuple[Plan, torch.Tensor]
             return None
         if current is None:
             current = torch.arange(backbone.n_patches, device=kept.device).expand(kept.shape[0], -1)
-        match = current[:, None, :] == kept[:, :, None]  # (B, K, n): where each kept token is now
-        if not bool(match.any(-1).all()):
+        among = positions_among(current, kept)
+        if among is None:
             return None
-        plan[Site.parse(stage.site)] = match.int().argmax(-1)
+        plan[Site.parse(stage.site)] = among
         current = kept
     if current is None:
         return None
@@ -117,41 +127,66 @@ def native_image_features(backbone: LlavaBackbone, pixel_values: torch.Tensor, p
     return features
 
 
-def _kept_columns(length: int, start: torch.Tensor, count: int, keep: torch.Tensor) -> torch.Tensor:
-    """``(B, L')``: the columns of a ``length``-column sequence that stay when only ``keep``
-    ``(B, K)`` of each row's image run (``count`` columns from ``start`` ``(B,)``) stay. Built on
-    the device without waiting for it: a stable sort puts the kept columns first, in order."""
-    b, kept = keep.shape
-    run = start[:, None] + torch.arange(count, device=start.device)
-    drop = torch.zeros(b, length, dtype=torch.uint8, device=start.device)
-    drop.scatter_(1, run, 1).scatter_(1, start[:, None] + keep.to(start.device), 0)
-    return torch.sort(drop, dim=1, stable=True).indices[:, :length - count + kept]
+def kept_columns(visual: torch.Tensor, count: int, keep: torch.Tensor) -> torch.Tensor:
+    """``(B, L - count + K)``: the columns of a sequence that stay when only ``keep`` ``(B, K)`` of
+    each row's ``count`` visual columns (True in ``visual`` ``(B, L)``) stay, in order. Built on
+    the device without waiting for it: stable sorts find the visual columns and put the staying
+    columns first."""
+    length = visual.shape[1]
+    runs = torch.sort((~visual).to(torch.uint8), dim=1, stable=True).indices[:, :count]  # (B, count)
+    drop = visual.to(torch.uint8).scatter(1, runs.gather(1, keep.to(runs.device)), 0)
+    return torch.sort(drop, dim=1, stable=True).indices[:, :length - count + keep.shape[1]]
+
+
+def columns_of(t: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """``t`` ``(..., B or 1, L)`` at ``columns`` ``(B, L')`` -> ``(..., B, L')``."""
+    lead = t.shape[:-2]
+    return t.expand(*lead, columns.shape[0], -1).gather(-1, columns.expand(*lead, -1, -1))
+
+
+def native_decoder(lm, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, visual: torch.Tensor,
+                   count: int, drops: dict[int, torch.Tensor], renumber: bool = False,
+                   added: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """A decoder stack ``lm`` (its ``layers``, ``rotary_emb``, ``norm``, ``config``) on ``hidden``
+    ``(B, L, d)`` with padding ``mask`` ``(B, L)``, shortened before each layer ``k`` of ``drops`` to
+    ``(B, K)`` of the ``count`` visual columns (True in ``visual`` ``(B, L)``) present there, each time
+    with the positions gathered to the columns that stay and transformers' causal mask for that
+    length -> ``(B, L', d)`` after the final norm.
+
+    positions: ``(B, L)`` ids, or ``(1 + R, B, L)``: the 1-D ids (mask, layers) over the ``R`` rows
+    the rotary embedding reads (Qwen-VL's text row over t/h/w). renumber: 1-D positions close the
+    gaps (``0..L'-1`` over a row's real tokens) after a drop, as methods that renumber do.
+    added: per layer ``j < len(added)``, ``(B, count, d)`` features added to the visual columns after
+    it (Qwen3-VL's DeepStack), each visual token its own, following the drops."""
+    causal = rope = None
+    present = torch.arange(count, device=hidden.device).expand(hidden.shape[0], -1)  # (B, count): entering tokens
+    for k, layer in enumerate(lm.layers):
+        keep = drops.get(k)
+        if keep is not None:
+            columns = kept_columns(visual, count, keep)
+            hidden, mask, visual = _take(hidden, columns), mask.gather(1, columns), visual.gather(1, columns)
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0) if renumber else columns_of(positions, columns)
+            present, count = present.gather(1, keep.to(present.device)), keep.shape[1]
+        if causal is None or keep is not None:
+            text, rotated = (positions[0], positions[1:]) if positions.dim() == 3 else (positions, positions)
+            causal = create_causal_mask(config=lm.config, inputs_embeds=hidden, attention_mask=mask,
+                                        past_key_values=None, position_ids=text)
+            rope = lm.rotary_emb(hidden, rotated)
+        hidden = layer(hidden, attention_mask=causal, position_embeddings=rope, position_ids=text)
+        if added and k < len(added):
+            features = _take(added[k], present).to(hidden.dtype)  # (B, count, d)
+            hidden = hidden + torch.zeros_like(hidden).masked_scatter(visual[..., None].expand_as(hidden), features)
+    return lm.norm(hidden)
 
 
 def native_llm(backbone: LlavaBackbone, inputs, count: int, plan: Plan, renumber: bool = False) -> torch.Tensor:
     """The decoder stack and final norm on ``inputs`` (:class:`AssembledInputs`, ``count`` visual
-    tokens per row), shortened before each ``llm.k`` of ``plan`` -> ``(B, L', d)``. renumber:
-    positions close the gaps (``0..L'-1`` over a row's real tokens) after a drop, as methods that
-    renumber do; else each keeps its own."""
-    lm = backbone.language_model
-    hidden, mask, positions = inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids
-    start = (inputs.input_ids == backbone.image_token_id).int().argmax(1)  # (B,) where the image run starts
-    causal = rope = None
-    for k, layer in enumerate(lm.layers):
-        keep = plan.get(Site("llm", k)) if k > 0 else None
-        if keep is not None:
-            columns = _kept_columns(hidden.shape[1], start, count, keep)
-            hidden = _take(hidden, columns)
-            mask = mask.gather(1, columns)
-            positions = (mask.long().cumsum(-1) - 1).clamp(min=0) if renumber else \
-                positions.expand(hidden.shape[0], -1).gather(1, columns)
-            count = keep.shape[1]
-        if causal is None or keep is not None:
-            causal = create_causal_mask(config=lm.config, inputs_embeds=hidden, attention_mask=mask,
-                                        past_key_values=None, position_ids=positions)
-            rope = lm.rotary_emb(hidden, positions)
-        hidden = layer(hidden, attention_mask=causal, position_embeddings=rope, position_ids=positions)
-    return lm.norm(hidden)
+    tokens per row), shortened before each ``llm.k`` of ``plan`` -> ``(B, L', d)``
+    (:func:`native_decoder`)."""
+    visual = (inputs.input_ids == backbone.image_token_id) & inputs.attention_mask.bool()
+    drops = {site.layer: keep for site, keep in plan.items() if site.stage == "llm" and site.layer > 0}
+    return native_decoder(backbone.language_model, inputs.inputs_embeds, inputs.attention_mask,
+                          inputs.position_ids, visual, count, drops, renumber)
 
 
 @torch.no_grad()
