@@ -11,23 +11,30 @@ from pathlib import Path
 from tokensieve.cli_args import comma_list, positive_int
 from tokensieve.errors import TokensieveError
 
+# Each 7B shape and the CPU-sized variant to use instead on a CPU.
+CPU_VARIANTS = {"llava-7b": "cpu", "qwen2.5-vl-7b": "qwen2.5-vl-cpu"}
+
 
 def _bench_shape(args: argparse.Namespace):
     """The benchmark's model shape, once ``args.device`` is known to be able to hold it."""
     from tokensieve.devices import require_device
+    from tokensieve.evaluate import qwen_bench
     from tokensieve.evaluate.speed import BenchShape
 
     require_device(args.device, "--device")
-    if args.shape == "llava-7b" and not args.device.startswith("cuda"):
+    if args.shape in CPU_VARIANTS and not args.device.startswith("cuda"):
         # 7 B parameters: 28 GB in float32, more than a workstation's memory, and hours per case.
-        raise TokensieveError("--shape llava-7b is a 7B model: run it on a GPU (--device cuda --dtype bfloat16), "
-                              "or use --shape cpu here")
-    return BenchShape.llava7b() if args.shape == "llava-7b" else BenchShape()
+        raise TokensieveError(f"--shape {args.shape} is a 7B model: run it on a GPU (--device cuda --dtype bfloat16), "
+                              f"or use --shape {CPU_VARIANTS[args.shape]} here")
+    shapes = {"cpu": BenchShape, "llava-7b": lambda: BenchShape.llava7b(), "qwen2.5-vl-cpu": qwen_bench.QwenBenchShape,
+              "qwen2.5-vl-7b": lambda: qwen_bench.QwenBenchShape.qwen25_vl_7b()}
+    return shapes[args.shape]()
 
 
 def _bench_speed(args: argparse.Namespace) -> None:
     import torch
 
+    from tokensieve.commands.evaluation import _with_parameters
     from tokensieve.evaluate.speed import (
         native_llm_reference,
         shape_summary,
@@ -36,7 +43,8 @@ def _bench_speed(args: argparse.Namespace) -> None:
     from tokensieve.method import Budget
     from tokensieve.methods import create_method
 
-    methods, budgets = comma_list(args.method), [float(Budget.parse(b).ratio or 0) for b in comma_list(args.budget)]
+    methods = _with_parameters(comma_list(args.method), args.param)
+    budgets = [float(Budget.parse(b).ratio or 0) for b in comma_list(args.budget)]
     for name in methods:
         create_method(name)
     if not all(budgets):
@@ -52,7 +60,7 @@ def _bench_speed(args: argparse.Namespace) -> None:
                               "cudagraphs, aot_eager)")
     rows = speed_benchmark(shape, tuple(methods), tuple(budgets), repeats=args.repeats, threads=args.threads,
                            device=args.device, dtype=dtype, progress=not args.json, batch=args.batch,
-                           new_tokens=args.new_tokens, compile_backend=backend)
+                           new_tokens=args.new_tokens, compile_backend=backend, site=args.site)
     kept = sorted({r["visual_tokens_kept"] for r in rows}, reverse=True)
     native = native_llm_reference(shape, kept, repeats=args.repeats, device=args.device, dtype=dtype,
                                   batch=args.batch)
@@ -126,11 +134,19 @@ def _bench_train(args: argparse.Namespace) -> None:
 def add(sub) -> None:
     """Add ``bench speed`` and ``bench train``."""
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
-    speed = bench.add_parser("speed", help="measured prefill speedup vs the FLOPs ideal on a LLaVA-shaped model")
+    speed = bench.add_parser("speed", help="measured prefill speedup vs the FLOPs ideal on a LLaVA- or "
+                             "Qwen2.5-VL-shaped model")
     speed.add_argument("--method", default="fastv,divprune", help="methods, each at its default site")
+    speed.add_argument("--param", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                       help="set a parameter of a method in --method (repeatable), e.g. pyramiddrop.positions=original")
+    speed.add_argument("--site", default=None,
+                       help="where every method of --method reduces (default: each method's own site), e.g. llm.0 "
+                            "for random on Qwen-VL, which has no projector site")
     speed.add_argument("--budget", default="0.33,0.22,0.11", help="budget ratios")
-    speed.add_argument("--shape", default="cpu", choices=["cpu", "llava-7b"],
-                       help="cpu: 8 layers x 512 (default); llava-7b: LLaVA-1.5-7B's shape (needs a big machine)")
+    speed.add_argument("--shape", default="cpu", choices=["cpu", "llava-7b", "qwen2.5-vl-cpu", "qwen2.5-vl-7b"],
+                       help="cpu: LLaVA, 8 layers x 512 (default); llava-7b: LLaVA-1.5-7B's shape; qwen2.5-vl-cpu: "
+                            "Qwen2.5-VL, 8 layers x 512, a 1288x812 image (1,334 visual tokens); qwen2.5-vl-7b: "
+                            "Qwen2.5-VL-7B's shape, the same image (the 7B shapes need a GPU)")
     speed.add_argument("--repeats", type=positive_int, default=7, help="timed runs per case (median)")
     speed.add_argument("--batch", type=positive_int, default=1, help="prompts per prefill")
     speed.add_argument("--new-tokens", type=positive_int, default=8,

@@ -1,22 +1,24 @@
-"""Prefill speed of pruning on a LLaVA-shaped model: measured speedup against the FLOPs ideal.
+"""Prefill speed of pruning on a LLaVA- or Qwen-VL-shaped model: measured speedup against the FLOPs ideal.
 
-The model is randomly initialised (a random model of a given shape times like a trained one).
+The model is randomly initialised (a random model of a given shape times like a trained one): a
+:class:`BenchShape` (LLaVA) or a :class:`~tokensieve.evaluate.qwen_bench.QwenBenchShape`, each of
+which builds its model and inputs, its ideal and its rows' native bounds (:class:`SpeedShape`).
 For each (method at its site, budget ratio) the pruned and the unpruned prefill run alternately
 on the same inputs, and the medians are compared. ``ideal_speedup`` is the ratio of the linear
 FLOPs (dense matmuls, which grow linearly with tokens: :func:`tokensieve.evaluate.flops.prefill_flops`
 without the attention-score term) of the whole prefill, full vs pruned, each block counted on
-the tokens it saw; ``scoring_overhead`` is the share of the pruned prefill spent choosing tokens,
+the tokens it saw (:mod:`tokensieve.evaluate.qwen_flops` for Qwen); ``scoring_overhead`` is the share of the pruned prefill spent choosing tokens,
 measured in pruned runs of its own (:func:`tokensieve.evaluate.timing.scoring_shares`).
 
 ``native_bound_ms`` is the same prefill built natively with no pruning code, timed in the same
-alternation (:mod:`tokensieve.evaluate.native_bounds`), and ``ratio_to_bound`` its time over the
+alternation (:mod:`tokensieve.evaluate.native_bounds`, :mod:`tokensieve.evaluate.qwen_bounds`), and ``ratio_to_bound`` its time over the
 pruned one's: the share of the site's native bound that the pruned prefill reaches. The decoding
 figures (time per token, KV cache, ``generate()``, peak memory) of the pruned model, the
 unpruned one and a natively shorter prompt come from :mod:`tokensieve.evaluate.decode_speed`.
 
 With ``compile_backend`` the three prefills (pruned, unpruned, native bound) run ``torch.compile``'d
-(:mod:`tokensieve.evaluate.compiled`: the tower's, projector's and model's forwards; the whole
-native prefill), each case compiled afresh; their first calls compile and
+(:mod:`tokensieve.evaluate.compiled`: the tower's, projector's and model's forwards, the shape's
+``compiled_modules``; the whole native prefill), each case compiled afresh; their first calls compile and
 are left out of the medians (``compile_s``: each first call's seconds). The scoring shares and
 the decoding figures stay eager.
 """
@@ -25,7 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 import torch
 from tqdm import tqdm
@@ -83,6 +87,51 @@ class BenchShape:
     def n_visual(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
+    # --- what speed_benchmark asks of a shape (SpeedShape) --------------------------------------
+    def build(self, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LlavaBackbone:
+        return LlavaBackbone(build_bench_model(self, dtype, device))
+
+    def inputs(self, batch: int = 1) -> dict[str, torch.Tensor]:
+        return bench_inputs(self, batch)
+
+    def compiled_modules(self, backbone: LlavaBackbone) -> tuple:
+        return backbone.vision_tower, backbone.projector, backbone.model
+
+    def language_model(self, backbone: LlavaBackbone):
+        return backbone.language_model
+
+    def encode(self, backbone: LlavaBackbone, inputs: dict):
+        return backbone.encode_images(inputs["pixel_values"])
+
+    def ideal_speedup(self, backbone: LlavaBackbone, handle) -> float:
+        return ideal_speedup(backbone.config, token_counts(backbone, self.text_tokens),
+                             token_counts(backbone, self.text_tokens, handle))
+
+    def native_bound(self, handle, backbone: LlavaBackbone, native: LlavaBackbone, inputs: dict):
+        counts = token_counts(backbone, self.text_tokens, handle)
+        plan, short_kept, renumber = native_plan(handle, backbone, counts, self.text_tokens, inputs["input_ids"].shape[0])
+        return (lambda: native_prefill(native, **inputs, plan=plan, renumber=renumber)), \
+            short_kept.to(inputs["input_ids"].device)
+
+
+class SpeedShape(Protocol):
+    """What :func:`speed_benchmark` and :func:`native_llm_reference` ask of a model shape."""
+
+    n_visual: int  # visual tokens per prompt
+    text_tokens: int
+    llm_hidden: int
+
+    def build(self, dtype: torch.dtype, device: str): ...  # the backbone adapter of a random model
+    def inputs(self, batch: int) -> dict[str, torch.Tensor]: ...  # the adapter's forward arguments, on the CPU
+    def compiled_modules(self, backbone) -> tuple: ...  # the modules whose forwards --compile compiles
+    def language_model(self, backbone): ...  # the decoder stack, called with inputs_embeds
+    def encode(self, backbone, inputs: dict): ...  # the tower and projector on the inputs' images
+    def ideal_speedup(self, backbone, handle) -> float: ...  # linear FLOPs, unpruned over handle's pass
+
+    def native_bound(self, handle, backbone, native, inputs: dict) -> tuple[Callable[[], object], object]:
+        """``(bound, short_kept)`` of handle's latest pruned pass: the native prefill as a function
+        (on ``native``, the hook-free twin) and the ``kept=`` of a natively short prompt."""
+
 
 def bench_config(shape: BenchShape) -> LlavaConfig:
     vision = CLIPVisionConfig(hidden_size=shape.vision_hidden, intermediate_size=4 * shape.vision_hidden,
@@ -98,17 +147,17 @@ def bench_config(shape: BenchShape) -> LlavaConfig:
 
 def build_bench_model(shape: BenchShape, dtype: torch.dtype = torch.float32,
                       device: str = "cpu") -> LlavaForConditionalGeneration:
-    return build_random_llava(bench_config(shape), dtype, device)
+    return build_random(LlavaForConditionalGeneration, bench_config(shape), dtype, device)
 
 
-def build_random_llava(config: LlavaConfig, dtype: torch.dtype = torch.float32,
-                       device: str = "cpu") -> LlavaForConditionalGeneration:
-    """A randomly initialised LLaVA of ``config`` in eval mode."""
+def build_random(model_class: type[torch.nn.Module], config, dtype: torch.dtype = torch.float32,
+                 device: str = "cpu") -> torch.nn.Module:
+    """A randomly initialised ``model_class`` (a transformers model) of ``config`` in eval mode."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built in its dtype, where it runs: a 7B model never sits in host memory
     try:
         with torch.device(device):
-            model = LlavaForConditionalGeneration(config)
+            model = model_class(config)
     finally:
         torch.set_default_dtype(previous)
     return model.eval()
@@ -133,32 +182,33 @@ def ideal_speedup(config: LlavaConfig, full: TokenCounts, pruned: TokenCounts) -
     return linear(full) / linear(pruned)
 
 
-def speed_benchmark(shape: BenchShape = BenchShape(), methods: tuple[str, ...] = ("fastv", "divprune"),
+def speed_benchmark(shape: SpeedShape = BenchShape(), methods: tuple[str | dict, ...] = ("fastv", "divprune"),
                     budgets: tuple[float, ...] = (0.33, 0.22, 0.11), repeats: int = 7, threads: int | None = None,
                     device: str = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True,
-                    batch: int = 1, new_tokens: int = 8, compile_backend: str | None = None) -> list[dict]:
-    """One row per (method at its default site, budget ratio), each prefill on ``batch`` prompts
+                    batch: int = 1, new_tokens: int = 8, compile_backend: str | None = None,
+                    site: str | None = None) -> list[dict]:
+    """One row per (method at its default site, or ``site``, budget ratio), each prefill on ``batch`` prompts
     (on a GPU, batch 1 of eager transformers code can be bound by the host launching kernels),
-    and ``new_tokens`` (>= 2) generated for the decoding figures; see the module docstring."""
+    and ``new_tokens`` (>= 2) generated for the decoding figures; see the module docstring. A method
+    is a name or a config ``{"name": ..., key: value}`` (:func:`tokensieve.methods.create_method`)."""
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
-    backbone = LlavaBackbone(build_bench_model(shape, dtype, device))
-    native = LlavaBackbone(hook_free_twin(backbone.model))  # the same weights, never hooked
-    inputs = {k: v.to(device) for k, v in bench_inputs(shape, batch).items()}
+    backbone = shape.build(dtype, device)
+    native = type(backbone)(hook_free_twin(backbone.model))  # the same weights, never hooked
+    inputs = {k: v.to(device) for k, v in shape.inputs(batch).items()}
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    full_counts = token_counts(backbone, shape.text_tokens)
     sync = synchronizer(device)
-    compiled = (backbone.vision_tower, backbone.projector, backbone.model)  # all a prefill runs (--compile)
+    compiled = shape.compiled_modules(backbone)  # all a prefill runs (--compile)
 
     def prefill():
         backbone.forward(**inputs, logits_to_keep=1)
 
     rows = []
     cases = [(m, b) for m in methods for b in budgets]
-    for name, budget in tqdm(cases, desc="speed", unit="case", disable=not progress):
-        handle = attach(backbone, name, budget, mode="hard")  # at the method's own site(s)
-        site = handle.stages[0].site
+    for spec, budget in tqdm(cases, desc="speed", unit="case", disable=not progress):
+        handle = attach(backbone, spec, budget, site=site, mode="hard")  # at the method's own site(s) by default
+        acted_at = handle.stages[0].site
 
         def full_prefill():
             with handle.disabled():
@@ -167,12 +217,7 @@ def speed_benchmark(shape: BenchShape = BenchShape(), methods: tuple[str, ...] =
         try:
             with compiled_forwards(compiled, compile_backend) if compile_backend else contextlib.nullcontext():
                 first = {"pruned": first_call_seconds(prefill, compile_backend)}  # the tokens kept, for the bound
-                counts = token_counts(backbone, shape.text_tokens, handle)
-                plan, short_kept, renumber = native_plan(handle, backbone, counts, shape.text_tokens, batch)
-
-                def bound():
-                    native_prefill(native, **inputs, plan=plan, renumber=renumber)
-
+                bound, short_kept = shape.native_bound(handle, backbone, native, inputs)
                 variants = {"full": full_prefill, "pruned": prefill,
                             "bound": torch.compile(bound, backend=compile_backend) if compile_backend else bound}
                 if compile_backend:  # compile the other two before timing
@@ -180,12 +225,13 @@ def speed_benchmark(shape: BenchShape = BenchShape(), methods: tuple[str, ...] =
                 times = alternating_timings(variants, repeats, sync=sync)
             scoring = scoring_shares(prefill, handle, repeats, sync=sync)
             kept = handle.last_counts[str(handle.stages[0])][1]
-            ideal = ideal_speedup(backbone.config, full_counts, token_counts(backbone, shape.text_tokens, handle))
-            decoding = decode_figures(backbone, native, inputs, short_kept.to(device), new_tokens, repeats, sync)
+            ideal = shape.ideal_speedup(backbone, handle)
+            decoding = decode_figures(backbone, native, inputs, short_kept, new_tokens, repeats, sync)
         finally:
             handle.detach()
         full, pruned = times["full"], times["pruned"]
-        row = {"method": name, "site": site, "budget": budget, "visual_tokens_kept": kept,
+        row = {"method": spec if isinstance(spec, str) else spec["name"], "site": acted_at, "budget": budget,
+               "visual_tokens_kept": kept,
                "prefill_ms_full": round(1000 * statistics.median(full), 2),
                "prefill_ms_pruned": round(1000 * statistics.median(pruned), 2),
                "scoring_overhead": round(statistics.median(scoring), 4),
@@ -194,13 +240,15 @@ def speed_benchmark(shape: BenchShape = BenchShape(), methods: tuple[str, ...] =
         row["targets"] = {label: bool(check(row)) for label, check in TARGETS.items()}
         row["native_bound_ms"] = round(1000 * statistics.median(times["bound"]), 2)
         row["ratio_to_bound"] = round(row["native_bound_ms"] / row["prefill_ms_pruned"], 3)
+        if isinstance(spec, dict):
+            row["params"] = {k: v for k, v in spec.items() if k != "name"}
         if compile_backend:
             row["compile_s"] = {k: round(v, 2) for k, v in first.items()}
         rows.append(row | decoding)
     return rows
 
 
-def native_llm_reference(shape: BenchShape, kept_counts: list[int], repeats: int = 7, device: str = "cpu",
+def native_llm_reference(shape: SpeedShape, kept_counts: list[int], repeats: int = 7, device: str = "cpu",
                          dtype: torch.dtype = torch.float32, seed: int = 0, batch: int = 1) -> list[dict]:
     """What a perfect removal could reach on this machine: the unpruned LLM decoder stack alone
     on random embeddings of the full prompt length vs a natively shorter prompt (``kept`` visual
@@ -212,10 +260,11 @@ def native_llm_reference(shape: BenchShape, kept_counts: list[int], repeats: int
     of a whole prefill made of that tower and the LLM on the shorter prompt, the most any
     ``projector``-site method could reach here."""
     torch.manual_seed(seed)
-    backbone = LlavaBackbone(build_bench_model(shape, dtype, device))
-    llm, sync = backbone.language_model, synchronizer(device)
-    pixels = bench_inputs(shape, batch)["pixel_values"].to(device, dtype)
-    tower_s = statistics.median(repeated_timings(lambda: backbone.encode_images(pixels), repeats, sync=sync))
+    backbone = shape.build(dtype, device)
+    llm, sync = shape.language_model(backbone), synchronizer(device)
+    inputs = {k: v.to(device) for k, v in shape.inputs(batch).items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    tower_s = statistics.median(repeated_timings(lambda: shape.encode(backbone, inputs), repeats, sync=sync))
     full_len = shape.n_visual + shape.text_tokens
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -235,7 +284,7 @@ def native_llm_reference(shape: BenchShape, kept_counts: list[int], repeats: int
     return out
 
 
-def shape_summary(shape: BenchShape, device: str = "cpu", dtype: torch.dtype = torch.float32, batch: int = 1,
+def shape_summary(shape: SpeedShape, device: str = "cpu", dtype: torch.dtype = torch.float32, batch: int = 1,
                   new_tokens: int = 8, compile_backend: str | None = None) -> dict:
     where = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"cpu, {torch.get_num_threads()} threads"
     return {**asdict(shape), "n_visual": shape.n_visual, "device": where, "dtype": str(dtype).replace("torch.", ""),

@@ -18,10 +18,10 @@ from dataclasses import replace
 
 import torch
 from tqdm import tqdm
-from transformers import LlavaProcessor
+from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from tokensieve.backbones import LlavaBackbone
-from tokensieve.evaluate.speed import BenchShape, bench_config, build_random_llava
+from tokensieve.evaluate.speed import BenchShape, bench_config, build_random
 from tokensieve.evaluate.timing import synchronizer
 from tokensieve.train.trainer import TwoStageTrainer
 from tokensieve.train.two_stage_config import TwoStageConfig
@@ -36,7 +36,7 @@ def random_llava_backbone(shape: BenchShape, processor: LlavaProcessor, dtype: t
     config.image_token_id = tok.convert_tokens_to_ids("<image>")
     text = config.text_config
     text.pad_token_id, text.bos_token_id, text.eos_token_id = tok.pad_token_id, tok.bos_token_id, tok.eos_token_id
-    return LlavaBackbone(build_random_llava(config, dtype, device), processor)
+    return LlavaBackbone(build_random(LlavaForConditionalGeneration, config, dtype, device), processor)
 
 
 def train_step_benchmark(cfg: TwoStageConfig, shape: BenchShape, processor: LlavaProcessor, steps: int = 10,
