@@ -25,7 +25,14 @@ from collections.abc import Sequence
 import torch
 from transformers.vision_utils import get_vision_window_index
 
-from tokensieve.evaluate.flops import block_flops, check_count, check_counts
+from tokensieve.backbones.base import Site
+from tokensieve.evaluate.flops import (
+    block_flops,
+    check_count,
+    check_counts,
+    decoder_layer_flops,
+    patch_embedding_flops,
+)
 
 
 def tower_mlp(config) -> tuple[int, int, int]:
@@ -63,7 +70,7 @@ def qwen_prefill_flops(config, grid: Sequence[int], llm_tokens: Sequence[int], a
         check_count(f"grid {name}", int(n))
     patches = int(grid[0] * grid[1] * grid[2])
     width, mlp_hidden, matrices = tower_mlp(config)
-    patch_embedding = 2 * patches * vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2 * width
+    patch_embedding = patch_embedding_flops(patches, vc.patch_size, width, vc.in_channels * vc.temporal_patch_size)
     vision_layers = [block_flops(patches, width, mlp_hidden, attention_scores, mlp_matrices=matrices,
                                  attention_runs=attention_runs(config, grid, i)) for i in range(vc.depth)]
     merge = vc.spatial_merge_size ** 2
@@ -71,11 +78,21 @@ def qwen_prefill_flops(config, grid: Sequence[int], llm_tokens: Sequence[int], a
     out = vc.hidden_size if config.model_type == "qwen2_vl" else vc.out_hidden_size  # the LLM's width
     mergers = 1 + len(getattr(vc, "deepstack_visual_indexes", None) or ())
     projector = mergers * 2 * (patches // merge) * (unit * unit + unit * out)
-    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-    llm_layers = [block_flops(n, tc.hidden_size, tc.intermediate_size, attention_scores,
-                              q_width=tc.num_attention_heads * head_dim,
-                              kv_width=tc.num_key_value_heads * head_dim, mlp_matrices=3) for n in llm_tokens]
+    llm_layers = [decoder_layer_flops(tc, n, attention_scores) for n in llm_tokens]
     lm_head = 2 * tc.hidden_size * tc.vocab_size
     vision, llm = patch_embedding + sum(vision_layers), sum(llm_layers)
     return {"vision": vision, "projector": projector, "llm": llm, "lm_head": lm_head,
             "total": vision + projector + llm + lm_head, "vision_layers": vision_layers, "llm_layers": llm_layers}
+
+
+def qwen_llm_tokens(layers: int, text_tokens: int, visual_tokens: int, handle=None) -> list[int]:
+    """Positions entering each of ``layers`` decoder layers of a prompt of ``text_tokens`` text and
+    ``visual_tokens`` visual tokens: all of them unpruned, else after ``handle``'s stages as they
+    acted since it was attached (``handle.mean_kept``: at ``llm.0`` per image, inside the LLM per
+    row; a one-image prompt reads both alike)."""
+    kept = {} if handle is None else {Site.parse(st.site): round(handle.mean_kept(str(st))) for st in handle.stages}
+    counts, visual = [], kept.get(Site("llm", 0), visual_tokens)
+    for k in range(layers):
+        visual = kept.get(Site("llm", k), visual) if k > 0 else visual
+        counts.append(text_tokens + visual)
+    return counts
