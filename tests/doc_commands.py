@@ -96,6 +96,9 @@ RECIPES = [
     Recipe(r"^tokensieve eval ", "run", extra=SMALL_EVAL, subs=[(r"^runs/sS$", "runs/s0")]),
     Recipe(r"^tokensieve methods$", "run"),
     Recipe(r"^tokensieve ask ", "run"),
+    Recipe(r"^tokensieve bench speed --shape qwen2\.5-vl-cpu ", "parse",
+           "a Qwen2.5-VL-shaped prefill of 1,374 tokens takes seconds per case on a CPU; tests/test_qwen_bench.py "
+           "runs the command on a tiny Qwen shape"),
     Recipe(r"^tokensieve bench speed ", "run", extra=["--repeats", "1", "--new-tokens", "2"]),
     Recipe(r"^tokensieve search ", "run", extra=["--trials", "1"],
            subs=[(r"^configs/search_testbed\.yaml$", "{small_search}")]),
