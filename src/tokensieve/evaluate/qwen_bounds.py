@@ -73,8 +73,8 @@ def qwen_native_plan(handle, backbone, input_ids: torch.Tensor, attention_mask: 
     per_image = None
     if Site.parse(stages[0].site) == Site("llm", 0):
         per_image = [row[row >= 0].to(device) for row in recorded.pop(stages[0].site)]
-    visual = _rows(row_origins(layout.runs, counts, None, device), "in the prompt").shape[1]
-    current = _rows(row_origins(layout.runs, counts, per_image, device), "entering the LLM")  # (B, n)
+    visual = _rows(row_origins(layout.units, counts, None, device), "in the prompt").shape[1]
+    current = _rows(row_origins(layout.units, counts, per_image, device), "entering the LLM")  # (B, n)
     plan = QwenPlan(visual, llm={})
     if per_image is not None:
         offsets = torch.tensor([0, *counts], device=device).cumsum(0)[:-1].tolist()
@@ -84,18 +84,19 @@ def qwen_native_plan(handle, backbone, input_ids: torch.Tensor, attention_mask: 
         if keep is None:
             raise TokensieveError(f"the tokens kept at {site} are not among those that reached it")
         plan.llm[Site.parse(site).layer], current = keep, kept.to(device)
-    return plan, _per_image(current, layout.runs, counts)
+    return plan, _per_image(current, layout.units, counts)
 
 
-def _per_image(origins: torch.Tensor, runs: list, counts: list[int]) -> list[torch.Tensor]:
+def _per_image(origins: torch.Tensor, units: list[list[int]], counts: list[int]) -> list[torch.Tensor]:
     """``origins`` ``(B, K)`` (each row's kept tokens as indices among its visual tokens, its images
-    in prompt order) as one ``(M_i,)`` index tensor per image, in image order."""
+    in prompt order) as one ``(M_i,)`` index tensor per image, in image order; units: per row its
+    images (``QwenLayout.units``)."""
     kept: dict[int, torch.Tensor] = {}
-    for row, origin in zip(runs, origins):
+    for row, origin in zip(units, origins):
         start = 0
-        for run in row:
-            inside = (origin >= start) & (origin < start + counts[run.image])
-            kept[run.image], start = origin[inside] - start, start + counts[run.image]
+        for unit in row:
+            inside = (origin >= start) & (origin < start + counts[unit])
+            kept[unit], start = origin[inside] - start, start + counts[unit]
     return [kept[i] for i in range(len(kept))]
 
 
