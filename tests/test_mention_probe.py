@@ -84,7 +84,7 @@ def test_batch_targets_point_at_the_mention_tokens_from_the_end_of_padded_rows()
 
 def test_shortened_runs_keep_every_object_patch():
     samples = [make_sample(0, i) for i in range(8)]
-    runs = shortened_runs(samples, np.random.default_rng(0), 100)
+    runs = shortened_runs(samples, np.random.default_rng(0))
     for s, keep in zip(samples, runs):
         assert set(s.object_patches) <= set(keep.tolist())
         assert keep.tolist() == sorted(set(keep.tolist()))

@@ -4,11 +4,13 @@ Every sample is a pure function of ``(seed, index)``: the same pair always gives
 image, question and answer. Objects are 16px shapes that fill exactly one 2x2 block of
 8px patches, with at least one empty patch between objects, so most of the 100 visual
 tokens are background and the few that matter are known (``Sample.object_patches``).
+A spec with several ``sizes`` draws each scene at one of them (the Qwen testbed's rows then
+carry different token counts); a one-size spec gives the same samples as before sizes existed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -40,7 +42,12 @@ def training_seed(offset: int) -> int:
 
 @dataclass(frozen=True)
 class SceneSpec:
-    """Geometry of a scene: ``grid x grid`` patches of ``patch_size`` pixels."""
+    """Geometry of a scene: ``grid_rows x grid_cols`` patches of ``patch_size`` pixels.
+
+    image_size: the height in pixels, and the width unless ``image_width`` is given.
+    sizes: ``(height, width)`` pixel sizes; when given, each sample is drawn at one of them,
+    chosen by its ``(seed, index)`` on a random stream of its own (:meth:`drawn_for`).
+    """
 
     image_size: int = 80
     patch_size: int = 8
@@ -48,14 +55,49 @@ class SceneSpec:
     max_objects: int = 5
     background_level: int = 28
     noise_std: float = 7.0
+    image_width: int | None = None
+    sizes: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def height(self) -> int:
+        return self.image_size
+
+    @property
+    def width(self) -> int:
+        return self.image_width or self.image_size
+
+    @property
+    def grid_rows(self) -> int:
+        return self.height // self.patch_size
+
+    @property
+    def grid_cols(self) -> int:
+        return self.width // self.patch_size
 
     @property
     def grid(self) -> int:
-        return self.image_size // self.patch_size
+        """The longest side in patches, over every size (the classes of a row or column label)."""
+        sides = [side for size in self.sizes for side in size] or [self.height, self.width]
+        return max(sides) // self.patch_size
 
     @property
     def n_patches(self) -> int:
-        return self.grid * self.grid
+        return self.grid_rows * self.grid_cols
+
+    def at(self, height: int, width: int) -> SceneSpec:
+        """This spec at one ``height x width`` pixel size."""
+        return replace(self, image_size=height, image_width=width, sizes=())
+
+    def drawn_for(self, seed: int, index: int) -> SceneSpec:
+        """The one-size spec sample ``(seed, index)`` is drawn at (from a stream the scene does not
+        use, so the scene's own draws are those of a one-size spec)."""
+        if not self.sizes:
+            return self
+        pick = np.random.default_rng([seed, index, SIZE_STREAM]).integers(len(self.sizes))
+        return self.at(*self.sizes[pick])
+
+
+SIZE_STREAM = 3  # third seed word of the stream that picks a scene's size
 
 
 @dataclass(frozen=True)
@@ -68,7 +110,7 @@ class SceneObject:
     col: int
 
     def patch_indices(self, grid: int) -> tuple[int, ...]:
-        """Row-major indices of the 4 patches the object covers."""
+        """Row-major indices of the 4 patches the object covers; grid: the patch grid's columns."""
         return tuple((self.row + dr) * grid + self.col + dc for dr in (0, 1) for dc in (0, 1))
 
     @property
@@ -81,7 +123,8 @@ class Sample:
     """One question about one image.
 
     image: ``(H, W, 3)`` uint8, or None when made with ``with_image=False``.
-    object_patches: sorted patch indices covered by objects.
+    object_patches: sorted patch indices covered by objects (row-major over ``grid``).
+    grid: ``(rows, cols)`` of the scene's patch grid.
     """
 
     seed: int
@@ -92,6 +135,7 @@ class Sample:
     question: str
     answer: str
     object_patches: tuple[int, ...]
+    grid: tuple[int, int]
 
 
 def _place_objects(rng: np.random.Generator, spec: SceneSpec, n: int) -> list[tuple[int, int]]:
@@ -99,12 +143,13 @@ def _place_objects(rng: np.random.Generator, spec: SceneSpec, n: int) -> list[tu
     for _ in range(100):
         spots: list[tuple[int, int]] = []
         for _ in range(200):
-            r, c = (int(v) for v in rng.integers(0, spec.grid - 1, size=2))
+            # An array bound draws as the scalar bound with size=2 did (same stream, square grids).
+            r, c = (int(v) for v in rng.integers(0, [spec.grid_rows - 1, spec.grid_cols - 1]))
             if all(abs(r - r2) >= 3 or abs(c - c2) >= 3 for r2, c2 in spots):
                 spots.append((r, c))
                 if len(spots) == n:
                     return spots
-    raise ValueError(f"cannot place {n} separated objects on a {spec.grid}x{spec.grid} patch grid")
+    raise ValueError(f"cannot place {n} separated objects on a {spec.grid_rows}x{spec.grid_cols} patch grid")
 
 
 def _draw_scene(rng: np.random.Generator, spec: SceneSpec) -> tuple[SceneObject, ...]:
@@ -132,7 +177,7 @@ def _shape_mask(shape: str, size: int) -> np.ndarray:
 
 def render(objects: tuple[SceneObject, ...], spec: SceneSpec, rng: np.random.Generator) -> np.ndarray:
     """Render objects on a noisy dark background; returns ``(H, W, 3)`` uint8."""
-    img = rng.normal(spec.background_level, spec.noise_std, size=(spec.image_size, spec.image_size, 3))
+    img = rng.normal(spec.background_level, spec.noise_std, size=(spec.height, spec.width, 3))
     box = 2 * spec.patch_size
     for obj in objects:
         colour = np.array(COLOURS[obj.colour], dtype=float) + rng.normal(0, 8, size=3)
@@ -204,7 +249,9 @@ def make_sample(
     The family is ``family`` if given, else drawn from ``family_weights`` (uniform by default).
     Scenes that cannot support the family (e.g. no unique shape) are redrawn. Rendering is
     the last use of the random stream, so ``with_image=False`` gives the same question.
+    A spec with several ``sizes`` draws the scene at the size :meth:`SceneSpec.drawn_for` picks.
     """
+    spec = spec.drawn_for(seed, index)
     rng = np.random.default_rng([seed, index])
     if family is None:
         weights = np.array([(family_weights or {}).get(f, 0.0 if family_weights else 1.0) for f in FAMILIES])
@@ -217,24 +264,26 @@ def make_sample(
         if qa is not None:
             break
     image = render(objects, spec, rng) if with_image else None
-    patches = tuple(sorted(p for o in objects for p in o.patch_indices(spec.grid)))
-    return Sample(seed, index, image, objects, family, qa[0], qa[1], patches)
+    patches = tuple(sorted(p for o in objects for p in o.patch_indices(spec.grid_cols)))
+    return Sample(seed, index, image, objects, family, qa[0], qa[1], patches, (spec.grid_rows, spec.grid_cols))
 
 
 def blank_image(spec: SceneSpec = SceneSpec(), seed: int = 0) -> np.ndarray:
-    """The background alone (noise, no objects): ``(H, W, 3)`` uint8."""
+    """The background alone (noise, no objects) at a one-size spec: ``(H, W, 3)`` uint8."""
     return render((), spec, np.random.default_rng([seed, 2**31]))
 
 
-def patch_labels(sample: Sample, spec: SceneSpec = SceneSpec()) -> tuple[np.ndarray, np.ndarray]:
-    """Per-patch colour and shape class ids, ``(n_patches,)`` each; 0 means background.
+def patch_labels(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+    """Per-patch colour and shape class ids, ``(rows * cols,)`` each (the sample's grid); 0 means
+    background.
 
     Colours are numbered 1.. in ``COLOURS`` order, shapes 1.. in ``SHAPES`` order.
     """
-    colour_ids = np.zeros(spec.n_patches, dtype=np.int64)
-    shape_ids = np.zeros(spec.n_patches, dtype=np.int64)
+    rows, cols = sample.grid
+    colour_ids = np.zeros(rows * cols, dtype=np.int64)
+    shape_ids = np.zeros(rows * cols, dtype=np.int64)
     for obj in sample.objects:
-        idx = list(obj.patch_indices(spec.grid))
+        idx = list(obj.patch_indices(cols))
         colour_ids[idx] = list(COLOURS).index(obj.colour) + 1
         shape_ids[idx] = SHAPES.index(obj.shape) + 1
     return colour_ids, shape_ids

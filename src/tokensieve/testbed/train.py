@@ -1,7 +1,8 @@
-"""Staged training of the testbed, as real LLaVA is built.
+"""Staged training of a testbed, as real LLaVA is built; one loop for both families (the LLaVA
+testbed, :mod:`.llava_family`, and the Qwen2.5-VL one, :mod:`.qwen_family`, ``backbone="qwen"``).
 
-Stage 1 (``tower``): the CLIP vision tower alone learns per-patch colour, shape and position
-and, through its CLS token, which colour-shape pairs are present (so CLS attention lands on
+Stage 1 (``tower``): the vision tower alone learns per-patch colour, shape and position
+and (LLaVA), through its CLS token, which colour-shape pairs are present (so CLS attention lands on
 objects because presence needs them, not because attention was supervised).
 Stage 2 (``llm``): the tower is frozen; projector and LLM learn to answer questions, and
 every object the question mentions is looked up at its mention word (auxiliary heads,
@@ -21,22 +22,21 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from tqdm import tqdm
-from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from tokensieve.checkpoint import atomic_torch_save, atomic_write_text, load_checkpoint, remove_stale_temporaries
 from tokensieve.errors import TokensieveError
 from tokensieve.interrupt import Interrupted, StopRequest, stop_at_step_end
-from tokensieve.data.synthetic import COLOURS, FAMILIES, SHAPES, SPLIT_SEEDS, SceneSpec
-from tokensieve.testbed.batches import QuestionBatches, TowerBatches
+from tokensieve.data.synthetic import FAMILIES, SPLIT_SEEDS
+from tokensieve.testbed.llava_family import LlavaTestbed
 from tokensieve.testbed.mention_probe import MentionProbe
-from tokensieve.testbed.model import TestbedSize, build_testbed_model
-from tokensieve.testbed.processor import build_processor
+from tokensieve.testbed.model import TestbedSize
+from tokensieve.testbed.qwen_family import QwenTestbed
 
 STATE_FILE = "train_state.pt"
 LOG_FILE = "train_log.jsonl"
 DONE_FILE = "testbed_training.json"
+TESTBEDS = {"llava": LlavaTestbed(), "qwen": QwenTestbed()}
 
 
 @dataclass
@@ -71,56 +71,15 @@ class TestbedTrainConfig:
     eval_samples: int = 400
     threads: int = 2
     size: TestbedSize = field(default_factory=TestbedSize)
+    backbone: str = "llava"  # the testbed's architecture: a key of TESTBEDS
 
     def __post_init__(self):
+        if self.backbone not in TESTBEDS:
+            raise TokensieveError(f"unknown testbed backbone {self.backbone!r}; expected one of {', '.join(TESTBEDS)}")
         if not 1 <= self.mention_layer <= self.relation_layer <= self.size.text_layers:
             raise TokensieveError(
                 f"mention_layer {self.mention_layer} and relation_layer {self.relation_layer} must satisfy "
                 f"1 <= mention_layer <= relation_layer <= {self.size.text_layers} (the LLM's layers)")
-
-
-class TowerProbe(nn.Module):
-    """Stage-1 heads on the tower: per-patch colour/shape/row/column, CLS presence."""
-
-    def __init__(self, hidden: int, grid: int):
-        super().__init__()
-        self.colour = nn.Linear(hidden, len(COLOURS) + 1)
-        self.shape = nn.Linear(hidden, len(SHAPES) + 1)
-        self.row = nn.Linear(hidden, grid)
-        self.col = nn.Linear(hidden, grid)
-        self.presence = nn.Linear(hidden, len(COLOURS) * len(SHAPES))
-        self.grid = grid
-
-    def loss(self, tower: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        out = tower(batch["pixel_values"])
-        patches = out.last_hidden_state[:, 1:]  # (B, N, d): the tokens LLaVA feeds the LLM
-        cls = tower.post_layernorm(out.last_hidden_state[:, 0])  # (B, d)
-        n = patches.shape[1]
-        rows = torch.arange(n).div(self.grid, rounding_mode="floor").expand(patches.shape[0], n)
-        cols = torch.arange(n).remainder(self.grid).expand(patches.shape[0], n)
-        colour_logits = self.colour(patches)
-        losses = {
-            "colour": F.cross_entropy(colour_logits.flatten(0, 1), batch["colour_ids"].flatten()),
-            "shape": F.cross_entropy(self.shape(patches).flatten(0, 1), batch["shape_ids"].flatten()),
-            "row": F.cross_entropy(self.row(patches).flatten(0, 1), rows.flatten()),
-            "col": F.cross_entropy(self.col(patches).flatten(0, 1), cols.flatten()),
-            "presence": F.binary_cross_entropy_with_logits(self.presence(cls), batch["presence"]),
-        }
-        stats = {k: float(v.detach()) for k, v in losses.items()}
-        stats["patch_colour_acc"] = float((colour_logits.argmax(-1) == batch["colour_ids"]).float().mean())
-        return sum(losses.values()), stats
-
-
-def init_projector_from_probe(projector: nn.Module, probe: TowerProbe) -> None:
-    """Start the projector's first layer as the stage-1 per-patch readouts (colour, shape, row,
-    column logits in its first units): the LLM then starts from features it can look up in,
-    as LLaVA's projector-alignment stage gives it."""
-    heads = [probe.colour, probe.shape, probe.row, probe.col]
-    weight = torch.cat([h.weight for h in heads])
-    bias = torch.cat([h.bias for h in heads])
-    with torch.no_grad():
-        projector.linear_1.weight[: len(weight)] = weight
-        projector.linear_1.bias[: len(bias)] = bias
 
 
 def lr_at(step: int, total: int, peak: float, floor: float, warmup: int) -> float:
@@ -129,14 +88,6 @@ def lr_at(step: int, total: int, peak: float, floor: float, warmup: int) -> floa
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def _fresh_model(processor: LlavaProcessor, cfg: TestbedTrainConfig) -> LlavaForConditionalGeneration:
-    tok = processor.tokenizer
-    return build_testbed_model(
-        len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id,
-        tok.convert_tokens_to_ids("<image>"), size=cfg.size,
-    )
 
 
 def _batches(dataset: torch.utils.data.Dataset, start: int, stop: int):
@@ -175,10 +126,11 @@ class _Run:
         self.stop = stop or StopRequest()  # set by Ctrl-C: save at the next step's end, then stop
         remove_stale_temporaries(out)  # left by a killed run's writes
         torch.manual_seed(0)
-        self.processor = build_processor()
-        self.model = _fresh_model(self.processor, cfg)
-        self.probe = TowerProbe(cfg.size.vision_hidden, SceneSpec().grid)
-        self.mentions = MentionProbe(cfg.size.text_hidden, SceneSpec().grid, cfg.mention_layer, cfg.relation_layer)
+        self.testbed = TESTBEDS[cfg.backbone]
+        self.model, self.processor = self.testbed.build(cfg.size)
+        self.probe = self.testbed.tower_probe(cfg.size)
+        grid = self.testbed.scenes.grid
+        self.mentions = MentionProbe(cfg.size.text_hidden, grid, cfg.mention_layer, cfg.relation_layer)
         self.state = {"stage": "tower", "step": 0, "elapsed_s": 0.0}
         self.saved_optimizer = None
         self.state_path = out / STATE_FILE
@@ -218,18 +170,18 @@ class _Run:
         return opt
 
     def train_tower(self) -> None:
-        """Stage 1: per-patch colour/shape/position and CLS presence on the tower alone."""
-        cfg, tower = self.cfg, self.model.model.vision_tower
+        """Stage 1: per-patch colour/shape/position (and LLaVA's CLS presence) on the tower alone."""
+        cfg, tower = self.cfg, self.testbed.tower(self.model)
         tower.train()
         opt = self.optimizer(list(tower.parameters()) + list(self.probe.parameters()), cfg.tower_lr,
                              cfg.tower_weight_decay)
-        data = TowerBatches(self.processor, SPLIT_SEEDS["train"], cfg.tower_batch)
+        data = self.testbed.tower_batches(self.processor, SPLIT_SEEDS["train"], cfg.tower_batch)
         bar = tqdm(_batches(data, self.state["step"], cfg.tower_steps), total=cfg.tower_steps,
                    initial=self.state["step"], desc="stage 1: vision tower", unit="step")
         for batch in bar:
             for group in opt.param_groups:
                 group["lr"] = lr_at(self.state["step"], cfg.tower_steps, cfg.tower_lr, cfg.tower_lr / 10, 20)
-            loss, stats = self.probe.loss(tower, batch)
+            loss, stats = self.probe.loss(self.model, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -246,38 +198,33 @@ class _Run:
     def train_llm(self) -> None:
         """Stage 2: tower frozen; projector + LLM learn to answer (loss on the answer token) and
         to look up every mentioned object at its mention (auxiliary loss)."""
-        from tokensieve.backbones import LlavaBackbone
         from tokensieve.data.synthetic_eval import heldout_samples
         from tokensieve.evaluate.predict import predict
         from tokensieve.testbed.evaluate import summarise
 
-        cfg, model = self.cfg, self.model
-        model.model.vision_tower.eval().requires_grad_(False)
+        cfg, model, testbed = self.cfg, self.model, self.testbed
+        rest, projector = testbed.stage2_parameters(model)
         if self.state["step"] == 0:
-            init_projector_from_probe(model.model.multi_modal_projector, self.probe)
-        projector = list(model.model.multi_modal_projector.parameters())
-        rest = [p for n, p in model.named_parameters()
-                if not n.startswith(("model.vision_tower", "model.multi_modal_projector"))]
+            testbed.init_projector(model, self.probe)
         rest += list(self.mentions.parameters())
         trainable = rest + projector
         opt = self.optimizer([{"params": rest, "peak": cfg.llm_lr}, {"params": projector, "peak": cfg.projector_lr}],
                              cfg.llm_lr, cfg.llm_weight_decay)
-        heldout = heldout_samples(cfg.eval_samples)
-        data = QuestionBatches(self.processor, SPLIT_SEEDS["train"], cfg.llm_batch, cfg.family_weights,
-                               cfg.object_curriculum, short_run_share=cfg.short_run_share)
-        backbone = LlavaBackbone(model, self.processor)
+        heldout = heldout_samples(cfg.eval_samples, spec=testbed.scenes)
+        data = testbed.question_batches(self.processor, SPLIT_SEEDS["train"], cfg)
+        backbone = testbed.backbone(model, self.processor)
         bar = tqdm(_batches(data, self.state["step"], cfg.llm_steps), total=cfg.llm_steps,
                    initial=self.state["step"], desc="stage 2: projector + LLM", unit="step")
         running = None
         for batch in bar:
-            model.model.language_model.train()
-            model.model.multi_modal_projector.train()
+            for module in testbed.stage2_modules(model):
+                module.train()
             for group in opt.param_groups:
                 group["lr"] = lr_at(self.state["step"], cfg.llm_steps, group["peak"],
                                     group["peak"] * cfg.llm_min_lr / cfg.llm_lr, cfg.warmup_steps)
             answers, targets = batch.pop("answer_ids"), batch.pop("mention_targets")
             out = backbone.forward(**batch, output_hidden_states=True)
-            logits = out.logits[:, -1]  # (B, vocab) after "ASSISTANT:"
+            logits = out.logits[:, -1]  # (B, vocab) at the answer slot (prompts are left-padded)
             mention_loss = self.mentions.loss(out.hidden_states, targets)
             loss = F.cross_entropy(logits, answers) + cfg.mention_weight * mention_loss
             opt.zero_grad(set_to_none=True)
@@ -312,7 +259,7 @@ class _Run:
                           f"{self.state_path}", resume)
 
     def finish(self) -> None:
-        """Write the ordinary LLaVA checkpoint and processor; drop the resume state."""
+        """Write the ordinary transformers checkpoint and processor; drop the resume state."""
         self.log.close()
         self.model.save_pretrained(self.out)
         self.processor.save_pretrained(self.out)

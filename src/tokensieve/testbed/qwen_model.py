@@ -1,0 +1,82 @@
+"""Build the Qwen testbed: a real ``Qwen2_5_VLForConditionalGeneration`` (small window-attention
+tower, 2x2 patch merger, Qwen2 LLM with M-RoPE) and its offline ``Qwen2_5_VLProcessor``.
+
+Geometry: 8px patches merged 2x2, so one visual token is a 16px square, the scene unit of
+:data:`QWEN_SCENES` (objects fill 2x2 tokens, as they fill 2x2 patches on the LLaVA testbed).
+The scenes come in four sizes, 64 to 144 tokens, so rows of a batch carry different counts.
+"""
+
+from __future__ import annotations
+
+import tokensieve  # noqa: F401  (its torchvision fix must come before transformers' Qwen classes)
+from tokensieve.data.synthetic import SceneSpec, vocabulary
+from tokensieve.testbed.model import TestbedSize
+from tokensieve.testbed.processor import CLIP_MEAN, CLIP_STD
+
+# isort: split
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2VLImageProcessorPil,
+    Qwen2VLVideoProcessor,
+)
+
+PATCH, MERGE, TEMPORAL = 8, 2, 2
+TOKEN_PIXELS = PATCH * MERGE  # one visual token covers 16x16 px
+# (height, width) px: 8x8, 8x12, 12x10 and 12x12 tokens (64, 96, 120, 144).
+QWEN_SIZES = ((128, 128), (128, 192), (192, 160), (192, 192))
+QWEN_SCENES = SceneSpec(image_size=192, patch_size=TOKEN_PIXELS, sizes=QWEN_SIZES)
+WINDOW = 4 * TOKEN_PIXELS  # window attention over 4x4 tokens (8x8 patches), as Qwen2.5-VL's 112px / 14px
+SPECIAL_TOKENS = ("<pad>", "<|im_end|>", "<|im_start|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                  "<|video_pad|>")
+CHAT_WORDS = ("system", "user", "assistant", "You", "are", "a", "helpful", ".")
+
+
+def build_qwen_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over the synthetic and chat-template words; no BOS (as Qwen's)."""
+    words = sorted(set(vocabulary()) | set(CHAT_WORDS))
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + tuple(words))}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<|im_end|>",
+                                  padding_side="left")  # the last position is each prompt's answer slot
+    tok.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS[2:])})
+    return tok
+
+
+def build_qwen_processor() -> Qwen2_5_VLProcessor:
+    """The processor; ``min_pixels`` / ``max_pixels`` bracket :data:`QWEN_SIZES`, which are
+    multiples of 16 px, so ``smart_resize`` keeps every image at its own size."""
+    pixels = [h * w for h, w in QWEN_SIZES]
+    patches = {"patch_size": PATCH, "merge_size": MERGE, "temporal_patch_size": TEMPORAL}
+    images = Qwen2VLImageProcessorPil(min_pixels=min(pixels), max_pixels=max(pixels), image_mean=list(CLIP_MEAN),
+                                      image_std=list(CLIP_STD), **patches)
+    return Qwen2_5_VLProcessor(image_processor=images, tokenizer=build_qwen_tokenizer(),
+                               video_processor=Qwen2VLVideoProcessor(**patches))
+
+
+def build_qwen_testbed_model(tokenizer: PreTrainedTokenizerFast, size: TestbedSize = TestbedSize()
+                             ) -> Qwen2_5_VLForConditionalGeneration:
+    """A randomly initialised Qwen2.5-VL: ``size.vision_layers`` tower blocks with window attention
+    but the last (full attention, as Qwen2.5-VL's every fourth), a Qwen2 LLM of ``size.text_layers``."""
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    half = size.text_hidden // size.text_heads // 2
+    # Qwen2.5-VL-7B splits its 64 rotary frequencies 16 / 24 / 24 over (t, h, w): the same shares.
+    mrope = [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]
+    text = {"hidden_size": size.text_hidden, "intermediate_size": 4 * size.text_hidden,
+            "num_hidden_layers": size.text_layers, "num_attention_heads": size.text_heads,
+            "num_key_value_heads": size.text_heads, "vocab_size": len(tokenizer), "max_position_embeddings": 512,
+            "pad_token_id": tokenizer.pad_token_id, "bos_token_id": None, "eos_token_id": tokenizer.eos_token_id,
+            "tie_word_embeddings": False,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "mrope_section": mrope}}
+    vision = {"depth": size.vision_layers, "hidden_size": size.vision_hidden, "num_heads": size.vision_heads,
+              "intermediate_size": 4 * size.vision_hidden, "out_hidden_size": size.text_hidden,
+              "patch_size": PATCH, "spatial_merge_size": MERGE, "temporal_patch_size": TEMPORAL, "in_channels": 3,
+              "window_size": WINDOW, "fullatt_block_indexes": [size.vision_layers - 1], "tokens_per_second": 2}
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
