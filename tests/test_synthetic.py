@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 
 from tokensieve.data.synthetic import (COLOURS, COUNT_WORDS, FAMILIES, SceneSpec, blank_image, make_sample,
                                        patch_labels, vocabulary)
+from tokensieve.data.synthetic_eval import heldout_samples
 
 
 def test_same_seed_and_index_give_the_same_sample():
@@ -115,3 +118,35 @@ def test_no_training_stream_draws_the_scenes_of_another_split():
     assert len(streams) == 1000 and not streams & {SPLIT_SEEDS["heldout"], SPLIT_SEEDS["validation"]}
     with pytest.raises(ValueError, match=">= 0"):
         training_seed(-1)
+
+
+def _fingerprint(samples) -> str:
+    digest = hashlib.sha256()
+    for s in samples:
+        digest.update(s.image.tobytes())
+        digest.update(repr((s.objects, s.family, s.question, s.answer, s.object_patches)).encode())
+    return digest.hexdigest()
+
+
+def test_one_size_samples_are_those_drawn_before_scenes_had_several_sizes():
+    # Pinned from the code at commit d29fdd7, before SceneSpec.sizes: the LLaVA testbed's held-out
+    # and training samples (and so the shipped testbed's accuracy) must not move.
+    samples = heldout_samples(200) + [make_sample(0, i, family_weights={"spatial": 2.0, "count": 1.0})
+                                      for i in range(100)]
+    assert _fingerprint(samples) == "5b9f7f4fdb1441827de40ba7e1360a9928f6ad9d0c8f31d6587da812242ba37c"
+
+
+def test_a_spec_with_several_sizes_draws_each_scene_at_one_of_them():
+    spec = SceneSpec(image_size=192, patch_size=16, sizes=((128, 128), (128, 192), (192, 160)))
+    samples = [make_sample(5, i, spec) for i in range(40)]
+    assert {s.image.shape for s in samples} == {(128, 128, 3), (128, 192, 3), (192, 160, 3)}
+    assert spec.grid == 12  # the longest side over every size: classes of a row or column label
+    for s in samples:
+        rows, cols = s.grid
+        assert s.image.shape[:2] == (rows * 16, cols * 16)
+        assert all(o.row + 1 < rows and o.col + 1 < cols for o in s.objects)
+        colour_ids, _ = patch_labels(s)
+        assert sorted(colour_ids.nonzero()[0].tolist()) == list(s.object_patches)
+        # The size's own stream: the same sample at that one size is the same scene.
+        alone = make_sample(5, s.index, spec.at(*s.image.shape[:2]))
+        assert alone.question == s.question and (alone.image == s.image).all()

@@ -1,4 +1,5 @@
-"""``tokensieve testbed train|eval``: train the embedded LLaVA-architecture testbed, and check it."""
+"""``tokensieve testbed train|eval``: train the embedded LLaVA-architecture testbed (or, with
+``--backbone qwen``, the Qwen2.5-VL one), and check it."""
 
 from __future__ import annotations
 
@@ -17,16 +18,20 @@ def _testbed_train(args: argparse.Namespace) -> None:
              if getattr(args, key) is not None}
     if args.llm_layers is not None:
         given["size"] = TestbedSize(text_layers=args.llm_layers)
-    cfg = TestbedTrainConfig(**given)
+    cfg = TestbedTrainConfig(**given, backbone=args.backbone)
     out = train_testbed(args.out, cfg, resume=not args.no_resume)
     print(f"testbed checkpoint written to {out}")
 
 
 def _testbed_eval(args: argparse.Namespace) -> None:
     from tokensieve.backbones import LlavaBackbone
+    from tokensieve.backbones.hf_qwen import QwenVLBackbone
     from tokensieve.testbed.evaluate import evaluate_testbed
 
-    backbone = LlavaBackbone.from_pretrained(args.model)
+    if args.backbone == "qwen" and args.model is None:
+        raise TokensieveError("--backbone qwen needs --model DIR: no Qwen testbed ships yet "
+                              "(train one with tokensieve testbed train --backbone qwen --out DIR)")
+    backbone = (QwenVLBackbone if args.backbone == "qwen" else LlavaBackbone).from_pretrained(args.model)
     if backbone.processor is None:
         raise TokensieveError(f"{args.model} has no processor files; the testbed evaluation needs one")
     report = evaluate_testbed(backbone, n_samples=args.samples, batch_size=args.batch_size, progress=not args.json)
@@ -34,9 +39,11 @@ def _testbed_eval(args: argparse.Namespace) -> None:
         print(json.dumps(report, indent=2))
         return
     for key, value in report.items():
-        if key not in ("per_family", "targets"):
+        if key not in ("per_family", "targets", "visual_tokens_per_size"):
             print(f"{key:28s} {value}")
     print("per family: " + ", ".join(f"{k} {v:.3f}" for k, v in report["per_family"].items()))
+    if "visual_tokens_per_size" in report:
+        print("visual tokens per image size: " + ", ".join(f"{k} {v}" for k, v in report["visual_tokens_per_size"].items()))
     for name, ok in report["targets"].items():
         print(f"  [{'ok' if ok else 'MISSED'}] {name}")
 
@@ -48,6 +55,8 @@ def add(sub) -> None:
         dest="testbed_command", required=True)
     train = testbed.add_parser("train", help="train the testbed on the synthetic set (resumable)")
     train.add_argument("--out", required=True, type=out_folder, help="folder for the checkpoint")
+    train.add_argument("--backbone", choices=("llava", "qwen"), default="llava",
+                       help="the architecture: LLaVA-1.5 (default) or Qwen2.5-VL (images of four sizes)")
     train.add_argument("--tower-steps", type=positive_int, help="stage-1 (vision tower) steps")
     train.add_argument("--llm-steps", type=positive_int, help="stage-2 (projector + LLM) steps")
     train.add_argument("--llm-layers", type=positive_int, help="decoder layers of the LLM (default 8)")
@@ -59,7 +68,10 @@ def add(sub) -> None:
     train.set_defaults(func=_testbed_train)
 
     ev = testbed.add_parser("eval", help="accuracy and the controls that make the testbed trustworthy")
-    ev.add_argument("--model", default=None, help="LLaVA checkpoint folder or hub id (default: shipped testbed)")
+    ev.add_argument("--backbone", choices=("llava", "qwen"), default="llava",
+                    help="the checkpoint's architecture (qwen: a Qwen2.5-VL testbed, --model required)")
+    ev.add_argument("--model", default=None,
+                    help="checkpoint folder or hub id (default: the shipped LLaVA testbed)")
     ev.add_argument("--samples", type=positive_int, default=1000, help="held-out samples")
     ev.add_argument("--batch-size", type=positive_int, default=64, help="samples per forward pass (default 64)")
     ev.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -42,13 +42,14 @@ def question_only_predictor(n_reference: int, spec: SceneSpec = SceneSpec()) -> 
     return guess
 
 
-def random_keep(fraction: float, n_tokens: int, seed: int = 0) -> KeptFn:
-    """A random ``round(fraction * n_tokens)`` tokens per sample, sorted, seeded by the sample."""
-    count = max(1, round(fraction * n_tokens))
+def random_keep(fraction: float, n_tokens: int | None, seed: int = 0) -> KeptFn:
+    """A random ``round(fraction * n)`` tokens per sample, sorted, seeded by the sample; ``n`` is
+    ``n_tokens``, or with None each sample's own patch count (scenes of several sizes)."""
 
     def kept(sample: Sample) -> torch.Tensor:
+        n = n_tokens or sample.grid[0] * sample.grid[1]
         rng = np.random.default_rng([seed, sample.seed, sample.index])
-        return torch.from_numpy(np.sort(rng.choice(n_tokens, size=count, replace=False)))
+        return torch.from_numpy(np.sort(rng.choice(n, size=max(1, round(fraction * n)), replace=False)))
 
     return kept
 

@@ -8,7 +8,7 @@ The scenes come in four sizes, 64 to 144 tokens, so rows of a batch carry differ
 
 from __future__ import annotations
 
-import tokensieve  # noqa: F401  (its torchvision fix must come before transformers' Qwen classes)
+# tokensieve first: its torchvision fix must come before transformers' Qwen classes.
 from tokensieve.data.synthetic import SceneSpec, vocabulary
 from tokensieve.testbed.model import TestbedSize
 from tokensieve.testbed.processor import CLIP_MEAN, CLIP_STD

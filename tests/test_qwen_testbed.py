@@ -1,0 +1,103 @@
+"""The Qwen2.5-VL testbed (seconds, tiny sizes): scenes of several sizes reach the LLM as rows of
+different token counts, the stage-1 features line up with the merger's tokens, training writes
+a loadable Qwen checkpoint and resumes exactly, and ``testbed eval --backbone qwen`` runs on it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokensieve.testbed.train as train_module
+from tokensieve.backbones.hf_qwen import QwenVLBackbone
+from tokensieve.backbones.qwen_prompt import encode
+from tokensieve.cli import main
+from tokensieve.data.synthetic import make_sample
+from tokensieve.testbed.evaluate import QWEN_TARGETS, evaluate_testbed
+from tokensieve.testbed.qwen_family import SYSTEM, QwenTestbed, token_patches
+from tokensieve.testbed.qwen_model import QWEN_SCENES, QWEN_SIZES
+from tokensieve.testbed.train import STATE_FILE, train_testbed
+
+from test_testbed_train import TINY
+
+QWEN_TINY = {**TINY, "backbone": "qwen"}
+TrainConfig = train_module.TestbedTrainConfig  # module-qualified: not a pytest test class
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen_testbed(tmp_path_factory):
+    return train_testbed(tmp_path_factory.mktemp("qwen") / "run", TrainConfig(**QWEN_TINY))
+
+
+def test_rows_of_one_batch_carry_the_token_counts_of_their_image_sizes():
+    testbed = QwenTestbed()
+    _, processor = testbed.build(TINY["size"])
+    samples = [make_sample(0, i, QWEN_SCENES) for i in range(12)]
+    assert {s.image.shape[:2] for s in samples} == set(QWEN_SIZES)
+    batch = encode(processor, samples, SYSTEM)
+    counts = (batch["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum(1)
+    # Not resized away: each image's tokens are its scene grid (one 16 px token per scene patch).
+    assert counts.tolist() == [s.grid[0] * s.grid[1] for s in samples]
+    assert batch["image_grid_thw"].tolist() == [[1, 2 * s.grid[0], 2 * s.grid[1]] for s in samples]
+    assert sorted({s.grid[0] * s.grid[1] for s in samples}) == [64, 96, 120, 144]
+
+
+def test_stage_one_features_are_the_merger_tokens_in_order_and_the_projector_starts_as_their_readouts():
+    testbed = QwenTestbed()
+    model, processor = testbed.build(TINY["size"])
+    batch = testbed.tower_batches(processor, 0, 3)[0]
+    visual = model.model.visual
+    with torch.no_grad():
+        out = visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
+        patches = token_patches(visual, out.last_hidden_state, batch["image_grid_thw"])
+        assert len(patches) == len(batch["colour_ids"])
+        torch.testing.assert_close(visual.merger.mlp(patches.flatten(1)), out.pooler_output)
+        probe = testbed.tower_probe(TINY["size"])
+        testbed.init_projector(model, probe)
+        readouts = torch.cat([probe.colour(patches[:, 0]), probe.shape(patches[:, 0]), probe.row(patches[:, 0]),
+                              probe.col(patches[:, 0])], dim=-1)
+        torch.testing.assert_close(visual.merger.mlp[0](patches.flatten(1))[:, : readouts.shape[1]], readouts)
+
+
+def test_training_writes_a_loadable_qwen_checkpoint_that_testbed_eval_checks(tiny_qwen_testbed):
+    backbone = QwenVLBackbone.from_pretrained(tiny_qwen_testbed)
+    assert backbone.family == "qwen2_5_vl" and backbone.most_image_tokens() == 144
+    assert (tiny_qwen_testbed / "train_log.jsonl").read_text().count("heldout_accuracy") == 1
+    report = evaluate_testbed(backbone, n_samples=10, batch_size=5, progress=False)
+    assert set(report["targets"]) == set(QWEN_TARGETS)
+    assert report["visual_tokens_per_size"] == {"128x128": 64, "128x192": 96, "192x160": 120, "192x192": 144}
+    assert report["n_visual_tokens"] == 144 and "cls_attention_object_ratio" not in report
+
+
+def test_interrupted_qwen_training_resumes_exactly(tmp_path, monkeypatch, tiny_qwen_testbed):
+    real_lr_at = train_module.lr_at
+
+    def interrupt_at_llm_step_5(step, total, *args):
+        if total == TINY["llm_steps"] and step == 5:
+            raise KeyboardInterrupt
+        return real_lr_at(step, total, *args)
+
+    monkeypatch.setattr(train_module, "lr_at", interrupt_at_llm_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train_testbed(tmp_path / "cut", TrainConfig(**QWEN_TINY))
+    saved = torch.load(tmp_path / "cut" / STATE_FILE, weights_only=True)
+    assert (saved["state"]["stage"], saved["state"]["step"], saved["config"]["backbone"]) == ("llm", 4, "qwen")
+    monkeypatch.undo()
+    resumed = train_testbed(tmp_path / "cut", TrainConfig(**QWEN_TINY))
+    a = QwenVLBackbone.from_pretrained(tiny_qwen_testbed).model.state_dict()
+    b = QwenVLBackbone.from_pretrained(resumed).model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_llava_state_is_not_resumed_as_a_qwen_testbed(tmp_path):
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    run = train_module._Run(cut, TrainConfig(**TINY), resume=False)
+    run.save(torch.optim.SGD(run.model.parameters(), lr=0.1))
+    with pytest.raises(train_module.TokensieveError, match=r"another config \(backbone differ\)"):
+        train_module._Run(cut, TrainConfig(**QWEN_TINY), resume=True)
+
+
+def test_qwen_eval_without_a_model_is_one_line(capsys):
+    assert main(["testbed", "eval", "--backbone", "qwen"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--backbone qwen needs --model DIR" in err and "\n" not in err
