@@ -4,6 +4,8 @@ a loadable Qwen checkpoint and resumes exactly, and ``testbed eval --backbone qw
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -101,3 +103,17 @@ def test_qwen_eval_without_a_model_is_one_line(capsys):
     assert main(["testbed", "eval", "--backbone", "qwen"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--backbone qwen needs --model DIR" in err and "\n" not in err
+
+
+def test_testbed_train_takes_the_qwen_backbone(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(train_module, "train_testbed", lambda out, cfg, resume: seen.setdefault("cfg", cfg) and out)
+    assert main(["testbed", "train", "--backbone", "qwen", "--out", str(tmp_path), "--llm-steps", "7"]) == 0
+    assert (seen["cfg"].backbone, seen["cfg"].llm_steps) == ("qwen", 7)
+
+
+def test_testbed_eval_json_on_the_tiny_qwen_testbed(tiny_qwen_testbed, capsys):
+    assert main(["testbed", "eval", "--backbone", "qwen", "--model", str(tiny_qwen_testbed), "--samples", "5",
+                 "--batch-size", "5", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["targets"]) == set(QWEN_TARGETS) and report["n_samples"] == 5
