@@ -55,8 +55,7 @@ def test_stage_one_features_are_the_merger_tokens_in_order_and_the_projector_sta
         torch.testing.assert_close(visual.merger.mlp(patches.flatten(1)), out.pooler_output)
         probe = testbed.tower_probe(TINY["size"])
         testbed.init_projector(model, probe)
-        readouts = torch.cat([probe.colour(patches[:, 0]), probe.shape(patches[:, 0]), probe.row(patches[:, 0]),
-                              probe.col(patches[:, 0])], dim=-1)
+        readouts = torch.cat([probe.colour(patches[:, 0]), probe.shape(patches[:, 0])], dim=-1)
         torch.testing.assert_close(visual.merger.mlp[0](patches.flatten(1))[:, : readouts.shape[1]], readouts)
 
 

@@ -20,7 +20,7 @@ from tokensieve.testbed.processor import build_processor
 
 
 def patch_losses(heads: nn.Module, patches: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Cross-entropy of the per-patch colour, shape, row and column heads.
+    """Cross-entropy of the per-patch heads named in ``heads.READOUTS`` (colour, shape, row, column).
 
     patches: ``(P, k, d)`` features, each of the ``k`` of a row labelled with the batch's
     ``(P,)`` ids (k = 1 for a CLIP patch; 4 for the 2x2 patches of a Qwen visual token).
@@ -28,7 +28,7 @@ def patch_losses(heads: nn.Module, patches: torch.Tensor, batch: dict[str, torch
     k = patches.shape[1]
     return {name: F.cross_entropy(getattr(heads, name)(patches).flatten(0, 1),
                                   batch[f"{name}_ids"].repeat_interleave(k))
-            for name in ("colour", "shape", "row", "col")}
+            for name in heads.READOUTS}
 
 
 def colour_accuracy(heads: nn.Module, patches: torch.Tensor, batch: dict[str, torch.Tensor]) -> float:
@@ -38,6 +38,8 @@ def colour_accuracy(heads: nn.Module, patches: torch.Tensor, batch: dict[str, to
 
 class TowerProbe(nn.Module):
     """Stage-1 heads on the tower: per-patch colour/shape/row/column, CLS presence."""
+
+    READOUTS = ("colour", "shape", "row", "col")
 
     def __init__(self, hidden: int, grid: int):
         super().__init__()
@@ -60,8 +62,8 @@ class TowerProbe(nn.Module):
 
 
 def readout_rows(probe: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """The stage-1 per-patch readouts (colour, shape, row, column heads) stacked: ``(R, d)``, ``(R,)``."""
-    heads = [probe.colour, probe.shape, probe.row, probe.col]
+    """The stage-1 per-patch readouts (the heads ``probe.READOUTS`` names) stacked: ``(R, d)``, ``(R,)``."""
+    heads = [getattr(probe, name) for name in probe.READOUTS]
     return torch.cat([h.weight for h in heads]), torch.cat([h.bias for h in heads])
 
 

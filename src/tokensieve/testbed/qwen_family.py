@@ -1,9 +1,10 @@
 """The Qwen testbed's part of the staged training: a Qwen2.5-VL (:mod:`.qwen_model`) trained as the
 LLaVA testbed is (the members :mod:`tokensieve.testbed.llava_family` lists).
 
-Stage 1 trains the window-attention tower on per-patch colour, shape, row and column labels,
-read after the patch merger's RMSNorm (``merger.ln_q``): each of a token's 2x2 patches carries
-its token's labels. There is no CLS token, so no presence loss (see docs/testbed.md).
+Stage 1 trains the window-attention tower on per-patch colour and shape labels, read after the
+patch merger's RMSNorm (``merger.ln_q``): each of a token's 2x2 patches carries its token's
+labels. No presence loss (there is no CLS token) and no row or column labels (the tower has no
+absolute positions to read them from); docs/testbed.md says why.
 Stage 2 runs the adapter's own forward (:class:`QwenVLBackbone`: M-RoPE ids from the full prompt,
 shortened image runs kept at their positions), so training sees exactly what inference sees.
 """
@@ -38,14 +39,14 @@ def token_patches(visual: nn.Module, hidden: torch.Tensor, grid_thw: torch.Tenso
 
 
 class QwenTowerProbe(nn.Module):
-    """Stage-1 heads on every patch of the tower: colour, shape, and the row and column of its token."""
+    """Stage-1 heads on every patch of the tower: the colour and shape of its token."""
 
-    def __init__(self, hidden: int, grid: int):
+    READOUTS = ("colour", "shape")
+
+    def __init__(self, hidden: int):
         super().__init__()
         self.colour = nn.Linear(hidden, len(COLOURS) + 1)
         self.shape = nn.Linear(hidden, len(SHAPES) + 1)
-        self.row = nn.Linear(hidden, grid)
-        self.col = nn.Linear(hidden, grid)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         visual = model.model.visual
@@ -71,7 +72,7 @@ class QwenTestbed:
         return model.model.visual
 
     def tower_probe(self, size: TestbedSize) -> nn.Module:
-        return QwenTowerProbe(size.vision_hidden, self.scenes.grid)
+        return QwenTowerProbe(size.vision_hidden)
 
     def tower_batches(self, processor, seed: int, batch_size: int) -> TowerBatches:
         return TowerBatches(processor, seed, batch_size, self.scenes)
@@ -89,7 +90,7 @@ class QwenTestbed:
 
     def init_projector(self, model: nn.Module, probe: QwenTowerProbe) -> None:
         """Start the merger's first layer as the stage-1 readouts of each token's first patch (its
-        2x2 patches share their labels): colour, shape, row and column logits in its first units."""
+        2x2 patches share their labels): colour and shape logits in its first units."""
         weight, bias = readout_rows(probe)
         first = model.model.visual.merger.mlp[0]  # (4 d, 4 d): the 2x2 patches side by side
         with torch.no_grad():
