@@ -23,7 +23,11 @@ from tokensieve.data.synthetic import COLOURS, SHAPES
 from tokensieve.testbed.batches import QuestionBatches, TowerBatches
 from tokensieve.testbed.llava_family import colour_accuracy, patch_losses, readout_rows
 from tokensieve.testbed.model import TestbedSize
-from tokensieve.testbed.qwen_model import QWEN_SCENES, build_qwen_processor, build_qwen_testbed_model
+from tokensieve.testbed.qwen_model import (
+    QWEN_SCENES,
+    build_qwen_processor,
+    build_qwen_testbed_model,
+)
 
 SYSTEM = DEFAULT_SYSTEM["qwen2_5_vl"]  # the chat template's default system turn, as real prompts carry
 
