@@ -67,8 +67,8 @@ def test_a_pruned_llava_pass_waits_no_more_than_the_unpruned_one(backbone, batch
         handle.detach()
     assert pruned == unpruned, f"more in the pruned pass: {sorted((pruned - unpruned).items())}"
     # The adapter reads the prompt's layout back twice a pass (its refusals; each row's geometry).
-    adapter = {call: n for call, n in unpruned.items() if call[1] == "hf_llava.py"}
-    assert adapter == {("tolist", "hf_llava.py", "layout"): 1, ("tolist", "hf_llava.py", "assemble"): 1}
+    adapter = {call: n for call, n in unpruned.items() if call[1] in ("hf_llava.py", "llava_assembly.py")}
+    assert adapter == {("tolist", "hf_llava.py", "layout"): 1, ("tolist", "llava_assembly.py", "assemble_rows"): 1}
 
 
 def test_pruned_llava_decoding_waits_no_more_than_unpruned(backbone, batch):
