@@ -169,8 +169,10 @@ class StagePlan:
         self.stages: dict = {}
         for st in stages:
             site = Site.parse(st.site)
-            if site not in sites and not (merges_in_blocks(st.method) and site == Site("vision", 0)):
-                raise self.missing_site(site, st)  # an in-block stage may merge from the first block on
+            in_blocks = merges_in_blocks(st.method) and site == Site("vision", 0) and any(
+                s.stage == "vision" for s in sites)  # an in-block stage may merge from a tower's first block on
+            if site not in sites and not in_blocks:
+                raise self.missing_site(site, st)
             if site.stage not in st.method.stages:
                 raise TokensieveError(f"method {st.method.name!r} cannot act {self.place(site)} "
                                       f"(it acts at: {', '.join(st.method.stages)})")
