@@ -28,11 +28,11 @@ from collections.abc import Callable
 import torch
 
 from tokensieve.backbones.base import Site
+from tokensieve.backbones.per_image_stage import PerImageStage, per_image_questions
 from tokensieve.backbones.qwen_llm import QwenLLMStages
 from tokensieve.backbones.qwen_pruning import QwenStagePlan
-from tokensieve.backbones.stage_plan import PADDING, row_generator
 from tokensieve.errors import TokensieveError
-from tokensieve.method import Selection, SiteInputs, VisualUnit
+from tokensieve.method import Selection, VisualUnit
 
 LLM0 = Site("llm", 0)
 
@@ -64,16 +64,19 @@ class AnyresStagePlan(QwenStagePlan):
         return f"{site} (the most one image gives: its base and the largest pinpoint's crops, newlines left out)"
 
 
-class AnyresPruningSession(QwenLLMStages):
+class AnyresPruningSession(PerImageStage, QwenLLMStages):
     """The stages of one handle on one LLaVA-NeXT adapter, and what they capture in a forward pass.
 
     It is also one of the handle's hooks: ``remove()`` (on ``handle.detach()``) takes it off the
     adapter, which then runs the plain model again.
     """
 
+    tokens_note = " (newlines left out)"
+
     def __init__(self, backbone, handle, seed: int):
         self.bb, self.handle, self.seed = backbone, handle, seed
         self.plan = AnyresStagePlan(backbone, handle)
+        self.site = LLM0
         self.stage = self.plan.stages.get(LLM0)  # the stage at llm.0, if any
         self.llm_stages = {site: st for site, st in self.plan.stages.items() if site != LLM0}
         self._projector_input: torch.Tensor | None = None  # (sum_i n_crops_i, g*g, d_v)
@@ -105,12 +108,7 @@ class AnyresPruningSession(QwenLLMStages):
         ``handle.last_kept``.
         """
         first = [sum(layout.n_crops for layout in layouts[:i]) for i in range(len(layouts))]
-        texts: list[str] = []  # decoded once, when a method first asks
-
-        def question_of(i: int) -> list[str]:
-            if not texts:
-                texts.extend(questions())
-            return [texts[i]]
+        question_of = per_image_questions(questions)
 
         def projector_input(i: int, candidates: torch.Tensor) -> torch.Tensor:  # (1, n_i, d_v)
             crops = self._projector_input
@@ -121,50 +119,24 @@ class AnyresPruningSession(QwenLLMStages):
             ids = question_mask[0][i][question_mask[1][i]][None]
             return self.bb.model.get_input_embeddings()(ids), torch.ones_like(ids, dtype=torch.bool)
 
-        chosen, runs = [], []
-        # One image at a time: each has its own token count and budget, and its choice must not depend
-        # on the other images of the batch.
-        for i, (tokens, layout) in enumerate(zip(packed, layouts)):
-            candidates = layout.candidates.to(tokens.device)
-            signals = {"projector_input": lambda i=i, c=candidates: projector_input(i, c)}
-            kept = self._choose_image(i, tokens[candidates][None], signals, lambda i=i: question_states(i),
-                                      None if questions is None else lambda i=i: question_of(i), i == len(packed) - 1)
-            chosen.append(candidates[kept])
-            newlines = layout.is_newline.nonzero().flatten().to(tokens.device)
-            runs.append(torch.cat([candidates[kept], newlines]).sort().values)
-        self._record_images(chosen, [len(layout.candidates) for layout in layouts])
+        candidates = [layout.candidates.to(tokens.device) for tokens, layout in zip(packed, layouts)]
+
+        def inputs(i: int) -> dict:  # image i's SiteInputs fields beyond its tokens
+            return {"signals": {"projector_input": lambda: projector_input(i, candidates[i])},
+                    "question_states": lambda: question_states(i), "question_text": question_of(i)}
+
+        chosen = self.choose_each([tokens[c] for tokens, c in zip(packed, candidates)], inputs, ["image"] * len(packed))
+        kept = [c[sel.indices[0]] for c, sel in zip(candidates, chosen)]
+        runs = [torch.cat([k, layout.is_newline.nonzero().flatten().to(k.device)]).sort().values
+                for k, layout in zip(kept, layouts)]
+        self.record_images(kept, [len(layout.candidates) for layout in layouts])
         return runs
 
-    def _choose_image(self, i: int, rows: torch.Tensor, signals: dict, question, question_text,
-                      last: bool) -> torch.Tensor:
-        """``(K_i,)`` increasing indices into image ``i``'s candidate tokens ``rows`` ``(1, n_i, d)`` that stay
-        (question: a function giving its question's embeddings; last: the pass's last image, after which
-        the plan stops checking values)."""
-        st, n = self.stage, rows.shape[1]
-        if st.budget.count is not None and st.budget.count > n:
-            raise TokensieveError(f"{st}: image {i} gives {n} visual tokens (newlines left out), fewer than the "
-                                  f"budget of {st.budget.count}; give a smaller count or a ratio")
-        keep = self.plan.keep_at(LLM0, n)
-        with self.handle.scoring():
-            sel = st.method.select(SiteInputs(rows, keep, str(LLM0), lambda: row_generator(self.seed, rows), signals,
-                                              question, question_text=question_text))
-            if sel.tokens is not None or sel.extra is not None or sel.order is not None or sel.key_mask is not None:
-                raise TokensieveError(f"{st.method.name} at llm.0: on LLaVA-NeXT a stage only chooses tokens (no new "
-                                      "values, tokens of its own, order or key weights) for now")
-            sel = self.plan.settle(LLM0, sel, 1, n, keep, pass_done=last)
-        return sel.indices[0]
-
-    def _record_images(self, chosen: list[torch.Tensor], counts: list[int]) -> None:
-        """Counts per image (``handle.last_counts``: means over the images, newlines left out) and
-        ``handle.last_kept[stage]``: ``(n_images, K_max)`` the kept tokens' positions in their packed runs,
-        then ``PADDING`` (-2) where an image keeps fewer than ``K_max``."""
-        device = chosen[0].device
-        padded = torch.full((len(chosen), max(len(k) for k in chosen)), PADDING, dtype=torch.long, device=device)
-        for i, k in enumerate(chosen):
-            padded[i, : len(k)] = k
-        real = torch.arange(max(counts), device=device) < torch.tensor(counts, device=device)[:, None]
-        self.plan.record(self.handle, LLM0, Selection(padded.clamp(min=0), valid=padded >= 0), max(counts), real)
-        self.handle.last_kept[str(self.stage)] = padded
+    def refuse_selection(self, sel: Selection) -> None:
+        """One line for what a method gives at ``llm.0`` that LLaVA-NeXT cannot place."""
+        if sel.tokens is not None or sel.extra is not None or sel.order is not None or sel.key_mask is not None:
+            raise TokensieveError(f"{self.stage.method.name} at llm.0: on LLaVA-NeXT a stage only chooses tokens (no "
+                                  "new values, tokens of its own, order or key weights) for now")
 
     # --- llm.k --------------------------------------------------------------------------
     def begin_llm_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, runs: list[torch.Tensor],

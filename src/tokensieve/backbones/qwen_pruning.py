@@ -27,14 +27,15 @@ from dataclasses import replace
 import torch
 
 from tokensieve.backbones.base import Site
+from tokensieve.backbones.per_image_stage import PerImageStage, per_image_questions
 from tokensieve.backbones.qwen_deepstack import QwenDeepStack
 from tokensieve.backbones.qwen_llm import QwenLLMStages
 from tokensieve.backbones.qwen_units import merger_inputs, refuse_video
 from tokensieve.backbones.qwen_soft import QwenSoftMasks
 from tokensieve.backbones.qwen_tower import TOWER_SIGNALS, TowerCapture, refuse_without_cls, without_cls_hint
-from tokensieve.backbones.stage_plan import PADDING, StagePlan, row_generator
+from tokensieve.backbones.stage_plan import StagePlan
 from tokensieve.errors import TokensieveError
-from tokensieve.method import Selection, SiteInputs, VisualUnit
+from tokensieve.method import Selection, VisualUnit
 
 LLM0 = Site("llm", 0)
 PROJECTOR = Site("projector")  # the patch merger: the same tokens as llm.0 (module docstring of hf_qwen)
@@ -90,7 +91,7 @@ class QwenStagePlan(StagePlan):
             self.counts[site] = (n, keep)
 
 
-class QwenPruningSession(QwenLLMStages, QwenDeepStack, QwenSoftMasks):
+class QwenPruningSession(PerImageStage, QwenLLMStages, QwenDeepStack, QwenSoftMasks):
     """The stages of one handle on one Qwen-VL adapter, and what they capture in a forward pass.
 
     It is also one of the handle's hooks: ``remove()`` (on ``handle.detach()``) takes it off the
@@ -157,61 +158,27 @@ class QwenPruningSession(QwenLLMStages, QwenDeepStack, QwenSoftMasks):
         inputs_of = self._projector_inputs(tower_grids, kinds)
         every = [replace(unit, start=0) for row in units for unit in row]  # each unit alone in its SiteInputs
         tower = None if self.tower is None else self.tower.signals(tower_grids, kinds)
-        texts: list[str] = []  # decoded once, when a method first asks
+        question_of = per_image_questions(questions)
 
-        def question_of(i: int) -> list[str]:
-            if not texts:
-                texts.extend(questions())
-            return [texts[i]]
-
-        kept, values, self.llm0_key_masks = [], [], []
-        # One image at a time: each has its own token count and budget, and its choice must not depend
-        # on the other images of the batch. Images of equal count could go as one batch (a speed-up).
-        for i, tokens in enumerate(pooled):
-            signals = {"projector_input": lambda i=i: inputs_of()[i][None]} if self.reads_merger_input else {}
+        def inputs(i: int) -> dict:  # unit i's SiteInputs fields beyond its tokens
+            signals = {"projector_input": lambda: inputs_of()[i][None]} if self.reads_merger_input else {}
             refuse_video(self.stage, every[i:i + 1], f"unit {i} (images and videos in prompt order)")
             if tower is not None:
-                signals.update({name: lambda i=i, name=name: tower()[name][i][None] for name in TOWER_SIGNALS})
-            sel = self._choose_image(i, tokens[None], signals,
-                                     None if questions is None else lambda i=i: question_of(i), i == len(pooled) - 1,
-                                     [every[i]])
-            kept.append(sel.indices[0])
-            values.append(None if sel.tokens is None else sel.tokens[0])
-            self.llm0_key_masks.append(None if sel.key_mask is None else sel.key_mask[0])
-        self._record(kept, [t.shape[0] for t in pooled])
+                signals.update({name: lambda name=name: tower()[name][i][None] for name in TOWER_SIGNALS})
+            return {"signals": signals, "question_text": question_of(i), "units": [[every[i]]]}
+
+        chosen = self.choose_each(pooled, inputs, [unit.kind for unit in every])
+        kept = [sel.indices[0] for sel in chosen]
+        values = [None if sel.tokens is None else sel.tokens[0] for sel in chosen]
+        self.llm0_key_masks = [None if sel.key_mask is None else sel.key_mask[0] for sel in chosen]
+        self.record_images(kept, [t.shape[0] for t in pooled])
         return kept, values
 
-    def _choose_image(self, i: int, rows: torch.Tensor, signals: dict, question_text, last: bool,
-                      unit: list[VisualUnit]) -> Selection:
-        """The stage's settled selection for image ``i``, whose tokens ``rows`` are ``(1, N_i, d)`` (last:
-        the pass's last image, after which the plan stops checking values)."""
-        st, method, n, site = self.stage, self.stage.method, rows.shape[1], self.site
-        if st.budget.count is not None and st.budget.count > n:
-            raise TokensieveError(f"{st}: {unit[0].kind} {i} gives {n} visual tokens, fewer than the budget of "
-                                  f"{st.budget.count}; give a smaller count or a ratio")
-        keep = self.plan.keep_at(site, n)
-        with self.handle.scoring():
-            sel = method.select(SiteInputs(rows, keep, str(site), lambda: row_generator(self.seed, rows), signals,
-                                           question_text=question_text, units=[unit]))
-            if sel.order is not None:
-                raise TokensieveError(f"{method.name} at {site}: an order of its own is not supported on Qwen-VL "
-                                      "(kept tokens stay in image order, with their grid positions)")
-            if sel.extra is not None:
-                raise TokensieveError(f"{method.name} at {site}: tokens of its own are not supported on Qwen-VL")
-            sel = self.plan.settle(site, sel, 1, n, keep, pass_done=last)
-            if sel.tokens is not None and sel.tokens.shape != (1, sel.indices.shape[1], rows.shape[-1]):
-                raise TokensieveError(f"{method.name} at {site}: merged tokens of shape {tuple(sel.tokens.shape)} "
-                                      f"for kept indices of shape {tuple(sel.indices.shape)}")
-        return sel
-
-    def _record(self, kept: list[torch.Tensor], counts: list[int]) -> None:
-        """Counts per image (``handle.last_counts``: means over the images) and ``handle.last_kept[stage]``:
-        ``(n_images, K_max)`` long, image ``i``'s kept token indices in its row, then ``PADDING`` (-2)
-        where it keeps fewer than ``K_max`` (a count budget keeps the same in every image; a ratio may not)."""
-        device = kept[0].device
-        padded = torch.full((len(kept), max(len(k) for k in kept)), PADDING, dtype=torch.long, device=device)
-        for i, k in enumerate(kept):
-            padded[i, : len(k)] = k
-        real = torch.arange(max(counts), device=device) < torch.tensor(counts, device=device)[:, None]
-        self.plan.record(self.handle, self.site, Selection(padded.clamp(min=0), valid=padded >= 0), max(counts), real)
-        self.handle.last_kept[str(self.stage)] = padded
+    def refuse_selection(self, sel: Selection) -> None:
+        """One line for what a method gives at the stage before the LLM that Qwen-VL cannot place."""
+        if sel.order is not None:
+            raise TokensieveError(f"{self.stage.method.name} at {self.site}: an order of its own is not supported "
+                                  "on Qwen-VL (kept tokens stay in image order, with their grid positions)")
+        if sel.extra is not None:
+            raise TokensieveError(f"{self.stage.method.name} at {self.site}: tokens of its own are not supported "
+                                  "on Qwen-VL")
