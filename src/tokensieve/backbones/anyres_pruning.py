@@ -10,7 +10,7 @@ when it is installed; then, in every forward pass through the adapter (``forward
   image is one row of :class:`SiteInputs`, with its own token count and budget (a ratio: that share
   of its tokens; a count: that many of every image), so no row of a method's input is padding.
 * ``llm.k`` (``k >= 1``): before decoder layer ``k`` each row chooses among its visual tokens, per row
-  (the row-wise LLM stages of :mod:`.qwen_llm`, on the Llama decoder math of :mod:`.llama_decoder`:
+  (the row-wise LLM stages of :mod:`.row_llm`, on the Llama decoder math of :mod:`.llama_decoder`:
   1-D RoPE, positions kept, the KV cache shortened).
 
 Newline tokens (``image_newline`` after every canvas row) follow the policy ``keep``: outside the
@@ -29,8 +29,8 @@ import torch
 
 from tokensieve.backbones.base import Site
 from tokensieve.backbones.per_image_stage import PerImageStage, per_image_questions
-from tokensieve.backbones.qwen_llm import QwenLLMStages
 from tokensieve.backbones.qwen_pruning import QwenStagePlan
+from tokensieve.backbones.row_llm import RowLLMStages
 from tokensieve.errors import TokensieveError
 from tokensieve.method import Selection, VisualUnit
 
@@ -64,7 +64,7 @@ class AnyresStagePlan(QwenStagePlan):
         return f"{site} (the most one image gives: its base and the largest pinpoint's crops, newlines left out)"
 
 
-class AnyresPruningSession(PerImageStage, QwenLLMStages):
+class AnyresPruningSession(PerImageStage, RowLLMStages):
     """The stages of one handle on one LLaVA-NeXT adapter, and what they capture in a forward pass.
 
     It is also one of the handle's hooks: ``remove()`` (on ``handle.detach()``) takes it off the

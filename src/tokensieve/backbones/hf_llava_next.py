@@ -43,7 +43,7 @@ from tokensieve.backbones.llava_assembly import AssembledInputs, assemble_rows
 from tokensieve.backbones.llava_pruning import ANSWER_CUE
 from tokensieve.backbones.qwen_kept import checked_kept
 from tokensieve.backbones.qwen_layout import QwenLayout, find_layout
-from tokensieve.backbones.qwen_llm import LLM_SIGNALS
+from tokensieve.backbones.row_llm import LLM_SIGNALS
 from tokensieve.devices import require_device
 from tokensieve.errors import TokensieveError
 

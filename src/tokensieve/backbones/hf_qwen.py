@@ -46,7 +46,6 @@ from tokensieve.backbones.base import Site
 from tokensieve.backbones.hf_checkpoint import checkpoint_config, load_complete
 from tokensieve.backbones.qwen_kept import checked_kept, kept_features, row_origins
 from tokensieve.backbones.qwen_layout import QwenInputs, QwenLayout, find_layout
-from tokensieve.backbones.qwen_llm import LLM_SIGNALS
 from tokensieve.backbones.qwen_positions import (
     keep_columns,
     rope_positions,
@@ -62,6 +61,7 @@ from tokensieve.backbones.qwen_units import (
     unit_grids,
     visual_units,
 )
+from tokensieve.backbones.row_llm import LLM_SIGNALS
 from tokensieve.devices import require_device
 from tokensieve.errors import TokensieveError
 

@@ -11,7 +11,7 @@ when it is installed; then, in every forward pass through the adapter (``forward
   has its own token count and budget (a ratio: that share of its tokens; a count: that many of every
   image).
 * ``llm.k`` (``k >= 1``): before decoder layer ``k`` each row chooses among all its visual tokens
-  (:mod:`.qwen_llm`; a ratio: that share of the row's tokens; a count: that many in every row);
+  (:mod:`.row_llm`; a ratio: that share of the row's tokens; a count: that many in every row);
   Qwen3-VL's DeepStack features are then added by the session, to the columns that remain
   (:mod:`.qwen_deepstack`).
 
@@ -29,10 +29,10 @@ import torch
 from tokensieve.backbones.base import Site
 from tokensieve.backbones.per_image_stage import PerImageStage, per_image_questions
 from tokensieve.backbones.qwen_deepstack import QwenDeepStack
-from tokensieve.backbones.qwen_llm import QwenLLMStages
 from tokensieve.backbones.qwen_units import merger_inputs, refuse_video
 from tokensieve.backbones.qwen_soft import QwenSoftMasks
 from tokensieve.backbones.qwen_tower import TOWER_SIGNALS, TowerCapture, refuse_without_cls, without_cls_hint
+from tokensieve.backbones.row_llm import RowLLMStages
 from tokensieve.backbones.stage_plan import StagePlan
 from tokensieve.errors import TokensieveError
 from tokensieve.method import Selection, VisualUnit
@@ -91,7 +91,7 @@ class QwenStagePlan(StagePlan):
             self.counts[site] = (n, keep)
 
 
-class QwenPruningSession(PerImageStage, QwenLLMStages, QwenDeepStack, QwenSoftMasks):
+class QwenPruningSession(PerImageStage, RowLLMStages, QwenDeepStack, QwenSoftMasks):
     """The stages of one handle on one Qwen-VL adapter, and what they capture in a forward pass.
 
     It is also one of the handle's hooks: ``remove()`` (on ``handle.detach()``) takes it off the

@@ -1,17 +1,19 @@
-"""The Qwen-VL session's stages inside the LLM (``llm.k``, ``k >= 1``): visual tokens chosen before
-decoder layer ``k``, row by row; removed in hard mode (below), masked as keys in soft mode (:mod:`.qwen_soft`).
+"""The stages inside the LLM (``llm.k``, ``k >= 1``) of the sessions that choose row by row (Qwen-VL,
+LLaVA-NeXT): visual tokens chosen before decoder layer ``k``, row by row; removed in hard mode
+(below), masked as keys in soft mode (:mod:`.qwen_soft`).
 
 A row's visual tokens are every placeholder column of its images (several images, any sizes, text
 between them), so rows differ in count: the stage runs its method on each row alone (``SiteInputs``
 of one row, the budget resolved against that row's tokens) and the rows' choices are removed
 together. Rows dropping fewer than the most-dropping row keep that many of their dropped columns as
 slots masked as keys in every later layer, so all rows stay one length. Later layers get the RoPE
-tables (already combined from the 3-D M-RoPE ids), the 1-D ``position_ids`` and the mask gathered to
-the kept columns, and while decoding the mask's key axis remapped to their shorter K/V
+tables (on Qwen-VL already combined from the 3-D M-RoPE ids), the 1-D ``position_ids`` and the mask
+gathered to the kept columns, and while decoding the mask's key axis remapped to their shorter K/V
 (:mod:`tokensieve.backbones.llama_decoder`): kept tokens keep their rotations, text after them its
 positions. Positions are never renumbered. Qwen3-VL's DeepStack additions after the early layers
 follow each row's visual columns (:mod:`.qwen_deepstack`). A mixin of
-:class:`~tokensieve.backbones.qwen_pruning.QwenPruningSession`: it reads the session's ``bb``,
+:class:`~tokensieve.backbones.qwen_pruning.QwenPruningSession` and
+:class:`~tokensieve.backbones.anyres_pruning.AnyresPruningSession`: it reads the session's ``bb``,
 ``handle``, ``plan``, ``seed`` and ``llm_stages``.
 """
 
@@ -37,8 +39,8 @@ LLM_SIGNALS = frozenset({"text_attention", "prev_layer_keys", "normed_states", "
 CAPTURED = frozenset({"text_attention", "prev_layer_keys"})  # read from layer k-1's own q/k
 
 
-class QwenLLMStages:
-    """Hooks and per-pass state of the stages inside the LLM (mixin of the Qwen-VL session)."""
+class RowLLMStages:
+    """Hooks and per-pass state of the stages inside the LLM (mixin of a session that chooses row by row)."""
 
     @property
     def soft(self) -> bool:
