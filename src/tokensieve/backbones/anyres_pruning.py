@@ -28,8 +28,7 @@ from collections.abc import Callable
 import torch
 
 from tokensieve.backbones.base import Site
-from tokensieve.backbones.per_image_stage import PerImageStage, per_image_questions
-from tokensieve.backbones.qwen_pruning import QwenStagePlan
+from tokensieve.backbones.per_image_stage import PerImageStage, PerImageStagePlan, per_image_questions
 from tokensieve.backbones.row_llm import RowLLMStages
 from tokensieve.errors import TokensieveError
 from tokensieve.method import Selection, VisualUnit
@@ -37,7 +36,7 @@ from tokensieve.method import Selection, VisualUnit
 LLM0 = Site("llm", 0)
 
 
-class AnyresStagePlan(QwenStagePlan):
+class AnyresStagePlan(PerImageStagePlan):
     """The stage plan on LLaVA-NeXT: ``llm.0`` (per image) and ``llm.k`` (per row), ``hard`` mode, no
     tokens a method makes and no renumbered positions. Budgets are resolved per image or row in each
     pass; at attach a count is checked against the most candidate tokens one image can give

@@ -1,11 +1,13 @@
-"""The stage before the LLM chosen one image at a time: the part the Qwen-VL session
-(:mod:`.qwen_pruning`) and the LLaVA-NeXT session (:mod:`.anyres_pruning`) share.
+"""The stages of a session that chooses per image before the LLM and per row inside it: the part the
+Qwen-VL session (:mod:`.qwen_pruning`) and the LLaVA-NeXT session (:mod:`.anyres_pruning`) share.
 
-Each image (or video) is a batch of one: its own token count and budget, and a choice that does
-not depend on the other images of the batch. Its selection is settled through the session's plan,
-and the pass's counts and kept tokens are recorded per image (``handle.last_kept[stage]``: one row
-per image, padded with ``PADDING``). A mixin: it reads the session's ``handle``, ``plan``, ``seed``,
-``stage`` (the stage before the LLM) and ``site`` (its site), and calls its ``refuse_selection``.
+:class:`PerImageStagePlan` resolves budgets per image or row in each pass. :class:`PerImageStage`
+runs the stage before the LLM: each image (or video) is a batch of one, with its own token count
+and budget, and a choice that does not depend on the other images of the batch. Its selection is
+settled through the session's plan, and the pass's counts and kept tokens are recorded per image
+(``handle.last_kept[stage]``: one row per image, padded with ``PADDING``). A mixin: it reads the
+session's ``handle``, ``plan``, ``seed``, ``stage`` (the stage before the LLM) and ``site`` (its
+site), and calls its ``refuse_selection``.
 """
 
 from __future__ import annotations
@@ -14,9 +16,43 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from tokensieve.backbones.stage_plan import PADDING, row_generator
+from tokensieve.backbones.base import Site
+from tokensieve.backbones.stage_plan import PADDING, StagePlan, row_generator
 from tokensieve.errors import TokensieveError
 from tokensieve.method import Selection, SiteInputs
+
+
+class PerImageStagePlan(StagePlan):
+    """The stage plan of a session choosing per image (``llm.0``) and per row (``llm.k``).
+
+    Budgets are resolved per image (``llm.0``) or per row (``llm.k``) in each pass (images and rows
+    differ in token count); at attach a count before the LLM is checked against the most tokens one
+    image can give (the backbone's ``most_image_tokens``); a row may hold any number of images.
+    Subclasses add their family's messages and refusals.
+    """
+
+    def __init__(self, backbone, handle):
+        self.depth = len(backbone.llm_layers)
+        super().__init__(handle.stages, handle.mode, backbone.sites(), backbone.signals_at,
+                         backbone.most_image_tokens(), False, 0, check=handle.check)
+
+    def missing_site(self, site: Site, st) -> TokensieveError:
+        if site.stage == "llm" and site.layer >= self.depth:
+            return TokensieveError(f"{st}: the LLM has {self.depth} decoder layers (sites llm.0 .. "
+                                   f"llm.{self.depth - 1}); llm.{site.layer} is past its depth")
+        return super().missing_site(site, st)
+
+    def chain_budgets(self, n_patches: int, keeps_cls: bool) -> None:
+        """Each stage's budget checked on its own: ``llm.0`` against the most one image gives; inside the
+        LLM a row's visual tokens are known only in the pass (any number of images), so there the budget
+        is resolved per row then and the method's check sees it over as many tokens as a row may hold."""
+        for site, st in self.stages.items():
+            if st.method.count_per_row and site.before_llm:
+                raise TokensieveError(f"{st}: a count that varies per row is supported inside the LLM only (llm.k, k >= 1)")
+            n = n_patches if site.before_llm else max(n_patches, st.budget.count or 0)
+            keep = st.budget.resolve(n, self.budget_where(site, n))
+            st.method.check(n, keep, str(site))
+            self.counts[site] = (n, keep)
 
 
 def per_image_questions(questions: Callable[[], list[str]] | None

@@ -27,13 +27,12 @@ from dataclasses import replace
 import torch
 
 from tokensieve.backbones.base import Site
-from tokensieve.backbones.per_image_stage import PerImageStage, per_image_questions
+from tokensieve.backbones.per_image_stage import PerImageStage, PerImageStagePlan, per_image_questions
 from tokensieve.backbones.qwen_deepstack import QwenDeepStack
 from tokensieve.backbones.qwen_units import merger_inputs, refuse_video
 from tokensieve.backbones.qwen_soft import QwenSoftMasks
 from tokensieve.backbones.qwen_tower import TOWER_SIGNALS, TowerCapture, refuse_without_cls, without_cls_hint
 from tokensieve.backbones.row_llm import RowLLMStages
-from tokensieve.backbones.stage_plan import StagePlan
 from tokensieve.errors import TokensieveError
 from tokensieve.method import Selection, VisualUnit
 
@@ -41,27 +40,20 @@ LLM0 = Site("llm", 0)
 PROJECTOR = Site("projector")  # the patch merger: the same tokens as llm.0 (module docstring of hf_qwen)
 
 
-class QwenStagePlan(StagePlan):
-    """The stage plan on Qwen-VL: ``llm.0`` and ``llm.k``, ``hard`` or ``soft`` mode, no tokens a method
-    makes and no renumbered positions.
-
-    Budgets are resolved per image (``llm.0``) or per row (``llm.k``) in each pass (images and rows
-    differ in token count); at attach a count at ``llm.0`` is checked against the most tokens one
-    image can give (:meth:`QwenVLBackbone.most_image_tokens`); a row may hold any number of images.
-    """
+class QwenStagePlan(PerImageStagePlan):
+    """The stage plan on Qwen-VL: ``llm.0`` (or ``projector``, the same tokens) and ``llm.k``, ``hard`` or
+    ``soft`` mode, no tokens a method makes and no renumbered positions. At attach a count at ``llm.0``
+    is checked against the most tokens one image can give (:meth:`QwenVLBackbone.most_image_tokens`)."""
 
     def __init__(self, backbone, handle):
-        self.depth = len(backbone.llm_layers)
-        super().__init__(handle.stages, handle.mode, backbone.sites(), backbone.signals_at,
-                         backbone.most_image_tokens(), False, 0, check=handle.check)
+        super().__init__(backbone, handle)
         if PROJECTOR in self.stages and LLM0 in self.stages:
             raise TokensieveError("projector and llm.0 are the same tokens on Qwen-VL (the patch merger's output): "
                                   "give one stage there, not two")
 
     def missing_site(self, site: Site, st) -> TokensieveError:
-        if site.stage == "llm" and site.layer >= self.depth:
-            return TokensieveError(f"{st}: the LLM has {self.depth} decoder layers (sites llm.0 .. "
-                                   f"llm.{self.depth - 1}); llm.{site.layer} is past its depth")
+        if site.stage == "llm":
+            return super().missing_site(site, st)
         return TokensieveError(f"{st}: site {site} does not exist on the Qwen-VL backbone yet; its sites are projector "
                                "and llm.0 (the patch merger's output, per image) and llm.k before decoder layer k")
 
@@ -77,18 +69,6 @@ class QwenStagePlan(StagePlan):
 
     def budget_where(self, site: Site, n: int) -> str:
         return f"{site} (the most one image gives with this processor's max_pixels)"
-
-    def chain_budgets(self, n_patches: int, keeps_cls: bool) -> None:
-        """Each stage's budget checked on its own: ``llm.0`` against the most one image gives; inside the
-        LLM a row's visual tokens are known only in the pass (any number of images), so there the budget
-        is resolved per row then and the method's check sees it over as many tokens as a row may hold."""
-        for site, st in self.stages.items():
-            if st.method.count_per_row and site.before_llm:
-                raise TokensieveError(f"{st}: a count that varies per row is supported inside the LLM only (llm.k, k >= 1)")
-            n = n_patches if site.before_llm else max(n_patches, st.budget.count or 0)
-            keep = st.budget.resolve(n, self.budget_where(site, n))
-            st.method.check(n, keep, str(site))
-            self.counts[site] = (n, keep)
 
 
 class QwenPruningSession(PerImageStage, RowLLMStages, QwenDeepStack, QwenSoftMasks):
