@@ -60,6 +60,8 @@ def load_llava_next_weights(name: str, dtype: torch.dtype | None) -> LlavaNextFo
 class LlavaNextBackbone:
     """A LLaVA-NeXT model (and its processor) seen through per-image anyres layouts."""
 
+    family_name = "LLaVA-NeXT"  # how messages shared with other backbones name this one
+
     def __init__(self, model: LlavaNextForConditionalGeneration, processor=None):
         if not isinstance(model, LlavaNextForConditionalGeneration):
             raise TokensieveError(f"expected a LlavaNextForConditionalGeneration, got {type(model).__name__}")

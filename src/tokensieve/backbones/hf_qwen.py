@@ -82,6 +82,8 @@ def load_qwen_weights(name: str, dtype: torch.dtype | None) -> nn.Module:
 class QwenVLBackbone:
     """A Qwen-VL model (and its processor) seen through a token layout of several images per row."""
 
+    family_name = "Qwen-VL"  # how messages shared with other backbones name this one
+
     def __init__(self, model: nn.Module, processor=None):
         if not isinstance(model, tuple(MODEL_CLASSES.values())):
             raise TokensieveError(f"expected a Qwen2-VL, Qwen2.5-VL or Qwen3-VL model, got {type(model).__name__}")

@@ -13,8 +13,8 @@ gathered to the kept columns, and while decoding the mask's key axis remapped to
 positions. Positions are never renumbered. Qwen3-VL's DeepStack additions after the early layers
 follow each row's visual columns (:mod:`.qwen_deepstack`). A mixin of
 :class:`~tokensieve.backbones.qwen_pruning.QwenPruningSession` and
-:class:`~tokensieve.backbones.anyres_pruning.AnyresPruningSession`: it reads the session's ``bb``,
-``handle``, ``plan``, ``seed`` and ``llm_stages``.
+:class:`~tokensieve.backbones.anyres_pruning.AnyresPruningSession`: it reads the session's ``bb`` (its
+``family_name`` names it in messages), ``handle``, ``plan``, ``seed`` and ``llm_stages``.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ class RowLLMStages:
                 return None
             if self.visual is None:
                 raise TokensieveError("tokens pruned inside the LLM need the image layout: run the model "
-                                      "through QwenVLBackbone.forward or .generate")
+                                      f"through {type(self.bb).__name__}.forward or .generate")
             hidden = args[0] if args else kwargs.pop("hidden_states")
             decoding = is_decoding(kwargs, k)
             if site in self.llm_stages and not decoding:
@@ -181,7 +181,7 @@ class RowLLMStages:
                                               signals, question, None, question_signals, units=[units]))
             if sel.tokens is not None or sel.extra is not None or sel.order is not None or (
                     sel.key_mask is not None and not self.soft):
-                raise TokensieveError(f"{st.method.name} at {site}: on Qwen-VL a stage inside the LLM only "
+                raise TokensieveError(f"{st.method.name} at {site}: on {self.bb.family_name} a stage inside the LLM only "
                                       "chooses tokens (no new values, tokens of its own, order, or key weights "
                                       "outside soft mode)")
             sel = self.plan.settle(site, sel, 1, n, keep, pass_done=last)
@@ -253,7 +253,7 @@ class RowLLMStages:
         positions = kwargs.get("position_ids")
         if positions is None:
             raise TokensieveError("the LLM's layers received no 1-D position_ids: run the model through "
-                                  "QwenVLBackbone.forward or .generate")
+                                  f"{type(self.bb).__name__}.forward or .generate")
         positions = positions.expand(b, -1)
         return positions.gather(1, self.drops[-1].positions) if self.drops else positions
 
