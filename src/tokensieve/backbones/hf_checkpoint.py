@@ -4,7 +4,8 @@ Model-agnostic: an adapter checks the config's ``model_type`` (:func:`checkpoint
 reads the weights with :func:`load_complete`. Weights are read as safetensors, or ``.bin`` files
 by ``torch.load(weights_only=True)`` (transformers' own choice), so a checkpoint cannot run code;
 one that lacks any of the model's weights is refused rather than completed with random ones.
-Every failure is one line (a :class:`TokensieveError`).
+Every failure is one line (a :class:`TokensieveError`). :func:`model_and_processor` then puts the
+model on its device with the checkpoint's processor.
 """
 
 from __future__ import annotations
@@ -79,3 +80,23 @@ def load_complete(model_class: type, name: str, dtype: torch.dtype | None):
         warnings.warn(f"{name}: {len(loaded['unexpected_keys'])} tensors of its checkpoint are not used by "
                       f"the model, e.g. {min(loaded['unexpected_keys'])}", stacklevel=4)
     return model
+
+
+def model_and_processor(model, name: str, device: str | torch.device, image_processor_apart: bool = False) -> tuple:
+    """``(model, processor)`` for an adapter's ``from_pretrained``: the model on ``device`` in eval mode,
+    and checkpoint ``name``'s processor with the PIL image processor (the image processing LLaVA and
+    the testbed were trained with, and the same with or without torchvision installed: transformers
+    would otherwise switch backends), or None where the checkpoint ships weights only (callers that
+    need one say so). image_processor_apart: load the processor as the checkpoint gives it, then
+    replace its image processor by the PIL one (Qwen-VL)."""
+    from transformers import AutoImageProcessor, AutoProcessor
+
+    try:
+        if image_processor_apart:
+            processor = AutoProcessor.from_pretrained(name)
+            processor.image_processor = AutoImageProcessor.from_pretrained(name, backend="pil")
+        else:
+            processor = AutoProcessor.from_pretrained(name, backend="pil")
+    except (OSError, ValueError):
+        processor = None
+    return model.to(device).eval(), processor

@@ -24,6 +24,7 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from tokensieve.backbones.attention_signals import layer_cls_attention
 from tokensieve.backbones.base import Site
+from tokensieve.backbones.hf_checkpoint import model_and_processor
 from tokensieve.backbones.kept_indices import checked_indices
 from tokensieve.backbones.llava_assembly import AssembledInputs, assemble_rows
 from tokensieve.backbones.llava_checkpoint import default_model_path, load_llava_weights
@@ -65,18 +66,10 @@ class LlavaBackbone:
         (transformers' own choice), so a checkpoint cannot run code; one that lacks any of the
         model's weights is refused rather than completed with random ones.
         """
-        from transformers import AutoProcessor
-
         require_device(device)
         name = str(name_or_path or default_model_path())
         model = load_llava_weights(name, dtype)
-        try:
-            # PIL: the image processing LLaVA and the testbed were trained with, and the same with
-            # or without torchvision installed (transformers would otherwise switch backends).
-            processor = AutoProcessor.from_pretrained(name, backend="pil")
-        except (OSError, ValueError):
-            processor = None  # some checkpoints ship weights only; callers that need one say so
-        return cls(model.to(device).eval(), processor)
+        return cls(*model_and_processor(model, name, device))
 
     # --- module paths -------------------------------------------------------------------
     @property

@@ -38,7 +38,7 @@ from transformers import LlavaNextForConditionalGeneration
 from tokensieve.backbones.anyres_layout import AnyresLayout, anyres_layout
 from tokensieve.backbones.anyres_pruning import LLM0, AnyresPruningSession
 from tokensieve.backbones.base import Site
-from tokensieve.backbones.hf_checkpoint import checkpoint_config, load_complete
+from tokensieve.backbones.hf_checkpoint import checkpoint_config, load_complete, model_and_processor
 from tokensieve.backbones.llava_assembly import AssembledInputs, assemble_rows
 from tokensieve.backbones.llava_pruning import ANSWER_CUE
 from tokensieve.backbones.qwen_kept import checked_kept
@@ -77,16 +77,10 @@ class LlavaNextBackbone:
         Weights are read safely and completely (:mod:`tokensieve.backbones.hf_checkpoint`); the
         processor's image processor is the PIL one, the same with or without torchvision.
         """
-        from transformers import AutoProcessor
-
         require_device(device)
         name = str(name_or_path)
         model = load_llava_next_weights(name, dtype)
-        try:
-            processor = AutoProcessor.from_pretrained(name, backend="pil")
-        except (OSError, ValueError):
-            processor = None  # some checkpoints ship weights only; callers that need one say so
-        return cls(model.to(device).eval(), processor)
+        return cls(*model_and_processor(model, name, device))
 
     # --- module paths and geometry -------------------------------------------------------
     @property

@@ -43,7 +43,7 @@ from transformers import (
 from transformers.vision_utils import get_vision_window_index
 
 from tokensieve.backbones.base import Site
-from tokensieve.backbones.hf_checkpoint import checkpoint_config, load_complete
+from tokensieve.backbones.hf_checkpoint import checkpoint_config, load_complete, model_and_processor
 from tokensieve.backbones.qwen_kept import checked_kept, kept_features, row_origins
 from tokensieve.backbones.qwen_layout import QwenInputs, QwenLayout, find_layout
 from tokensieve.backbones.qwen_positions import (
@@ -99,17 +99,10 @@ class QwenVLBackbone:
         Weights are read safely and completely (:mod:`tokensieve.backbones.hf_checkpoint`); the
         processor's image processor is the PIL one, the same with or without torchvision.
         """
-        from transformers import AutoImageProcessor, AutoProcessor
-
         require_device(device)
         name = str(name_or_path)
         model = load_qwen_weights(name, dtype)
-        try:
-            processor = AutoProcessor.from_pretrained(name)
-            processor.image_processor = AutoImageProcessor.from_pretrained(name, backend="pil")
-        except (OSError, ValueError):
-            processor = None  # some checkpoints ship weights only; callers that need one say so
-        return cls(model.to(device).eval(), processor)
+        return cls(*model_and_processor(model, name, device, image_processor_apart=True))
 
     # --- module paths and geometry -------------------------------------------------------
     @property
