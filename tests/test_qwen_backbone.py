@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_qwen import image, inputs, until_eos
+from tiny_qwen import ROWS, image, row_alone, until_eos
 
 from tokensieve.backbones.hf_qwen import QwenVLBackbone
 from tokensieve.backbones.qwen_prompt import encode
@@ -76,14 +76,11 @@ def test_kept_shrinks_each_run(qwen, mixed):
 
 @pytest.mark.parametrize("with_kept", [False, True])
 def test_padded_batch_equals_each_row_alone(qwen, mixed, with_kept):
-    rows = [("what is the colour ?", ["big"]), ("what shape is left and right ?", ["small", "big"])]
     per_row = [KEPT[:1], KEPT[1:]]
     with torch.no_grad():
         together = qwen.forward(**mixed, kept=KEPT if with_kept else None).logits[:, -1]
-        for b, row in enumerate(rows):
-            alone = inputs(qwen, [row])
-            first = int(mixed["image_grid_thw"][: b].prod(-1).sum())  # the same images as in the batch
-            alone["pixel_values"] = mixed["pixel_values"][first : first + len(alone["pixel_values"])]
+        for b in range(len(ROWS)):
+            alone = row_alone(qwen, mixed, b)
             single = qwen.forward(**alone, kept=per_row[b] if with_kept else None).logits[:, -1]
             torch.testing.assert_close(together[b : b + 1], single, rtol=1e-5, atol=1e-5)
 

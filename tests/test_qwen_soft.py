@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from tiny_qwen import ROWS, inputs, kept_of
+from tiny_qwen import ROWS, kept_of, row_alone
 
 from tokensieve.attach import attach
 from tokensieve.backbones.llama_decoder import as_additive
@@ -113,10 +113,8 @@ def test_keep_all_is_the_plain_model_and_detach_restores_it(qwen, mixed, plain, 
 def test_padded_batch_equals_each_row_alone(qwen, mixed, case):
     together, handle = run(qwen, CASES[case], mixed, "soft")
     kept = kept_of(handle)
-    for b, row in enumerate(ROWS):
-        alone = inputs(qwen, [row])
-        first = int(mixed["image_grid_thw"][:b].prod(-1).sum())  # the same images as in the batch
-        alone["pixel_values"] = mixed["pixel_values"][first: first + len(alone["pixel_values"])]
+    for b in range(len(ROWS)):
+        alone = row_alone(qwen, mixed, b)
         single, handle = run(qwen, CASES[case], alone, "soft")
         torch.testing.assert_close(together[b: b + 1, -1], single[:, -1], rtol=1e-5, atol=1e-5)
         rows = ([0] if b == 0 else [1, 2]) if CASES[case][0][1] == "llm.0" else [b]  # images at llm.0

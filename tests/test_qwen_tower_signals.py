@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from tiny_qwen import ROWS, inputs, kept_of
+from tiny_qwen import ROWS, kept_of, row_alone
 
 from tokensieve.attach import attach
 from tokensieve.backbones import qwen_tower
@@ -152,10 +152,8 @@ def test_padded_batch_equals_each_row_alone(qwen, mixed):
     try:
         with torch.no_grad():
             together, kept = qwen.forward(**mixed).logits[:, -1], kept_of(handle)
-            for b, row in enumerate(ROWS):
-                alone = inputs(qwen, [row])
-                first = int(mixed["image_grid_thw"][:b].prod(-1).sum())  # the same images as in the batch
-                alone["pixel_values"] = mixed["pixel_values"][first: first + len(alone["pixel_values"])]
+            for b in range(len(ROWS)):
+                alone = row_alone(qwen, mixed, b)
                 single = qwen.forward(**alone).logits[:, -1]
                 torch.testing.assert_close(together[b: b + 1], single, rtol=1e-5, atol=1e-5)
                 images = [0] if b == 0 else [1, 2]

@@ -138,6 +138,15 @@ def inputs(qwen, rows, first: int = 0) -> dict:
     return dict(qwen.processor(images=images or None, text=texts, return_tensors="pt", padding=True, **clips))
 
 
+def row_alone(qwen, batch: dict, b: int) -> dict:
+    """Row ``b`` of :data:`ROWS` as a batch of its own for the adapter ``qwen``, with the images it has in
+    ``batch`` (``inputs(qwen, ROWS)``): their pixel rows cut out of the batch's."""
+    alone = inputs(qwen, [ROWS[b]])
+    first = int(batch["image_grid_thw"][:b].prod(-1).sum())  # the same images as in the batch
+    alone["pixel_values"] = batch["pixel_values"][first: first + len(alone["pixel_values"])]
+    return alone
+
+
 def until_eos(tokens: torch.Tensor, eos: int) -> list[list[int]]:
     """Each row's tokens up to and including its first ``eos`` (generate pads after it)."""
     return [row[: row.index(eos) + 1] if eos in row else row for row in tokens.tolist()]
