@@ -17,9 +17,9 @@ from tokensieve.data.synthetic import make_sample
 from tokensieve.testbed.evaluate import QWEN_TARGETS, evaluate_testbed
 from tokensieve.testbed.qwen_family import SYSTEM, QwenTestbed, token_patches
 from tokensieve.testbed.qwen_model import QWEN_SCENES, QWEN_SIZES
-from tokensieve.testbed.train import STATE_FILE, train_testbed
+from tokensieve.testbed.train import train_testbed
 
-from test_testbed_train import TINY
+from tiny_testbed import TINY, interrupted_then_resumed
 
 QWEN_TINY = {**TINY, "backbone": "qwen"}
 TrainConfig = train_module.TestbedTrainConfig  # module-qualified: not a pytest test class
@@ -70,20 +70,8 @@ def test_training_writes_a_loadable_qwen_checkpoint_that_testbed_eval_checks(tin
 
 
 def test_interrupted_qwen_training_resumes_exactly(tmp_path, monkeypatch, tiny_qwen_testbed):
-    real_lr_at = train_module.lr_at
-
-    def interrupt_at_llm_step_5(step, total, *args):
-        if total == TINY["llm_steps"] and step == 5:
-            raise KeyboardInterrupt
-        return real_lr_at(step, total, *args)
-
-    monkeypatch.setattr(train_module, "lr_at", interrupt_at_llm_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        train_testbed(tmp_path / "cut", TrainConfig(**QWEN_TINY))
-    saved = torch.load(tmp_path / "cut" / STATE_FILE, weights_only=True)
+    saved, resumed = interrupted_then_resumed(tmp_path / "cut", QWEN_TINY, monkeypatch)
     assert (saved["state"]["stage"], saved["state"]["step"], saved["config"]["backbone"]) == ("llm", 4, "qwen")
-    monkeypatch.undo()
-    resumed = train_testbed(tmp_path / "cut", TrainConfig(**QWEN_TINY))
     a = QwenVLBackbone.from_pretrained(tiny_qwen_testbed).model.state_dict()
     b = QwenVLBackbone.from_pretrained(resumed).model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

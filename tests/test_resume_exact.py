@@ -87,7 +87,7 @@ def test_ctrl_c_in_train_saves_that_step_and_resumes_exactly(tiny_llava_dir, tmp
 
 
 def test_ctrl_c_in_testbed_train_saves_that_step_and_resumes_exactly(tmp_path, capsys, monkeypatch):
-    from test_testbed_train import TINY
+    from tiny_testbed import TINY
 
     cfg = testbed_train.TestbedTrainConfig(**{**TINY, "tower_steps": 2, "llm_steps": 4})  # checkpoints every 2
     whole = testbed_train.train_testbed(tmp_path / "whole", cfg)
