@@ -22,7 +22,7 @@ from tokensieve.errors import TokensieveError
 from tokensieve.train.trainer import TwoStageTrainer
 from tokensieve.train.two_stage_config import TwoStageConfig
 
-from test_two_stage_training import tiny_config
+from tiny_two_stage import tiny_config
 
 
 def _free_port() -> int:

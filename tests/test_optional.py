@@ -91,7 +91,7 @@ def test_several_processes_without_accelerate_say_which_extra(monkeypatch):
 
 
 def test_training_without_tensorboard_writes_its_log_and_no_events(monkeypatch, tiny_llava_dir, tmp_path):
-    from test_two_stage_training import tiny_config
+    from tiny_two_stage import tiny_config
 
     from tokensieve.train.trainer import train_two_stage
 

@@ -10,35 +10,23 @@ import numpy as np
 import pytest
 import torch
 from tiny_qwen import ROWS, inputs, kept_of
+from tiny_two_stage import TINY_SETTINGS, tiny_config
 
 from tokensieve.attach import attach
-from tokensieve.config import from_dict
 from tokensieve.data.instruct import IGNORE_INDEX, InstructExample
 from tokensieve.data.qwen_instruct import collate_qwen
 from tokensieve.errors import TokensieveError
 from tokensieve.method import Method, Selection, SiteInputs
 from tokensieve.pruner import TwoStagePruner
 from tokensieve.train.trainer import TwoStageTrainer, after_first_answer
-from tokensieve.train.two_stage_config import TwoStageConfig
 
-SETTINGS = {
-    "merger": {"merge_ratio": 0.5, "d_internal": 16, "num_heads": 2, "diversity": 2.0, "null_logit": 4.0,
-               "train_merge_range": [0.25, 0.75]},
-    "pruner": {"d_internal": 16, "num_heads": 2, "target_ratio": 0.5},
-    "optim": {"steps": 4, "batch_size": 4},
-    "validation": {"every": 100, "samples": 8},
-    "run": {"checkpoint_every": 2, "threads": 1},
-}
-
-
-def config(model_dir, **merger) -> TwoStageConfig:
-    data = {"model": str(model_dir), **{k: dict(v) for k, v in SETTINGS.items()}}
-    data["merger"].update(merger)
-    return from_dict(TwoStageConfig, data)
+# LLaVA's tiny settings less the merger options Qwen-VL refuses (a question-aware merger, a radius on one grid)
+SETTINGS = {**TINY_SETTINGS, "merger": {k: v for k, v in TINY_SETTINGS["merger"].items()
+                                        if k not in ("variant", "diversity_radius")}}
 
 
 def test_one_training_step_reaches_only_the_parts_and_hard_inference_runs(tiny_qwen_dir, tmp_path):
-    trainer = TwoStageTrainer(config(tiny_qwen_dir), tmp_path / "run", progress=False)
+    trainer = TwoStageTrainer(tiny_config(tiny_qwen_dir, SETTINGS), tmp_path / "run", progress=False)
     assert trainer.parts.place.merger_site == "llm.0"
     before = {k: v.clone() for k, v in trainer.backbone.model.state_dict().items()}
     trainer.parts.train()
@@ -124,5 +112,5 @@ def test_methods_inside_the_llm_never_see_the_answers(qwen):
 ])
 def test_merger_settings_qwen_cannot_take_are_refused_in_one_line(tiny_qwen_dir, qwen, merger, words):
     with pytest.raises(TokensieveError, match=words) as caught:
-        TwoStagePruner(config(tiny_qwen_dir, **merger), qwen)
+        TwoStagePruner(tiny_config(tiny_qwen_dir, SETTINGS, merger=merger), qwen)
     assert "\n" not in str(caught.value)

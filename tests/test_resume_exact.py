@@ -26,7 +26,7 @@ from tokensieve.evaluate.sample_log import SampleLog
 from tokensieve.interrupt import Interrupted
 from tokensieve.train.trainer import TwoStageTrainer, train_two_stage
 
-from test_two_stage_training import tiny_config
+from tiny_two_stage import tiny_config
 
 # Validation (and so best/) at steps 3 and 6, checkpoints every 2: a stop at step 5 is between both.
 SCHEDULE = {"optim": {"steps": 6, "batch_size": 4}, "validation": {"every": 3, "samples": 8},

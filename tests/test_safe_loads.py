@@ -16,7 +16,7 @@ from tokensieve.config import save_config
 from tokensieve.errors import TokensieveError
 from tokensieve.train.trainer import TwoStageTrainer
 
-from test_two_stage_training import tiny_config
+from tiny_two_stage import tiny_config
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "tokensieve"
 

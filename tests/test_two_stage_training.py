@@ -10,33 +10,15 @@ from dataclasses import dataclass
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_two_stage import tiny_config
 
 from tokensieve.attach import attach
 from tokensieve.backbones.llava_prompt import encode
 from tokensieve.cli import main
-from tokensieve.config import from_dict
 from tokensieve.errors import TokensieveError
 from tokensieve.method import Method, Selection, SiteInputs
 from tokensieve.pruner import TwoStagePruner
 from tokensieve.train.trainer import TwoStageTrainer, train_two_stage
-from tokensieve.train.two_stage_config import TwoStageConfig
-
-TINY_SETTINGS = {
-    "merger": {"variant": "question_aware", "merge_ratio": 0.5, "d_internal": 16, "num_heads": 2,
-               "diversity": 2.0, "diversity_radius": 1.5, "null_logit": 4.0, "train_merge_range": [0.25, 0.75]},
-    "pruner": {"d_internal": 16, "num_heads": 2, "target_ratio": 0.5},
-    "optim": {"steps": 4, "batch_size": 4},
-    "validation": {"every": 100, "samples": 8},
-    "run": {"checkpoint_every": 2, "threads": 1},
-}
-
-
-def tiny_config(model_dir, **sections) -> TwoStageConfig:
-    data = {"model": str(model_dir), **{k: dict(v) for k, v in TINY_SETTINGS.items()}}
-    for section, values in sections.items():
-        data.setdefault(section, {}).update(values)
-    return from_dict(TwoStageConfig, data)
-
 
 
 @pytest.fixture(scope="module")
