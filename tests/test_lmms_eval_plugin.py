@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import lmms_eval.evaluator
 import pytest
 import torch
+from lmms_tasks import TASK, direct_answers, evaluate
 from PIL import Image
 
 from tokensieve.attach import attach
@@ -31,13 +31,6 @@ def doc_to_text(doc):
     return doc["question"]
 '''
 
-TASK = ("task: tiny_vqa\ndataset_path: json\ndataset_kwargs: {{data_files: {{test: {data}}}}}\ntest_split: test\n"
-        "doc_to_visual: !function utils.doc_to_visual\ndoc_to_text: !function utils.doc_to_text\n"
-        "output_type: generate_until\ndoc_to_target: answer\n"
-        "generation_kwargs: {{max_new_tokens: 1, until: ['</s>'], do_sample: false}}\n"
-        "metric_list: [{{metric: exact_match, aggregation: mean, higher_is_better: true}}]\n")
-
-
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory):
     """Six synthetic testbed questions as PNG files and JSONL, and a task over them."""
@@ -50,22 +43,14 @@ def task_dir(tmp_path_factory):
         rows.append({"question": sample.question, "answer": sample.answer, "image": str(image)})
     (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (folder / "utils.py").write_text(UTILS)
-    (folder / "tiny_vqa.yaml").write_text(TASK.format(data=folder / "test.jsonl"))
+    (folder / "tiny_vqa.yaml").write_text(TASK.format(name="tiny_vqa", data=folder / "test.jsonl",
+                                                      visual="doc_to_visual", max_new_tokens=1))
     return folder
 
 
 @pytest.fixture(scope="module")
 def backbone():
     return LlavaBackbone.from_pretrained(None)
-
-
-def evaluate(task_dir: Path, model_args: str) -> dict:
-    """lmms-eval's own entry, the model by its registered name, our task only (not lmms-eval's 3,000)."""
-    from lmms_eval.tasks import TaskManager
-
-    return lmms_eval.evaluator.simple_evaluate(
-        model="tokensieve", model_args=model_args, tasks=["tiny_vqa"], batch_size=2,
-        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False))
 
 
 def rows(task_dir: Path) -> list[dict]:
@@ -83,24 +68,16 @@ def answers_of(result: dict) -> list[str]:
     return [s["filtered_resps"][0] for s in sorted(result["samples"]["tiny_vqa"], key=lambda s: s["doc_id"])]
 
 
-def direct_answers(backbone, task_dir: Path, handle) -> list[str]:
+def one_word_answers(backbone, task_dir: Path, handle) -> list[str]:
     """One-word answers from ``backbone.generate`` with ``handle`` attached (detached after)."""
-    try:
-        answers = []
-        for row in rows(task_dir):
-            batch = backbone.processor(images=[Image.open(row["image"]).convert("RGB")], text=[prompt(row["question"])],
-                                       return_tensors="pt")
-            new = backbone.generate(**batch, max_new_tokens=1, do_sample=False)
-            answers.append(backbone.processor.tokenizer.decode(new[0], skip_special_tokens=True).strip())
-    finally:
-        handle.detach()
-    return answers
+    prompts = [([Image.open(row["image"]).convert("RGB")], prompt(row["question"])) for row in rows(task_dir)]
+    return direct_answers(backbone, prompts, handle, max_new_tokens=1)
 
 
 def test_generation_through_lmms_eval_equals_tokensieve_generation_with_the_method_attached(task_dir, backbone):
-    result = evaluate(task_dir, "method=fastv,budget=0.25")
+    result = evaluate(task_dir, "tiny_vqa", "method=fastv,budget=0.25")
     answers = answers_of(result)
-    assert answers == direct_answers(backbone, task_dir, attach(backbone, "fastv", 0.25))
+    assert answers == one_word_answers(backbone, task_dir, attach(backbone, "fastv", 0.25))
     score = sum(a == r["answer"] for a, r in zip(answers, rows(task_dir))) / len(answers)
     assert result["results"]["tiny_vqa"]["exact_match,none"] == pytest.approx(score)
     assert score > 0.5  # the testbed answers one word; most of these right with a quarter of its tokens
@@ -151,9 +128,9 @@ def test_a_trained_pruner_answers_through_lmms_eval_at_a_budget(task_dir, backbo
                                      "optim": {"steps": 1, "batch_size": 2},
                                      "validation": {"every": 1, "samples": 2}, "run": {"threads": 1}})
     run = train_two_stage(cfg, tmp_path / "pruner", progress=False)
-    answers = answers_of(evaluate(task_dir, f"pruner={run},centres=20"))
+    answers = answers_of(evaluate(task_dir, "tiny_vqa", f"pruner={run},centres=20"))
     handle = TwoStagePruner.from_pretrained(run, backbone).attach(backbone, "hard", centres=20)
-    assert answers == direct_answers(backbone, task_dir, handle)
+    assert answers == one_word_answers(backbone, task_dir, handle)
 
 
 @pytest.mark.xfail(strict=True, reason="lmms-eval 0.7.x's evaluator turns every loglikelihood result into a string "

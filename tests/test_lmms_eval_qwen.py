@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import lmms_eval.evaluator
 import pytest
+from lmms_tasks import TASK, direct_answers, evaluate
 from PIL import Image
 from tiny_qwen import FAMILIES, image, save_tiny_qwen
 
@@ -34,11 +34,6 @@ def doc_to_text(doc):
     return doc["question"]
 '''
 
-TASK = ("task: {name}\ndataset_path: json\ndataset_kwargs: {{data_files: {{test: {data}}}}}\ntest_split: test\n"
-        "doc_to_visual: !function utils.{visual}\ndoc_to_text: !function utils.doc_to_text\n"
-        "output_type: generate_until\ndoc_to_target: answer\n"
-        "generation_kwargs: {{max_new_tokens: 4, until: ['</s>'], do_sample: false}}\n"
-        "metric_list: [{{metric: exact_match, aggregation: mean, higher_is_better: true}}]\n")
 DOCS = [("what is the colour ?", ["big"]), ("what shape is left ?", ["small"]),
         ("what shape is left and right ?", ["small", "big"])]
 
@@ -63,32 +58,17 @@ def task_dir(tmp_path_factory):
     (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (folder / "utils.py").write_text(UTILS)
     for name, visual in (("tiny_qwen_vqa", "doc_to_visual"), ("tiny_qwen_video", "doc_to_video")):
-        (folder / f"{name}.yaml").write_text(TASK.format(name=name, data=folder / "test.jsonl", visual=visual))
+        (folder / f"{name}.yaml").write_text(TASK.format(name=name, data=folder / "test.jsonl", visual=visual,
+                                                                 max_new_tokens=4))
     return folder
 
 
-def evaluate(task_dir: Path, task: str, model_args: str) -> dict:
-    from lmms_eval.tasks import TaskManager
-
-    return lmms_eval.evaluator.simple_evaluate(
-        model="tokensieve", model_args=model_args, tasks=[task], batch_size=2,
-        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False))
-
-
-def direct_answers(qwen: QwenVLBackbone, task_dir: Path, handle) -> list[str]:
+def documents_answers(qwen: QwenVLBackbone, task_dir: Path, handle) -> list[str]:
     """Each document's answer from ``qwen.generate`` alone, with ``handle`` attached (detached after)."""
-    try:
-        answers = []
-        for line in (task_dir / "test.jsonl").read_text().splitlines():
-            doc = json.loads(line)
-            images = [Image.open(path).convert("RGB") for path in doc["images"]]
-            batch = qwen.processor(images=images, text=[prompt_text(qwen, doc["question"], len(images))],
-                                   return_tensors="pt")
-            new = qwen.generate(**batch, max_new_tokens=4, do_sample=False)
-            answers.append(qwen.processor.tokenizer.decode(new[0], skip_special_tokens=True).strip())
-    finally:
-        handle.detach()
-    return answers
+    docs = [json.loads(line) for line in (task_dir / "test.jsonl").read_text().splitlines()]
+    prompts = [([Image.open(path).convert("RGB") for path in doc["images"]],
+                prompt_text(qwen, doc["question"], len(doc["images"]))) for doc in docs]
+    return direct_answers(qwen, prompts, handle, max_new_tokens=4)
 
 
 def test_generate_until_on_a_qwen_checkpoint_equals_the_adapters_generate(qwen_dir, task_dir):
@@ -98,7 +78,7 @@ def test_generate_until_on_a_qwen_checkpoint_equals_the_adapters_generate(qwen_d
     answers = [s["filtered_resps"][0] for s in samples]
     assert all(isinstance(a, str) and a for a in answers)  # random weights: words, not an answer
     qwen = QwenVLBackbone.from_pretrained(qwen_dir)
-    assert answers == direct_answers(qwen, task_dir, attach(qwen, "divprune", 0.5, site="llm.0"))
+    assert answers == documents_answers(qwen, task_dir, attach(qwen, "divprune", 0.5, site="llm.0"))
 
 
 def test_a_video_is_refused_in_one_line(qwen_dir, task_dir):
