@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_qwen import ROWS, kept_of, row_alone
+from tiny_qwen import assert_rows_alone_as_in_batch, kept_of
 
 from tokensieve.attach import attach
 from tokensieve.backbones.base import Site
@@ -55,13 +55,7 @@ def test_budgets_per_row_keep_all_and_detach(qwen, mixed, plain, site, method):
 def test_padded_batch_equals_each_row_alone(qwen, mixed, site, method):
     handle = attach(qwen, METHODS[method], 0.5, site=site)
     try:
-        with torch.no_grad():
-            together, kept = qwen.forward(**mixed).logits[:, -1], kept_of(handle)
-            for b in range(len(ROWS)):
-                alone = row_alone(qwen, mixed, b)
-                single = qwen.forward(**alone).logits[:, -1]
-                torch.testing.assert_close(together[b: b + 1], single, rtol=1e-5, atol=1e-5)
-                assert torch.equal(kept[b], kept_of(handle)[0])
+        assert_rows_alone_as_in_batch(qwen, mixed, handle, [[0], [1]])  # rows inside the LLM
     finally:
         handle.detach()
 

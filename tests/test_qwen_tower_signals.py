@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from tiny_qwen import ROWS, kept_of, row_alone
+from tiny_qwen import assert_rows_alone_as_in_batch, kept_of
 
 from tokensieve.attach import attach
 from tokensieve.backbones import qwen_tower
@@ -150,14 +150,7 @@ def test_padded_batch_equals_each_row_alone(qwen, mixed):
     """Each image's signals come from its own attention span: a row chooses and merges alone as in the batch."""
     handle = attach(qwen, create_method("visionzip", **PORTS["visionzip"]), 0.5)
     try:
-        with torch.no_grad():
-            together, kept = qwen.forward(**mixed).logits[:, -1], kept_of(handle)
-            for b in range(len(ROWS)):
-                alone = row_alone(qwen, mixed, b)
-                single = qwen.forward(**alone).logits[:, -1]
-                torch.testing.assert_close(together[b: b + 1], single, rtol=1e-5, atol=1e-5)
-                images = [0] if b == 0 else [1, 2]
-                assert all(torch.equal(kept[i], k) for i, k in zip(images, kept_of(handle)))
+        assert_rows_alone_as_in_batch(qwen, mixed, handle, [[0], [1, 2]])  # images at llm.0
     finally:
         handle.detach()
 

@@ -147,6 +147,19 @@ def row_alone(qwen, batch: dict, b: int) -> dict:
     return alone
 
 
+def assert_rows_alone_as_in_batch(qwen, batch: dict, handle, kept_rows: list[list[int]]) -> None:
+    """With ``handle`` attached, each row of ``batch`` (``inputs(qwen, ROWS)``) run alone (:func:`row_alone`)
+    gives the last logits and keeps the tokens it does in the batch; ``kept_rows[b]``: the rows of
+    ``handle.last_kept`` in the batch that are row ``b``'s (its images at ``llm.0``, the row inside the LLM)."""
+    with torch.no_grad():
+        together, kept = qwen.forward(**batch).logits[:, -1], kept_of(handle)
+        for b, rows in enumerate(kept_rows):
+            single = qwen.forward(**row_alone(qwen, batch, b)).logits[:, -1]
+            torch.testing.assert_close(together[b: b + 1], single, rtol=1e-5, atol=1e-5)
+            alone = kept_of(handle)
+            assert len(alone) == len(rows) and all(torch.equal(kept[i], k) for i, k in zip(rows, alone))
+
+
 def until_eos(tokens: torch.Tensor, eos: int) -> list[list[int]]:
     """Each row's tokens up to and including its first ``eos`` (generate pads after it)."""
     return [row[: row.index(eos) + 1] if eos in row else row for row in tokens.tolist()]
