@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_two_stage import tiny_config
+from tiny_two_stage import step_leaving_the_backbone_alone, tiny_config
 
 from tokensieve.attach import attach
 from tokensieve.backbones.llava_prompt import encode
@@ -35,17 +35,9 @@ def test_only_the_trainable_parts_get_gradients(tiny_llava_dir, tmp_path, dtype)
                       loss={"adversarial": 0.1, "hidden_mse": 0.1}, run={"dtype": dtype})
     trainer = TwoStageTrainer(cfg, tmp_path / "run", progress=False)
     assert trainer.backbone.model.dtype == getattr(torch, dtype)
-    before = {k: v.clone() for k, v in trainer.backbone.model.state_dict().items()}
-    trainer.parts.train()
-    handle = trainer.parts.attach(trainer.backbone, "soft", training=True)
-    try:
-        row = trainer.train_step(handle)
-    finally:
-        handle.detach()
+    row = step_leaving_the_backbone_alone(trainer)
     assert {"task", "distill", "sparsity", "merge_sparsity", "hidden_mse", "adversarial", "discriminator",
             "disc_prob_real", "disc_prob_fake"} <= set(row)
-    assert all(p.grad is None for p in trainer.backbone.model.parameters())
-    assert all(torch.equal(v, before[k]) for k, v in trainer.backbone.model.state_dict().items())
     assert all(torch.isfinite(torch.tensor(v)) for k, v in row.items() if isinstance(v, float))
     for part in (trainer.parts.token_merger, trainer.parts.layer_pruners, trainer.parts.discriminator):
         assert all(p.dtype == torch.float32 for p in part.parameters())

@@ -1,6 +1,9 @@
-"""The tiny two-stage training settings the two-stage tests share (seconds on the tiny models)."""
+"""The tiny two-stage training settings the two-stage tests share (seconds on the tiny models), and one
+soft training step that must leave the backbone alone."""
 
 from __future__ import annotations
+
+import torch
 
 from tokensieve.config import from_dict
 from tokensieve.train.two_stage_config import TwoStageConfig
@@ -23,3 +26,17 @@ def tiny_config(model_dir, settings: dict = TINY_SETTINGS, **sections) -> TwoSta
         data.setdefault(section, {}).update(values)
     return from_dict(TwoStageConfig, data)
 
+
+def step_leaving_the_backbone_alone(trainer) -> dict:
+    """One soft training step of ``trainer``'s parts, its log row; asserts the backbone got no gradient
+    and kept every weight."""
+    before = {k: v.clone() for k, v in trainer.backbone.model.state_dict().items()}
+    trainer.parts.train()
+    handle = trainer.parts.attach(trainer.backbone, "soft", training=True)
+    try:
+        row = trainer.train_step(handle)
+    finally:
+        handle.detach()
+    assert all(p.grad is None for p in trainer.backbone.model.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in trainer.backbone.model.state_dict().items())
+    return row
