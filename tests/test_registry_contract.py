@@ -24,7 +24,10 @@ CASES = [(name, SITE_OF_STAGE[stage]) for name in list_methods() for stage in me
 CASES += [(name, "llm.0") for name in list_methods() if method_class(name).default_site == "llm.0"]
 # Sites inside a method's stages that its paper's rule cannot use, refused when attaching.
 REFUSED = {("cdpruner", "llm.1"): "cdpruner needs projector_input, which llm.1 does not provide",
-           ("tome", "projector"): "merges inside the vision tower's blocks"}
+           ("tome", "projector"): "merges inside the vision tower's blocks",
+           # HiRED's per-crop signals exist only on an anyres model (LLaVA-NeXT)
+           **{("hired", site): f"hired needs anyres_source, crop_cls_attention, first_block_crop_cls_attention, "
+              f"which {site} does not provide" for site in ("llm.0", "llm.1")}}
 CASES = [case for case in CASES if case not in REFUSED]
 
 

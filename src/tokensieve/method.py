@@ -72,9 +72,10 @@ class Budget:
 
 
 # Signals not laid out over the N tokens on their second axis (checked on the batch axis only):
-# one value per row (CLS), the image run as the LLM received it, or (B, T, N) from the T tokens
-# after the image.
-ROW_SIGNALS = frozenset({"cls_token", "input_image_embeddings", "post_image_attention"})
+# one value per row (CLS), the image run as the LLM received it, (B, T, N) from the T tokens
+# after the image, or (B, n_crops, P) per crop of an anyres image (LLaVA-NeXT).
+ROW_SIGNALS = frozenset({"cls_token", "input_image_embeddings", "post_image_attention", "crop_cls_attention",
+                         "first_block_crop_cls_attention"})
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from tokensieve.methods import (
     divprune,  # noqa: F401
     fastervlm,  # noqa: F401
     fastv,  # noqa: F401
+    hired,  # noqa: F401
     layer_pruner,  # noqa: F401
     prumerge,  # noqa: F401
     pyramiddrop,  # noqa: F401
