@@ -38,7 +38,8 @@ def test_loads_model_processor_and_contract(llava_next):
     assert isinstance(llava_next, Backbone)
     assert type(llava_next.processor.image_processor).__name__ == "LlavaNextImageProcessorPil"
     assert llava_next.sites() == [Site("llm", k) for k in range(3)]
-    assert llava_next.signals_at(Site("llm", 0)) == {"projector_input"}
+    assert llava_next.signals_at(Site("llm", 0)) == {"projector_input", "crop_cls_attention",
+                                                     "first_block_crop_cls_attention", "anyres_source"}
     assert llava_next.most_image_tokens() == 16 + 64  # base + the 56x56 pinpoint's 2x2 crops
 
 

@@ -15,12 +15,12 @@ from tokensieve.methods import create_method, list_methods, method_class
 SITE_OF_STAGE = {"vision": "vision.1", "projector": "projector", "llm": ("llm.0", "llm.1")}
 CASES = [(name, site) for name in list_methods() for stage in method_class(name).stages
          for site in ([SITE_OF_STAGE[stage]] if stage != "llm" else SITE_OF_STAGE[stage])]
-# What runs: scoring methods after packing (llm.0: no tower signal yet, so the methods reading the
-# projector's input or nothing) and inside the LLM (llm.1). Refused: every vision/projector site (none
+# What runs: scoring methods after packing (llm.0: the methods reading the projector's input, nothing, or
+# the tower's CLS rows per crop: HiRED) and inside the LLM (llm.1). Refused: every vision/projector site (none
 # on NeXT), methods needing signals a site lacks, positions renumbered (PyramidDrop's and SparseVLM's
 # defaults) and tokens a method makes (SparseVLM).
 RUNS = {("cdpruner", "llm.0"), ("dart", "llm.1"), ("divprune", "llm.0"), ("divprune", "llm.1"), ("fastv", "llm.1"),
-        ("layer_pruner", "llm.0"), ("layer_pruner", "llm.1"), ("random", "llm.0"), ("random", "llm.1")}
+        ("hired", "llm.0"), ("layer_pruner", "llm.0"), ("layer_pruner", "llm.1"), ("random", "llm.0"), ("random", "llm.1")}
 # Attach, then refused in one line at the first pass: the merger's llm stage is for Qwen-VL's llm.0; here
 # the new values it gives the kept tokens have no place.
 REFUSED_IN_PASS = {("token_merger", "llm.0"), ("token_merger", "llm.1")}

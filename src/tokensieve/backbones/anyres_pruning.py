@@ -14,9 +14,10 @@ when it is installed; then, in every forward pass through the adapter (``forward
   1-D RoPE, positions kept, the KV cache shortened).
 
 Newline tokens (``image_newline`` after every canvas row) follow the policy ``keep``: outside the
-budget, never candidates, all of them enter the LLM and stay there. ``handle.last_kept[stage]`` holds,
-per image (``llm.0``) or row (``llm.k``), the kept tokens as positions in the image's packed run
-(newlines counted in the numbering, never listed), then ``PADDING`` (-2).
+budget, never candidates, all of them enter the LLM and stay there; unless the ``llm.0`` stage's method
+says ``newlines = "drop"`` (HiRED's reference passes no newline): then none enters the LLM.
+``handle.last_kept[stage]`` holds, per image (``llm.0``) or row (``llm.k``), the kept tokens as positions
+in the image's packed run (newlines counted in the numbering, never listed), then ``PADDING`` (-2).
 
 ``hard`` mode only; methods that make tokens or renumber positions are refused.
 """
@@ -27,6 +28,7 @@ from collections.abc import Callable
 
 import torch
 
+from tokensieve.backbones.anyres_tower import CROP_SIGNALS, CropAttention
 from tokensieve.backbones.base import Site
 from tokensieve.backbones.per_image_stage import PerImageStage, PerImageStagePlan, per_image_questions
 from tokensieve.backbones.row_llm import RowLLMStages
@@ -62,6 +64,10 @@ class AnyresStagePlan(PerImageStagePlan):
     def budget_where(self, site: Site, n: int) -> str:
         return f"{site} (the most one image gives: its base and the largest pinpoint's crops, newlines left out)"
 
+    def varies_per_row(self, site: Site) -> bool:
+        """True: at ``llm.0`` each image is chosen alone, so it may keep fewer than its budget (HiRED)."""
+        return True
+
 
 class AnyresPruningSession(PerImageStage, RowLLMStages):
     """The stages of one handle on one LLaVA-NeXT adapter, and what they capture in a forward pass.
@@ -82,6 +88,10 @@ class AnyresPruningSession(PerImageStage, RowLLMStages):
         wants = set() if self.stage is None else set(self.stage.method.signals) | set(self.stage.method.optional_signals)
         if "projector_input" in wants:
             handle.hooks.append(backbone.projector.register_forward_hook(self._capture_projector_input))
+        self.crops = CropAttention(backbone, wants, lambda: handle.active, handle.scoring) \
+            if wants & set(CROP_SIGNALS) else None
+        if self.crops is not None:
+            self.crops.install(handle.hooks)
         self._register_llm()
         handle.hooks.append(self)
 
@@ -102,9 +112,9 @@ class AnyresPruningSession(PerImageStage, RowLLMStages):
         packed: per image its packed run ``(N_i, d)``; layouts: their :class:`AnyresLayout`; question_mask:
         ``(input_ids, mask)`` ``(B, L)``, True on each row's question tokens (image ``i`` is row ``i``'s);
         questions: a function giving each image's question as text (None without a processor to decode it).
-        Returns per image the positions in its run that enter the LLM, increasing: every newline and the
-        kept base and crop tokens. Records counts (rows: images, tokens: newlines left out) and
-        ``handle.last_kept``.
+        Returns per image the positions in its run that enter the LLM, increasing: every newline (none
+        where the method's ``newlines`` is ``"drop"``) and the kept base and crop tokens. Records counts
+        (rows: images, tokens: newlines left out) and ``handle.last_kept``.
         """
         first = [sum(layout.n_crops for layout in layouts[:i]) for i in range(len(layouts))]
         question_of = per_image_questions(questions)
@@ -118,15 +128,26 @@ class AnyresPruningSession(PerImageStage, RowLLMStages):
             ids = question_mask[0][i][question_mask[1][i]][None]
             return self.bb.model.get_input_embeddings()(ids), torch.ones_like(ids, dtype=torch.bool)
 
+        def crop_signals(i: int, candidates: torch.Tensor) -> dict:
+            source = {"anyres_source": lambda: layouts[i].source[candidates.cpu()][None].to(candidates.device)}
+            if self.crops is None:
+                return source
+            return {**source, **{name: lambda name=name: self.crops.image(name, first[i], layouts[i].n_crops)
+                                 for name in self.crops.blocks}}
+
         candidates = [layout.candidates.to(tokens.device) for tokens, layout in zip(packed, layouts)]
 
         def inputs(i: int) -> dict:  # image i's SiteInputs fields beyond its tokens
-            return {"signals": {"projector_input": lambda: projector_input(i, candidates[i])},
+            return {"signals": {"projector_input": lambda: projector_input(i, candidates[i]),
+                                **crop_signals(i, candidates[i])},
                     "question_states": lambda: question_states(i), "question_text": question_of(i)}
 
         chosen = self.choose_each([tokens[c] for tokens, c in zip(packed, candidates)], inputs, ["image"] * len(packed))
-        kept = [c[sel.indices[0]] for c, sel in zip(candidates, chosen)]
-        runs = [torch.cat([k, layout.is_newline.nonzero().flatten().to(k.device)]).sort().values
+        # An image may keep fewer than its budget (HiRED): its selection's valid entries only.
+        kept = [c[sel.indices[0] if sel.valid is None else sel.indices[0][sel.valid[0]]]
+                for c, sel in zip(candidates, chosen)]
+        drop_newlines = getattr(self.stage.method, "newlines", "keep") == "drop"
+        runs = [k if drop_newlines else torch.cat([k, layout.is_newline.nonzero().flatten().to(k.device)]).sort().values
                 for k, layout in zip(kept, layouts)]
         self.record_images(kept, [len(layout.candidates) for layout in layouts])
         return runs

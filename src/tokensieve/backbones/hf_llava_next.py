@@ -37,6 +37,7 @@ from transformers import LlavaNextForConditionalGeneration
 
 from tokensieve.backbones.anyres_layout import AnyresLayout, anyres_layout
 from tokensieve.backbones.anyres_pruning import LLM0, AnyresPruningSession
+from tokensieve.backbones.anyres_tower import CROP_SIGNALS
 from tokensieve.backbones.base import Site
 from tokensieve.backbones.hf_checkpoint import checkpoint_config, load_complete, model_and_processor
 from tokensieve.backbones.llava_assembly import AssembledInputs, assemble_rows
@@ -92,6 +93,22 @@ class LlavaNextBackbone:
         return self.model.model.multi_modal_projector
 
     @property
+    def vision_layers(self) -> nn.ModuleList:
+        return self.model.model.vision_tower.encoder.layers
+
+    @property
+    def feature_block(self) -> int:
+        """The tower block whose output is the feature layer (``vision_feature_layer``; -2: the penultimate
+        block, 22 of CLIP-L's 24)."""
+        layer = self.config.vision_feature_layer
+        if not isinstance(layer, int):
+            raise TokensieveError(f"vision_feature_layer {layer!r}: per-crop tower signals need one feature layer")
+        block = layer % (len(self.vision_layers) + 1) - 1
+        if block < 0:
+            raise TokensieveError(f"vision_feature_layer {layer} is the tower's embeddings, the output of no block")
+        return block
+
+    @property
     def llm_layers(self) -> nn.ModuleList:
         return self.model.model.language_model.layers
 
@@ -126,12 +143,13 @@ class LlavaNextBackbone:
         return [Site("llm", k) for k in range(len(self.llm_layers))]
 
     def signals_at(self, site: Site) -> set[str]:
-        """``projector_input`` at ``llm.0`` (per token ``(N, d_v)``, the tower feature behind it); at
-        ``llm.k``: ``text_attention``, ``prev_layer_keys``, ``normed_states``, ``positions`` and
-        ``layer_text_attention``. No tower attention signal yet (its CLS rows are per crop)."""
+        """At ``llm.0``: ``projector_input`` (per token ``(N, d_v)``, the tower feature behind it), the
+        per-crop CLS attention rows :data:`~tokensieve.backbones.anyres_tower.CROP_SIGNALS` ``(1, n_crops, P)``
+        and ``anyres_source`` ``(1, N)`` (each token's crop patch); at ``llm.k``: ``text_attention``,
+        ``prev_layer_keys``, ``normed_states``, ``positions`` and ``layer_text_attention``."""
         if site not in self.sites():
             return set()
-        return {"projector_input"} if site == LLM0 else set(LLM_SIGNALS)
+        return {"projector_input", "anyres_source", *CROP_SIGNALS} if site == LLM0 else set(LLM_SIGNALS)
 
     def install(self, handle, seed: int = 0) -> None:
         """Check ``handle``'s stages and register them (called by :func:`tokensieve.attach`)."""

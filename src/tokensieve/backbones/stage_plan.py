@@ -208,6 +208,11 @@ class StagePlan:
         the block before a vision site, else the feature block."""
         return site.layer - 1 if site.stage == "vision" else self.tower_end - 1
 
+    def varies_per_row(self, site: Site) -> bool:
+        """Whether a selection at ``site`` may keep a count that varies per row (``Selection.valid``):
+        inside the LLM; before it where each row is one image chosen alone (LLaVA-NeXT's ``llm.0``)."""
+        return not site.before_llm
+
     def merge_span(self, site: Site, end: int) -> str:
         """How an in-block stage's error names the blocks it merges in."""
         return f"{site.layer}..{end - 1}"
@@ -280,7 +285,7 @@ class StagePlan:
         st = self.stages[site]
         values = self.check == "always" or site not in self.checked
         check_selection(sel, batch, n, st.method.kept_count(n, keep), f"{st.method.name} at {site}",
-                        per_row=not site.before_llm, values=values)
+                        per_row=self.varies_per_row(site), values=values)
         if pass_done:
             self.checked.add(site)
         if valid is not None:
