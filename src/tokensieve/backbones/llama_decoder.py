@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from tokensieve.errors import TokensieveError
+
 
 def most_negative(dtype: torch.dtype) -> float:
     """The most negative finite value of ``dtype``: an additive mask entry that removes a key."""
@@ -85,6 +87,26 @@ def last_queries_attention(attn, hidden: torch.Tensor, keys: torch.Tensor, kwarg
 def last_query_attention(attn, hidden: torch.Tensor, keys: torch.Tensor, kwargs: dict) -> torch.Tensor:
     """``(B, T)``: the last position's attention over all positions (:func:`last_queries_attention`)."""
     return last_queries_attention(attn, hidden, keys, kwargs)[:, 0]
+
+
+def own_last_query_attention(layer, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """``(B, L)``: the last position's attention at decoder ``layer`` itself, from its own norm and q/k on
+    the states ``hidden`` ``(B, L, d)`` entering it; kwargs: its attention's, as adjusted for the columns
+    still there (positions and mask of earlier drops)."""
+    normed = layer.input_layernorm(hidden)
+    return last_query_attention(layer.self_attn, normed, layer.self_attn.k_proj(normed), kwargs)
+
+
+def positions_still_there(kwargs: dict, b: int, drops: list, adapter: str) -> torch.Tensor:
+    """``(B, L)``: the 1-D position id of every column still in the sequence (``drops``: the
+    :class:`Drop` s so far), from the ``position_ids`` the layer received (refused in one line, naming
+    ``adapter``'s forward, when it received none)."""
+    positions = kwargs.get("position_ids")
+    if positions is None:
+        raise TokensieveError(f"the LLM's layers received no position_ids: run the model through {adapter}.forward "
+                              "or .generate")
+    positions = positions.expand(b, -1)
+    return positions.gather(1, drops[-1].positions) if drops else positions
 
 
 def rotated_keys(attn, keys: torch.Tensor, kwargs: dict) -> torch.Tensor:

@@ -19,10 +19,11 @@ from tokensieve.backbones.base import Site
 from tokensieve.backbones.llama_decoder import (
     drop_before,
     is_decoding,
-    last_query_attention,
     layer_kwargs,
     log_mask,
     most_negative,
+    own_last_query_attention,
+    positions_still_there,
     soft_key_bias,
 )
 from tokensieve.backbones.stage_plan import EXTRA, PADDING
@@ -175,22 +176,13 @@ class LLMReductions:
         return kept_hidden
 
     def _layer_text_attention(self, k: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        """``(B, L)``: the last position's attention at decoder layer ``k`` itself — its own norm and
-        q/k on the states entering it, at the positions and mask they have (earlier drops applied)."""
-        layer = self.bb.llm_layers[k]
-        normed = layer.input_layernorm(hidden)
-        current = self._adjust_llm_kwargs(k, hidden, kwargs, decoding=False)
-        return last_query_attention(layer.self_attn, normed, layer.self_attn.k_proj(normed), current)
+        """``(B, L)``: the last position's attention at decoder layer ``k`` itself (earlier drops applied)."""
+        return own_last_query_attention(self.bb.llm_layers[k], hidden,
+                                        self._adjust_llm_kwargs(k, hidden, kwargs, decoding=False))
 
     def _positions(self, kwargs: dict, b: int) -> torch.Tensor:
-        """``(B, L)``: the position id of every column still in the sequence (earlier stages' drops
-        applied), from the model's original ``position_ids``."""
-        positions = kwargs.get("position_ids")
-        if positions is None:
-            raise TokensieveError("the LLM's layers received no position_ids: run the model through "
-                                  "LlavaBackbone.forward or .generate")
-        positions = positions.expand(b, -1)
-        return positions.gather(1, self.drops[-1].positions) if self.drops else positions
+        """``(B, L)``: the position id of every column still in the sequence (earlier stages' drops applied)."""
+        return positions_still_there(kwargs, b, self.drops, "LlavaBackbone")
 
     def _adjust_llm_kwargs(self, k: int, hidden: torch.Tensor, kwargs: dict, decoding: bool) -> dict:
         """Gather positions/RoPE/mask to the kept tokens (hard); add key biases (soft, and the

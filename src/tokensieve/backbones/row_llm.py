@@ -28,6 +28,8 @@ from tokensieve.backbones.llama_decoder import (
     last_query_attention,
     layer_kwargs,
     most_negative,
+    own_last_query_attention,
+    positions_still_there,
     rotated_keys,
 )
 from tokensieve.backbones.qwen_units import refuse_video, units_now
@@ -241,21 +243,13 @@ class RowLLMStages:
 
     # --- what a layer receives ----------------------------------------------------------
     def _layer_text_attention(self, k: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        """``(B, L)``: the last position's attention at decoder layer ``k`` itself, from its own norm and
-        q/k on the states entering it, at the positions and mask they have (earlier drops applied)."""
-        layer = self.bb.llm_layers[k]
-        normed = layer.input_layernorm(hidden)
-        current = self._adjusted_kwargs(k, hidden, kwargs, decoding=False)
-        return last_query_attention(layer.self_attn, normed, layer.self_attn.k_proj(normed), current)
+        """``(B, L)``: the last position's attention at decoder layer ``k`` itself (earlier drops applied)."""
+        return own_last_query_attention(self.bb.llm_layers[k], hidden,
+                                        self._adjusted_kwargs(k, hidden, kwargs, decoding=False))
 
     def _positions(self, kwargs: dict, b: int) -> torch.Tensor:
         """``(B, L)``: the 1-D position id (the text row of the 4-row ids) of every current column."""
-        positions = kwargs.get("position_ids")
-        if positions is None:
-            raise TokensieveError("the LLM's layers received no 1-D position_ids: run the model through "
-                                  f"{type(self.bb).__name__}.forward or .generate")
-        positions = positions.expand(b, -1)
-        return positions.gather(1, self.drops[-1].positions) if self.drops else positions
+        return positions_still_there(kwargs, b, self.drops, type(self.bb).__name__)
 
     def _adjusted_kwargs(self, k: int, hidden: torch.Tensor, kwargs: dict, decoding: bool) -> dict:
         """The layer's kwargs after the removals before layer ``k`` (hard) or with the key biases of the
