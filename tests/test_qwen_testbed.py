@@ -40,7 +40,7 @@ def test_rows_of_one_batch_carry_the_token_counts_of_their_image_sizes():
     # Not resized away: each image's tokens are its scene grid (one 16 px token per scene patch).
     assert counts.tolist() == [s.grid[0] * s.grid[1] for s in samples]
     assert batch["image_grid_thw"].tolist() == [[1, 2 * s.grid[0], 2 * s.grid[1]] for s in samples]
-    assert sorted({s.grid[0] * s.grid[1] for s in samples}) == [64, 96, 120, 144]
+    assert sorted({s.grid[0] * s.grid[1] for s in samples}) == [64, 80, 90, 100]
 
 
 def test_stage_one_features_are_the_merger_tokens_in_order_and_the_projector_starts_as_their_readouts():
@@ -61,12 +61,12 @@ def test_stage_one_features_are_the_merger_tokens_in_order_and_the_projector_sta
 
 def test_training_writes_a_loadable_qwen_checkpoint_that_testbed_eval_checks(tiny_qwen_testbed):
     backbone = QwenVLBackbone.from_pretrained(tiny_qwen_testbed)
-    assert backbone.family == "qwen2_5_vl" and backbone.most_image_tokens() == 144
+    assert backbone.family == "qwen2_5_vl" and backbone.most_image_tokens() == 100
     assert (tiny_qwen_testbed / "train_log.jsonl").read_text().count("heldout_accuracy") == 1
     report = evaluate_testbed(backbone, n_samples=10, batch_size=5, progress=False)
     assert set(report["targets"]) == set(QWEN_TARGETS)
-    assert report["visual_tokens_per_size"] == {"128x128": 64, "128x192": 96, "192x160": 120, "192x192": 144}
-    assert report["n_visual_tokens"] == 144 and "cls_attention_object_ratio" not in report
+    assert report["visual_tokens_per_size"] == {"64x64": 64, "64x80": 80, "80x72": 90, "80x80": 100}
+    assert report["n_visual_tokens"] == 100 and "cls_attention_object_ratio" not in report
 
 
 def test_interrupted_qwen_training_resumes_exactly(tmp_path, monkeypatch, tiny_qwen_testbed):

@@ -48,7 +48,7 @@ def summarise(samples: list[Sample], predictions: list[str]) -> dict:
 
 
 def qwen_scenes(backbone: QwenVLBackbone) -> SceneSpec:
-    """The Qwen testbed's scenes, refused for a Qwen model whose visual token is not a 16 px square."""
+    """The Qwen testbed's scenes, refused for a Qwen model whose visual token is not a TOKEN_PIXELS square."""
     vc = backbone.config.vision_config
     if vc.patch_size * vc.spatial_merge_size != TOKEN_PIXELS:
         raise TokensieveError(f"not a Qwen testbed: its visual tokens cover {vc.patch_size * vc.spatial_merge_size} "

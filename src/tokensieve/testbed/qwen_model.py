@@ -1,9 +1,9 @@
 """Build the Qwen testbed: a real ``Qwen2_5_VLForConditionalGeneration`` (small window-attention
 tower, 2x2 patch merger, Qwen2 LLM with M-RoPE) and its offline ``Qwen2_5_VLProcessor``.
 
-Geometry: 8px patches merged 2x2, so one visual token is a 16px square, the scene unit of
-:data:`QWEN_SCENES` (objects fill 2x2 tokens, as they fill 2x2 patches on the LLaVA testbed).
-The scenes come in four sizes, 64 to 144 tokens, so rows of a batch carry different counts.
+Geometry: 4px patches merged 2x2, so one visual token is an 8px square, the scene unit of
+:data:`QWEN_SCENES`: the LLaVA testbed's scenes (8px patches, objects on 2x2 of them) at four sizes.
+The scenes come in four sizes, 64 to 100 tokens, so rows of a batch carry different counts.
 """
 
 from __future__ import annotations
@@ -24,11 +24,13 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
-PATCH, MERGE, TEMPORAL = 8, 2, 2
-TOKEN_PIXELS = PATCH * MERGE  # one visual token covers 16x16 px
-# (height, width) px: 8x8, 8x12, 12x10 and 12x12 tokens (64, 96, 120, 144).
-QWEN_SIZES = ((128, 128), (128, 192), (192, 160), (192, 192))
-QWEN_SCENES = SceneSpec(image_size=192, patch_size=TOKEN_PIXELS, sizes=QWEN_SIZES)
+PATCH, MERGE, TEMPORAL = 4, 2, 2
+TOKEN_PIXELS = PATCH * MERGE  # one visual token covers 8x8 px, as one LLaVA testbed patch
+# (height, width) px: 8x8, 8x10, 10x9 and 10x10 tokens (64, 80, 90, 100). The largest is the LLaVA
+# testbed's 10x10 grid, so prompts are about as long as its; sides of 8, 9 and 10 tokens cut full
+# and partial (4x1, 4x2) windows.
+QWEN_SIZES = ((64, 64), (64, 80), (80, 72), (80, 80))
+QWEN_SCENES = SceneSpec(image_size=80, patch_size=TOKEN_PIXELS, sizes=QWEN_SIZES)
 WINDOW = 4 * TOKEN_PIXELS  # window attention over 4x4 tokens (8x8 patches), as Qwen2.5-VL's 112px / 14px
 SPECIAL_TOKENS = ("<pad>", "<|im_end|>", "<|im_start|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
                   "<|video_pad|>")
@@ -74,8 +76,9 @@ def build_qwen_testbed_model(tokenizer: PreTrainedTokenizerFast, size: TestbedSi
             "pad_token_id": tokenizer.pad_token_id, "bos_token_id": None, "eos_token_id": tokenizer.eos_token_id,
             "tie_word_embeddings": False,
             "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "mrope_section": mrope}}
+    # The tower's SwiGLU MLP is as wide as Qwen2.5-VL-7B's (3420 / 1280), which costs what a 4x GELU MLP does.
     vision = {"depth": size.vision_layers, "hidden_size": size.vision_hidden, "num_heads": size.vision_heads,
-              "intermediate_size": 4 * size.vision_hidden, "out_hidden_size": size.text_hidden,
+              "intermediate_size": size.vision_hidden * 3420 // 1280, "out_hidden_size": size.text_hidden,
               "patch_size": PATCH, "spatial_merge_size": MERGE, "temporal_patch_size": TEMPORAL, "in_channels": 3,
               "window_size": WINDOW, "fullatt_block_indexes": [size.vision_layers - 1], "tokens_per_second": 2}
     config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
