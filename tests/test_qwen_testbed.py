@@ -95,8 +95,9 @@ def test_qwen_eval_without_a_model_is_one_line(capsys):
 def test_testbed_train_takes_the_qwen_backbone(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(train_module, "train_testbed", lambda out, cfg, resume: seen.setdefault("cfg", cfg) and out)
-    assert main(["testbed", "train", "--backbone", "qwen", "--out", str(tmp_path), "--llm-steps", "7"]) == 0
-    assert (seen["cfg"].backbone, seen["cfg"].llm_steps) == ("qwen", 7)
+    assert main(["testbed", "train", "--backbone", "qwen", "--out", str(tmp_path), "--llm-steps", "7",
+                 "--tower-batch", "16"]) == 0
+    assert (seen["cfg"].backbone, seen["cfg"].llm_steps, seen["cfg"].tower_batch) == ("qwen", 7, 16)
 
 
 def test_testbed_eval_json_on_the_tiny_qwen_testbed(tiny_qwen_testbed, capsys):

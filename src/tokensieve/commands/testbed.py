@@ -14,8 +14,8 @@ def _testbed_train(args: argparse.Namespace) -> None:
     from tokensieve.testbed.model import TestbedSize
     from tokensieve.testbed.train import TestbedTrainConfig, train_testbed
 
-    given = {key: getattr(args, key) for key in ("tower_steps", "llm_steps", "mention_layer", "relation_layer")
-             if getattr(args, key) is not None}
+    keys = ("tower_steps", "tower_batch", "llm_steps", "mention_layer", "relation_layer")
+    given = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
     if args.llm_layers is not None:
         given["size"] = TestbedSize(text_layers=args.llm_layers)
     cfg = TestbedTrainConfig(**given, backbone=args.backbone)
@@ -58,6 +58,7 @@ def add(sub) -> None:
     train.add_argument("--backbone", choices=("llava", "qwen"), default="llava",
                        help="the architecture: LLaVA-1.5 (default) or Qwen2.5-VL (images of four sizes)")
     train.add_argument("--tower-steps", type=positive_int, help="stage-1 (vision tower) steps")
+    train.add_argument("--tower-batch", type=positive_int, help="stage-1 images per step (default 64)")
     train.add_argument("--llm-steps", type=positive_int, help="stage-2 (projector + LLM) steps")
     train.add_argument("--llm-layers", type=positive_int, help="decoder layers of the LLM (default 8)")
     train.add_argument("--mention-layer", type=positive_int,

@@ -51,7 +51,7 @@ def build_qwen_tokenizer() -> PreTrainedTokenizerFast:
 
 def build_qwen_processor() -> Qwen2_5_VLProcessor:
     """The processor; ``min_pixels`` / ``max_pixels`` bracket :data:`QWEN_SIZES`, which are
-    multiples of 16 px, so ``smart_resize`` keeps every image at its own size."""
+    multiples of 8 px (the patch times the merge), so ``smart_resize`` keeps every image at its own size."""
     pixels = [h * w for h, w in QWEN_SIZES]
     patches = {"patch_size": PATCH, "merge_size": MERGE, "temporal_patch_size": TEMPORAL}
     images = Qwen2VLImageProcessorPil(min_pixels=min(pixels), max_pixels=max(pixels), image_mean=list(CLIP_MEAN),
