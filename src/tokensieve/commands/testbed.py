@@ -30,7 +30,7 @@ def _testbed_eval(args: argparse.Namespace) -> None:
 
     if args.backbone == "qwen" and args.model is None:
         raise TokensieveError("--backbone qwen needs --model DIR: no Qwen testbed ships yet "
-                              "(train one with tokensieve testbed train --backbone qwen --out DIR)")
+                              "(train one with tokensieve testbed train --backbone qwen --tower-batch 16 --out DIR)")
     backbone = (QwenVLBackbone if args.backbone == "qwen" else LlavaBackbone).from_pretrained(args.model)
     if backbone.processor is None:
         raise TokensieveError(f"{args.model} has no processor files; the testbed evaluation needs one")
