@@ -228,3 +228,22 @@ def layer_kwargs(kwargs: dict, hidden: torch.Tensor, drop: Drop | None, biases: 
         mask = (mask + full[:, None, None, :]).clamp(min=most_negative(hidden.dtype))
     kwargs["attention_mask"] = mask
     return {name: kwargs.get(name) for name in ("attention_mask", "position_embeddings", "position_ids")}
+
+
+def adjusted_layer_kwargs(cache: dict, kwargs: dict, hidden: torch.Tensor, drops: list, biases: list,
+                          length: int, rotary, k: int, decoding: bool) -> dict:
+    """Decoder layer ``k``'s kwargs after the removals before it (``drops``: hard) and with the key biases
+    of the stages up to it (``biases``: ``(layer, (B, L))`` pairs; soft, and the padding of rows that keep
+    fewer tokens in hard). Every layer receives the same original tensors from the model, so the adjusted
+    ones are computed once per (stages in effect, originals), kept in ``cache``, and reused by later layers."""
+    n_drops = sum(drop.layer <= k for drop in drops)
+    n_biases = sum(layer <= k for layer, _ in biases)
+    if n_drops == 0 and n_biases == 0:
+        return kwargs
+    originals = tuple(kwargs.get(name) for name in ("attention_mask", "position_embeddings", "position_ids"))
+    cached = cache.get((n_drops, n_biases, decoding))
+    if cached is None or any(a is not b for a, b in zip(cached[0], originals)):
+        adjusted = layer_kwargs(kwargs, hidden, drops[n_drops - 1] if n_drops else None,
+                                [bias for _, bias in biases[:n_biases]], length, rotary, k, decoding)
+        cached = cache[(n_drops, n_biases, decoding)] = (originals, adjusted)
+    return {**kwargs, **cached[1]}

@@ -17,9 +17,9 @@ import torch
 
 from tokensieve.backbones.base import Site
 from tokensieve.backbones.llama_decoder import (
+    adjusted_layer_kwargs,
     drop_before,
     is_decoding,
-    layer_kwargs,
     log_mask,
     most_negative,
     own_last_query_attention,
@@ -185,22 +185,7 @@ class LLMReductions:
         return positions_still_there(kwargs, b, self.drops, "LlavaBackbone")
 
     def _adjust_llm_kwargs(self, k: int, hidden: torch.Tensor, kwargs: dict, decoding: bool) -> dict:
-        """Gather positions/RoPE/mask to the kept tokens (hard); add key biases (soft, and the
-        padding of rows that keep fewer tokens in hard).
-
-        Every layer receives the same original tensors from the model, so the adjusted ones are
-        computed once per (stages in effect, originals) and reused by the later layers.
-        """
-        n_drops = sum(drop.layer <= k for drop in self.drops)
-        n_biases = sum(layer <= k for layer, _ in self.biases)
-        if n_drops == 0 and n_biases == 0:
-            return kwargs
-        originals = tuple(kwargs.get(name) for name in ("attention_mask", "position_embeddings", "position_ids"))
-        cached = self._adjusted.get((n_drops, n_biases, decoding))
-        if cached is None or any(a is not b for a, b in zip(cached[0], originals)):
-            adjusted = layer_kwargs(kwargs, hidden, self.drops[n_drops - 1] if n_drops else None,
-                                    [b for _, b in self.biases[:n_biases]], self.length,
-                                    self.bb.language_model.rotary_emb, k, decoding)
-            cached = (originals, adjusted)
-            self._adjusted[(n_drops, n_biases, decoding)] = cached
-        return {**kwargs, **cached[1]}
+        """Layer ``k``'s kwargs after the removals and with the key biases before it
+        (:func:`.llama_decoder.adjusted_layer_kwargs`, cached per pass)."""
+        return adjusted_layer_kwargs(self._adjusted, kwargs, hidden, self.drops, self.biases, self.length,
+                                     self.bb.language_model.rotary_emb, k, decoding)

@@ -23,10 +23,10 @@ import torch
 
 from tokensieve.backbones.base import Site
 from tokensieve.backbones.llama_decoder import (
+    adjusted_layer_kwargs,
     drop_before,
     is_decoding,
     last_query_attention,
-    layer_kwargs,
     most_negative,
     own_last_query_attention,
     positions_still_there,
@@ -252,19 +252,7 @@ class RowLLMStages:
         return positions_still_there(kwargs, b, self.drops, type(self.bb).__name__)
 
     def _adjusted_kwargs(self, k: int, hidden: torch.Tensor, kwargs: dict, decoding: bool) -> dict:
-        """The layer's kwargs after the removals before layer ``k`` (hard) or with the key biases of the
-        stages up to layer ``k`` (soft): computed once per (stages in effect, originals), then reused by
-        the later layers, which receive the same original tensors."""
-        n_drops = sum(drop.layer <= k for drop in self.drops)
-        n_biases = sum(layer <= k for layer, _ in self.biases)
-        if n_drops == 0 and n_biases == 0:
-            return kwargs
-        originals = tuple(kwargs.get(name) for name in ("attention_mask", "position_embeddings", "position_ids"))
-        cached = self._adjusted.get((n_drops, n_biases, decoding))
-        if cached is None or any(a is not b for a, b in zip(cached[0], originals)):
-            adjusted = layer_kwargs(kwargs, hidden, self.drops[n_drops - 1] if n_drops else None,
-                                    [bias for _, bias in self.biases[:n_biases]], self.length,
-                                    self.bb.model.model.language_model.rotary_emb, k, decoding)
-            cached = (originals, adjusted)
-            self._adjusted[(n_drops, n_biases, decoding)] = cached
-        return {**kwargs, **cached[1]}
+        """Layer ``k``'s kwargs after the removals and with the key biases before it
+        (:func:`.llama_decoder.adjusted_layer_kwargs`, cached per pass)."""
+        return adjusted_layer_kwargs(self._adjusted, kwargs, hidden, self.drops, self.biases, self.length,
+                                     self.bb.model.model.language_model.rotary_emb, k, decoding)
