@@ -88,7 +88,8 @@ def model_and_processor(model, name: str, device: str | torch.device, image_proc
     the testbed were trained with, and the same with or without torchvision installed: transformers
     would otherwise switch backends), or None where the checkpoint ships weights only (callers that
     need one say so). image_processor_apart: load the processor as the checkpoint gives it, then
-    replace its image processor by the PIL one (Qwen-VL)."""
+    replace its image processor by the PIL one (Qwen-VL: its processor also holds a video processor,
+    which has no PIL backend, so ``backend="pil"`` on the whole processor fails to load it)."""
     from transformers import AutoImageProcessor, AutoProcessor
 
     try:
