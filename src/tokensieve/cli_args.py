@@ -47,3 +47,21 @@ def out_folder(text: str) -> Path:
 def comma_list(text: str) -> list[str]:
     """The items of a comma-separated argument (``"fastv, divprune"`` -> ``["fastv", "divprune"]``), blanks dropped."""
     return [part.strip() for part in text.split(",") if part.strip()]
+
+
+MEMORY_UNITS = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+                "TB": 10**12}
+
+
+def memory_size(text: str) -> int:
+    """An argparse type: a positive amount of memory with its unit (``24GiB``, ``512MiB``, ``1.5GB``), in bytes."""
+    number = text.rstrip("KMGTiB")
+    unit = text[len(number):]
+    try:
+        size = float(number) * MEMORY_UNITS[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an amount of memory: give a number and one of "
+                                         f"{', '.join(MEMORY_UNITS)} (24GiB)") from None
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive amount of memory, got {text}")
+    return int(size)

@@ -1,5 +1,5 @@
-"""``tokensieve bench speed|train``: measured prefill speed of methods, and what a training
-config costs per step."""
+"""``tokensieve bench speed|capacity|train``: measured prefill speed of methods, the largest batch
+under a memory limit with and without pruning, and what a training config costs per step."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from tokensieve.cli_args import comma_list, positive_int
+from tokensieve.cli_args import comma_list, memory_size, positive_int
 from tokensieve.errors import TokensieveError
 
 # Each 7B shape and the CPU-sized variant to use instead on a CPU.
@@ -104,6 +104,39 @@ def _print_bounds_and_decoding(rows: list[dict], new_tokens: int) -> None:
               f"{r['kv_ratio_to_short']:6.3f} {whole:>22s}{peak}")
 
 
+def _bench_capacity(args: argparse.Namespace) -> None:
+    import torch
+
+    from tokensieve.commands.evaluation import _with_parameters
+    from tokensieve.evaluate.capacity import capacity_rows
+    from tokensieve.method import Budget
+    from tokensieve.methods import create_method
+
+    methods = _with_parameters(comma_list(args.method), args.param)
+    budgets = [float(Budget.parse(b).ratio or 0) for b in comma_list(args.budget)]
+    for name in methods:
+        create_method(name)
+    if not all(budgets):
+        raise TokensieveError("bench capacity takes budget ratios (0.33), not token counts")
+    if args.new_tokens < 2:
+        raise TokensieveError("--new-tokens must be at least 2: throughput counts the generated tokens")
+    shape = _bench_shape(args)
+    rows = capacity_rows(shape, tuple(methods), tuple(budgets), args.memory_limit, args.max_batch, args.new_tokens,
+                         args.repeats, args.device, getattr(torch, args.dtype), args.site, progress=not args.json)
+    if args.json:
+        print(json.dumps({"memory_limit_bytes": args.memory_limit, "max_batch": args.max_batch,
+                          "new_tokens": args.new_tokens, "device": args.device, "dtype": args.dtype,
+                          "shape": args.shape, "rows": rows}, indent=2))
+        return
+    print(f"largest batch whose generate() of {args.new_tokens} tokens peaks under {args.memory_limit / 2**30:.2f} GiB "
+          f"(at most {args.max_batch}), and the throughput there:")
+    print(f"{'method':10s} {'budget':>6s} {'batch':>6s} {'peak MiB':>9s} {'tokens/s':>9s} {'x batch':>8s} {'x tokens/s':>10s}")
+    for r in rows:
+        peak = "-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
+        print(f"{r['method']:10s} {r['budget']:6.2f} {r['largest_batch']:6d} {peak:>9s} "
+              f"{r.get('tokens_per_s', 0):9.1f} {r.get('batch_ratio', 1):8.2f} {r.get('throughput_ratio', 1):10.2f}")
+
+
 def _bench_train(args: argparse.Namespace) -> None:
     import torch
 
@@ -132,7 +165,7 @@ def _bench_train(args: argparse.Namespace) -> None:
 
 
 def add(sub) -> None:
-    """Add ``bench speed`` and ``bench train``."""
+    """Add ``bench speed``, ``bench capacity`` and ``bench train``."""
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     speed = bench.add_parser("speed", help="measured prefill speedup vs the FLOPs ideal on a LLaVA- or "
                              "Qwen2.5-VL-shaped model")
@@ -162,6 +195,26 @@ def add(sub) -> None:
                        help="torch.compile backend with --compile (default inductor; aot_eager needs no C compiler)")
     speed.add_argument("--json", action="store_true", help="print the rows as JSON")
     speed.set_defaults(func=_bench_speed)
+
+    capacity = bench.add_parser("capacity", help="the largest batch under a memory limit with and without pruning, "
+                                "and its throughput")
+    capacity.add_argument("--memory-limit", required=True, type=memory_size,
+                          help="peak memory one generate() may use (24GiB); on a CPU, the whole process's")
+    capacity.add_argument("--method", default="divprune", help="methods, each at its default site")
+    capacity.add_argument("--param", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                          help="set a parameter of a method in --method (repeatable)")
+    capacity.add_argument("--site", default=None, help="where every method reduces (default: each method's own)")
+    capacity.add_argument("--budget", default="0.22", help="budget ratios")
+    capacity.add_argument("--shape", default="cpu", choices=["cpu", "llava-7b", "qwen2.5-vl-cpu", "qwen2.5-vl-7b"],
+                          help="as bench speed's (the 7B shapes need a GPU)")
+    capacity.add_argument("--max-batch", type=positive_int, default=256, help="the largest batch tried (default 256)")
+    capacity.add_argument("--new-tokens", type=positive_int, default=16, help="tokens generated per prompt (default 16)")
+    capacity.add_argument("--repeats", type=positive_int, default=3, help="timed generate() calls (median)")
+    capacity.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    capacity.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                          help="the model's dtype (default float32)")
+    capacity.add_argument("--json", action="store_true", help="print the rows as JSON")
+    capacity.set_defaults(func=_bench_capacity)
 
     train_bench = bench.add_parser("train", help="two-stage training step time and memory on a random model of a "
                                    "real shape (what a config costs before renting GPU hours)")
