@@ -78,8 +78,11 @@ def complement(index: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of every row of ``a`` ``(B, N, d)`` to every row of ``b`` ``(B, M, d)``: ``(B, N, M)``."""
-    return nn.functional.normalize(a, dim=-1) @ nn.functional.normalize(b, dim=-1).transpose(1, 2)
+    """Cosine similarity of every row of ``a`` ``(B, N, d)`` to every row of ``b`` ``(B, M, d)``: ``(B, N, M)``.
+    ``b`` may be ``a`` itself, normalised once then."""
+    unit_a = nn.functional.normalize(a, dim=-1)
+    unit_b = unit_a if b is a else nn.functional.normalize(b, dim=-1)
+    return unit_a @ unit_b.transpose(1, 2)
 
 
 def merge_into(kept: torch.Tensor, dropped: torch.Tensor, target: torch.Tensor,
