@@ -9,7 +9,7 @@ from tokensieve.errors import TokensieveError
 from tokensieve.method import SiteInputs
 from tokensieve.methods import create_method, list_methods
 from tokensieve.methods.dart import DART
-from tokensieve.methods.divprune import DivPrune
+from tokensieve.methods.divprune import DivPrune, second_smallest
 from tokensieve.methods.tome import ToMe
 
 NAMES = ["tome", "divprune"]  # DART reads LLM signals; its generic checks are in its own section
@@ -163,6 +163,17 @@ def test_divprune_picks_for_each_row_of_a_batch_what_it_picks_for_the_row_alone(
     together = DivPrune().select(inputs(tokens, 9)).indices
     alone = torch.cat([DivPrune().select(inputs(row[None], 9)).indices for row in tokens])
     assert torch.equal(together, alone)
+
+
+def test_divprune_second_smallest_is_topks_second_with_ties_and_odd_row_counts():
+    """The first pick's score, computed by pairing rows on a CPU, is torch's topk(2)'s second value."""
+    g = torch.Generator().manual_seed(3)
+    for rows in range(2, 40):
+        for values in (torch.randint(0, 4, (2, rows, 5), generator=g).float(),  # repeats of the smallest
+                       torch.randn(1, rows, 7, generator=g)):
+            before = values.clone()
+            assert torch.equal(second_smallest(values), values.topk(2, dim=-2, largest=False).values[:, 1])
+            assert torch.equal(values, before)
 
 
 # ---- DART -----------------------------------------------------------------------------------
