@@ -228,7 +228,8 @@ class Method:
     instance may also decide the last from its parameters (a property). ``optional_signals`` are
     read where a site offers them and done without elsewhere. ``handles_video``: it may be given a
     video's tokens (frames of a grid, :attr:`SiteInputs.units`); a video given to a method without it
-    is refused in the pass.
+    is refused in the pass. ``needs_video``: it prunes videos only (its rule compares a video's frames);
+    it is refused when attaching to a backbone that takes no video, and an image is refused in the pass.
     """
 
     name: ClassVar[str]
@@ -241,6 +242,7 @@ class Method:
     makes_extra_tokens: ClassVar[bool] = False  # True if select() may return Selection.extra
     budget_is_share: ClassVar[bool] = False  # True if its budget is a share of each stage's tokens, not a count
     handles_video: ClassVar[bool] = False  # True if its rule holds for a video's tokens (no single 2-D grid assumed)
+    needs_video: ClassVar[bool] = False  # True if its rule holds for a video's tokens only (DyCoke)
 
     def select(self, inputs: SiteInputs) -> Selection:
         """Choose ``inputs.keep`` of the ``N`` tokens of every row."""

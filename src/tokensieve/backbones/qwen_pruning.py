@@ -45,6 +45,8 @@ class QwenStagePlan(PerImageStagePlan):
     ``soft`` mode, no tokens a method makes and no renumbered positions. At attach a count at ``llm.0``
     is checked against the most tokens one image can give (:meth:`QwenVLBackbone.most_image_tokens`)."""
 
+    takes_video = True
+
     def __init__(self, backbone, handle):
         super().__init__(backbone, handle)
         if PROJECTOR in self.stages and LLM0 in self.stages:
@@ -62,6 +64,10 @@ class QwenStagePlan(PerImageStagePlan):
         if getattr(st.method, "renumbers_positions", False):
             raise TokensieveError(f"{st}: {st.method.name} renumbers positions, which is not defined for Qwen-VL's "
                                   "3-D M-RoPE ids yet")
+        if getattr(st.method, "own_order", None):
+            raise TokensieveError(f"{st}: {st.method.name} gives the LLM its kept tokens in an order of its own "
+                                  f"({st.method.own_order}), which Qwen-VL cannot (kept tokens stay in grid order, with "
+                                  "their M-RoPE ids); give it order=\"positions\"")
         if st.method.makes_extra_tokens:
             raise TokensieveError(f"{st}: {st.method.name} adds tokens of its own, which the Qwen-VL backbone "
                                   "cannot place yet (each visual token's M-RoPE position comes from the image grid)"

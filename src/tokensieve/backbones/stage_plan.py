@@ -159,8 +159,11 @@ class StagePlan:
     blocks ``i`` up to the next vision stage or ``tower_end``. capped: sites whose budget caps a
     count that varies per row. check: ``"first"`` or ``"always"`` (the handle's): whether
     :meth:`settle` checks a selection's values on a stage's first pass only or on every pass;
-    checked: the sites whose values were checked.
+    checked: the sites whose values were checked. takes_video: whether the backbone's prompts may hold
+    videos (a method that ``needs_video`` is refused at attach where they may not).
     """
+
+    takes_video = False
 
     def __init__(self, stages: list, mode: str, sites: list[Site], signals_at: Callable[[Site], set[str]],
                  n_patches: int, keeps_cls: bool, tower_end: int, check: str = "first"):
@@ -177,6 +180,9 @@ class StagePlan:
                 raise TokensieveError(f"method {st.method.name!r} cannot act {self.place(site)} "
                                       f"(it acts at: {', '.join(st.method.stages)})")
             self.check_stage(site, st)
+            if st.method.needs_video and not self.takes_video:
+                raise TokensieveError(f"{st}: {st.method.name} prunes videos only (its rule compares a video's frames), "
+                                      "and this model takes images only (videos: Qwen-VL)")
             if site in self.stages:
                 raise TokensieveError(f"two stages at site {site}")
             self.stages[site] = st

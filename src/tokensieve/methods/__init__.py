@@ -14,6 +14,7 @@ from tokensieve.methods import (
     cdpruner,  # noqa: F401
     dart,  # noqa: F401
     divprune,  # noqa: F401
+    dycoke,  # noqa: F401
     fastervlm,  # noqa: F401
     fastv,  # noqa: F401
     hired,  # noqa: F401
