@@ -27,7 +27,9 @@ REFUSED = {("cdpruner", "llm.1"): "cdpruner needs projector_input, which llm.1 d
            ("tome", "projector"): "merges inside the vision tower's blocks",
            # HiRED's per-crop signals exist only on an anyres model (LLaVA-NeXT)
            **{("hired", site): f"hired needs anyres_source, crop_cls_attention, first_block_crop_cls_attention, "
-              f"which {site} does not provide" for site in ("llm.0", "llm.1")}}
+              f"which {site} does not provide" for site in ("llm.0", "llm.1")},
+           # DyCoke compares a video's frames; LLaVA-1.5 takes images only
+           **{("dycoke", site): "dycoke prunes videos only" for site in ("llm.0", "llm.1")}}
 CASES = [case for case in CASES if case not in REFUSED]
 
 
