@@ -97,7 +97,7 @@ def video_of(units: list[VisualUnit] | None, n: int, where: str) -> VisualUnit:
     if frames % 2 or frames < 6:
         why = ("the released code drops an odd video's last frame" if frames % 2 else
                "below 5 frames the released code fails, and an odd count loses its last frame")
-        raise TokensieveError(f"dycoke at {where}: a video of {frames} frames (a Qwen-VL video's temporal patches); "
+        raise TokensieveError(f"dycoke at {where}: a video of {frames} frames (temporal patches on Qwen-VL); "
                               f"DyCoke needs an even count of at least 6 ({why})")
     return unit
 
