@@ -25,7 +25,7 @@ RAN = [name for name, case in CASES.items() if "raises" not in case and case["fr
 
 
 def video(name: str, keep: int | None = None, **options):
-    """``(selection, tokens)`` of DyCoke with ``options`` on case ``name``'s video at llm.0, keeping ``keep``
+    """DyCoke's selection with ``options`` on case ``name``'s video at llm.0, keeping ``keep``
     (default: the reference's count at the case's k)."""
     case = CASES[name]
     f, p = case["frames"], case["per_frame"]
@@ -35,12 +35,12 @@ def video(name: str, keep: int | None = None, **options):
     unit = VisualUnit("video", f, rows, cols, 0, torch.arange(f * p))
     keep = dycoke_count(f, p, case["k"]) if keep is None else keep
     inputs = SiteInputs(tokens, keep, "llm.0", [torch.Generator()], units=[[unit]])
-    return create_method("dycoke", **options).select(inputs), tokens
+    return create_method("dycoke", **options).select(inputs)
 
 
 @pytest.mark.parametrize("name", RAN)
 def test_default_keeps_the_references_tokens_in_its_order(name):
-    sel, _ = video(name)
+    sel = video(name)
     assert torch.equal(sel.indices[0], TENSORS[f"{name}.kept"])
     assert torch.equal(sel.indices[0][sel.order[0]], TENSORS[f"{name}.order"])  # the order the LLM receives
     per_frame = torch.bincount(sel.indices[0] // CASES[name]["per_frame"], minlength=CASES[name]["frames"])
@@ -61,14 +61,14 @@ def test_the_paper_configuration_is_the_default():
 
 
 def test_positions_order_keeps_the_same_tokens_in_grid_order():
-    sel, _ = video("f12_p196_k03", order="positions")
+    sel = video("f12_p196_k03", order="positions")
     assert sel.order is None and torch.equal(sel.indices[0], TENSORS["f12_p196_k03.kept"])
 
 
 def test_a_budget_between_two_ks_gives_the_first_cut_frames_one_more():
     """6 frames of 6: the cut frames are 1, 2, 3 and 5; 26 tokens leave 14 for them: 4, 4, 3, 3. Frames 1 and 2
     keep what the reference keeps at k = 0.3 (4 each), frames 3 and 5 what it keeps at k = 0.5 (3 each)."""
-    sel, _ = video("f6_p6_k03", keep=26)
+    sel = video("f6_p6_k03", keep=26)
     ours = sel.indices[0]
     at = {k: TENSORS[f"f6_p6_k0{k}.kept"] for k in (3, 5)}
     for frame, k in ((0, 3), (1, 3), (2, 3), (3, 5), (4, 3), (5, 5)):
@@ -78,13 +78,13 @@ def test_a_budget_between_two_ks_gives_the_first_cut_frames_one_more():
 
 
 def test_keep_all_keeps_every_token():
-    sel, tokens = video("f8_p196_k03", keep=8 * 196)
+    sel = video("f8_p196_k03", keep=8 * 196)
     assert torch.equal(sel.indices[0], torch.arange(8 * 196))
 
 
 def test_a_ratio_budget_is_met_exactly():
     keep = Budget.parse(0.6).resolve(12 * 196)
-    sel, _ = video("f12_p196_k03", keep=keep)
+    sel = video("f12_p196_k03", keep=keep)
     assert sel.indices.shape == (1, keep)
 
 
@@ -112,7 +112,7 @@ def test_a_budget_below_the_whole_frames_is_refused_in_one_line():
     with pytest.raises(TokensieveError, match=r"budget of 587 tokens is below the 588 of the 3 frames it keeps "
                                               r"whole of this 8 x 196 video \(its default k=0.3 keeps 1273\)"):
         video("f8_p196_k03", keep=587)
-    sel, _ = video("f8_p196_k03", keep=588)  # the least: the whole frames alone
+    sel = video("f8_p196_k03", keep=588)  # the least: the whole frames alone
     assert torch.equal(torch.bincount(sel.indices[0] // 196, minlength=8), torch.tensor([196, 0, 0, 0, 196, 0, 196, 0]))
 
 
