@@ -64,17 +64,17 @@ def ttm_keep(frames: torch.Tensor, keep: int, where: str = "llm.0") -> torch.Ten
         raise TokensieveError(f"dycoke at {where}: a budget of {keep} tokens is below the {whole} of the "
                               f"{n_frames - len(cut)} frames it keeps whole of this {n_frames} x {per_frame} video "
                               f"(its default k=0.3 keeps {dycoke_count(n_frames, per_frame)})")
+    # The cut frames share what the whole ones leave: equal quotas (the reference's), the remainder
+    # one each to the first ones (ours, for a budget that is no reference count).
     share, extra = divmod(keep - whole, len(cut))
-    quota = {frame: share + (j < extra) for j, (frame, _, _) in enumerate(cut)}
-    order = []
-    for frame, anchor, normalised in cut:
+    cuts = {}
+    for j, (frame, anchor, normalised) in enumerate(cut):
         a, b = frames[anchor], frames[frame]
-        if normalised:
+        if normalised:  # pass 1 normalises first, pass 2 does not: the same cosine up to rounding
             a, b = F.normalize(a, p=2, dim=1), F.normalize(b, p=2, dim=1)
         similarity = F.cosine_similarity(a, b, dim=1)  # (P,)
-        order.append((frame, similarity.topk(quota[frame], largest=False).indices))
+        cuts[frame] = similarity.topk(share + (j < extra), largest=False).indices  # least similar first
     grid = torch.arange(per_frame, device=frames.device)
-    cuts = dict(order)
     return torch.cat([frame * per_frame + cuts.get(frame, grid) for frame in range(n_frames)])
 
 
