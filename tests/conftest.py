@@ -1,5 +1,5 @@
 """Shared fixtures: a tiny LLaVA-architecture model saved locally and reloaded, on the CPU; the tiny
-Qwen-VL models of every family and the tiny LLaVA-NeXT, saved locally."""
+Qwen-VL models of every family, the tiny LLaVA-NeXT and the tiny LLaVA-OneVision, saved locally."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import torch
 from tiny_llava_next import ROWS as NEXT_ROWS
 from tiny_llava_next import inputs as next_inputs
 from tiny_llava_next import save_tiny_llava_next
+from tiny_onevision import ROWS as OV_ROWS
+from tiny_onevision import inputs as ov_inputs
+from tiny_onevision import save_tiny_onevision
 from tiny_qwen import FAMILIES, ROWS, inputs, save_tiny_qwen
 
 from tokensieve.data.synthetic import SceneSpec, make_sample
@@ -114,3 +117,31 @@ def next_plain(llava_next, next_batch):
     """The adapter's unpruned logits ``(B, L, vocab)`` of ``next_batch``."""
     with torch.no_grad():
         return llava_next.forward(**next_batch).logits
+
+
+@pytest.fixture(scope="session")
+def tiny_onevision_dir(tmp_path_factory):
+    """The random tiny LLaVA-OneVision and its processor, saved with ``save_pretrained``."""
+    return save_tiny_onevision(tmp_path_factory.mktemp("tiny_onevision"))
+
+
+@pytest.fixture(scope="module")
+def onevision(tiny_onevision_dir):
+    """The tiny LLaVA-OneVision adapter, loaded once per test module."""
+    from tokensieve.backbones.hf_llava_onevision import LlavaOnevisionBackbone
+
+    return LlavaOnevisionBackbone.from_pretrained(tiny_onevision_dir)
+
+
+@pytest.fixture(scope="module")
+def ov_batch(onevision):
+    """:data:`tiny_onevision.ROWS` as one left-padded batch: a wide image, a square and a long one (the
+    last two interpolated)."""
+    return ov_inputs(onevision.processor, OV_ROWS)
+
+
+@pytest.fixture(scope="module")
+def ov_plain(onevision, ov_batch):
+    """The adapter's unpruned logits ``(B, L, vocab)`` of ``ov_batch``."""
+    with torch.no_grad():
+        return onevision.forward(**ov_batch).logits

@@ -104,13 +104,14 @@ def test_padded_batch_equals_each_row_alone(llava_next, next_batch, method):
         handle.detach()
 
 
-def greedy_without_cache(llava_next, batch, steps: int) -> torch.Tensor:
-    """``steps`` greedy tokens, the whole sequence run again without a cache at every step."""
+def greedy_without_cache(llava_next, batch, steps: int, suppressed=SUPPRESSED) -> torch.Tensor:
+    """``steps`` greedy tokens (never a ``suppressed`` one), the whole sequence run again without a cache at
+    every step."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     for _ in range(steps):
         step = dict(batch, input_ids=ids, attention_mask=mask)
         logits = llava_next.forward(**step, use_cache=False).logits[:, -1]
-        token = logits.index_fill(1, torch.tensor(SUPPRESSED), -torch.inf).argmax(-1, keepdim=True)
+        token = logits.index_fill(1, torch.tensor(suppressed), -torch.inf).argmax(-1, keepdim=True)
         ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
     return ids[:, batch["input_ids"].shape[1]:]
 

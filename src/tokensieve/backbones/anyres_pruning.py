@@ -1,12 +1,12 @@
-"""Reduction stages on a LLaVA-NeXT model (:class:`~tokensieve.backbones.hf_llava_next.LlavaNextBackbone`):
-the session.
+"""Reduction stages on a LLaVA-NeXT model (:class:`~tokensieve.backbones.hf_llava_next.LlavaNextBackbone`)
+or a LLaVA-OneVision one (:mod:`.hf_llava_onevision`, its images and videos): the session.
 
 One :class:`AnyresPruningSession` per attached handle. Its :class:`AnyresStagePlan` checks the stages
 when it is installed; then, in every forward pass through the adapter (``forward``, ``generate``,
 ``prepare``):
 
-* ``llm.0``: after the model has packed each image's crops, the stage chooses per image which of its
-  base and crop tokens stay (the adapter assembles the LLM input from those, its ``kept=`` path). Each
+* ``llm.0``: after the model has packed each image's crops (or pooled a video's frames), the stage chooses
+  per image (or video) which of its base and crop (or frame) tokens stay (the adapter assembles the LLM input from those, its ``kept=`` path). Each
   image is one row of :class:`SiteInputs`, with its own token count and budget (a ratio: that share
   of its tokens; a count: that many of every image), so no row of a method's input is padding.
 * ``llm.k`` (``k >= 1``): before decoder layer ``k`` each row chooses among its visual tokens, per row
@@ -31,35 +31,57 @@ import torch
 from tokensieve.backbones.anyres_tower import CROP_SIGNALS, CropAttention
 from tokensieve.backbones.base import Site
 from tokensieve.backbones.per_image_stage import PerImageStage, PerImageStagePlan, per_image_questions
+from tokensieve.backbones.qwen_tower import CLS_SIGNALS
+from tokensieve.backbones.qwen_units import refuse_video, units_now
 from tokensieve.backbones.row_llm import RowLLMStages
 from tokensieve.errors import TokensieveError
-from tokensieve.method import Selection, VisualUnit
+from tokensieve.method import Selection
 
 LLM0 = Site("llm", 0)
+CLS_READS = (*CLS_SIGNALS, *CROP_SIGNALS)  # signals that exist only on a tower with a CLS token
 
 
 class AnyresStagePlan(PerImageStagePlan):
-    """The stage plan on LLaVA-NeXT: ``llm.0`` (per image) and ``llm.k`` (per row), ``hard`` mode, no
-    tokens a method makes and no renumbered positions. Budgets are resolved per image or row in each
+    """The stage plan on LLaVA-NeXT and LLaVA-OneVision: ``llm.0`` (per image) and ``llm.k`` (per row),
+    ``hard`` mode, no tokens a method makes and no renumbered positions; on a tower without CLS
+    (OneVision's SigLIP) no method reading CLS attention. Budgets are resolved per image or row in each
     pass; at attach a count is checked against the most candidate tokens one image can give
     (:meth:`LlavaNextBackbone.most_image_tokens`)."""
 
+    def __init__(self, backbone, handle):
+        self.family, self.tower_has_cls = backbone.family_name, backbone.tower_has_cls
+        super().__init__(backbone, handle)
+
     def missing_site(self, site: Site, st) -> TokensieveError:
+        without_cls = self._without_cls(st)  # the deeper reason, where it holds, whatever the site
+        if without_cls is not None:
+            return without_cls
         if site.stage != "llm":
-            return TokensieveError(f"{st}: LLaVA-NeXT has no {site} site: its vision tower runs on crops, not "
+            return TokensieveError(f"{st}: {self.family} has no {site} site: its vision tower runs on crops, not "
                                    "prompts, and the model packs every crop's full grid, so tokens are chosen after "
                                    "packing (llm.0, per image) or inside the LLM (llm.k)")
         return super().missing_site(site, st)
 
     def check_stage(self, site: Site, st) -> None:
+        without_cls = self._without_cls(st)
+        if without_cls is not None:
+            raise without_cls
         if self.mode == "soft":
-            raise TokensieveError(f"{st}: mode 'soft' is not available on LLaVA-NeXT yet; use hard")
+            raise TokensieveError(f"{st}: mode 'soft' is not available on {self.family} yet; use hard")
         if getattr(st.method, "renumbers_positions", False):
-            raise TokensieveError(f"{st}: {st.method.name} renumbers positions after a drop, which the LLaVA-NeXT "
+            raise TokensieveError(f"{st}: {st.method.name} renumbers positions after a drop, which the {self.family} "
                                   "backbone does not do yet")
         if st.method.makes_extra_tokens:
-            raise TokensieveError(f"{st}: {st.method.name} adds tokens of its own, which the LLaVA-NeXT backbone "
+            raise TokensieveError(f"{st}: {st.method.name} adds tokens of its own, which the {self.family} backbone "
                                   "cannot place yet")
+
+    def _without_cls(self, st) -> TokensieveError | None:
+        """The refusal of a method reading CLS attention on a tower without CLS, or None."""
+        needs_cls = [name for name in CLS_READS if name in st.method.signals]
+        if not needs_cls or self.tower_has_cls:
+            return None
+        return TokensieveError(f"{st}: {st.method.name} needs {needs_cls[0]}, which the {self.family} tower (SigLIP) "
+                               "does not have (no CLS token)")
 
     def budget_where(self, site: Site, n: int) -> str:
         return f"{site} (the most one image gives: its base and the largest pinpoint's crops, newlines left out)"
@@ -70,7 +92,7 @@ class AnyresStagePlan(PerImageStagePlan):
 
 
 class AnyresPruningSession(PerImageStage, RowLLMStages):
-    """The stages of one handle on one LLaVA-NeXT adapter, and what they capture in a forward pass.
+    """The stages of one handle on one LLaVA-NeXT (or LLaVA-OneVision) adapter, and what they capture in a forward pass.
 
     It is also one of the handle's hooks: ``remove()`` (on ``handle.detach()``) takes it off the
     adapter, which then runs the plain model again.
@@ -84,7 +106,7 @@ class AnyresPruningSession(PerImageStage, RowLLMStages):
         self.site = LLM0
         self.stage = self.plan.stages.get(LLM0)  # the stage at llm.0, if any
         self.llm_stages = {site: st for site, st in self.plan.stages.items() if site != LLM0}
-        self._projector_input: torch.Tensor | None = None  # (sum_i n_crops_i, g*g, d_v)
+        self._projector_inputs: list[torch.Tensor] = []  # per tower pass (images, then videos): (crops, g*g, d_v)
         wants = set() if self.stage is None else set(self.stage.method.signals) | set(self.stage.method.optional_signals)
         if "projector_input" in wants:
             handle.hooks.append(backbone.projector.register_forward_hook(self._capture_projector_input))
@@ -102,27 +124,32 @@ class AnyresPruningSession(PerImageStage, RowLLMStages):
 
     def _capture_projector_input(self, _projector, args, _output) -> None:
         if self.handle.active:
-            self._projector_input = args[0]
+            self._projector_inputs.append(args[0])
 
     # --- llm.0 --------------------------------------------------------------------------
     def choose(self, packed: list[torch.Tensor], layouts: list, question_mask: tuple[torch.Tensor, torch.Tensor],
                questions: Callable[[], list[str]] | None = None) -> list[torch.Tensor]:
         """The ``llm.0`` stage's choice for every image of the batch.
 
-        packed: per image its packed run ``(N_i, d)``; layouts: their :class:`AnyresLayout`; question_mask:
+        packed: per image (or video) its packed run ``(N_i, d)``; layouts: their :class:`AnyresLayout`
+        (a video's :class:`~tokensieve.backbones.onevision_video.PooledVideoLayout`); question_mask:
         ``(input_ids, mask)`` ``(B, L)``, True on each row's question tokens (image ``i`` is row ``i``'s);
         questions: a function giving each image's question as text (None without a processor to decode it).
         Returns per image the positions in its run that enter the LLM, increasing: every newline (none
         where the method's ``newlines`` is ``"drop"``) and the kept base and crop tokens. Records counts
         (rows: images, tokens: newlines left out) and ``handle.last_kept``.
         """
-        first = [sum(layout.n_crops for layout in layouts[:i]) for i in range(len(layouts))]
+        kinds = [layout.kind for layout in layouts]
+        # Each unit's first row in its tower pass (images and videos each have their own pass, in this order).
+        first = [sum(other.n_crops for other in layouts[:i] if other.kind == layout.kind) for i, layout in
+                 enumerate(layouts)]
+        passes = [kind for kind in ("image", "video") if kind in kinds]
+        captured, self._projector_inputs = dict(zip(passes, self._projector_inputs[-len(passes):])), []
         question_of = per_image_questions(questions)
 
         def projector_input(i: int, candidates: torch.Tensor) -> torch.Tensor:  # (1, n_i, d_v)
-            crops = self._projector_input
-            flat = crops[first[i]: first[i] + layouts[i].n_crops].flatten(0, 1)
-            return flat[layouts[i].source[candidates].to(flat.device)][None]
+            crops = captured[kinds[i]][first[i]: first[i] + layouts[i].n_crops]
+            return layouts[i].pack(crops)[candidates.to(crops.device)][None]
 
         def question_states(i: int) -> tuple[torch.Tensor, torch.Tensor]:  # (1, T_i, d) embeddings, (1, T_i)
             ids = question_mask[0][i][question_mask[1][i]][None]
@@ -136,13 +163,17 @@ class AnyresPruningSession(PerImageStage, RowLLMStages):
                                  for name in self.crops.blocks}}
 
         candidates = [layout.candidates.to(tokens.device) for tokens, layout in zip(packed, layouts)]
+        units = [units_now([layout.unit(c.device)], c) for layout, c in zip(layouts, candidates)]
+        for i, unit in enumerate(units):
+            refuse_video(self.stage, unit, f"row {i}")
 
         def inputs(i: int) -> dict:  # image i's SiteInputs fields beyond its tokens
             return {"signals": {"projector_input": lambda: projector_input(i, candidates[i]),
                                 **crop_signals(i, candidates[i])},
-                    "question_states": lambda: question_states(i), "question_text": question_of(i)}
+                    "question_states": lambda: question_states(i), "question_text": question_of(i),
+                    "units": [units[i]]}
 
-        chosen = self.choose_each([tokens[c] for tokens, c in zip(packed, candidates)], inputs, ["image"] * len(packed))
+        chosen = self.choose_each([tokens[c] for tokens, c in zip(packed, candidates)], inputs, kinds)
         # An image may keep fewer than its budget (HiRED): its selection's valid entries only.
         kept = [c[sel.indices[0] if sel.valid is None else sel.indices[0][sel.valid[0]]]
                 for c, sel in zip(candidates, chosen)]
@@ -153,23 +184,22 @@ class AnyresPruningSession(PerImageStage, RowLLMStages):
         return runs
 
     def refuse_selection(self, sel: Selection) -> None:
-        """One line for what a method gives at ``llm.0`` that LLaVA-NeXT cannot place."""
+        """One line for what a method gives at ``llm.0`` that the adapter cannot place."""
         if sel.tokens is not None or sel.extra is not None or sel.order is not None or sel.key_mask is not None:
-            raise TokensieveError(f"{self.stage.method.name} at llm.0: on LLaVA-NeXT a stage only chooses tokens (no "
-                                  "new values, tokens of its own, order or key weights) for now")
+            raise TokensieveError(f"{self.stage.method.name} at llm.0: on {self.bb.family_name} a stage only chooses "
+                                  "tokens (no new values, tokens of its own, order or key weights) for now")
 
     # --- llm.k --------------------------------------------------------------------------
     def begin_llm_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, runs: list[torch.Tensor],
                        layouts: list) -> None:
         """Called by the adapter once the LLM input ``(B, L)`` is assembled (left-padded). runs: per row
         ``(n_b,)`` the position in its image's packed run of each visual column that entered the LLM;
-        layouts: the images' :class:`AnyresLayout`. Newline columns are left out of the candidates.
-        ``SiteInputs.units`` shows each row's image as one frame of one row of its packed run's
-        positions (base, crop canvas and newlines in the model's order): an anyres image is not one grid,
-        its :class:`AnyresLayout` says where each position lies."""
+        layouts: the images' :class:`AnyresLayout` (a video's ``PooledVideoLayout``). Newline columns are
+        left out of the candidates. ``SiteInputs.units`` shows each row's unit as its layout's ``unit()``:
+        an image as one frame of one row of its packed run's positions (an anyres image is not one grid,
+        its :class:`AnyresLayout` says where each position lies), a video as its frames of pooled grids."""
         candidates = [~layout.is_newline.to(run.device)[run] for run, layout in zip(runs, layouts)]
-        units = [[VisualUnit("image", 1, 1, len(layout), 0, torch.arange(len(layout), device=input_ids.device))]
-                 for layout in layouts]
+        units = [[layout.unit(input_ids.device)] for layout in layouts]
         super().begin_llm_pass(input_ids, attention_mask, [run[c] for run, c in zip(runs, candidates)], units)
         self.visual = [columns[c] for columns, c in zip(self.visual, candidates)]
         self.entering = [torch.arange(len(columns), device=input_ids.device) for columns in self.visual]

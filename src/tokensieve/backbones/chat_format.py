@@ -1,6 +1,6 @@
 """The prompt a backbone's model is asked a question about images in, and the processor inputs of
-a batch of such questions: LLaVA-1.5's format (:mod:`.llava_prompt`) or the Qwen-VL chat format
-(:mod:`.qwen_prompt`, with the family's default system turn)."""
+a batch of such questions: LLaVA-1.5's format (:mod:`.llava_prompt`), the Qwen-VL chat format
+(:mod:`.qwen_prompt`, with the family's default system turn) or LLaVA-OneVision's (:mod:`.onevision_prompt`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from tokensieve.backbones.load import is_qwen
+from tokensieve.backbones.load import is_onevision, is_qwen
 from tokensieve.errors import TokensieveError
 
 
@@ -19,10 +19,15 @@ def prompt_text(backbone, question: str, n_images: int = 1) -> str:
         from tokensieve.backbones.qwen_prompt import prompt
 
         return prompt(question, n_images, backbone.system_prompt)
+    if n_images != 1:
+        raise TokensieveError(f"the {getattr(backbone, 'family_name', 'LLaVA')} backbone takes exactly one image per "
+                              f"prompt, not {n_images}")
+    if is_onevision(backbone):
+        from tokensieve.backbones.onevision_prompt import prompt
+
+        return prompt(question)
     from tokensieve.backbones.llava_prompt import prompt
 
-    if n_images != 1:
-        raise TokensieveError(f"the LLaVA backbone takes exactly one image per prompt, not {n_images}")
     return prompt(question)
 
 
@@ -35,6 +40,10 @@ def encode_samples(backbone, samples: Sequence) -> dict[str, torch.Tensor]:
         from tokensieve.backbones.qwen_prompt import encode
 
         return encode(backbone.processor, samples, backbone.system_prompt)
+    if is_onevision(backbone):
+        from tokensieve.backbones.onevision_prompt import encode
+
+        return encode(backbone.processor, samples)
     from tokensieve.backbones.llava_prompt import encode
 
     return encode(backbone.processor, samples)

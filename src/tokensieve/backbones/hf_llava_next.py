@@ -44,28 +44,28 @@ from tokensieve.backbones.llava_assembly import AssembledInputs, assemble_rows
 from tokensieve.backbones.llava_pruning import ANSWER_CUE
 from tokensieve.backbones.qwen_kept import checked_kept
 from tokensieve.backbones.qwen_layout import QwenLayout, find_layout
+from tokensieve.backbones.qwen_units import in_unit_order
 from tokensieve.backbones.row_llm import LLM_SIGNALS
 from tokensieve.devices import require_device
 from tokensieve.errors import TokensieveError
 
 
-def load_llava_next_weights(name: str, dtype: torch.dtype | None) -> LlavaNextForConditionalGeneration:
-    """The LLaVA-NeXT model of checkpoint ``name`` (a folder or a hub id), every weight from it."""
-    config = checkpoint_config(name)
-    if config.model_type != "llava_next":
-        raise TokensieveError(f"{name} is a {config.model_type!r} model; the LLaVA-NeXT backbone needs model_type "
-                              "'llava_next' (LlavaNextForConditionalGeneration)")
-    return load_complete(LlavaNextForConditionalGeneration, name, dtype)
-
-
 class LlavaNextBackbone:
-    """A LLaVA-NeXT model (and its processor) seen through per-image anyres layouts."""
+    """A LLaVA-NeXT model (and its processor) seen through per-image anyres layouts. The OneVision adapter
+    (:mod:`.hf_llava_onevision`) is this one with its own model class, layouts and inputs."""
 
     family_name = "LLaVA-NeXT"  # how messages shared with other backbones name this one
+    model_type = "llava_next"  # the config's model_type this adapter loads
+    model_class = LlavaNextForConditionalGeneration
+    units_word = "image"  # what one prompt holds, in messages
+    tower_has_cls = True  # CLIP: per-crop CLS attention exists
+    visual_inputs: tuple[str, ...] = ()  # processor outputs beyond images that forward/generate hand to encode_units
+    answer_cue = ANSWER_CUE  # the assistant's cue ending a prompt's text (left out of a question)
+    image_processor_apart = False  # model_and_processor's option: the processor also holds a video processor
 
     def __init__(self, model: LlavaNextForConditionalGeneration, processor=None):
-        if not isinstance(model, LlavaNextForConditionalGeneration):
-            raise TokensieveError(f"expected a LlavaNextForConditionalGeneration, got {type(model).__name__}")
+        if not isinstance(model, self.model_class):
+            raise TokensieveError(f"expected a {self.model_class.__name__}, got {type(model).__name__}")
         self.model = model
         self.processor = processor
         self.sessions: list[AnyresPruningSession] = []  # attached pruning sessions (tokensieve.attach)
@@ -80,8 +80,12 @@ class LlavaNextBackbone:
         """
         require_device(device)
         name = str(name_or_path)
-        model = load_llava_next_weights(name, dtype)
-        return cls(*model_and_processor(model, name, device))
+        config = checkpoint_config(name)
+        if config.model_type != cls.model_type:
+            raise TokensieveError(f"{name} is a {config.model_type!r} model; the {cls.family_name} backbone needs "
+                                  f"model_type '{cls.model_type}' ({cls.model_class.__name__})")
+        model = load_complete(cls.model_class, name, dtype)
+        return cls(*model_and_processor(model, name, device, image_processor_apart=cls.image_processor_apart))
 
     # --- module paths and geometry -------------------------------------------------------
     @property
@@ -117,6 +121,11 @@ class LlavaNextBackbone:
         return int(self.config.image_token_id)
 
     @property
+    def video_token_id(self) -> int | None:
+        """The video placeholder's id (None: the family takes no video)."""
+        return None
+
+    @property
     def crop_grid(self) -> int:
         """Patches per side of one crop (the tower's ``image_size // patch_size``)."""
         vc = self.config.vision_config
@@ -134,8 +143,8 @@ class LlavaNextBackbone:
         return grid * grid + max((h // crop) * (w // crop) for h, w in self.config.image_grid_pinpoints) * grid * grid
 
     def layout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> QwenLayout:
-        """The image runs and question tokens of each row of ``input_ids`` ``(B, L)``."""
-        return find_layout(input_ids, attention_mask, self.image_token_id)
+        """The image (and video) runs and question tokens of each row of ``input_ids`` ``(B, L)``."""
+        return find_layout(input_ids, attention_mask, self.image_token_id, self.video_token_id)
 
     # --- pruning ------------------------------------------------------------------------
     def sites(self) -> list[Site]:
@@ -156,8 +165,8 @@ class LlavaNextBackbone:
         session = AnyresPruningSession(self, handle, seed)
         if self.sessions:
             handle.detach()
-            raise TokensieveError("a LLaVA-NeXT backbone runs one attached handle at a time for now: detach the "
-                                  "other one first")
+            raise TokensieveError(f"a {self.family_name} backbone runs one attached handle at a time for now: "
+                                  "detach the other one first")
         self.sessions.append(session)
 
     def _active_session(self) -> AnyresPruningSession | None:
@@ -172,42 +181,64 @@ class LlavaNextBackbone:
         out = self.model.model.get_image_features(pixel_values=pixel_values, image_sizes=image_sizes, return_dict=True)
         return list(out.pooler_output), [self.image_layout(size) for size in image_sizes.tolist()]
 
-    def _checked_runs(self, layout: QwenLayout, layouts: list[AnyresLayout]) -> list[int]:
-        """Each row's one image run, its length that of the image's packed run; returns the lengths."""
+    def encode_units(self, kinds: list[str], pixel_values: torch.Tensor | None, image_sizes: torch.Tensor | None,
+                     **visual) -> tuple[list[torch.Tensor], list]:
+        """Per visual unit (``kinds``: prompt order over the batch, one per row) its run ``(N_u, d_text)``
+        and layout, from one tower pass over the images' crops (:meth:`encode_images`); ``visual``: the
+        family's further inputs (:attr:`visual_inputs`; none on LLaVA-NeXT)."""
+        self._check_given(kinds, "image", image_sizes)
+        if not kinds:
+            return [], []
+        features, layouts = self.encode_images(pixel_values, image_sizes)
+        return in_unit_order({"image": features}, kinds), in_unit_order({"image": layouts}, kinds)
+
+    @staticmethod
+    def _check_given(kinds: list[str], kind: str, given: torch.Tensor | None) -> None:
+        """One line unless the prompts hold one run of ``kind`` per row of ``given`` (None: none given)."""
+        have, count = kinds.count(kind), 0 if given is None else len(given)
+        if have != count:
+            raise TokensieveError(f"{count} {kind}s given for {have} prompts with a <{kind}> run: one {kind} per prompt")
+
+    def _checked_rows(self, layout: QwenLayout) -> None:
+        """Each row holds one image (or video) run."""
         for b, row in enumerate(layout.runs):
             if len(row) != 1:
-                raise TokensieveError(f"the LLaVA-NeXT backbone takes one image per prompt for now: row {b} has "
-                                      f"{len(row)} runs of <image> tokens")
-        if len(layouts) != len(layout.runs):
-            raise TokensieveError(f"{len(layouts)} images for {len(layout.runs)} prompts: one image per prompt")
-        for b, (row, image) in enumerate(zip(layout.runs, layouts)):
-            if row[0].count != len(image):
-                raise TokensieveError(f"row {b} has {row[0].count} <image> tokens for an image of {len(image)} "
-                                      "tokens (its image_sizes entry)")
-        return [len(image) for image in layouts]
+                raise TokensieveError(f"the {self.family_name} backbone takes one {self.units_word} per prompt for "
+                                      f"now: row {b} has {len(row)} runs of placeholder tokens")
+
+    def _checked_runs(self, layout: QwenLayout, layouts: list) -> list[int]:
+        """Each row's run as long as its unit's packed run; returns the lengths."""
+        for b, (row, unit) in enumerate(zip(layout.runs, layouts)):
+            if row[0].count != len(unit):
+                given = "its image_sizes entry" if unit.kind == "image" else "its frames"
+                raise TokensieveError(f"row {b} has {row[0].count} <{unit.kind}> tokens for an {unit.kind} of "
+                                      f"{len(unit)} tokens ({given})")
+        return [len(unit) for unit in layouts]
 
     def _questions(self, input_ids: torch.Tensor, layout: QwenLayout) -> list[str]:
-        """Each row's question as text, without special tokens and the answer cue ("ASSISTANT:")."""
+        """Each row's question as text, without special tokens and the answer cue (:attr:`answer_cue`)."""
         tokenizer = self.processor.tokenizer
-        return [ANSWER_CUE.sub("", tokenizer.decode(ids[mask], skip_special_tokens=True)).strip()
+        return [self.answer_cue.sub("", tokenizer.decode(ids[mask], skip_special_tokens=True)).strip()
                 for ids, mask in zip(input_ids, layout.question_mask)]
 
-    def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
-                image_sizes: torch.Tensor, kept: Sequence[torch.Tensor] | None = None) -> AssembledInputs:
-        """Encode the images and assemble the LLM input.
+    def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                image_sizes: torch.Tensor | None = None, kept: Sequence[torch.Tensor] | None = None,
+                **visual) -> AssembledInputs:
+        """Encode the images (and videos) and assemble the LLM input.
 
         input_ids, attention_mask: ``(B, L)`` prompts with full placeholder runs (padded on either
         side; the result is padded on the left). kept: optional, per image a ``(M_i,)`` increasing index
         tensor into its packed run of ``N_i`` tokens (newlines included: give theirs to keep them): only
         these enter the LLM, in order. With a handle attached its stages choose instead (and passing
-        ``kept`` is refused).
+        ``kept`` is refused). visual: the family's further inputs (:attr:`visual_inputs`).
         """
         layout = self.layout(input_ids, attention_mask)
         session = self._active_session()
         if session is not None and kept is not None:
             raise TokensieveError("kept= and an attached pruning handle both choose the visual tokens: pass kept= "
                                   "after handle.detach() or inside handle.disabled()")
-        features, layouts = self.encode_images(pixel_values, image_sizes)
+        self._checked_rows(layout)
+        features, layouts = self.encode_units(layout.kinds, pixel_values, image_sizes, **visual)
         counts = self._checked_runs(layout, layouts)
         kept = None if kept is None else checked_kept(kept, counts, layout.kinds)
         if session is not None and session.stage is not None:
@@ -225,14 +256,20 @@ class LlavaNextBackbone:
             session.begin_llm_pass(inputs.input_ids, inputs.attention_mask, runs, layouts)
         return inputs
 
-    def forward(self, input_ids, attention_mask, pixel_values, image_sizes, kept=None, **kwargs):
+    def _split_visual(self, kwargs: dict) -> dict:
+        """The family's further visual inputs (:attr:`visual_inputs`), taken out of ``kwargs``."""
+        return {name: kwargs.pop(name) for name in self.visual_inputs if name in kwargs}
+
+    def forward(self, input_ids, attention_mask, pixel_values=None, image_sizes=None, kept=None, **kwargs):
         """The model's output for the assembled sequence; logits ``(B, L', vocab)``, ``L' < L`` when
         tokens were dropped. Without ``kept`` it is the plain model's at positions ``cumsum(mask) - 1``."""
-        inputs = self.prepare(input_ids, attention_mask, pixel_values, image_sizes, kept)
+        visual = self._split_visual(kwargs)
+        inputs = self.prepare(input_ids, attention_mask, pixel_values, image_sizes, kept, **visual)
         return self.model(**inputs.model_kwargs(), **kwargs)
 
-    def generate(self, input_ids, attention_mask, pixel_values, image_sizes, kept=None, **generate_kwargs):
+    def generate(self, input_ids, attention_mask, pixel_values=None, image_sizes=None, kept=None, **generate_kwargs):
         """New token ids ``(B, T_new)``; decoding uses the KV cache of the assembled prompt."""
-        inputs = self.prepare(input_ids, attention_mask, pixel_values, image_sizes, kept)
+        visual = self._split_visual(generate_kwargs)
+        inputs = self.prepare(input_ids, attention_mask, pixel_values, image_sizes, kept, **visual)
         return self.model.generate(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
                                    **generate_kwargs)

@@ -11,13 +11,15 @@ from tokensieve.backbones.hf_checkpoint import checkpoint_config
 from tokensieve.errors import TokensieveError
 
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+ONEVISION = "llava_onevision"
 
 
 def load_backbone(name_or_path: str | Path | None = None, dtype: torch.dtype | None = None,
                   device: str | torch.device = "cpu"):
     """A :class:`~tokensieve.backbones.hf_llava.LlavaBackbone` (``model_type`` ``llava``; None: the
-    shipped testbed) or a :class:`~tokensieve.backbones.hf_qwen.QwenVLBackbone` (``qwen2_vl``,
-    ``qwen2_5_vl``, ``qwen3_vl``) of the checkpoint ``name_or_path`` (a folder or a hub id)."""
+    shipped testbed), a :class:`~tokensieve.backbones.hf_qwen.QwenVLBackbone` (``qwen2_vl``,
+    ``qwen2_5_vl``, ``qwen3_vl``) or a :class:`~tokensieve.backbones.hf_llava_onevision.LlavaOnevisionBackbone`
+    (``llava_onevision``) of the checkpoint ``name_or_path`` (a folder or a hub id)."""
     from tokensieve.backbones.hf_llava import LlavaBackbone
 
     if name_or_path is None:
@@ -29,10 +31,19 @@ def load_backbone(name_or_path: str | Path | None = None, dtype: torch.dtype | N
         return QwenVLBackbone.from_pretrained(name_or_path, dtype, device)
     if family == "llava":
         return LlavaBackbone.from_pretrained(name_or_path, dtype, device)
-    raise TokensieveError(f"{name_or_path} is a {family!r} model; tokensieve loads LLaVA ('llava') and Qwen-VL "
-                          f"({', '.join(map(repr, QWEN_FAMILIES))}) checkpoints")
+    if family == ONEVISION:
+        from tokensieve.backbones.hf_llava_onevision import LlavaOnevisionBackbone
+
+        return LlavaOnevisionBackbone.from_pretrained(name_or_path, dtype, device)
+    raise TokensieveError(f"{name_or_path} is a {family!r} model; tokensieve loads LLaVA ('llava'), Qwen-VL "
+                          f"({', '.join(map(repr, QWEN_FAMILIES))}) and LLaVA-OneVision ({ONEVISION!r}) checkpoints")
 
 
 def is_qwen(backbone) -> bool:
     """True for a Qwen-VL adapter: images of any size, a token count per image."""
     return getattr(backbone, "family", None) in QWEN_FAMILIES
+
+
+def is_onevision(backbone) -> bool:
+    """True for a LLaVA-OneVision adapter: its Qwen2 chat format, a token count per image."""
+    return getattr(backbone, "model_type", None) == ONEVISION
