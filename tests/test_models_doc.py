@@ -117,3 +117,8 @@ def test_llava_next_is_as_documented(llava_next, make):
 def test_qwen_vl_is_as_documented(qwen, make):  # each of Qwen2-VL, Qwen2.5-VL and Qwen3-VL
     check_signals("Qwen-VL", qwen)
     check_methods("Qwen-VL", qwen, make)
+
+
+def test_llava_onevision_is_as_documented(onevision, make):
+    check_signals("LLaVA-OneVision", onevision)
+    check_methods("LLaVA-OneVision", onevision, make)
