@@ -107,8 +107,8 @@ def test_bad_inputs_are_one_line(onevision, ov_batch):
 
 
 @pytest.mark.parametrize(("method", "site", "mode", "words"), [
-    ("fastervlm", None, "hard", "fastervlm needs cls_attention, which the LLaVA-OneVision tower .SigLIP. does not "
-                                "have .no CLS token."),
+    ("fastervlm", None, "hard", ("fastervlm needs cls_attention, which the LLaVA-OneVision tower .SigLIP. does not "
+                                 "have .no CLS token.")),
     ("visionzip", None, "hard", "visionzip needs cls_attention, which the LLaVA-OneVision tower"),
     ("vispruner", None, "hard", "vispruner needs cls_attention"),
     ("prumerge", None, "hard", "prumerge needs last_block_cls_attention"),

@@ -181,11 +181,11 @@ class LlavaNextBackbone:
         out = self.model.model.get_image_features(pixel_values=pixel_values, image_sizes=image_sizes, return_dict=True)
         return list(out.pooler_output), [self.image_layout(size) for size in image_sizes.tolist()]
 
-    def encode_units(self, kinds: list[str], pixel_values: torch.Tensor | None, image_sizes: torch.Tensor | None,
-                     **visual) -> tuple[list[torch.Tensor], list]:
+    def encode_units(self, kinds: list[str], pixel_values: torch.Tensor | None, image_sizes: torch.Tensor | None
+                     ) -> tuple[list[torch.Tensor], list]:
         """Per visual unit (``kinds``: prompt order over the batch, one per row) its run ``(N_u, d_text)``
-        and layout, from one tower pass over the images' crops (:meth:`encode_images`); ``visual``: the
-        family's further inputs (:attr:`visual_inputs`; none on LLaVA-NeXT)."""
+        and layout, from one tower pass over the images' crops (:meth:`encode_images`). A family with
+        further inputs (:attr:`visual_inputs`) takes them here as keywords."""
         self._check_given(kinds, "image", image_sizes)
         if not kinds:
             return [], []

@@ -58,8 +58,8 @@ class LlavaOnevisionBackbone(LlavaNextBackbone):
 
     @property
     def max_patches(self) -> int:
-        """``N`` of ``vision_aspect_ratio`` ``anyres_max_N``, read as the model reads it."""
-        return int(self.config.vision_aspect_ratio.strip("anyres_max_"))
+        """``N`` of ``vision_aspect_ratio`` ``anyres_max_N``."""
+        return int(self.config.vision_aspect_ratio.removeprefix("anyres_max_"))
 
     def image_layout(self, image_size) -> AnyresLayout:
         """The packed run of an image of ``image_size`` ``(height, width)``."""
