@@ -18,8 +18,9 @@ from tokensieve.methods import method_class
 # after packing (llm.0: those reading the projector's input or nothing) and inside the LLM (llm.1).
 RUNS = {("cdpruner", "llm.0"), ("dart", "llm.1"), ("divprune", "llm.0"), ("divprune", "llm.1"), ("fastv", "llm.1"),
         ("layer_pruner", "llm.0"), ("layer_pruner", "llm.1"), ("random", "llm.0"), ("random", "llm.1")}
-# Attach, then refused in one line at the first pass: the merger's new values have no place here.
-REFUSED_IN_PASS = {("token_merger", "llm.0"), ("token_merger", "llm.1")}
+# Attach, then refused in one line at the first pass: the merger's new values have no place here; DyCoke
+# takes videos of 6 frames or more (these rows: images, and a video of 4; test_onevision_dycoke.py runs it).
+REFUSED_IN_PASS = {("token_merger", "llm.0"), ("token_merger", "llm.1"), ("dycoke", "llm.0")}
 VIDEO_ROWS = [("what happens ?", "video"), ("what colour ?", "wide")]
 
 

@@ -50,6 +50,7 @@ class AnyresStagePlan(PerImageStagePlan):
 
     def __init__(self, backbone, handle):
         self.family, self.tower_has_cls = backbone.family_name, backbone.tower_has_cls
+        self.takes_video = backbone.takes_video
         super().__init__(backbone, handle)
 
     def missing_site(self, site: Site, st) -> TokensieveError:
@@ -135,7 +136,8 @@ class AnyresPruningSession(PerImageStage, RowLLMStages):
         (a video's :class:`~tokensieve.backbones.onevision_video.PooledVideoLayout`); question_mask:
         ``(input_ids, mask)`` ``(B, L)``, True on each row's question tokens (image ``i`` is row ``i``'s);
         questions: a function giving each image's question as text (None without a processor to decode it).
-        Returns per image the positions in its run that enter the LLM, increasing: every newline (none
+        Returns per image the positions in its run that enter the LLM, increasing (a video whose method gives
+        an order: its kept tokens in that order, then its newline): every newline (none
         where the method's ``newlines`` is ``"drop"``) and the kept base and crop tokens. Records counts
         (rows: images, tokens: newlines left out) and ``handle.last_kept``.
         """
@@ -174,20 +176,33 @@ class AnyresPruningSession(PerImageStage, RowLLMStages):
                     "units": [units[i]]}
 
         chosen = self.choose_each([tokens[c] for tokens, c in zip(packed, candidates)], inputs, kinds)
+        for i, sel in enumerate(chosen):
+            if sel.order is not None and kinds[i] != "video":
+                raise TokensieveError(f"{self.stage.method.name} at llm.0: an order of its own is placed only in a "
+                                      f"video's run on {self.bb.family_name} (an image's run has a newline after "
+                                      f"every row); {kinds[i]} {i} is an image")
         # An image may keep fewer than its budget (HiRED): its selection's valid entries only.
         kept = [c[sel.indices[0] if sel.valid is None else sel.indices[0][sel.valid[0]]]
                 for c, sel in zip(candidates, chosen)]
+        kept = [k if sel.order is None else k[sel.order[0]] for k, sel in zip(kept, chosen)]
         drop_newlines = getattr(self.stage.method, "newlines", "keep") == "drop"
-        runs = [k if drop_newlines else torch.cat([k, layout.is_newline.nonzero().flatten().to(k.device)]).sort().values
-                for k, layout in zip(kept, layouts)]
+        runs = []
+        for k, layout, sel in zip(kept, layouts, chosen):
+            newlines = layout.is_newline.nonzero().flatten().to(k.device)
+            if drop_newlines:
+                runs.append(k)
+            elif sel.order is None:
+                runs.append(torch.cat([k, newlines]).sort().values)
+            else:  # a video's one newline ends its run, after its tokens in the method's order
+                runs.append(torch.cat([k, newlines]))
         self.record_images(kept, [len(layout.candidates) for layout in layouts])
         return runs
 
     def refuse_selection(self, sel: Selection) -> None:
         """One line for what a method gives at ``llm.0`` that the adapter cannot place."""
-        if sel.tokens is not None or sel.extra is not None or sel.order is not None or sel.key_mask is not None:
+        if sel.tokens is not None or sel.extra is not None or sel.key_mask is not None:
             raise TokensieveError(f"{self.stage.method.name} at llm.0: on {self.bb.family_name} a stage only chooses "
-                                  "tokens (no new values, tokens of its own, order or key weights) for now")
+                                  "tokens (no new values, tokens of its own or key weights) for now")
 
     # --- llm.k --------------------------------------------------------------------------
     def begin_llm_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, runs: list[torch.Tensor],

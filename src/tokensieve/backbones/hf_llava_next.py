@@ -59,6 +59,7 @@ class LlavaNextBackbone:
     model_class = LlavaNextForConditionalGeneration
     units_word = "image"  # what one prompt holds, in messages
     tower_has_cls = True  # CLIP: per-crop CLS attention exists
+    takes_video = False  # prompts hold images only
     visual_inputs: tuple[str, ...] = ()  # processor outputs beyond images that forward/generate hand to encode_units
     answer_cue = ANSWER_CUE  # the assistant's cue ending a prompt's text (left out of a question)
     image_processor_apart = False  # model_and_processor's option: the processor also holds a video processor

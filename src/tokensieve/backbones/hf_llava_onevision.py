@@ -51,6 +51,7 @@ class LlavaOnevisionBackbone(LlavaNextBackbone):
     answer_cue = ANSWER_CUE
     image_processor_apart = True  # its processor also holds a video processor, which has no PIL backend
     tower_has_cls = False  # SigLIP
+    takes_video = True
 
     @property
     def video_token_id(self) -> int:

@@ -182,7 +182,7 @@ class StagePlan:
             self.check_stage(site, st)
             if st.method.needs_video and not self.takes_video:
                 raise TokensieveError(f"{st}: {st.method.name} prunes videos only (its rule compares a video's frames), "
-                                      "and this model takes images only (videos: Qwen-VL)")
+                                      "and this model takes images only (videos: LLaVA-OneVision, Qwen-VL)")
             if site in self.stages:
                 raise TokensieveError(f"two stages at site {site}")
             self.stages[site] = st
