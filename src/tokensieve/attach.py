@@ -63,6 +63,9 @@ class Handle:
     indices of the image patches behind them (-1: the CLS token; -2: a slot that only pads a row
     keeping fewer; -3: a token the method made, see :class:`tokensieve.method.Selection`), for
     pictures of what was kept.
+    split: how a stage's budget is split over an image's parts: ``"all"`` (one budget over all its
+    visual tokens), or a rule the backbone offers (LLaVA-NeXT's anyres images at ``llm.0``:
+    ``"even"``, ``"hired"``; :mod:`tokensieve.backbones.anyres_split`).
     """
 
     stages: list[Stage]
@@ -70,6 +73,7 @@ class Handle:
     hooks: list = field(default_factory=list)
     enabled: bool = True
     check: str = "first"
+    split: str = "all"
     detached: bool = False
     scoring_seconds: float = 0.0
     scoring_sync: Callable[[], None] = field(default=lambda: None, repr=False)
@@ -183,7 +187,7 @@ def make_stages(method: str | dict | Method | Sequence, budget: Budget | int | f
 
 def attach(backbone: Backbone, method: str | dict | Method | Sequence,
            budget: Budget | int | float | str | None = None, site: str | None = None, mode: str = "hard",
-           seed: int = 0, check: str | None = None) -> Handle:
+           seed: int = 0, check: str | None = None, split: str = "all") -> Handle:
     """Attach ``method`` at ``site`` (default: the method's own) keeping ``budget`` tokens.
 
     ``method`` may also be a list of ``(method, site, budget)`` to reduce at several sites.
@@ -196,6 +200,10 @@ def attach(backbone: Backbone, method: str | dict | Method | Sequence,
     ``"first"`` (default), each stage's first forward pass; ``"always"``, every pass, for
     debugging a method. Unset, the environment variable ``TOKENSIEVE_CHECK`` decides (default
     ``first``). Shapes are checked on every pass.
+
+    split: how the budget is split over an image's parts: ``"all"`` (default) one budget over all its
+    visual tokens; on LLaVA-NeXT at ``llm.0`` also ``"even"`` and ``"hired"`` (the base image and each
+    crop get their share, the method chooses within each; the backbone's ``splits`` lists them).
     """
     if mode not in MODES:
         raise TokensieveError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
@@ -207,8 +215,13 @@ def attach(backbone: Backbone, method: str | dict | Method | Sequence,
         raise TokensieveError(f"a {type(backbone).__name__} is not a backbone adapter: attach needs sites(), "
                               "signals_at(site) and install(handle, seed) (docs/architecture.md), e.g. "
                               "LlavaBackbone.from_pretrained(...)")
+    offered = getattr(backbone, "splits", ("all",))
+    if split not in offered:
+        raise TokensieveError(f"split {split!r}: {getattr(backbone, 'family_name', type(backbone).__name__)} offers "
+                              f"split {', '.join(offered)} (a budget split over an image's base and crops is for "
+                              "anyres images: LLaVA-NeXT at llm.0)")
     stages = make_stages(method, budget, site, llm_depth(backbone))
-    handle = Handle(stages, mode, check=check)
+    handle = Handle(stages, mode, check=check, split=split)
     if mode != "origin":
         backbone.install(handle, seed)
     return handle

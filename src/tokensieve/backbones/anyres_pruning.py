@@ -19,6 +19,9 @@ says ``newlines = "drop"`` (HiRED's reference passes no newline): then none ente
 ``handle.last_kept[stage]`` holds, per image (``llm.0``) or row (``llm.k``), the kept tokens as positions
 in the image's packed run (newlines counted in the numbering, never listed), then ``PADDING`` (-2).
 
+The ``llm.0`` budget of an image is split over its base and crops as the handle's ``split`` says
+(:mod:`.anyres_split`: ``all``, ``even``, ``hired``).
+
 ``hard`` mode only; methods that make tokens or renumber positions are refused.
 """
 
@@ -28,6 +31,7 @@ from collections.abc import Callable
 
 import torch
 
+from tokensieve.backbones.anyres_split import SPLIT_SIGNALS, check_split, part_budgets
 from tokensieve.backbones.anyres_tower import CROP_SIGNALS, CropAttention
 from tokensieve.backbones.base import Site
 from tokensieve.backbones.per_image_stage import PerImageStage, PerImageStagePlan, per_image_questions
@@ -106,9 +110,12 @@ class AnyresPruningSession(PerImageStage, RowLLMStages):
         self.plan = AnyresStagePlan(backbone, handle)
         self.site = LLM0
         self.stage = self.plan.stages.get(LLM0)  # the stage at llm.0, if any
+        self.split = handle.split
+        check_split(self.split, self.plan.stages)
         self.llm_stages = {site: st for site, st in self.plan.stages.items() if site != LLM0}
         self._projector_inputs: list[torch.Tensor] = []  # per tower pass (images, then videos): (crops, g*g, d_v)
         wants = set() if self.stage is None else set(self.stage.method.signals) | set(self.stage.method.optional_signals)
+        wants |= SPLIT_SIGNALS[self.split]
         if "projector_input" in wants:
             handle.hooks.append(backbone.projector.register_forward_hook(self._capture_projector_input))
         self.crops = CropAttention(backbone, wants, lambda: handle.active, handle.scoring) \
@@ -169,34 +176,64 @@ class AnyresPruningSession(PerImageStage, RowLLMStages):
         for i, unit in enumerate(units):
             refuse_video(self.stage, unit, f"row {i}")
 
-        def inputs(i: int) -> dict:  # image i's SiteInputs fields beyond its tokens
-            return {"signals": {"projector_input": lambda: projector_input(i, candidates[i]),
-                                **crop_signals(i, candidates[i])},
+        def inputs(i: int, chosen_from: torch.Tensor) -> dict:  # SiteInputs fields of image i's tokens chosen_from
+            return {"signals": {"projector_input": lambda: projector_input(i, chosen_from),
+                                **crop_signals(i, chosen_from)},
                     "question_states": lambda: question_states(i), "question_text": question_of(i),
                     "units": [units[i]]}
 
-        chosen = self.choose_each([tokens[c] for tokens, c in zip(packed, candidates)], inputs, kinds)
-        for i, sel in enumerate(chosen):
-            if sel.order is not None and kinds[i] != "video":
-                raise TokensieveError(f"{self.stage.method.name} at llm.0: an order of its own is placed only in a "
-                                      f"video's run on {self.bb.family_name} (an image's run has a newline after "
-                                      f"every row); {kinds[i]} {i} is an image")
-        # An image may keep fewer than its budget (HiRED): its selection's valid entries only.
-        kept = [c[sel.indices[0] if sel.valid is None else sel.indices[0][sel.valid[0]]]
-                for c, sel in zip(candidates, chosen)]
-        kept = [k if sel.order is None else k[sel.order[0]] for k, sel in zip(kept, chosen)]
+        if self.split == "all":
+            chosen = self.choose_each([tokens[c] for tokens, c in zip(packed, candidates)],
+                                      lambda i: inputs(i, candidates[i]), kinds)
+            for i, sel in enumerate(chosen):
+                if sel.order is not None and kinds[i] != "video":
+                    raise TokensieveError(f"{self.stage.method.name} at llm.0: an order of its own is placed only in "
+                                          f"a video's run on {self.bb.family_name} (an image's run has a newline after "
+                                          f"every row); {kinds[i]} {i} is an image")
+            # An image may keep fewer than its budget (HiRED): its selection's valid entries only.
+            kept = [c[valid_indices(sel)] if sel.order is None else c[valid_indices(sel)][sel.order[0]]
+                    for c, sel in zip(candidates, chosen)]
+            ordered = [sel.order is not None for sel in chosen]
+        else:
+            for i, kind in enumerate(kinds):
+                if kind == "video":
+                    raise TokensieveError(f"split {self.split!r} divides an image's budget over its base and crops; "
+                                          f"row {i} holds a video, which has none: give split 'all'")
+            kept = [self._choose_by_part(i, packed[i], layouts[i], candidates[i], lambda c, i=i: inputs(i, c),
+                                         first[i], i == len(packed) - 1) for i in range(len(packed))]
+            ordered = [False] * len(packed)
         drop_newlines = getattr(self.stage.method, "newlines", "keep") == "drop"
         runs = []
-        for k, layout, sel in zip(kept, layouts, chosen):
+        for k, layout, own_order in zip(kept, layouts, ordered):
             newlines = layout.is_newline.nonzero().flatten().to(k.device)
             if drop_newlines:
                 runs.append(k)
-            elif sel.order is None:
+            elif not own_order:
                 runs.append(torch.cat([k, newlines]).sort().values)
             else:  # a video's one newline ends its run, after its tokens in the method's order
                 runs.append(torch.cat([k, newlines]))
         self.record_images(kept, [len(layout.candidates) for layout in layouts])
         return runs
+
+    def _choose_by_part(self, i: int, tokens: torch.Tensor, layout, candidates: torch.Tensor,
+                        inputs: Callable[[torch.Tensor], dict], first: int, last: bool) -> torch.Tensor:
+        """Image ``i``'s kept positions under a split: each part (base, crops) chosen alone, from its tokens
+        among ``candidates`` ``(n_i,)`` with its budget (:func:`.anyres_split.part_budgets`); tokens: its packed
+        run ``(N_i, d)``; inputs: the ``SiteInputs`` fields of some of its positions; first: its base crop's row
+        in the tower's batch; last: the pass's last image."""
+        part = layout.part[layout.candidates].to(candidates.device)  # (n_i,)
+        base = self.crops.image("first_block_crop_cls_attention", first, 1)[0, 0] if self.split == "hired" else None
+        sizes = [int((part == p).sum()) for p in range(layout.n_crops)]
+        budgets = part_budgets(self.split, self.image_keep(f"image {i}", len(candidates)), sizes, base)
+        last_part = max(p for p, budget in enumerate(budgets) if budget)
+        kept = []
+        for p, budget in enumerate(budgets):
+            if budget:
+                chosen_from = candidates[part == p]
+                sel = self._choose_one(f"image {i}", tokens[chosen_from][None], inputs(chosen_from),
+                                       last and p == last_part, budget)
+                kept.append(chosen_from[valid_indices(sel)])
+        return torch.cat(kept).sort().values
 
     def refuse_selection(self, sel: Selection) -> None:
         """One line for what a method gives at ``llm.0`` that the adapter cannot place."""
@@ -218,3 +255,9 @@ class AnyresPruningSession(PerImageStage, RowLLMStages):
         super().begin_llm_pass(input_ids, attention_mask, [run[c] for run, c in zip(runs, candidates)], units)
         self.visual = [columns[c] for columns, c in zip(self.visual, candidates)]
         self.entering = [torch.arange(len(columns), device=input_ids.device) for columns in self.visual]
+
+
+def valid_indices(sel: Selection) -> torch.Tensor:
+    """The kept indices of a selection of one image: ``(K,)``, its valid ones only where it keeps fewer than
+    its budget (HiRED)."""
+    return sel.indices[0] if sel.valid is None else sel.indices[0][sel.valid[0]]

@@ -37,6 +37,7 @@ from transformers import LlavaNextForConditionalGeneration
 
 from tokensieve.backbones.anyres_layout import AnyresLayout, anyres_layout
 from tokensieve.backbones.anyres_pruning import LLM0, AnyresPruningSession
+from tokensieve.backbones.anyres_split import SPLITS
 from tokensieve.backbones.anyres_tower import CROP_SIGNALS
 from tokensieve.backbones.base import Site
 from tokensieve.backbones.hf_checkpoint import checkpoint_config, load_complete, model_and_processor
@@ -63,6 +64,7 @@ class LlavaNextBackbone:
     visual_inputs: tuple[str, ...] = ()  # processor outputs beyond images that forward/generate hand to encode_units
     answer_cue = ANSWER_CUE  # the assistant's cue ending a prompt's text (left out of a question)
     image_processor_apart = False  # model_and_processor's option: the processor also holds a video processor
+    splits = SPLITS  # how attach's split= may divide an image's llm.0 budget over its base and crops
 
     def __init__(self, model: LlavaNextForConditionalGeneration, processor=None):
         if not isinstance(model, self.model_class):

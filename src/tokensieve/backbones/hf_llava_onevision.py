@@ -52,6 +52,7 @@ class LlavaOnevisionBackbone(LlavaNextBackbone):
     image_processor_apart = True  # its processor also holds a video processor, which has no PIL backend
     tower_has_cls = False  # SigLIP
     takes_video = True
+    splits = ("all", "even")  # HiRED's rule reads the base image's CLS attention, which SigLIP has not
 
     @property
     def video_token_id(self) -> int:

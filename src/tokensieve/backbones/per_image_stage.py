@@ -93,14 +93,21 @@ class PerImageStage:
             chosen.append(self._choose_one(f"{kinds[i]} {i}", image_tokens[None], fields, i == len(tokens) - 1))
         return chosen
 
-    def _choose_one(self, name: str, rows: torch.Tensor, fields: dict, last: bool) -> Selection:
-        """The stage's settled selection for one image (named ``name`` in a refusal), whose tokens
-        ``rows`` are ``(1, N_i, d)`` (last: the pass's last image, after which the plan stops checking values)."""
-        st, method, n, site = self.stage, self.stage.method, rows.shape[1], self.site
+    def image_keep(self, name: str, n: int) -> int:
+        """The stage's budget for an image (named ``name`` in a refusal) of ``n`` candidate tokens."""
+        st = self.stage
         if st.budget.count is not None and st.budget.count > n:
             raise TokensieveError(f"{st}: {name} gives {n} visual tokens{self.tokens_note}, fewer than the budget of "
                                   f"{st.budget.count}; give a smaller count or a ratio")
-        keep = self.plan.keep_at(site, n)
+        return self.plan.keep_at(self.site, n)
+
+    def _choose_one(self, name: str, rows: torch.Tensor, fields: dict, last: bool, keep: int | None = None
+                    ) -> Selection:
+        """The stage's settled selection for one image (named ``name`` in a refusal), whose tokens
+        ``rows`` are ``(1, N_i, d)`` (last: the pass's last image, after which the plan stops checking values;
+        keep: the budget, None for the stage's over the ``N_i`` tokens)."""
+        method, n, site = self.stage.method, rows.shape[1], self.site
+        keep = self.image_keep(name, n) if keep is None else keep
         with self.handle.scoring():
             sel = method.select(SiteInputs(rows, keep, str(site), lambda: row_generator(self.seed, rows), **fields))
             self.refuse_selection(sel)
