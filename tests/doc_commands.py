@@ -99,6 +99,9 @@ RECIPES = [
     Recipe(r"^tokensieve bench speed --shape qwen2\.5-vl-cpu ", "parse",
            "a Qwen2.5-VL-shaped prefill of 1,374 tokens takes seconds per case on a CPU; tests/test_qwen_bench.py "
            "runs the command on a tiny Qwen shape"),
+    Recipe(r"^tokensieve bench speed --shape llava-next-cpu ", "parse",
+           "a LLaVA-NeXT-shaped prefill of 2,968 tokens takes seconds per case on a CPU; tests/test_next_bench.py "
+           "runs the command on a tiny LLaVA-NeXT shape"),
     Recipe(r"^tokensieve bench speed ", "run", extra=["--repeats", "1", "--new-tokens", "2"]),
     Recipe(r"^tokensieve search ", "run", extra=["--trials", "1"],
            subs=[(r"^configs/search_testbed\.yaml$", "{small_search}")]),

@@ -12,13 +12,13 @@ from tokensieve.cli_args import comma_list, memory_size, positive_int
 from tokensieve.errors import TokensieveError
 
 # Each 7B shape and the CPU-sized variant to use instead on a CPU.
-CPU_VARIANTS = {"llava-7b": "cpu", "qwen2.5-vl-7b": "qwen2.5-vl-cpu"}
+CPU_VARIANTS = {"llava-7b": "cpu", "qwen2.5-vl-7b": "qwen2.5-vl-cpu", "llava-next-7b": "llava-next-cpu"}
 
 
 def _bench_shape(args: argparse.Namespace):
     """The benchmark's model shape, once ``args.device`` is known to be able to hold it."""
     from tokensieve.devices import require_device
-    from tokensieve.evaluate import qwen_bench
+    from tokensieve.evaluate import next_bench, qwen_bench
     from tokensieve.evaluate.speed import BenchShape
 
     require_device(args.device, "--device")
@@ -27,7 +27,8 @@ def _bench_shape(args: argparse.Namespace):
         raise TokensieveError(f"--shape {args.shape} is a 7B model: run it on a GPU (--device cuda --dtype bfloat16), "
                               f"or use --shape {CPU_VARIANTS[args.shape]} here")
     shapes = {"cpu": BenchShape, "llava-7b": lambda: BenchShape.llava7b(), "qwen2.5-vl-cpu": qwen_bench.QwenBenchShape,
-              "qwen2.5-vl-7b": lambda: qwen_bench.QwenBenchShape.qwen25_vl_7b()}
+              "qwen2.5-vl-7b": lambda: qwen_bench.QwenBenchShape.qwen25_vl_7b(),
+              "llava-next-cpu": next_bench.NextBenchShape, "llava-next-7b": lambda: next_bench.NextBenchShape.llava_next_7b()}
     return shapes[args.shape]()
 
 
@@ -167,8 +168,8 @@ def _bench_train(args: argparse.Namespace) -> None:
 def add(sub) -> None:
     """Add ``bench speed``, ``bench capacity`` and ``bench train``."""
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
-    speed = bench.add_parser("speed", help="measured prefill speedup vs the FLOPs ideal on a LLaVA- or "
-                             "Qwen2.5-VL-shaped model")
+    speed = bench.add_parser("speed", help="measured prefill speedup vs the FLOPs ideal on a LLaVA-, "
+                             "LLaVA-NeXT- or Qwen2.5-VL-shaped model")
     speed.add_argument("--method", default="fastv,divprune", help="methods, each at its default site")
     speed.add_argument("--param", action="append", default=[], metavar="METHOD.KEY=VALUE",
                        help="set a parameter of a method in --method (repeatable), e.g. pyramiddrop.positions=original")
@@ -176,10 +177,13 @@ def add(sub) -> None:
                        help="where every method of --method reduces (default: each method's own site), e.g. llm.0 "
                             "for random on Qwen-VL, which has no projector site")
     speed.add_argument("--budget", default="0.33,0.22,0.11", help="budget ratios")
-    speed.add_argument("--shape", default="cpu", choices=["cpu", "llava-7b", "qwen2.5-vl-cpu", "qwen2.5-vl-7b"],
+    speed.add_argument("--shape", default="cpu", choices=["cpu", "llava-7b", "qwen2.5-vl-cpu", "qwen2.5-vl-7b",
+                                                          "llava-next-cpu", "llava-next-7b"],
                        help="cpu: LLaVA, 8 layers x 512 (default); llava-7b: LLaVA-1.5-7B's shape; qwen2.5-vl-cpu: "
                             "Qwen2.5-VL, 8 layers x 512, a 1288x812 image (1,334 visual tokens); qwen2.5-vl-7b: "
-                            "Qwen2.5-VL-7B's shape, the same image (the 7B shapes need a GPU)")
+                            "Qwen2.5-VL-7B's shape, the same image; llava-next-cpu: LLaVA-NeXT, 8 layers x 512, a "
+                            "672x672 image (base + 4 crops: 2,880 visual tokens and 48 newlines); llava-next-7b: "
+                            "LLaVA-NeXT-7B's shape, the same image (the 7B shapes need a GPU)")
     speed.add_argument("--repeats", type=positive_int, default=7, help="timed runs per case (median)")
     speed.add_argument("--batch", type=positive_int, default=1, help="prompts per prefill")
     speed.add_argument("--new-tokens", type=positive_int, default=8,

@@ -19,6 +19,7 @@ merger stay 29% of the linear FLOPs (the 7B: 28%), as the LLaVA CPU shape keeps 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -53,6 +54,7 @@ class QwenBenchShape:
     patch_size: int = 14
     text_tokens: int = 40
     vocab: int = 152064
+    always_kept: ClassVar[int] = 0  # no image token stays whatever the budget
 
     @classmethod
     def qwen25_vl_7b(cls) -> QwenBenchShape:

@@ -1,7 +1,9 @@
-"""Prefill speed of pruning on a LLaVA- or Qwen-VL-shaped model: measured speedup against the FLOPs ideal.
+"""Prefill speed of pruning on a LLaVA-, LLaVA-NeXT- or Qwen-VL-shaped model: measured speedup against the
+FLOPs ideal.
 
 The model is randomly initialised (a random model of a given shape times like a trained one): a
-:class:`BenchShape` (LLaVA) or a :class:`~tokensieve.evaluate.qwen_bench.QwenBenchShape`, each of
+:class:`BenchShape` (LLaVA), a :class:`~tokensieve.evaluate.next_bench.NextBenchShape` or a
+:class:`~tokensieve.evaluate.qwen_bench.QwenBenchShape`, each of
 which builds its model and inputs, its ideal and its rows' native bounds (:class:`SpeedShape`).
 For each (method at its site, budget ratio) the pruned and the unpruned prefill run alternately
 on the same inputs, and the medians are compared. ``ideal_speedup`` is the ratio of the linear
@@ -29,7 +31,7 @@ import contextlib
 import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import torch
 from tqdm import tqdm
@@ -77,6 +79,7 @@ class BenchShape:
     patch_size: int = 14  # 24 x 24 = 576 visual tokens, as LLaVA-1.5
     text_tokens: int = 40
     vocab: int = 32064
+    always_kept: ClassVar[int] = 0  # no image token stays whatever the budget
 
     @classmethod
     def llava7b(cls) -> BenchShape:
@@ -119,6 +122,7 @@ class SpeedShape(Protocol):
 
     n_visual: int  # visual tokens per prompt
     text_tokens: int
+    always_kept: int  # of n_visual, those every prompt keeps whatever the budget (LLaVA-NeXT's newlines)
     llm_hidden: int
 
     def build(self, dtype: torch.dtype, device: str): ...  # the backbone adapter of a random model
@@ -252,7 +256,7 @@ def native_llm_reference(shape: SpeedShape, kept_counts: list[int], repeats: int
                          dtype: torch.dtype = torch.float32, seed: int = 0, batch: int = 1) -> list[dict]:
     """What a perfect removal could reach on this machine: the unpruned LLM decoder stack alone
     on random embeddings of the full prompt length vs a natively shorter prompt (``kept`` visual
-    tokens + the text), alternating, medians; no pruning code runs. ``share_of_token_ratio`` is
+    tokens, the shape's ``always_kept`` and the text), alternating, medians; no pruning code runs. ``share_of_token_ratio`` is
     the measured speedup over the ratio of lengths (the linear-FLOPs ideal of the LLM part).
 
     ``tower_ms``: the unpruned vision tower and projector alone on the batch's images, which a
@@ -269,7 +273,7 @@ def native_llm_reference(shape: SpeedShape, kept_counts: list[int], repeats: int
     g = torch.Generator().manual_seed(seed)
     out = []
     for kept in kept_counts:
-        short_len = kept + shape.text_tokens
+        short_len = kept + shape.always_kept + shape.text_tokens
         full = torch.randn(batch, full_len, shape.llm_hidden, generator=g).to(device, dtype)
         short = full[:, -short_len:].contiguous()
         times = alternate_timings(lambda: llm(inputs_embeds=full), lambda: llm(inputs_embeds=short), repeats,
