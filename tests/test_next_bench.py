@@ -120,7 +120,8 @@ def test_bench_speed_on_a_next_shape_reports_every_figure(monkeypatch, capsys):
     common = ["--shape", "llava-next-cpu", "--budget", "0.5", "--repeats", "1", "--new-tokens", "2", "--json"]
     assert main(["bench", "speed", "--method", "fastv,dart", "--param", "dart.exact_budget=true", *common]) == 0
     inside = json.loads(capsys.readouterr().out)
-    assert main(["bench", "speed", "--method", "random,divprune,hired", "--site", "llm.0", "--batch", "2", *common]) == 0
+    llm0 = ["--method", "random,divprune,hired", "--site", "llm.0", "--batch", "2"]
+    assert main(["bench", "speed", *llm0, *common]) == 0
     before = json.loads(capsys.readouterr().out)
     assert inside["shape"]["n_visual"] == 88 and inside["shape"]["image_width"] == 56
     rows = inside["rows"] + before["rows"]

@@ -28,7 +28,8 @@ def _bench_shape(args: argparse.Namespace):
                               f"or use --shape {CPU_VARIANTS[args.shape]} here")
     shapes = {"cpu": BenchShape, "llava-7b": lambda: BenchShape.llava7b(), "qwen2.5-vl-cpu": qwen_bench.QwenBenchShape,
               "qwen2.5-vl-7b": lambda: qwen_bench.QwenBenchShape.qwen25_vl_7b(),
-              "llava-next-cpu": next_bench.NextBenchShape, "llava-next-7b": lambda: next_bench.NextBenchShape.llava_next_7b()}
+              "llava-next-cpu": next_bench.NextBenchShape,
+              "llava-next-7b": lambda: next_bench.NextBenchShape.llava_next_7b()}
     return shapes[args.shape]()
 
 

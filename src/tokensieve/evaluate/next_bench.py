@@ -100,8 +100,8 @@ class NextBenchShape:
         words = torch.randint(5, self.vocab - 2, (batch, self.text_tokens - PREFIX), generator=g)
         ids = torch.cat([torch.ones(batch, PREFIX, dtype=torch.long),
                          torch.full((batch, self.n_visual), self.vocab - 1), words], 1)
-        pixels = torch.randn(1, self.layout.n_crops, 3, self.crop_size, self.crop_size, generator=g).expand(batch, -1, -1,
-                                                                                                          -1, -1)
+        image = torch.randn(1, self.layout.n_crops, 3, self.crop_size, self.crop_size, generator=g)
+        pixels = image.expand(batch, -1, -1, -1, -1)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels,
                 "image_sizes": torch.tensor([[self.image_height, self.image_width]] * batch)}
 
