@@ -84,3 +84,27 @@ def test_generate_with_cache_equals_steps_without(onevision, ov_batch, method):
     finally:
         handle.detach()
     assert torch.equal(new, steps)
+
+
+def test_an_even_split_keeps_each_parts_share_and_a_video_or_hireds_rule_is_refused(onevision, ov_batch):
+    from tiny_onevision import inputs as ov_inputs
+
+    from tokensieve.errors import TokensieveError
+
+    handle = attach(onevision, "random", 6, site="llm.0", split="even")
+    try:
+        with torch.no_grad():
+            onevision.forward(**ov_batch)
+            kept = kept_of(handle)
+            layouts = [onevision.image_layout(size) for size in ov_batch["image_sizes"].tolist()]
+            for k, layout in zip(kept, layouts):
+                parts = layout.part[k].tolist()
+                n = layout.n_crops
+                assert len(k) == 6 and parts.count(0) == 6 // n + 6 % n  # the remainder goes to the base
+            with pytest.raises(TokensieveError, match="row 0 holds a video, which has none") as caught:
+                onevision.forward(**ov_inputs(onevision.processor, [("what happens ?", "video")]))
+    finally:
+        handle.detach()
+    assert "\n" not in str(caught.value)
+    with pytest.raises(TokensieveError, match="split 'hired': LLaVA-OneVision offers split all, even"):
+        attach(onevision, "random", 6, site="llm.0", split="hired")
