@@ -45,7 +45,8 @@ def test_capacity_rows_compare_each_method_with_the_unpruned_model(monkeypatch):
     assert rows[0]["peak_memory_mb"] == 400 and rows[1]["peak_memory_mb"] == 280
     assert rows[1]["batch_ratio"] == 2.0
     assert rows[1]["throughput_ratio"] == round(rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"], 3)
-    assert all(r["tokens_per_s"] == round(r["largest_batch"] * 2 / r["generate_s"], 2) for r in rows)
+    for r in rows:  # generate_s is rounded to 0.1 ms
+        assert r["tokens_per_s"] == pytest.approx(r["largest_batch"] * 2 / r["generate_s"], rel=0.01)
 
 
 def test_nothing_fits_under_a_limit_below_batch_one(monkeypatch):
