@@ -11,6 +11,8 @@ from pathlib import Path
 from tokensieve.cli_args import comma_list, memory_size, positive_int
 from tokensieve.errors import TokensieveError
 
+# The model shapes of bench speed and bench capacity.
+SHAPES = ["cpu", "llava-7b", "qwen2.5-vl-cpu", "qwen2.5-vl-7b", "llava-next-cpu", "llava-next-7b"]
 # Each 7B shape and the CPU-sized variant to use instead on a CPU.
 CPU_VARIANTS = {"llava-7b": "cpu", "qwen2.5-vl-7b": "qwen2.5-vl-cpu", "llava-next-7b": "llava-next-cpu"}
 
@@ -67,8 +69,8 @@ def _bench_speed(args: argparse.Namespace) -> None:
     native = native_llm_reference(shape, kept, repeats=args.repeats, device=args.device, dtype=dtype,
                                   batch=args.batch)
     if args.json:
-        print(json.dumps({"shape": shape_summary(shape, args.device, dtype, args.batch, args.new_tokens, backend), "rows": rows,
-                          "native_llm": native}, indent=2))
+        summary = shape_summary(shape, args.device, dtype, args.batch, args.new_tokens, backend)
+        print(json.dumps({"shape": summary, "rows": rows, "native_llm": native}, indent=2))
         return
     print(f"{'method':10s} {'site':9s} {'budget':>6s} {'full ms':>8s} {'pruned ms':>9s} {'speedup':>7s} "
           f"{'ideal':>6s} {'scoring':>7s}")
@@ -132,7 +134,8 @@ def _bench_capacity(args: argparse.Namespace) -> None:
         return
     print(f"largest batch whose generate() of {args.new_tokens} tokens peaks under {args.memory_limit / 2**30:.2f} GiB "
           f"(at most {args.max_batch}), and the throughput there:")
-    print(f"{'method':10s} {'budget':>6s} {'batch':>6s} {'peak MiB':>9s} {'tokens/s':>9s} {'x batch':>8s} {'x tokens/s':>10s}")
+    print(f"{'method':10s} {'budget':>6s} {'batch':>6s} {'peak MiB':>9s} {'tokens/s':>9s} {'x batch':>8s} "
+          f"{'x tokens/s':>10s}")
     for r in rows:
         peak = "-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
         print(f"{r['method']:10s} {r['budget']:6.2f} {r['largest_batch']:6d} {peak:>9s} "
@@ -178,8 +181,7 @@ def add(sub) -> None:
                        help="where every method of --method reduces (default: each method's own site), e.g. llm.0 "
                             "for random on Qwen-VL, which has no projector site")
     speed.add_argument("--budget", default="0.33,0.22,0.11", help="budget ratios")
-    speed.add_argument("--shape", default="cpu", choices=["cpu", "llava-7b", "qwen2.5-vl-cpu", "qwen2.5-vl-7b",
-                                                          "llava-next-cpu", "llava-next-7b"],
+    speed.add_argument("--shape", default="cpu", choices=SHAPES,
                        help="cpu: LLaVA, 8 layers x 512 (default); llava-7b: LLaVA-1.5-7B's shape; qwen2.5-vl-cpu: "
                             "Qwen2.5-VL, 8 layers x 512, a 1288x812 image (1,334 visual tokens); qwen2.5-vl-7b: "
                             "Qwen2.5-VL-7B's shape, the same image; llava-next-cpu: LLaVA-NeXT, 8 layers x 512, a "
@@ -210,10 +212,10 @@ def add(sub) -> None:
                           help="set a parameter of a method in --method (repeatable)")
     capacity.add_argument("--site", default=None, help="where every method reduces (default: each method's own)")
     capacity.add_argument("--budget", default="0.22", help="budget ratios")
-    capacity.add_argument("--shape", default="cpu", choices=["cpu", "llava-7b", "qwen2.5-vl-cpu", "qwen2.5-vl-7b"],
+    capacity.add_argument("--shape", default="cpu", choices=SHAPES,
                           help="as bench speed's (the 7B shapes need a GPU)")
     capacity.add_argument("--max-batch", type=positive_int, default=256, help="the largest batch tried (default 256)")
-    capacity.add_argument("--new-tokens", type=positive_int, default=16, help="tokens generated per prompt (default 16)")
+    capacity.add_argument("--new-tokens", type=positive_int, default=16, help="tokens per prompt (default 16)")
     capacity.add_argument("--repeats", type=positive_int, default=3, help="timed generate() calls (median)")
     capacity.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     capacity.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
