@@ -8,7 +8,9 @@ import json
 
 import pytest
 import torch
+from test_qwen_two_stage import SETTINGS
 from tiny_qwen import image, save_tiny_qwen
+from tiny_two_stage import tiny_config
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import BertConfig
 
@@ -20,6 +22,7 @@ from tokensieve.cli import main
 from tokensieve.data.vqa_files import load_llava_eval
 from tokensieve.errors import TokensieveError
 from tokensieve.evaluate.report import load_report
+from tokensieve.pruner import TwoStagePruner
 
 SIZES = ["big", "small", "big", "small"]  # 16 and 6 visual tokens: 11 on average
 QUESTION = "what is the colour ?"  # one question: every prompt has the median text length
@@ -80,6 +83,55 @@ def test_eval_runs_on_a_qwen_checkpoint_with_images_of_different_sizes(tiny_qwen
     config = qwen.config.text_config
     per_token = 2 * config.num_key_value_heads * 16 * 2  # bf16 keys and values; head_dim 16 in every tiny family
     assert pruned["kv_cache_bytes"] == per_token * 3 * (text + 4)
+
+
+def tokens_per_layer(qwen: QwenVLBackbone, items) -> list[list[int]]:
+    """Per item, the tokens each decoder layer of the LLM receives in one prefill (hooks on the layers)."""
+    seen, hooks = [], [layer.register_forward_pre_hook(lambda _, args, kwargs: seen.append(
+        (args[0] if args else kwargs["hidden_states"]).shape[1]), with_kwargs=True) for layer in qwen.llm_layers]
+    per_item = []
+    try:
+        for item in items:
+            seen.clear()
+            with torch.no_grad():
+                qwen.forward(**encode_samples(qwen, [item]), logits_to_keep=1)
+            per_item.append(list(seen))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return per_item
+
+
+def test_eval_measures_the_two_stage_pruner_per_image(tiny_qwen_dir, vqa_files, tmp_path, capsys):
+    qwen = QwenVLBackbone.from_pretrained(tiny_qwen_dir)
+    TwoStagePruner(tiny_config(tiny_qwen_dir, SETTINGS, pruner={"pruning_layers": [1]}), qwen).save_pretrained(
+        tmp_path / "pruner")
+    out = tmp_path / "report"
+    assert main(["eval", "--model", str(tiny_qwen_dir), "--pruner", str(tmp_path / "pruner"), "--centres", "0.5",
+                 "--method", "random", "--site", "llm.0", "--budget", "4", *vqa_files, "--max-new-tokens", "1",
+                 "--timing-samples", "0", "--json", "--out", str(out)]) == 0
+    baseline, _, learned = json.loads(capsys.readouterr().out)
+    assert (learned["method"], learned["site"], learned["budget"]) == ("two_stage", "llm.0", "0.5")
+    merger, head = learned["visual_tokens_per_stage"]
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()[1:]]
+    kept = [r["kept"] for r in records if r["run"] == "two_stage@llm.0:0.5"]
+    assert [k[merger] for k in kept] == [8, 3, 8, 3]  # half of each image's 16 or 6 tokens
+    assert all(0 < k[head] < k[merger] for k in kept)
+    assert learned["visual_tokens_per_stage"] == {merger: 5.5, head: sum(k[head] for k in kept) / 4}
+    assert learned["visual_tokens_kept"] == 5.5
+
+    pruner = TwoStagePruner.from_pretrained(tmp_path / "pruner", qwen)
+    items = load_llava_eval(*(vqa_files[i] for i in (1, 3, 5)))
+    handle = pruner.attach(qwen, "hard", centres="0.5")
+    try:
+        measured = tokens_per_layer(qwen, items)  # what the LLM's layers really received
+    finally:
+        handle.detach()
+    assert learned["tokens_per_llm_layer"] == [sum(column) / len(items) for column in zip(*measured)]
+    assert baseline["tokens_per_llm_layer"] == [sum(column) / len(items) for column in zip(*tokens_per_layer(
+        qwen, items))]
+    assert learned["flops"]["vision"] == baseline["flops"]["vision"] and learned["flops_ratio"] < 1
+    assert learned["flops"]["llm"] < baseline["flops"]["llm"]
 
 
 @pytest.fixture(scope="module")

@@ -81,7 +81,7 @@ def compare_methods(backbone, data: EvalData, methods: list[str | dict], budgets
     pairs: the ``(method, budget)`` rows to measure, instead of every method at every budget.
     """
     if is_qwen(backbone):
-        refuse_on_qwen(oracle, match, kept_examples, pruner)
+        refuse_on_qwen(oracle, match, kept_examples)
     if oracle and data.scenes is None:
         raise TokensieveError("--oracle needs the synthetic set: the object oracle knows where its objects are")
     if match is not None and match not in MATCH_BY:
@@ -155,13 +155,12 @@ def compare_methods(backbone, data: EvalData, methods: list[str | dict], budgets
     return rows
 
 
-def refuse_on_qwen(oracle: bool, match: str | None, kept_examples: int, pruner) -> None:
+def refuse_on_qwen(oracle: bool, match: str | None, kept_examples: int) -> None:
     """What a Qwen-VL evaluation cannot do yet, refused before any model work: each needs one fixed
     patch grid (every image's tokens the same), where Qwen-VL gives each image its own."""
     for asked, what in ((oracle, "--oracle (the object oracle's patches)"),
                         (match, "--match (budgets planned for one visual-token count)"),
-                        (kept_examples, "--kept-examples (pictures on one patch grid; give 0)"),
-                        (pruner is not None, "--pruner (the two-stage pruner's eval)")):
+                        (kept_examples, "--kept-examples (pictures on one patch grid; give 0)")):
         if asked:
             raise TokensieveError(f"{what} is not available on a Qwen-VL model yet: its images each give their own "
                                   "number of visual tokens")
