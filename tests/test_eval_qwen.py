@@ -10,6 +10,7 @@ import pytest
 import torch
 from test_qwen_two_stage import SETTINGS
 from tiny_qwen import image, save_tiny_qwen
+from tiny_qwen_testbed import save_untrained_qwen_testbed
 from tiny_two_stage import tiny_config
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import BertConfig
@@ -19,10 +20,13 @@ from tokensieve.backbones.chat_format import encode_samples
 from tokensieve.backbones.hf_qwen import QwenVLBackbone
 from tokensieve.backbones.load import load_backbone
 from tokensieve.cli import main
+from tokensieve.data.synthetic_eval import heldout_samples, scene_spec_for
 from tokensieve.data.vqa_files import load_llava_eval
 from tokensieve.errors import TokensieveError
+from tokensieve.evaluate.oracle import per_image_oracle
 from tokensieve.evaluate.report import load_report
 from tokensieve.pruner import TwoStagePruner
+from tokensieve.testbed.qwen_model import QWEN_SCENES
 
 SIZES = ["big", "small", "big", "small"]  # 16 and 6 visual tokens: 11 on average
 QUESTION = "what is the colour ?"  # one question: every prompt has the median text length
@@ -143,7 +147,6 @@ def qwen2_dir(tmp_path_factory):
     (["--method", "visionzip", "--budget", "0.5"], "visionzip"),
     (["--method", "random", "--site", "vision.1", "--budget", "0.5"], "site vision.1 does not exist on the Qwen-VL"),
     (["--method", "prumerge", "--budget", "0.5"], "prumerge needs"),
-    (["--method", "random", "--site", "llm.0", "--budget", "0.5", "--oracle"], "--oracle"),
     (["--method", "random", "--site", "llm.0", "--budget", "0.5", "--match", "tokens"], "--match"),
     (["--method", "random", "--site", "llm.0", "--budget", "10"], "gives 6 visual tokens, fewer than the budget of 10"),
 ])
@@ -166,3 +169,53 @@ def test_the_backbone_is_picked_by_the_checkpoints_model_type(qwen2_dir, tiny_ll
     BertConfig().save_pretrained(tmp_path)
     with pytest.raises(TokensieveError, match="is a 'bert' model; tokensieve loads LLaVA"):
         load_backbone(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def qwen_testbed_dir(tmp_path_factory):
+    return save_untrained_qwen_testbed(tmp_path_factory.mktemp("qwen_testbed"))
+
+
+def test_the_qwen_synthetic_scenes_are_the_testbeds_four_sizes(qwen_testbed_dir, qwen2_dir):
+    assert scene_spec_for(QwenVLBackbone.from_pretrained(qwen_testbed_dir)) == QWEN_SCENES
+    assert scene_spec_for(QwenVLBackbone.from_pretrained(qwen2_dir)).sizes == ()  # at most 64 tokens: one square
+
+
+def test_the_object_oracle_keeps_object_cells_of_each_images_own_grid():
+    scenes = heldout_samples(20, spec=QWEN_SCENES)
+    assert {s.grid for s in scenes} == {(8, 8), (8, 10), (10, 9), (10, 10)}
+    for scene in scenes:
+        objects = set(scene.object_patches)  # make_sample's cells, row-major over the scene's own columns
+        for budget, count in (("0.05", round(0.05 * scene.grid[0] * scene.grid[1])), ("4", 4)):
+            kept = per_image_oracle(budget)(scene).tolist()
+            assert kept == sorted(kept) and set(kept) <= objects and len(kept) == min(count, len(objects))
+            cols = scene.grid[1]
+            owners = {next(i for i, o in enumerate(scene.objects) if k in o.patch_indices(cols)) for k in kept}
+            assert len(owners) == min(len(kept), len(scene.objects))  # one per object before a second
+    small = next(s for s in scenes if s.grid == (8, 8))
+    with pytest.raises(TokensieveError, match="gives 64 visual tokens, fewer than the budget"):
+        per_image_oracle("70")(small)
+
+
+def test_eval_adds_the_object_oracle_per_image_on_qwen(qwen_testbed_dir, capsys):
+    assert main(["eval", "--model", str(qwen_testbed_dir), "--method", "random", "--site", "llm.0", "--budget", "0.5",
+                 "--oracle", "--samples", "6", "--timing-samples", "1", "--json"]) == 0
+    baseline, _, oracle = json.loads(capsys.readouterr().out)
+    scenes = heldout_samples(6, spec=QWEN_SCENES)
+    tokens = [s.grid[0] * s.grid[1] for s in scenes]
+    assert len(set(tokens)) > 1 and baseline["visual_tokens_kept"] == round(sum(tokens) / 6, 2)
+    kept = [min(round(0.5 * n), len(s.object_patches)) for n, s in zip(tokens, scenes)]
+    assert (oracle["method"], oracle["site"], oracle["budget"]) == ("object_oracle", "llm.0", "0.5")
+    assert oracle["visual_tokens_kept"] == round(sum(kept) / 6, 2)
+    text = baseline["tokens_per_llm_layer"][0] - baseline["visual_tokens_kept"]
+    assert oracle["tokens_per_llm_layer"] == [round(text + sum(kept) / 6, 2)] * 2
+    assert oracle["flops"]["vision"] == baseline["flops"]["vision"] and oracle["flops_ratio"] < 1
+    assert oracle["ttft_ms"] > 0
+
+
+def test_an_oracle_count_above_the_smallest_image_is_one_line_before_model_work(qwen_testbed_dir, capsys):
+    assert main(["eval", "--model", str(qwen_testbed_dir), "--method", "random", "--site", "llm.0", "--budget", "70",
+                 "--oracle", "--samples", "7", "--timing-samples", "0", "--json"]) == 2  # item 6 is 8x8
+    err = capsys.readouterr().err
+    assert err.startswith("tokensieve: error: ") and len(err.strip().splitlines()) == 1
+    assert "gives 64 visual tokens, fewer than the budget" in err

@@ -83,7 +83,7 @@ def _eval(args: argparse.Namespace) -> None:
     kept_examples = args.kept_examples if args.kept_examples is not None else 0 if qwen else 3
     kept_examples = kept_examples if args.out else 0  # pictures go into the report
     if qwen:  # before a pruner is read
-        refuse_on_qwen(args.oracle, args.match, kept_examples)
+        refuse_on_qwen(args.match, kept_examples)
     if not real:
         from tokensieve.evaluate.eval_data import synthetic_data
 

@@ -85,17 +85,22 @@ def cls_attention_object_ratio(attention: torch.Tensor, samples: list[Sample]) -
 
 # Visual tokens a side of a synthetic scene on a Qwen-VL model (LLaVA's testbed has 10x10 patches).
 QWEN_SCENE_GRID = 10
+# The (rows, cols) token grids a Qwen-VL scene is drawn at, the Qwen testbed's four sizes: 64 to 100 tokens.
+QWEN_SCENE_TOKENS = ((8, 8), (8, 10), (10, 9), (10, 10))
 
 
 def scene_spec_for(backbone) -> SceneSpec:
     """Scenes drawn so that a scene's patch is one visual token: at a LLaVA model's own image and patch
     size; on a Qwen-VL model (a :class:`QwenVLBackbone`), whose token is a 2x2 group of patches, at that
-    size (28 px), :data:`QWEN_SCENE_GRID` tokens a side or as many as its processor's ``max_pixels`` allow."""
+    size (28 px), each at one of the :data:`QWEN_SCENE_TOKENS` grids (the Qwen testbed's sizes, so rows
+    carry different token counts), or, where its processor's ``max_pixels`` allows fewer tokens, at the
+    largest square it allows."""
     from tokensieve.backbones.hf_qwen import QwenVLBackbone
 
     vision = backbone.config.vision_config
     if isinstance(backbone, QwenVLBackbone):
         unit = vision.patch_size * vision.spatial_merge_size
         grid = min(QWEN_SCENE_GRID, math.isqrt(backbone.most_image_tokens()))
-        return SceneSpec(image_size=grid * unit, patch_size=unit)
+        sizes = tuple((rows * unit, cols * unit) for rows, cols in QWEN_SCENE_TOKENS) if grid == QWEN_SCENE_GRID else ()
+        return SceneSpec(image_size=grid * unit, patch_size=unit, sizes=sizes)
     return SceneSpec(image_size=vision.image_size, patch_size=vision.patch_size)

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import statistics
+from functools import partial
 
 from tqdm import tqdm
 
 from tokensieve.attach import Handle, attach
 from tokensieve.backbones.load import is_qwen
-from tokensieve.data.synthetic_eval import object_oracle, scene_spec_for
 from tokensieve.data.vqa_files import VQAItem
 from tokensieve.distributed import Distributed
 from tokensieve.errors import TokensieveError
-from tokensieve.evaluate.costs import LlavaCosts, cost_fields
+from tokensieve.evaluate.costs import LlavaCosts
 from tokensieve.evaluate.eval_data import EvalData
-from tokensieve.evaluate.flops import TokenCounts, token_counts
 from tokensieve.evaluate.latency import measure_latency
 from tokensieve.evaluate.matching import MATCH_BY, matched_budget
+from tokensieve.evaluate.oracle import check_oracle_budgets, oracle_row
 from tokensieve.evaluate.paired import add_paired, add_paired_at_cost
 from tokensieve.evaluate.predict import predict
 from tokensieve.evaluate.qwen_costs import QwenCosts
@@ -81,7 +80,7 @@ def compare_methods(backbone, data: EvalData, methods: list[str | dict], budgets
     pairs: the ``(method, budget)`` rows to measure, instead of every method at every budget.
     """
     if is_qwen(backbone):
-        refuse_on_qwen(oracle, match, kept_examples)
+        refuse_on_qwen(match, kept_examples)
     if oracle and data.scenes is None:
         raise TokensieveError("--oracle needs the synthetic set: the object oracle knows where its objects are")
     if match is not None and match not in MATCH_BY:
@@ -98,6 +97,8 @@ def compare_methods(backbone, data: EvalData, methods: list[str | dict], budgets
             attach(backbone, name, budget, site=site, mode=mode).detach()
     for value in learned_at if pruner is not None else []:
         pruner.attach(backbone, mode, centres=value).detach()
+    oracle_budgets = list(dict.fromkeys([*budgets, *(centres or [])])) if oracle else []
+    check_oracle_budgets(backbone, data, oracle_budgets)
     items = data.items
     costs = QwenCosts(backbone, items) if is_qwen(backbone) else LlavaCosts(backbone, items)
     text_tokens = costs.text_tokens
@@ -143,9 +144,10 @@ def compare_methods(backbone, data: EvalData, methods: list[str | dict], budgets
                      **kept, **({"matched": matched} if matched else {})})
         if name == "two_stage" and match:
             targets[asked] = cost["visual_tokens_mean_llm"] if match == "tokens" else cost["flops"]["total"]
-    for budget in dict.fromkeys([*budgets, *(centres or [])]) if oracle else []:
+    for budget in oracle_budgets:
         runs.append(f"object_oracle:{budget}")
-        rows.append(_oracle_row(backbone, data, budget, text_tokens, baseline, scored, timed, examples))
+        rows.append(oracle_row(backbone, data, budget, costs, baseline, scored,
+                               partial(timing_fields, backbone, timed, progress=progress), examples))
     if examples:  # what each row answered on the pictured items, for the report's gallery
         for row, run in zip(rows, runs):
             row["examples"] = scored.examples(run, examples)
@@ -155,11 +157,10 @@ def compare_methods(backbone, data: EvalData, methods: list[str | dict], budgets
     return rows
 
 
-def refuse_on_qwen(oracle: bool, match: str | None, kept_examples: int) -> None:
+def refuse_on_qwen(match: str | None, kept_examples: int) -> None:
     """What a Qwen-VL evaluation cannot do yet, refused before any model work: each needs one fixed
     patch grid (every image's tokens the same), where Qwen-VL gives each image its own."""
-    for asked, what in ((oracle, "--oracle (the object oracle's patches)"),
-                        (match, "--match (budgets planned for one visual-token count)"),
+    for asked, what in ((match, "--match (budgets planned for one visual-token count)"),
                         (kept_examples, "--kept-examples (pictures on one patch grid; give 0)")):
         if asked:
             raise TokensieveError(f"{what} is not available on a Qwen-VL model yet: its images each give their own "
@@ -200,26 +201,3 @@ def _kept_tokens(backbone, handle: Handle, items: list[VQAItem]) -> dict:
     predict(backbone, items)
     return {"kept_tokens": {"ids": [i.question_id for i in items],
                             "stages": {stage: kept.tolist() for stage, kept in handle.last_kept.items()}}}
-
-
-def _oracle_row(backbone, data: EvalData, budget: str, text_tokens: int, baseline: dict,
-                scored: Scorer, timed: list[VQAItem], examples: list[VQAItem]) -> dict:
-    """The object oracle's row: chosen between the projector and the LLM, like a projector-site method."""
-    count = Budget.parse(budget).resolve(backbone.n_patches, "the object oracle")
-    by_scene = object_oracle(count, scene_spec_for(backbone).grid)
-
-    def choose(item: VQAItem):
-        return by_scene(data.scenes[item.question_id])
-
-    result = scored(f"object_oracle:{budget}", choose)
-    kept = round(statistics.mean(len(choose(i)) for i in data.items))
-    full = token_counts(backbone, text_tokens)
-    counts = TokenCounts(full.vision_tokens, full.projector_tokens, [text_tokens + kept] * len(full.llm_tokens))
-    cost = cost_fields(backbone, text_tokens, counts=counts)
-    row = {"method": "object_oracle", "site": "projector", "budget": budget, "visual_tokens_kept": kept, **result,
-           **cost, "flops_ratio": round(cost["flops"]["total"] / baseline["flops"]["total"], 4),
-           **timing_fields(backbone, timed, kept=choose, progress=scored.progress)}
-    if examples:
-        row["kept_tokens"] = {"ids": [i.question_id for i in examples],
-                              "stages": {f"object_oracle@projector:{budget}": [choose(i).tolist() for i in examples]}}
-    return row

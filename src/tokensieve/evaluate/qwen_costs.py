@@ -50,16 +50,25 @@ class QwenCosts:
         tokens ``item_kept[i][str(stage)]`` (from its site on: ``llm.0`` before the LLM, ``llm.k``
         before decoder layer ``k``)."""
         cut = {} if handle is None else {Site.parse(st.site): str(st) for st in handle.stages}
-        flops, layers, cache = [], [], []
-        for i, (grid, visual) in enumerate(zip(self.grids, self.counts)):
+        layers = []
+        for i, visual in enumerate(self.counts):
             llm = []
             for k in range(self.depth):
                 if Site("llm", k) in cut:
                     visual = item_kept[i][cut[Site("llm", k)]]
                 llm.append(self.text_tokens + visual)
-            flops.append(qwen_prefill_flops(self.config, grid, llm))
             layers.append(llm)
-            cache.append(kv_cache_bytes(self.config, llm))
+        return self._fields(layers)
+
+    def of_llm_inputs(self, visual: list[int]) -> dict:
+        """The fields of :meth:`of_run` where item ``i`` sends ``visual[i]`` visual tokens through every
+        decoder layer (a choice made before the LLM, as the object oracle's)."""
+        return self._fields([[self.text_tokens + v] * self.depth for v in visual])
+
+    def _fields(self, layers: list[list[int]]) -> dict:
+        """The cost fields from each item's positions entering each decoder layer (``layers[i][k]``)."""
+        flops = [qwen_prefill_flops(self.config, grid, llm) for grid, llm in zip(self.grids, layers)]
+        cache = [kv_cache_bytes(self.config, llm) for llm in layers]
         per_layer = [mean_number(column) for column in zip(*layers)]
         return {"flops": {k: round(statistics.mean(f[k] for f in flops)) for k in FLOPS_STAGES},
                 "tokens_per_llm_layer": per_layer,
