@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tiny_qwen_testbed import save_untrained_qwen_testbed
+
 from tokensieve.cli import main
 from tokensieve.config import load_config
-from tokensieve.demo import demo_config
+from tokensieve.data.synthetic_eval import heldout_samples
+from tokensieve.demo import QWEN_DEMO_CONFIG, demo_config
 from tokensieve.evaluate.report import load_report
 from tokensieve.methods import list_methods, method_class
+from tokensieve.testbed.qwen_model import QWEN_SCENES
 from tokensieve.train.two_stage_config import TwoStageConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,3 +44,38 @@ def test_demo_trains_compares_every_method_and_writes_the_report(tiny_llava_dir,
     for name in ("accuracy_vs_tokens.png", "tokens_per_layer.png", "samples.jsonl"):
         assert (out / "report" / name).stat().st_size > 0
     assert (out / "pruner" / "done.json").exists()
+
+
+def test_the_qwen_demo_config_is_the_documented_one():
+    assert demo_config(name=QWEN_DEMO_CONFIG) == load_config(TwoStageConfig, REPO / "configs" / QWEN_DEMO_CONFIG)
+
+
+def test_the_qwen_demo_needs_a_qwen_testbed_in_one_line(capsys):
+    assert main(["demo", "--backbone", "qwen", "--out", "never-written"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tokensieve: error: --backbone qwen needs --model DIR") and len(err.strip().splitlines()) == 1
+    assert "tokensieve testbed train --backbone qwen" in err and not Path("never-written").exists()
+
+
+def test_qwen_demo_compares_what_runs_on_qwen_per_image_and_pictures_each_image(tmp_path, capsys):
+    model = save_untrained_qwen_testbed(tmp_path / "testbed")
+    out = tmp_path / "demo"
+    assert main(["demo", "--backbone", "qwen", "--model", str(model), "--out", str(out), "--samples", "4",
+                 "--budget", "0.33,0.11", "--timing-samples", "0", "--set", "optim.steps=2",
+                 "--set", "optim.batch_size=2", "--set", "validation.samples=4", "--set", "pruner.d_internal=16",
+                 "--set", "merger.d_internal=16", "--set", "pruner.pruning_layers=[1]"]) == 0  # 2 LLM layers
+    printed = capsys.readouterr()
+    report = load_report(out / "report")
+    rows, left_out = report["rows"], report["meta"]["left out"]
+    for name in (name for name in list_methods() if not method_class(name).trained):
+        assert any(r["method"] == name for r in rows) or f"{name} at " in left_out, name
+    assert "visionzip at 0.33: visionzip@projector:0.33: visionzip needs cls_attention" in left_out
+    assert "pyramiddrop at 0.33" in left_out and "tokensieve demo: left out tome at 0.11" in printed.err
+    assert {(r["site"], r["budget"]) for r in rows if r["method"] == "two_stage"} == {("llm.0", "0.33"), ("llm.0", "0.11")}
+    assert {(r["site"], r["budget"]) for r in rows if r["method"] == "object_oracle"} == {("llm.0", "0.33"),
+                                                                                          ("llm.0", "0.11")}
+    assert "means over the items" in report["meta"]["visual_tokens"]
+    tokens = [s.grid[0] * s.grid[1] for s in heldout_samples(4, spec=QWEN_SCENES)]
+    assert len(set(tokens)) > 1 and rows[0]["visual_tokens_kept"] == sum(tokens) / 4  # images of several sizes
+    for name in ("accuracy_vs_tokens.png", "tokens_per_layer.png", "kept_tokens/item_0.png"):
+        assert (out / "report" / name).stat().st_size > 0

@@ -23,6 +23,7 @@ from tokensieve.cli import main
 from tokensieve.data.synthetic_eval import heldout_samples, scene_spec_for
 from tokensieve.data.vqa_files import load_llava_eval
 from tokensieve.errors import TokensieveError
+from tokensieve.evaluate.kept_overlays import example_views
 from tokensieve.evaluate.oracle import per_image_oracle
 from tokensieve.evaluate.report import load_report
 from tokensieve.pruner import TwoStagePruner
@@ -157,10 +158,19 @@ def test_what_the_qwen_backbone_refuses_is_one_line(qwen2_dir, vqa_files, capsys
     assert err.startswith("tokensieve: error: ") and needle in err
 
 
-def test_kept_token_pictures_are_refused_on_qwen(qwen2_dir, vqa_files, tmp_path, capsys):
+def test_kept_token_pictures_draw_each_image_on_its_own_grid(qwen2_dir, vqa_files, tmp_path):
+    out = tmp_path / "out"
     assert main(["eval", "--model", str(qwen2_dir), *vqa_files, "--method", "random", "--site", "llm.0",
-                 "--budget", "2", "--kept-examples", "2", "--out", str(tmp_path / "out")]) == 2
-    assert "--kept-examples (pictures on one patch grid; give 0) is not available" in capsys.readouterr().err
+                 "--budget", "2", "--kept-examples", "2", "--timing-samples", "0", "--max-new-tokens", "1",
+                 "--out", str(out)]) == 0
+    pruned = load_report(out)["rows"][1]
+    kept = pruned["kept_tokens"]["stages"]["random@llm.0:2"]
+    assert pruned["kept_tokens"]["ids"] == ["q0", "q1"] and [len(k) for k in kept] == [2, 2]
+    assert all(0 <= p < n for k, n in zip(kept, (16, 6)) for p in k)  # indices into each image's own tokens
+    views = example_views(QwenVLBackbone.from_pretrained(qwen2_dir), load_llava_eval(
+        *(vqa_files[i] for i in (1, 3, 5)))[:2])
+    assert [(v.image.shape[:2], v.grid) for v in views] == [((112, 112), (4, 4)), ((56, 84), (2, 3))]
+    assert all((out / f"kept_tokens/item_q{i}.png").stat().st_size > 0 for i in (0, 1))
 
 
 def test_the_backbone_is_picked_by_the_checkpoints_model_type(qwen2_dir, tiny_llava_dir, tmp_path):

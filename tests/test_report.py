@@ -210,3 +210,11 @@ def test_dropped_patches_fade_towards_white_by_the_share_of_stages_that_dropped_
     assert fade_dropped(image, [], grid=3) is image  # the unpruned model drops nothing
     odd = fade_dropped(np.zeros((7, 7, 3), np.uint8), [[0]], grid=3)  # 7 pixels over 3 patches: 3, 2, 2
     assert (odd[:3, :3] == 0).all() and (odd[3:, :] > 0).all() and (odd[:, 3:] > 0).all()
+
+
+def test_fade_dropped_draws_a_grid_of_its_own_rows_and_columns():
+    image = np.zeros((4, 6, 3), np.uint8)  # 2 x 3 tokens of 2 x 2 pixels (a Qwen-VL image's own grid)
+    shown = fade_dropped(image, [[1, 5]], grid=(2, 3))[..., 0]
+    faded = round(255 * FADE)
+    kept = np.array([[0, 1, 0], [0, 0, 1]], bool).repeat(2, 0).repeat(2, 1)
+    assert (shown[kept] == 0).all() and (shown[~kept] == faded).all()

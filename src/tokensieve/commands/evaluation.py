@@ -80,10 +80,10 @@ def _eval(args: argparse.Namespace) -> None:
     if backbone.processor is None:
         raise TokensieveError(f"{args.model} has no processor files; the evaluation needs one")
     qwen = is_qwen(backbone)
-    kept_examples = args.kept_examples if args.kept_examples is not None else 0 if qwen else 3
+    kept_examples = args.kept_examples if args.kept_examples is not None else 3
     kept_examples = kept_examples if args.out else 0  # pictures go into the report
     if qwen:  # before a pruner is read
-        refuse_on_qwen(args.match, kept_examples)
+        refuse_on_qwen(args.match)
     if not real:
         from tokensieve.evaluate.eval_data import synthetic_data
 
@@ -193,7 +193,7 @@ def add(sub) -> None:
     ev.add_argument("--json", action="store_true", help="print the rows as JSON")
     ev.add_argument("--kept-examples", type=non_negative_int, default=None,
                     help="with --out: samples pictured with the tokens every row kept (default 3; 0: no pictures; "
-                         "Qwen-VL: none, its images have no common patch grid)")
+                         "on Qwen-VL each image on its own grid of merged tokens)")
     ev.add_argument("--out", type=out_folder, default=None,
                     help="folder for report.json, report.md, plots (accuracy vs tokens, tokens per layer, kept "
                          "tokens) and samples.jsonl (one line per scored item; rerun the same command to resume)")

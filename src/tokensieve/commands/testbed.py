@@ -9,6 +9,10 @@ import json
 from tokensieve.cli_args import out_folder, positive_int
 from tokensieve.errors import TokensieveError
 
+# Why a Qwen testbed must be given, and how to make one.
+NO_QWEN_TESTBED = ("no Qwen testbed ships yet (train one with tokensieve testbed train --backbone qwen "
+                   "--tower-batch 16 --out DIR)")
+
 
 def _testbed_train(args: argparse.Namespace) -> None:
     from tokensieve.testbed.model import TestbedSize
@@ -29,8 +33,7 @@ def _testbed_eval(args: argparse.Namespace) -> None:
     from tokensieve.testbed.evaluate import evaluate_testbed
 
     if args.backbone == "qwen" and args.model is None:
-        raise TokensieveError("--backbone qwen needs --model DIR: no Qwen testbed ships yet "
-                              "(train one with tokensieve testbed train --backbone qwen --tower-batch 16 --out DIR)")
+        raise TokensieveError(f"--backbone qwen needs --model DIR: {NO_QWEN_TESTBED}")
     backbone = (QwenVLBackbone if args.backbone == "qwen" else LlavaBackbone).from_pretrained(args.model)
     if backbone.processor is None:
         raise TokensieveError(f"{args.model} has no processor files; the testbed evaluation needs one")

@@ -80,7 +80,7 @@ def compare_methods(backbone, data: EvalData, methods: list[str | dict], budgets
     pairs: the ``(method, budget)`` rows to measure, instead of every method at every budget.
     """
     if is_qwen(backbone):
-        refuse_on_qwen(match, kept_examples)
+        refuse_on_qwen(match)
     if oracle and data.scenes is None:
         raise TokensieveError("--oracle needs the synthetic set: the object oracle knows where its objects are")
     if match is not None and match not in MATCH_BY:
@@ -157,14 +157,12 @@ def compare_methods(backbone, data: EvalData, methods: list[str | dict], budgets
     return rows
 
 
-def refuse_on_qwen(match: str | None, kept_examples: int) -> None:
-    """What a Qwen-VL evaluation cannot do yet, refused before any model work: each needs one fixed
+def refuse_on_qwen(match: str | None) -> None:
+    """What a Qwen-VL evaluation cannot do yet, refused before any model work: it needs one fixed
     patch grid (every image's tokens the same), where Qwen-VL gives each image its own."""
-    for asked, what in ((match, "--match (budgets planned for one visual-token count)"),
-                        (kept_examples, "--kept-examples (pictures on one patch grid; give 0)")):
-        if asked:
-            raise TokensieveError(f"{what} is not available on a Qwen-VL model yet: its images each give their own "
-                                  "number of visual tokens")
+    if match:
+        raise TokensieveError("--match (budgets planned for one visual-token count) is not available on a Qwen-VL "
+                              "model yet: its images each give their own number of visual tokens")
 
 
 def _target(backbone, budget: str, match: str, baseline: dict) -> float:

@@ -267,7 +267,7 @@ def _check_gallery(rows: list[dict], examples: Sequence[Example] | None, patch_g
     if not all("examples" in r for r in rows):
         raise TokensieveError("some report rows have kept_tokens or examples and others lack examples (their "
                               "answers on the pictured items): give them to every row or to none")
-    if examples is None or patch_grid is None:
+    if examples is None or (patch_grid is None and any(e.grid is None for e in examples)):
         raise TokensieveError("rows carry answers on pictured items: give examples and patch_grid to draw them")
     ids = rows[0]["examples"]["ids"]
     have = {e.question_id for e in examples}
@@ -290,7 +290,7 @@ def write_report(rows: list[dict], meta: dict, out_dir: Path, examples: Sequence
     Rows and meta are checked first, so bad input writes nothing.
 
     examples: the pictured items (:func:`~tokensieve.evaluate.kept_overlays.example_views`), their
-    images on a ``patch_grid`` x ``patch_grid`` grid of patches.
+    images on a ``patch_grid`` x ``patch_grid`` grid of patches, or each on its own ``grid`` (Qwen-VL).
     """
     check_rows(rows)
     gallery = _check_gallery(rows, examples, patch_grid)
