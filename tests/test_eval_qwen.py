@@ -62,9 +62,11 @@ def counted_flops(qwen: QwenVLBackbone, items, keep: int | None = None) -> float
     return total / len(items)
 
 
-def test_eval_runs_on_a_qwen_checkpoint_with_images_of_different_sizes(tiny_qwen_dir, vqa_files, tmp_path, capsys):
+@pytest.mark.parametrize("site", ["llm.0", "projector"])  # the same tokens on Qwen-VL: the patch merger's output
+def test_eval_runs_on_a_qwen_checkpoint_with_images_of_different_sizes(tiny_qwen_dir, vqa_files, tmp_path, capsys,
+                                                                       site):
     out = tmp_path / "report"
-    assert main(["eval", "--model", str(tiny_qwen_dir), "--method", "random", "--site", "llm.0", "--budget", "4",
+    assert main(["eval", "--model", str(tiny_qwen_dir), "--method", "random", "--site", site, "--budget", "4",
                  *vqa_files, "--max-new-tokens", "3", "--timing-samples", "1", "--json", "--out", str(out)]) == 0
     baseline, pruned = rows = json.loads(capsys.readouterr().out)
     assert load_report(out)["rows"] == rows and (out / "report.md").stat().st_size > 0
@@ -75,7 +77,7 @@ def test_eval_runs_on_a_qwen_checkpoint_with_images_of_different_sizes(tiny_qwen
     assert baseline["tokens_per_llm_layer"] == [text + 11] * 3 and pruned["tokens_per_llm_layer"] == [text + 4] * 3
     assert pruned["visual_tokens_mean_llm"] == 4
     records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()[1:]]
-    assert [r["kept"] for r in records if r["run"] == "random@llm.0:4"] == [{"random@llm.0:4": 4}] * 4
+    assert [r["kept"] for r in records if r["run"] == f"random@{site}:4"] == [{f"random@{site}:4": 4}] * 4
     assert all(row["ttft_ms"] > 0 and 0 <= row["accuracy"] <= 1 for row in rows)
 
     qwen = QwenVLBackbone.from_pretrained(tiny_qwen_dir)

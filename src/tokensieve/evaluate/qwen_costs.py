@@ -47,9 +47,11 @@ class QwenCosts:
     def of_run(self, handle: Handle | None = None, item_kept: list[dict[str, int]] | None = None) -> dict:
         """``flops`` per stage, ``tokens_per_llm_layer``, ``visual_tokens_mean_llm``, ``kv_cache_bytes``:
         means over the items, unpruned, or with ``handle``'s stages keeping for item ``i`` the visual
-        tokens ``item_kept[i][str(stage)]`` (from its site on: ``llm.0`` before the LLM, ``llm.k``
-        before decoder layer ``k``)."""
-        cut = {} if handle is None else {Site.parse(st.site): str(st) for st in handle.stages}
+        tokens ``item_kept[i][str(stage)]`` (from its site on: ``projector`` or ``llm.0`` before the LLM,
+        ``llm.k`` before decoder layer ``k``)."""
+        # projector and llm.0 are the same tokens on Qwen-VL (the patch merger's output): both cut from layer 0
+        cut = {} if handle is None else {Site("llm", 0) if Site.parse(st.site).before_llm else Site.parse(st.site):
+                                         str(st) for st in handle.stages}
         layers = []
         for i, visual in enumerate(self.counts):
             llm = []
