@@ -150,7 +150,6 @@ def qwen2_dir(tmp_path_factory):
     (["--method", "visionzip", "--budget", "0.5"], "visionzip"),
     (["--method", "random", "--site", "vision.1", "--budget", "0.5"], "site vision.1 does not exist on the Qwen-VL"),
     (["--method", "prumerge", "--budget", "0.5"], "prumerge needs"),
-    (["--method", "random", "--site", "llm.0", "--budget", "0.5", "--match", "tokens"], "--match"),
     (["--method", "random", "--site", "llm.0", "--budget", "10"], "gives 6 visual tokens, fewer than the budget of 10"),
 ])
 def test_what_the_qwen_backbone_refuses_is_one_line(qwen2_dir, vqa_files, capsys, args, needle):
@@ -231,3 +230,20 @@ def test_an_oracle_count_above_the_smallest_image_is_one_line_before_model_work(
     err = capsys.readouterr().err
     assert err.startswith("tokensieve: error: ") and len(err.strip().splitlines()) == 1
     assert "gives 64 visual tokens, fewer than the budget" in err
+
+
+@pytest.mark.parametrize(("site", "budget", "by"), [("llm.0", "0.5", "tokens"), ("llm.1", "6", "tokens"),
+                                                    ("llm.0", "0.9", "flops"), ("llm.2", "0.95", "flops")])
+def test_match_plans_a_share_of_each_image_at_the_cost_the_run_measures(qwen2_dir, vqa_files, capsys, site, budget,
+                                                                         by):
+    assert main(["eval", "--model", str(qwen2_dir), *vqa_files, "--method", "random", "--site", site, "--budget",
+                 budget, "--match", by, "--max-new-tokens", "1", "--timing-samples", "0", "--json"]) == 0
+    baseline, row = json.loads(capsys.readouterr().out)
+    matched = row["matched"]
+    assert isinstance(row["budget"], float) and 0 < row["budget"] <= 1  # a share of each image's 16 or 6 tokens
+    if by == "tokens":  # a count, or a share of the mean 11 visual tokens
+        assert matched["target"] == (int(budget) if budget.isdigit() else round(float(budget) * 11))
+        assert matched["planned"] == pytest.approx(row["visual_tokens_mean_llm"], abs=0.01)
+    else:
+        assert matched["target"] == pytest.approx(float(budget) * baseline["flops"]["total"], abs=0.01)
+        assert matched["planned"] == pytest.approx(row["flops"]["total"], abs=2)  # means rounded to whole FLOPs

@@ -37,7 +37,7 @@ def _with_parameters(methods: list[str], settings: list[str]) -> list[str | dict
 
 def _eval(args: argparse.Namespace) -> None:
     from tokensieve.backbones.load import is_qwen, load_backbone
-    from tokensieve.evaluate.accuracy import compare_methods, refuse_on_qwen
+    from tokensieve.evaluate.accuracy import compare_methods
     from tokensieve.evaluate.report import timing_warning, write_report
     from tokensieve.method import Budget
     from tokensieve.methods import create_method
@@ -82,8 +82,6 @@ def _eval(args: argparse.Namespace) -> None:
     qwen = is_qwen(backbone)
     kept_examples = args.kept_examples if args.kept_examples is not None else 3
     kept_examples = kept_examples if args.out else 0  # pictures go into the report
-    if qwen:  # before a pruner is read
-        refuse_on_qwen(args.match)
     if not real:
         from tokensieve.evaluate.eval_data import synthetic_data
 

@@ -19,6 +19,7 @@ from tokensieve.evaluate.oracle import check_oracle_budgets, oracle_row
 from tokensieve.evaluate.paired import add_paired, add_paired_at_cost
 from tokensieve.evaluate.predict import predict
 from tokensieve.evaluate.qwen_costs import QwenCosts
+from tokensieve.evaluate.qwen_matching import QwenPlan
 from tokensieve.evaluate.sample_log import SampleLog
 from tokensieve.evaluate.scorer import Scorer
 from tokensieve.method import Budget
@@ -79,8 +80,6 @@ def compare_methods(backbone, data: EvalData, methods: list[str | dict], budgets
     methods: names, or configs ``{"name": ..., parameter: value}`` (a row is labelled by the name).
     pairs: the ``(method, budget)`` rows to measure, instead of every method at every budget.
     """
-    if is_qwen(backbone):
-        refuse_on_qwen(match)
     if oracle and data.scenes is None:
         raise TokensieveError("--oracle needs the synthetic set: the object oracle knows where its objects are")
     if match is not None and match not in MATCH_BY:
@@ -90,17 +89,27 @@ def compare_methods(backbone, data: EvalData, methods: list[str | dict], budgets
     learned_at = centres or [None]  # the pruner's centres values; None: as trained
     matched_to = learned_at if match and pruner is not None else budgets  # what each method row is set by
     pairs = [(m, b) for m in methods for b in matched_to] if pairs is None else list(pairs)
+    items = data.items
+    costs = plan = None
+    if match and is_qwen(backbone):  # budgets are planned on each item's image (no model work)
+        costs = QwenCosts(backbone, items)
+        plan = QwenPlan(backbone, costs, costs.of_run())
+
+    def matched_for(name, target: float, text_tokens: int) -> tuple[int | float, float]:
+        if plan is not None:
+            return plan.matched_budget(name, site, target, match)
+        return matched_budget(backbone, name, site, target, match, text_tokens)
+
     for name, budget in pairs:  # names, sites, budgets and parameters are checked before any model work
         if match:  # the budget comes from the match: the method must have one that can be planned
-            matched_budget(backbone, name, site, 0.0, match, text_tokens=0)
+            matched_for(name, 0.0, 0)
         else:
             attach(backbone, name, budget, site=site, mode=mode).detach()
     for value in learned_at if pruner is not None else []:
         pruner.attach(backbone, mode, centres=value).detach()
     oracle_budgets = list(dict.fromkeys([*budgets, *(centres or [])])) if oracle else []
     check_oracle_budgets(backbone, data, oracle_budgets)
-    items = data.items
-    costs = QwenCosts(backbone, items) if is_qwen(backbone) else LlavaCosts(backbone, items)
+    costs = costs or (QwenCosts(backbone, items) if is_qwen(backbone) else LlavaCosts(backbone, items))
     text_tokens = costs.text_tokens
     scored = Scorer(backbone, data, log, batch_size, progress, dist or Distributed())
     timed, examples = items[:timing_samples], items[:kept_examples]
@@ -116,8 +125,8 @@ def compare_methods(backbone, data: EvalData, methods: list[str | dict], budgets
         budget, matched = asked, None
         if isinstance(name, (str, dict)):  # a method name, or a config {"name": ..., parameters}
             if match:
-                target = targets[asked] if pruner is not None else _target(backbone, asked, match, baseline)
-                budget, planned = matched_budget(backbone, name, site, target, match, text_tokens)
+                target = targets[asked] if pruner is not None else _target(costs, asked, match, baseline)
+                budget, planned = matched_for(name, target, text_tokens)
                 matched = {"by": match, "to": _or_trained(asked), "target": round(target, 2),
                            "planned": round(planned, 2)}
             handle = attach(backbone, name, budget, site=site, mode=mode)
@@ -157,19 +166,12 @@ def compare_methods(backbone, data: EvalData, methods: list[str | dict], budgets
     return rows
 
 
-def refuse_on_qwen(match: str | None) -> None:
-    """What a Qwen-VL evaluation cannot do yet, refused before any model work: it needs one fixed
-    patch grid (every image's tokens the same), where Qwen-VL gives each image its own."""
-    if match:
-        raise TokensieveError("--match (budgets planned for one visual-token count) is not available on a Qwen-VL "
-                              "model yet: its images each give their own number of visual tokens")
-
-
-def _target(backbone, budget: str, match: str, baseline: dict) -> float:
+def _target(costs, budget: str, match: str, baseline: dict) -> float:
     """The cost a ``budget`` value asks for: visual tokens averaged over the LLM's layers (a count, or
-    a share of the visual tokens), or prefill FLOPs (a share of the unpruned ``baseline``'s)."""
+    a share of the unpruned visual tokens, on Qwen-VL their mean), or prefill FLOPs (a share of the
+    unpruned ``baseline``'s)."""
     if match == "tokens":
-        return Budget.parse(budget).resolve(backbone.n_visual_tokens, "the visual tokens")
+        return Budget.parse(budget).resolve(costs.visual_tokens, "the visual tokens")
     return Budget.parse(budget).ratio * baseline["flops"]["total"]
 
 

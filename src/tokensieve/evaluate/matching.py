@@ -11,6 +11,7 @@ any model work — equals a target: the same visual tokens averaged over the LLM
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 
 from tokensieve.attach import make_stages
 from tokensieve.backbones.base import Site
@@ -20,14 +21,21 @@ from tokensieve.evaluate.flops import prefill_flops, token_counts
 from tokensieve.methods import create_method
 
 MATCH_BY = ("tokens", "flops")
+SHARES = [i / 1000 for i in range(1, 1001)]  # budgets as shares, in steps of 0.001
 
 
 def planned_kept(backbone, stages) -> dict[Site, int]:
     """``{site: visual tokens kept}`` of ``stages`` (a list of :class:`tokensieve.attach.Stage`)
     as their budgets say, CLS excluded before the LLM as in :func:`token_counts`."""
+    return kept_as_planned(stages, backbone.n_patches, backbone.keeps_cls)
+
+
+def kept_as_planned(stages, n_patches: int, keeps_cls: bool) -> dict[Site, int]:
+    """:func:`planned_kept` for an image of ``n_patches`` tokens before the LLM (``keeps_cls``: the LLM
+    also receives CLS)."""
     by_site = {Site.parse(st.site): st for st in stages}
     kept = {}
-    for site, st, n in stage_inputs(by_site, backbone.n_patches, backbone.keeps_cls):
+    for site, st, n in stage_inputs(by_site, n_patches, keeps_cls):
         if st.method.count_per_row:
             raise TokensieveError(f"{st} keeps a count per row, which cannot be planned; give it a fixed budget "
                                   "to match it at equal cost")
@@ -56,13 +64,20 @@ def matched_budget(backbone, method, site: str | None, target: float, by: str,
     if by not in MATCH_BY:
         raise TokensieveError(f"cannot match by {by!r}; expected one of {', '.join(MATCH_BY)}")
     share = create_method(method).budget_is_share
-    candidates = [i / 1000 for i in range(1, 1001)] if share else range(1, backbone.n_visual_tokens + 1)
-    depth = len(backbone.llm_layers)
+    candidates = SHARES if share else range(1, backbone.n_visual_tokens + 1)
+    return nearest_budget(method, site, target, candidates, len(backbone.llm_layers),
+                          lambda stages: planned_cost(backbone, stages, text_tokens, by))
+
+
+def nearest_budget(method, site: str | None, target: float, candidates, depth: int,
+                   cost_of: Callable[[list], float]) -> tuple[int | float, float]:
+    """``(budget, cost)``: the one of ``candidates`` whose stages' ``cost_of`` is nearest ``target``
+    (the smaller on a tie), for ``method`` at ``site`` in an LLM of ``depth`` decoder layers."""
     best, why = None, None
     for budget in candidates:
         try:
             stages = make_stages(method, budget, site, depth)
-            cost = planned_cost(backbone, stages, text_tokens, by)
+            cost = cost_of(stages)
         except TokensieveError as err:  # a budget it cannot run at (more than the site holds, ...)
             why = err
             continue
