@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from tokensieve.attach import attach
-from tokensieve.backbones.llava_checkpoint import default_model_path
 from tokensieve.backbones.llava_prompt import encode
+from tokensieve.backbones.shipped import shipped_testbed
 from tokensieve.cli import main
 from tokensieve.errors import TokensieveError
 from tokensieve.train.two_stage_config import OptimConfig, RunConfig
@@ -42,7 +42,7 @@ def _model_folder(path: Path, weights: object) -> Path:
     """The shipped testbed's config beside a ``pytorch_model.bin``: ``weights`` saved by torch, or
     these bytes."""
     path.mkdir()
-    shutil.copy(default_model_path() / "config.json", path)
+    shutil.copy(shipped_testbed() / "config.json", path)
     if isinstance(weights, bytes):
         (path / "pytorch_model.bin").write_bytes(weights)
     else:

@@ -18,7 +18,7 @@ from transformers import (
 
 from tokensieve.attach import attach
 from tokensieve.backbones import LlavaBackbone
-from tokensieve.backbones.llava_checkpoint import default_model_path
+from tokensieve.backbones.shipped import shipped_testbed
 from tokensieve.errors import TokensieveError
 from tokensieve.method import SiteInputs
 from tokensieve.methods import create_method
@@ -62,7 +62,7 @@ def test_without_a_text_encoder_cdpruner_says_so_in_one_line(tiny_llava_dir):
 
 @pytest.mark.parametrize("where,message", [
     ("/no/such/clip", "cannot load the CLIP text encoder '/no/such/clip': "),
-    (str(default_model_path()), "it is a 'llava' checkpoint; CDPruner needs a CLIP model with both towers"),
+    (str(shipped_testbed()), "it is a 'llava' checkpoint; CDPruner needs a CLIP model with both towers"),
 ])
 def test_an_unusable_text_encoder_is_refused_in_one_line(where, message):
     with pytest.raises(TokensieveError, match=message) as err:

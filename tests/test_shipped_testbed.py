@@ -4,14 +4,14 @@ alone (the full report with every target is `tokensieve testbed eval --json`, se
 from __future__ import annotations
 
 from tokensieve.backbones import LlavaBackbone
-from tokensieve.backbones.llava_checkpoint import default_model_path
+from tokensieve.backbones.shipped import shipped_testbed
 from tokensieve.data.synthetic_eval import heldout_samples, question_only_predictor
 from tokensieve.evaluate.predict import predict
 from tokensieve.testbed.evaluate import summarise
 
 
 def test_shipped_testbed_beats_the_question_only_prior():
-    assert (default_model_path() / "model.safetensors").is_file()
+    assert (shipped_testbed() / "model.safetensors").is_file()
     backbone = LlavaBackbone.from_pretrained()
     assert backbone.n_visual_tokens == 100
     samples = heldout_samples(300)

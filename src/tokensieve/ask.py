@@ -50,9 +50,9 @@ def answer_tokens(model: str | Path | None, requested: int | None) -> int:
     """New tokens to generate: ``requested``, else 1 for a testbed checkpoint, else up to 32."""
     if requested is not None:
         return requested
-    from tokensieve.backbones.llava_checkpoint import default_model_path
+    from tokensieve.backbones.shipped import shipped_testbed
 
-    folder = Path(model) if model is not None else default_model_path()
+    folder = Path(model) if model is not None else shipped_testbed()
     return 1 if (folder / TESTBED_MARK).is_file() else GENERATED_ANSWER_TOKENS
 
 

@@ -27,9 +27,10 @@ from tokensieve.backbones.base import Site
 from tokensieve.backbones.hf_checkpoint import model_and_processor
 from tokensieve.backbones.kept_indices import checked_indices
 from tokensieve.backbones.llava_assembly import AssembledInputs, assemble_rows
-from tokensieve.backbones.llava_checkpoint import default_model_path, load_llava_weights
+from tokensieve.backbones.llava_checkpoint import load_llava_weights
 from tokensieve.backbones.llava_pruning import LlavaPruningSession
 from tokensieve.backbones.llava_signals import llava_signals_at
+from tokensieve.backbones.shipped import shipped_testbed
 from tokensieve.devices import require_device
 from tokensieve.errors import TokensieveError
 
@@ -67,7 +68,7 @@ class LlavaBackbone:
         model's weights is refused rather than completed with random ones.
         """
         require_device(device)
-        name = str(name_or_path or default_model_path())
+        name = str(name_or_path or shipped_testbed())
         model = load_llava_weights(name, dtype)
         return cls(*model_and_processor(model, name, device))
 

@@ -7,18 +7,11 @@ Every failure is one line (a :class:`TokensieveError`).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from transformers import LlavaForConditionalGeneration
 
 from tokensieve.backbones.hf_checkpoint import checkpoint_config, load_complete
 from tokensieve.errors import TokensieveError
-
-
-def default_model_path() -> Path:
-    """The shipped testbed checkpoint (the embedded default)."""
-    return Path(__file__).resolve().parent.parent / "assets" / "testbed"
 
 
 def load_llava_weights(name: str, dtype: torch.dtype | None) -> LlavaForConditionalGeneration:
