@@ -1,6 +1,9 @@
 """The prompt a backbone's model is asked a question about images in, and the processor inputs of
 a batch of such questions: LLaVA-1.5's format (:mod:`.llava_prompt`), the Qwen-VL chat format
-(:mod:`.qwen_prompt`, with the family's default system turn) or LLaVA-OneVision's (:mod:`.onevision_prompt`)."""
+(:mod:`.qwen_prompt`, with the family's default system turn), LLaVA-OneVision's (:mod:`.onevision_prompt`)
+or LLaVA-NeXT's: its checkpoint's own chat template where the processor has one (llava-hf's v1.6
+checkpoints: Vicuna's ``USER: ... ASSISTANT:`` with its system line, Mistral's ``[INST] ... [/INST]``),
+else LLaVA-1.5's format, which is the Vicuna one without the system line."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from tokensieve.backbones.load import is_onevision, is_qwen
+from tokensieve.backbones.load import is_next, is_onevision, is_qwen
 from tokensieve.errors import TokensieveError
 
 
@@ -26,6 +29,10 @@ def prompt_text(backbone, question: str, n_images: int = 1) -> str:
         from tokensieve.backbones.onevision_prompt import prompt
 
         return prompt(question)
+    template = getattr(backbone.processor, "chat_template", None) if is_next(backbone) else None
+    if template:  # one user turn: the image, then the question, and the assistant's cue
+        turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return backbone.processor.apply_chat_template(turn, add_generation_prompt=True)
     from tokensieve.backbones.llava_prompt import prompt
 
     return prompt(question)
@@ -44,6 +51,10 @@ def encode_samples(backbone, samples: Sequence) -> dict[str, torch.Tensor]:
         from tokensieve.backbones.onevision_prompt import encode
 
         return encode(backbone.processor, samples)
+    if is_next(backbone):  # pixel_values (B, max_crops, 3, S, S), image_sizes (B, 2)
+        return dict(backbone.processor(images=[s.image for s in samples],
+                                       text=[prompt_text(backbone, s.question) for s in samples],
+                                       return_tensors="pt", padding=True))
     from tokensieve.backbones.llava_prompt import encode
 
     return encode(backbone.processor, samples)

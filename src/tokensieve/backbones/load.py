@@ -12,13 +12,16 @@ from tokensieve.errors import TokensieveError
 
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 ONEVISION = "llava_onevision"
+NEXT = "llava_next"
+ANYRES = (NEXT, ONEVISION)
 
 
 def load_backbone(name_or_path: str | Path | None = None, dtype: torch.dtype | None = None,
                   device: str | torch.device = "cpu"):
     """A :class:`~tokensieve.backbones.hf_llava.LlavaBackbone` (``model_type`` ``llava``; None: the
     shipped testbed), a :class:`~tokensieve.backbones.hf_qwen.QwenVLBackbone` (``qwen2_vl``,
-    ``qwen2_5_vl``, ``qwen3_vl``) or a :class:`~tokensieve.backbones.hf_llava_onevision.LlavaOnevisionBackbone`
+    ``qwen2_5_vl``, ``qwen3_vl``), a :class:`~tokensieve.backbones.hf_llava_next.LlavaNextBackbone`
+    (``llava_next``) or a :class:`~tokensieve.backbones.hf_llava_onevision.LlavaOnevisionBackbone`
     (``llava_onevision``) of the checkpoint ``name_or_path`` (a folder or a hub id)."""
     from tokensieve.backbones.hf_llava import LlavaBackbone
 
@@ -31,12 +34,17 @@ def load_backbone(name_or_path: str | Path | None = None, dtype: torch.dtype | N
         return QwenVLBackbone.from_pretrained(name_or_path, dtype, device)
     if family == "llava":
         return LlavaBackbone.from_pretrained(name_or_path, dtype, device)
+    if family == NEXT:
+        from tokensieve.backbones.hf_llava_next import LlavaNextBackbone
+
+        return LlavaNextBackbone.from_pretrained(name_or_path, dtype, device)
     if family == ONEVISION:
         from tokensieve.backbones.hf_llava_onevision import LlavaOnevisionBackbone
 
         return LlavaOnevisionBackbone.from_pretrained(name_or_path, dtype, device)
     raise TokensieveError(f"{name_or_path} is a {family!r} model; tokensieve loads LLaVA ('llava'), Qwen-VL "
-                          f"({', '.join(map(repr, QWEN_FAMILIES))}) and LLaVA-OneVision ({ONEVISION!r}) checkpoints")
+                          f"({', '.join(map(repr, QWEN_FAMILIES))}), LLaVA-NeXT ({NEXT!r}) and LLaVA-OneVision "
+                          f"({ONEVISION!r}) checkpoints")
 
 
 def is_qwen(backbone) -> bool:
@@ -47,3 +55,14 @@ def is_qwen(backbone) -> bool:
 def is_onevision(backbone) -> bool:
     """True for a LLaVA-OneVision adapter: its Qwen2 chat format, a token count per image."""
     return getattr(backbone, "model_type", None) == ONEVISION
+
+
+def is_next(backbone) -> bool:
+    """True for a LLaVA-NeXT adapter (not OneVision): LLaVA's chat format, or its checkpoint's chat template."""
+    return getattr(backbone, "model_type", None) == NEXT
+
+
+def is_anyres(backbone) -> bool:
+    """True for a LLaVA-NeXT or LLaVA-OneVision adapter: each image packed from its base and crops, a token
+    count per image (newlines included)."""
+    return getattr(backbone, "model_type", None) in ANYRES

@@ -36,7 +36,7 @@ def _with_parameters(methods: list[str], settings: list[str]) -> list[str | dict
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from tokensieve.backbones.load import is_qwen, load_backbone
+    from tokensieve.backbones.load import is_anyres, is_qwen, load_backbone
     from tokensieve.evaluate.accuracy import compare_methods
     from tokensieve.evaluate.report import timing_warning, write_report
     from tokensieve.method import Budget
@@ -79,8 +79,14 @@ def _eval(args: argparse.Namespace) -> None:
     backbone = load_backbone(args.model)
     if backbone.processor is None:
         raise TokensieveError(f"{args.model} has no processor files; the evaluation needs one")
-    qwen = is_qwen(backbone)
-    kept_examples = args.kept_examples if args.kept_examples is not None else 3
+    qwen, anyres = is_qwen(backbone), is_anyres(backbone)
+    if anyres and not real:
+        raise TokensieveError(f"on {backbone.family_name} give a real set (--questions ... or --dataset ...): the "
+                              "synthetic scenes are drawn one visual token a patch, for LLaVA-1.5 and Qwen-VL")
+    if anyres and args.kept_examples:
+        raise TokensieveError(f"--kept-examples on {backbone.family_name}: kept tokens are not pictured over base and "
+                              "crops yet; give --kept-examples 0")
+    kept_examples = args.kept_examples if args.kept_examples is not None else 0 if anyres else 3
     kept_examples = kept_examples if args.out else 0  # pictures go into the report
     if not real:
         from tokensieve.evaluate.eval_data import synthetic_data
@@ -121,13 +127,16 @@ def _eval(args: argparse.Namespace) -> None:
 
         meta = {"model": str(args.model or "shipped testbed"), "mode": args.mode, "data": data.name, "match": args.match,
                 "items": len(data.items), "max_new_tokens": data.max_new_tokens,
-                "text_tokens_for_flops": round(rows[0]["tokens_per_llm_layer"][0] - rows[0]["visual_tokens_kept"]),
+                "text_tokens_for_flops": round(rows[0]["tokens_per_llm_layer"][0] - rows[0]["visual_tokens_mean_llm"]),
                 **({"visual_tokens": "means over the items: each image gives its own count (dynamic resolution)"}
                    if qwen else {}),
+                **({"visual_tokens": "means over the items: each image gives its own count (base and crops; "
+                                     "newlines outside the budget, counted in tokens_per_llm_layer)"}
+                   if anyres else {}),
                 "command": args.command_line, "tokensieve_version": __version__,
                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         paths = write_report(rows, meta, args.out, example_views(backbone, data.items[:kept_examples]),
-                             None if qwen else backbone.patch_grid)
+                             None if qwen or anyres else backbone.patch_grid)
         print(f"report written to {paths['report.md']}", file=sys.stderr)
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -142,7 +151,8 @@ def add(sub) -> None:
     """Add ``eval``."""
     ev = sub.add_parser("eval", help="accuracy of methods at budgets, next to the unpruned model")
     ev.add_argument("--model", default=None,
-                    help="LLaVA or Qwen2-VL/2.5-VL/3-VL checkpoint folder or hub id (default: shipped testbed)")
+                    help="LLaVA, Qwen2-VL/2.5-VL/3-VL, LLaVA-NeXT or LLaVA-OneVision checkpoint folder or hub id "
+                         "(default: shipped testbed)")
     ev.add_argument("--method", default=None, help="comma-separated method names (see `tokensieve methods`)")
     ev.add_argument("--budget", default=None,
                     help="comma-separated budgets of the --method methods: ratios (0.33) or counts (64)")

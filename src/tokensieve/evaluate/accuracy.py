@@ -1,4 +1,5 @@
-"""Accuracy of a LLaVA or Qwen-VL model with reduction methods attached, next to the unpruned model."""
+"""Accuracy of a LLaVA, Qwen-VL, LLaVA-NeXT or LLaVA-OneVision model with reduction methods attached, next to
+the unpruned model."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ from functools import partial
 from tqdm import tqdm
 
 from tokensieve.attach import Handle, attach
-from tokensieve.backbones.load import is_qwen
+from tokensieve.backbones.load import is_anyres, is_qwen
 from tokensieve.data.vqa_files import VQAItem
 from tokensieve.distributed import Distributed
 from tokensieve.errors import TokensieveError
+from tokensieve.evaluate.anyres_costs import AnyresCosts
 from tokensieve.evaluate.costs import LlavaCosts
 from tokensieve.evaluate.eval_data import EvalData
 from tokensieve.evaluate.latency import measure_latency
@@ -41,8 +43,8 @@ def compare_methods(backbone, data: EvalData, methods: list[str | dict], budgets
     """Rows ``{method, site, budget, visual_tokens_kept, accuracy, per_family, flops, flops_ratio,
     tokens_per_llm_layer}``; the first row is the unpruned model (``method`` ``"none"``),
     measured on the same items of ``data``. FLOPs are for one prefill of the median prompt (on
-    Qwen-VL, whose images differ in visual tokens, the token counts, FLOPs and KV cache are means
-    over the items of each one's prefill: :mod:`.qwen_costs`).
+    Qwen-VL, LLaVA-NeXT and LLaVA-OneVision, whose images differ in visual tokens, the token counts, FLOPs
+    and KV cache are means over the items of each one's prefill: :mod:`.qwen_costs`, :mod:`.anyres_costs`).
     Accuracy is the VQA score of :func:`tokensieve.evaluate.scoring.score` (exact match after
     the official normalisation; the soft score for 10 annotator answers).
 
@@ -84,6 +86,9 @@ def compare_methods(backbone, data: EvalData, methods: list[str | dict], budgets
         raise TokensieveError("--oracle needs the synthetic set: the object oracle knows where its objects are")
     if match is not None and match not in MATCH_BY:
         raise TokensieveError(f"cannot match by {match!r}; expected one of {', '.join(MATCH_BY)}")
+    if (match or oracle) and is_anyres(backbone):
+        raise TokensieveError(f"--{'match' if match else 'oracle'} on {backbone.family_name}: budgets are not planned "
+                              "per image of base and crops yet; give plain --budget values")
     if match == "flops" and pruner is None and any(Budget.parse(b).ratio is None for b in budgets):
         raise TokensieveError("matching by flops needs each --budget as a share of the unpruned prefill FLOPs (0.3)")
     learned_at = centres or [None]  # the pruner's centres values; None: as trained
@@ -109,7 +114,7 @@ def compare_methods(backbone, data: EvalData, methods: list[str | dict], budgets
         pruner.attach(backbone, mode, centres=value).detach()
     oracle_budgets = list(dict.fromkeys([*budgets, *(centres or [])])) if oracle else []
     check_oracle_budgets(backbone, data, oracle_budgets)
-    costs = costs or (QwenCosts(backbone, items) if is_qwen(backbone) else LlavaCosts(backbone, items))
+    costs = costs or _costs(backbone, items)
     text_tokens = costs.text_tokens
     scored = Scorer(backbone, data, log, batch_size, progress, dist or Distributed())
     timed, examples = items[:timing_samples], items[:kept_examples]
@@ -164,6 +169,13 @@ def compare_methods(backbone, data: EvalData, methods: list[str | dict], budgets
     add_paired(rows, item_scores)
     add_paired_at_cost(rows, item_scores)
     return rows
+
+
+def _costs(backbone, items: list[VQAItem]) -> LlavaCosts | QwenCosts | AnyresCosts:
+    """The cost fields' source: per item where each image gives its own visual tokens, else the median prompt."""
+    if is_qwen(backbone):
+        return QwenCosts(backbone, items)
+    return AnyresCosts(backbone, items) if is_anyres(backbone) else LlavaCosts(backbone, items)
 
 
 def _target(costs, budget: str, match: str, baseline: dict) -> float:

@@ -20,7 +20,7 @@ from tokensieve.errors import TokensieveError
 from tokensieve.evaluate.costs import cost_fields
 from tokensieve.evaluate.eval_data import EvalData
 from tokensieve.evaluate.flops import TokenCounts, token_counts
-from tokensieve.evaluate.qwen_costs import mean_number
+from tokensieve.evaluate.item_costs import mean_number
 from tokensieve.evaluate.scorer import Scorer
 from tokensieve.method import Budget
 

@@ -6,7 +6,9 @@ receives exist only after it, each with the grid position its M-RoPE ids come fr
 are chosen among those tokens (width ``d_text``); before it, a centre would have to stand for a
 2x2 group the patch merger then regroups. Each image has its own token count there, so the merger's
 centres and the heads' shares are ratios of each image's (row's) tokens, not one count. The layer
-pruner heads act inside the LLM (``llm.k``) on both.
+pruner heads act inside the LLM (``llm.k``) on both. LLaVA-NeXT and LLaVA-OneVision have no placement
+yet (one line): no ``projector`` site there, and a merger at ``llm.0`` would take each image's base and
+crops as one set.
 """
 
 from __future__ import annotations
@@ -33,7 +35,11 @@ class Placement:
 def placement(backbone) -> Placement:
     """The :class:`Placement` of the pruner's parts on ``backbone`` (a LLaVA or a Qwen-VL adapter)."""
     from tokensieve.backbones.hf_qwen import QwenVLBackbone
+    from tokensieve.backbones.load import is_anyres
 
+    if is_anyres(backbone):
+        raise TokensieveError(f"the two-stage pruner has no placement on {backbone.family_name} yet: evaluate "
+                              "training-free methods there (--method)")
     text = backbone.config.text_config
     if isinstance(backbone, QwenVLBackbone):
         signature = {"merger_hidden": text.hidden_size, "text_hidden": text.hidden_size,
