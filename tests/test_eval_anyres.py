@@ -144,6 +144,8 @@ def test_next_is_loaded_by_model_type_and_asked_in_its_chat_format(tiny_llava_ne
     nxt.processor.chat_template = "[INST] {% for m in messages %}{% for c in m['content'] %}" \
         "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %} [/INST]"
     assert prompt_text(nxt, QUESTION) == f"[INST] <image>\n{QUESTION} [/INST]"  # Mistral's, from its template
+    for text in (f"{QUESTION} ASSISTANT:", f"{QUESTION} [/INST]", f"{QUESTION}\nassistant\n"):  # Vicuna, Mistral, ChatML
+        assert nxt.answer_cue.sub("", text).strip() == QUESTION  # what question-aware methods are given
 
 
 UTILS = '''

@@ -28,6 +28,7 @@ crop as its full grid, so tokens cannot be dropped before it (docs/notes/llava-n
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -42,13 +43,16 @@ from tokensieve.backbones.anyres_tower import CROP_SIGNALS
 from tokensieve.backbones.base import Site
 from tokensieve.backbones.hf_checkpoint import checkpoint_config, load_complete, model_and_processor
 from tokensieve.backbones.llava_assembly import AssembledInputs, assemble_rows
-from tokensieve.backbones.llava_pruning import ANSWER_CUE
 from tokensieve.backbones.qwen_kept import checked_kept
 from tokensieve.backbones.qwen_layout import QwenLayout, find_layout
 from tokensieve.backbones.qwen_units import in_unit_order
 from tokensieve.backbones.row_llm import LLM_SIGNALS
 from tokensieve.devices import require_device
 from tokensieve.errors import TokensieveError
+
+# The assistant's cue ending a prompt, special tokens left out: LLaVA-1.5's and Vicuna's "ASSISTANT:", Mistral's
+# "[/INST]", ChatML's "assistant" (the chat templates of llava-hf's v1.6 checkpoints, :mod:`.chat_format`).
+ANSWER_CUE = re.compile(r"\s*(ASSISTANT\s*:|\[/INST\]|assistant)\s*$", re.IGNORECASE)
 
 
 class LlavaNextBackbone:

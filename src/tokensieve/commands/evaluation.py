@@ -201,7 +201,7 @@ def add(sub) -> None:
     ev.add_argument("--json", action="store_true", help="print the rows as JSON")
     ev.add_argument("--kept-examples", type=non_negative_int, default=None,
                     help="with --out: samples pictured with the tokens every row kept (default 3; 0: no pictures; "
-                         "on Qwen-VL each image on its own grid of merged tokens)")
+                         "on Qwen-VL each image on its own grid of merged tokens; LLaVA-NeXT/OneVision: 0, not yet)")
     ev.add_argument("--out", type=out_folder, default=None,
                     help="folder for report.json, report.md, plots (accuracy vs tokens, tokens per layer, kept "
                          "tokens) and samples.jsonl (one line per scored item; rerun the same command to resume)")

@@ -1,21 +1,23 @@
-"""An lmms-eval model: a LLaVA or Qwen-VL checkpoint with a tokensieve method or a trained pruner attached.
+"""An lmms-eval model: a LLaVA, Qwen-VL, LLaVA-NeXT or LLaVA-OneVision checkpoint with a tokensieve method or
+a trained pruner attached.
 
 Registered through the ``lmms_eval.models`` entry point as ``tokensieve``::
 
     lmms-eval --model tokensieve --model_args pretrained=llava-hf/llava-1.5-7b-hf,method=fastv,budget=0.25 \\
         --tasks mme,pope --batch_size 1
 
-Model arguments: ``pretrained`` (a LLaVA, Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint folder or hub id,
-the backbone chosen by its ``model_type``; default the shipped testbed),
+Model arguments: ``pretrained`` (a LLaVA, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-NeXT or LLaVA-OneVision
+checkpoint folder or hub id, the backbone chosen by its ``model_type``; default the shipped testbed),
 ``method`` (a registered method name) or ``pruner`` (a ``tokensieve train`` run folder),
 ``budget`` (the method's: a count or a ratio), ``centres`` (the pruner's: the tokens its merger sends
 into the LLM, a count or a ratio; default as trained), ``site`` (default the method's own), ``mode`` (``hard``, ``soft`` or ``origin``),
 ``dtype`` (``float32``, ``bfloat16``, ``float16``), ``device`` and ``batch_size``.
 
-Every prompt is the document's images then its text, in the model's own format: LLaVA-1.5's
-(``USER: <image>\\n... ASSISTANT:``, exactly one image) or the Qwen-VL chat turn (one or more
-images of any size). Videos are refused for now. The images are in the context of both request
-types: ``loglikelihood`` scores the continuation tokens of the full images + context +
+Every prompt is the document's images then its text, in the model's own format
+(:mod:`tokensieve.backbones.chat_format`): LLaVA-1.5's (``USER: <image>\\n... ASSISTANT:``, exactly one
+image), the Qwen-VL chat turn (one or more images of any size), LLaVA-NeXT's (its chat template, else
+LLaVA-1.5's) or LLaVA-OneVision's (one image of any size on both). Videos are refused for now. The
+images are in the context of both request types: ``loglikelihood`` scores the continuation tokens of the full images + context +
 continuation sequence, and a generation error is raised, never turned into an empty answer.
 """
 
@@ -129,7 +131,7 @@ class TokensieveModel(lmms):
 
     # --- requests -----------------------------------------------------------------------
     def _images(self, doc_to_visual, doc_id, task, split) -> list:
-        """The document's images (RGB): one on LLaVA, one or more on Qwen-VL; a video is refused."""
+        """The document's images (RGB): one on the LLaVA families, one or more on Qwen-VL; a video is refused."""
         from PIL import Image
 
         from tokensieve.backbones.load import is_qwen
@@ -143,7 +145,8 @@ class TokensieveModel(lmms):
         if not visuals:
             raise TokensieveError(f"{where}: the document has no image; the tokensieve model needs one")
         if len(visuals) > 1 and not is_qwen(self.backbone):
-            raise TokensieveError(f"{where}: the LLaVA backbone evaluates prompts with exactly one image, this one "
+            raise TokensieveError(f"{where}: the {getattr(self.backbone, 'family_name', 'LLaVA')} backbone evaluates "
+                                  f"prompts with exactly one image, this one "
                                   f"has {len(visuals)}")
         return [visual.convert("RGB") for visual in visuals]
 
