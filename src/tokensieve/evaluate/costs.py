@@ -1,7 +1,8 @@
 """The cost fields of an evaluation row on LLaVA: prefill FLOPs per stage, the positions entering
 each LLM decoder layer, the visual tokens averaged over those layers and the KV cache, for one
-prefill of the median prompt (every image gives the same visual tokens). Qwen-VL's, whose images
-differ, are in :mod:`.qwen_costs`."""
+prefill of the median prompt (every image gives the same visual tokens). Those of the families whose
+images differ are means over the items (:mod:`.item_costs`: Qwen-VL's :mod:`.qwen_costs`, LLaVA-NeXT's
+and LLaVA-OneVision's :mod:`.anyres_costs`)."""
 
 from __future__ import annotations
 
