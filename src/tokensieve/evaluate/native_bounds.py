@@ -127,6 +127,15 @@ def native_image_features(backbone: LlavaBackbone, pixel_values: torch.Tensor, p
     return features
 
 
+def stacked_rows(per_row: list[torch.Tensor], what: str) -> torch.Tensor:
+    """``(B, K)`` from one ``(K,)`` per row, refused when rows differ in ``K`` (images of any size: Qwen-VL,
+    LLaVA-NeXT)."""
+    if len({len(r) for r in per_row}) > 1:
+        raise TokensieveError(f"the native bound needs rows that keep as many visual tokens as each other ({what}: "
+                              f"{sorted({len(r) for r in per_row})}); give rows of one image size and a ratio budget")
+    return torch.stack(per_row)
+
+
 def kept_columns(visual: torch.Tensor, count: int, keep: torch.Tensor) -> torch.Tensor:
     """``(B, L - count + K)``: the columns of a sequence that stay when only ``keep`` ``(B, K)`` of
     each row's ``count`` visual columns (True in ``visual`` ``(B, L)``) stay, in order. Built on

@@ -23,7 +23,11 @@ import torch
 
 from tokensieve.backbones.base import Site
 from tokensieve.errors import TokensieveError
-from tokensieve.evaluate.native_bounds import native_decoder, positions_among
+from tokensieve.evaluate.native_bounds import (
+    native_decoder,
+    positions_among,
+    stacked_rows,
+)
 
 
 @dataclass
@@ -39,14 +43,6 @@ class NextPlan:
     count: int
     entering: list[torch.Tensor] | None = None
     llm: dict[int, torch.Tensor] | None = None
-
-
-def _rows(per_row: list[torch.Tensor], what: str) -> torch.Tensor:
-    """``(B, K)`` from one ``(K,)`` per row, refused when rows differ in ``K``."""
-    if len({len(r) for r in per_row}) > 1:
-        raise TokensieveError(f"the native bound needs rows that keep as many visual tokens as each other ({what}: "
-                              f"{sorted({len(r) for r in per_row})}); give rows of one image size and a ratio budget")
-    return torch.stack(per_row)
 
 
 def next_native_plan(handle, backbone, image_sizes: torch.Tensor) -> tuple[NextPlan, list[torch.Tensor]]:
@@ -67,13 +63,13 @@ def next_native_plan(handle, backbone, image_sizes: torch.Tensor) -> tuple[NextP
         if getattr(stages[0].method, "newlines", "keep") != "drop":
             kept = [torch.cat([k, n]).sort().values for k, n in zip(kept, newlines)]
         entering = kept
-    current = _rows(entering or [torch.arange(len(layout), device=device) for layout in layouts],
+    current = stacked_rows(entering or [torch.arange(len(layout), device=device) for layout in layouts],
                     "entering the LLM")  # (B, n): positions in each row's packed run
     plan = NextPlan(current.shape[1], entering, {})
     for site, kept in recorded.items():  # inside the LLM: the kept tokens and the newlines still there
         staying = [torch.cat([row[row >= 0], n[torch.isin(n, c)]]).sort().values
                    for row, n, c in zip(kept, newlines, current)]
-        keep = positions_among(current, _rows(staying, site))
+        keep = positions_among(current, stacked_rows(staying, site))
         if keep is None:
             raise TokensieveError(f"the tokens kept at {site} are not among those that reached it")
         plan.llm[Site.parse(site).layer], current = keep, torch.stack(staying)

@@ -30,6 +30,7 @@ from tokensieve.evaluate.native_bounds import (
     kept_columns,
     native_decoder,
     positions_among,
+    stacked_rows,
 )
 
 
@@ -50,14 +51,6 @@ class QwenPlan:
     llm: dict[int, torch.Tensor] | None = None
 
 
-def _rows(per_row: list[torch.Tensor], what: str) -> torch.Tensor:
-    """``(B, K)`` from one ``(K,)`` per row, refused when rows differ in ``K``."""
-    if len({len(r) for r in per_row}) > 1:
-        raise TokensieveError(f"the native bound needs rows that keep as many visual tokens as each other ({what}: "
-                              f"{sorted({len(r) for r in per_row})}); give rows of one image size and a ratio budget")
-    return torch.stack(per_row)
-
-
 def qwen_native_plan(handle, backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      image_grid_thw: torch.Tensor) -> tuple[QwenPlan, list[torch.Tensor]]:
     """``(plan, short_kept)`` of ``handle``'s latest pruned pass on these ``(B, L)`` prompts (its
@@ -73,14 +66,14 @@ def qwen_native_plan(handle, backbone, input_ids: torch.Tensor, attention_mask: 
     per_image = None
     if Site.parse(stages[0].site) == Site("llm", 0):
         per_image = [row[row >= 0].to(device) for row in recorded.pop(stages[0].site)]
-    visual = _rows(row_origins(layout.units, counts, None, device), "in the prompt").shape[1]
-    current = _rows(row_origins(layout.units, counts, per_image, device), "entering the LLM")  # (B, n)
+    visual = stacked_rows(row_origins(layout.units, counts, None, device), "in the prompt").shape[1]
+    current = stacked_rows(row_origins(layout.units, counts, per_image, device), "entering the LLM")  # (B, n)
     plan = QwenPlan(visual, llm={})
     if per_image is not None:
         offsets = torch.tensor([0, *counts], device=device).cumsum(0)[:-1].tolist()
         plan.entering, plan.image_rows = current, torch.cat([o + k for o, k in zip(offsets, per_image)])
     for site, kept in recorded.items():  # inside the LLM: each row's kept tokens as indices before pruning
-        keep = positions_among(current, _rows([row[row >= 0] for row in kept.to(device)], site))
+        keep = positions_among(current, stacked_rows([row[row >= 0] for row in kept.to(device)], site))
         if keep is None:
             raise TokensieveError(f"the tokens kept at {site} are not among those that reached it")
         plan.llm[Site.parse(site).layer], current = keep, kept.to(device)
