@@ -35,15 +35,10 @@ def _bench_shape(args: argparse.Namespace):
     return shapes[args.shape]()
 
 
-def _bench_speed(args: argparse.Namespace) -> None:
-    import torch
-
+def _methods_and_ratios(args: argparse.Namespace) -> tuple[list, list[float]]:
+    """``--method`` (with ``--param``) and ``--budget`` of bench speed or capacity, checked: known methods,
+    budget ratios."""
     from tokensieve.commands.evaluation import _with_parameters
-    from tokensieve.evaluate.speed import (
-        native_llm_reference,
-        shape_summary,
-        speed_benchmark,
-    )
     from tokensieve.method import Budget
     from tokensieve.methods import create_method
 
@@ -52,7 +47,20 @@ def _bench_speed(args: argparse.Namespace) -> None:
     for name in methods:
         create_method(name)
     if not all(budgets):
-        raise TokensieveError("bench speed takes budget ratios (0.33), not token counts")
+        raise TokensieveError(f"bench {args.bench_command} takes budget ratios (0.33), not token counts")
+    return methods, budgets
+
+
+def _bench_speed(args: argparse.Namespace) -> None:
+    import torch
+
+    from tokensieve.evaluate.speed import (
+        native_llm_reference,
+        shape_summary,
+        speed_benchmark,
+    )
+
+    methods, budgets = _methods_and_ratios(args)
     if args.new_tokens < 2:
         raise TokensieveError("--new-tokens must be at least 2: time per token is read between the first and the "
                               "last new token")
@@ -111,17 +119,9 @@ def _print_bounds_and_decoding(rows: list[dict], new_tokens: int) -> None:
 def _bench_capacity(args: argparse.Namespace) -> None:
     import torch
 
-    from tokensieve.commands.evaluation import _with_parameters
     from tokensieve.evaluate.capacity import capacity_rows
-    from tokensieve.method import Budget
-    from tokensieve.methods import create_method
 
-    methods = _with_parameters(comma_list(args.method), args.param)
-    budgets = [float(Budget.parse(b).ratio or 0) for b in comma_list(args.budget)]
-    for name in methods:
-        create_method(name)
-    if not all(budgets):
-        raise TokensieveError("bench capacity takes budget ratios (0.33), not token counts")
+    methods, budgets = _methods_and_ratios(args)
     if args.new_tokens < 2:
         raise TokensieveError("--new-tokens must be at least 2: throughput counts the generated tokens")
     shape = _bench_shape(args)
