@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
+
+from random_media import random_image
 
 import tokensieve  # noqa: F401  (its torchvision shim must come before transformers)
 from tokensieve.backbones.llava_prompt import prompt
@@ -80,9 +81,7 @@ def save_tiny_llava_next(folder: Path, seed: int = 0) -> Path:
 
 def image(size: str, seed: int = 0) -> Image.Image:
     """A random RGB image of :data:`IMAGE_SIZES` ``size``."""
-    height, width = IMAGE_SIZES[size]
-    pixels = np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8)
-    return Image.fromarray(pixels)
+    return random_image(*IMAGE_SIZES[size], seed)
 
 
 def inputs(processor, rows, first: int = 0) -> dict:

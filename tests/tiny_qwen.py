@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from random_media import random_image, random_video
+
 import tokensieve  # noqa: F401  (its torchvision shim must come before transformers' Qwen classes)
 from tokensieve.backbones.qwen_prompt import IMAGE, VIDEO, prompt
 
@@ -114,14 +116,12 @@ def save_tiny_qwen(family: str, folder: Path, seed: int = 0) -> Path:
 
 def image(size: str, seed: int = 0) -> Image.Image:
     """A random RGB image of :data:`IMAGE_SIZES` ``size``."""
-    height, width = IMAGE_SIZES[size]
-    pixels = np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8)
-    return Image.fromarray(pixels)
+    return random_image(*IMAGE_SIZES[size], seed)
 
 
 def video(seed: int = 0) -> np.ndarray:
     """A random video of :data:`VIDEO_SHAPE`: ``(frames, height, width, 3)`` uint8."""
-    return np.random.default_rng(1000 + seed).integers(0, 255, (*VIDEO_SHAPE, 3), dtype=np.uint8)
+    return random_video(*VIDEO_SHAPE, seed)
 
 
 def inputs(qwen, rows, first: int = 0) -> dict:
