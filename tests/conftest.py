@@ -8,6 +8,9 @@ import torch
 from tiny_llava_next import ROWS as NEXT_ROWS
 from tiny_llava_next import inputs as next_inputs
 from tiny_llava_next import save_tiny_llava_next
+from tiny_next_video import ROWS as NV_ROWS
+from tiny_next_video import inputs as nv_inputs
+from tiny_next_video import save_tiny_next_video
 from tiny_onevision import ROWS as OV_ROWS
 from tiny_onevision import inputs as ov_inputs
 from tiny_onevision import save_tiny_onevision
@@ -145,3 +148,30 @@ def ov_plain(onevision, ov_batch):
     """The adapter's unpruned logits ``(B, L, vocab)`` of ``ov_batch``."""
     with torch.no_grad():
         return onevision.forward(**ov_batch).logits
+
+
+@pytest.fixture(scope="session")
+def tiny_next_video_dir(tmp_path_factory):
+    """The random tiny LLaVA-NeXT-Video and its processor, saved with ``save_pretrained``."""
+    return save_tiny_next_video(tmp_path_factory.mktemp("tiny_next_video"))
+
+
+@pytest.fixture(scope="module")
+def next_video(tiny_next_video_dir):
+    """The tiny LLaVA-NeXT-Video adapter, loaded once per test module."""
+    from tokensieve.backbones.hf_llava_next_video import LlavaNextVideoBackbone
+
+    return LlavaNextVideoBackbone.from_pretrained(tiny_next_video_dir)
+
+
+@pytest.fixture(scope="module")
+def nv_batch(next_video):
+    """:data:`tiny_next_video.ROWS` as one left-padded batch: a wide image, a video of 4 frames, a tall image."""
+    return nv_inputs(next_video.processor, NV_ROWS)
+
+
+@pytest.fixture(scope="module")
+def nv_plain(next_video, nv_batch):
+    """The adapter's unpruned logits ``(B, L, vocab)`` of ``nv_batch``."""
+    with torch.no_grad():
+        return next_video.forward(**nv_batch).logits

@@ -1,5 +1,5 @@
 """LLaVA-OneVision's runs (anyres-max images, pooled videos) as backbones/anyres_layout.py and
-backbones/onevision_video.py describe them, against the model's own packing and pooling, bit for bit."""
+backbones/pooled_video.py describe them, against the model's own packing and pooling, bit for bit."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from tiny_onevision import ASPECT, PINPOINTS, config
 from transformers import LlavaOnevisionForConditionalGeneration
 
 from tokensieve.backbones.anyres_layout import anyres_layout, pack_with_layout
-from tokensieve.backbones.onevision_video import PooledVideoLayout
+from tokensieve.backbones.pooled_video import PooledVideoLayout
 
 # Kept (20x40: a 4x8 canvas; 40x20; 28x28), interpolated (56x56: 8x8 -> 5x5; 30x90: 4x12 -> 3x9; 40x80: 3x3 crops
 # letterboxed to 6x12 -> 4x8; 84x84, 100x100), letterboxed and odd sizes.

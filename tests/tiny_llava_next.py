@@ -44,30 +44,40 @@ NEWLINES = {"wide": 4, "tall": 8, "square": 8}
 ROWS = [("what is the colour ?", "wide"), ("what shape is left and right ?", "square"), ("what colour ?", "tall")]
 
 
-def tokenizer() -> PreTrainedTokenizerFast:
-    """Whitespace-split words of :data:`WORDS`; ``<image>`` kept whole; left padding."""
-    core = Tokenizer(models.WordLevel(vocab=VOCAB, unk_token="<pad>"))
+def tokenizer(vocab: dict[str, int] = VOCAB) -> PreTrainedTokenizerFast:
+    """Whitespace-split words of ``vocab``; its placeholders (``<image>``, ``<video>``) kept whole; left padding."""
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>", padding_side="left")
-    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tok.add_special_tokens({"additional_special_tokens": [t for t in ("<image>", "<video>") if t in vocab]})
     return tok
 
 
-def config() -> LlavaNextConfig:
+def tower_and_llm(vocab: dict[str, int] = VOCAB) -> tuple[CLIPVisionConfig, LlamaConfig]:
+    """The CLIP tower (28-px crops of 7-px patches) and the 3-layer Llama of a ``vocab``-sized vocabulary."""
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
                               image_size=28, patch_size=7, projection_dim=32)
     text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                       num_key_value_heads=1, vocab_size=len(VOCAB), max_position_embeddings=512, pad_token_id=0,
-                       bos_token_id=None, eos_token_id=VOCAB["</s>"])
+                       num_key_value_heads=1, vocab_size=len(vocab), max_position_embeddings=512, pad_token_id=0,
+                       bos_token_id=None, eos_token_id=vocab["</s>"])
+    return vision, text
+
+
+def config() -> LlavaNextConfig:
+    vision, text = tower_and_llm()
     return LlavaNextConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
                            image_grid_pinpoints=PINPOINTS, image_token_index=VOCAB["<image>"])
 
 
+def image_processor() -> LlavaNextImageProcessorPil:
+    """28-px crops (``shortest_edge`` 28) of :data:`PINPOINTS`."""
+    return LlavaNextImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+                                      image_grid_pinpoints=PINPOINTS)
+
+
 def processor() -> LlavaNextProcessor:
-    """The offline processor: 28-px crops (``shortest_edge`` 28), CLS dropped (``default``)."""
-    images = LlavaNextImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
-                                        image_grid_pinpoints=PINPOINTS)
-    return LlavaNextProcessor(image_processor=images, tokenizer=tokenizer(), patch_size=7,
+    """The offline processor: 28-px crops, CLS dropped (``default``)."""
+    return LlavaNextProcessor(image_processor=image_processor(), tokenizer=tokenizer(), patch_size=7,
                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
 
 

@@ -140,7 +140,7 @@ class AnyresPruningSession(PerImageStage, RowLLMStages):
         """The ``llm.0`` stage's choice for every image of the batch.
 
         packed: per image (or video) its packed run ``(N_i, d)``; layouts: their :class:`AnyresLayout`
-        (a video's :class:`~tokensieve.backbones.onevision_video.PooledVideoLayout`); question_mask:
+        (a video's :class:`~tokensieve.backbones.pooled_video.PooledVideoLayout`); question_mask:
         ``(input_ids, mask)`` ``(B, L)``, True on each row's question tokens (image ``i`` is row ``i``'s);
         questions: a function giving each image's question as text (None without a processor to decode it).
         Returns per image the positions in its run that enter the LLM, increasing (a video whose method gives

@@ -130,7 +130,7 @@ class LlavaNextBackbone:
     @property
     def video_token_id(self) -> int | None:
         """The video placeholder's id (None: the family takes no video)."""
-        return None
+        return int(self.config.video_token_id) if self.takes_video else None
 
     @property
     def crop_grid(self) -> int:
@@ -188,16 +188,27 @@ class LlavaNextBackbone:
         out = self.model.model.get_image_features(pixel_values=pixel_values, image_sizes=image_sizes, return_dict=True)
         return list(out.pooler_output), [self.image_layout(size) for size in image_sizes.tolist()]
 
-    def encode_units(self, kinds: list[str], pixel_values: torch.Tensor | None, image_sizes: torch.Tensor | None
-                     ) -> tuple[list[torch.Tensor], list]:
+    def encode_videos(self, pixel_values_videos: torch.Tensor) -> tuple[list[torch.Tensor], list]:
+        """One tower pass over every frame and the model's own pooling: ``pixel_values_videos``
+        ``(n_videos, F, 3, S, S)`` -> per video its run ``(N_v, d_text)`` and its layout (:meth:`video_layout`,
+        which a family taking videos gives)."""
+        out = self.model.model.get_video_features(pixel_values_videos, return_dict=True)
+        return list(out.pooler_output), [self.video_layout(pixel_values_videos.shape[1])] * len(pixel_values_videos)
+
+    def encode_units(self, kinds: list[str], pixel_values: torch.Tensor | None, image_sizes: torch.Tensor | None,
+                     pixel_values_videos: torch.Tensor | None = None) -> tuple[list[torch.Tensor], list]:
         """Per visual unit (``kinds``: prompt order over the batch, one per row) its run ``(N_u, d_text)``
-        and layout, from one tower pass over the images' crops (:meth:`encode_images`). A family with
-        further inputs (:attr:`visual_inputs`) takes them here as keywords."""
+        and layout: one tower pass over the images' crops (:meth:`encode_images`), then one over the videos'
+        frames (:meth:`encode_videos`), as the model runs them. A family with further inputs
+        (:attr:`visual_inputs`) takes them here as keywords."""
         self._check_given(kinds, "image", image_sizes)
-        if not kinds:
-            return [], []
-        features, layouts = self.encode_images(pixel_values, image_sizes)
-        return in_unit_order({"image": features}, kinds), in_unit_order({"image": layouts}, kinds)
+        self._check_given(kinds, "video", pixel_values_videos)
+        features, layouts = {}, {}
+        if "image" in kinds:
+            features["image"], layouts["image"] = self.encode_images(pixel_values, image_sizes)
+        if "video" in kinds:
+            features["video"], layouts["video"] = self.encode_videos(pixel_values_videos)
+        return in_unit_order(features, kinds), in_unit_order(layouts, kinds)
 
     @staticmethod
     def _check_given(kinds: list[str], kind: str, given: torch.Tensor | None) -> None:

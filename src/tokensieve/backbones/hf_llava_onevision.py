@@ -12,7 +12,7 @@ may hold images of different sizes and videos.
   mixes of patches, and :class:`~tokensieve.backbones.anyres_layout.AnyresLayout` says so
   (``source`` -1, ``resampled_from``).
 * A video's frames go through the tower and projector as crops and are pooled bilinearly to half their
-  side; one newline ends the whole video (:mod:`.onevision_video`). A method sees it as a visual unit of
+  side; one newline ends the whole video (:mod:`.pooled_video`). A method sees it as a visual unit of
   ``frames x rows x cols`` (``SiteInputs.units``); only methods that declare ``handles_video`` are
   given one (any other is refused in one line in a pass that holds a video).
 
@@ -34,8 +34,7 @@ from tokensieve.backbones.anyres_pruning import LLM0
 from tokensieve.backbones.base import Site
 from tokensieve.backbones.hf_llava_next import LlavaNextBackbone
 from tokensieve.backbones.onevision_prompt import ANSWER_CUE
-from tokensieve.backbones.onevision_video import PooledVideoLayout
-from tokensieve.backbones.qwen_units import in_unit_order
+from tokensieve.backbones.pooled_video import PooledVideoLayout
 from tokensieve.backbones.row_llm import LLM_SIGNALS
 
 
@@ -53,10 +52,6 @@ class LlavaOnevisionBackbone(LlavaNextBackbone):
     tower_has_cls = False  # SigLIP
     takes_video = True
     splits = ("all", "even")  # HiRED's rule reads the base image's CLS attention, which SigLIP has not
-
-    @property
-    def video_token_id(self) -> int:
-        return int(self.config.video_token_id)
 
     @property
     def max_patches(self) -> int:
@@ -91,17 +86,6 @@ class LlavaOnevisionBackbone(LlavaNextBackbone):
     def encode_units(self, kinds: list[str], pixel_values: torch.Tensor | None, image_sizes: torch.Tensor | None,
                      pixel_values_videos: torch.Tensor | None = None, image_sizes_videos=None,
                      batch_num_images=None) -> tuple[list[torch.Tensor], list]:
-        """Per visual unit (``kinds``: prompt order over the batch, one per row) its run ``(N_u, d_text)`` and
-        layout: one tower pass over the images' crops, then one over the videos' frames
-        (``pixel_values_videos`` ``(n_videos, F, 3, S, S)``), as the model runs them. ``image_sizes_videos``
-        is not read (nor by the model); ``batch_num_images`` is one image per prompt here, as checked."""
-        self._check_given(kinds, "image", image_sizes)
-        self._check_given(kinds, "video", pixel_values_videos)
-        features, layouts = {}, {}
-        if "image" in kinds:
-            features["image"], layouts["image"] = self.encode_images(pixel_values, image_sizes)
-        if "video" in kinds:
-            out = self.model.model.get_video_features(pixel_values_videos, return_dict=True)
-            features["video"] = list(out.pooler_output)
-            layouts["video"] = [self.video_layout(pixel_values_videos.shape[1])] * len(pixel_values_videos)
-        return in_unit_order(features, kinds), in_unit_order(layouts, kinds)
+        """As :meth:`LlavaNextBackbone.encode_units`. ``image_sizes_videos`` is not read (nor by the model);
+        ``batch_num_images`` is one image per prompt here, as checked."""
+        return super().encode_units(kinds, pixel_values, image_sizes, pixel_values_videos)

@@ -13,7 +13,8 @@ from tokensieve.errors import TokensieveError
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 ONEVISION = "llava_onevision"
 NEXT = "llava_next"
-ANYRES = (NEXT, ONEVISION)
+NEXT_VIDEO = "llava_next_video"
+ANYRES = (NEXT, ONEVISION, NEXT_VIDEO)
 
 
 def load_backbone(name_or_path: str | Path | None = None, dtype: torch.dtype | None = None,
@@ -21,8 +22,9 @@ def load_backbone(name_or_path: str | Path | None = None, dtype: torch.dtype | N
     """A :class:`~tokensieve.backbones.hf_llava.LlavaBackbone` (``model_type`` ``llava``; None: the
     shipped testbed), a :class:`~tokensieve.backbones.hf_qwen.QwenVLBackbone` (``qwen2_vl``,
     ``qwen2_5_vl``, ``qwen3_vl``), a :class:`~tokensieve.backbones.hf_llava_next.LlavaNextBackbone`
-    (``llava_next``) or a :class:`~tokensieve.backbones.hf_llava_onevision.LlavaOnevisionBackbone`
-    (``llava_onevision``) of the checkpoint ``name_or_path`` (a folder or a hub id)."""
+    (``llava_next``), a :class:`~tokensieve.backbones.hf_llava_onevision.LlavaOnevisionBackbone`
+    (``llava_onevision``) or a :class:`~tokensieve.backbones.hf_llava_next_video.LlavaNextVideoBackbone`
+    (``llava_next_video``) of the checkpoint ``name_or_path`` (a folder or a hub id)."""
     from tokensieve.backbones.hf_llava import LlavaBackbone
 
     if name_or_path is None:
@@ -42,9 +44,13 @@ def load_backbone(name_or_path: str | Path | None = None, dtype: torch.dtype | N
         from tokensieve.backbones.hf_llava_onevision import LlavaOnevisionBackbone
 
         return LlavaOnevisionBackbone.from_pretrained(name_or_path, dtype, device)
+    if family == NEXT_VIDEO:
+        from tokensieve.backbones.hf_llava_next_video import LlavaNextVideoBackbone
+
+        return LlavaNextVideoBackbone.from_pretrained(name_or_path, dtype, device)
     raise TokensieveError(f"{name_or_path} is a {family!r} model; tokensieve loads LLaVA ('llava'), Qwen-VL "
-                          f"({', '.join(map(repr, QWEN_FAMILIES))}), LLaVA-NeXT ({NEXT!r}) and LLaVA-OneVision "
-                          f"({ONEVISION!r}) checkpoints")
+                          f"({', '.join(map(repr, QWEN_FAMILIES))}), LLaVA-NeXT ({NEXT!r}), LLaVA-OneVision ({ONEVISION!r}) "
+                          f"and LLaVA-NeXT-Video ({NEXT_VIDEO!r}) checkpoints")
 
 
 def is_qwen(backbone) -> bool:
@@ -58,11 +64,12 @@ def is_onevision(backbone) -> bool:
 
 
 def is_next(backbone) -> bool:
-    """True for a LLaVA-NeXT adapter (not OneVision): LLaVA's chat format, or its checkpoint's chat template."""
-    return getattr(backbone, "model_type", None) == NEXT
+    """True for a LLaVA-NeXT or LLaVA-NeXT-Video adapter (not OneVision): LLaVA's chat format, or its
+    checkpoint's chat template."""
+    return getattr(backbone, "model_type", None) in (NEXT, NEXT_VIDEO)
 
 
 def is_anyres(backbone) -> bool:
-    """True for a LLaVA-NeXT or LLaVA-OneVision adapter: each image packed from its base and crops, a token
-    count per image (newlines included)."""
+    """True for a LLaVA-NeXT, LLaVA-OneVision or LLaVA-NeXT-Video adapter: each image packed from its base and
+    crops, a token count per image (newlines included)."""
     return getattr(backbone, "model_type", None) in ANYRES
