@@ -122,3 +122,8 @@ def test_qwen_vl_is_as_documented(qwen, make):  # each of Qwen2-VL, Qwen2.5-VL a
 def test_llava_onevision_is_as_documented(onevision, make):
     check_signals("LLaVA-OneVision", onevision)
     check_methods("LLaVA-OneVision", onevision, make)
+
+
+def test_llava_next_video_is_as_documented(next_video, make):
+    check_signals("LLaVA-NeXT-Video", next_video)
+    check_methods("LLaVA-NeXT-Video", next_video, make)

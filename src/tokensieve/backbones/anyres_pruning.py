@@ -1,5 +1,6 @@
 """Reduction stages on a LLaVA-NeXT model (:class:`~tokensieve.backbones.hf_llava_next.LlavaNextBackbone`)
-or a LLaVA-OneVision one (:mod:`.hf_llava_onevision`, its images and videos): the session.
+or a LLaVA-OneVision or LLaVA-NeXT-Video one (:mod:`.hf_llava_onevision`, :mod:`.hf_llava_next_video`: their
+images and videos): the session.
 
 One :class:`AnyresPruningSession` per attached handle. Its :class:`AnyresStagePlan` checks the stages
 when it is installed; then, in every forward pass through the adapter (``forward``, ``generate``,
