@@ -1,4 +1,4 @@
-"""`tokensieve eval` and the lmms-eval model on the tiny random LLaVA-NeXT and LLaVA-OneVision checkpoints
+"""`tokensieve eval` and the lmms-eval model on the tiny random LLaVA-NeXT, LLaVA-OneVision and NeXT-Video checkpoints
 (accuracy is meaningless on random weights): the pipeline runs end to end on images of three aspect ratios,
 each giving its own base, crops and newlines; the token counts of its rows are those the LLM's layers
 receive in real forward passes, its FLOPs torch's FLOP counter's; what cannot work yet is one line."""
@@ -9,6 +9,7 @@ import json
 
 import pytest
 import tiny_llava_next
+import tiny_next_video
 import tiny_onevision
 import torch
 from lmms_tasks import TASK, direct_answers, evaluate
@@ -29,13 +30,15 @@ from tokensieve.pruner.placement import placement
 QUESTION = "what is the colour ?"  # one question: every prompt has the median text length
 # Per family: its tiny module, and each image's (base + crop tokens, newlines) from the modules' docstrings.
 FAMILIES = {"next": (tiny_llava_next, {"wide": (48, 4), "square": (80, 8), "tall": (48, 8)}),
-            "onevision": (tiny_onevision, {"wide": (48, 4), "square": (41, 5), "long": (43, 3)})}
+            "onevision": (tiny_onevision, {"wide": (48, 4), "square": (41, 5), "long": (43, 3)}),
+            "next_video": (tiny_next_video, {"wide": (48, 4), "square": (80, 8), "tall": (48, 8)})}
+FOLDERS = {"next": "tiny_llava_next_dir", "onevision": "tiny_onevision_dir", "next_video": "tiny_next_video_dir"}
 
 
 @pytest.fixture(params=list(FAMILIES))
-def family(request, tiny_llava_next_dir, tiny_onevision_dir):
+def family(request):
     """``(checkpoint folder, tiny module, image sizes)`` of each family."""
-    folder = tiny_llava_next_dir if request.param == "next" else tiny_onevision_dir
+    folder = request.getfixturevalue(FOLDERS[request.param])
     module, sizes = FAMILIES[request.param]
     return folder, module, sizes
 

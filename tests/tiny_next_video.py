@@ -15,7 +15,13 @@ import numpy as np
 import torch
 from PIL import Image
 from random_media import random_image, random_video
-from tiny_llava_next import IMAGE_SIZES, PINPOINTS, image_processor, tokenizer, tower_and_llm
+from tiny_llava_next import (
+    IMAGE_SIZES,
+    PINPOINTS,
+    image_processor,
+    tokenizer,
+    tower_and_llm,
+)
 from tiny_llava_next import VOCAB as NEXT_VOCAB
 
 import tokensieve  # noqa: F401  (its torchvision shim must come before transformers)
