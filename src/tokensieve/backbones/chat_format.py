@@ -1,7 +1,7 @@
 """The prompt a backbone's model is asked a question about images in, and the processor inputs of
 a batch of such questions: LLaVA-1.5's format (:mod:`.llava_prompt`), the Qwen-VL chat format
 (:mod:`.qwen_prompt`, with the family's default system turn), LLaVA-OneVision's (:mod:`.onevision_prompt`)
-or LLaVA-NeXT's: its checkpoint's own chat template where the processor has one (llava-hf's v1.6
+or LLaVA-NeXT's (and NeXT-Video's): its checkpoint's own chat template where the processor has one (llava-hf's v1.6
 checkpoints: Vicuna's ``USER: ... ASSISTANT:`` with its system line, Mistral's ``[INST] ... [/INST]``),
 else LLaVA-1.5's format, which is the Vicuna one without the system line."""
 

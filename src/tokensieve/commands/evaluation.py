@@ -151,7 +151,7 @@ def add(sub) -> None:
     """Add ``eval``."""
     ev = sub.add_parser("eval", help="accuracy of methods at budgets, next to the unpruned model")
     ev.add_argument("--model", default=None,
-                    help="LLaVA, Qwen2-VL/2.5-VL/3-VL, LLaVA-NeXT or LLaVA-OneVision checkpoint folder or hub id "
+                    help="LLaVA, Qwen2-VL/2.5-VL/3-VL, LLaVA-NeXT(-Video) or LLaVA-OneVision checkpoint folder or hub id "
                          "(default: shipped testbed)")
     ev.add_argument("--method", default=None, help="comma-separated method names (see `tokensieve methods`)")
     ev.add_argument("--budget", default=None,

@@ -6,8 +6,8 @@ Registered through the ``lmms_eval.models`` entry point as ``tokensieve``::
     lmms-eval --model tokensieve --model_args pretrained=llava-hf/llava-1.5-7b-hf,method=fastv,budget=0.25 \\
         --tasks mme,pope --batch_size 1
 
-Model arguments: ``pretrained`` (a LLaVA, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-NeXT or LLaVA-OneVision
-checkpoint folder or hub id, the backbone chosen by its ``model_type``; default the shipped testbed),
+Model arguments: ``pretrained`` (a LLaVA, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-NeXT, LLaVA-OneVision or
+LLaVA-NeXT-Video checkpoint folder or hub id, the backbone chosen by its ``model_type``; default the shipped testbed),
 ``method`` (a registered method name) or ``pruner`` (a ``tokensieve train`` run folder),
 ``budget`` (the method's: a count or a ratio), ``centres`` (the pruner's: the tokens its merger sends
 into the LLM, a count or a ratio; default as trained), ``site`` (default the method's own), ``mode`` (``hard``, ``soft`` or ``origin``),
@@ -15,8 +15,8 @@ into the LLM, a count or a ratio; default as trained), ``site`` (default the met
 
 Every prompt is the document's images then its text, in the model's own format
 (:mod:`tokensieve.backbones.chat_format`): LLaVA-1.5's (``USER: <image>\\n... ASSISTANT:``, exactly one
-image), the Qwen-VL chat turn (one or more images of any size), LLaVA-NeXT's (its chat template, else
-LLaVA-1.5's) or LLaVA-OneVision's (one image of any size on both). Videos are refused for now. The
+image), the Qwen-VL chat turn (one or more images of any size), LLaVA-NeXT's and NeXT-Video's (its chat
+template, else LLaVA-1.5's) or LLaVA-OneVision's (one image of any size on each). Videos are refused for now. The
 images are in the context of both request types: ``loglikelihood`` scores the continuation tokens of the full images + context +
 continuation sequence, and a generation error is raised, never turned into an empty answer.
 """
