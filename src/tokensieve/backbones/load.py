@@ -49,8 +49,8 @@ def load_backbone(name_or_path: str | Path | None = None, dtype: torch.dtype | N
 
         return LlavaNextVideoBackbone.from_pretrained(name_or_path, dtype, device)
     raise TokensieveError(f"{name_or_path} is a {family!r} model; tokensieve loads LLaVA ('llava'), Qwen-VL "
-                          f"({', '.join(map(repr, QWEN_FAMILIES))}), LLaVA-NeXT ({NEXT!r}), LLaVA-OneVision ({ONEVISION!r}) "
-                          f"and LLaVA-NeXT-Video ({NEXT_VIDEO!r}) checkpoints")
+                          f"({', '.join(map(repr, QWEN_FAMILIES))}), LLaVA-NeXT ({NEXT!r}), LLaVA-OneVision "
+                          f"({ONEVISION!r}) and LLaVA-NeXT-Video ({NEXT_VIDEO!r}) checkpoints")
 
 
 def is_qwen(backbone) -> bool:
