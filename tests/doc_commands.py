@@ -103,6 +103,7 @@ RECIPES = [
            "a LLaVA-NeXT-shaped prefill of 2,968 tokens takes seconds per case on a CPU; tests/test_next_bench.py "
            "runs the command on a tiny LLaVA-NeXT shape"),
     Recipe(r"^tokensieve bench speed ", "run", extra=["--repeats", "1", "--new-tokens", "2"]),
+    Recipe(r"^tokensieve bench capacity ", "run", extra=["--max-batch", "2", "--new-tokens", "2", "--repeats", "1"]),
     Recipe(r"^tokensieve search ", "run", extra=["--trials", "1"],
            subs=[(r"^configs/search_testbed\.yaml$", "{small_search}")]),
     Recipe(r"^tokensieve clip-benchmark write-data ", "run",
