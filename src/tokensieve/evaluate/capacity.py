@@ -50,10 +50,10 @@ def largest_batch(fits: Callable[[int], bool], max_batch: int) -> tuple[int, dic
     return good, tried
 
 
-def _generate_call(shape, method, budget: float | None, batch: int, new_tokens: int, device: str,
-                   dtype: torch.dtype, site: str | None = None):
-    """The backbone (pruned by ``method`` at ``budget`` unless ``method`` is None) and a function
-    that runs one greedy ``generate()`` of exactly ``new_tokens`` tokens on ``batch`` prompts."""
+def _generate_call(shape, method, budget: float | None, batch: int, device: str, dtype: torch.dtype,
+                   site: str | None = None):
+    """A function that runs ``generate(**kw)`` on ``batch`` prompts with a freshly built backbone, pruned by
+    ``method`` at ``budget`` unless ``method`` is None (the function holds the backbone)."""
     torch.manual_seed(0)
     backbone = shape.build(dtype, device)
     if method is not None:
@@ -63,14 +63,14 @@ def _generate_call(shape, method, budget: float | None, batch: int, new_tokens: 
 
     def generate(**kw):
         return backbone.generate(**inputs, **kw)
-    return backbone, generate
+    return generate
 
 
 @torch.no_grad()
 def _measured_peak(shape, method, budget, batch, new_tokens, device, dtype, site) -> int:
     """Build the model and run one ``generate()``; then the peak: CUDA memory allocated, or on a CPU
     this process's peak resident memory (run it in a fresh process)."""
-    _, generate = _generate_call(shape, method, budget, batch, new_tokens, device, dtype, site)
+    generate = _generate_call(shape, method, budget, batch, device, dtype, site)
     generate(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated(device)
@@ -107,7 +107,7 @@ def throughput(shape, method, budget: float | None, batch: int, new_tokens: int,
                device: str = "cpu", dtype: torch.dtype = torch.float32, site: str | None = None) -> dict:
     """``{"generate_s", "tokens_per_s"}``: the median of ``repeats`` greedy ``generate()`` calls
     (after one warm-up) on ``batch`` prompts, and the new tokens per second that gives."""
-    _, generate = _generate_call(shape, method, budget, batch, new_tokens, device, dtype, site)
+    generate = _generate_call(shape, method, budget, batch, device, dtype, site)
     sync = synchronizer(device)
     timed_generate(generate, new_tokens, sync)
     seconds = statistics.median(timed_generate(generate, new_tokens, sync)[0] for _ in range(repeats))
