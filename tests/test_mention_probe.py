@@ -71,7 +71,8 @@ def test_batch_targets_point_at_the_mention_tokens_from_the_end_of_padded_rows()
         assert words[b][length - from_end] in set(COLOURS) | set(SHAPES)
     probe = MentionProbe(8, 10, layer=2, relation_layer=3)
     hidden = [torch.randn(6, length, 8, requires_grad=True) for _ in range(5)]
-    loss = probe.loss(tuple(hidden), rows)
+    loss, per_lookup = probe.loss(tuple(hidden), rows)
+    assert set(per_lookup) == {list(probe.heads)[k] for k in rows[:, 2].tolist()}
     loss.backward()
     holds = list(probe.heads).index("holds")
     assert (rows[:, 2] == holds).any()  # the batch has spatial questions

@@ -21,7 +21,7 @@ from tokensieve.testbed.train import train_testbed
 
 from tiny_testbed import TINY, interrupted_then_resumed
 
-QWEN_TINY = {**TINY, "backbone": "qwen"}
+QWEN_TINY = {**TINY, "backbone": "qwen", "position_layer": 1}
 TrainConfig = train_module.TestbedTrainConfig  # module-qualified: not a pytest test class
 
 
@@ -72,6 +72,7 @@ def test_training_writes_a_loadable_qwen_checkpoint_that_testbed_eval_checks(tin
 def test_interrupted_qwen_training_resumes_exactly(tmp_path, monkeypatch, tiny_qwen_testbed):
     saved, resumed = interrupted_then_resumed(tmp_path / "cut", QWEN_TINY, monkeypatch)
     assert (saved["state"]["stage"], saved["state"]["step"], saved["config"]["backbone"]) == ("llm", 4, "qwen")
+    assert set(saved["positions"]) == {"row.weight", "row.bias", "col.weight", "col.bias"}  # resumed too
     a = QwenVLBackbone.from_pretrained(tiny_qwen_testbed).model.state_dict()
     b = QwenVLBackbone.from_pretrained(resumed).model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -82,7 +83,7 @@ def test_a_llava_state_is_not_resumed_as_a_qwen_testbed(tmp_path):
     cut.mkdir()
     run = train_module._Run(cut, TrainConfig(**TINY), resume=False)
     run.save(torch.optim.SGD(run.model.parameters(), lr=0.1))
-    with pytest.raises(train_module.TokensieveError, match=r"another config \(backbone differ\)"):
+    with pytest.raises(train_module.TokensieveError, match=r"another config \(backbone, position_layer differ\)"):
         train_module._Run(cut, TrainConfig(**QWEN_TINY), resume=True)
 
 
@@ -96,8 +97,9 @@ def test_testbed_train_takes_the_qwen_backbone(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(train_module, "train_testbed", lambda out, cfg, resume: seen.setdefault("cfg", cfg) and out)
     assert main(["testbed", "train", "--backbone", "qwen", "--out", str(tmp_path), "--llm-steps", "7",
-                 "--tower-batch", "16"]) == 0
+                 "--tower-batch", "16", "--position-layer", "2"]) == 0
     assert (seen["cfg"].backbone, seen["cfg"].llm_steps, seen["cfg"].tower_batch) == ("qwen", 7, 16)
+    assert seen["cfg"].position_layer == 2
 
 
 def test_testbed_eval_json_on_the_tiny_qwen_testbed(tiny_qwen_testbed, capsys):

@@ -18,7 +18,7 @@ def _testbed_train(args: argparse.Namespace) -> None:
     from tokensieve.testbed.model import TestbedSize
     from tokensieve.testbed.train import TestbedTrainConfig, train_testbed
 
-    keys = ("tower_steps", "tower_batch", "llm_steps", "mention_layer", "relation_layer")
+    keys = ("tower_steps", "tower_batch", "llm_steps", "mention_layer", "relation_layer", "position_layer")
     given = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
     if args.llm_layers is not None:
         given["size"] = TestbedSize(text_layers=args.llm_layers)
@@ -68,6 +68,9 @@ def add(sub) -> None:
                        help="LLM hidden state the question's mention words are looked up at (default 4)")
     train.add_argument("--relation-layer", type=positive_int,
                        help="LLM hidden state the spatial relation is looked up at (default 5)")
+    train.add_argument("--position-layer", type=positive_int,
+                       help="LLM hidden state at which each visual token learns its own row and column "
+                            "(default: none; the Qwen testbed is trained with 2)")
     train.add_argument("--no-resume", action="store_true", help="start over even if a saved state exists")
     train.set_defaults(func=_testbed_train)
 

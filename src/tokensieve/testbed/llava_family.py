@@ -16,6 +16,7 @@ from tokensieve.backbones import LlavaBackbone
 from tokensieve.data.synthetic import COLOURS, SHAPES, SceneSpec
 from tokensieve.testbed.batches import QuestionBatches, TowerBatches
 from tokensieve.testbed.model import TestbedSize, build_testbed_model
+from tokensieve.testbed.position_probe import visual_position_targets
 from tokensieve.testbed.processor import build_processor
 
 
@@ -112,6 +113,13 @@ class LlavaTestbed:
     def question_batches(self, processor, seed: int, cfg) -> QuestionBatches:
         return QuestionBatches(processor, seed, cfg.llm_batch, cfg.family_weights, cfg.object_curriculum,
                                short_run_share=cfg.short_run_share)
+
+    def visual_positions(self, processor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(R, 4)`` targets of :class:`~tokensieve.testbed.position_probe.VisualPositionProbe`: every
+        image is one square grid."""
+        grid = (self.scenes.grid, self.scenes.grid)
+        image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+        return visual_position_targets(batch["input_ids"], image_token_id, [grid] * len(batch["input_ids"]))
 
     def backbone(self, model: nn.Module, processor) -> LlavaBackbone:
         return LlavaBackbone(model, processor)

@@ -94,17 +94,21 @@ class MentionProbe(nn.Module):
         self.heads = nn.ModuleDict({name: nn.Linear(hidden, n) for name, n in lookup_sizes(grid).items()})
         self.layers = {name: relation_layer if name == "holds" else layer for name in self.heads}
 
-    def loss(self, hidden_states: tuple[torch.Tensor, ...], targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of every lookup. hidden_states: the LLM's ``(B, L, d)`` states per
-        layer (``output_hidden_states``); targets: ``(R, 4)`` from :func:`batch_targets`
-        (positions from the end of ``L``)."""
+    def loss(self, hidden_states: tuple[torch.Tensor, ...], targets: torch.Tensor
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Mean cross-entropy of every lookup, and each lookup's own mean (the log shows which
+        ones train). hidden_states: the LLM's ``(B, L, d)`` states per layer
+        (``output_hidden_states``); targets: ``(R, 4)`` from :func:`batch_targets` (positions
+        from the end of ``L``)."""
         names = list(self.heads)
-        total, count = hidden_states[0].new_zeros(()), 0
+        total, count, per_lookup = hidden_states[0].new_zeros(()), 0, {}
         for k, name in enumerate(names):
             rows = targets[targets[:, 2] == k]
             if len(rows):
                 hidden = hidden_states[self.layers[name]]
                 states = hidden[rows[:, 0], hidden.shape[1] - rows[:, 1]]
-                total = total + F.cross_entropy(self.heads[name](states), rows[:, 3], reduction="sum")
+                summed = F.cross_entropy(self.heads[name](states), rows[:, 3], reduction="sum")
+                per_lookup[name] = float(summed.detach()) / len(rows)
+                total = total + summed
                 count += len(rows)
-        return total / max(1, count)
+        return total / max(1, count), per_lookup

@@ -23,7 +23,9 @@ from tokensieve.data.synthetic import COLOURS, SHAPES
 from tokensieve.testbed.batches import QuestionBatches, TowerBatches
 from tokensieve.testbed.llava_family import colour_accuracy, patch_losses, readout_rows
 from tokensieve.testbed.model import TestbedSize
+from tokensieve.testbed.position_probe import visual_position_targets
 from tokensieve.testbed.qwen_model import (
+    MERGE,
     QWEN_SCENES,
     build_qwen_processor,
     build_qwen_testbed_model,
@@ -106,6 +108,12 @@ class QwenTestbed:
         return QuestionBatches(processor, seed, cfg.llm_batch, cfg.family_weights, cfg.object_curriculum,
                                spec=self.scenes, short_run_share=cfg.short_run_share,
                                encode=partial(encode, system=SYSTEM))
+
+    def visual_positions(self, processor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(R, 4)`` targets of :class:`~tokensieve.testbed.position_probe.VisualPositionProbe`: each
+        row's grid in tokens is its ``image_grid_thw`` (in patches) over the 2x2 merge."""
+        grids = [(h // MERGE, w // MERGE) for _, h, w in batch["image_grid_thw"].tolist()]
+        return visual_position_targets(batch["input_ids"], processor.image_token_id, grids)
 
     def backbone(self, model: nn.Module, processor) -> QwenVLBackbone:
         return QwenVLBackbone(model, processor)

@@ -31,6 +31,12 @@ TOKEN_PIXELS = PATCH * MERGE  # one visual token covers 8x8 px, as one LLaVA tes
 # and partial (4x1, 4x2) windows.
 QWEN_SIZES = ((64, 64), (64, 80), (80, 72), (80, 80))
 QWEN_SCENES = SceneSpec(image_size=80, patch_size=TOKEN_PIXELS, sizes=QWEN_SIZES)
+# M-RoPE gives a visual token's (h, w) ids the lower frequencies: with 16 of them split [4, 6, 6],
+# width gets the 6 lowest. At the usual theta 1e4 they turn at most 0.028 rad across a 10-token
+# row, so attention could not tell columns apart (the 7B's 1e6 over its ~50-token rows is no
+# better; Qwen3-VL interleaves the axes for this reason). At 32 they turn 0.35-1.03 rad, and rows
+# 1.3-3.8 rad; text prompts here are under 150 tokens, so no frequency needs to be slower.
+ROPE_THETA = 32.0
 WINDOW = 4 * TOKEN_PIXELS  # window attention over 4x4 tokens (8x8 patches), as Qwen2.5-VL's 112px / 14px
 SPECIAL_TOKENS = ("<pad>", "<|im_end|>", "<|im_start|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
                   "<|video_pad|>")
@@ -75,7 +81,7 @@ def build_qwen_testbed_model(tokenizer: PreTrainedTokenizerFast, size: TestbedSi
             "num_key_value_heads": size.text_heads, "vocab_size": len(tokenizer), "max_position_embeddings": 512,
             "pad_token_id": tokenizer.pad_token_id, "bos_token_id": None, "eos_token_id": tokenizer.eos_token_id,
             "tie_word_embeddings": False,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "mrope_section": mrope}}
+            "rope_parameters": {"rope_type": "default", "rope_theta": ROPE_THETA, "mrope_section": mrope}}
     # The tower's SwiGLU MLP is as wide as Qwen2.5-VL-7B's (3420 / 1280), which costs what a 4x GELU MLP does.
     vision = {"depth": size.vision_layers, "hidden_size": size.vision_hidden, "num_heads": size.vision_heads,
               "intermediate_size": size.vision_hidden * 3420 // 1280, "out_hidden_size": size.text_hidden,

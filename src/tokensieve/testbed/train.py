@@ -31,6 +31,7 @@ from tokensieve.data.synthetic import FAMILIES, SPLIT_SEEDS
 from tokensieve.testbed.llava_family import LlavaTestbed
 from tokensieve.testbed.mention_probe import MentionProbe
 from tokensieve.testbed.model import TestbedSize
+from tokensieve.testbed.position_probe import VisualPositionProbe
 from tokensieve.testbed.qwen_family import QwenTestbed
 
 STATE_FILE = "train_state.pt"
@@ -65,6 +66,9 @@ class TestbedTrainConfig:
     mention_layer: int = 4  # LLM hidden state (0 = embeddings) the mention lookups read
     relation_layer: int = 5  # the hidden state the spatial "holds" lookup reads
     mention_weight: float = 1.0
+    # LLM hidden state at which every visual token names its own row and column (None: no such
+    # loss). The Qwen testbed needs it: its tower leaves tokens no absolute place (docs/testbed.md).
+    position_layer: int | None = None
     short_run_share: float = 0.25  # share of batches with shortened image runs
     checkpoint_every: int = 200
     eval_every: int = 1000
@@ -80,6 +84,9 @@ class TestbedTrainConfig:
             raise TokensieveError(
                 f"mention_layer {self.mention_layer} and relation_layer {self.relation_layer} must satisfy "
                 f"1 <= mention_layer <= relation_layer <= {self.size.text_layers} (the LLM's layers)")
+        if self.position_layer is not None and not 1 <= self.position_layer <= self.mention_layer:
+            raise TokensieveError(f"position_layer {self.position_layer} must satisfy 1 <= position_layer <= "
+                                  f"mention_layer ({self.mention_layer}): the lookups read the places it trains")
 
 
 def lr_at(step: int, total: int, peak: float, floor: float, warmup: int) -> float:
@@ -131,6 +138,8 @@ class _Run:
         self.probe = self.testbed.tower_probe(cfg.size)
         grid = self.testbed.scenes.grid
         self.mentions = MentionProbe(cfg.size.text_hidden, grid, cfg.mention_layer, cfg.relation_layer)
+        self.positions = (None if cfg.position_layer is None
+                          else VisualPositionProbe(cfg.size.text_hidden, grid, cfg.position_layer))
         self.state = {"stage": "tower", "step": 0, "elapsed_s": 0.0}
         self.saved_optimizer = None
         self.state_path = out / STATE_FILE
@@ -144,6 +153,8 @@ class _Run:
                 self.model.load_state_dict(saved["model"])
                 self.probe.load_state_dict(saved["probe"])
                 self.mentions.load_state_dict(saved["mentions"])
+                if self.positions is not None:
+                    self.positions.load_state_dict(saved["positions"])
                 self.state, self.saved_optimizer = saved["state"], saved["optimizer"]
             except Exception as err:  # any unreadable state means the same thing to the user
                 raise _cannot_resume(self.state_path, err) from None
@@ -155,6 +166,7 @@ class _Run:
         self.state["elapsed_s"] = time.time() - self.started
         atomic_torch_save({"model": self.model.state_dict(), "probe": self.probe.state_dict(),
                            "mentions": self.mentions.state_dict(),
+                           "positions": None if self.positions is None else self.positions.state_dict(),
                            "state": self.state, "optimizer": optimizer.state_dict(),
                            "config": asdict(self.cfg)}, self.state_path)
 
@@ -207,6 +219,8 @@ class _Run:
         if self.state["step"] == 0:
             testbed.init_projector(model, self.probe)
         rest += list(self.mentions.parameters())
+        if self.positions is not None:
+            rest += list(self.positions.parameters())
         trainable = rest + projector
         opt = self.optimizer([{"params": rest, "peak": cfg.llm_lr}, {"params": projector, "peak": cfg.projector_lr}],
                              cfg.llm_lr, cfg.llm_weight_decay)
@@ -223,10 +237,18 @@ class _Run:
                 group["lr"] = lr_at(self.state["step"], cfg.llm_steps, group["peak"],
                                     group["peak"] * cfg.llm_min_lr / cfg.llm_lr, cfg.warmup_steps)
             answers, targets = batch.pop("answer_ids"), batch.pop("mention_targets")
+            # Shortened runs move the image tokens; their places are trained on full runs only.
+            places = (None if self.positions is None or batch["kept"] is not None
+                      else testbed.visual_positions(self.processor, batch))
             out = backbone.forward(**batch, output_hidden_states=True)
             logits = out.logits[:, -1]  # (B, vocab) at the answer slot (prompts are left-padded)
-            mention_loss = self.mentions.loss(out.hidden_states, targets)
+            mention_loss, per_lookup = self.mentions.loss(out.hidden_states, targets)
             loss = F.cross_entropy(logits, answers) + cfg.mention_weight * mention_loss
+            place_stats = {}
+            if places is not None:
+                place_loss, place_stats = self.positions.loss(out.hidden_states, places)
+                loss = loss + place_loss
+                place_stats["position_loss"] = place_loss.item()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -237,7 +259,7 @@ class _Run:
             bar.set_postfix(loss=f"{loss.item():.3f}", mentions=f"{mention_loss.item():.3f}", train_acc=f"{running:.3f}")
             if self.state["step"] % 50 == 0:
                 self.record(loss=loss.item(), mention_loss=mention_loss.item(), train_acc=running,
-                            lr=opt.param_groups[0]["lr"])
+                            lr=opt.param_groups[0]["lr"], lookups=per_lookup, **place_stats)
             if self.state["step"] % cfg.checkpoint_every == 0 or self.state["step"] == cfg.llm_steps:
                 self.save(opt)
             if self.state["step"] % cfg.eval_every == 0 or self.state["step"] == cfg.llm_steps:
