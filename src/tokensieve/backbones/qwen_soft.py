@@ -8,7 +8,8 @@ weight (:func:`~tokensieve.backbones.llama_decoder.soft_key_bias`), through whic
 learns. Positions, the M-RoPE ids, ``rope_deltas`` and Qwen3-VL's DeepStack additions stay what the
 plain model makes (the model adds DeepStack itself: every column is still there). A later stage
 chooses among the tokens still alive, so chained stages combine as in hard mode, and with a binary
-mask the kept columns' outputs equal hard removal's. A mixin of
+mask the kept columns' outputs equal hard removal's. The stages inside the LLM mask in
+:meth:`.row_llm.RowLLMStages._mask_dropped`; this mixin adds ``llm.0``. A mixin of
 :class:`~tokensieve.backbones.qwen_pruning.QwenPruningSession`: it reads the session's ``handle`` and,
 per pass, writes ``visual`` (the alive visual columns of each row), ``origin`` and ``biases``.
 """
@@ -17,15 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from tokensieve.backbones.base import Site
 from tokensieve.backbones.llama_decoder import most_negative, soft_key_bias
-
-
-def masks_nothing(kept: list[torch.Tensor], weights: list[torch.Tensor | None], counts: list[int]) -> bool:
-    """True when a stage's choice keeps every token with no key weights: it then adds no bias, and the
-    layers run exactly as unpruned. kept, weights, counts: per image or row its kept indices, their key
-    weights and its token count."""
-    return all(w is None for w in weights) and all(len(k) == n for k, n in zip(kept, counts))
+from tokensieve.backbones.row_llm import masks_nothing
 
 
 class QwenSoftMasks:
@@ -70,19 +64,3 @@ class QwenSoftMasks:
                 bias[row, columns[alive]] = soft_key_bias(torch.cat(weights), dtype)
                 self.visual[row], self.origin[row] = columns[alive], self.origin[row][alive]
         self.biases.append((0, bias))
-
-    def _mask_dropped(self, site: Site, hidden: torch.Tensor, chosen: list[torch.Tensor],
-                      weights: list[torch.Tensor | None]) -> torch.Tensor:
-        """A stage inside the LLM in soft mode: ``hidden`` ``(B, L, d)`` as it is, and from layer ``k`` on
-        each row's alive visual columns not in ``chosen`` (``(K_b,)`` indices among them) masked as keys,
-        the chosen ones weighted by ``weights`` (``(K_b,)`` key_mask weights, or None: 1)."""
-        if masks_nothing(chosen, weights, [len(c) for c in self.visual]):
-            return hidden
-        dtype = hidden.dtype
-        bias = hidden.new_zeros(hidden.shape[:2])
-        for row, (columns, kept, weight) in enumerate(zip(self.visual, chosen, weights)):
-            bias[row, columns] = most_negative(dtype)
-            bias[row, columns[kept]] = 0.0 if weight is None else soft_key_bias(weight, dtype)
-        self.biases.append((site.layer, bias))
-        self.visual = [columns[kept] for columns, kept in zip(self.visual, chosen)]
-        return hidden

@@ -1,6 +1,6 @@
 """The stages inside the LLM (``llm.k``, ``k >= 1``) of the sessions that choose row by row (Qwen-VL,
 LLaVA-NeXT): visual tokens chosen before decoder layer ``k``, row by row; removed in hard mode
-(below), masked as keys in soft mode (:mod:`.qwen_soft`).
+(below), masked as keys in soft mode (below; ``llm.0`` on Qwen-VL: :mod:`.qwen_soft`).
 
 A row's visual tokens are every placeholder column of its images (several images, any sizes, text
 between them), so rows differ in count: the stage runs its method on each row alone (``SiteInputs``
@@ -31,6 +31,7 @@ from tokensieve.backbones.llama_decoder import (
     own_last_query_attention,
     positions_still_there,
     rotated_keys,
+    soft_key_bias,
 )
 from tokensieve.backbones.qwen_units import refuse_video, units_now
 from tokensieve.backbones.stage_plan import PADDING, row_generator
@@ -41,12 +42,19 @@ LLM_SIGNALS = frozenset({"text_attention", "prev_layer_keys", "normed_states", "
 CAPTURED = frozenset({"text_attention", "prev_layer_keys"})  # read from layer k-1's own q/k
 
 
+def masks_nothing(kept: list[torch.Tensor], weights: list[torch.Tensor | None], counts: list[int]) -> bool:
+    """True when a stage's choice keeps every token with no key weights: it then adds no bias, and the
+    layers run exactly as unpruned. kept, weights, counts: per image or row its kept indices, their key
+    weights and its token count."""
+    return all(w is None for w in weights) and all(len(k) == n for k, n in zip(kept, counts))
+
+
 class RowLLMStages:
     """Hooks and per-pass state of the stages inside the LLM (mixin of a session that chooses row by row)."""
 
     @property
     def soft(self) -> bool:
-        """Stages keep every token and mask the dropped ones as keys (:mod:`.qwen_soft`)."""
+        """Stages keep every token and mask the dropped ones as keys (:meth:`_mask_dropped`)."""
         return self.handle.mode == "soft"
 
     def _register_llm(self) -> None:
@@ -240,6 +248,22 @@ class RowLLMStages:
         self.entering = [entering[kept] for entering, kept in zip(self.entering, chosen)]
         self.question = [moved[row, q] for row, q in enumerate(self.question)]
         return hidden.gather(1, local[..., None].expand(-1, -1, d))
+
+    def _mask_dropped(self, site: Site, hidden: torch.Tensor, chosen: list[torch.Tensor],
+                      weights: list[torch.Tensor | None]) -> torch.Tensor:
+        """A stage inside the LLM in soft mode: ``hidden`` ``(B, L, d)`` as it is, and from layer ``k`` on
+        each row's alive visual columns not in ``chosen`` (``(K_b,)`` indices among them) masked as keys,
+        the chosen ones weighted by ``weights`` (``(K_b,)`` key_mask weights, or None: 1)."""
+        if masks_nothing(chosen, weights, [len(c) for c in self.visual]):
+            return hidden
+        dtype = hidden.dtype
+        bias = hidden.new_zeros(hidden.shape[:2])
+        for row, (columns, kept, weight) in enumerate(zip(self.visual, chosen, weights)):
+            bias[row, columns] = most_negative(dtype)
+            bias[row, columns[kept]] = 0.0 if weight is None else soft_key_bias(weight, dtype)
+        self.biases.append((site.layer, bias))
+        self.visual = [columns[kept] for columns, kept in zip(self.visual, chosen)]
+        return hidden
 
     # --- what a layer receives ----------------------------------------------------------
     def _layer_text_attention(self, k: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
