@@ -106,7 +106,6 @@ def test_bad_inputs_are_one_line(llava_next, next_batch):
 @pytest.mark.parametrize(("method", "budget", "site", "mode", "words"), [
     ("visionzip", 0.5, None, "hard", "LLaVA-NeXT has no projector site: its vision tower runs on crops"),
     ("fastervlm", 0.5, "vision.1", "hard", "LLaVA-NeXT has no vision.1 site"),
-    ("random", 0.5, "llm.0", "soft", "mode 'soft' is not available on LLaVA-NeXT yet"),
     ("sparsevlm", 64, None, "hard", "sparsevlm renumbers positions"),
     (MakesTokens(), 0.5, "llm.0", "hard", "adds tokens of its own, which the LLaVA-NeXT backbone cannot place"),
     ("pyramiddrop", 0.5, None, "hard", "renumbers positions"),

@@ -115,7 +115,6 @@ def test_bad_inputs_are_one_line(onevision, ov_batch):
     ("hired", None, "hard", "hired needs crop_cls_attention, which the LLaVA-OneVision tower"),
     ("random", "projector", "hard", "LLaVA-OneVision has no projector site: its vision tower runs on crops"),
     ("tome", None, "hard", "LLaVA-OneVision has no vision.0 site"),
-    ("random", "llm.0", "soft", "mode 'soft' is not available on LLaVA-OneVision yet"),
     ("sparsevlm", None, "hard", "renumbers positions"),
     ("random", "llm.3", "hard", "llm.3 is past its depth"),
 ])

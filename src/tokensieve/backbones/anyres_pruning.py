@@ -23,7 +23,11 @@ in the image's packed run (newlines counted in the numbering, never listed), the
 The ``llm.0`` budget of an image is split over its base and crops as the handle's ``split`` says
 (:mod:`.anyres_split`: ``all``, ``even``, ``hired``).
 
-``hard`` mode only; methods that make tokens or renumber positions are refused.
+``hard`` mode removes the tokens not chosen; ``soft`` keeps every token in the sequence: ``llm.0`` gives the
+others (a dropped newline too) attention mask 0, so they are never attended to and the positions skip them,
+as in hard mode's shorter prompt; ``llm.k`` masks them as keys from layer ``k`` on
+(:meth:`.row_llm.RowLLMStages._mask_dropped`). Budgets and ``handle.last_kept`` are hard mode's. Methods
+that make tokens or renumber positions are refused, and in soft mode an order of a method's own.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ CLS_READS = (*CLS_SIGNALS, *CROP_SIGNALS)  # signals that exist only on a tower 
 
 class AnyresStagePlan(PerImageStagePlan):
     """The stage plan on LLaVA-NeXT and LLaVA-OneVision: ``llm.0`` (per image) and ``llm.k`` (per row),
-    ``hard`` mode, no tokens a method makes and no renumbered positions; on a tower without CLS
+    ``hard`` or ``soft`` mode, no tokens a method makes and no renumbered positions; on a tower without CLS
     (OneVision's SigLIP) no method reading CLS attention. Budgets are resolved per image or row in each
     pass; at attach a count is checked against the most candidate tokens one image can give
     (:meth:`LlavaNextBackbone.most_image_tokens`)."""
@@ -72,8 +76,6 @@ class AnyresStagePlan(PerImageStagePlan):
         without_cls = self._without_cls(st)
         if without_cls is not None:
             raise without_cls
-        if self.mode == "soft":
-            raise TokensieveError(f"{st}: mode 'soft' is not available on {self.family} yet; use hard")
         if getattr(st.method, "renumbers_positions", False):
             raise TokensieveError(f"{st}: {st.method.name} renumbers positions after a drop, which the {self.family} "
                                   "backbone does not do yet")
@@ -112,6 +114,8 @@ class AnyresPruningSession(PerImageStage, RowLLMStages):
         self.site = LLM0
         self.stage = self.plan.stages.get(LLM0)  # the stage at llm.0, if any
         self.split = handle.split
+        # soft: per image (N_i,) True on the tokens llm.0 chose (and the newlines that enter), for the LLM pass
+        self.soft_alive: list[torch.Tensor] | None = None
         check_split(self.split, self.plan.stages)
         self.llm_stages = {site: st for site, st in self.plan.stages.items() if site != LLM0}
         self._projector_inputs: list[torch.Tensor] = []  # per tower pass (images, then videos): (crops, g*g, d_v)
@@ -195,6 +199,9 @@ class AnyresPruningSession(PerImageStage, RowLLMStages):
             kept = [c[valid_indices(sel)] if sel.order is None else c[valid_indices(sel)][sel.order[0]]
                     for c, sel in zip(candidates, chosen)]
             ordered = [sel.order is not None for sel in chosen]
+            if self.soft and any(ordered):
+                raise TokensieveError(f"{self.stage.method.name} at llm.0: in soft mode every token stays in place, "
+                                      "so an order of the method's own cannot be kept; use hard mode")
         else:
             for i, kind in enumerate(kinds):
                 if kind == "video":
@@ -251,11 +258,23 @@ class AnyresPruningSession(PerImageStage, RowLLMStages):
         left out of the candidates. ``SiteInputs.units`` shows each row's unit as its layout's ``unit()``:
         an image as one frame of one row of its packed run's positions (an anyres image is not one grid,
         its :class:`AnyresLayout` says where each position lies), a video as its frames of pooled grids."""
+        alive, self.soft_alive = self.soft_alive, None
+        if alive is not None:  # the columns soft llm.0 masks (attention mask 0) still belong to their runs
+            attention_mask = attention_mask.bool() | (input_ids == self.bb.image_token_id)
+            if self.bb.video_token_id is not None:
+                attention_mask |= input_ids == self.bb.video_token_id
         candidates = [~layout.is_newline.to(run.device)[run] for run, layout in zip(runs, layouts)]
         units = [[layout.unit(input_ids.device)] for layout in layouts]
         super().begin_llm_pass(input_ids, attention_mask, [run[c] for run, c in zip(runs, candidates)], units)
         self.visual = [columns[c] for columns, c in zip(self.visual, candidates)]
         self.entering = [torch.arange(len(columns), device=input_ids.device) for columns in self.visual]
+        if alive is not None:  # soft llm.0: only the chosen tokens stay candidates
+            chosen = [a.to(input_ids.device)[run][c] for a, run, c in zip(alive, runs, candidates)]
+            self.visual = [columns[k] for columns, k in zip(self.visual, chosen)]
+            self.origin = [origin[k] for origin, k in zip(self.origin, chosen)]
+
+    def _begin_soft(self, dtype: torch.dtype) -> None:
+        """Nothing to add: soft ``llm.0`` masks through the attention mask (:attr:`soft_alive`)."""
 
 
 def valid_indices(sel: Selection) -> torch.Tensor:

@@ -13,7 +13,7 @@ the base grid, then the unpadded canvas of the crops with one newline token afte
 The adapter runs the model as it runs itself - one tower pass over every crop of the batch and the
 model's own packing (``get_image_features``) - but assembles the LLM input itself
 (:func:`~tokensieve.backbones.llava_assembly.assemble_rows`), so fewer visual tokens than placeholders
-can enter the LLM. Sites (the session is :mod:`tokensieve.backbones.anyres_pruning`, hard mode):
+can enter the LLM. Sites (the session is :mod:`tokensieve.backbones.anyres_pruning`, hard or soft mode):
 
 * ``llm.0``: the packed run of each image, chosen per image (a ratio: that share of the image's
   tokens; a count: that many of every image);
@@ -262,12 +262,17 @@ class LlavaNextBackbone:
         if session is not None and session.stage is not None:
             questions = None if self.processor is None else (lambda: self._questions(input_ids, layout))
             kept = session.choose(features, layouts, (input_ids, layout.question_mask), questions)
+            if session.soft:  # every token stays; the others get attention mask 0 (positions skip them)
+                session.soft_alive = [torch.zeros(n, dtype=torch.bool, device=k.device).index_fill(0, k, True)
+                                      for n, k in zip(counts, kept)]
+                kept = None
         if kept is not None:
             features = [f[k.to(f.device)] for f, k in zip(features, kept)]
         starts = torch.tensor([row[0].start for row in layout.runs], device=input_ids.device)
+        alive = None if session is None or session.soft_alive is None else torch.cat(session.soft_alive)
         inputs = assemble_rows(self.model.get_input_embeddings(), input_ids, attention_mask, starts,
                                torch.tensor(counts, device=input_ids.device), features, self.image_token_id,
-                               self.config.text_config.pad_token_id)
+                               self.config.text_config.pad_token_id, alive)
         if session is not None:
             runs = [torch.arange(n, device=input_ids.device) for n in counts] if kept is None else \
                 [k.to(input_ids.device) for k in kept]

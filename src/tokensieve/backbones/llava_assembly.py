@@ -39,8 +39,8 @@ def assemble_rows(embedding: nn.Module, input_ids: torch.Tensor, attention_mask:
     embedding: the LLM's input embeddings. input_ids, attention_mask: ``(B, L)`` prompts with full
     placeholder runs. image_start, image_count: ``(B,)`` each row's run (first column, length).
     image_embeds: ``(B, M, d)`` or one ``(M_b, d)`` per row (rows may keep different counts).
-    image_alive: optional ``(B, M)`` (soft mode): False for visual tokens that stay in the run with
-    attention mask 0 (their positions skipped).
+    image_alive: optional ``(B, M)``, or the rows' ``(M_b,)`` one after the other (soft mode): False for
+    visual tokens that stay in the run with attention mask 0 (their positions skipped).
     Positions follow the attention mask (``cumsum - 1``), as ``generate()`` computes them, so a row
     gives the same result alone or in a padded batch.
     """
