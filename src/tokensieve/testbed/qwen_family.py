@@ -6,7 +6,9 @@ patch merger's RMSNorm (``merger.ln_q``): each of a token's 2x2 patches carries 
 labels. No presence loss (there is no CLS token) and no row or column labels (the tower has no
 absolute positions to read them from); docs/testbed.md says why.
 Stage 2 runs the adapter's own forward (:class:`QwenVLBackbone`: M-RoPE ids from the full prompt,
-shortened image runs kept at their positions), so training sees exactly what inference sees.
+shortened image runs kept at their positions), so training sees exactly what inference sees. The
+places the tower cannot give are learnt in the LLM instead: the recipe trains with ``position_layer=2``
+(:mod:`.position_probe`; :meth:`QwenTestbed.visual_positions` gives its targets).
 """
 
 from __future__ import annotations
