@@ -50,13 +50,6 @@ def test_the_qwen_demo_config_is_the_documented_one():
     assert demo_config(name=QWEN_DEMO_CONFIG) == load_config(TwoStageConfig, REPO / "configs" / QWEN_DEMO_CONFIG)
 
 
-def test_the_qwen_demo_needs_a_qwen_testbed_in_one_line(capsys):
-    assert main(["demo", "--backbone", "qwen", "--out", "never-written"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("tokensieve: error: --backbone qwen needs --model DIR") and len(err.strip().splitlines()) == 1
-    assert "tokensieve testbed train --backbone qwen" in err and not Path("never-written").exists()
-
-
 def test_qwen_demo_compares_what_runs_on_qwen_per_image_and_pictures_each_image(tmp_path, capsys):
     model = save_untrained_qwen_testbed(tmp_path / "testbed")
     out = tmp_path / "demo"

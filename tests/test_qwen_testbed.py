@@ -87,10 +87,11 @@ def test_a_llava_state_is_not_resumed_as_a_qwen_testbed(tmp_path):
         train_module._Run(cut, TrainConfig(**QWEN_TINY), resume=True)
 
 
-def test_qwen_eval_without_a_model_is_one_line(capsys):
-    assert main(["testbed", "eval", "--backbone", "qwen"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "--backbone qwen needs --model DIR" in err and "\n" not in err
+def test_qwen_eval_without_a_model_checks_the_shipped_qwen_testbed(capsys):
+    assert main(["testbed", "eval", "--backbone", "qwen", "--samples", "20", "--batch-size", "20", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n_samples"] == 20 and report["visual_tokens_per_size"] == {"64x64": 64, "64x80": 80, "80x72": 90,
+                                                                              "80x80": 100}
 
 
 def test_testbed_train_takes_the_qwen_backbone(tmp_path, monkeypatch):

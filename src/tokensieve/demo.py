@@ -4,7 +4,7 @@ Train the two-stage pruner briefly, then measure it, every training-free method 
 object oracle at three budgets in ``hard`` mode next to the unpruned model, and write the
 report with its plots. The pruner's centres are the methods' budgets: at each value it sends
 as many tokens into the LLM as each method keeps at its site. About 5 minutes on 2 CPU cores.
-With ``backbone="qwen"`` the same on a Qwen testbed given as ``model`` (none ships yet), from
+With ``backbone="qwen"`` the same on the shipped Qwen2.5-VL testbed (or one given as ``model``), from
 ``configs/two_stage_qwen_testbed.yaml``: budgets are shares of each image's tokens.
 """
 
@@ -15,10 +15,10 @@ from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
 
-from tokensieve.version import __version__
 from tokensieve.attach import attach
 from tokensieve.backbones import LlavaBackbone
 from tokensieve.backbones.hf_qwen import QwenVLBackbone
+from tokensieve.backbones.shipped import shipped_testbed
 from tokensieve.config import load_config
 from tokensieve.errors import TokensieveError
 from tokensieve.evaluate.accuracy import compare_methods
@@ -31,6 +31,7 @@ from tokensieve.methods import list_methods, method_class
 from tokensieve.pruner import TwoStagePruner
 from tokensieve.train.trainer import train_two_stage
 from tokensieve.train.two_stage_config import TwoStageConfig
+from tokensieve.version import __version__
 
 DEMO_CONFIG = "two_stage_testbed.yaml"
 QWEN_DEMO_CONFIG = "two_stage_qwen_testbed.yaml"
@@ -72,7 +73,7 @@ def run_demo(out: str | Path | None = None, overrides: list[str] = (), samples: 
     command after an interruption and finished work is kept).
     budgets: the methods' budgets, and the same values as the pruner's centres.
     testbed: ``"llava"`` (the shipped testbed unless ``model=`` is overridden) or ``"qwen"``
-    (``configs/two_stage_qwen_testbed.yaml``; ``overrides`` must give ``model=DIR``).
+    (``configs/two_stage_qwen_testbed.yaml``; the shipped Qwen testbed unless ``model=`` is overridden).
     """
     if out is None:
         out = default_folder()
@@ -83,8 +84,8 @@ def run_demo(out: str | Path | None = None, overrides: list[str] = (), samples: 
     out = Path(out)
     qwen = testbed == "qwen"
     cfg = demo_config(overrides, QWEN_DEMO_CONFIG if qwen else DEMO_CONFIG)
-    if qwen and cfg.model is None:
-        raise TokensieveError("the Qwen demo needs the Qwen testbed's folder (model=DIR): none ships yet")
+    if qwen and cfg.model is None:  # the shipped Qwen testbed; the trainer's default is the LLaVA one
+        cfg.model = str(shipped_testbed("qwen"))
     run = out / "pruner"
     train_two_stage(cfg, run, resume=True, progress=progress)
     backbone = (QwenVLBackbone if qwen else LlavaBackbone).from_pretrained(cfg.model)

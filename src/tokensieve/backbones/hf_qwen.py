@@ -62,6 +62,7 @@ from tokensieve.backbones.qwen_units import (
     visual_units,
 )
 from tokensieve.backbones.row_llm import LLM_SIGNALS
+from tokensieve.backbones.shipped import shipped_testbed
 from tokensieve.devices import require_device
 from tokensieve.errors import TokensieveError
 
@@ -92,15 +93,16 @@ class QwenVLBackbone:
         self.sessions: list[QwenPruningSession] = []  # attached pruning sessions (tokensieve.attach)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, dtype: torch.dtype | None = None,
+    def from_pretrained(cls, name_or_path: str | Path | None = None, dtype: torch.dtype | None = None,
                         device: str | torch.device = "cpu") -> QwenVLBackbone:
-        """Load a hub id or a local folder holding a Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint.
+        """Load a hub id or a local folder holding a Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint (None: the
+        shipped Qwen2.5-VL testbed).
 
         Weights are read safely and completely (:mod:`tokensieve.backbones.hf_checkpoint`); the
         processor's image processor is the PIL one, the same with or without torchvision.
         """
         require_device(device)
-        name = str(name_or_path)
+        name = str(name_or_path or shipped_testbed("qwen"))
         model = load_qwen_weights(name, dtype)
         return cls(*model_and_processor(model, name, device, image_processor_apart=True))
 

@@ -9,10 +9,6 @@ import json
 from tokensieve.cli_args import out_folder, positive_int
 from tokensieve.errors import TokensieveError
 
-# Why a Qwen testbed must be given, and how to make one.
-NO_QWEN_TESTBED = ("no Qwen testbed ships yet (train one with tokensieve testbed train --backbone qwen "
-                   "--tower-batch 16 --out DIR)")
-
 
 def _testbed_train(args: argparse.Namespace) -> None:
     from tokensieve.testbed.model import TestbedSize
@@ -32,8 +28,6 @@ def _testbed_eval(args: argparse.Namespace) -> None:
     from tokensieve.backbones.hf_qwen import QwenVLBackbone
     from tokensieve.testbed.evaluate import evaluate_testbed
 
-    if args.backbone == "qwen" and args.model is None:
-        raise TokensieveError(f"--backbone qwen needs --model DIR: {NO_QWEN_TESTBED}")
     backbone = (QwenVLBackbone if args.backbone == "qwen" else LlavaBackbone).from_pretrained(args.model)
     if backbone.processor is None:
         raise TokensieveError(f"{args.model} has no processor files; the testbed evaluation needs one")
@@ -76,9 +70,9 @@ def add(sub) -> None:
 
     ev = testbed.add_parser("eval", help="accuracy and the controls that make the testbed trustworthy")
     ev.add_argument("--backbone", choices=("llava", "qwen"), default="llava",
-                    help="the checkpoint's architecture (qwen: a Qwen2.5-VL testbed, --model required)")
+                    help="the checkpoint's architecture (qwen: a Qwen2.5-VL testbed, the shipped one by default)")
     ev.add_argument("--model", default=None,
-                    help="checkpoint folder or hub id (default: the shipped LLaVA testbed)")
+                    help="checkpoint folder or hub id (default: the shipped testbed of --backbone)")
     ev.add_argument("--samples", type=positive_int, default=1000, help="held-out samples")
     ev.add_argument("--batch-size", type=positive_int, default=64, help="samples per forward pass (default 64)")
     ev.add_argument("--json", action="store_true", help="print the report as JSON")

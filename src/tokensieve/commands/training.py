@@ -7,7 +7,6 @@ import argparse
 from pathlib import Path
 
 from tokensieve.cli_args import comma_list, non_negative_int, out_folder, positive_int
-from tokensieve.commands.testbed import NO_QWEN_TESTBED
 from tokensieve.errors import TokensieveError
 
 
@@ -20,8 +19,6 @@ def _demo(args: argparse.Namespace) -> None:
         raise TokensieveError("--budget needs ratios (0.33) or counts (64)")
     for budget in budgets:  # before training, which a bad budget would otherwise end after
         Budget.parse(budget)
-    if args.backbone == "qwen" and args.model is None:
-        raise TokensieveError(f"--backbone qwen needs --model DIR: {NO_QWEN_TESTBED}")
     overrides = [*args.set, *([f"model={args.model}"] if args.model is not None else [])]
     out = run_demo(args.out, overrides, samples=args.samples, budgets=budgets,
                    timing_samples=args.timing_samples, testbed=args.backbone)
@@ -52,10 +49,10 @@ def add(sub) -> None:
     demo.add_argument("--out", type=out_folder, default=None,
                       help="folder (default: a new tokensieve-demo-<date> folder)")
     demo.add_argument("--backbone", choices=("llava", "qwen"), default="llava",
-                      help="the testbed: LLaVA-1.5 (default, shipped) or Qwen2.5-VL (--model required; "
+                      help="the shipped testbed: LLaVA-1.5 (default) or Qwen2.5-VL ("
                            "configs/two_stage_qwen_testbed.yaml)")
     demo.add_argument("--model", default=None,
-                      help="the testbed's checkpoint folder (default: the shipped LLaVA testbed; same as --set model=DIR)")
+                      help="the testbed's checkpoint folder (default: --backbone's shipped one; as --set model=DIR)")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a key of the packaged two_stage_testbed.yaml (two_stage_qwen_testbed.yaml "
                            "with --backbone qwen) (repeatable)")
