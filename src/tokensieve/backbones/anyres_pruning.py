@@ -260,9 +260,7 @@ class AnyresPruningSession(PerImageStage, RowLLMStages):
         its :class:`AnyresLayout` says where each position lies), a video as its frames of pooled grids."""
         alive, self.soft_alive = self.soft_alive, None
         if alive is not None:  # the columns soft llm.0 masks (attention mask 0) still belong to their runs
-            attention_mask = attention_mask.bool() | (input_ids == self.bb.image_token_id)
-            if self.bb.video_token_id is not None:
-                attention_mask |= input_ids == self.bb.video_token_id
+            attention_mask = attention_mask.bool() | (input_ids == self.bb.image_token_id)  # videos' too, assembled
         candidates = [~layout.is_newline.to(run.device)[run] for run, layout in zip(runs, layouts)]
         units = [[layout.unit(input_ids.device)] for layout in layouts]
         super().begin_llm_pass(input_ids, attention_mask, [run[c] for run, c in zip(runs, candidates)], units)
@@ -272,9 +270,6 @@ class AnyresPruningSession(PerImageStage, RowLLMStages):
             chosen = [a.to(input_ids.device)[run][c] for a, run, c in zip(alive, runs, candidates)]
             self.visual = [columns[k] for columns, k in zip(self.visual, chosen)]
             self.origin = [origin[k] for origin, k in zip(self.origin, chosen)]
-
-    def _begin_soft(self, dtype: torch.dtype) -> None:
-        """Nothing to add: soft ``llm.0`` masks through the attention mask (:attr:`soft_alive`)."""
 
 
 def valid_indices(sel: Selection) -> torch.Tensor:

@@ -109,6 +109,13 @@ class QwenPruningSession(PerImageStage, RowLLMStages, QwenDeepStack, QwenSoftMas
         if self in self.bb.sessions:
             self.bb.sessions.remove(self)
 
+    def begin_llm_pass(self, *args, **kwargs) -> None:
+        """:meth:`.row_llm.RowLLMStages.begin_llm_pass`, then in soft mode ``llm.0``'s key biases
+        (:meth:`_begin_soft`)."""
+        super().begin_llm_pass(*args, **kwargs)
+        if self.soft:
+            self._begin_soft(self.bb.model.dtype)
+
     def _capture_merger_input(self, _merger, args, _output) -> None:
         if self.handle.active:
             self._merger_inputs.append(args[0])

@@ -98,8 +98,6 @@ class RowLLMStages:
         self.drops: list = []
         self._adjusted: dict = {}
         self.biases: list = []  # soft: (layer, (B, L) additive key bias)
-        if self.soft:
-            self._begin_soft(self.bb.model.dtype)
 
     # --- hooks --------------------------------------------------------------------------
     def _remember_attention_kwargs(self, attn, _args, kwargs):
