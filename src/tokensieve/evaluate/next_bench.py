@@ -23,6 +23,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNe
 from tokensieve.backbones.anyres_layout import AnyresLayout, anyres_layout
 from tokensieve.backbones.base import Site
 from tokensieve.backbones.hf_llava_next import LlavaNextBackbone
+from tokensieve.evaluate.bench_question import ClipTextSize
 from tokensieve.evaluate.flops import prefill_flops
 from tokensieve.evaluate.next_bounds import native_next_prefill, next_native_plan
 from tokensieve.evaluate.speed import build_random
@@ -48,11 +49,16 @@ class NextBenchShape:
     image_width: int = 672
     text_tokens: int = 40
     vocab: int = 32064
+    clip_text: ClipTextSize = ClipTextSize()  # for methods that read the question through CLIP (CDPruner)
 
     @classmethod
     def llava_next_7b(cls) -> NextBenchShape:
         return cls(llm_layers=32, llm_hidden=4096, llm_heads=32, llm_intermediate=11008,
-                   vision_layers=24, vision_hidden=1024, vision_heads=16)
+                   vision_layers=24, vision_hidden=1024, vision_heads=16, clip_text=ClipTextSize.clip_l())
+
+    @property
+    def projector_input_width(self) -> int:
+        return self.vision_hidden
 
     @property
     def pinpoints(self) -> list[list[int]]:

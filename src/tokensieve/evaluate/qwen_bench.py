@@ -25,6 +25,7 @@ import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from tokensieve.backbones.hf_qwen import QwenVLBackbone
+from tokensieve.evaluate.bench_question import ClipTextSize
 from tokensieve.evaluate.qwen_bounds import native_qwen_prefill, qwen_native_plan
 from tokensieve.evaluate.qwen_flops import qwen_llm_tokens, qwen_prefill_flops
 from tokensieve.evaluate.speed import build_random
@@ -54,13 +55,20 @@ class QwenBenchShape:
     patch_size: int = 14
     text_tokens: int = 40
     vocab: int = 152064
+    clip_text: ClipTextSize = ClipTextSize()  # for methods that read the question through CLIP (CDPruner)
     always_kept: ClassVar[int] = 0  # no image token stays whatever the budget
 
     @classmethod
     def qwen25_vl_7b(cls) -> QwenBenchShape:
         return cls(llm_layers=28, llm_hidden=3584, llm_heads=28, llm_kv_heads=4, llm_intermediate=18944,
                    mrope_section=(16, 24, 24), vision_layers=32, vision_hidden=1280, vision_heads=16,
-                   vision_intermediate=3420, fullatt_blocks=(7, 15, 23, 31))
+                   vision_intermediate=3420, fullatt_blocks=(7, 15, 23, 31), clip_text=ClipTextSize.clip_l())
+
+    @property
+    def projector_input_width(self) -> int:
+        """The merger's input: 2 x 2 patches of the tower's width. No CLIP is that wide; a method reading CLIP
+        patch embeddings (CDPruner) gets a random projection from it."""
+        return 4 * self.vision_hidden
 
     @property
     def grid(self) -> tuple[int, int, int]:

@@ -43,7 +43,9 @@ from transformers import (
 )
 
 from tokensieve.attach import attach
+from tokensieve.methods import create_method
 from tokensieve.backbones import LlavaBackbone
+from tokensieve.evaluate.bench_question import ClipTextSize, bench_clip_encoder, question_processor
 from tokensieve.evaluate.compiled import compiled_forwards, first_call_seconds
 from tokensieve.evaluate.decode_speed import decode_figures
 from tokensieve.evaluate.flops import TokenCounts, prefill_flops, token_counts
@@ -79,12 +81,17 @@ class BenchShape:
     patch_size: int = 14  # 24 x 24 = 576 visual tokens, as LLaVA-1.5
     text_tokens: int = 40
     vocab: int = 32064
+    clip_text: ClipTextSize = ClipTextSize()  # for methods that read the question through CLIP (CDPruner)
     always_kept: ClassVar[int] = 0  # no image token stays whatever the budget
 
     @classmethod
     def llava7b(cls) -> BenchShape:
         return cls(llm_layers=32, llm_hidden=4096, llm_heads=32, llm_intermediate=11008,
-                   vision_layers=24, vision_hidden=1024, vision_heads=16)
+                   vision_layers=24, vision_hidden=1024, vision_heads=16, clip_text=ClipTextSize.clip_l())
+
+    @property
+    def projector_input_width(self) -> int:
+        return self.vision_hidden
 
     @property
     def n_visual(self) -> int:
@@ -124,6 +131,9 @@ class SpeedShape(Protocol):
     text_tokens: int
     always_kept: int  # of n_visual, those every prompt keeps whatever the budget (LLaVA-NeXT's newlines)
     llm_hidden: int
+    vocab: int
+    clip_text: ClipTextSize  # the CLIP text tower of methods that read the question through CLIP
+    projector_input_width: int
 
     def build(self, dtype: torch.dtype, device: str): ...  # the backbone adapter of a random model
     def inputs(self, batch: int) -> dict[str, torch.Tensor]: ...  # the adapter's forward arguments, on the CPU
@@ -199,6 +209,7 @@ def speed_benchmark(shape: SpeedShape = BenchShape(), methods: tuple[str | dict,
         torch.set_num_threads(threads)
     torch.manual_seed(0)
     backbone = shape.build(dtype, device)
+    backbone.processor = question_processor(shape.vocab)  # the question as text, for methods that read it
     native = type(backbone)(hook_free_twin(backbone.model))  # the same weights, never hooked
     inputs = {k: v.to(device) for k, v in shape.inputs(batch).items()}
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
@@ -211,7 +222,8 @@ def speed_benchmark(shape: SpeedShape = BenchShape(), methods: tuple[str | dict,
     rows = []
     cases = [(m, b) for m in methods for b in budgets]
     for spec, budget in tqdm(cases, desc="speed", unit="case", disable=not progress):
-        handle = attach(backbone, spec, budget, site=site, mode="hard")  # at the method's own site(s) by default
+        method = with_clip_encoder(create_method(spec), shape, device)
+        handle = attach(backbone, method, budget, site=site, mode="hard")  # at the method's own site(s) by default
         acted_at = handle.stages[0].site
 
         def full_prefill():
@@ -250,6 +262,14 @@ def speed_benchmark(shape: SpeedShape = BenchShape(), methods: tuple[str | dict,
             row["compile_s"] = {k: round(v, 2) for k, v in first.items()}
         rows.append(row | decoding)
     return rows
+
+
+def with_clip_encoder(method, shape: SpeedShape, device: str):
+    """``method``, given a random CLIP text encoder of the shape's size if it reads the question through CLIP
+    and was given no checkpoint of its own (CDPruner without ``text_encoder``)."""
+    if getattr(method, "encoder", False) is None and getattr(method, "text_encoder", None) is None:
+        method.encoder = bench_clip_encoder(shape.clip_text, shape.projector_input_width, device)
+    return method
 
 
 def native_llm_reference(shape: SpeedShape, kept_counts: list[int], repeats: int = 7, device: str = "cpu",
