@@ -174,7 +174,7 @@ class SiteInputs:
         embeddings before the LLM, its hidden states at an LLM layer), padded on the left."""
         if self.question_states is None:
             raise TokensieveError(f"the question is not available at {self.site}: run the model through "
-                                  "LlavaBackbone.forward or .generate")
+                                  "the backbone's forward or generate")
         return self.question_states()
 
 

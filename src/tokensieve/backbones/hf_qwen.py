@@ -257,7 +257,8 @@ class QwenVLBackbone:
             questions = None if self.processor is None else (
                 lambda: image_questions(self.processor.tokenizer, input_ids, layout))
             tower_grids = [g for g in (image_grid_thw, video_grid_thw) if g is not None]
-            kept, values = session.choose(features.pooler_output, units, tower_grids, layout.kinds, questions)
+            kept, values = session.choose(features.pooler_output, units, tower_grids, layout.kinds, questions,
+                                          lambda unit: self._question_states(input_ids, layout, unit))
             if session.soft:  # every token stays; the session masks the dropped ones as keys
                 features, kept = session.soft_features(features, kept, values), None
         stays = attention_mask.bool().clone()
@@ -279,6 +280,12 @@ class QwenVLBackbone:
                                    row_origins(layout.units, counts, kept, input_ids.device), units, exclude)
             features = session.take_deepstack(features, layout.units)
         return QwenInputs(shrunk.input_ids, shrunk.attention_mask, shrunk.position_ids, features, layout.kinds)
+
+    def _question_states(self, input_ids: torch.Tensor, layout, unit: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(states (1, T, d), valid (1, T))``: the input embeddings of the question of visual unit ``unit``'s row."""
+        row = next(b for b, runs in enumerate(layout.runs) if any(run.unit == unit for run in runs))
+        ids = input_ids[row][layout.question_mask[row]][None]
+        return self.model.get_input_embeddings()(ids), torch.ones_like(ids, dtype=torch.bool)
 
     def forward(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, kept=None,
                 mm_token_type_ids=None, pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None,

@@ -134,7 +134,8 @@ class QwenPruningSession(PerImageStage, RowLLMStages, QwenDeepStack, QwenSoftMas
         return get
 
     def choose(self, pooled: tuple[torch.Tensor, ...], units: list[list[VisualUnit]], tower_grids: list[torch.Tensor],
-               kinds: list[str], questions: Callable[[], list[str]] | None = None
+               kinds: list[str], questions: Callable[[], list[str]] | None = None,
+               question_states: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None
                ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
         """The stage's choice for every visual unit (image or video) of the batch, each a row of its own.
 
@@ -143,6 +144,8 @@ class QwenPruningSession(PerImageStage, RowLLMStages, QwenDeepStack, QwenSoftMas
         the batch's tower passes (images, then videos); kinds: per unit ``"image"`` or ``"video"``.
         questions: a function giving each unit's question as text (its row's), for methods that
         read it (CDPruner); None when the adapter has no processor to decode it with.
+        question_states: a function giving unit ``i``'s question (its row's) as ``(1, T, d)`` input
+        embeddings and ``(1, T)`` validity, for methods that read it (the learned pruner's heads).
         Returns per unit the kept indices ``(K_i,)`` (increasing) and the values the method gives
         the kept tokens ``(K_i, d)`` (None: the tokens as they are). Records counts (rows: images)
         and ``handle.last_kept``, and in ``llm0_key_masks`` the ``(K_i,)`` key weights a method gives
@@ -158,7 +161,8 @@ class QwenPruningSession(PerImageStage, RowLLMStages, QwenDeepStack, QwenSoftMas
             refuse_video(self.stage, every[i:i + 1], f"unit {i} (images and videos in prompt order)")
             if tower is not None:
                 signals.update({name: lambda name=name: tower()[name][i][None] for name in TOWER_SIGNALS})
-            return {"signals": signals, "question_text": question_of(i), "units": [[every[i]]]}
+            states = None if question_states is None else (lambda: question_states(i))
+            return {"signals": signals, "question_states": states, "question_text": question_of(i), "units": [[every[i]]]}
 
         chosen = self.choose_each(pooled, inputs, [unit.kind for unit in every])
         kept = [sel.indices[0] for sel in chosen]
