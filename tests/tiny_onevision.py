@@ -92,17 +92,17 @@ def image(size: str, seed: int = 0) -> Image.Image:
     return random_image(*IMAGE_SIZES[size], seed)
 
 
-def video(seed: int = 0) -> np.ndarray:
-    """A random video of :data:`VIDEO_SHAPE`: ``(frames, height, width, 3)`` uint8."""
-    return random_video(*VIDEO_SHAPE, seed)
+def video(seed: int = 0, frames: int = VIDEO_SHAPE[0]) -> np.ndarray:
+    """A random video of ``frames`` frames of :data:`VIDEO_SHAPE`'s size: ``(frames, height, width, 3)`` uint8."""
+    return random_video(frames, *VIDEO_SHAPE[1:], seed)
 
 
-def inputs(processor, rows, first: int = 0) -> dict:
+def inputs(processor, rows, first: int = 0, frames: int = VIDEO_SHAPE[0]) -> dict:
     """Processor inputs of ``rows`` ``(question, image size or "video")``, left-padded; row ``b``'s image
-    is ``image(size, seed=first + b)``, its video ``video(seed=first + b)`` (``first``: a row's index in
+    is ``image(size, seed=first + b)``, its video ``video(seed=first + b, frames)`` (``first``: a row's index in
     its list, to ask it alone)."""
     images = [image(v, seed=first + b) for b, (_, v) in enumerate(rows) if v != "video"]
-    videos = [video(seed=first + b) for b, (_, v) in enumerate(rows) if v == "video"]
+    videos = [video(seed=first + b, frames=frames) for b, (_, v) in enumerate(rows) if v == "video"]
     texts = [prompt(q, "video" if v == "video" else "image") for q, v in rows]
     return dict(processor(images=images or None, videos=videos or None, text=texts, return_tensors="pt",
                           padding=True))

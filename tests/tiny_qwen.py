@@ -119,22 +119,23 @@ def image(size: str, seed: int = 0) -> Image.Image:
     return random_image(*IMAGE_SIZES[size], seed)
 
 
-def video(seed: int = 0) -> np.ndarray:
-    """A random video of :data:`VIDEO_SHAPE`: ``(frames, height, width, 3)`` uint8."""
-    return random_video(*VIDEO_SHAPE, seed)
+def video(seed: int = 0, frames: int = VIDEO_SHAPE[0]) -> np.ndarray:
+    """A random video of ``frames`` frames of :data:`VIDEO_SHAPE`'s size: ``(frames, height, width, 3)`` uint8."""
+    return random_video(frames, *VIDEO_SHAPE[1:], seed)
 
 
-def inputs(qwen, rows, first: int = 0) -> dict:
+def inputs(qwen, rows, first: int = 0, frames: int = VIDEO_SHAPE[0]) -> dict:
     """Processor inputs of ``rows`` for the adapter ``qwen``, each row ``(question, [visuals])``, a visual an
     image size of :data:`IMAGE_SIZES` or ``"video"``, left-padded; with ``first + row index`` as seed, the
-    row's images are ``image(size, seed)``, its videos ``video(seed)`` (2 frames a second: Qwen3-VL's
+    row's images are ``image(size, seed)``, its videos ``video(seed, frames)`` (2 frames a second: Qwen3-VL's
     timestamps, Qwen2.5-VL's seconds per temporal patch)."""
     texts = [prompt("".join(VIDEO if v == "video" else IMAGE for v in visuals) + q, 0, qwen.system_prompt)
              for q, visuals in rows]
     images = [image(v, seed=first + i) for i, (_, visuals) in enumerate(rows) for v in visuals if v != "video"]
-    videos = [video(seed=first + i) for i, (_, visuals) in enumerate(rows) for v in visuals if v == "video"]
+    videos = [video(seed=first + i, frames=frames) for i, (_, visuals) in enumerate(rows) for v in visuals
+              if v == "video"]
     clips = {} if not videos else {"videos": videos, "video_metadata": [
-        {"fps": 2.0, "total_num_frames": VIDEO_SHAPE[0], "frames_indices": list(range(VIDEO_SHAPE[0]))}] * len(videos)}
+        {"fps": 2.0, "total_num_frames": frames, "frames_indices": list(range(frames))}] * len(videos)}
     return dict(qwen.processor(images=images or None, text=texts, return_tensors="pt", padding=True, **clips))
 
 
