@@ -97,6 +97,21 @@ def test_bench_speed_prints_rows_and_the_native_reference(monkeypatch, capsys):
     assert (out["shape"]["n_visual"], out["shape"]["batch"]) == (MICRO.n_visual, 2)
 
 
+def test_bench_speed_profile_compares_the_pruned_prefill_with_its_bound_op_by_op(monkeypatch, capsys):
+    monkeypatch.setattr(speed, "BenchShape", lambda: MICRO)
+    assert main(["bench", "speed", "--method", "fastv", "--budget", "0.5", "--repeats", "1", "--profile"]) == 0
+    assert "the operators differing most" in capsys.readouterr().out
+    row, = speed_benchmark(MICRO, ("fastv",), (0.5,), repeats=1, progress=False, profile=True)
+    profiled = row["op_profile"]
+    assert profiled["pruned_ms"] > 0 and profiled["bound_ms"] > 0 and 0 < len(profiled["ops"]) <= 12
+    extra = [abs(op["extra_ms"]) for op in profiled["ops"]]
+    assert extra == sorted(extra, reverse=True)  # the largest differences first
+    for op in profiled["ops"]:
+        assert op["extra_ms"] == pytest.approx(op["pruned_ms"] - op["bound_ms"], abs=2e-3)
+    names = {op["op"] for op in profiled["ops"]}
+    assert any(name.startswith("aten::") for name in names)
+
+
 def test_bench_train_times_real_training_steps_on_a_random_model_of_the_shape(monkeypatch, capsys):
     monkeypatch.setattr(speed, "BenchShape", lambda: replace(MICRO, image_size=112))  # 8 x 8: room for scenes
     args = ["bench", "train", "--shape", "cpu", "--device", "cpu", "--steps", "2", "--set", "pruner.pruning_layers=[1,2]",

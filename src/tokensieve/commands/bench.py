@@ -72,7 +72,8 @@ def _bench_speed(args: argparse.Namespace) -> None:
                               "cudagraphs, aot_eager)")
     rows = speed_benchmark(shape, tuple(methods), tuple(budgets), repeats=args.repeats, threads=args.threads,
                            device=args.device, dtype=dtype, progress=not args.json, batch=args.batch,
-                           new_tokens=args.new_tokens, compile_backend=backend, site=args.site)
+                           new_tokens=args.new_tokens, compile_backend=backend, site=args.site,
+                           profile=args.profile)
     kept = sorted({r["visual_tokens_kept"] for r in rows}, reverse=True)
     native = native_llm_reference(shape, kept, repeats=args.repeats, device=args.device, dtype=dtype,
                                   batch=args.batch)
@@ -97,6 +98,8 @@ def _bench_speed(args: argparse.Namespace) -> None:
               f"with the unpruned tower ({n['tower_ms']:.1f} ms) the most a projector-site method could reach: "
               f"{n['projector_site_bound']:.2f}")
     _print_bounds_and_decoding(rows, args.new_tokens)
+    if args.profile:
+        _print_profiles(rows)
 
 
 def _print_bounds_and_decoding(rows: list[dict], new_tokens: int) -> None:
@@ -114,6 +117,15 @@ def _print_bounds_and_decoding(rows: list[dict], new_tokens: int) -> None:
         print(f"{r['method']:10s} {r['site']:9s} {r['budget']:6.2f} {r['native_bound_ms']:8.1f} "
               f"{r['ratio_to_bound']:6.3f} {decode:>23s} {r['decode_ratio_to_short']:6.3f} {kv:>20s} "
               f"{r['kv_ratio_to_short']:6.3f} {whole:>22s}{peak}")
+
+
+def _print_profiles(rows: list[dict]) -> None:
+    """Per row, the operators on which one profiled pruned prefill spends most beyond its native bound."""
+    print("per row: one profiled call of the pruned prefill and of its bound, the operators differing most (ms):")
+    for r in rows:
+        p = r["op_profile"]
+        print(f"{r['method']} @ {r['site']} {r['budget']:.2f}: pruned {p['pruned_ms']:.1f}, bound {p['bound_ms']:.1f}; "
+              + ", ".join(f"{op['op']} {op['extra_ms']:+.1f}" for op in p["ops"][:6]))
 
 
 def _bench_capacity(args: argparse.Namespace) -> None:
@@ -200,6 +212,9 @@ def add(sub) -> None:
                             "(first calls compile, untimed; compile_s per row)")
     speed.add_argument("--compile-backend", default="inductor",
                        help="torch.compile backend with --compile (default inductor; aot_eager needs no C compiler)")
+    speed.add_argument("--profile", action="store_true",
+                       help="also profile one pruned prefill and one of its native bound per row, operator by "
+                            "operator (op_profile: where the pruned one spends more)")
     speed.add_argument("--json", action="store_true", help="print the rows as JSON")
     speed.set_defaults(func=_bench_speed)
 

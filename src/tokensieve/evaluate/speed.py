@@ -49,6 +49,7 @@ from tokensieve.evaluate.bench_question import ClipTextSize, bench_clip_encoder,
 from tokensieve.evaluate.compiled import compiled_forwards, first_call_seconds
 from tokensieve.evaluate.decode_speed import decode_figures
 from tokensieve.evaluate.flops import TokenCounts, prefill_flops, token_counts
+from tokensieve.evaluate.op_profile import profile_pair
 from tokensieve.evaluate.native_bounds import (
     hook_free_twin,
     native_plan,
@@ -200,11 +201,13 @@ def speed_benchmark(shape: SpeedShape = BenchShape(), methods: tuple[str | dict,
                     budgets: tuple[float, ...] = (0.33, 0.22, 0.11), repeats: int = 7, threads: int | None = None,
                     device: str = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True,
                     batch: int = 1, new_tokens: int = 8, compile_backend: str | None = None,
-                    site: str | None = None) -> list[dict]:
+                    site: str | None = None, profile: bool = False) -> list[dict]:
     """One row per (method at its default site, or ``site``, budget ratio), each prefill on ``batch`` prompts
     (on a GPU, batch 1 of eager transformers code can be bound by the host launching kernels),
     and ``new_tokens`` (>= 2) generated for the decoding figures; see the module docstring. A method
-    is a name or a config ``{"name": ..., key: value}`` (:func:`tokensieve.methods.create_method`)."""
+    is a name or a config ``{"name": ..., key: value}`` (:func:`tokensieve.methods.create_method`).
+    profile: each row also gets ``op_profile``, one profiled call of the pruned prefill and of its native
+    bound, operator by operator (:func:`tokensieve.evaluate.op_profile.profile_pair`)."""
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -240,6 +243,7 @@ def speed_benchmark(shape: SpeedShape = BenchShape(), methods: tuple[str | dict,
                     first |= {k: first_call_seconds(variants[k], compile_backend) for k in ("full", "bound")}
                 times = alternating_timings(variants, repeats, sync=sync)
             scoring = scoring_shares(prefill, handle, repeats, sync=sync)
+            profiled = profile_pair(prefill, variants["bound"], sync, device) if profile else None
             kept = handle.last_counts[str(handle.stages[0])][1]
             ideal = shape.ideal_speedup(backbone, handle)
             decoding = decode_figures(backbone, native, inputs, short_kept, new_tokens, repeats, sync)
@@ -260,6 +264,8 @@ def speed_benchmark(shape: SpeedShape = BenchShape(), methods: tuple[str | dict,
             row["params"] = {k: v for k, v in spec.items() if k != "name"}
         if compile_backend:
             row["compile_s"] = {k: round(v, 2) for k, v in first.items()}
+        if profiled:
+            row["op_profile"] = profiled
         rows.append(row | decoding)
     return rows
 
