@@ -259,5 +259,5 @@ def test_eval_sets_method_parameters_with_param(tiny_llava_dir, capsys):
     assert main(["eval", "--model", str(tiny_llava_dir), "--method", "pyramiddrop", "--budget", "0.5",
                  "--param", "pyramiddrop.layers=[1,2]", "--samples", "4", "--timing-samples", "0", "--json"]) == 0
     _, row = json.loads(capsys.readouterr().out)
-    assert row["method"] == "pyramiddrop"
+    assert row["method"] == "pyramiddrop(layers=[1, 2])"  # a row names the parameters it was given
     assert row["visual_tokens_per_stage"] == {"pyramiddrop@llm.1:0.5": 32, "pyramiddrop@llm.2:0.5": 16}

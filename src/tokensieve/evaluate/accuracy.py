@@ -79,7 +79,7 @@ def compare_methods(backbone, data: EvalData, methods: list[str | dict], budgets
     ``centres`` (those rows run first; ``budgets`` is not used); otherwise each ``budgets`` value
     (tokens: a count or share of the visual tokens; flops: a share of the unpruned prefill). Such rows get ``matched``: ``{by, to,
     target, planned}`` (``to``: the budget matched, by which rows are paired).
-    methods: names, or configs ``{"name": ..., parameter: value}`` (a row is labelled by the name).
+    methods: names, or configs ``{"name": ..., parameter: value}`` (a row is labelled by :func:`method_label`).
     pairs: the ``(method, budget)`` rows to measure, instead of every method at every budget.
     """
     if oracle and data.scenes is None:
@@ -135,7 +135,7 @@ def compare_methods(backbone, data: EvalData, methods: list[str | dict], budgets
                 matched = {"by": match, "to": _or_trained(asked), "target": round(target, 2),
                            "planned": round(planned, 2)}
             handle = attach(backbone, name, budget, site=site, mode=mode)
-            name = name if isinstance(name, str) else name["name"]
+            name = method_label(name)
         else:
             handle = name.attach(backbone, mode, centres=asked)
             name = "two_stage"
@@ -169,6 +169,15 @@ def compare_methods(backbone, data: EvalData, methods: list[str | dict], budgets
     add_paired(rows, item_scores)
     add_paired_at_cost(rows, item_scores)
     return rows
+
+
+def method_label(method: str | dict) -> str:
+    """A row's ``method``: a name as it is; a config its name and parameters, ``pyramiddrop(positions=original)``
+    (two settings of one method are two rows, in every table and figure)."""
+    if isinstance(method, str):
+        return method
+    params = ", ".join(f"{k}={v}" for k, v in method.items() if k != "name")
+    return f"{method['name']}({params})" if params else method["name"]
 
 
 def _costs(backbone, items: list[VQAItem]) -> LlavaCosts | QwenCosts | AnyresCosts:
