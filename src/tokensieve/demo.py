@@ -11,6 +11,7 @@ With ``backbone="qwen"`` the same on the shipped Qwen2.5-VL testbed (or one give
 from __future__ import annotations
 
 import sys
+from dataclasses import fields
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
@@ -21,7 +22,7 @@ from tokensieve.backbones.hf_qwen import QwenVLBackbone
 from tokensieve.backbones.shipped import shipped_testbed
 from tokensieve.config import load_config
 from tokensieve.errors import TokensieveError
-from tokensieve.evaluate.accuracy import compare_methods
+from tokensieve.evaluate.accuracy import compare_methods, method_label
 from tokensieve.evaluate.eval_data import synthetic_data
 from tokensieve.evaluate.kept_overlays import example_views
 from tokensieve.evaluate.report import timing_warning, write_report
@@ -48,19 +49,40 @@ def demo_config(overrides: list[str] = (), name: str = DEMO_CONFIG) -> TwoStageC
         return load_config(TwoStageConfig, path, overrides)
 
 
-def runnable_pairs(backbone: LlavaBackbone | QwenVLBackbone, budgets: tuple[str, ...]) -> tuple[list[tuple[str, str]], list[str]]:
-    """``(pairs, left_out)``: every training-free method at every budget it can run at on ``backbone``
-    with its defaults, and a line for each one it cannot (CDPruner needs a CLIP text encoder the
-    testbed lacks; ToMe's blocks cannot halve 100 tokens below 13)."""
+def variants(name: str) -> list[str | dict]:
+    """A method's default, then the variants the library offers where the default cannot run
+    (docs/models.md): its variant without CLS (``no_cls_options``: the authors' Qwen2.5-VL port of
+    VisionZip, ours for the others) and, for a method that renumbers positions, kept tokens keeping
+    theirs (``positions="original"``, ours)."""
+    method = method_class(name)
+    found: list[str | dict] = [name]
+    if getattr(method, "no_cls_options", None):
+        found.append({"name": name, **method.no_cls_options})
+    if "positions" in {f.name for f in fields(method)}:
+        found.append({"name": name, "positions": "original"})
+    return found
+
+
+def runnable_pairs(backbone: LlavaBackbone | QwenVLBackbone, budgets: tuple[str, ...]
+                   ) -> tuple[list[tuple[str | dict, str]], list[str]]:
+    """``(pairs, left_out)``: every training-free method at every budget it can run at on ``backbone``,
+    with its defaults or else the first of its :func:`variants` that runs, and a line for each one that
+    cannot (CDPruner needs a CLIP text encoder the testbed lacks; ToMe's blocks cannot halve 100 tokens
+    below 13)."""
     pairs, left_out = [], []
     for name in (name for name in list_methods() if not method_class(name).trained):
         for budget in budgets:
-            try:
-                attach(backbone, name, budget).detach()
-            except TokensieveError as err:
-                left_out.append(f"{name} at {budget}: {err}")
-                continue
-            pairs.append((name, budget))
+            refusals = []
+            for method in variants(name):
+                try:
+                    attach(backbone, method, budget).detach()
+                except TokensieveError as err:
+                    refusals.append(f"{'' if isinstance(method, str) else f'as {method_label(method)}: '}{err}")
+                    continue
+                pairs.append((method, budget))
+                break
+            else:
+                left_out.append(f"{name} at {budget}: " + "; ".join(refusals))
     return pairs, left_out
 
 

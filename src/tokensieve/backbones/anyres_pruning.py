@@ -78,7 +78,8 @@ class AnyresStagePlan(PerImageStagePlan):
             raise without_cls
         if getattr(st.method, "renumbers_positions", False):
             raise TokensieveError(f"{st}: {st.method.name} renumbers positions after a drop, which the {self.family} "
-                                  "backbone does not do yet")
+                                  "backbone does not do yet; give it positions=\"original\" (ours: kept tokens keep "
+                                  "their positions)")
         if st.method.makes_extra_tokens:
             raise TokensieveError(f"{st}: {st.method.name} adds tokens of its own, which the {self.family} backbone "
                                   "cannot place yet")

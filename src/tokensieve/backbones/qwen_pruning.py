@@ -63,7 +63,8 @@ class QwenStagePlan(PerImageStagePlan):
         refuse_without_cls(st)
         if getattr(st.method, "renumbers_positions", False):
             raise TokensieveError(f"{st}: {st.method.name} renumbers positions, which is not defined for Qwen-VL's "
-                                  "3-D M-RoPE ids yet")
+                                  "3-D M-RoPE ids yet; give it positions=\"original\" (ours: kept tokens keep their "
+                                  "ids)")
         if getattr(st.method, "own_order", None):
             raise TokensieveError(f"{st}: {st.method.name} gives the LLM its kept tokens in an order of its own "
                                   f"({st.method.own_order}), which Qwen-VL cannot (kept tokens stay in grid order, with "
