@@ -1,21 +1,18 @@
 """Pruning stages on the LLaVA-NeXT adapter, on the tiny random NeXT with a wide, a square and a tall
 image in one batch: ``llm.0`` (each image's packed run, chosen per image) with random and DivPrune,
 ``llm.k`` (per row, inside the LLM) with FastV and DART. Newlines are never candidates and always enter
-the LLM (policy ``keep``)."""
+the LLM (policy ``keep``). A padded batch
+against each row alone, and generate with the cache, for every method: test_family_contract.py."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
-from tiny_llava_next import NEWLINES, ROWS, TOKENS, VOCAB, inputs
+from tiny_llava_next import ROWS, VOCAB
 
 from tokensieve.attach import attach
-from tokensieve.method import Method, Selection, SiteInputs
 
 SIZES = [size for _, size in ROWS]
-CANDIDATES = [TOKENS[s] - NEWLINES[s] for s in SIZES]  # 48, 80, 48
 # DART with exact_budget keeps the budget exactly (its paper's rule keeps a multiple of its pivots).
 STAGES = {"random": ("random", "llm.0"), "divprune": ("divprune", "llm.0"), "fastv": ("fastv", "llm.1"),
           "dart": ({"name": "dart", "exact_budget": True}, "llm.1")}
@@ -29,21 +26,6 @@ def kept_of(handle) -> list[torch.Tensor]:
 
 def layouts_of(llava_next, batch) -> list:
     return [llava_next.image_layout(size) for size in batch["image_sizes"].tolist()]
-
-
-@dataclass
-class Replay(Method):
-    """Keeps, row after row, the candidate indices it is given (a choice made once, replayed on every pass)."""
-
-    name = "replay"
-    stages = ("llm",)
-    rows: list = None
-    calls: int = 0
-
-    def select(self, inputs: SiteInputs) -> Selection:
-        row = self.rows[self.calls % len(self.rows)]
-        self.calls += 1
-        return Selection(row[None])
 
 
 @pytest.mark.parametrize("method", STAGES)
@@ -89,21 +71,6 @@ def test_llm0_is_the_kept_path_with_every_newline(llava_next, next_batch, method
         assert torch.equal(pruned, llava_next.forward(**next_batch, kept=runs).logits)
 
 
-@pytest.mark.parametrize("method", STAGES)
-def test_padded_batch_equals_each_row_alone(llava_next, next_batch, method):
-    spec, site = STAGES[method]
-    handle = attach(llava_next, spec, 0.5, site=site)
-    try:
-        with torch.no_grad():
-            together, kept = llava_next.forward(**next_batch).logits[:, -1], kept_of(handle)
-            for b, row in enumerate(ROWS):
-                single = llava_next.forward(**inputs(llava_next.processor, [row], first=b)).logits[:, -1]
-                torch.testing.assert_close(together[b:b + 1], single, rtol=1e-5, atol=1e-5)
-                assert torch.equal(kept[b], kept_of(handle)[0])
-    finally:
-        handle.detach()
-
-
 def greedy_without_cache(llava_next, batch, steps: int, suppressed=SUPPRESSED) -> torch.Tensor:
     """``steps`` greedy tokens (never a ``suppressed`` one), the whole sequence run again without a cache at
     every step."""
@@ -114,26 +81,3 @@ def greedy_without_cache(llava_next, batch, steps: int, suppressed=SUPPRESSED) -
         token = logits.index_fill(1, torch.tensor(suppressed), -torch.inf).argmax(-1, keepdim=True)
         ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
     return ids[:, batch["input_ids"].shape[1]:]
-
-
-@pytest.mark.parametrize("method", STAGES)
-def test_generate_with_cache_equals_steps_without(llava_next, next_batch, method):
-    """The KV cache holds fewer columns from the site's layer on (masked slots in rows dropping fewer);
-    decoding continues as the whole sequence run again without a cache. At llm.0 the choice reads the
-    image alone, so every step chooses alike; at llm.k FastV and DART read the text too, so the steps
-    replay the prompt's choice (:class:`Replay`)."""
-    spec, site = STAGES[method]
-    handle = attach(llava_next, spec, 0.5, site=site)
-    try:
-        with torch.no_grad():
-            new = llava_next.generate(**next_batch, max_new_tokens=4, do_sample=False, suppress_tokens=SUPPRESSED)
-            kept = kept_of(handle)
-            if site != "llm.0":
-                handle.detach()
-                candidates = [layout.candidates for layout in layouts_of(llava_next, next_batch)]
-                rows = [torch.searchsorted(c, k) for c, k in zip(candidates, kept)]
-                handle = attach(llava_next, Replay(rows=rows), 0.5, site=site)
-            steps = greedy_without_cache(llava_next, next_batch, 4)
-    finally:
-        handle.detach()
-    assert torch.equal(new, steps)

@@ -1,15 +1,16 @@
 """Pruning stages on the LLaVA-NeXT-Video adapter, on the tiny random NeXT-Video with a wide image, a video of
 4 frames and a tall image in one batch: ``llm.0`` (each image's or video's run, chosen alone) with random and
 DivPrune, ``llm.k`` (per row) with FastV and DART. Image newlines are never candidates and always enter the
-LLM; a video has none. A method sees the video as ``frames x rows x cols`` and can choose per frame."""
+LLM; a video has none. A method sees the video as ``frames x rows x cols`` and can choose per frame. A padded batch
+against each row alone, and generate with the cache, for every method: test_family_contract.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from test_llava_next_pruning import Replay, greedy_without_cache, kept_of
+from test_llava_next_pruning import kept_of
 from test_onevision_video import FirstOfEachFrame
-from tiny_next_video import ROWS, VOCAB, inputs
+from tiny_next_video import ROWS, inputs
 
 from tokensieve.attach import attach
 from tokensieve.errors import TokensieveError
@@ -19,13 +20,6 @@ HALF = [24, 8, 24]
 NEWLINES = [4, 0, 8]
 STAGES = {"random": ("random", "llm.0"), "divprune": ("divprune", "llm.0"), "fastv": ("fastv", "llm.1"),
           "dart": ({"name": "dart", "exact_budget": True}, "llm.1")}
-SUPPRESSED = [VOCAB["<image>"], VOCAB["<video>"], VOCAB["</s>"]]
-
-
-class VideoReplay(Replay):
-    """:class:`Replay` that may be given a video (it replays indices, whatever the grid)."""
-
-    handles_video = True
 
 
 def layouts_of(next_video, batch) -> list:
@@ -62,42 +56,6 @@ def test_keep_all_budgets_per_unit_and_detach(next_video, nv_batch, nv_plain, me
         next_video.forward(**nv_batch)
         assert [len(k) for k in kept_of(handle)] == [10, 10, 10]
         handle.detach()
-
-
-@pytest.mark.parametrize("method", STAGES)
-def test_padded_batch_equals_each_row_alone(next_video, nv_batch, method):
-    spec, site = STAGES[method]
-    handle = attach(next_video, spec, 0.5, site=site)
-    try:
-        with torch.no_grad():
-            together, kept = next_video.forward(**nv_batch).logits[:, -1], kept_of(handle)
-            for b, row in enumerate(ROWS):
-                single = next_video.forward(**inputs(next_video.processor, [row], first=b)).logits[:, -1]
-                torch.testing.assert_close(together[b:b + 1], single, rtol=1e-5, atol=1e-5)
-                assert torch.equal(kept[b], kept_of(handle)[0])
-    finally:
-        handle.detach()
-
-
-@pytest.mark.parametrize("method", STAGES)
-def test_generate_with_cache_equals_steps_without(next_video, nv_batch, method):
-    """As on LLaVA-NeXT (test_llava_next_pruning): the pruned KV cache decodes as the whole sequence run
-    again; inside the LLM the steps replay the prompt's choice."""
-    spec, site = STAGES[method]
-    handle = attach(next_video, spec, 0.5, site=site)
-    try:
-        with torch.no_grad():
-            new = next_video.generate(**nv_batch, max_new_tokens=4, do_sample=False, suppress_tokens=SUPPRESSED)
-            kept = kept_of(handle)
-            if site != "llm.0":
-                handle.detach()
-                candidates = [layout.candidates for layout in layouts_of(next_video, nv_batch)]
-                rows = [torch.searchsorted(c, k) for c, k in zip(candidates, kept)]
-                handle = attach(next_video, VideoReplay(rows=rows), 0.5, site=site)
-            steps = greedy_without_cache(next_video, nv_batch, 4, SUPPRESSED)
-    finally:
-        handle.detach()
-    assert torch.equal(new, steps)
 
 
 @pytest.mark.parametrize("site", ["llm.0", "llm.1"])

@@ -1,14 +1,14 @@
 """Pruning stages on the LLaVA-OneVision adapter, on the tiny random OneVision with a wide image (its canvas
 kept), a square and a long one (their canvases interpolated) in one batch: ``llm.0`` (each image's packed
 run, chosen per image) with random and DivPrune, ``llm.k`` (per row) with FastV and DART. Newlines are never
-candidates and always enter the LLM."""
+candidates and always enter the LLM. A padded batch
+against each row alone, and generate with the cache, for every method: test_family_contract.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from test_llava_next_pruning import Replay, greedy_without_cache, kept_of
-from tiny_onevision import ROWS, VOCAB, inputs
+from test_llava_next_pruning import kept_of
 
 from tokensieve.attach import attach
 
@@ -16,7 +16,6 @@ CANDIDATES = [48, 41, 43]  # 52 - 4, 46 - 5, 46 - 3 newlines
 HALF = [24, 20, 22]  # half of each, rounded half to even
 STAGES = {"random": ("random", "llm.0"), "divprune": ("divprune", "llm.0"), "fastv": ("fastv", "llm.1"),
           "dart": ({"name": "dart", "exact_budget": True}, "llm.1")}
-SUPPRESSED = [VOCAB["<image>"], VOCAB["<video>"], VOCAB["<|im_end|>"]]
 
 
 def layouts_of(onevision, batch) -> list:
@@ -48,42 +47,6 @@ def test_keep_all_budgets_per_image_and_detach(onevision, ov_batch, ov_plain, me
         onevision.forward(**ov_batch)
         assert [len(k) for k in kept_of(handle)] == [10, 10, 10]
         handle.detach()
-
-
-@pytest.mark.parametrize("method", STAGES)
-def test_padded_batch_equals_each_row_alone(onevision, ov_batch, method):
-    spec, site = STAGES[method]
-    handle = attach(onevision, spec, 0.5, site=site)
-    try:
-        with torch.no_grad():
-            together, kept = onevision.forward(**ov_batch).logits[:, -1], kept_of(handle)
-            for b, row in enumerate(ROWS):
-                single = onevision.forward(**inputs(onevision.processor, [row], first=b)).logits[:, -1]
-                torch.testing.assert_close(together[b:b + 1], single, rtol=1e-5, atol=1e-5)
-                assert torch.equal(kept[b], kept_of(handle)[0])
-    finally:
-        handle.detach()
-
-
-@pytest.mark.parametrize("method", STAGES)
-def test_generate_with_cache_equals_steps_without(onevision, ov_batch, method):
-    """As on LLaVA-NeXT (test_llava_next_pruning): the pruned KV cache decodes as the whole sequence run
-    again; inside the LLM the steps replay the prompt's choice."""
-    spec, site = STAGES[method]
-    handle = attach(onevision, spec, 0.5, site=site)
-    try:
-        with torch.no_grad():
-            new = onevision.generate(**ov_batch, max_new_tokens=4, do_sample=False, suppress_tokens=SUPPRESSED)
-            kept = kept_of(handle)
-            if site != "llm.0":
-                handle.detach()
-                candidates = [layout.candidates for layout in layouts_of(onevision, ov_batch)]
-                rows = [torch.searchsorted(c, k) for c, k in zip(candidates, kept)]
-                handle = attach(onevision, Replay(rows=rows), 0.5, site=site)
-            steps = greedy_without_cache(onevision, ov_batch, 4, SUPPRESSED)
-    finally:
-        handle.detach()
-    assert torch.equal(new, steps)
 
 
 def test_an_even_split_keeps_each_parts_share_and_a_video_or_hireds_rule_is_refused(onevision, ov_batch):

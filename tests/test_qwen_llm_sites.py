@@ -1,12 +1,13 @@
 """Stages inside the LLM (``llm.k``, ``k >= 1``) on the Qwen-VL adapter, on tiny random Qwen2-VL,
 Qwen2.5-VL and Qwen3-VL models: each row chooses among all its visual tokens (rows of different
-image counts and sizes), hard mode, positions kept (never renumbered)."""
+image counts and sizes), hard mode, positions kept (never renumbered). A padded batch
+against each row alone, and generate with the cache, for every method: test_family_contract.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from tiny_qwen import assert_rows_alone_as_in_batch, kept_of
+from tiny_qwen import kept_of
 
 from tokensieve.attach import attach
 from tokensieve.backbones.base import Site
@@ -49,37 +50,6 @@ def test_budgets_per_row_keep_all_and_detach(qwen, mixed, plain, site, method):
         qwen.forward(**mixed)
         assert [len(k) for k in kept_of(handle)] == [10, 10]
         handle.detach()
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_padded_batch_equals_each_row_alone(qwen, mixed, site, method):
-    handle = attach(qwen, METHODS[method], 0.5, site=site)
-    try:
-        assert_rows_alone_as_in_batch(qwen, mixed, handle, [[0], [1]])  # rows inside the LLM
-    finally:
-        handle.detach()
-
-
-@pytest.mark.parametrize("method", ["random", "divprune"])
-def test_generate_with_cache_equals_steps_without(qwen, mixed, site, method):
-    """The KV cache holds fewer columns from the site's layer on (and masked slots in the row dropping
-    fewer); decoding continues as the whole sequence run again without a cache. These methods choose
-    from the visual tokens alone, which later tokens cannot change (causal), so every step chooses alike."""
-    # Placeholders would read as images, and the end of turn would end a random model's answer at once.
-    suppressed = [qwen.config.image_token_id, qwen.config.video_token_id, qwen.config.text_config.eos_token_id]
-    handle = attach(qwen, method, 0.5, site=site)
-    try:
-        with torch.no_grad():
-            new = qwen.generate(**mixed, max_new_tokens=4, do_sample=False, suppress_tokens=suppressed)
-            ids, mask = mixed["input_ids"], mixed["attention_mask"]
-            for _ in range(4):
-                step = dict(mixed, input_ids=ids, attention_mask=mask, mm_token_type_ids=None)
-                logits = qwen.forward(**step, use_cache=False).logits[:, -1]
-                token = logits.index_fill(1, torch.tensor(suppressed), -torch.inf).argmax(-1, keepdim=True)
-                ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
-    finally:
-        handle.detach()
-    assert torch.equal(new, ids[:, mixed["input_ids"].shape[1]:])
 
 
 def test_fastv_keeps_the_top_of_the_models_own_attention(qwen, mixed, site):

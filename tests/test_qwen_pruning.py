@@ -1,5 +1,6 @@
 """Pruning stages on the Qwen-VL adapter on tiny random Qwen2-VL, Qwen2.5-VL and Qwen3-VL models: the
-site ``llm.0`` (the patch merger's output), chosen per image, assembled through the ``kept=`` path."""
+site ``llm.0`` (the patch merger's output), chosen per image, assembled through the ``kept=`` path. A padded batch
+against each row alone, and generate with the cache, for every method: test_family_contract.py."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from tiny_clip_text import save_tiny_clip
-from tiny_qwen import assert_rows_alone_as_in_batch, kept_of, until_eos
+from tiny_qwen import kept_of
 
 from tokensieve.attach import attach
 from tokensieve.backbones.base import Backbone, Site
@@ -107,27 +108,6 @@ def test_cdpruner_reads_each_images_question_and_merger_input(qwen, mixed, tmp_p
         handle.detach()
         assert [len(k) for k in kept] == [8, 3, 8]
         assert torch.equal(pruned, qwen.forward(**mixed, kept=kept).logits)
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_padded_batch_equals_each_row_alone(qwen, mixed, method):
-    handle = attach(qwen, method, 0.5, site="llm.0")
-    assert_rows_alone_as_in_batch(qwen, mixed, handle, [[0], [1, 2]])  # images at llm.0
-    handle.detach()
-
-
-def test_generate_with_cache_equals_steps_without(qwen, mixed):
-    eos = qwen.config.text_config.eos_token_id
-    handle = attach(qwen, "random", 0.5, site="llm.0")
-    with torch.no_grad():
-        new = qwen.generate(**mixed, max_new_tokens=4, do_sample=False)
-        ids, mask = mixed["input_ids"], mixed["attention_mask"]
-        for _ in range(4):  # no cache: the whole prompt again each step (the same choice), new tokens as text
-            step = dict(mixed, input_ids=ids, attention_mask=mask, mm_token_type_ids=None)
-            token = qwen.forward(**step, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-            ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
-    handle.detach()
-    assert until_eos(new, eos) == until_eos(ids[:, mixed["input_ids"].shape[1]:], eos)
 
 
 @pytest.mark.parametrize(("request_", "words"), [
