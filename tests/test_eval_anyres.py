@@ -47,6 +47,11 @@ def family(request):
 def vqa_files(family, tmp_path):
     """One item per image size of the family, in LLaVA's evaluation layout."""
     _, module, sizes = family
+    return write_vqa_files(module, sizes, tmp_path)
+
+
+def write_vqa_files(module, sizes: dict, tmp_path) -> list[str]:
+    """One item per image size of a family's tiny ``module`` in ``tmp_path``; eval's arguments naming them."""
     images = tmp_path / "images"
     images.mkdir()
     for i, size in enumerate(sizes):
@@ -131,6 +136,31 @@ def test_what_eval_refuses_on_anyres_is_one_line(family, vqa_files, tmp_path, ca
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert err.startswith("tokensieve: error: ") and needle in err
+
+
+@pytest.mark.parametrize("args,needle", [  # the wide image: a base and 1 x 2 crops
+    (["--method", "random", "--site", "llm.0", "--split", "even", "--budget", "2"], "split 'even' needs one token"),
+    (["--method", "hired", "--budget", "2"], "HiRED splits the budget over them"),
+])
+def test_a_budget_below_one_token_per_part_is_one_line_from_the_cli(tiny_llava_next_dir, tmp_path, capsys, args,
+                                                                    needle):
+    files = write_vqa_files(*FAMILIES["next"], tmp_path)
+    assert main(["eval", "--model", str(tiny_llava_next_dir), *files, "--timing-samples", "0", "--json", *args]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("tokensieve: error: ") and needle in err
+
+
+def test_eval_splits_the_budget_over_base_and_crops_as_asked(tiny_llava_next_dir, tmp_path, capsys, monkeypatch):
+    from tokensieve.evaluate import accuracy
+
+    splits = []
+    monkeypatch.setattr(accuracy, "attach", lambda *a, split, **kw: splits.append(split) or attach(*a, split=split, **kw))
+    files = write_vqa_files(*FAMILIES["next"], tmp_path)
+    assert main(["eval", "--model", str(tiny_llava_next_dir), *files, "--method", "divprune", "--site", "llm.0",
+                 "--budget", "6", "--split", "even", "--timing-samples", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[1]["visual_tokens_kept"] == 6  # a count per image, shared by its parts
+    assert splits and set(splits) == {"even"}
 
 
 def test_the_synthetic_set_and_the_pruner_are_refused_on_anyres(family, capsys):

@@ -107,6 +107,7 @@ def _eval(args: argparse.Namespace) -> None:
 
         fingerprint = {"model": str(args.model or "shipped testbed"), "mode": args.mode, "data": data.name,
                        "max_new_tokens": data.max_new_tokens, "site": args.site, "match": args.match,
+                       **({"split": args.split} if args.split != "all" else {}),
                        "params": sorted(args.param),
                        "pruner": None if args.pruner is None else str(args.pruner),
                        **{f"pruner.{key}": value for key, value in head_settings.items()}}
@@ -117,7 +118,7 @@ def _eval(args: argparse.Namespace) -> None:
     rows = compare_methods(backbone, data, methods, budgets, mode=args.mode, site=args.site,
                            batch_size=args.batch_size, progress=not args.json and dist.is_main, pruner=pruner,
                            centres=centres, oracle=args.oracle, log=log, timing_samples=args.timing_samples,
-                           kept_examples=kept_examples, dist=dist, match=args.match)
+                           kept_examples=kept_examples, dist=dist, match=args.match, split=args.split)
     if not dist.is_main:
         return
     if warning := timing_warning(rows):
@@ -126,7 +127,7 @@ def _eval(args: argparse.Namespace) -> None:
         from tokensieve.evaluate.kept_overlays import example_views
 
         meta = {"model": str(args.model or "shipped testbed"), "mode": args.mode, "data": data.name, "match": args.match,
-                "items": len(data.items), "max_new_tokens": data.max_new_tokens,
+                **({"split": args.split} if args.split != "all" else {}), "items": len(data.items), "max_new_tokens": data.max_new_tokens,
                 "text_tokens_for_flops": round(rows[0]["tokens_per_llm_layer"][0] - rows[0]["visual_tokens_mean_llm"]),
                 **({"visual_tokens": "means over the items: each image gives its own count (dynamic resolution)"}
                    if qwen else {}),
@@ -171,6 +172,9 @@ def add(sub) -> None:
     ev.add_argument("--oracle", action="store_true",
                     help="add the object oracle at each budget (synthetic set: tokens on objects only)")
     ev.add_argument("--site", default=None, help="where to reduce (default: each method's own site)")
+    ev.add_argument("--split", default="all", choices=["all", "even", "hired"],
+                    help="how a method's budget is split over an anyres image's base and crops at llm.0 (LLaVA-NeXT; "
+                         "all: one budget over every visual token, default; even: equal shares; hired: HiRED's rule)")
     ev.add_argument("--param", action="append", default=[], metavar="METHOD.KEY=VALUE",
                     help="set a parameter of a method in --method (repeatable), e.g. cdpruner.text_encoder=DIR "
                          "or pyramiddrop.layers=[8,16,24]; docs/methods.md lists each method's parameters")

@@ -39,7 +39,7 @@ def compare_methods(backbone, data: EvalData, methods: list[str | dict], budgets
                     mode: str = "hard", site: str | None = None, batch_size: int = 64, progress: bool = True,
                     pruner=None, centres: list[str] | None = None, oracle: bool = False, log: SampleLog | None = None, timing_samples: int = 8,
                     kept_examples: int = 0, dist: Distributed | None = None, match: str | None = None,
-                    pairs: list[tuple[str, str]] | None = None) -> list[dict]:
+                    pairs: list[tuple[str, str]] | None = None, split: str = "all") -> list[dict]:
     """Rows ``{method, site, budget, visual_tokens_kept, accuracy, per_family, flops, flops_ratio,
     tokens_per_llm_layer}``; the first row is the unpruned model (``method`` ``"none"``),
     measured on the same items of ``data``. FLOPs are for one prefill of the median prompt (on
@@ -81,6 +81,7 @@ def compare_methods(backbone, data: EvalData, methods: list[str | dict], budgets
     target, planned}`` (``to``: the budget matched, by which rows are paired).
     methods: names, or configs ``{"name": ..., parameter: value}`` (a row is labelled by :func:`method_label`).
     pairs: the ``(method, budget)`` rows to measure, instead of every method at every budget.
+    split: how each method's budget is split over an anyres image's base and crops (``attach``'s ``split``).
     """
     if oracle and data.scenes is None:
         raise TokensieveError("--oracle needs the synthetic set: the object oracle knows where its objects are")
@@ -109,7 +110,7 @@ def compare_methods(backbone, data: EvalData, methods: list[str | dict], budgets
         if match:  # the budget comes from the match: the method must have one that can be planned
             matched_for(name, 0.0, 0)
         else:
-            attach(backbone, name, budget, site=site, mode=mode).detach()
+            attach(backbone, name, budget, site=site, mode=mode, split=split).detach()
     for value in learned_at if pruner is not None else []:
         pruner.attach(backbone, mode, centres=value).detach()
     oracle_budgets = list(dict.fromkeys([*budgets, *(centres or [])])) if oracle else []
@@ -134,7 +135,7 @@ def compare_methods(backbone, data: EvalData, methods: list[str | dict], budgets
                 budget, planned = matched_for(name, target, text_tokens)
                 matched = {"by": match, "to": _or_trained(asked), "target": round(target, 2),
                            "planned": round(planned, 2)}
-            handle = attach(backbone, name, budget, site=site, mode=mode)
+            handle = attach(backbone, name, budget, site=site, mode=mode, split=split)
             name = method_label(name)
         else:
             handle = name.attach(backbone, mode, centres=asked)
