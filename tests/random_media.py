@@ -14,3 +14,18 @@ def random_image(height: int, width: int, seed: int = 0) -> Image.Image:
 def random_video(frames: int, height: int, width: int, seed: int = 0) -> np.ndarray:
     """A random video: ``(frames, height, width, 3)`` uint8 (its generator offset from the images')."""
     return np.random.default_rng(1000 + seed).integers(0, 255, (frames, height, width, 3), dtype=np.uint8)
+
+
+def write_video(path, frames: np.ndarray, fps: int = 4):
+    """``frames`` ``(T, H, W, 3)`` uint8 written to ``path`` as an MPEG-4 file (PyAV), as a video task holds it;
+    returns ``path``."""
+    import av
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return path

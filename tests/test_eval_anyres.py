@@ -14,6 +14,7 @@ import tiny_onevision
 import torch
 from lmms_tasks import TASK, direct_answers, evaluate
 from PIL import Image
+from random_media import random_video, write_video
 from torch.utils.flop_counter import FlopCounterMode
 
 from tokensieve.attach import attach
@@ -25,6 +26,7 @@ from tokensieve.backbones.load import load_backbone
 from tokensieve.cli import main
 from tokensieve.data.vqa_files import load_llava_eval
 from tokensieve.errors import TokensieveError
+from tokensieve.integrations.lmms_eval_model import read_video
 from tokensieve.pruner.placement import placement
 
 QUESTION = "what is the colour ?"  # one question: every prompt has the median text length
@@ -155,7 +157,11 @@ def test_eval_splits_the_budget_over_base_and_crops_as_asked(tiny_llava_next_dir
     from tokensieve.evaluate import accuracy
 
     splits = []
-    monkeypatch.setattr(accuracy, "attach", lambda *a, split, **kw: splits.append(split) or attach(*a, split=split, **kw))
+    def spy(*args, split, **kwargs):
+        splits.append(split)
+        return attach(*args, split=split, **kwargs)
+
+    monkeypatch.setattr(accuracy, "attach", spy)
     files = write_vqa_files(*FAMILIES["next"], tmp_path)
     assert main(["eval", "--model", str(tiny_llava_next_dir), *files, "--method", "divprune", "--site", "llm.0",
                  "--budget", "6", "--split", "even", "--timing-samples", "0", "--json"]) == 0
@@ -209,3 +215,43 @@ def test_lmms_eval_on_anyres_equals_the_adapters_generate(family, tmp_path):
     backbone = load_backbone(folder)
     prompts = [([Image.open(r["image"]).convert("RGB")], prompt_text(backbone, QUESTION)) for r in rows]
     assert answers == direct_answers(backbone, prompts, attach(backbone, "divprune", 0.5, site="llm.0"), 3)
+
+
+VIDEO_UTILS = """
+def doc_to_visual(doc):
+    return [doc["video"]]  # what lmms-eval's video tasks give: the file's path
+
+
+def doc_to_text(doc):
+    return doc["question"]
+"""
+
+
+@pytest.mark.parametrize("folder", ["tiny_onevision_dir", "tiny_next_video_dir", "tiny_llava_next_dir"])
+def test_lmms_eval_reads_a_video_file_on_the_families_that_take_videos(folder, tmp_path, request):
+    folder = request.getfixturevalue(folder)
+    write_video(tmp_path / "clip.mp4", random_video(12, 28, 28, seed=4))
+    rows = [{"question": q, "answer": "red", "video": str(tmp_path / "clip.mp4")} for q in (QUESTION, "what happens ?")]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "utils.py").write_text(VIDEO_UTILS)
+    (tmp_path / "tiny_video_qa.yaml").write_text(TASK.format(name="tiny_video_qa", data=tmp_path / "test.jsonl",
+                                                             visual="doc_to_visual", max_new_tokens=3))
+    backbone = load_backbone(folder)
+    args = f"pretrained={folder},method=divprune,budget=0.5,site=llm.0,frames=6"
+    if not backbone.takes_video:
+        with pytest.raises(TokensieveError, match=r"^the LLaVA-NeXT backbone takes images only, not a video$"):
+            evaluate(tmp_path, "tiny_video_qa", args)
+        return
+    result = evaluate(tmp_path, "tiny_video_qa", args)
+    answers = [s["filtered_resps"][0] for s in sorted(result["samples"]["tiny_video_qa"], key=lambda s: s["doc_id"])]
+    frames, _ = read_video(str(tmp_path / "clip.mp4"), 6)
+    handle = attach(backbone, "divprune", 0.5, site="llm.0")
+    try:
+        for answer, row in zip(answers, rows):
+            batch = backbone.processor(videos=[frames], text=[prompt_text(backbone, row["question"], ["video"])],
+                                       return_tensors="pt")
+            new = backbone.generate(**batch, max_new_tokens=3, do_sample=False)
+            assert answer == backbone.processor.tokenizer.decode(new[0], skip_special_tokens=True).strip()
+        assert [len(k[k >= 0]) for k in handle.last_kept[str(handle.stages[0])]] == [12]  # half of 6 x 2 x 2
+    finally:
+        handle.detach()

@@ -1,7 +1,7 @@
 """The lmms-eval model on the tiny random Qwen-VL checkpoints of every family, through lmms-eval's own
 ``simple_evaluate`` and a local task this test writes: documents with images of different sizes and
 one with two images get the answers the adapter's own ``generate`` gives with the same method
-attached; a video is refused in one line."""
+attached, and so do documents with a video file (read with PyAV, 8 frames) beside an image."""
 
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ from pathlib import Path
 import pytest
 from lmms_tasks import TASK, direct_answers, evaluate
 from PIL import Image
+from random_media import random_video, write_video
 from tiny_qwen import FAMILIES, image, save_tiny_qwen
 
 from tokensieve.attach import attach
 from tokensieve.backbones.chat_format import prompt_text
 from tokensieve.backbones.hf_qwen import QwenVLBackbone
 from tokensieve.errors import TokensieveError
+from tokensieve.integrations.lmms_eval_model import read_video
 
 UTILS = '''
 from PIL import Image
@@ -27,7 +29,7 @@ def doc_to_visual(doc):
 
 
 def doc_to_video(doc):
-    return [doc["video"]]  # what lmms-eval's video tasks give: the file's path
+    return [doc["video"], *[Image.open(path) for path in doc["images"]]]  # a video task gives the file's path
 
 
 def doc_to_text(doc):
@@ -46,8 +48,10 @@ def qwen_dir(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory):
-    """Three questions about images of two sizes (one with two images), and a video task."""
+    """Three questions about images of two sizes (one with two images), and a video task: the same
+    questions about a 12-frame clip, then the images."""
     folder = tmp_path_factory.mktemp("lmms_qwen_tasks")
+    write_video(folder / "clip.mp4", random_video(12, 56, 84, seed=3))
     rows = []
     for i, (question, sizes) in enumerate(DOCS):
         paths = []
@@ -81,9 +85,31 @@ def test_generate_until_on_a_qwen_checkpoint_equals_the_adapters_generate(qwen_d
     assert answers == documents_answers(qwen, task_dir, attach(qwen, "divprune", 0.5, site="llm.0"))
 
 
-def test_a_video_is_refused_in_one_line(qwen_dir, task_dir):
-    with pytest.raises(TokensieveError, match=r"doc 0: a video \(.*clip.mp4\); the tokensieve model takes images only"):
-        evaluate(task_dir, "tiny_qwen_video", f"pretrained={qwen_dir}")
+def test_a_video_file_is_read_and_answered_as_the_adapters_generate(qwen_dir, task_dir):
+    args = f"pretrained={qwen_dir},method=divprune,budget=0.5,site=llm.0,frames=8"
+    result = evaluate(task_dir, "tiny_qwen_video", args)
+    answers = [s["filtered_resps"][0] for s in sorted(result["samples"]["tiny_qwen_video"], key=lambda s: s["doc_id"])]
+    qwen = QwenVLBackbone.from_pretrained(qwen_dir)
+    frames, metadata = read_video(str(task_dir / "clip.mp4"), 8)
+    assert frames.shape == (8, 56, 84, 3) and list(metadata.frames_indices) == [0, 1, 3, 4, 6, 7, 9, 10]
+    handle = attach(qwen, "divprune", 0.5, site="llm.0")
+    try:
+        docs = [json.loads(line) for line in (task_dir / "test.jsonl").read_text().splitlines()]
+        for answer, doc in zip(answers, docs):
+            images = [Image.open(path).convert("RGB") for path in doc["images"]]
+            batch = qwen.processor(images=images, videos=[frames], video_metadata=[metadata], do_sample_frames=False,
+                                   text=[prompt_text(qwen, doc["question"], ["video", *["image"] * len(images)])],
+                                   return_tensors="pt")
+            new = qwen.generate(**batch, max_new_tokens=4, do_sample=False)
+            assert batch["video_grid_thw"][0, 0] == 4  # 8 frames: 4 temporal patches, none sampled again
+            assert answer == qwen.processor.tokenizer.decode(new[0], skip_special_tokens=True).strip()
+    finally:
+        handle.detach()
+
+
+def test_a_missing_video_file_is_one_line(qwen_dir, tmp_path):
+    with pytest.raises(TokensieveError, match=r"^doc 3: the video .*gone.mp4 is not a file$"):
+        read_video(str(tmp_path / "gone.mp4"), 8, "doc 3")
 
 
 def test_loglikelihood_on_qwen_scores_the_continuation_after_the_images(qwen_dir):

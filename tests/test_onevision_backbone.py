@@ -81,7 +81,7 @@ def test_chat_format_is_the_qwen2_turn(onevision):
     assert onevision._questions(encoded["input_ids"], onevision.layout(encoded["input_ids"],
                                                                        encoded["attention_mask"]))[1] == \
         "what shape is left and right ?"
-    with pytest.raises(TokensieveError, match="LLaVA-OneVision backbone takes exactly one image per prompt, not 2"):
+    with pytest.raises(TokensieveError, match="LLaVA-OneVision backbone takes exactly one image or video per prompt, not 2"):
         prompt_text(onevision, "what ?", 2)
 
 

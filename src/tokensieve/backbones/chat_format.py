@@ -15,27 +15,32 @@ from tokensieve.backbones.load import is_next, is_onevision, is_qwen
 from tokensieve.errors import TokensieveError
 
 
-def prompt_text(backbone, question: str, n_images: int = 1) -> str:
-    """``question`` after ``n_images`` image placeholders, ending where the answer starts (the
-    processor expands each placeholder into the image's visual tokens)."""
+def prompt_text(backbone, question: str, visuals: int | Sequence[str] = 1) -> str:
+    """``question`` after its visuals' placeholders, ending where the answer starts (the processor expands
+    each placeholder into the visual's tokens). visuals: how many images, or each one's kind in order,
+    ``"image"`` or ``"video"`` (a video on the families that take one: Qwen-VL, OneVision, NeXT-Video)."""
+    kinds = ["image"] * visuals if isinstance(visuals, int) else list(visuals)
+    family = getattr(backbone, "family_name", "LLaVA")
+    if "video" in kinds and not (is_qwen(backbone) or getattr(backbone, "takes_video", False)):
+        raise TokensieveError(f"the {family} backbone takes images only, not a video")
     if is_qwen(backbone):
         from tokensieve.backbones.qwen_prompt import prompt
 
-        return prompt(question, n_images, backbone.system_prompt)
-    if n_images != 1:
-        raise TokensieveError(f"the {getattr(backbone, 'family_name', 'LLaVA')} backbone takes exactly one image per "
-                              f"prompt, not {n_images}")
+        return prompt(question, kinds, backbone.system_prompt)
+    if len(kinds) != 1:
+        raise TokensieveError(f"the {family} backbone takes exactly one image or video per prompt, not {len(kinds)}")
+    kind = kinds[0]
     if is_onevision(backbone):
         from tokensieve.backbones.onevision_prompt import prompt
 
-        return prompt(question)
+        return prompt(question, kind)
     template = getattr(backbone.processor, "chat_template", None) if is_next(backbone) else None
-    if template:  # one user turn: the image, then the question, and the assistant's cue
-        turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    if template:  # one user turn: the image or video, then the question, and the assistant's cue
+        turn = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": question}]}]
         return backbone.processor.apply_chat_template(turn, add_generation_prompt=True)
     from tokensieve.backbones.llava_prompt import prompt
 
-    return prompt(question)
+    return prompt(question).replace("<image>", "<video>") if kind == "video" else prompt(question)
 
 
 def encode_samples(backbone, samples: Sequence) -> dict[str, torch.Tensor]:

@@ -21,10 +21,13 @@ DEFAULT_SYSTEM = {"qwen2_vl": "You are a helpful assistant.", "qwen2_5_vl": "You
 ANSWER_CUE = re.compile(r"\s*assistant\s*$")
 
 
-def prompt(question: str, n_images: int = 1, system: str | None = None) -> str:
-    """One user turn with ``n_images`` images then ``question``, ending where the answer starts."""
+def prompt(question: str, visuals: int | Sequence[str] = 1, system: str | None = None) -> str:
+    """One user turn with its visuals (``visuals``: how many images, or each one's kind in order, ``"image"``
+    or ``"video"``) then ``question``, ending where the answer starts."""
+    kinds = ["image"] * visuals if isinstance(visuals, int) else visuals
     head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
-    return f"{head}<|im_start|>user\n{IMAGE * n_images}{question}<|im_end|>\n<|im_start|>assistant\n"
+    placeholders = "".join(VIDEO if kind == "video" else IMAGE for kind in kinds)
+    return f"{head}<|im_start|>user\n{placeholders}{question}<|im_end|>\n<|im_start|>assistant\n"
 
 
 def encode(processor, samples: Sequence, system: str | None = None) -> dict[str, torch.Tensor]:

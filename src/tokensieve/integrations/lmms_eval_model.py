@@ -11,14 +11,18 @@ LLaVA-NeXT-Video checkpoint folder or hub id, the backbone chosen by its ``model
 ``method`` (a registered method name) or ``pruner`` (a ``tokensieve train`` run folder),
 ``budget`` (the method's: a count or a ratio), ``centres`` (the pruner's: the tokens its merger sends
 into the LLM, a count or a ratio; default as trained), ``site`` (default the method's own), ``mode`` (``hard``, ``soft`` or ``origin``),
-``dtype`` (``float32``, ``bfloat16``, ``float16``), ``device`` and ``batch_size``.
+``dtype`` (``float32``, ``bfloat16``, ``float16``), ``device``, ``batch_size`` and ``frames`` (how many
+frames of a video are read, evenly spaced; default 8).
 
-Every prompt is the document's images then its text, in the model's own format
+Every prompt is the document's visuals then its text, in the model's own format
 (:mod:`tokensieve.backbones.chat_format`): LLaVA-1.5's (``USER: <image>\\n... ASSISTANT:``, exactly one
-image), the Qwen-VL chat turn (one or more images of any size), LLaVA-NeXT's and NeXT-Video's (its chat
-template, else LLaVA-1.5's) or LLaVA-OneVision's (one image of any size on each). Videos are refused for now. The
-images are in the context of both request types: ``loglikelihood`` scores the continuation tokens of the full images + context +
-continuation sequence, and a generation error is raised, never turned into an empty answer.
+image), the Qwen-VL chat turn (images of any size and videos, one or more), LLaVA-NeXT's and NeXT-Video's
+(its chat template, else LLaVA-1.5's) or LLaVA-OneVision's (one image of any size, or one video, on
+OneVision and NeXT-Video). lmms-eval gives a video as its file's path: its frames are read with PyAV
+(:func:`read_video`; on Qwen-VL with their timestamps, which the processor is not left to sample again).
+The visuals are in the context of both request types: ``loglikelihood`` scores the continuation tokens of
+the full visuals + context + continuation sequence, and a generation error is raised, never turned into an
+empty answer.
 """
 
 from __future__ import annotations
@@ -44,6 +48,23 @@ def manifest():
     return ModelManifest(model_id=MODEL_NAME, simple_class_path=f"{__name__}.TokensieveModel")
 
 
+def read_video(path: str, frames: int, where: str = "") -> tuple:
+    """``(frames (T, H, W, 3) uint8, metadata)``: ``frames`` frames evenly spaced over the video file at ``path``
+    (all of them when it has fewer), read with PyAV; the metadata (the file's fps, the frames' indices in it)
+    gives the frames their times."""
+    from pathlib import Path
+
+    from transformers.video_utils import load_video
+
+    if not Path(path).is_file():
+        raise TokensieveError(f"{where + ': ' if where else ''}the video {path} is not a file")
+    try:
+        return load_video(path, num_frames=frames, backend="pyav")
+    except (OSError, ValueError, RuntimeError, TypeError) as err:
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TokensieveError(f"{where + ': ' if where else ''}cannot read the video {path}: {text}") from None
+
+
 def _default_device() -> str:
     if not torch.cuda.is_available():
         return "cpu"
@@ -59,7 +80,7 @@ class TokensieveModel(lmms):
     def __init__(self, pretrained: str | None = None, method: str | None = None,
                  budget: int | float | str | None = None, site: str | None = None, mode: str = "hard",
                  pruner: str | None = None, centres: int | float | str | None = None, dtype: str | None = None,
-                 device: str | None = None, batch_size: int | str = 1, **unknown):
+                 device: str | None = None, batch_size: int | str = 1, frames: int | str = 8, **unknown):
         super().__init__()
         from tokensieve.backbones.load import load_backbone
         from tokensieve.method import Budget
@@ -67,7 +88,8 @@ class TokensieveModel(lmms):
 
         if unknown:
             raise TokensieveError(f"unknown tokensieve model argument(s) {', '.join(sorted(unknown))}; known: "
-                                  "pretrained, method, budget, site, mode, pruner, centres, dtype, device, batch_size")
+                                  "pretrained, method, budget, site, mode, pruner, centres, dtype, device, batch_size, "
+                                  "frames")
         if method is not None and pruner is not None:
             raise TokensieveError("give method=NAME or pruner=RUN_DIR, not both")
         if method is not None:
@@ -85,6 +107,9 @@ class TokensieveModel(lmms):
             Budget.parse(str(centres))
         if dtype is not None and dtype not in DTYPES:
             raise TokensieveError(f"dtype={dtype} is not one of {', '.join(DTYPES)}")
+        if not str(frames).isdigit() or int(frames) < 1:
+            raise TokensieveError(f"frames={frames}: give how many frames of a video to read, a positive integer")
+        self.frames = int(frames)
         self.batch_size_per_gpu = int(batch_size)
         self._device = torch.device(device or _default_device())
         self.backbone = load_backbone(pretrained, dtype=DTYPES.get(dtype), device=self._device)
@@ -130,35 +155,51 @@ class TokensieveModel(lmms):
         return self.backbone.processor.tokenizer
 
     # --- requests -----------------------------------------------------------------------
-    def _images(self, doc_to_visual, doc_id, task, split) -> list:
-        """The document's images (RGB): one on the LLaVA families, one or more on Qwen-VL; a video is refused."""
+    def _visuals(self, doc_to_visual, doc_id, task, split) -> list:
+        """The document's visuals in order: an image (RGB) as it is, a video (lmms-eval gives its file's path)
+        as :func:`read_video`'s ``(frames, metadata)``; one on the LLaVA families, one or more on Qwen-VL."""
         from PIL import Image
 
         from tokensieve.backbones.load import is_qwen
 
         visuals = doc_to_visual(self.task_dict[task][split][doc_id])
         where = f"task {task}, doc {doc_id}"
-        for visual in visuals:
-            if not isinstance(visual, Image.Image):  # lmms-eval gives a video as its file path
-                raise TokensieveError(f"{where}: a video ({visual if isinstance(visual, str) else type(visual).__name__})"
-                                      "; the tokensieve model takes images only for now")
         if not visuals:
-            raise TokensieveError(f"{where}: the document has no image; the tokensieve model needs one")
+            raise TokensieveError(f"{where}: the document has no image or video; the tokensieve model needs one")
         if len(visuals) > 1 and not is_qwen(self.backbone):
             raise TokensieveError(f"{where}: the {getattr(self.backbone, 'family_name', 'LLaVA')} backbone evaluates "
-                                  f"prompts with exactly one image, this one "
-                                  f"has {len(visuals)}")
-        return [visual.convert("RGB") for visual in visuals]
+                                  f"prompts with exactly one image or video, this one has {len(visuals)}")
+        read = []
+        for visual in visuals:
+            if isinstance(visual, Image.Image):
+                read.append(visual.convert("RGB"))
+            elif isinstance(visual, str):
+                read.append(read_video(visual, self.frames, where))
+            else:
+                raise TokensieveError(f"{where}: a visual of type {type(visual).__name__}; the tokensieve model takes "
+                                      "images and video file paths")
+        return read
 
-    def _prompt(self, context: str, n_images: int) -> str:
+    def _prompt(self, context: str, visuals: list) -> str:
         from tokensieve.backbones.chat_format import prompt_text
 
-        return prompt_text(self.backbone, context.replace(IMAGE_TOKEN, "").strip(), n_images)
+        return prompt_text(self.backbone, context.replace(IMAGE_TOKEN, "").strip(),
+                           ["video" if isinstance(v, tuple) else "image" for v in visuals])
 
-    def _encode(self, texts: Sequence[str], images: list) -> dict[str, torch.Tensor]:
-        """Processor inputs of ``texts`` and the images of all of them (in order), on the device;
+    def _encode(self, texts: Sequence[str], visuals: list) -> dict[str, torch.Tensor]:
+        """Processor inputs of ``texts`` and the visuals of all of them (in order), on the device;
         pixels in the model's dtype."""
-        batch = self.backbone.processor(images=images, text=list(texts), return_tensors="pt", padding=True)
+        from tokensieve.backbones.load import is_qwen
+
+        images = [v for v in visuals if not isinstance(v, tuple)]
+        videos = [v for v in visuals if isinstance(v, tuple)]
+        clips = {}
+        if videos:
+            clips["videos"] = [frames for frames, _ in videos]
+            if is_qwen(self.backbone):  # the frames' times; the processor must not sample the read frames again
+                clips |= {"video_metadata": [metadata for _, metadata in videos], "do_sample_frames": False}
+        batch = self.backbone.processor(images=images or None, text=list(texts), return_tensors="pt", padding=True,
+                                        **clips)
         dtype = self.backbone.model.dtype
         return {k: v.to(self._device, dtype) if k.startswith("pixel_values") else v.to(self._device)
                 for k, v in batch.items()}
@@ -177,18 +218,18 @@ class TokensieveModel(lmms):
     @torch.no_grad()
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         """``(loss, is_greedy)`` per request: loss is minus the log-probability of the continuation
-        given the image and the context (summed over its tokens), the convention lmms-eval's own
+        given the visuals and the context (summed over its tokens), the convention lmms-eval's own
         scorers assume (``multiple_choice`` takes the argmin); is_greedy: every continuation token
         is the argmax."""
         results = []
         for chunk in self._chunks(requests):
-            contexts, continuations, images = [], [], []
+            contexts, continuations, media = [], [], []
             for context, target, doc_to_visual, doc_id, task, split in (r.args for r in chunk):
                 doc = self.task_dict[task][split][doc_id]
-                visuals = self._images(doc_to_visual, doc_id, task, split)
-                contexts.append(self._prompt(context, len(visuals)))
+                visuals = self._visuals(doc_to_visual, doc_id, task, split)
+                contexts.append(self._prompt(context, visuals))
                 continuations.append(target if isinstance(target, str) else target(doc))
-                images.extend(visuals)
+                media.extend(visuals)
             full = [c + k for c, k in zip(contexts, continuations)]
             # The placeholder expands to the same visual tokens in both, so the difference counts the continuation.
             tokenize = self.tokenizer
@@ -196,7 +237,7 @@ class TokensieveModel(lmms):
             if min(lengths) < 1:
                 empty = continuations[lengths.index(min(lengths))]
                 raise TokensieveError(f"an empty continuation cannot be scored: {empty!r}")
-            batch = self._encode(full, images)
+            batch = self._encode(full, media)
             logits = self.backbone.forward(**batch).logits.float()
             for row, n in enumerate(lengths):
                 # Left padding: each row ends at the last position, whatever was removed from its image run.
@@ -214,15 +255,15 @@ class TokensieveModel(lmms):
             gen = dict(chunk[0].args[1])
             until = gen.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
-            texts, images = [], []
+            texts, media = [], []
             for context, _, doc_to_visual, doc_id, task, split in (r.args for r in chunk):
-                visuals = self._images(doc_to_visual, doc_id, task, split)
-                texts.append(self._prompt(context, len(visuals)))
-                images.extend(visuals)
+                visuals = self._visuals(doc_to_visual, doc_id, task, split)
+                texts.append(self._prompt(context, visuals))
+                media.extend(visuals)
             temperature = float(gen.get("temperature") or 0)
             sampling = {"do_sample": True, "temperature": temperature, "top_p": gen.get("top_p")} if temperature > 0 \
                 else {"do_sample": False}
-            new = self.backbone.generate(**self._encode(texts, images),
+            new = self.backbone.generate(**self._encode(texts, media),
                                          max_new_tokens=int(gen.get("max_new_tokens", 128)),
                                          num_beams=int(gen.get("num_beams") or 1),
                                          pad_token_id=self.tokenizer.pad_token_id,
