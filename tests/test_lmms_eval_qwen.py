@@ -90,14 +90,16 @@ def test_a_video_file_is_read_and_answered_as_the_adapters_generate(qwen_dir, ta
     result = evaluate(task_dir, "tiny_qwen_video", args)
     answers = [s["filtered_resps"][0] for s in sorted(result["samples"]["tiny_qwen_video"], key=lambda s: s["doc_id"])]
     qwen = QwenVLBackbone.from_pretrained(qwen_dir)
-    frames, metadata = read_video(str(task_dir / "clip.mp4"), 8)
-    assert frames.shape == (8, 56, 84, 3) and list(metadata.frames_indices) == [0, 1, 3, 4, 6, 7, 9, 10]
+    video = read_video(str(task_dir / "clip.mp4"), 8)
+    assert video.frames.shape == (8, 56, 84, 3) and list(video.metadata.frames_indices) == [0, 1, 3, 4, 6, 7, 9, 10]
     handle = attach(qwen, "divprune", 0.5, site="llm.0")
     try:
         docs = [json.loads(line) for line in (task_dir / "test.jsonl").read_text().splitlines()]
+        assert len(answers) == len(docs) == 3
         for answer, doc in zip(answers, docs):
             images = [Image.open(path).convert("RGB") for path in doc["images"]]
-            batch = qwen.processor(images=images, videos=[frames], video_metadata=[metadata], do_sample_frames=False,
+            batch = qwen.processor(images=images, videos=[video.frames], video_metadata=[video.metadata],
+                                   do_sample_frames=False,
                                    text=[prompt_text(qwen, doc["question"], ["video", *["image"] * len(images)])],
                                    return_tensors="pt")
             new = qwen.generate(**batch, max_new_tokens=4, do_sample=False)
@@ -107,9 +109,15 @@ def test_a_video_file_is_read_and_answered_as_the_adapters_generate(qwen_dir, ta
         handle.detach()
 
 
-def test_a_missing_video_file_is_one_line(qwen_dir, tmp_path):
+def test_a_short_clip_is_read_whole_and_a_missing_file_is_one_line(tmp_path):
+    clip = write_video(tmp_path / "short.mp4", random_video(3, 56, 84))
+    video = read_video(str(clip), 8)
+    assert video.frames.shape[0] == 3 and list(video.metadata.frames_indices) == [0, 1, 2]
     with pytest.raises(TokensieveError, match=r"^doc 3: the video .*gone.mp4 is not a file$"):
         read_video(str(tmp_path / "gone.mp4"), 8, "doc 3")
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    with pytest.raises(TokensieveError, match=r"^doc 3: cannot read the video .*broken.mp4: [^\n]*$"):
+        read_video(str(tmp_path / "broken.mp4"), 8, "doc 3")
 
 
 def test_loglikelihood_on_qwen_scores_the_continuation_after_the_images(qwen_dir):

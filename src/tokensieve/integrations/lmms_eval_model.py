@@ -29,6 +29,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
 
 import torch
 from lmms_eval.api.instance import Instance
@@ -48,18 +52,30 @@ def manifest():
     return ModelManifest(model_id=MODEL_NAME, simple_class_path=f"{__name__}.TokensieveModel")
 
 
-def read_video(path: str, frames: int, where: str = "") -> tuple:
-    """``(frames (T, H, W, 3) uint8, metadata)``: ``frames`` frames evenly spaced over the video file at ``path``
-    (all of them when it has fewer), read with PyAV; the metadata (the file's fps, the frames' indices in it)
-    gives the frames their times."""
-    from pathlib import Path
+@dataclass(frozen=True)
+class Video:
+    """A video read from its file: ``frames`` ``(T, H, W, 3)`` uint8, and the ``metadata`` that gives them their
+    times (the file's fps, the frames' indices in it: transformers' ``VideoMetadata``)."""
 
+    frames: np.ndarray
+    metadata: object
+
+
+def read_video(path: str, frames: int, where: str = "") -> Video:
+    """``frames`` frames evenly spaced over the video file at ``path`` (all of them when it has fewer), read
+    with PyAV. where: what names the video in a refusal (``task T, doc D``)."""
     from transformers.video_utils import load_video
 
     if not Path(path).is_file():
         raise TokensieveError(f"{where + ': ' if where else ''}the video {path} is not a file")
+
+    def evenly(metadata, **_):  # transformers' uniform rule, but a clip of fewer frames is read whole
+        total = metadata.total_num_frames
+        count = min(frames, total)
+        return np.arange(count) * total // count
+
     try:
-        return load_video(path, num_frames=frames, backend="pyav")
+        return Video(*load_video(path, backend="pyav", sample_indices_fn=evenly))
     except (OSError, ValueError, RuntimeError, TypeError) as err:
         text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise TokensieveError(f"{where + ': ' if where else ''}cannot read the video {path}: {text}") from None
@@ -157,7 +173,7 @@ class TokensieveModel(lmms):
     # --- requests -----------------------------------------------------------------------
     def _visuals(self, doc_to_visual, doc_id, task, split) -> list:
         """The document's visuals in order: an image (RGB) as it is, a video (lmms-eval gives its file's path)
-        as :func:`read_video`'s ``(frames, metadata)``; one on the LLaVA families, one or more on Qwen-VL."""
+        as a :class:`Video` (:func:`read_video`); one on the LLaVA families, one or more on Qwen-VL."""
         from PIL import Image
 
         from tokensieve.backbones.load import is_qwen
@@ -184,20 +200,20 @@ class TokensieveModel(lmms):
         from tokensieve.backbones.chat_format import prompt_text
 
         return prompt_text(self.backbone, context.replace(IMAGE_TOKEN, "").strip(),
-                           ["video" if isinstance(v, tuple) else "image" for v in visuals])
+                           ["video" if isinstance(v, Video) else "image" for v in visuals])
 
     def _encode(self, texts: Sequence[str], visuals: list) -> dict[str, torch.Tensor]:
         """Processor inputs of ``texts`` and the visuals of all of them (in order), on the device;
         pixels in the model's dtype."""
         from tokensieve.backbones.load import is_qwen
 
-        images = [v for v in visuals if not isinstance(v, tuple)]
-        videos = [v for v in visuals if isinstance(v, tuple)]
+        images = [v for v in visuals if not isinstance(v, Video)]
+        videos = [v for v in visuals if isinstance(v, Video)]
         clips = {}
-        if videos:
-            clips["videos"] = [frames for frames, _ in videos]
-            if is_qwen(self.backbone):  # the frames' times; the processor must not sample the read frames again
-                clips |= {"video_metadata": [metadata for _, metadata in videos], "do_sample_frames": False}
+        if videos:  # the frames read are the frames the model sees: the processor must not sample them again
+            clips = {"videos": [v.frames for v in videos], "do_sample_frames": False}
+            if is_qwen(self.backbone):  # their times: Qwen3-VL's timestamps, Qwen2.5-VL's seconds per patch
+                clips["video_metadata"] = [v.metadata for v in videos]
         batch = self.backbone.processor(images=images or None, text=list(texts), return_tensors="pt", padding=True,
                                         **clips)
         dtype = self.backbone.model.dtype
