@@ -25,7 +25,7 @@ def clips(qwen, frames: list[int], with_image: bool = False) -> dict:
     where ``with_image``."""
     videos = [np.random.default_rng(7 + i).integers(0, 255, (f, 56, 84, 3), dtype=np.uint8)
               for i, f in enumerate(frames)]
-    texts = [prompt((IMAGE if with_image and i == 0 else "") + VIDEO + "what is the colour ?", 0, qwen.system_prompt)
+    texts = [prompt((IMAGE if with_image and i == 0 else "") + VIDEO + "what is the colour ?", [], qwen.system_prompt)
              for i in range(len(frames))]
     metadata = [{"fps": 2.0, "total_num_frames": f, "frames_indices": list(range(f))} for f in frames]
     return dict(qwen.processor(images=[image("small")] if with_image else None, text=texts, videos=videos,

@@ -129,7 +129,7 @@ def inputs(qwen, rows, first: int = 0, frames: int = VIDEO_SHAPE[0]) -> dict:
     image size of :data:`IMAGE_SIZES` or ``"video"``, left-padded; with ``first + row index`` as seed, the
     row's images are ``image(size, seed)``, its videos ``video(seed, frames)`` (2 frames a second: Qwen3-VL's
     timestamps, Qwen2.5-VL's seconds per temporal patch)."""
-    texts = [prompt("".join(VIDEO if v == "video" else IMAGE for v in visuals) + q, 0, qwen.system_prompt)
+    texts = [prompt("".join(VIDEO if v == "video" else IMAGE for v in visuals) + q, [], qwen.system_prompt)
              for q, visuals in rows]
     images = [image(v, seed=first + i) for i, (_, visuals) in enumerate(rows) for v in visuals if v != "video"]
     videos = [video(seed=first + i, frames=frames) for i, (_, visuals) in enumerate(rows) for v in visuals

@@ -21,6 +21,9 @@ def prompt_text(backbone, question: str, visuals: int | Sequence[str] = 1) -> st
     ``"image"`` or ``"video"`` (a video on the families that take one: Qwen-VL, OneVision, NeXT-Video)."""
     kinds = ["image"] * visuals if isinstance(visuals, int) else list(visuals)
     family = getattr(backbone, "family_name", "LLaVA")
+    if isinstance(visuals, str) or not set(kinds) <= {"image", "video"}:
+        raise TokensieveError(f"visuals {visuals!r}: give how many images, or each visual's kind in order "
+                              "(\"image\" or \"video\")")
     if "video" in kinds and not (is_qwen(backbone) or getattr(backbone, "takes_video", False)):
         raise TokensieveError(f"the {family} backbone takes images only, not a video")
     if is_qwen(backbone):

@@ -21,10 +21,9 @@ DEFAULT_SYSTEM = {"qwen2_vl": "You are a helpful assistant.", "qwen2_5_vl": "You
 ANSWER_CUE = re.compile(r"\s*assistant\s*$")
 
 
-def prompt(question: str, visuals: int | Sequence[str] = 1, system: str | None = None) -> str:
-    """One user turn with its visuals (``visuals``: how many images, or each one's kind in order, ``"image"``
-    or ``"video"``) then ``question``, ending where the answer starts."""
-    kinds = ["image"] * visuals if isinstance(visuals, int) else visuals
+def prompt(question: str, kinds: Sequence[str] = ("image",), system: str | None = None) -> str:
+    """One user turn with its visuals (``kinds``: each one's kind in order, ``"image"`` or ``"video"``) then
+    ``question``, ending where the answer starts."""
     head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
     placeholders = "".join(VIDEO if kind == "video" else IMAGE for kind in kinds)
     return f"{head}<|im_start|>user\n{placeholders}{question}<|im_end|>\n<|im_start|>assistant\n"
@@ -36,7 +35,7 @@ def encode(processor, samples: Sequence, system: str | None = None) -> dict[str,
     the tokenizer's side, ``pixel_values`` ``(sum_i t_i*h_i*w_i, 3*2*14*14)`` (the patches of every
     image, packed), ``image_grid_thw`` ``(n_images, 3)``."""
     return dict(processor(
-        images=[s.image for s in samples], text=[prompt(s.question, 1, system) for s in samples],
+        images=[s.image for s in samples], text=[prompt(s.question, ["image"], system) for s in samples],
         return_tensors="pt", padding=True,
     ))
 

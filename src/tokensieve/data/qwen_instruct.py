@@ -28,7 +28,7 @@ def collate_qwen(processor, examples: list[InstructExample], system: str | None 
         if len(e.turns) != 1:
             raise TokensieveError(f"example {e.id}: {len(e.turns)} turns; training on Qwen-VL takes one "
                                   "question and answer per example for now")
-    texts = [prompt(e.turns[0][0], 1, system) + e.turns[0][1] + END_OF_TURN for e in examples]
+    texts = [prompt(e.turns[0][0], ["image"], system) + e.turns[0][1] + END_OF_TURN for e in examples]
     encoded = processor(images=[e.image for e in examples], text=texts, return_tensors="pt", padding=True)
     ids, mask = encoded["input_ids"], encoded["attention_mask"]
     labels = torch.full_like(ids, IGNORE_INDEX)
