@@ -125,8 +125,8 @@ def test_bench_speed_on_a_next_shape_reports_every_figure(monkeypatch, capsys):
     before = json.loads(capsys.readouterr().out)
     assert inside["shape"]["n_visual"] == 88 and inside["shape"]["image_width"] == 56
     rows = inside["rows"] + before["rows"]
-    assert [(r["method"], r["site"]) for r in rows] == [("fastv", "llm.2"), ("dart", "llm.2"), ("random", "llm.0"),
-                                                        ("divprune", "llm.0"), ("hired", "llm.0")]
+    assert [(r["method"], r["site"]) for r in rows] == [("fastv", "llm.2"), ("dart(exact_budget=True)", "llm.2"),
+                                                        ("random", "llm.0"), ("divprune", "llm.0"), ("hired", "llm.0")]
     for r in rows:  # half the 80 base and crop tokens (HiRED: at most, its shares rounded down); the 8 newlines stay
         assert r["visual_tokens_kept"] == 40 or r["method"] == "hired" and 36 <= r["visual_tokens_kept"] <= 40
         assert r["native_bound_ms"] > 0 and r["ideal_speedup"] > 1

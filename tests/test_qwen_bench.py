@@ -148,7 +148,8 @@ def test_bench_speed_on_a_qwen_shape_reports_every_figure(monkeypatch, capsys):
     before = json.loads(capsys.readouterr().out)
     assert inside["shape"]["n_visual"] == 8 and inside["shape"]["image_width"] == 112
     rows = inside["rows"] + before["rows"]
-    assert [(r["method"], r["site"]) for r in rows] == [("fastv", "llm.2"), ("dart", "llm.2"), ("pyramiddrop", "llm.1"),
+    pyramiddrop = "pyramiddrop(positions=original, layers=[1, 2])"  # a row names the parameters it was given
+    assert [(r["method"], r["site"]) for r in rows] == [("fastv", "llm.2"), ("dart", "llm.2"), (pyramiddrop, "llm.1"),
                                                         ("random", "llm.0"), ("divprune", "llm.0")]
     assert rows[2]["params"] == {"positions": "original", "layers": [1, 2]}
     for r in rows:

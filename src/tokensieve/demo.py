@@ -22,13 +22,13 @@ from tokensieve.backbones.hf_qwen import QwenVLBackbone
 from tokensieve.backbones.shipped import shipped_testbed
 from tokensieve.config import load_config
 from tokensieve.errors import TokensieveError
-from tokensieve.evaluate.accuracy import compare_methods, method_label
+from tokensieve.evaluate.accuracy import compare_methods
 from tokensieve.evaluate.eval_data import synthetic_data
 from tokensieve.evaluate.kept_overlays import example_views
 from tokensieve.evaluate.report import timing_warning, write_report
 from tokensieve.evaluate.sample_log import SampleLog
 from tokensieve.interrupt import Interrupted
-from tokensieve.methods import list_methods, method_class
+from tokensieve.methods import list_methods, method_class, method_label
 from tokensieve.pruner import TwoStagePruner
 from tokensieve.train.trainer import train_two_stage
 from tokensieve.train.two_stage_config import TwoStageConfig

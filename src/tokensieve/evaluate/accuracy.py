@@ -25,6 +25,7 @@ from tokensieve.evaluate.qwen_matching import QwenPlan
 from tokensieve.evaluate.sample_log import SampleLog
 from tokensieve.evaluate.scorer import Scorer
 from tokensieve.method import Budget
+from tokensieve.methods import method_label
 
 
 def timing_fields(backbone, samples: list[VQAItem], kept=None, progress: bool = False) -> dict:
@@ -79,7 +80,8 @@ def compare_methods(backbone, data: EvalData, methods: list[str | dict], budgets
     ``centres`` (those rows run first; ``budgets`` is not used); otherwise each ``budgets`` value
     (tokens: a count or share of the visual tokens; flops: a share of the unpruned prefill). Such rows get ``matched``: ``{by, to,
     target, planned}`` (``to``: the budget matched, by which rows are paired).
-    methods: names, or configs ``{"name": ..., parameter: value}`` (a row is labelled by :func:`method_label`).
+    methods: names, or configs ``{"name": ..., parameter: value}`` (a row is labelled by
+    :func:`tokensieve.methods.method_label`).
     pairs: the ``(method, budget)`` rows to measure, instead of every method at every budget.
     split: how each method's budget is split over an anyres image's base and crops (``attach``'s ``split``).
     """
@@ -170,15 +172,6 @@ def compare_methods(backbone, data: EvalData, methods: list[str | dict], budgets
     add_paired(rows, item_scores)
     add_paired_at_cost(rows, item_scores)
     return rows
-
-
-def method_label(method: str | dict) -> str:
-    """A row's ``method``: a name as it is; a config its name and parameters, ``pyramiddrop(positions=original)``
-    (two settings of one method are two rows, in every table and figure)."""
-    if isinstance(method, str):
-        return method
-    params = ", ".join(f"{k}={v}" for k, v in method.items() if k != "name")
-    return f"{method['name']}({params})" if params else method["name"]
 
 
 def _costs(backbone, items: list[VQAItem]) -> LlavaCosts | QwenCosts | AnyresCosts:

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from tokensieve.methods.cdpruner import ClipTextEncoder
+from tokensieve.methods.cdpruner import CDPruner, ClipTextEncoder
 
 
 @dataclass(frozen=True)
@@ -77,3 +77,14 @@ def bench_clip_encoder(size: ClipTextSize, vision_width: int, device: str = "cpu
         text = CLIPTextModelWithProjection(config)
         norm, projection = nn.LayerNorm(vision_width), nn.Linear(vision_width, size.projection, bias=False)
     return ClipTextEncoder(tokenizer, text, norm, projection).to(device)
+
+
+def with_clip_encoder(method, shape, device: str, built: dict):
+    """``method``, given the shape's random CLIP text encoder (:func:`bench_clip_encoder` of its ``clip_text`` and
+    ``projector_input_width``) if it is CDPruner without a checkpoint of its own (``text_encoder``); built: the
+    encoders built so far in this run, by shape (one per run, whatever the cases)."""
+    if isinstance(method, CDPruner) and method.encoder is None and method.text_encoder is None:
+        if shape not in built:
+            built[shape] = bench_clip_encoder(shape.clip_text, shape.projector_input_width, device)
+        method.encoder = built[shape]
+    return method

@@ -43,18 +43,21 @@ from transformers import (
 )
 
 from tokensieve.attach import attach
-from tokensieve.methods import create_method
 from tokensieve.backbones import LlavaBackbone
-from tokensieve.evaluate.bench_question import ClipTextSize, bench_clip_encoder, question_processor
+from tokensieve.evaluate.bench_question import (
+    ClipTextSize,
+    question_processor,
+    with_clip_encoder,
+)
 from tokensieve.evaluate.compiled import compiled_forwards, first_call_seconds
 from tokensieve.evaluate.decode_speed import decode_figures
 from tokensieve.evaluate.flops import TokenCounts, prefill_flops, token_counts
-from tokensieve.evaluate.op_profile import profile_pair
 from tokensieve.evaluate.native_bounds import (
     hook_free_twin,
     native_plan,
     native_prefill,
 )
+from tokensieve.evaluate.op_profile import profile_pair
 from tokensieve.evaluate.timing import (
     alternate_timings,
     alternating_timings,
@@ -62,6 +65,7 @@ from tokensieve.evaluate.timing import (
     scoring_shares,
     synchronizer,
 )
+from tokensieve.methods import create_method, method_label
 
 TARGETS = {"speedup >= 0.95 x ideal_speedup": lambda r: r["speedup"] >= 0.95 * r["ideal_speedup"],
            "scoring_overhead <= 0.03": lambda r: r["scoring_overhead"] <= 0.03}
@@ -222,10 +226,10 @@ def speed_benchmark(shape: SpeedShape = BenchShape(), methods: tuple[str | dict,
     def prefill():
         backbone.forward(**inputs, logits_to_keep=1)
 
-    rows = []
+    rows, encoders = [], {}
     cases = [(m, b) for m in methods for b in budgets]
     for spec, budget in tqdm(cases, desc="speed", unit="case", disable=not progress):
-        method = with_clip_encoder(create_method(spec), shape, device)
+        method = with_clip_encoder(create_method(spec), shape, device, encoders)
         handle = attach(backbone, method, budget, site=site, mode="hard")  # at the method's own site(s) by default
         acted_at = handle.stages[0].site
 
@@ -250,7 +254,7 @@ def speed_benchmark(shape: SpeedShape = BenchShape(), methods: tuple[str | dict,
         finally:
             handle.detach()
         full, pruned = times["full"], times["pruned"]
-        row = {"method": spec if isinstance(spec, str) else spec["name"], "site": acted_at, "budget": budget,
+        row = {"method": method_label(spec), "site": acted_at, "budget": budget,
                "visual_tokens_kept": kept,
                "prefill_ms_full": round(1000 * statistics.median(full), 2),
                "prefill_ms_pruned": round(1000 * statistics.median(pruned), 2),
@@ -268,14 +272,6 @@ def speed_benchmark(shape: SpeedShape = BenchShape(), methods: tuple[str | dict,
             row["op_profile"] = profiled
         rows.append(row | decoding)
     return rows
-
-
-def with_clip_encoder(method, shape: SpeedShape, device: str):
-    """``method``, given a random CLIP text encoder of the shape's size if it reads the question through CLIP
-    and was given no checkpoint of its own (CDPruner without ``text_encoder``)."""
-    if getattr(method, "encoder", False) is None and getattr(method, "text_encoder", None) is None:
-        method.encoder = bench_clip_encoder(shape.clip_text, shape.projector_input_width, device)
-    return method
 
 
 def native_llm_reference(shape: SpeedShape, kept_counts: list[int], repeats: int = 7, device: str = "cpu",

@@ -41,6 +41,15 @@ def method_class(name: str) -> type[Method]:
     return registered()[name]
 
 
+def method_label(spec: str | dict[str, Any]) -> str:
+    """How a result row names a method: a name as it is; a config its name and parameters,
+    ``pyramiddrop(positions=original)`` (two settings of one method are two rows, in every table and figure)."""
+    if isinstance(spec, str):
+        return spec
+    params = ", ".join(f"{k}={v}" for k, v in spec.items() if k != "name")
+    return f"{spec['name']}({params})" if params else spec["name"]
+
+
 def create_method(spec: str | dict[str, Any] | Method, **params: Any) -> Method:
     """A method from a name (plus parameters), a config dict ``{"name": ..., ...}`` or an instance."""
     if isinstance(spec, Method):
