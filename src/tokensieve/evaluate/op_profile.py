@@ -11,12 +11,15 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 
 def op_times(prefill: Callable[[], object], sync: Callable[[], None], device: str = "cpu") -> dict[str, float]:
     """``{operator: ms}``: the self time of every operator in one call of ``prefill``, on the device that
-    runs it (host time on a CPU, device time on CUDA), largest first; ``sync`` waits for the device."""
+    runs it, largest first; ``sync`` waits for the device. On a CPU its host time; on CUDA the device time
+    of the kernels each host-side operator launched (the kernels' own events are left out: counting them
+    too would count every kernel twice)."""
     cuda = device.startswith("cuda")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sync()
@@ -24,7 +27,8 @@ def op_times(prefill: Callable[[], object], sync: Callable[[], None], device: st
         prefill()
         sync()
     field = "self_device_time_total" if cuda else "self_cpu_time_total"
-    times = {event.key: getattr(event, field) / 1000 for event in prof.key_averages()}
+    times = {event.key: getattr(event, field) / 1000 for event in prof.key_averages()
+             if event.device_type == DeviceType.CPU}
     return dict(sorted(((k, round(v, 3)) for k, v in times.items() if v > 0), key=lambda kv: -kv[1]))
 
 
