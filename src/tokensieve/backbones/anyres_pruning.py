@@ -39,7 +39,12 @@ import torch
 from tokensieve.backbones.anyres_split import SPLIT_SIGNALS, check_split, part_budgets
 from tokensieve.backbones.anyres_tower import CROP_SIGNALS, CropAttention
 from tokensieve.backbones.base import Site
-from tokensieve.backbones.per_image_stage import PerImageStage, PerImageStagePlan, per_image_questions
+from tokensieve.backbones.per_image_stage import (
+    PerImageStage,
+    PerImageStagePlan,
+    embedded_question,
+    per_image_questions,
+)
 from tokensieve.backbones.qwen_tower import CLS_SIGNALS
 from tokensieve.backbones.qwen_units import refuse_video, units_now
 from tokensieve.backbones.row_llm import RowLLMStages
@@ -167,8 +172,7 @@ class AnyresPruningSession(PerImageStage, RowLLMStages):
             return layouts[i].pack(crops)[candidates.to(crops.device)][None]
 
         def question_states(i: int) -> tuple[torch.Tensor, torch.Tensor]:  # (1, T_i, d) embeddings, (1, T_i)
-            ids = question_mask[0][i][question_mask[1][i]][None]
-            return self.bb.model.get_input_embeddings()(ids), torch.ones_like(ids, dtype=torch.bool)
+            return embedded_question(self.bb.model, question_mask[0][i][question_mask[1][i]])
 
         def crop_signals(i: int, candidates: torch.Tensor) -> dict:
             source = {"anyres_source": lambda: layouts[i].source[candidates.cpu()][None].to(candidates.device)}

@@ -44,6 +44,7 @@ from transformers.vision_utils import get_vision_window_index
 
 from tokensieve.backbones.base import Site
 from tokensieve.backbones.hf_checkpoint import checkpoint_config, load_complete, model_and_processor
+from tokensieve.backbones.per_image_stage import embedded_question
 from tokensieve.backbones.qwen_kept import checked_kept, kept_features, row_origins
 from tokensieve.backbones.qwen_layout import QwenInputs, QwenLayout, find_layout
 from tokensieve.backbones.qwen_positions import (
@@ -284,8 +285,7 @@ class QwenVLBackbone:
     def _question_states(self, input_ids: torch.Tensor, layout, unit: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(states (1, T, d), valid (1, T))``: the input embeddings of the question of visual unit ``unit``'s row."""
         row = next(b for b, runs in enumerate(layout.runs) if any(run.unit == unit for run in runs))
-        ids = input_ids[row][layout.question_mask[row]][None]
-        return self.model.get_input_embeddings()(ids), torch.ones_like(ids, dtype=torch.bool)
+        return embedded_question(self.model, input_ids[row][layout.question_mask[row]])
 
     def forward(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, kept=None,
                 mm_token_type_ids=None, pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None,

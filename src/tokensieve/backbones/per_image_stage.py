@@ -71,6 +71,13 @@ def per_image_questions(questions: Callable[[], list[str]] | None
     return of
 
 
+def embedded_question(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(states (1, T, d), valid (1, T))``: ``model``'s input embeddings of one question's ids ``(T,)``, for
+    ``SiteInputs.question_states`` before the LLM (every token real)."""
+    ids = ids[None]
+    return model.get_input_embeddings()(ids), torch.ones_like(ids, dtype=torch.bool)
+
+
 class PerImageStage:
     """The stage before the LLM, run on each image alone (mixin of a session)."""
 
