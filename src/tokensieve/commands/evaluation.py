@@ -59,6 +59,9 @@ def _eval(args: argparse.Namespace) -> None:
                                                    ("target_ratio", args.head_share)) if value is not None}
     if centres and args.pruner is None:
         raise TokensieveError("--centres sets the tokens the trained pruner sends into the LLM: give it with --pruner")
+    if args.split != "all" and not methods:
+        raise TokensieveError(f"--split {args.split} splits a --method's budget over an image's base and crops: give it "
+                              "with --method (a trained pruner's merger sets its own tokens)")
     to_pruner = args.match is not None and args.pruner is not None  # methods matched to the pruner's centres
     if to_pruner and budgets:
         raise TokensieveError("--match with --pruner matches the methods to the pruner at each --centres value: "
@@ -127,7 +130,8 @@ def _eval(args: argparse.Namespace) -> None:
         from tokensieve.evaluate.kept_overlays import example_views
 
         meta = {"model": str(args.model or "shipped testbed"), "mode": args.mode, "data": data.name, "match": args.match,
-                **({"split": args.split} if args.split != "all" else {}), "items": len(data.items), "max_new_tokens": data.max_new_tokens,
+                **({"split": args.split} if args.split != "all" else {}), "items": len(data.items),
+                "max_new_tokens": data.max_new_tokens,
                 "text_tokens_for_flops": round(rows[0]["tokens_per_llm_layer"][0] - rows[0]["visual_tokens_mean_llm"]),
                 **({"visual_tokens": "means over the items: each image gives its own count (dynamic resolution)"}
                    if qwen else {}),
@@ -173,8 +177,9 @@ def add(sub) -> None:
                     help="add the object oracle at each budget (synthetic set: tokens on objects only)")
     ev.add_argument("--site", default=None, help="where to reduce (default: each method's own site)")
     ev.add_argument("--split", default="all", choices=["all", "even", "hired"],
-                    help="how a method's budget is split over an anyres image's base and crops at llm.0 (LLaVA-NeXT; "
-                         "all: one budget over every visual token, default; even: equal shares; hired: HiRED's rule)")
+                    help="how a method's budget is split over an anyres image's base and crops at llm.0 (LLaVA-NeXT "
+                         "and NeXT-Video; OneVision: all and even): all: one budget over every visual token, default; "
+                         "even: equal shares; hired: HiRED's rule. It applies to the --method rows only")
     ev.add_argument("--param", action="append", default=[], metavar="METHOD.KEY=VALUE",
                     help="set a parameter of a method in --method (repeatable), e.g. cdpruner.text_encoder=DIR "
                          "or pyramiddrop.layers=[8,16,24]; docs/methods.md lists each method's parameters")
