@@ -14,9 +14,11 @@ from tokensieve.backbones.hf_qwen import QwenVLBackbone
 from tokensieve.backbones.qwen_prompt import encode
 from tokensieve.cli import main
 from tokensieve.data.synthetic import make_sample
+from tokensieve.data.synthetic_eval import object_attention_ratio
 from tokensieve.testbed.evaluate import QWEN_TARGETS, evaluate_testbed
 from tokensieve.testbed.qwen_family import SYSTEM, QwenTestbed, token_patches
 from tokensieve.testbed.qwen_model import QWEN_SCENES, QWEN_SIZES
+from tokensieve.testbed.received_attention import recorded_received_attention
 from tokensieve.testbed.train import train_testbed
 
 from tiny_testbed import TINY, interrupted_then_resumed
@@ -67,6 +69,31 @@ def test_training_writes_a_loadable_qwen_checkpoint_that_testbed_eval_checks(tin
     assert set(report["targets"]) == set(QWEN_TARGETS)
     assert report["visual_tokens_per_size"] == {"64x64": 64, "64x80": 80, "80x72": 90, "80x80": 100}
     assert report["n_visual_tokens"] == 100 and "cls_attention_object_ratio" not in report
+    assert report["received_attention_object_ratio"] > 0  # reported, no target
+
+
+def test_the_object_attention_ratio_is_the_objects_share_of_attention_over_their_share_of_tokens():
+    samples = [make_sample(3, i, QWEN_SCENES.at(*size)) for i, size in enumerate(QWEN_SIZES[:2])]
+    rows = []
+    for s in samples:  # half the attention on the objects' tokens
+        row = torch.ones(s.grid[0] * s.grid[1])
+        row[list(s.object_patches)] = (row.numel() - len(s.object_patches)) / len(s.object_patches)
+        rows.append(row)
+    expected = sum(0.5 / (len(s.object_patches) / (s.grid[0] * s.grid[1])) for s in samples) / 2
+    assert object_attention_ratio(rows, samples) == pytest.approx(expected)  # images of two sizes in one call
+
+
+def test_the_received_attention_recorder_keeps_every_token_and_reads_each_image(tiny_qwen_testbed):
+    backbone = QwenVLBackbone.from_pretrained(tiny_qwen_testbed)
+    samples = [make_sample(3, i, QWEN_SCENES.at(*size)) for i, size in enumerate(QWEN_SIZES)]
+    batch = encode(backbone.processor, samples, SYSTEM)
+    with torch.no_grad():
+        plain = backbone.forward(**batch).logits
+        with recorded_received_attention(backbone) as seen:
+            assert torch.equal(backbone.forward(**batch).logits, plain)  # keep-all: the plain model
+        assert torch.equal(backbone.forward(**batch).logits, plain)  # detached
+    assert [len(row) for row in seen] == [s.grid[0] * s.grid[1] for s in samples]  # 64, 80, 90, 100
+    assert all(bool((row >= 0).all()) and float(row.sum()) > 0 for row in seen)
 
 
 def test_interrupted_qwen_training_resumes_exactly(tmp_path, monkeypatch, tiny_qwen_testbed):

@@ -71,10 +71,11 @@ def object_oracle(count: int, grid: int) -> KeptFn:
     return kept
 
 
-def cls_attention_object_ratio(attention: torch.Tensor, samples: list[Sample]) -> float:
-    """Mean over samples of (CLS attention share on object patches) / (object patches' share).
+def object_attention_ratio(attention: torch.Tensor | list[torch.Tensor], samples: list[Sample]) -> float:
+    """Mean over samples of (attention share on object patches) / (object patches' share).
 
-    attention: ``(B, N_patches)`` CLS-row attention over the patch tokens.
+    attention: per sample its attention over its patch tokens, ``(B, N)`` (LLaVA: the CLS row) or a list of
+    ``(N_i,)`` (Qwen-VL: the attention each token receives, on images of several sizes).
     """
     ratios = []
     for row, s in zip(attention, samples):

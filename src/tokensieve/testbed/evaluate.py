@@ -2,8 +2,10 @@
 
 Besides plain accuracy, the report holds the controls that show the model really uses its
 visual tokens: a question-only prior, a blank image, a random 11% of tokens, only the
-object tokens, and (LLaVA) where the tower's CLS attention falls. The Qwen testbed has no CLS
-token; it is checked instead for rows of different token counts (its scenes come in four sizes).
+object tokens, and where the tower's attention falls: on LLaVA the CLS token's (a target), on the
+Qwen testbed, which has no CLS token, the attention each token receives in the last block (reported: the
+signal VisionZip's Qwen port ranks by). The Qwen testbed is checked instead for rows of different token
+counts (its scenes come in four sizes).
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from tokensieve.backbones import LlavaBackbone
 from tokensieve.backbones.hf_qwen import QwenVLBackbone
 from tokensieve.data.synthetic import Sample, SceneSpec, blank_image
 from tokensieve.data.synthetic_eval import (
-    cls_attention_object_ratio, heldout_samples, object_keep, question_only_predictor, random_keep, scene_spec_for,
+    heldout_samples, object_attention_ratio, object_keep, question_only_predictor, random_keep, scene_spec_for,
 )
 from tokensieve.evaluate.predict import predict
 from tokensieve.evaluate.scoring import accuracy_summary
 from tokensieve.errors import TokensieveError
 from tokensieve.testbed.qwen_model import QWEN_SCENES, TOKEN_PIXELS
+from tokensieve.testbed.received_attention import recorded_received_attention
 
 # Targets from the foundation issue: what makes the testbed able to rank pruning methods.
 TARGETS: dict[str, Callable[[dict], bool]] = {
@@ -71,13 +74,16 @@ def evaluate_testbed(backbone: LlavaBackbone | QwenVLBackbone, n_samples: int = 
 
     if qwen:
         sizes = {f"{h}x{w}": spec.at(h, w).n_patches for h, w in spec.sizes}
-        n_tokens, extra = max(sizes.values()), {"visual_tokens_per_size": sizes}
-        full = summarise(samples, predict(backbone, samples, batch_size=batch_size, desc=label("full model")))
+        with recorded_received_attention(backbone) as received:
+            full = summarise(samples, predict(backbone, samples, batch_size=batch_size, desc=label("full model")))
+        n_tokens = max(sizes.values())
+        extra = {"visual_tokens_per_size": sizes,
+                 "received_attention_object_ratio": round(object_attention_ratio(received, samples), 3)}
     else:
         n_tokens = backbone.n_visual_tokens
         with backbone.capture_cls_attention(-1) as captured:
             full = summarise(samples, predict(backbone, samples, batch_size=batch_size, desc=label("full model")))
-        extra = {"cls_attention_object_ratio": round(cls_attention_object_ratio(torch.cat(captured), samples), 3)}
+        extra = {"cls_attention_object_ratio": round(object_attention_ratio(torch.cat(captured), samples), 3)}
     blank = {size: blank_image(spec.at(*size)) for size in {s.image.shape[:2] for s in samples}}
     blanks = [replace(s, image=blank[s.image.shape[:2]]) for s in samples]
     guess = question_only_predictor(10 * n_samples, spec)
