@@ -82,13 +82,18 @@ def test_a_later_llm_stage_keeps_or_drops_extra_tokens_like_any_other(backbone, 
         assert set(after) <= set(before) and len(after) == 4
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(site="llm.1"), "inside the LLM need positions renumbered"),
-    (dict(site="projector", mode="soft"), "soft mode cannot hold"),
-])
-def test_extra_tokens_are_refused_where_they_cannot_go(backbone, kwargs, message):
-    with pytest.raises(TokensieveError, match=message):
-        attach(backbone, _EveryOtherPlusSummary(), 9, **kwargs)
+def test_extra_tokens_are_refused_in_soft_mode(backbone):
+    with pytest.raises(TokensieveError, match="soft mode cannot hold"):
+        attach(backbone, _EveryOtherPlusSummary(), 9, site="projector", mode="soft")
+
+
+def test_extra_tokens_inside_the_llm_without_a_position_are_refused_in_the_pass(backbone, batch):
+    handle = attach(backbone, _EveryOtherPlusSummary(), 9, site="llm.1")  # positions kept, no extra_at given
+    try:
+        with pytest.raises(TokensieveError, match=r"^[^\n]*renumbered or each taking a token's .Selection.extra_at"):
+            backbone.forward(**batch)
+    finally:
+        handle.detach()
 
 
 def test_a_wrong_count_with_extra_tokens_is_refused(backbone, batch):

@@ -35,7 +35,7 @@ from tiny_clip_text import save_tiny_clip
 from tokensieve.attach import attach
 from tokensieve.backbones.load import load_backbone
 from tokensieve.errors import TokensieveError
-from tokensieve.method import Selection
+from tokensieve.method import Budget, Selection
 from tokensieve.methods import create_method, method_class
 
 COUNT = 5  # the count budget: below the smallest image's tokens (Qwen's small image: 6), HiRED's 5 parts
@@ -43,13 +43,17 @@ PYRAMIDDROP = {"name": "pyramiddrop", "positions": "original", "layers": (1, 2)}
 DART = {"name": "dart", "exact_budget": True}  # its paper's rule keeps a multiple of its pivots
 RECEIVED = {"importance": "received_attention"}  # the Qwen ports of methods reading CLS attention (ours)
 # (label, method config, site) per family group; a method's own site when None.
+# SparseVLM's rank sets each row's count (the budget only caps it); on Qwen-VL with original positions (ours)
+SPARSEVLM = {"name": "sparsevlm", "layers": (1, 2), "scale": 0.8, "bias": 0.0}
+QWEN_SPARSEVLM = {**SPARSEVLM, "positions": "original"}
 LLAVA_NEXT_RUNS = [("random@llm.0", "random", "llm.0"), ("random@llm.1", "random", "llm.1"),
                    ("divprune@llm.0", "divprune", "llm.0"), ("divprune@llm.1", "divprune", "llm.1"),
                    ("cdpruner", "cdpruner", None), ("fastv@llm.1", "fastv", "llm.1"), ("dart@llm.1", DART, "llm.1"),
                    ("pyramiddrop", PYRAMIDDROP, None), ("layer_pruner@llm.0", "layer_pruner", "llm.0"),
                    ("layer_pruner@llm.1", "layer_pruner", "llm.1")]
+NEXT_NAMES = ("llava_next", "llava_onevision", "llava_next_video")
 RUNS = {
-    "qwen2_vl": [("random@projector", "random", None), *LLAVA_NEXT_RUNS,
+    "qwen2_vl": [("random@projector", "random", None), *LLAVA_NEXT_RUNS, ("sparsevlm", QWEN_SPARSEVLM, None),
                  ("dycoke", {"name": "dycoke", "order": "positions"}, None),  # Qwen-VL keeps grid order (ours)
                  ("visionzip", {"name": "visionzip", **RECEIVED, "cls": "drop", "order": "positions"}, None),
                  ("fastervlm", {"name": "fastervlm", **RECEIVED}, None),
@@ -60,7 +64,13 @@ RUNS = {
     "llava_onevision": [*LLAVA_NEXT_RUNS, ("dycoke", "dycoke", None)],
     "llava_next_video": [*LLAVA_NEXT_RUNS, ("hired", "hired", None), ("dycoke", "dycoke", None)],
 }
-RUNS["qwen2_5_vl"] = RUNS["qwen3_vl"] = RUNS["qwen2_vl"]
+for name in NEXT_NAMES:  # the released defaults: positions renumbered, recycled tokens (SparseVLM)
+    RUNS[name] += [("sparsevlm", SPARSEVLM, None),
+                   ("pyramiddrop (renumbered)", {**PYRAMIDDROP, "positions": "renumbered"}, None)]
+RUNS["qwen2_5_vl"] = RUNS["qwen2_vl"]
+# Qwen3-VL's DeepStack features are added after layers 0 and 1 of the tiny model: tokens made after them
+RUNS["qwen3_vl"] = [run if run[0] != "sparsevlm" else ("sparsevlm", {**QWEN_SPARSEVLM, "layers": (2,)}, None)
+                    for run in RUNS["qwen2_vl"]]
 CASES = [(family, label) for family in RUNS for label, _, _ in RUNS[family]]
 
 
@@ -168,6 +178,16 @@ def case(folders, make, name: str, label: str):
     return fam, method, site, kinds
 
 
+def adaptive(method) -> bool:
+    """True for a method whose rule sets each row's count, the budget only capping it (SparseVLM's rank)."""
+    return method.count_per_row and all(b.ratio == 1.0 for _, b in method.schedule("llm", Budget(count=COUNT), 3))
+
+
+def hard_only(method) -> bool:
+    """True for a method soft mode cannot express: tokens of its own, or positions renumbered after a drop."""
+    return method.makes_extra_tokens or getattr(method, "renumbers_positions", False)
+
+
 def kept_of(handle) -> list[torch.Tensor]:
     """Per image (before the LLM) or row (inside it) the indices its first stage kept, padding left out."""
     return [row[row >= 0] for row in handle.last_kept[str(handle.stages[0])]]
@@ -192,6 +212,8 @@ def test_keep_all_budgets_and_detach(folders, make, name, label):
                 counts = handle.last_counts.values()
                 if getattr(used, "own_order", None):  # every token, a cut frame's in the reference's order
                     assert all(after == before for before, after in counts)
+                elif adaptive(used):  # its rule's count, capped at all but one token
+                    assert all(after <= before for before, after in counts)
                 elif used.name != "hired":  # HiRED has no keep-all (module docstring)
                     assert torch.equal(logits, plain), f"{label} keep-all ({kind})"
             finally:
@@ -201,10 +223,13 @@ def test_keep_all_budgets_and_detach(folders, make, name, label):
             handle = attach(bb, pruning, budget, site=site)
             try:
                 bb.forward(**batch)
-                for stage, (before, after) in handle.last_counts.items():
-                    assert after < before, f"{stage} pruned nothing ({kind})"
+                for stage, (before, after) in handle.last_counts.items():  # a full-rank SparseVLM stage keeps all
+                    assert after < before or adaptive(pruning) and stage != str(handle.stages[0]), \
+                        f"{stage} pruned nothing ({kind})"
                 counts = [len(k) for k in kept_of(handle)]
-                if isinstance(budget, int):  # HiRED: at most (its parts' shares rounded down)
+                if adaptive(pruning):  # no budget to meet; its recycled tokens are in every stage's run
+                    assert all(bool((kept == -3).any()) for kept in handle.last_kept.values()), label
+                elif isinstance(budget, int):  # HiRED: at most (its parts' shares rounded down)
                     assert all(c == budget or pruning.name == "hired" and c <= budget for c in counts), \
                         f"{label} kept {counts} of a budget of {budget} ({kind})"
                 else:  # the first stage keeps the share of each row (counts here are rounded means), then
@@ -301,6 +326,11 @@ def test_soft_with_a_binary_mask_equals_hard(folders, make, name, label):
     fam, method, site, kinds = case(folders, make, name, label)
     bb = fam.backbone
     for kind in kinds:
+        if hard_only(method()):
+            with pytest.raises(TokensieveError, match=r"^[^\n]*soft mode cannot[^\n]*$"):
+                attach(bb, method(), budget_for(method()), site=site, mode="soft")
+            assert not bb.sessions
+            return
         results = {}
         for mode in ("hard", "soft"):
             pruning = method()

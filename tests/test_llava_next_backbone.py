@@ -106,9 +106,10 @@ def test_bad_inputs_are_one_line(llava_next, next_batch):
 @pytest.mark.parametrize(("method", "budget", "site", "mode", "words"), [
     ("visionzip", 0.5, None, "hard", "LLaVA-NeXT has no projector site: its vision tower runs on crops"),
     ("fastervlm", 0.5, "vision.1", "hard", "LLaVA-NeXT has no vision.1 site"),
-    ("sparsevlm", 64, None, "hard", "sparsevlm renumbers positions"),
-    (MakesTokens(), 0.5, "llm.0", "hard", "adds tokens of its own, which the LLaVA-NeXT backbone cannot place"),
-    ("pyramiddrop", 0.5, None, "hard", "renumbers positions"),
+    ("sparsevlm", 64, None, "soft", "sparsevlm adds tokens of its own, which soft mode cannot do"),
+    (MakesTokens(), 0.5, "llm.0", "hard", "adds tokens of its own, which the LLaVA-NeXT backbone places inside the "
+                                          "LLM only"),
+    ("pyramiddrop", 0.5, None, "soft", "renumbers positions after a drop, which soft mode cannot do"),
     ("random", 0.5, "llm.3", "hard", "llm.3 is past its depth"),
 ])
 def test_refused_at_attach_in_one_line(llava_next, method, budget, site, mode, words):

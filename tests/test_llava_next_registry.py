@@ -16,11 +16,12 @@ SITE_OF_STAGE = {"vision": "vision.1", "projector": "projector", "llm": ("llm.0"
 CASES = [(name, site) for name in list_methods() for stage in method_class(name).stages
          for site in ([SITE_OF_STAGE[stage]] if stage != "llm" else SITE_OF_STAGE[stage])]
 # What runs: scoring methods after packing (llm.0: the methods reading the projector's input, nothing, or
-# the tower's CLS rows per crop: HiRED) and inside the LLM (llm.1). Refused: every vision/projector site (none
-# on NeXT), methods needing signals a site lacks, positions renumbered (PyramidDrop's and SparseVLM's
-# defaults) and tokens a method makes (SparseVLM).
+# the tower's CLS rows per crop: HiRED) and inside the LLM (llm.1: PyramidDrop and SparseVLM as released too,
+# positions renumbered and recycled tokens). Refused: every vision/projector site (none on NeXT), methods
+# needing signals a site lacks, and the schedules' llm.0 (PyramidDrop and SparseVLM act at their layers).
 RUNS = {("cdpruner", "llm.0"), ("dart", "llm.1"), ("divprune", "llm.0"), ("divprune", "llm.1"), ("fastv", "llm.1"),
-        ("hired", "llm.0"), ("layer_pruner", "llm.0"), ("layer_pruner", "llm.1"), ("random", "llm.0"), ("random", "llm.1")}
+        ("hired", "llm.0"), ("layer_pruner", "llm.0"), ("layer_pruner", "llm.1"), ("random", "llm.0"),
+        ("random", "llm.1"), ("pyramiddrop", "llm.1"), ("sparsevlm", "llm.1")}
 # Attach, then refused in one line at the first pass: the merger's llm stage is for Qwen-VL's llm.0; here
 # the new values it gives the kept tokens have no place.
 REFUSED_IN_PASS = {("token_merger", "llm.0"), ("token_merger", "llm.1")}
@@ -58,9 +59,12 @@ def test_runs_or_is_refused_in_one_line(llava_next, next_batch, make, name, site
                 return
             llava_next.forward(**next_batch)
         kept = handle.last_kept[str(handle.stages[0])]
+        if budget != BUDGET:  # a share (PyramidDrop) or SparseVLM's rank: fewer than the row had
+            before, after = handle.last_counts[str(handle.stages[0])]
+            assert after < before
         for row, layout in zip(kept, layouts):
             row = row[row >= 0]
-            assert 1 <= len(row) <= BUDGET and not layout.is_newline[row].any()
+            assert 1 <= len(row) and (len(row) <= BUDGET or budget != BUDGET) and not layout.is_newline[row].any()
     finally:
         handle.detach()
 

@@ -50,9 +50,9 @@ def test_the_tiny_shape_packs_a_base_and_four_crops_with_newlines():
 @pytest.mark.parametrize(("method", "site", "split"), [
     ("random", "llm.0", "all"), ("divprune", "llm.0", "all"), ("random", "llm.0", "even"), ("fastv", "llm.2", "all"),
     ("random", "llm.1", "all"), ([("random", "llm.0", 0.5), ("fastv", "llm.2", 0.5)], None, "all"),
-    (RandomWithoutNewlines(), "llm.0", "all")],
+    (RandomWithoutNewlines(), "llm.0", "all"), ({"name": "pyramiddrop", "layers": (1, 2)}, None, "all")],
     ids=["random-llm.0", "divprune-llm.0", "random-llm.0-even", "fastv-llm.2", "random-llm.1", "llm.0+llm.2",
-         "llm.0-newlines-dropped"])
+         "llm.0-newlines-dropped", "pyramiddrop-renumbered"])
 def test_the_native_bound_computes_the_pruned_models_logits(tiny, method, site, split):
     backbone, native, inputs = tiny
     handle = attach(backbone, method, None if isinstance(method, list) else 0.5, site=site, split=split)
@@ -74,6 +74,27 @@ def test_the_native_bound_computes_the_pruned_models_logits(tiny, method, site, 
         with torch.no_grad():
             short = native.forward(**inputs, kept=short_kept, logits_to_keep=1).logits
         torch.testing.assert_close(short, pruned, rtol=0, atol=0)
+
+
+def test_the_native_bound_stands_in_for_tokens_a_method_made(tiny):
+    """SparseVLM's recycled tokens and the rows' different counts (its rank differs per question): the bound
+    keeps as many of the tokens it dropped, so every layer after a stage runs on as many columns as the pruned
+    pass, whose rows keeping fewer keep masked slots (its logits differ: the stand-ins are other tokens)."""
+    backbone, _, inputs = tiny
+    handle = attach(backbone, {"name": "sparsevlm", "layers": (1, 2), "scale": 0.8, "bias": 0.0}, 64)
+    try:
+        with torch.no_grad():
+            backbone.forward(**inputs, logits_to_keep=1)
+        plan, short_kept = next_native_plan(handle, backbone, inputs["image_sizes"])
+    finally:
+        handle.detach()
+    assert plan.renumber
+    kept = list(handle.last_kept.values())
+    assert int((kept[0] == -3).sum()) > 0, "the first stage recycled tokens"
+    widths = [int(((row >= 0) | (row == -3)).sum(1).max()) for row in kept]  # kept and made, the widest row
+    assert sorted(plan.llm) == [1, 2]
+    assert [plan.llm[k].shape[1] for k in (1, 2)] == [w + TINY.always_kept for w in widths]  # and the newlines
+    assert [len(row) for row in short_kept] == [widths[-1] + TINY.always_kept] * 2
 
 
 def test_the_unpruned_plan_is_the_unpruned_model(tiny):

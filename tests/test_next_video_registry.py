@@ -17,7 +17,8 @@ from tokensieve.methods import method_class
 # What runs: as on LLaVA-NeXT (the same CLIP tower and image packing, so HiRED's per-crop CLS rows too).
 RUNS = {("cdpruner", "llm.0"), ("dart", "llm.1"), ("divprune", "llm.0"), ("divprune", "llm.1"), ("fastv", "llm.1"),
         ("hired", "llm.0"), ("layer_pruner", "llm.0"), ("layer_pruner", "llm.1"), ("random", "llm.0"),
-        ("random", "llm.1")}
+        ("random", "llm.1"),
+        ("pyramiddrop", "llm.1"), ("sparsevlm", "llm.1")}
 # Attach, then refused in one line at the first pass: the merger's new values have no place here; DyCoke
 # takes videos of 6 frames or more (these rows: images, and a video of 4; test_next_video_dycoke.py runs it).
 REFUSED_IN_PASS = {("token_merger", "llm.0"), ("token_merger", "llm.1"), ("dycoke", "llm.0")}
@@ -54,9 +55,12 @@ def test_runs_or_is_refused_in_one_line(next_video, batches, make, name, site, w
             prepared = next_video.prepare(**batch)
             next_video.forward(**batch)
         kept = handle.last_kept[str(handle.stages[0])]
+        if budget != BUDGET:  # a share (PyramidDrop) or SparseVLM's rank: fewer than the row had
+            before, after = handle.last_counts[str(handle.stages[0])]
+            assert after < before
         for row in kept:
             row = row[row >= 0]
-            assert 1 <= len(row) <= BUDGET
+            assert 1 <= len(row) and (len(row) <= BUDGET or budget != BUDGET)
         if site == "llm.0" and name != "hired":  # every image newline entered the LLM (HiRED drops them)
             runs = (prepared.input_ids == next_video.image_token_id).sum(1)
             assert runs.tolist() == [len(row[row >= 0]) + n for row, n in zip(kept, NEWLINES[with_video])]

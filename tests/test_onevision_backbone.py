@@ -29,7 +29,8 @@ def test_loads_model_processor_and_contract(onevision, tiny_onevision_dir):
     assert onevision.sites() == [Site("llm", k) for k in range(3)]
     assert onevision.signals_at(Site("llm", 0)) == {"projector_input"}
     assert onevision.signals_at(Site("llm", 1)) == {"text_attention", "prev_layer_keys", "normed_states", "positions",
-                                                    "layer_text_attention"}
+                                                    "layer_text_attention",
+                                                    "post_image_attention", "input_image_embeddings"}
     # base 16 + a canvas kept up to 1.21 x 2 crops' tokens (38), below the 3x3 pinpoint's 144
     assert onevision.most_image_tokens() == 16 + 38
     assert type(load_backbone(tiny_onevision_dir)) is LlavaOnevisionBackbone
@@ -115,7 +116,7 @@ def test_bad_inputs_are_one_line(onevision, ov_batch):
     ("hired", None, "hard", "hired needs crop_cls_attention, which the LLaVA-OneVision tower"),
     ("random", "projector", "hard", "LLaVA-OneVision has no projector site: its vision tower runs on crops"),
     ("tome", None, "hard", "LLaVA-OneVision has no vision.0 site"),
-    ("sparsevlm", None, "hard", "renumbers positions"),
+    ("sparsevlm", None, "soft", "adds tokens of its own, which soft mode cannot do"),
     ("random", "llm.3", "hard", "llm.3 is past its depth"),
 ])
 def test_refused_at_attach_in_one_line(onevision, method, site, mode, words):

@@ -59,7 +59,7 @@ def test_rank_scores_and_kept_tokens_are_the_released_ones(case):
 def test_recycled_tokens_and_their_clusters_are_the_released_ones(case):
     spec = RECYCLE_META["cases"][case]
     pruned = RECYCLE[f"{case}.pruned_tokens"][0]
-    recycled, merged = sparsevlm_recycle(pruned, RECYCLE[f"{case}.pruned_relation"], RECYCLE[f"{case}.noise"][0])
+    recycled, merged, _ = sparsevlm_recycle(pruned, RECYCLE[f"{case}.pruned_relation"], RECYCLE[f"{case}.noise"][0])
     assert recycled.tolist() == RECYCLE[f"{case}.recycled"][0].tolist()  # in topk order: the clustering's input
     assert (recycled_count(spec["pruned"]), cluster_count(spec["recycled"])) == (spec["recycled"], spec["clusters"])
     assert_close_relative(merged, RECYCLE[f"{case}.merged"][0])
@@ -86,7 +86,7 @@ def test_a_whole_pruning_step_is_the_released_one(case):
         assert count == noise.numel()
         return noise
 
-    kept, merged = sparsevlm_step(p["image"][0], p["attention"][0], raters[0], p["spec"]["scale"],
+    kept, merged, _ = sparsevlm_step(p["image"][0], p["attention"][0], raters[0], p["spec"]["scale"],
                                   p["spec"]["bias"], draw)
     assert kept.tolist() == STEP[f"{case}.kept"][0].tolist()
     assert merged.shape[0] == p["spec"]["recycled_clusters"]

@@ -29,7 +29,8 @@ def site(qwen):
 def test_sites_and_signals(qwen, site):
     assert qwen.sites() == [Site("projector")] + [Site("llm", k) for k in range(3)]
     assert qwen.signals_at(Site.parse(site)) == {"text_attention", "prev_layer_keys", "normed_states", "positions",
-                                                 "layer_text_attention"}
+                                                 "layer_text_attention",
+                                                 "post_image_attention", "input_image_embeddings"}
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -143,9 +144,9 @@ def test_pyramiddrop_with_original_positions_runs_per_row(qwen, mixed, site):
 def test_refused_at_attach_in_one_line(qwen, site):
     requests = [
         ({"method": {"name": "pyramiddrop", "layers": [2]}, "budget": 0.5},
-         "pyramiddrop renumbers positions, which is not defined for Qwen-VL's 3-D M-RoPE ids yet"),
+         "pyramiddrop renumbers positions, which is not defined for Qwen-VL's 3-D M-RoPE ids"),
         ({"method": {"name": "sparsevlm", "layers": [2]}, "budget": 64},
-         "sparsevlm renumbers positions, which is not defined for Qwen-VL's 3-D M-RoPE ids yet"),
+         "sparsevlm renumbers positions, which is not defined for Qwen-VL's 3-D M-RoPE ids"),
         ({"method": "fastv", "budget": 0.5, "site": "llm.5"}, "the LLM has 3 decoder layers"),
         ({"method": "cdpruner", "budget": 0.5, "site": site}, "cdpruner needs projector_input"),
     ]

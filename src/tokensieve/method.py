@@ -199,10 +199,14 @@ class Selection:
     extra: optional ``(B, E, d)`` tokens the method makes that are not among the ``N`` (VisionZip's
         CLS state, PruMerge's summary of the pruned tokens). They count toward the budget and enter the
         image run before the kept tokens (``extra_first``) or after them; before the LLM (``projector``,
-        ``llm.0``), or inside it by a method that renumbers positions (SparseVLM's recycled tokens), in
-        ``hard`` mode, by methods with ``makes_extra_tokens``.
+        ``llm.0``), or inside it (SparseVLM's recycled tokens: positions renumbered, or each taking a token's
+        position, ``extra_at``), in ``hard`` mode, by methods with ``makes_extra_tokens``.
     extra_valid: optional ``(B, E)`` bool, inside the LLM: False marks extra slots that only pad a row
         making fewer (as ``valid`` does for kept slots).
+    extra_at: optional ``(B, E)`` indices into the ``N`` tokens, inside the LLM: the token whose position
+        (its RoPE rotation; on Qwen-VL its 3-D M-RoPE ids) each extra token takes, for a method that keeps
+        positions (SparseVLM's ``positions="original"``: its cluster's centre). Needed there; ignored
+        where positions are renumbered (an extra token then takes its place in the order).
     order: optional ``(B, K)`` permutation of the kept slots: the order in which they enter the image
         run (``indices[order]``), for a paper whose code emits them in another order than the image's
         (VisionZip: dominant tokens, then contextual ones); only before the LLM, in ``hard`` mode.
@@ -215,6 +219,7 @@ class Selection:
     extra: torch.Tensor | None = None
     extra_first: bool = False
     extra_valid: torch.Tensor | None = None
+    extra_at: torch.Tensor | None = None
     order: torch.Tensor | None = None
 
 

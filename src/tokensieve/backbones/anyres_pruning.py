@@ -26,8 +26,9 @@ The ``llm.0`` budget of an image is split over its base and crops as the handle'
 ``hard`` mode removes the tokens not chosen; ``soft`` keeps every token in the sequence: ``llm.0`` gives the
 others (a dropped newline too) attention mask 0, so they are never attended to and the positions skip them,
 as in hard mode's shorter prompt; ``llm.k`` masks them as keys from layer ``k`` on
-(:meth:`.row_llm.RowLLMStages._mask_dropped`). Budgets and ``handle.last_kept`` are hard mode's. Methods
-that make tokens or renumber positions are refused, and in soft mode an order of a method's own.
+(:meth:`.row_llm.RowLLMStages._mask_dropped`). Budgets and ``handle.last_kept`` are hard mode's. In hard mode
+a method may renumber positions after a drop and make tokens inside the LLM (SparseVLM, PyramidDrop as
+released: :mod:`.row_llm`); soft mode refuses both, and an order of a method's own.
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ CLS_READS = (*CLS_SIGNALS, *CROP_SIGNALS)  # signals that exist only on a tower 
 
 class AnyresStagePlan(PerImageStagePlan):
     """The stage plan on LLaVA-NeXT and LLaVA-OneVision: ``llm.0`` (per image) and ``llm.k`` (per row),
-    ``hard`` or ``soft`` mode, no tokens a method makes and no renumbered positions; on a tower without CLS
-    (OneVision's SigLIP) no method reading CLS attention. Budgets are resolved per image or row in each
+    ``hard`` or ``soft`` mode, tokens a method makes and renumbered positions inside the LLM in hard mode; on a
+    tower without CLS (OneVision's SigLIP) no method reading CLS attention. Budgets are resolved per image or row in each
     pass; at attach a count is checked against the most candidate tokens one image can give
     (:meth:`LlavaNextBackbone.most_image_tokens`)."""
 
@@ -81,13 +82,7 @@ class AnyresStagePlan(PerImageStagePlan):
         without_cls = self._without_cls(st)
         if without_cls is not None:
             raise without_cls
-        if getattr(st.method, "renumbers_positions", False):
-            raise TokensieveError(f"{st}: {st.method.name} renumbers positions after a drop, which the {self.family} "
-                                  "backbone does not do yet; give it positions=\"original\" (ours: kept tokens keep "
-                                  "their positions)")
-        if st.method.makes_extra_tokens:
-            raise TokensieveError(f"{st}: {st.method.name} adds tokens of its own, which the {self.family} backbone "
-                                  "cannot place yet")
+        self.refuse_made_tokens(site, st, self.family)
 
     def _without_cls(self, st) -> TokensieveError | None:
         """The refusal of a method reading CLS attention on a tower without CLS, or None."""

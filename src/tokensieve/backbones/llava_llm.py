@@ -148,11 +148,13 @@ class LLMReductions:
             source = torch.where(after < 0, at, torch.where(after < made, local.shape[1] + after, at - made))
             kept_hidden = torch.cat([kept_hidden, sel.extra.to(hidden.dtype)], 1).gather(
                 1, source[..., None].expand(-1, -1, d))
-            # A made token has no original column: it takes the image run's first (a real token's),
-            # which is all that is read of it: positions are renumbered and the mask is built by order.
-            is_made = (after >= 0) & (after < made)
-            carried = original.gather(1, torch.where(is_made, 0, source))  # elsewhere: < L'
-            original = torch.where(is_made, (previous.columns if previous else here).gather(1, start[:, None]), carried)
+            # A made token has no column of its own: it takes the one of the token its method names
+            # (extra_at: its position, where positions are kept), else the image run's first (a real
+            # token's, which is all that is read of it where positions are renumbered); the mask is
+            # then built by order.
+            made_at = columns.gather(1, sel.extra_at) if sel.extra_at is not None else start[:, None].expand(-1, made)
+            local = torch.cat([local, made_at], 1).gather(1, source)
+            original = (previous.columns if previous else here).gather(1, local)
             if key_bias is not None:
                 key_bias = torch.cat([key_bias, key_bias.new_zeros(b, made)], 1).gather(1, source)
             if valid is not None or sel.extra_valid is not None:
@@ -160,7 +162,6 @@ class LLMReductions:
                                    sel.extra_valid if sel.extra_valid is not None else
                                    torch.ones(b, made, dtype=torch.bool, device=hidden.device)], 1)
             self.run_origin = torch.cat([self.run_origin, self.run_origin.new_full((b, made), EXTRA)], 1)
-            local = None  # positions are renumbered: no earlier position map to carry
         if valid is not None:  # padding stays in the sequence as a key no later layer attends to
             slots = start[:, None] + torch.arange(valid.shape[1], device=hidden.device)
             padding = torch.where(valid, 0.0, most_negative(hidden.dtype)).to(hidden.dtype)

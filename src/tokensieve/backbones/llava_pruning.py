@@ -60,13 +60,6 @@ class LlavaStagePlan(StagePlan):
         if merges_in_blocks(st.method) and self.mode == "soft":
             raise TokensieveError(f"{st}: {st.method.name} merges tokens inside the tower's blocks, which soft "
                                   "mode cannot do (it keeps every token in place); use mode hard")
-        # Tokens a method makes go into the image run the LLM receives (a vision site, where a
-        # method may do without them, is checked when it returns some).
-        if st.method.makes_extra_tokens and not site.before_llm and not getattr(
-                st.method, "renumbers_positions", False):
-            raise TokensieveError(f"{st}: {st.method.name} adds tokens of its own, which inside the LLM need "
-                                  "positions renumbered after the drop; before it, the projector and llm.0 "
-                                  "sites take them")
         if getattr(st.method, "renumbers_positions", False) and self.mode == "soft":
             raise TokensieveError(f"{st}: {st.method.name} renumbers positions after a drop, which soft mode "
                                   "cannot do (it keeps every token in place); use mode hard")
@@ -207,11 +200,12 @@ class LlavaPruningSession(LlavaSignals, TowerReductions, LLMReductions):
             if sel.order is not None and not rebuilt:
                 raise TokensieveError(f"{st.method.name} at {site}: an order of its own goes into the image run "
                                       "before the LLM (projector, llm.0), in hard mode only")
-            inserted = self.mode == "hard" and not site.before_llm and getattr(st.method, "renumbers_positions", False)
+            placed = getattr(st.method, "renumbers_positions", False) or sel.extra_at is not None
+            inserted = self.mode == "hard" and not site.before_llm and placed
             if sel.extra is not None and not (rebuilt or inserted):
                 raise TokensieveError(f"{st.method.name} at {site}: tokens of its own go into the image run before "
-                                      "the LLM (projector, llm.0), or inside it with positions renumbered, in hard "
-                                      "mode only")
+                                      "the LLM (projector, llm.0), or inside it with positions renumbered or each "
+                                      "taking a token's (Selection.extra_at), in hard mode only")
             sel = self.plan.settle(site, sel, b, n, keep, valid)
         self.plan.record(self.handle, site, sel, n, valid)
         return sel

@@ -42,6 +42,18 @@ class PerImageStagePlan(StagePlan):
                                    f"llm.{self.depth - 1}); llm.{site.layer} is past its depth")
         return super().missing_site(site, st)
 
+    def refuse_made_tokens(self, site: Site, st, family: str) -> None:
+        """Tokens a method makes, and positions renumbered after a drop, only inside the LLM (``llm.k``) in
+        hard mode: soft mode keeps every token in place, and before the LLM the image runs are the model's."""
+        makes, renumbers = st.method.makes_extra_tokens, getattr(st.method, "renumbers_positions", False)
+        if makes and site.before_llm:
+            raise TokensieveError(f"{st}: {st.method.name} adds tokens of its own, which the {family} backbone "
+                                  "places inside the LLM only (llm.k, k >= 1)")
+        if (makes or renumbers) and self.mode == "soft":
+            what = "adds tokens of its own" if makes else "renumbers positions after a drop"
+            raise TokensieveError(f"{st}: {st.method.name} {what}, which soft mode cannot do (it keeps every token "
+                                  "in place); use mode hard")
+
     def chain_budgets(self, n_patches: int, keeps_cls: bool) -> None:
         """Each stage's budget checked on its own: ``llm.0`` against the most one image gives; inside the
         LLM a row's visual tokens are known only in the pass (any number of images), so there the budget

@@ -16,7 +16,9 @@ when it is installed; then, in every forward pass through the adapter (``forward
   (:mod:`.qwen_deepstack`).
 
 ``hard`` mode removes the dropped tokens; ``soft`` keeps every token and masks the dropped ones as
-attention keys (:mod:`.qwen_soft`). Methods that make tokens or renumber positions are refused.
+attention keys (:mod:`.qwen_soft`). Positions are never renumbered (Qwen-VL's ids are 3-D); a method may
+make tokens inside the LLM in hard mode, each taking the M-RoPE ids of a token it names (SparseVLM with
+``positions="original"``: its cluster centre's), but not before Qwen3-VL's last DeepStack layer.
 """
 
 from __future__ import annotations
@@ -42,12 +44,13 @@ PROJECTOR = Site("projector")  # the patch merger: the same tokens as llm.0 (mod
 
 class QwenStagePlan(PerImageStagePlan):
     """The stage plan on Qwen-VL: ``llm.0`` (or ``projector``, the same tokens) and ``llm.k``, ``hard`` or
-    ``soft`` mode, no tokens a method makes and no renumbered positions. At attach a count at ``llm.0``
+    ``soft`` mode, tokens a method makes inside the LLM in hard mode only, and no renumbered positions. At attach a count at ``llm.0``
     is checked against the most tokens one image can give (:meth:`QwenVLBackbone.most_image_tokens`)."""
 
     takes_video = True
 
     def __init__(self, backbone, handle):
+        self.deepstack_levels = backbone.deepstack_levels
         super().__init__(backbone, handle)
         if PROJECTOR in self.stages and LLM0 in self.stages:
             raise TokensieveError("projector and llm.0 are the same tokens on Qwen-VL (the patch merger's output): "
@@ -63,16 +66,23 @@ class QwenStagePlan(PerImageStagePlan):
         refuse_without_cls(st)
         if getattr(st.method, "renumbers_positions", False):
             raise TokensieveError(f"{st}: {st.method.name} renumbers positions, which is not defined for Qwen-VL's "
-                                  "3-D M-RoPE ids yet; give it positions=\"original\" (ours: kept tokens keep their "
-                                  "ids)")
+                                  "3-D M-RoPE ids; give it positions=\"original\" (ours: kept tokens keep their ids, "
+                                  "tokens it makes take a token's)")
         if getattr(st.method, "own_order", None):
             raise TokensieveError(f"{st}: {st.method.name} gives the LLM its kept tokens in an order of its own "
                                   f"({st.method.own_order}), which Qwen-VL cannot (kept tokens stay in grid order, with "
                                   "their M-RoPE ids); give it order=\"positions\"")
-        if st.method.makes_extra_tokens:
+        if st.method.makes_extra_tokens and site.before_llm:
             raise TokensieveError(f"{st}: {st.method.name} adds tokens of its own, which the Qwen-VL backbone "
-                                  "cannot place yet (each visual token's M-RoPE position comes from the image grid)"
+                                  "places inside the LLM only (llm.k; before it each visual token's M-RoPE position "
+                                  "comes from the image grid)"
                                   + (without_cls_hint(st.method) if getattr(st.method, "no_cls_options", None) else ""))
+        self.refuse_made_tokens(site, st, "Qwen-VL")
+        if st.method.makes_extra_tokens and site.layer < self.deepstack_levels:
+            raise TokensieveError(f"{st}: {st.method.name} adds tokens of its own at {site}, before Qwen3-VL adds its "
+                                  "DeepStack features to the visual tokens (after layers "
+                                  f"0..{self.deepstack_levels - 1}), of which a made token has none; give it layers >= "
+                                  f"{self.deepstack_levels}")
 
     def budget_where(self, site: Site, n: int) -> str:
         return f"{site} (the most one image gives with this processor's max_pixels)"

@@ -10,7 +10,11 @@ slots masked as keys in every later layer, so all rows stay one length. Later la
 tables (on Qwen-VL already combined from the 3-D M-RoPE ids), the 1-D ``position_ids`` and the mask
 gathered to the kept columns, and while decoding the mask's key axis remapped to their shorter K/V
 (:mod:`tokensieve.backbones.llama_decoder`): kept tokens keep their rotations, text after them its
-positions. Positions are never renumbered. Qwen3-VL's DeepStack additions after the early layers
+positions, unless the method renumbers positions (gap-free after each drop, 1-D RoPE only: LLaVA-NeXT).
+Tokens a method makes (hard mode: SparseVLM's recycled ones) enter right after the row's last image run,
+each taking the position of the token ``Selection.extra_at`` names (or its place in the order, where
+positions are renumbered); later stages see them as visual tokens after every unit. Rows making fewer
+than the most carry slots masked as keys. Qwen3-VL's DeepStack additions after the early layers
 follow each row's visual columns (:mod:`.qwen_deepstack`). A mixin of
 :class:`~tokensieve.backbones.qwen_pruning.QwenPruningSession` and
 :class:`~tokensieve.backbones.anyres_pruning.AnyresPruningSession`: it reads the session's ``bb`` (its
@@ -24,8 +28,8 @@ import torch
 from tokensieve.backbones.base import Site
 from tokensieve.backbones.llama_decoder import (
     adjusted_layer_kwargs,
-    drop_before,
     is_decoding,
+    last_queries_attention,
     last_query_attention,
     most_negative,
     own_last_query_attention,
@@ -34,11 +38,13 @@ from tokensieve.backbones.llama_decoder import (
     soft_key_bias,
 )
 from tokensieve.backbones.qwen_units import refuse_video, units_now
-from tokensieve.backbones.stage_plan import PADDING, row_generator
+from tokensieve.backbones.row_removal import RowRemoval
+from tokensieve.backbones.stage_plan import EXTRA, PADDING, row_generator
 from tokensieve.errors import TokensieveError
 from tokensieve.method import Selection, SiteInputs, VisualUnit
 
-LLM_SIGNALS = frozenset({"text_attention", "prev_layer_keys", "normed_states", "positions", "layer_text_attention"})
+LLM_SIGNALS = frozenset({"text_attention", "prev_layer_keys", "normed_states", "positions", "layer_text_attention",
+                         "post_image_attention", "input_image_embeddings"})
 CAPTURED = frozenset({"text_attention", "prev_layer_keys"})  # read from layer k-1's own q/k
 
 
@@ -49,7 +55,7 @@ def masks_nothing(kept: list[torch.Tensor], weights: list[torch.Tensor | None], 
     return all(w is None for w in weights) and all(len(k) == n for k, n in zip(kept, counts))
 
 
-class RowLLMStages:
+class RowLLMStages(RowRemoval):
     """Hooks and per-pass state of the stages inside the LLM (mixin of a session that chooses row by row)."""
 
     @property
@@ -63,11 +69,13 @@ class RowLLMStages:
         self._attention_kwargs: dict | None = None
         self.visual: list[torch.Tensor] | None = None
         for site, st in self.llm_stages.items():
-            needs = (set(st.method.signals) | set(st.method.optional_signals)) & CAPTURED
+            needs = (set(st.method.signals) | set(st.method.optional_signals)) & (CAPTURED | {"post_image_attention"})
             if needs:
                 attn = layers[site.layer - 1].self_attn
                 hooks.append(attn.register_forward_pre_hook(self._remember_attention_kwargs, with_kwargs=True))
                 hooks.append(attn.k_proj.register_forward_hook(self._capture(site, attn, needs)))
+        if any("input_image_embeddings" in st.method.signals for st in self.llm_stages.values()):
+            hooks.append(layers[0].register_forward_pre_hook(self._capture_entry, with_kwargs=True))
         first = min((s.layer for s in self.llm_stages), default=len(layers))
         if self.soft and self.stage is not None:  # soft llm.0 masks its dropped tokens from layer 0 on
             first = 0
@@ -95,11 +103,20 @@ class RowLLMStages:
         self.origin = origins
         self.units = units
         self.entering = [torch.arange(len(c), device=device) for c in self.visual]  # of the row's tokens entering
+        # Per row, the column after its last image run: where tokens a method makes enter.
+        self.run_end = [row[-1].start + row[-1].count if row else 0 for row in layout.runs]
+        self._entry: tuple | None = None
         self.drops: list = []
         self._adjusted: dict = {}
         self.biases: list = []  # soft: (layer, (B, L) additive key bias)
 
     # --- hooks --------------------------------------------------------------------------
+    def _capture_entry(self, _layer, args, kwargs):
+        """At a prefill's first decoder layer: ``(embeddings (B, L, d), visual, question)``, the LLM's input
+        and each row's visual and question columns in it (SparseVLM's raters read them)."""
+        if self.handle.active and self.visual is not None and not is_decoding(kwargs, 0):
+            self._entry = (args[0] if args else kwargs["hidden_states"], list(self.visual), list(self.question))
+
     def _remember_attention_kwargs(self, attn, _args, kwargs):
         """The rotary tables and mask the k_proj hook needs (None while decoding: no signal then)."""
         decoding = is_decoding(kwargs, attn.layer_idx)
@@ -115,6 +132,10 @@ class RowLLMStages:
                         attn, args[0], keys, self._attention_kwargs)
                 if "prev_layer_keys" in needs:  # (B, L, H_kv * d_head) after RoPE
                     self._captured[f"{site}:prev_layer_keys"] = rotated_keys(attn, keys, self._attention_kwargs)
+                if "post_image_attention" in needs:  # (B, Q, L): the last Q columns, every row's question among them
+                    queries = keys.shape[1] - min(int(q[0]) for q in self.question if len(q))
+                    self._captured[f"{site}#post_image_attention"] = last_queries_attention(
+                        attn, args[0], keys, self._attention_kwargs, queries)
         return hook
 
     def _layer_hook(self, k: int):
@@ -161,19 +182,30 @@ class RowLLMStages:
                     full = self._captured[f"{site}:{name}"]
                     signals[name] = lambda f=full, r=row, c=columns: f[r, c][None]
                     question_signals[name] = lambda f=full, r=row, q=question: f[r, q][None]
+            if f"{site}#post_image_attention" in self._captured:  # (1, T_b, n_b): the question's rows
+                full = self._captured[f"{site}#post_image_attention"]
+                signals["post_image_attention"] = lambda f=full, r=row, c=columns, q=question: (
+                    f[r, q - (hidden.shape[1] - f.shape[1])][:, c][None])
+            if self._entry is not None:  # the row's image run and question as the LLM received them
+                entry, visual, asked = self._entry
+                signals["input_image_embeddings"] = lambda r=row, v=visual: entry[r, v[r]][None]
+                question_signals["input_embeddings"] = lambda r=row, a=asked: entry[r, a[r]][None]
             states = (lambda r=row, q=question: (hidden[r, q][None],
                                                  torch.ones(1, len(q), dtype=torch.bool, device=hidden.device)))
             chosen.append(self._choose_row(site, row, tokens, signals, states, question_signals, row == b - 1))
-        self._record_llm(site, [kept for kept, _ in chosen])
+        kept, made = [c[0] for c in chosen], [c[2] for c in chosen]
+        self._record_llm(site, kept, [len(m) for m in made])
         if self.soft:
-            return self._mask_dropped(site, hidden, [kept for kept, _ in chosen], [weight for _, weight in chosen])
-        return self._remove(site, hidden, [kept for kept, _ in chosen], kwargs)
+            return self._mask_dropped(site, hidden, kept, [c[1] for c in chosen])
+        return self._remove(site, hidden, kept, made, [c[3] for c in chosen], kwargs)
 
     def _choose_row(self, site: Site, row: int, tokens: torch.Tensor, signals: dict, question, question_signals,
-                    last: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(K_b,)`` increasing indices into row ``row``'s ``n_b`` visual tokens ``tokens`` ``(1, n_b, d)``
-        that stay, and their ``(K_b,)`` key weights in soft mode (None: none given, or hard mode);
-        last: the pass's last row, after which the plan stops checking values."""
+                    last: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """Row ``row``'s choice among its ``n_b`` visual tokens ``tokens`` ``(1, n_b, d)``: ``(K_b,)`` increasing
+        indices of those that stay, their ``(K_b,)`` key weights in soft mode (None: none given, or hard mode),
+        the ``(C_b, d)`` tokens the method made and ``(C_b,)`` the index among the ``n_b`` of the token whose
+        position each takes (``C_b = 0`` for most methods); last: the pass's last row, after which the plan
+        stops checking values."""
         st, n = self.llm_stages[site], tokens.shape[1]
         if n == 0:
             raise TokensieveError(f"{st}: row {row} holds no image or video; every row of a batch pruned inside the LLM "
@@ -187,65 +219,44 @@ class RowLLMStages:
         with self.handle.scoring():
             sel = st.method.select(SiteInputs(tokens, keep, str(site), lambda: row_generator(self.seed, tokens),
                                               signals, question, None, question_signals, units=[units]))
-            if sel.tokens is not None or sel.extra is not None or sel.order is not None or (
-                    sel.key_mask is not None and not self.soft):
-                raise TokensieveError(f"{st.method.name} at {site}: on {self.bb.family_name} a stage inside the LLM only "
-                                      "chooses tokens (no new values, tokens of its own, order, or key weights "
-                                      "outside soft mode)")
+            if sel.tokens is not None or sel.order is not None or (sel.key_mask is not None and not self.soft):
+                raise TokensieveError(f"{st.method.name} at {site}: on {self.bb.family_name} a stage inside the LLM "
+                                      "only chooses tokens, and in hard mode may add its own (no new values, order, or "
+                                      "key weights outside soft mode)")
+            renumbers = getattr(st.method, "renumbers_positions", False)
+            if sel.extra is not None and sel.extra_at is None and not renumbers:
+                raise TokensieveError(f"{st.method.name} at {site}: tokens of its own need a position to take "
+                                      "(Selection.extra_at), since positions are not renumbered")
             sel = self.plan.settle(site, sel, 1, n, keep, pass_done=last)
         real = slice(None) if sel.valid is None else sel.valid[0]
-        return sel.indices[0][real], None if sel.key_mask is None else sel.key_mask[0][real]
+        made, made_at = tokens[0, :0], torch.zeros(0, dtype=torch.long, device=tokens.device)
+        if sel.extra is not None:
+            alive = slice(None) if sel.extra_valid is None else sel.extra_valid[0]
+            made = sel.extra[0][alive].to(tokens.dtype)
+            # where positions are renumbered a made token's place in the order is its position: any real token
+            made_at = sel.extra_at[0][alive] if sel.extra_at is not None else made_at.new_zeros(len(made))
+        return sel.indices[0][real], None if sel.key_mask is None else sel.key_mask[0][real], made, made_at
 
-    def _record_llm(self, site: Site, chosen: list[torch.Tensor]) -> None:
+    def _record_llm(self, site: Site, chosen: list[torch.Tensor], made: list[int]) -> None:
         """Counts per row, and ``handle.last_kept[stage]``: ``(B, K_max)`` each row's kept tokens as
-        indices among its visual tokens before any pruning, then ``PADDING`` (-2) where it keeps fewer."""
+        indices among its visual tokens before any pruning (``EXTRA``, -3, for a token a method made), then
+        ``PADDING`` (-2) where it keeps fewer. made: per row how many tokens the method made."""
         device = chosen[0].device
         padded = torch.full((len(chosen), max(len(c) for c in chosen)), PADDING, dtype=torch.long, device=device)
         for row, kept in enumerate(chosen):
             padded[row, : len(kept)] = kept
         counts = [len(c) for c in self.visual]
         real = torch.arange(max(counts), device=device) < torch.tensor(counts, device=device)[:, None]
-        self.plan.record(self.handle, site, Selection(padded.clamp(min=0), valid=padded >= 0), max(counts), real)
-        self.origin = [origin[kept] for origin, kept in zip(self.origin, chosen)]
-        origins = torch.full_like(padded, PADDING)
+        made_valid = torch.arange(max(made), device=device) < torch.tensor(made, device=device)[:, None]
+        extra = padded.new_zeros(len(made), max(made), 1) if max(made) else None
+        self.plan.record(self.handle, site, Selection(padded.clamp(min=0), valid=padded >= 0, extra=extra,
+                                                      extra_valid=made_valid if max(made) else None), max(counts), real)
+        self.origin = [torch.cat([origin[kept], origin.new_full((m,), EXTRA)])
+                       for origin, kept, m in zip(self.origin, chosen, made)]
+        origins = torch.full((len(chosen), max(len(o) for o in self.origin)), PADDING, dtype=torch.long, device=device)
         for row, origin in enumerate(self.origin):
             origins[row, : len(origin)] = origin
         self.handle.last_kept[str(self.llm_stages[site])] = origins
-
-    def _remove(self, site: Site, hidden: torch.Tensor, chosen: list[torch.Tensor], kwargs: dict) -> torch.Tensor:
-        """``hidden`` ``(B, L, d)`` without each row's dropped visual columns. A row dropping ``f`` more
-        than the row dropping fewest keeps ``f`` of them as slots masked as keys (the rows stay one
-        length, and a row's tokens attend as they would alone)."""
-        b, length, d = hidden.shape
-        dropping = [len(c) - len(k) for c, k in zip(self.visual, chosen)]
-        least = min(dropping)
-        if max(dropping) == 0:  # every row keeps every token: nothing to remove
-            return hidden
-        gone = torch.zeros(b, length, dtype=torch.bool, device=hidden.device)
-        fillers = []
-        for row, (columns, kept) in enumerate(zip(self.visual, chosen)):
-            dropped = torch.ones(len(columns), dtype=torch.bool, device=hidden.device)
-            dropped[kept] = False
-            dropped = columns[dropped]
-            extra = dropping[row] - least
-            fillers.append(dropped[:extra])
-            gone[row, dropped[extra:]] = True
-        local = gone.to(torch.uint8).argsort(dim=1, stable=True)[:, :length - least]  # (B, L'): columns that stay
-        moved = (~gone).long().cumsum(1) - 1  # (B, L) each staying column's index in the shorter sequence
-        previous = self.drops[-1] if self.drops else None
-        here = torch.arange(length, device=hidden.device).expand(b, length)
-        original = (previous.columns if previous else here).gather(1, local)
-        key_bias = None if previous is None or previous.key_bias is None else previous.key_bias.gather(1, local)
-        if any(len(f) for f in fillers):
-            key_bias = hidden.new_zeros(b, length - least) if key_bias is None else key_bias
-            for row, filler in enumerate(fillers):
-                key_bias[row, moved[row, filler]] = most_negative(hidden.dtype)
-        self.drops.append(drop_before(site.layer, previous, original, local, self.length, key_bias, False,
-                                      kwargs.get("position_ids")))
-        self.visual = [moved[row, columns[kept]] for row, (columns, kept) in enumerate(zip(self.visual, chosen))]
-        self.entering = [entering[kept] for entering, kept in zip(self.entering, chosen)]
-        self.question = [moved[row, q] for row, q in enumerate(self.question)]
-        return hidden.gather(1, local[..., None].expand(-1, -1, d))
 
     def _mask_dropped(self, site: Site, hidden: torch.Tensor, chosen: list[torch.Tensor],
                       weights: list[torch.Tensor | None]) -> torch.Tensor:

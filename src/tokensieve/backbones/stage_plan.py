@@ -63,6 +63,9 @@ def check_selection(sel: Selection, batch: int, n: int, keep: int, where: str, p
                                             or sel.extra_valid.dtype != torch.bool):
             raise TokensieveError(f"{where}: extra_valid must be a bool tensor shaped like the extra tokens' "
                                   f"first two axes {tuple(sel.extra.shape[:2])}")
+        if sel.extra_at is not None and (sel.extra_at.shape != sel.extra.shape[:2] or sel.extra_at.dtype != torch.long):
+            raise TokensieveError(f"{where}: extra_at must be a long tensor shaped like the extra tokens' first two "
+                                  f"axes {tuple(sel.extra.shape[:2])}")
     counted = sel.valid is not None or sel.extra_valid is not None
     if counted and not per_row:
         raise TokensieveError(f"{where}: a count that varies per row is supported inside the LLM only (llm.k)")
@@ -94,6 +97,8 @@ def check_selection(sel: Selection, batch: int, n: int, keep: int, where: str, p
         raise TokensieveError(f"{where}: kept indices must be sorted and unique")
     if bool((idx < 0).any()) or bool((idx >= n).any()):
         raise TokensieveError(f"{where}: kept indices out of range 0..{n - 1}")
+    if sel.extra_at is not None and (bool((sel.extra_at < 0).any()) or bool((sel.extra_at >= n).any())):
+        raise TokensieveError(f"{where}: extra_at out of range 0..{n - 1}")
 
 
 def merges_in_blocks(method) -> bool:

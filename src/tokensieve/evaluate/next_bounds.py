@@ -8,11 +8,13 @@ the LLM prompt holds only the tokens that entered it (a natively shorter prompt:
 crop tokens and the newlines, unless the stage's method dropped them), assembled as the adapter's
 ``kept=`` path does with no session attached; before ``llm.k`` the layers run on the whole prompt and
 the rest on the kept columns (the newlines among them: they stay inside the LLM) with the positions
-gathered to them and transformers' causal mask for that length. The model is a hook-free twin
-(:func:`native_bounds.hook_free_twin`).
+gathered to them (renumbered without gaps where a method renumbers) and transformers' causal mask for that
+length. Tokens a method made (SparseVLM's recycled ones), and inside the LLM the slots a row keeping fewer
+than another keeps masked, are stood in for by as many of the tokens it dropped: the same shapes, hence the
+same time. The model is a hook-free twin (:func:`native_bounds.hook_free_twin`).
 
-Rows must keep as many tokens as each other at every site (rows of one image size and a ratio budget
-do): a natively shorter batch of unequal rows would be padded otherwise than the pruned one.
+Rows must keep as many tokens as each other at ``llm.0`` (rows of one image size and a ratio budget do): a
+natively shorter batch of unequal rows would be padded otherwise than the pruned one.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from tokensieve.backbones.base import Site
+from tokensieve.backbones.stage_plan import EXTRA
 from tokensieve.errors import TokensieveError
 from tokensieve.evaluate.native_bounds import (
     native_decoder,
@@ -38,11 +41,13 @@ class NextPlan:
     entering: per image ``(M_i,)`` the positions in its packed run that enter the LLM, increasing
     (newlines included where they enter), or None: all of them.
     llm: ``{k: (B, K_k)}``: before decoder layer ``k``, which of the visual columns present there stay.
+    renumber: positions close the gaps after each drop (a method that renumbers them).
     """
 
     count: int
     entering: list[torch.Tensor] | None = None
     llm: dict[int, torch.Tensor] | None = None
+    renumber: bool = False
 
 
 def next_native_plan(handle, backbone, image_sizes: torch.Tensor) -> tuple[NextPlan, list[torch.Tensor]]:
@@ -65,15 +70,26 @@ def next_native_plan(handle, backbone, image_sizes: torch.Tensor) -> tuple[NextP
         entering = kept
     current = stacked_rows(entering or [torch.arange(len(layout), device=device) for layout in layouts],
                     "entering the LLM")  # (B, n): positions in each row's packed run
-    plan = NextPlan(current.shape[1], entering, {})
+    plan = NextPlan(current.shape[1], entering, {},
+                    any(getattr(st.method, "renumbers_positions", False) for st in stages))
     for site, kept in recorded.items():  # inside the LLM: the kept tokens and the newlines still there
-        staying = [torch.cat([row[row >= 0], n[torch.isin(n, c)]]).sort().values
-                   for row, n, c in zip(kept, newlines, current)]
+        real = [row[row >= 0] for row in kept]
+        width = max(len(r) + int((row == EXTRA).sum()) for r, row in zip(real, kept))  # kept and made: the widest row
+        staying = [torch.cat([r, _stand_ins(r, c, n, width - len(r)), n[torch.isin(n, c)]]).sort().values
+                   for r, n, c in zip(real, newlines, current)]
         keep = positions_among(current, stacked_rows(staying, site))
         if keep is None:
             raise TokensieveError(f"the tokens kept at {site} are not among those that reached it")
         plan.llm[Site.parse(site).layer], current = keep, torch.stack(staying)
     return plan, list(current)
+
+
+def _stand_ins(kept: torch.Tensor, current: torch.Tensor, newlines: torch.Tensor, count: int) -> torch.Tensor:
+    """``(count,)`` of the tokens in ``current`` ``(n,)`` that a stage dropped (not in ``kept`` ``(K,)``, its real
+    kept tokens), standing in for the tokens it made and the slots it keeps masked; ``newlines``: the image's,
+    never dropped."""
+    dropped = current[~torch.isin(current, kept) & ~torch.isin(current, newlines)]
+    return dropped[:count]
 
 
 @torch.no_grad()
@@ -88,5 +104,5 @@ def native_next_prefill(backbone, input_ids: torch.Tensor, attention_mask: torch
     inputs = backbone.prepare(input_ids, attention_mask, pixel_values, image_sizes, kept=plan.entering)
     visual = (inputs.input_ids == backbone.image_token_id) & inputs.attention_mask.bool()
     hidden = native_decoder(backbone.model.model.language_model, inputs.inputs_embeds, inputs.attention_mask,
-                            inputs.position_ids, visual, plan.count, plan.llm or {})
+                            inputs.position_ids, visual, plan.count, plan.llm or {}, plan.renumber)
     return backbone.model.lm_head(hidden[:, -logits_to_keep:])

@@ -12,6 +12,10 @@ the block's matrix rank (all stay when the rank is ``V``). Of the pruned, the to
 ``int(0.3 P) + 1`` by score are *recycled*: clustered by DPC-KNN into ``int(n / 10) + 1`` tokens
 inserted right after the kept ones, where later steps may score, prune and recycle them again.
 Positions are renumbered without gaps after each step; nothing is pruned while decoding.
+
+Ours, where positions are not renumbered (``positions="original"``; Qwen-VL's 3-D M-RoPE ids have no
+gap-free renumbering): a recycled token takes the position of its cluster's centre
+(``Selection.extra_at``), the one pruned token DPC-KNN chose to stand for the cluster.
 """
 
 from __future__ import annotations
@@ -103,7 +107,7 @@ def cluster_count(recycled: int) -> int:
     return int(recycled / 10) + 1
 
 
-def dpc_knn_merge(x: torch.Tensor, clusters: int, noise: torch.Tensor) -> torch.Tensor:
+def dpc_knn_merge(x: torch.Tensor, clusters: int, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """DPC-KNN clustering of ``x`` ``(n, d)`` into ``clusters`` tokens, each its cluster's mean.
 
     Distances are Euclidean over ``sqrt(d)``; a token's density is ``exp(-mean squared distance to
@@ -112,7 +116,8 @@ def dpc_knn_merge(x: torch.Tensor, clusters: int, noise: torch.Tensor) -> torch.
     the nearest denser token (the whole matrix's largest distance for the densest). The centres are
     the top ``delta * density``, in that order; every token joins its nearest centre (the first on a
     tie), each centre its own. A cluster is ``sum / (count + 1e-6)``.
-    Returns ``(clusters, d)``, in the order of the centres.
+    Returns ``(merged (clusters, d), centres (clusters,))``, in the order of the centres; ``centres``
+    indexes ``x``.
     """
     n, d = x.shape
     if noise.shape != (n,):
@@ -127,41 +132,44 @@ def dpc_knn_merge(x: torch.Tensor, clusters: int, noise: torch.Tensor) -> torch.
     assign = dist[centres].argmin(0)  # (n,) index into the centres
     assign[centres] = torch.arange(clusters, device=x.device)
     count = x.new_zeros(clusters).index_add_(0, assign, x.new_ones(n)) + 1e-6
-    return x.new_zeros(clusters, d).index_add_(0, assign, x / count[assign][:, None])
+    return x.new_zeros(clusters, d).index_add_(0, assign, x / count[assign][:, None]), centres
 
 
 def sparsevlm_recycle(pruned: torch.Tensor, scores: torch.Tensor,
-                      noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                      noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Recycle the pruned tokens of one row.
 
     pruned: ``(P, d)`` the pruned image tokens (the pruning layer's outputs) in sequence order;
     scores: ``(P,)`` their scores; noise: ``(n,)`` the density noise, ``n = recycled_count(P)``.
     The top ``n`` by score (``torch.topk`` order, highest first: the clustering's input order) are
     merged by :func:`dpc_knn_merge` into ``cluster_count(n)`` tokens.
-    Returns ``(recycled (n,) indices into the pruned, merged (C, d))``.
+    Returns ``(recycled (n,) indices into the pruned, merged (C, d), centres (C,) indices into the
+    pruned)``: each merged token's cluster centre.
     """
     recycled = scores.topk(recycled_count(pruned.shape[0])).indices
-    return recycled, dpc_knn_merge(pruned[recycled], cluster_count(recycled.numel()), noise)
+    merged, centres = dpc_knn_merge(pruned[recycled], cluster_count(recycled.numel()), noise)
+    return recycled, merged, recycled[centres]
 
 
 def sparsevlm_step(image: torch.Tensor, attention: torch.Tensor, raters: torch.Tensor, scale: float, bias: float,
-                   noise: Callable[[int], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                   noise: Callable[[int], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One pruning step of one row: :func:`sparsevlm_rank`, then :func:`sparsevlm_recycle` on the rest.
 
     image: ``(V, d)`` the image run as the pruning layer outputs it; attention: ``(T, V)`` and
     raters ``(T,)`` as :func:`sparsevlm_rank` takes them; noise: ``n -> (n,)`` the density noise of
     ``n`` recycled tokens. The new image run is ``image[kept]`` followed by ``merged``.
-    Returns ``(kept (k,) ascending, merged (C, d))``; ``C = 0`` when nothing is pruned.
+    Returns ``(kept (k,) ascending, merged (C, d), centres (C,))``, ``centres`` indexing the ``V``
+    tokens: each merged token's cluster centre. ``C = 0`` when nothing is pruned.
     """
     kept, relation, _ = sparsevlm_rank(attention, raters, scale, bias)
     v = image.shape[0]
     if kept.numel() == v:
-        return kept, image[:0]
+        return kept, image[:0], kept[:0]
     pruned = torch.ones(v, dtype=torch.bool, device=image.device)
     pruned[kept] = False
     pruned = pruned.nonzero()[:, 0]  # in sequence order
-    _, merged = sparsevlm_recycle(image[pruned], relation[pruned], noise(recycled_count(pruned.numel())))
-    return kept, merged
+    _, merged, centres = sparsevlm_recycle(image[pruned], relation[pruned], noise(recycled_count(pruned.numel())))
+    return kept, merged, pruned[centres]
 
 
 @register
@@ -252,24 +260,28 @@ class SparseVLM(Method):
         _, raters = sparsevlm_raters(inputs.signal("input_image_embeddings"),
                                      inputs.question_signal("input_embeddings"), text_valid)
         valid = inputs.valid if inputs.valid is not None else torch.ones(b, n, dtype=torch.bool, device=tokens.device)
-        kept_rows, made_rows = [], []
+        kept_rows, made_rows, centre_rows = [], [], []
         for r in range(b):
             run = valid[r].nonzero()[:, 0]  # the row's image run, in order (kept, then recycled)
             if not bool(raters[r].any()):
                 kept_rows.append(run)
                 made_rows.append(tokens.new_zeros(0, d))
+                centre_rows.append(run[:0])
                 continue
-            kept, merged = sparsevlm_step(tokens[r, run], attention[r][:, run], raters[r], self.scale, self.bias,
-                                          partial(torch.rand, generator=inputs.generators()[r]))
+            kept, merged, centres = sparsevlm_step(tokens[r, run], attention[r][:, run], raters[r], self.scale,
+                                                   self.bias, partial(torch.rand, generator=inputs.generators()[r]))
             kept_rows.append(run[kept])
             made_rows.append(merged)
-        return _assemble(kept_rows, made_rows, n)
+            centre_rows.append(run[centres])
+        return _assemble(kept_rows, made_rows, centre_rows, n)
 
 
-def _assemble(kept_rows: list[torch.Tensor], made_rows: list[torch.Tensor], n: int) -> Selection:
-    """One selection from each row's kept indices ``(k_r,)`` into ``n`` tokens and made tokens
-    ``(C_r, d)``. A row keeping fewer than the most is padded with tokens it drops (sorted in among
-    its kept ones, ``valid`` False), one making fewer with zeros (``extra_valid`` False)."""
+def _assemble(kept_rows: list[torch.Tensor], made_rows: list[torch.Tensor], centre_rows: list[torch.Tensor],
+              n: int) -> Selection:
+    """One selection from each row's kept indices ``(k_r,)`` into ``n`` tokens, made tokens ``(C_r, d)``
+    and their centres ``(C_r,)`` (indices into the ``n``: ``extra_at``). A row keeping fewer than the
+    most is padded with tokens it drops (sorted in among its kept ones, ``valid`` False), one making
+    fewer with zeros at its first token (``extra_valid`` False)."""
     width = max(k.numel() for k in kept_rows)
     indices, valid = [], []
     for kept in kept_rows:
@@ -280,8 +292,10 @@ def _assemble(kept_rows: list[torch.Tensor], made_rows: list[torch.Tensor], n: i
         indices.append(row.values)
         valid.append(taken[row.values])
     made = max(m.shape[0] for m in made_rows)
-    extra = extra_valid = None
+    extra = extra_valid = extra_at = None
     if made:
         extra = torch.stack([torch.cat([m, m.new_zeros(made - m.shape[0], m.shape[1])]) for m in made_rows])
         extra_valid = torch.stack([torch.arange(made, device=extra.device) < m.shape[0] for m in made_rows])
-    return Selection(torch.stack(indices), valid=torch.stack(valid), extra=extra, extra_valid=extra_valid)
+        extra_at = torch.stack([torch.cat([c, c.new_zeros(made - c.shape[0])]) for c in centre_rows])
+    return Selection(torch.stack(indices), valid=torch.stack(valid), extra=extra, extra_valid=extra_valid,
+                     extra_at=extra_at)
