@@ -15,10 +15,11 @@ from parity_fixtures import assert_close_relative, load_fixture
 
 from tokensieve.errors import TokensieveError
 from tokensieve.method import Budget, SiteInputs
-from tokensieve.methods import create_method
+from tokensieve.methods import create_method, sparsevlm
 from tokensieve.methods.sparsevlm import (
     SparseVLM,
     cluster_count,
+    dpc_knn_merge,
     recycled_count,
     sparsevlm_layers,
     sparsevlm_rank,
@@ -226,3 +227,14 @@ def test_engine_facing_properties():
     assert create_method(method.config()) == method
     with pytest.raises(TokensieveError, match="positions"):
         SparseVLM(positions="gapless")
+
+
+def test_clustering_in_row_blocks_is_the_released_broadcast_bit_for_bit(monkeypatch):
+    """DPC-KNN's distances are computed a few rows at a time; one block of every row is the released
+    ``(x1 - x2).norm(dim=-1)`` over the whole ``(n, n, d)`` difference: clusters and centres must not move."""
+    x, noise = torch.randn(200, 64, generator=torch.Generator().manual_seed(3)), torch.rand(200)
+    blocked = dpc_knn_merge(x, 21, noise)
+    assert sparsevlm.DISTANCE_BLOCK // (200 * 64) < 200, "the default splits these rows into blocks"
+    monkeypatch.setattr(sparsevlm, "DISTANCE_BLOCK", 200 * 200 * 64)
+    whole = dpc_knn_merge(x, 21, noise)
+    assert torch.equal(blocked[0], whole[0]) and torch.equal(blocked[1], whole[1])

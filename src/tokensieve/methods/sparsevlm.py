@@ -40,6 +40,7 @@ PAPER_LAYERS = (2, 6, 15, 19)  # decoder layers (0-based) of 32 whose output the
 PAPER_IMAGE_TOKENS = 576
 # The released scripts' (scale, bias) for the budgets the paper reports (README, scripts/v1_5/eval).
 PAPER_SETTINGS = {192: (13.5, 0.0), 128: (9.0, 6.0), 64: (0.8, 0.0)}
+DISTANCE_BLOCK = 2 ** 21  # elements of the (rows, n, d) differences DPC-KNN holds at once (8 MiB in float32)
 
 
 def sparsevlm_layers(depth: int) -> tuple[int, ...]:
@@ -123,7 +124,10 @@ def dpc_knn_merge(x: torch.Tensor, clusters: int, noise: torch.Tensor) -> tuple[
     if noise.shape != (n,):
         raise TokensieveError(f"sparsevlm: the density noise must have one value per token ({n}), "
                               f"got shape {tuple(noise.shape)}")
-    dist = (x[:, None] - x[None]).norm(dim=-1) / d ** 0.5  # (n, n), as released (no matmul shortcut)
+    # (n, n) as released, (x_i - x_j).norm() with no matmul shortcut, a few rows at a time: the same numbers bit
+    # for bit without the (n, n, d) difference tensor (0.48 s -> 0.04 s at n = 756, d = 512 on 2 CPU cores)
+    rows = max(1, DISTANCE_BLOCK // (n * d))
+    dist = torch.cat([(x[i:i + rows, None] - x[None]).norm(dim=-1) for i in range(0, n, rows)]) / d ** 0.5
     nearest = dist.topk(clusters, dim=-1, largest=False).values
     density = (-(nearest ** 2).mean(-1)).exp() + noise.to(dist) * 1e-6
     denser = density[None, :] > density[:, None]  # [i, j]: j is denser than i
