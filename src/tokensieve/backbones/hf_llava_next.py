@@ -18,7 +18,8 @@ can enter the LLM. Sites (the session is :mod:`tokensieve.backbones.anyres_pruni
 * ``llm.0``: the packed run of each image, chosen per image (a ratio: that share of the image's
   tokens; a count: that many of every image);
 * ``llm.k`` (``k >= 1``): before decoder layer ``k``, per row, among its visual tokens (1-D RoPE,
-  positions kept).
+  positions kept, or renumbered by a method that renumbers them; tokens a method makes after the row's
+  last newline).
 
 Newline tokens follow the policy ``keep``: they are outside the budget and never candidates, at every
 site; a method sees only the base and crop tokens, and every newline enters the LLM. No ``vision.i``
