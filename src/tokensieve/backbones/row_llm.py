@@ -103,8 +103,8 @@ class RowLLMStages(RowRemoval):
         self.origin = origins
         self.units = units
         self.entering = [torch.arange(len(c), device=device) for c in self.visual]  # of the row's tokens entering
-        # Per row, the column after its last image run: where tokens a method makes enter.
-        self.run_end = [row[-1].start + row[-1].count if row else 0 for row in layout.runs]
+        # (B,) per row the column after its last image run: where tokens a method makes enter.
+        self.run_end = torch.tensor([row[-1].start + row[-1].count if row else 0 for row in layout.runs], device=device)
         self._entry: tuple | None = None
         self.drops: list = []
         self._adjusted: dict = {}

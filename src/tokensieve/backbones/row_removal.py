@@ -56,8 +56,8 @@ class RowRemoval:
         kept_hidden = hidden.gather(1, local[..., None].expand(-1, -1, d))
         visual = [moved[row, columns[kept]] for row, (columns, kept) in enumerate(zip(self.visual, chosen))]
         question = [moved[row, q] for row, q in enumerate(self.question)]
+        at = moved.gather(1, (self.run_end[:, None] - 1).clamp(min=0))[:, 0] + 1  # (B,) where its last image run ends
         if most_made:
-            at = torch.tensor([int(moved[row, end - 1]) + 1 for row, end in enumerate(self.run_end)], device=device)
             # (B, C): the current column whose position each made slot takes (a padding slot: any real one)
             sources = torch.stack([torch.cat([columns[m_at], columns[:1].expand(most_made - len(m_at))])
                                    for columns, m_at in zip(self.visual, made_at)])
@@ -65,9 +65,8 @@ class RowRemoval:
             local, kept_hidden, key_bias = self._insert(local, kept_hidden, key_bias, at, sources, padding, made)
             visual = [torch.cat([v, a + torch.arange(len(m), device=device)]) for v, a, m in zip(visual, at, made)]
             question = [q + most_made for q in question]
-            self.run_end = [int(a) + most_made for a in at]
-        else:
-            self.run_end = [int(moved[row, end - 1]) + 1 for row, end in enumerate(self.run_end)]
+            at = at + most_made
+        self.run_end = at
         original = (previous.columns if previous else here).gather(1, local)
         renumber = getattr(self.llm_stages[site].method, "renumbers_positions", False)
         drop = drop_before(site.layer, previous, original, local, self.length, key_bias, renumber,
