@@ -83,6 +83,26 @@ def test_the_native_bound_computes_the_pruned_models_logits(qwen, native, rows, 
         assert [k.tolist() for k in short_kept] == [k.tolist() for k in kept_of(handle)]
 
 
+def test_the_native_bound_stands_in_for_tokens_a_method_made(qwen, rows):
+    """SparseVLM's recycled tokens (positions kept, ours on Qwen-VL) and its per-row counts: the bound keeps as
+    many of the tokens it dropped, so each layer after a stage runs on as many columns as the pruned pass."""
+    layers = (2,) if qwen.deepstack_levels else (1, 2)  # Qwen3-VL: made tokens after its DeepStack layers
+    handle = attach(qwen, {"name": "sparsevlm", "positions": "original", "layers": layers, "scale": 0.8,
+                           "bias": 0.0}, 64)
+    try:
+        with torch.no_grad():
+            qwen.forward(**rows, logits_to_keep=1)
+        plan, short_kept = qwen_native_plan(handle, qwen, rows["input_ids"], rows["attention_mask"],
+                                            rows["image_grid_thw"])
+    finally:
+        handle.detach()
+    kept = list(handle.last_kept.values())
+    assert int((kept[0] == -3).sum()) > 0, "the first stage recycled tokens"
+    widths = [int(((row >= 0) | (row == -3)).sum(1).max()) for row in kept]  # kept and made, the widest row
+    assert [plan.llm[k].shape[1] for k in layers] == widths
+    assert len(short_kept[0]) + len(short_kept[1]) == widths[-1]  # row 0's two images reach the last layer
+
+
 def test_the_unpruned_plan_is_the_unpruned_model(qwen, native, rows):
     with torch.no_grad():
         plain = qwen.forward(**rows, logits_to_keep=1).logits

@@ -24,7 +24,7 @@ from transformers.masking_utils import create_causal_mask
 
 from tokensieve.backbones import LlavaBackbone
 from tokensieve.backbones.base import Site
-from tokensieve.backbones.stage_plan import merges_in_blocks
+from tokensieve.backbones.stage_plan import EXTRA, merges_in_blocks
 from tokensieve.errors import TokensieveError
 from tokensieve.evaluate.flops import TokenCounts
 
@@ -125,6 +125,27 @@ def native_image_features(backbone: LlavaBackbone, pixel_values: torch.Tensor, p
     if (keep := plan.get(Site("llm", 0))) is not None:
         features = torch.cat([features[:, :cls], _take(features[:, cls:], keep)], 1)
     return features
+
+
+def with_stand_ins(kept: torch.Tensor, current: torch.Tensor, fixed: list[torch.Tensor] | None = None
+                   ) -> list[torch.Tensor]:
+    """Per row, the tokens a stage inside the LLM kept, with stand-ins: as many of the tokens it dropped for
+    the tokens it made and, in a row keeping fewer than the widest, for the slots that row keeps masked, so
+    every row has the pruned pass's width (the same shapes, hence the same time; made tokens have no id).
+
+    kept: ``(B, K)`` the stage's ``handle.last_kept`` (token ids, ``EXTRA`` for a made token, negative for
+    padding); current: ``(B, n)`` the ids present before it; fixed: per row ids present that are never
+    candidates (LLaVA-NeXT's newlines), never stand-ins. Returns per row ``(W,)`` ids, sorted, fixed ones
+    left out."""
+    real = [row[row >= 0] for row in kept]
+    width = max(len(r) + int((row == EXTRA).sum()) for r, row in zip(real, kept))  # kept and made: the widest
+    rows = []
+    for b, (r, present) in enumerate(zip(real, current)):
+        dropped = present[~torch.isin(present, r)]
+        if fixed is not None:
+            dropped = dropped[~torch.isin(dropped, fixed[b])]
+        rows.append(torch.cat([r, dropped[:width - len(r)]]).sort().values)
+    return rows
 
 
 def stacked_rows(per_row: list[torch.Tensor], what: str) -> torch.Tensor:

@@ -24,12 +24,12 @@ from dataclasses import dataclass
 import torch
 
 from tokensieve.backbones.base import Site
-from tokensieve.backbones.stage_plan import EXTRA
 from tokensieve.errors import TokensieveError
 from tokensieve.evaluate.native_bounds import (
     native_decoder,
     positions_among,
     stacked_rows,
+    with_stand_ins,
 )
 
 
@@ -72,24 +72,14 @@ def next_native_plan(handle, backbone, image_sizes: torch.Tensor) -> tuple[NextP
                     "entering the LLM")  # (B, n): positions in each row's packed run
     plan = NextPlan(current.shape[1], entering, {},
                     any(getattr(st.method, "renumbers_positions", False) for st in stages))
-    for site, kept in recorded.items():  # inside the LLM: the kept tokens and the newlines still there
-        real = [row[row >= 0] for row in kept]
-        width = max(len(r) + int((row == EXTRA).sum()) for r, row in zip(real, kept))  # kept and made: the widest row
-        staying = [torch.cat([r, _stand_ins(r, c, n, width - len(r)), n[torch.isin(n, c)]]).sort().values
-                   for r, n, c in zip(real, newlines, current)]
+    for site, kept in recorded.items():  # inside the LLM: the kept tokens (and stand-ins) and the newlines there
+        staying = [torch.cat([k, n[torch.isin(n, c)]]).sort().values
+                   for k, n, c in zip(with_stand_ins(kept, current, newlines), newlines, current)]
         keep = positions_among(current, stacked_rows(staying, site))
         if keep is None:
             raise TokensieveError(f"the tokens kept at {site} are not among those that reached it")
         plan.llm[Site.parse(site).layer], current = keep, torch.stack(staying)
     return plan, list(current)
-
-
-def _stand_ins(kept: torch.Tensor, current: torch.Tensor, newlines: torch.Tensor, count: int) -> torch.Tensor:
-    """``(count,)`` of the tokens in ``current`` ``(n,)`` that a stage dropped (not in ``kept`` ``(K,)``, its real
-    kept tokens), standing in for the tokens it made and the slots it keeps masked; ``newlines``: the image's,
-    never dropped."""
-    dropped = current[~torch.isin(current, kept) & ~torch.isin(current, newlines)]
-    return dropped[:count]
 
 
 @torch.no_grad()

@@ -10,9 +10,10 @@ with the ids gathered to them and transformers' causal mask for that length (Qwe
 DeepStack level added to the visual columns that are there, each its own token's feature). No hook,
 session or check runs: the model is a hook-free twin (:func:`native_bounds.hook_free_twin`).
 
-Rows must keep as many visual tokens as each other at every site (rows of equal image sizes and a
-ratio budget do): a natively shorter batch of unequal rows would be padded otherwise than the
-pruned one, and time differently.
+Rows must keep as many visual tokens as each other at ``llm.0`` (rows of equal image sizes and a ratio
+budget do): a natively shorter batch of unequal rows would be padded otherwise than the pruned one, and
+time differently. Inside the LLM, tokens a method made (SparseVLM's recycled ones) and the slots a row
+keeping fewer keeps masked are stood in for by as many tokens it dropped (``native_bounds.with_stand_ins``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from tokensieve.evaluate.native_bounds import (
     native_decoder,
     positions_among,
     stacked_rows,
+    with_stand_ins,
 )
 
 
@@ -72,11 +74,12 @@ def qwen_native_plan(handle, backbone, input_ids: torch.Tensor, attention_mask: 
     if per_image is not None:
         offsets = torch.tensor([0, *counts], device=device).cumsum(0)[:-1].tolist()
         plan.entering, plan.image_rows = current, torch.cat([o + k for o, k in zip(offsets, per_image)])
-    for site, kept in recorded.items():  # inside the LLM: each row's kept tokens as indices before pruning
-        keep = positions_among(current, stacked_rows([row[row >= 0] for row in kept.to(device)], site))
+    for site, kept in recorded.items():  # inside the LLM: each row's kept tokens (and stand-ins) as indices
+        staying = stacked_rows(with_stand_ins(kept.to(device), current), site)
+        keep = positions_among(current, staying)
         if keep is None:
             raise TokensieveError(f"the tokens kept at {site} are not among those that reached it")
-        plan.llm[Site.parse(site).layer], current = keep, kept.to(device)
+        plan.llm[Site.parse(site).layer], current = keep, staying
     return plan, _per_image(current, layout.units, counts)
 
 
