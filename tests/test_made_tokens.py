@@ -67,30 +67,28 @@ class Positions(Method):
         return Selection(torch.arange(inputs.tokens.shape[1])[None])
 
 
-def test_a_made_token_at_its_tokens_position_equals_keeping_that_token_on_qwen(qwen):
-    batch = inputs(qwen, ROWS)  # rows of different image sizes, one with two images
+def made_and_kept(backbone, batch: dict, site: str) -> dict[bool, torch.Tensor]:
+    """The last logits ``(B, vocab)`` with each row's last visual token kept (False) and made again (True)."""
     logits = {}
     for made in (False, True):
-        handle = attach(qwen, LastTokenMade(made=made), KEEP, site="llm.2")
+        handle = attach(backbone, LastTokenMade(made=made), KEEP, site=site)
         try:
             with torch.no_grad():
-                logits[made] = qwen.forward(**batch).logits[:, -1]
+                logits[made] = backbone.forward(**batch).logits[:, -1]
             kept = handle.last_kept[str(handle.stages[0])]
-            assert bool((kept[:, KEEP - 1] == -3).all()) == made
+            assert bool((kept[:, KEEP - 1] == -3).all()) == made, "recorded as a made token (-3)"
         finally:
             handle.detach()
+    return logits
+
+
+def test_a_made_token_at_its_tokens_position_equals_keeping_that_token_on_qwen(qwen):
+    logits = made_and_kept(qwen, inputs(qwen, ROWS), "llm.2")  # rows of different image sizes, one with two images
     torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
 
 
 def test_a_made_token_at_its_tokens_position_equals_keeping_that_token_on_llava(backbone, batch):
-    logits = {}
-    for made in (False, True):
-        handle = attach(backbone, LastTokenMade(made=made), KEEP, site="llm.1")
-        try:
-            with torch.no_grad():
-                logits[made] = backbone.forward(**batch).logits[:, -1]
-        finally:
-            handle.detach()
+    logits = made_and_kept(backbone, batch, "llm.1")
     torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
 
 
