@@ -201,7 +201,9 @@ def layer_kwargs(kwargs: dict, hidden: torch.Tensor, drop: Drop | None, biases: 
             t.expand(b, -1, -1).gather(1, at[..., None].expand(-1, -1, t.shape[-1])) for t in (cos, sin))
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = kwargs["position_ids"].expand(b, -1).gather(1, at)
-        if drop.inserted:  # made tokens have no original column: causal by their order, padding masked
+        # Made tokens have no original column: causal by their order, padding masked. No mask from the model
+        # (no padding: fused attention's causal path) stays none, which is that order already.
+        if drop.inserted and mask is not None:
             padded = gather < (length - 1 - original[:, -1:])  # left padding: the last column is real
             allowed = torch.ones(q, q, dtype=torch.bool, device=hidden.device).tril()[None] & ~padded[:, None, :]
             mask = torch.where(allowed, 0.0, most_negative(hidden.dtype)).to(hidden.dtype)[:, None]
