@@ -219,7 +219,8 @@ class RowLLMStages(RowRemoval):
         with self.handle.scoring():
             sel = st.method.select(SiteInputs(tokens, keep, str(site), lambda: row_generator(self.seed, tokens),
                                               signals, question, None, question_signals, units=[units]))
-            if sel.tokens is not None or sel.order is not None or (sel.key_mask is not None and not self.soft):
+            if sel.tokens is not None or sel.order is not None or (sel.extra is not None and self.soft) or (
+                    sel.key_mask is not None and not self.soft):
                 raise TokensieveError(f"{st.method.name} at {site}: on {self.bb.family_name} a stage inside the LLM "
                                       "only chooses tokens, and in hard mode may add its own (no new values, order, or "
                                       "key weights outside soft mode)")
