@@ -59,8 +59,8 @@ CLS_READS = (*CLS_SIGNALS, *CROP_SIGNALS)  # signals that exist only on a tower 
 class AnyresStagePlan(PerImageStagePlan):
     """The stage plan on LLaVA-NeXT and LLaVA-OneVision: ``llm.0`` (per image) and ``llm.k`` (per row),
     ``hard`` or ``soft`` mode, tokens a method makes and renumbered positions inside the LLM in hard mode; on a
-    tower without CLS (OneVision's SigLIP) no method reading CLS attention. Budgets are resolved per image or row in each
-    pass; at attach a count is checked against the most candidate tokens one image can give
+    tower without CLS (OneVision's SigLIP) no method reading CLS attention. Budgets are resolved per image or
+    row in each pass; at attach a count is checked against the most candidate tokens one image can give
     (:meth:`LlavaNextBackbone.most_image_tokens`)."""
 
     def __init__(self, backbone, handle):

@@ -42,13 +42,14 @@ class PerImageStagePlan(StagePlan):
                                    f"llm.{self.depth - 1}); llm.{site.layer} is past its depth")
         return super().missing_site(site, st)
 
-    def refuse_made_tokens(self, site: Site, st, family: str) -> None:
+    def refuse_made_tokens(self, site: Site, st, family: str, why_not_before: str = "") -> None:
         """Tokens a method makes, and positions renumbered after a drop, only inside the LLM (``llm.k``) in
-        hard mode: soft mode keeps every token in place, and before the LLM the image runs are the model's."""
+        hard mode: soft mode keeps every token in place, and before the LLM the image runs are the model's
+        (``why_not_before``: the family's words for that, and any hint, ending the refusal's line)."""
         makes, renumbers = st.method.makes_extra_tokens, getattr(st.method, "renumbers_positions", False)
         if makes and site.before_llm:
             raise TokensieveError(f"{st}: {st.method.name} adds tokens of its own, which the {family} backbone "
-                                  "places inside the LLM only (llm.k, k >= 1)")
+                                  f"places inside the LLM only (llm.k, k >= 1){why_not_before}")
         if (makes or renumbers) and self.mode == "soft":
             what = "adds tokens of its own" if makes else "renumbers positions after a drop"
             raise TokensieveError(f"{st}: {st.method.name} {what}, which soft mode cannot do (it keeps every token "

@@ -44,8 +44,9 @@ PROJECTOR = Site("projector")  # the patch merger: the same tokens as llm.0 (mod
 
 class QwenStagePlan(PerImageStagePlan):
     """The stage plan on Qwen-VL: ``llm.0`` (or ``projector``, the same tokens) and ``llm.k``, ``hard`` or
-    ``soft`` mode, tokens a method makes inside the LLM in hard mode only, and no renumbered positions. At attach a count at ``llm.0``
-    is checked against the most tokens one image can give (:meth:`QwenVLBackbone.most_image_tokens`)."""
+    ``soft`` mode, tokens a method makes inside the LLM in hard mode only, and no renumbered positions. At
+    attach a count at ``llm.0`` is checked against the most tokens one image can give
+    (:meth:`QwenVLBackbone.most_image_tokens`)."""
 
     takes_video = True
 
@@ -72,12 +73,9 @@ class QwenStagePlan(PerImageStagePlan):
             raise TokensieveError(f"{st}: {st.method.name} gives the LLM its kept tokens in an order of its own "
                                   f"({st.method.own_order}), which Qwen-VL cannot (kept tokens stay in grid order, with "
                                   "their M-RoPE ids); give it order=\"positions\"")
-        if st.method.makes_extra_tokens and site.before_llm:
-            raise TokensieveError(f"{st}: {st.method.name} adds tokens of its own, which the Qwen-VL backbone "
-                                  "places inside the LLM only (llm.k; before it each visual token's M-RoPE position "
-                                  "comes from the image grid)"
-                                  + (without_cls_hint(st.method) if getattr(st.method, "no_cls_options", None) else ""))
-        self.refuse_made_tokens(site, st, "Qwen-VL")
+        hint = without_cls_hint(st.method) if getattr(st.method, "no_cls_options", None) else ""
+        self.refuse_made_tokens(site, st, "Qwen-VL", "; before it each visual token's M-RoPE position comes from the "
+                                f"image grid{hint}")
         if st.method.makes_extra_tokens and site.layer < self.deepstack_levels:
             raise TokensieveError(f"{st}: {st.method.name} adds tokens of its own at {site}, before Qwen3-VL adds its "
                                   "DeepStack features to the visual tokens (after layers "
