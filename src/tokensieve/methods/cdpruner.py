@@ -189,28 +189,33 @@ def conditional_dpp_keep(tokens: torch.Tensor, relevance: torch.Tensor, keep: in
     x = tokens.detach().float()
     x = x / x.norm(dim=-1, keepdim=True)
     relevance = relevance.float()
-    kernel = relevance.unsqueeze(2) * (x @ x.transpose(1, 2)) * relevance.unsqueeze(1)  # (B, N, N)
-    rows = torch.arange(b, device=tokens.device)
+    # L = r_i S_ij r_j scaled in place: the same products as the reference's r_i * S * r_j, and no
+    # fresh N x N buffers (whose first touch cost more than the multiplications on a CPU).
+    kernel = (x @ x.transpose(1, 2)).mul_(relevance.unsqueeze(2)).mul_(relevance.unsqueeze(1))  # (B, N, N)
     gain = kernel.diagonal(dim1=1, dim2=2).clone()  # (B, N) det(L_picked+j) / det(L_picked) of each token j
     fallback = relevance.clone()  # order of the picks once a row's gains are spent
     if valid is not None:
         gain.masked_fill_(~valid, -math.inf)
         fallback.masked_fill_(~valid, -1.0)  # below any relevance (all >= 0): padding goes last
     factor = x.new_zeros(keep, b, n)  # (T, B, N) rows of the incremental Cholesky factor
+    # Flat views, read by index_select with a pick's flat index (row b's token j at b * N + j):
+    # fewer dispatches per step than advanced indexing, the same values.
+    kernel_rows, flat_gain, flat_fallback = kernel.view(b * n, n), gain.view(-1), fallback.view(-1)
+    factor_columns = factor.view(keep, b * n)
+    offsets = torch.arange(0, b * n, n, device=tokens.device)
     picks = torch.empty(keep, b, dtype=torch.long, device=tokens.device)
     for step in range(keep):
         pick = gain.argmax(1)
-        best = gain[rows, pick]
+        best = flat_gain.index_select(0, pick + offsets)
         spent = ~(best > 0)  # also NaN
-        pick = torch.where(spent, fallback.argmax(1), pick)
-        e = (kernel[rows, pick] - torch.einsum("tb,tbn->bn", factor[:step, rows, pick], factor[:step])) \
-            / best.sqrt().unsqueeze(-1)
-        e = torch.where(spent.unsqueeze(-1), 0.0, e)
-        factor[step] = e
+        at = torch.where(spent, fallback.argmax(1), pick).add_(offsets)  # (B,) flat index of the pick
+        e = torch.sub(kernel_rows.index_select(0, at),
+                      torch.einsum("tb,tbn->bn", factor_columns[:step].index_select(1, at), factor[:step]))
+        e = torch.div(e, best.sqrt().unsqueeze(-1), out=factor[step]).masked_fill_(spent.unsqueeze(-1), 0.0)
         gain -= e.square()
-        gain[rows, pick] = -math.inf
-        fallback[rows, pick] = -math.inf
-        picks[step] = pick
+        flat_gain.index_fill_(0, at, -math.inf)
+        flat_fallback.index_fill_(0, at, -math.inf)
+        torch.sub(at, offsets, out=picks[step])
     return picks.t().sort(1).values
 
 
