@@ -238,3 +238,13 @@ def test_clustering_in_row_blocks_is_the_released_broadcast_bit_for_bit(monkeypa
     monkeypatch.setattr(sparsevlm, "DISTANCE_BLOCK", 200 * 200 * 64)
     whole = dpc_knn_merge(x, 21, noise)
     assert torch.equal(blocked[0], whole[0]) and torch.equal(blocked[1], whole[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_mirrored_distances_are_the_released_broadcast_bit_for_bit(monkeypatch, dtype):
+    """Blocks of rows against the rows from theirs on, mirrored, give ``(x1 - x2).norm(dim=-1)`` exactly,
+    odd widths and a last short block included."""
+    x = torch.randn(131, 37, generator=torch.Generator().manual_seed(4)).to(dtype)
+    monkeypatch.setattr(sparsevlm, "DISTANCE_BLOCK", 131 * 37 * 10)  # blocks of 10 rows, the last of 1
+    assert torch.equal(sparsevlm.pairwise_distances(x), (x[:, None] - x[None]).norm(dim=-1))
+

@@ -108,6 +108,22 @@ def cluster_count(recycled: int) -> int:
     return int(recycled / 10) + 1
 
 
+def pairwise_distances(x: torch.Tensor) -> torch.Tensor:
+    """``(n, n)`` Euclidean distances of the rows of ``x`` ``(n, d)`` as released, ``(x_i - x_j).norm()``
+    with no matmul shortcut, the same numbers bit for bit. A few rows at a time, against the rows from
+    theirs on, mirrored: ``x_j - x_i`` is exactly ``-(x_i - x_j)``, so the matrix is exactly symmetric.
+    No ``(n, n, d)`` difference is held (1.15 GB at n = 756, d = 512) and half the differences are
+    computed (0.48 s -> 0.04 s -> 0.02 s there on 2 CPU cores)."""
+    n, d = x.shape
+    rows = max(1, DISTANCE_BLOCK // (n * d))
+    dist = x.new_empty(n, n)
+    for i in range(0, n, rows):
+        block = (x[i:i + rows, None] - x[None, i:]).norm(dim=-1)  # (rows, n - i)
+        dist[i:i + rows, i:] = block
+        dist[i:, i:i + rows] = block.t()
+    return dist
+
+
 def dpc_knn_merge(x: torch.Tensor, clusters: int, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """DPC-KNN clustering of ``x`` ``(n, d)`` into ``clusters`` tokens, each its cluster's mean.
 
@@ -124,10 +140,7 @@ def dpc_knn_merge(x: torch.Tensor, clusters: int, noise: torch.Tensor) -> tuple[
     if noise.shape != (n,):
         raise TokensieveError(f"sparsevlm: the density noise must have one value per token ({n}), "
                               f"got shape {tuple(noise.shape)}")
-    # (n, n) as released, (x_i - x_j).norm() with no matmul shortcut, a few rows at a time: the same numbers bit
-    # for bit without the (n, n, d) difference tensor (0.48 s -> 0.04 s at n = 756, d = 512 on 2 CPU cores)
-    rows = max(1, DISTANCE_BLOCK // (n * d))
-    dist = torch.cat([(x[i:i + rows, None] - x[None]).norm(dim=-1) for i in range(0, n, rows)]) / d ** 0.5
+    dist = pairwise_distances(x) / d ** 0.5
     nearest = dist.topk(clusters, dim=-1, largest=False).values
     density = (-(nearest ** 2).mean(-1)).exp() + noise.to(dist) * 1e-6
     denser = density[None, :] > density[:, None]  # [i, j]: j is denser than i
