@@ -9,7 +9,7 @@ import torch
 from parity_fixtures import load_fixture
 
 from tokensieve.method import SiteInputs
-from tokensieve.methods.dart import DART, dart_keep
+from tokensieve.methods.dart import DART, dart_keep, topk_among, unit_vectors
 
 TENSORS, META = load_fixture("dart")
 CASES = sorted(META["cases"])
@@ -93,3 +93,31 @@ def test_pure_function_with_the_paper_count():
                      question_positions=row["question_positions"][None],
                      question_valid=torch.ones(1, len(row["question_keys"]), dtype=torch.bool))
     assert torch.equal(kept[0], TENSORS["paper64.kept"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cosines_of_unit_vectors_are_torchs_cosine_similarity_bit_for_bit(dtype):
+    """The pivots' cosines are computed from tokens normalised once; they must be the released
+    ``F.cosine_similarity`` values to the bit (a zero token gives NaN on both sides in float16)."""
+    g = torch.Generator().manual_seed(6)
+    states, pivot = torch.randn(3, 200, 77, generator=g).to(dtype), torch.randn(3, 1, 77, generator=g).to(dtype)
+    states[:, 5] = 0
+    ours = (unit_vectors(pivot) * unit_vectors(states)).sum(-1)
+    theirs = torch.nn.functional.cosine_similarity(pivot, states, dim=-1)
+    assert torch.equal(ours.isnan(), theirs.isnan())
+    assert torch.equal(ours.nan_to_num(2.0), theirs.nan_to_num(2.0))
+
+
+def test_topk_among_is_topk_of_the_indexed_list_ties_included():
+    """Rows of one count together and of different counts apart pick what ``topk`` of each row's list of
+    allowed values picks, equal values included."""
+    g = torch.Generator().manual_seed(7)
+    values = torch.randint(0, 4, (3, 60), generator=g).float()  # many exact ties
+    uneven = torch.rand(3, 60, generator=g) > 0.3
+    even = torch.stack([torch.randperm(60, generator=g) < 40 for _ in range(3)])  # 40 allowed in every row
+    for among in (uneven, even):
+        counts = among.sum(1).tolist()
+        got = topk_among(values, among, counts, 9)
+        for r in range(3):
+            allowed = among[r].nonzero()[:, 0]
+            assert torch.equal(got[r], allowed[values[r, allowed].topk(9).indices])

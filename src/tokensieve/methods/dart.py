@@ -29,10 +29,28 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.nn import functional as F
 
 from tokensieve.errors import TokensieveError
 from tokensieve.method import Method, Selection, SiteInputs, register
+
+
+def unit_vectors(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(..., d)`` over its L2 norm clamped at 1e-8, as ``F.cosine_similarity`` normalises each side:
+    products of two such summed over ``d`` are its cosines bit for bit, and the tokens' side is
+    normalised once for every pivot instead of once per pivot."""
+    return x / torch.linalg.vector_norm(x, 2, dim=-1, keepdim=True).clamp_min(1e-8)
+
+
+def topk_among(values: torch.Tensor, among: torch.Tensor, counts: list[int], k: int) -> torch.Tensor:
+    """``(B, k)`` indices of the ``k`` largest of each row's ``values`` ``(B, N)`` where ``among`` ``(B, N)``
+    is True (``counts[b]`` of them, known on the host). ``topk`` runs on exactly those values in their
+    order, as the reference's ``topk`` of a list it indexed first: which of equal values it returns
+    depends on the list it is given. Rows of one count run together, with no read of the device."""
+    first = (~among).to(torch.uint8).argsort(dim=1, stable=True)  # (B, N) the True positions first, in order
+    if len(set(counts)) == 1:
+        inside = first[:, :counts[0]]
+        return inside.gather(1, values.gather(1, inside).topk(k, dim=1).indices)
+    return torch.stack([row[:m][values[r, row[:m]].topk(k).indices] for r, (row, m) in enumerate(zip(first, counts))])
 
 
 def dart_keep(keys: torch.Tensor, states: torch.Tensor, positions: torch.Tensor, keep: int, *,
@@ -40,7 +58,7 @@ def dart_keep(keys: torch.Tensor, states: torch.Tensor, positions: torch.Tensor,
               question_positions: torch.Tensor | None = None, question_valid: torch.Tensor | None = None,
               pivot_image_tokens: int = 4, pivot_text_tokens: int = 4, exact_budget: bool = False,
               valid: torch.Tensor | None = None) -> torch.Tensor:
-    """DART's kept image tokens for every row, each row on its own.
+    """DART's kept image tokens for every row, each row as if alone.
 
     keys: ``(B, N, d_k)`` layer K-1's post-RoPE keys of the image tokens, heads concatenated.
     states: ``(B, N, d)`` the image tokens' hidden states entering layer K, after the final norm.
@@ -49,7 +67,9 @@ def dart_keep(keys: torch.Tensor, states: torch.Tensor, positions: torch.Tensor,
         the same for the text tokens after the image run, with ``question_valid`` ``(B, T)`` bool
         False on padding (all may be ``None`` when ``pivot_text_tokens`` is 0).
     valid: optional ``(B, N)`` bool, False for tokens that only pad a row (never kept).
-    Norms and cosines are computed in the inputs' dtype, as the reference does in the model's.
+    Norms and cosines are computed in the inputs' dtype, as the reference does in the model's. Every row
+    at once: each turn one cosine of a pivot against all its row's tokens, the claimed ones masked out,
+    and one read of the pivots' positions for the claiming order (a Python set's, as released).
     Returns ``(B, K)`` sorted indices into the ``N`` tokens, ``K = pivot_image_tokens + pivots *
     ((keep - pivot_image_tokens) // pivots)`` (``keep`` with ``exact_budget``, all ``N`` when
     ``keep == N``).
@@ -62,43 +82,47 @@ def dart_keep(keys: torch.Tensor, states: torch.Tensor, positions: torch.Tensor,
     pivots = pivot_image_tokens + pivot_text_tokens
     per_pivot = (keep - pivot_image_tokens) // pivots
     extra = keep - pivot_image_tokens - pivots * per_pivot if exact_budget else 0
-    rows = []
-    for r in range(b):
-        norms = keys[r].norm(p=1, dim=-1)
-        if valid is not None:
-            if int(valid[r].sum()) < keep:
-                raise TokensieveError(f"dart: row {r} has {int(valid[r].sum())} real tokens, fewer than the {keep} "
-                                      "to keep")
-            norms = norms.masked_fill(~valid[r], -torch.inf)
-        image_pivots = norms.topk(pivot_image_tokens).indices  # decreasing norm
-        where = positions[r, image_pivots].tolist()
-        vectors = list(states[r, image_pivots])
-        if pivot_text_tokens:
-            text = question_valid[r].nonzero()[:, 0]
-            if len(text) < pivot_text_tokens:
+    norms = keys.norm(p=1, dim=-1)  # (B, N)
+    real = [n] * b if valid is None else valid.sum(1).tolist()  # each row's real tokens, read once
+    for r, count in enumerate(real):
+        if count < keep:
+            raise TokensieveError(f"dart: row {r} has {count} real tokens, fewer than the {keep} to keep")
+    if valid is not None:
+        norms = norms.masked_fill(~valid, -torch.inf)
+    image_pivots = norms.topk(pivot_image_tokens, dim=1).indices  # (B, P_i) by decreasing norm
+    vectors = [states.gather(1, image_pivots[..., None].expand(-1, -1, states.shape[2]))]
+    where = [positions.gather(1, image_pivots)]
+    if pivot_text_tokens:
+        asked = question_valid.sum(1).tolist()
+        for r, count in enumerate(asked):
+            if count < pivot_text_tokens:
                 raise TokensieveError(f"dart picks {pivot_text_tokens} text pivots among the tokens after the "
-                                      f"image, but row {r} has only {len(text)}")
-            text_pivots = text[question_keys[r, text].norm(p=1, dim=-1).topk(pivot_text_tokens).indices]
-            where += question_positions[r, text_pivots].tolist()
-            vectors += list(question_states[r, text_pivots])
-        vector_at = dict(zip(where, vectors))
-        if len(vector_at) != pivots:
+                                      f"image, but row {r} has only {count}")
+        text_pivots = topk_among(question_keys.norm(p=1, dim=-1), question_valid, asked, pivot_text_tokens)
+        vectors.append(question_states.gather(1, text_pivots[..., None].expand(-1, -1, question_states.shape[2])))
+        where.append(question_positions.gather(1, text_pivots))
+    vectors = torch.cat(vectors, 1)  # (B, P, d) image pivots first, each group by decreasing norm
+    # The reference iterates a Python set of the pivots' positions, image pivots added first, each
+    # group by decreasing norm: that order decides which pivot gets a token two want. One read of
+    # every row's positions builds each row's turns on the host.
+    turns = []
+    for row in torch.cat(where, 1).tolist():
+        if len(set(row)) != pivots:
             raise TokensieveError("dart: the pivots' positions in the sequence must be distinct")
-        # The reference iterates a Python set of the pivots' positions, image pivots added first,
-        # each group by decreasing norm: that order decides which pivot gets a token two want.
-        order = list(set(where))
-        free = torch.ones(n, dtype=torch.bool, device=states.device) if valid is None else valid[r].clone()
-        free[image_pivots] = False
-        kept = [image_pivots]
-        for turn, count in [(order, per_pivot), (order[:extra], 1)]:
-            for position in turn:
-                candidates = free.nonzero()[:, 0]  # ascending, like the reference's list of its set
-                distance = -F.cosine_similarity(vector_at[position], states[r, candidates], dim=-1)
-                claimed = candidates[distance.topk(count).indices]
-                free[claimed] = False
-                kept.append(claimed)
-        rows.append(torch.cat(kept).sort().values)
-    return torch.stack(rows)
+        turns.append([row.index(position) for position in set(row)])
+    turns = torch.tensor(turns, device=states.device)  # (B, P) the pivot claiming at each turn
+    free = torch.ones(b, n, dtype=torch.bool, device=states.device) if valid is None else valid.clone()
+    free.scatter_(1, image_pivots, False)
+    left = [count - pivot_image_tokens for count in real]  # each row's unclaimed tokens, known on the host
+    kept, units = [image_pivots], unit_vectors(states)
+    for turn, count in [*((t, per_pivot) for t in range(pivots)), *((t, 1) for t in range(extra))]:
+        pivot = vectors.gather(1, turns[:, turn, None, None].expand(-1, 1, vectors.shape[2]))  # (B, 1, d)
+        distance = -(unit_vectors(pivot) * units).sum(-1)  # (B, N) the released cosines, bit for bit
+        claimed = topk_among(distance, free, left, count)  # among the unclaimed tokens, as released
+        free.scatter_(1, claimed, False)
+        left = [m - count for m in left]
+        kept.append(claimed)
+    return torch.cat(kept, 1).sort(1).values
 
 
 @register
