@@ -197,25 +197,28 @@ def conditional_dpp_keep(tokens: torch.Tensor, relevance: torch.Tensor, keep: in
     if valid is not None:
         gain.masked_fill_(~valid, -math.inf)
         fallback.masked_fill_(~valid, -1.0)  # below any relevance (all >= 0): padding goes last
-    factor = x.new_zeros(keep, b, n)  # (T, B, N) rows of the incremental Cholesky factor
-    # Flat views, read by index_select with a pick's flat index (row b's token j at b * N + j):
-    # fewer dispatches per step than advanced indexing, the same values.
+    # The incremental Cholesky factor twice: rows (B, T, N) for the product, columns (B * N, T) to read a
+    # pick's column as one row. Flat views are read by index_select with a pick's flat index (row b's
+    # token j at b * N + j): fewer dispatches per step than advanced indexing, the same values.
+    factor, columns = x.new_zeros(b, keep, n), x.new_zeros(b * n, keep)
     kernel_rows, flat_gain, flat_fallback = kernel.view(b * n, n), gain.view(-1), fallback.view(-1)
-    factor_columns = factor.view(keep, b * n)
-    offsets = torch.arange(0, b * n, n, device=tokens.device)
+    offsets = torch.arange(0, b * n, n, device=tokens.device) if b > 1 else None  # none to add for one row
     picks = torch.empty(keep, b, dtype=torch.long, device=tokens.device)
     for step in range(keep):
         pick = gain.argmax(1)
-        best = flat_gain.index_select(0, pick + offsets)
+        at = pick if offsets is None else pick + offsets  # (B,) flat index of the gain's pick
+        best = flat_gain.index_select(0, at)
         spent = ~(best > 0)  # also NaN
-        at = torch.where(spent, fallback.argmax(1), pick).add_(offsets)  # (B,) flat index of the pick
-        e = torch.sub(kernel_rows.index_select(0, at),
-                      torch.einsum("tb,tbn->bn", factor_columns[:step].index_select(1, at), factor[:step]))
-        e = torch.div(e, best.sqrt().unsqueeze(-1), out=factor[step]).masked_fill_(spent.unsqueeze(-1), 0.0)
+        at = torch.where(spent, fallback.argmax(1) if offsets is None else fallback.argmax(1) + offsets, at)
+        # sum_t c_t[pick] c_t as the reference's einsum("tb,tbn->bn"): the same batched product
+        taken = torch.bmm(columns.index_select(0, at)[:, None, :step], factor[:, :step])[:, 0]
+        e = torch.sub(kernel_rows.index_select(0, at), taken)
+        e = torch.div(e, best.sqrt().unsqueeze(-1), out=factor[:, step]).masked_fill_(spent.unsqueeze(-1), 0.0)
+        columns.view(b, n, keep)[:, :, step] = e
         gain -= e.square()
         flat_gain.index_fill_(0, at, -math.inf)
         flat_fallback.index_fill_(0, at, -math.inf)
-        torch.sub(at, offsets, out=picks[step])
+        picks[step] = at if offsets is None else at - offsets
     return picks.t().sort(1).values
 
 
