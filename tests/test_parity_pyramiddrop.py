@@ -71,6 +71,12 @@ def forward():
     return load_fixture("pyramiddrop_forward")
 
 
+# 32 float32 decoder layers: CPUs with other vector units (AVX2, AVX-512) round their products differently,
+# 1.5e-5 of the scale on an AVX2-only EPYC against the fixture's machine. Keeping the original positions
+# instead (the test below) moves elements by more than 1e-3.
+WHOLE_MODEL_RTOL = 1e-4
+
+
 def test_a_whole_prefill_and_a_decoding_step_are_the_released_ones(forward, monkeypatch):
     tensors, meta = forward
     backbone, ids, image = released_model_as_llava(tensors)
@@ -87,13 +93,13 @@ def test_a_whole_prefill_and_a_decoding_step_are_the_released_ones(forward, monk
         for stage, expected in zip(kept, ("kept_stage1", "kept_stage2", "kept_stage3")):
             patches = patches[tensors[expected]]  # the reference's are into the run as it was then
             assert stage.tolist() == patches.tolist()
-        assert_close_relative(final[0], tensors["prefill_last_hidden"])
+        assert_close_relative(final[0], tensors["prefill_last_hidden"], WHOLE_MODEL_RTOL)
         cache = out.past_key_values
         assert [cache.get_seq_length(k) for k in range(32)] == tensors["cache_lengths"].tolist()
         backbone.model(inputs_embeds=tensors["decode_embeds"], attention_mask=torch.ones(1, 652, dtype=torch.long),
                        position_ids=torch.tensor([[651]]), past_key_values=cache, use_cache=True)
     handle.detach()
-    assert_close_relative(final[1], tensors["decode_hidden"])
+    assert_close_relative(final[1], tensors["decode_hidden"], WHOLE_MODEL_RTOL)
     assert meta["cases"]["prefill_and_one_step"]["kept"] == [288, 144, 72]
 
 

@@ -77,8 +77,8 @@ def last_queries_attention(attn, hidden: torch.Tensor, keys: torch.Tensor, kwarg
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # grouped-query attention
     scores = (q @ k.transpose(-1, -2)) * attn.scaling  # (B, H, queries, T)
     mask = kwargs.get("attention_mask")
-    if mask is not None:
-        scores = scores + as_additive(mask, b, t, t, scores.dtype, scores.device)[:, :, t - queries:]
+    if mask is not None:  # only the last rows, made additive: not a (B, 1, T, T) float mask for one query
+        scores = scores + as_additive(mask[:, :, t - queries:], b, queries, t, scores.dtype, scores.device)
     elif queries > 1:  # no mask given: causal
         scores = scores + as_additive(None, b, queries, t, scores.dtype, scores.device)
     return scores.float().softmax(-1).to(hidden.dtype).mean(1)
