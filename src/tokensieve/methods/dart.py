@@ -68,8 +68,9 @@ def dart_keep(keys: torch.Tensor, states: torch.Tensor, positions: torch.Tensor,
         False on padding (all may be ``None`` when ``pivot_text_tokens`` is 0).
     valid: optional ``(B, N)`` bool, False for tokens that only pad a row (never kept).
     Norms and cosines are computed in the inputs' dtype, as the reference does in the model's. Every row
-    at once: each turn one cosine of a pivot against all its row's tokens, the claimed ones masked out,
-    and one read of the pivots' positions for the claiming order (a Python set's, as released).
+    at once: each turn one cosine of a pivot against all its row's tokens, ranked among the unclaimed
+    ones (:func:`topk_among`), and one read of the pivots' positions for the claiming order (a Python
+    set's, as released).
     Returns ``(B, K)`` sorted indices into the ``N`` tokens, ``K = pivot_image_tokens + pivots *
     ((keep - pivot_image_tokens) // pivots)`` (``keep`` with ``exact_budget``, all ``N`` when
     ``keep == N``).
