@@ -59,6 +59,15 @@ def _same_run(resumed: Path, straight: Path) -> None:
     assert not [p.name for p in [*resumed.iterdir(), *(resumed / "best").iterdir()] if p.name.endswith(".tmp")]
 
 
+@pytest.fixture(autouse=True)
+def _ctrl_c_delivered():
+    """SIGINT handled as Python handles it by default, also where the test run inherited it ignored (a
+    job a non-interactive shell started in the background): these tests send it as Ctrl-C would."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _sigint_at(calls: dict, n: int):
     """Count calls; the ``n``-th sends this process SIGINT, as Ctrl-C does."""
     calls["n"] += 1
