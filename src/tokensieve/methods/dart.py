@@ -102,7 +102,7 @@ def dart_keep(keys: torch.Tensor, states: torch.Tensor, positions: torch.Tensor,
         text_pivots = topk_among(question_keys.norm(p=1, dim=-1), question_valid, asked, pivot_text_tokens)
         vectors.append(question_states.gather(1, text_pivots[..., None].expand(-1, -1, question_states.shape[2])))
         where.append(question_positions.gather(1, text_pivots))
-    vectors = torch.cat(vectors, 1)  # (B, P, d) image pivots first, each group by decreasing norm
+    vectors = unit_vectors(torch.cat(vectors, 1))  # (B, P, d) image pivots first, each group by decreasing norm
     # The reference iterates a Python set of the pivots' positions, image pivots added first, each
     # group by decreasing norm: that order decides which pivot gets a token two want. One read of
     # every row's positions builds each row's turns on the host.
@@ -118,7 +118,7 @@ def dart_keep(keys: torch.Tensor, states: torch.Tensor, positions: torch.Tensor,
     kept, units = [image_pivots], unit_vectors(states)
     for turn, count in [*((t, per_pivot) for t in range(pivots)), *((t, 1) for t in range(extra))]:
         pivot = vectors.gather(1, turns[:, turn, None, None].expand(-1, 1, vectors.shape[2]))  # (B, 1, d)
-        distance = -(unit_vectors(pivot) * units).sum(-1)  # (B, N) the released cosines, bit for bit
+        distance = -(pivot * units).sum(-1)  # (B, N) the released cosines, bit for bit
         claimed = topk_among(distance, free, left, count)  # among the unclaimed tokens, as released
         free.scatter_(1, claimed, False)
         left = [m - count for m in left]
