@@ -1,15 +1,22 @@
 """Reading tensor values back to the host (a wait for the device on a GPU) in the pruned prefill:
 after a stage's first pass, whose selection checks read values (docs/design.md), pruning on LLaVA-1.5
 adds no read to the forward, and DART, which must read its pivots' positions (the released claiming
-order is a Python set's), reads as often for six rows as for two. Counted by intercepting every
-torch call that returns values to Python, so the test runs on a CPU."""
+order is a Python set's), reads as often for six rows as for two. On Qwen-VL and LLaVA-NeXT, whose
+stages choose row by row, pruning adds as many reads for four rows as for two. Counted by intercepting
+every torch call that returns values to Python, so the test runs on a CPU."""
 
 from __future__ import annotations
 
+import os
+import traceback
 from collections import Counter
 
 import pytest
 import torch
+from tiny_llava_next import ROWS as NEXT_ROWS
+from tiny_llava_next import inputs as next_inputs
+from tiny_qwen import ROWS as QWEN_ROWS
+from tiny_qwen import inputs as qwen_inputs
 from torch.overrides import TorchFunctionMode
 
 from tokensieve.attach import attach
@@ -21,25 +28,41 @@ VALUE_READS = {torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.__bool__, to
 INDEXING = {torch.Tensor.__getitem__, torch.Tensor.__setitem__}  # a bool mask index counts its True values
 
 
-class HostReads(TorchFunctionMode):
-    """Counts, by function name, the torch calls made inside it that read tensor values to the host."""
+# An anyres image's layout is built on the host from its size (a video's from its frame count): what
+# these modules read never waits for a device.
+HOST_SIDE = ("anyres_layout.py", "pooled_video.py")
 
-    def __init__(self):
+
+class HostReads(TorchFunctionMode):
+    """Counts, by function name, the torch calls made inside it that read tensor values to the host, but
+    for those made in the modules named in ``host_side`` (the innermost tokensieve file of the call)."""
+
+    def __init__(self, host_side: tuple[str, ...] = ()):
         super().__init__()
         self.reads = Counter()
+        self.host_side = host_side
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = None
         if func in VALUE_READS:
-            self.reads[func.__name__] += 1
+            name = func.__name__
         elif func in INDEXING:
             index = args[1] if isinstance(args[1], tuple) else (args[1],)
             if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index):
-                self.reads["bool index"] += 1
+                name = "bool index"
+        if name is not None and not self._on_host():
+            self.reads[name] += 1
         return func(*args, **(kwargs or {}))
 
+    def _on_host(self) -> bool:
+        if not self.host_side:
+            return False
+        ours = [f.filename for f in traceback.extract_stack() if f"tokensieve{os.sep}" in f.filename]
+        return bool(ours) and ours[-1].endswith(self.host_side)
 
-def reads_of(backbone, batch) -> Counter:
-    with torch.no_grad(), HostReads() as mode:
+
+def reads_of(backbone, batch, host_side: tuple[str, ...] = ()) -> Counter:
+    with torch.no_grad(), HostReads(host_side) as mode:
         backbone.forward(**batch)
     return mode.reads
 
@@ -77,3 +100,33 @@ def test_dart_reads_as_often_for_six_rows_as_for_two(backbone, batch):
         handle.detach()
     assert added[6] == added[2]
     assert added[6]["tolist"] >= 1  # the pivots' positions, read once
+
+
+def added_reads(backbone, batches: dict, method: str, site: str) -> dict:
+    """Per batch size, what pruning adds to the forward's reads after the stage's first pass (the model's
+    own reads differ with padding, so each size is compared with its own unpruned forward)."""
+    unpruned = {size: reads_of(backbone, batch, HOST_SIDE) for size, batch in batches.items()}
+    handle = attach(backbone, method, 0.5, site=site, mode="hard")
+    try:
+        added = {}
+        for size, batch in batches.items():
+            reads_of(backbone, batch, HOST_SIDE)  # the first pass checks values
+            added[size] = reads_of(backbone, batch, HOST_SIDE) - unpruned[size]
+    finally:
+        handle.detach()
+    return added
+
+
+@pytest.mark.parametrize("method,site", [("random", "llm.0"), ("divprune", "llm.0"), ("fastv", "llm.2")])
+def test_qwen_pruning_reads_as_often_for_four_rows_as_for_two(qwen, method, site):
+    """Rows of one image and of two (tiny_qwen.ROWS), twice over: no read per row or per image."""
+    added = added_reads(qwen, {2: qwen_inputs(qwen, QWEN_ROWS), 4: qwen_inputs(qwen, QWEN_ROWS * 2)}, method, site)
+    assert added[4] == added[2]
+
+
+@pytest.mark.parametrize("method,site", [("random", "llm.0"), ("divprune", "llm.0"), ("fastv", "llm.2")])
+def test_llava_next_pruning_reads_as_often_for_six_rows_as_for_three(llava_next, method, site):
+    """A wide, a square and a tall image (tiny_llava_next.ROWS), twice over: no read per row or per image."""
+    batches = {3: next_inputs(llava_next.processor, NEXT_ROWS), 6: next_inputs(llava_next.processor, NEXT_ROWS * 2)}
+    added = added_reads(llava_next, batches, method, site)
+    assert added[6] == added[3]

@@ -8,6 +8,7 @@ import torch
 from tiny_qwen import ROWS, image, row_alone, until_eos
 
 from tokensieve.backbones.hf_qwen import QwenVLBackbone
+from tokensieve.backbones.qwen_layout import question_columns
 from tokensieve.backbones.qwen_prompt import encode
 from tokensieve.errors import TokensieveError
 
@@ -48,6 +49,19 @@ def test_layout_several_images_per_row(qwen, mixed):
     tok = qwen.processor.tokenizer
     question = tok.convert_ids_to_tokens(ids[1][layout.question_mask[1]].tolist())
     assert question[:7] == ["<|vision_end|>", "what", "shape", "is", "left", "and", "right"]
+
+
+def test_question_columns_of_a_left_padded_batch_are_the_masks(qwen, mixed):
+    """Read from the layout on the host, each row's question columns are its question mask's True columns;
+    the batch's tail runs from the earliest question start to the end."""
+    layout = qwen.layout(mixed["input_ids"], mixed["attention_mask"])
+    columns, tail = question_columns(layout)
+    assert [c.tolist() for c in columns] == [row.nonzero().flatten().tolist() for row in layout.question_mask]
+    assert tail == layout.question_mask.shape[1] - min(int(c[0]) for c in columns)
+    answers = torch.zeros_like(layout.question_mask)
+    answers[:, -2:] = True  # the read path, with the last two columns left out
+    read, read_tail = question_columns(layout, answers)
+    assert [r.tolist() for r in read] == [c[:-2].tolist() for c in columns] and read_tail == tail
 
 
 def test_nothing_kept_out_is_the_plain_model(qwen, mixed):

@@ -77,6 +77,13 @@ def complement(index: torch.Tensor, n: int) -> torch.Tensor:
     return taken.argsort(dim=1, stable=True)[:, :n - index.shape[1]]
 
 
+def trues_first(mask: torch.Tensor) -> torch.Tensor:
+    """``(..., N)`` positions along the last dimension of ``mask`` ``(..., N)`` bool: its True ones first,
+    then its False ones, each in increasing order. With a count known on the host, a row's first ``count``
+    are its True positions, as ``nonzero`` would give them without waiting for the device."""
+    return (~mask).to(torch.uint8).argsort(dim=-1, stable=True)
+
+
 def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of every row of ``a`` ``(B, N, d)`` to every row of ``b`` ``(B, M, d)``: ``(B, N, M)``.
     ``b`` may be ``a`` itself, normalised once then."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import ClassVar
 
 import torch
@@ -71,10 +72,23 @@ class AnyresLayout:
         """:func:`pack_with_layout` of ``crops`` ``(n_crops, g*g, d)`` by this layout."""
         return pack_with_layout(crops, self, newline)
 
-    @property
+    @cached_property
     def candidates(self) -> torch.Tensor:
-        """``(N - newlines,)`` the positions in the run of the tokens that are not newlines, in order."""
+        """``(N - newlines,)`` the positions in the run of the tokens that are not newlines, in order (on
+        the host, as every field: read once per layout)."""
         return (~self.is_newline).nonzero().flatten()
+
+    @cached_property
+    def parts(self) -> list[torch.Tensor]:
+        """Per part (the base crop, then each high-resolution crop), the indices among :attr:`candidates` of
+        its tokens, in order."""
+        part = self.part[self.candidates]
+        return [(part == p).nonzero().flatten() for p in range(self.n_crops)]
+
+    @cached_property
+    def newlines(self) -> torch.Tensor:
+        """``(newlines,)`` the positions in the run of its newlines, in order."""
+        return self.is_newline.nonzero().flatten()
 
 
 def anyres_layout(image_size, pinpoints: list, crop_size: int, grid: int, newline: bool = True,

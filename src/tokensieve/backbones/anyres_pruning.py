@@ -34,6 +34,7 @@ released: :mod:`.row_llm`); soft mode refuses both, and an order of a method's o
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
@@ -47,10 +48,11 @@ from tokensieve.backbones.per_image_stage import (
     per_image_questions,
 )
 from tokensieve.backbones.qwen_tower import CLS_SIGNALS
-from tokensieve.backbones.qwen_units import refuse_video, units_now
+from tokensieve.backbones.qwen_units import refuse_video
 from tokensieve.backbones.row_llm import RowLLMStages
 from tokensieve.errors import TokensieveError
 from tokensieve.method import Selection
+from tokensieve.ops import trues_first
 
 LLM0 = Site("llm", 0)
 CLS_READS = (*CLS_SIGNALS, *CROP_SIGNALS)  # signals that exist only on a tower with a CLS token
@@ -170,14 +172,16 @@ class AnyresPruningSession(PerImageStage, RowLLMStages):
             return embedded_question(self.bb.model, question_mask[0][i][question_mask[1][i]])
 
         def crop_signals(i: int, candidates: torch.Tensor) -> dict:
-            source = {"anyres_source": lambda: layouts[i].source[candidates.cpu()][None].to(candidates.device)}
+            # the host's layout copied to the device, not the device's positions back to the host (a wait)
+            source = {"anyres_source": lambda: layouts[i].source.to(candidates.device)[candidates][None]}
             if self.crops is None:
                 return source
             return {**source, **{name: lambda name=name: self.crops.image(name, first[i], layouts[i].n_crops)
                                  for name in self.crops.blocks}}
 
         candidates = [layout.candidates.to(tokens.device) for tokens, layout in zip(packed, layouts)]
-        units = [units_now([layout.unit(c.device)], c) for layout, c in zip(layouts, candidates)]
+        # each image's one unit, its cells every position but the newlines
+        units = [[replace(layout.unit(c.device), cells=c)] for layout, c in zip(layouts, candidates)]
         for i, unit in enumerate(units):
             refuse_video(self.stage, unit, f"row {i}")
 
@@ -213,7 +217,7 @@ class AnyresPruningSession(PerImageStage, RowLLMStages):
         drop_newlines = getattr(self.stage.method, "newlines", "keep") == "drop"
         runs = []
         for k, layout, own_order in zip(kept, layouts, ordered):
-            newlines = layout.is_newline.nonzero().flatten().to(k.device)
+            newlines = layout.newlines.to(k.device)
             if drop_newlines:
                 runs.append(k)
             elif not own_order:
@@ -229,15 +233,15 @@ class AnyresPruningSession(PerImageStage, RowLLMStages):
         among ``candidates`` ``(n_i,)`` with its budget (:func:`.anyres_split.part_budgets`); tokens: its packed
         run ``(N_i, d)``; inputs: the ``SiteInputs`` fields of some of its positions; first: its base crop's row
         in the tower's batch; last: the pass's last image."""
-        part = layout.part[layout.candidates].to(candidates.device)  # (n_i,)
+        parts = [among.to(candidates.device) for among in layout.parts]
         base = self.crops.image("first_block_crop_cls_attention", first, 1)[0, 0] if self.split == "hired" else None
-        sizes = [int((part == p).sum()) for p in range(layout.n_crops)]
+        sizes = [len(among) for among in parts]
         budgets = part_budgets(self.split, self.image_keep(f"image {i}", len(candidates)), sizes, base)
         last_part = max(p for p, budget in enumerate(budgets) if budget)
         kept = []
         for p, budget in enumerate(budgets):
             if budget:
-                chosen_from = candidates[part == p]
+                chosen_from = candidates[parts[p]]
                 sel = self._choose_one(f"image {i}", tokens[chosen_from][None], inputs(chosen_from),
                                        last and p == last_part, budget)
                 kept.append(chosen_from[valid_indices(sel)])
@@ -262,9 +266,11 @@ class AnyresPruningSession(PerImageStage, RowLLMStages):
         if alive is not None:  # the columns soft llm.0 masks (attention mask 0) still belong to their runs
             attention_mask = attention_mask.bool() | (input_ids == self.bb.image_token_id)  # videos' too, assembled
         candidates = [~layout.is_newline.to(run.device)[run] for run, layout in zip(runs, layouts)]
+        counts = torch.stack([c.sum() for c in candidates]).tolist()  # one read for the batch
+        among = [trues_first(c)[:count] for c, count in zip(candidates, counts)]  # each run's candidates, in order
         units = [[layout.unit(input_ids.device)] for layout in layouts]
-        super().begin_llm_pass(input_ids, attention_mask, [run[c] for run, c in zip(runs, candidates)], units)
-        self.visual = [columns[c] for columns, c in zip(self.visual, candidates)]
+        super().begin_llm_pass(input_ids, attention_mask, [run[a] for run, a in zip(runs, among)], units)
+        self.visual = [columns[a] for columns, a in zip(self.visual, among)]
         self.entering = [torch.arange(len(columns), device=input_ids.device) for columns in self.visual]
         if alive is not None:  # soft llm.0: only the chosen tokens stay candidates
             chosen = [a.to(input_ids.device)[run][c] for a, run, c in zip(alive, runs, candidates)]

@@ -268,7 +268,7 @@ class QwenVLBackbone:
                 for run in row:
                     dropped = torch.ones(counts[run.unit], dtype=torch.bool, device=stays.device)
                     dropped[kept[run.unit]] = False
-                    stays[b, run.start + dropped[run.offset: run.offset + run.count].nonzero().flatten()] = False
+                    stays[b, run.start: run.start + run.count] &= ~dropped[run.offset: run.offset + run.count]
             features = kept_features(features, kept, values)
         pad = self.config.text_config.pad_token_id
         shrunk = keep_columns(input_ids, positions, stays, 0 if pad is None else pad, attention_mask.dtype)

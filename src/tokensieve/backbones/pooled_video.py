@@ -60,6 +60,11 @@ class PooledVideoLayout:
         """``(F * side^2,)`` the positions in the run of the frames' tokens (all but a newline)."""
         return torch.arange(self.frames * self.side**2)
 
+    @property
+    def newlines(self) -> torch.Tensor:
+        """``(newlines,)`` the position in the run of its newline (the last), or none."""
+        return torch.arange(self.frames * self.side**2, len(self))
+
     def unit(self, device=None) -> VisualUnit:
         """The run as a :class:`~tokensieve.method.VisualUnit`: ``frames x side x side``, every cell (a newline
         after the last frame lies outside the grid)."""

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tokensieve.ops import trues_first
+
 
 @dataclass(frozen=True)
 class VisualRun:
@@ -80,12 +82,16 @@ def by_kind(features, kinds: list[str]) -> dict:
     return out
 
 
-def _spans(is_kind: torch.Tensor) -> list[list[tuple[int, int]]]:
-    """Per row of ``is_kind`` ``(B, L)`` bool, its runs of True as ``(start, end)``."""
-    zeros = is_kind.new_zeros(is_kind.shape[0], 1).int()
-    edges = torch.diff(is_kind.int(), dim=1, prepend=zeros, append=zeros)
-    return [list(zip((row == 1).nonzero().flatten().tolist(), (row == -1).nonzero().flatten().tolist()))
-            for row in edges]
+def _spans(is_kind: torch.Tensor) -> list[list[list[tuple[int, int]]]]:
+    """Per kind and row of ``is_kind`` ``(K, B, L)`` bool, its runs of True as ``(start, end)``. One read of
+    values for the whole batch (a wait for the device on a GPU), not one per row."""
+    zeros = is_kind.new_zeros(*is_kind.shape[:2], 1).int()
+    edges = torch.diff(is_kind.int(), dim=2, prepend=zeros, append=zeros)  # (K, B, L + 1): 1 at a start, -1 at an end
+    found = edges.nonzero().tolist()  # [kind, row, column] in order: each run's start, then its end
+    spans = [[[] for _ in range(is_kind.shape[1])] for _ in range(is_kind.shape[0])]
+    for (kind, row, start), (_, _, end) in zip(found[::2], found[1::2]):
+        spans[kind][row].append((start, end))
+    return spans
 
 
 def find_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int,
@@ -94,8 +100,9 @@ def find_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_tok
     tokens of each row of ``input_ids`` ``(B, L)``. frame_runs: per video (``video_grid_thw`` order)
     how many runs it spans (Qwen3-VL: its temporal patches; else 1); None: every video run is a video."""
     real = attention_mask.bool()
-    images = _spans((input_ids == image_token_id) & real)
-    videos = _spans((input_ids == video_token_id) & real) if video_token_id is not None else [[]] * len(images)
+    kinds = [input_ids == image_token_id] + ([] if video_token_id is None else [input_ids == video_token_id])
+    images, *videos = _spans(torch.stack(kinds) & real)
+    videos = videos[0] if videos else [[]] * len(images)
     runs, kinds, left = [], [], 0  # left: runs still to come of the open video
     question = real.clone()
     for b in range(input_ids.shape[0]):
@@ -116,3 +123,21 @@ def find_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_tok
         if row:
             question[b, : row[-1].start + row[-1].count] = False
     return QwenLayout(runs, question, kinds)
+
+
+def question_columns(layout: QwenLayout, exclude: torch.Tensor | None = None) -> tuple[list[torch.Tensor], int]:
+    """``(columns, tail)`` of a left-padded batch: per row its question columns ``(T_b,)`` (increasing), and
+    how many columns run from the earliest first question column of any row to the end. exclude: optional
+    ``(B, L)`` columns that are not question (a teacher-forced sequence's answers).
+
+    Left-padded, a row's question is every column after its last run, which the layout knows on the host;
+    only rows without a run, or answers to leave out, need one read of the mask for the whole batch."""
+    length, device = layout.question_mask.shape[1], layout.question_mask.device
+    if exclude is None and all(layout.runs):
+        ends = [row[-1].start + row[-1].count for row in layout.runs]
+        return [torch.arange(end, length, device=device) for end in ends], length - min(ends)
+    question = layout.question_mask if exclude is None else layout.question_mask & ~exclude
+    order = trues_first(question)  # (B, L) each row's question columns first
+    counts, starts = torch.stack([question.sum(1), order[:, 0]]).tolist()
+    tail = max((length - start for start, count in zip(starts, counts) if count), default=0)
+    return [columns[:count] for columns, count in zip(order, counts)], tail

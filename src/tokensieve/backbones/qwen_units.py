@@ -139,14 +139,30 @@ def visual_units(layout: QwenLayout, grids: list[tuple[int, int, int]], device=N
     return rows
 
 
-def units_now(units: list[VisualUnit], origin: torch.Tensor) -> list[VisualUnit]:
-    """A row's ``units`` (every token there, :func:`visual_units`) as they are after earlier stages:
-    origin ``(n,)`` each remaining token's index among the row's visual tokens before pruning, increasing.
-    A unit none of whose tokens remain is left out."""
-    out, start = [], 0
-    for unit in units:
-        inside = origin[(origin >= unit.start) & (origin < unit.start + len(unit.cells))] - unit.start
-        if len(inside):
-            out.append(VisualUnit(unit.kind, unit.frames, unit.rows, unit.cols, start, inside))
-            start += len(inside)
+def units_now(rows: list[list[VisualUnit]], origins: list[torch.Tensor], made: bool = False) -> list[list[VisualUnit]]:
+    """Each row's ``units`` (every token there, :func:`visual_units`) as they are after earlier stages:
+    origins: per row ``(n,)`` each remaining token's index among the row's visual tokens before pruning,
+    unit after unit (increasing, except within a unit whose method gave an order of its own), then
+    ``EXTRA`` (negative) for any tokens a method made; made: whether an earlier stage made any. A unit
+    none of whose tokens remain is left out.
+
+    A row of one unit holds all its remaining tokens, known on the host unless tokens were made; the
+    other rows are counted in one read of values for the whole batch, not a boolean mask per unit."""
+    counted = [len(units) > 1 or (made and bool(units)) for units in rows]
+    before = []  # per counted row, (2 * units,): its remaining tokens before each unit's first and past its last
+    for units, origin, count in zip(rows, origins, counted):
+        if count:
+            edges = torch.tensor([[u.start, u.start + len(u.cells)] for u in units], device=origin.device)
+            before.append(((origin >= 0) & (origin < edges.view(-1, 1))).sum(1))
+    counts = iter(torch.cat(before).tolist() if before else [])
+    out = []
+    for units, origin, count in zip(rows, origins, counted):
+        row, start = [], 0
+        for unit in units:
+            first, end = (next(counts), next(counts)) if count else (0, len(origin))
+            if end > first:
+                cells = origin[first:end] - unit.start
+                row.append(VisualUnit(unit.kind, unit.frames, unit.rows, unit.cols, start, cells))
+                start += end - first
+        out.append(row)
     return out

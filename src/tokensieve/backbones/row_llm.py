@@ -37,6 +37,7 @@ from tokensieve.backbones.llama_decoder import (
     rotated_keys,
     soft_key_bias,
 )
+from tokensieve.backbones.qwen_layout import question_columns
 from tokensieve.backbones.qwen_units import refuse_video, units_now
 from tokensieve.backbones.row_removal import RowRemoval
 from tokensieve.backbones.stage_plan import EXTRA, PADDING, row_generator
@@ -98,8 +99,9 @@ class RowLLMStages(RowRemoval):
         # last image (the question and the answer cue, (T_b,)).
         self.visual = [torch.cat([torch.arange(r.start, r.start + r.count, device=device) for r in row])
                        if row else torch.zeros(0, dtype=torch.long, device=device) for row in layout.runs]
-        question = layout.question_mask if exclude is None else layout.question_mask & ~exclude
-        self.question = [question[b].nonzero().flatten() for b in range(len(layout.runs))]
+        # SparseVLM's raters are the last question_tail columns. Drops and made tokens change only columns
+        # before a row's question, so their number stays this one.
+        self.question, self.question_tail = question_columns(layout, exclude)
         self.origin = origins
         self.units = units
         self.entering = [torch.arange(len(c), device=device) for c in self.visual]  # of the row's tokens entering
@@ -133,9 +135,8 @@ class RowLLMStages(RowRemoval):
                 if "prev_layer_keys" in needs:  # (B, L, H_kv * d_head) after RoPE
                     self._captured[f"{site}:prev_layer_keys"] = rotated_keys(attn, keys, self._attention_kwargs)
                 if "post_image_attention" in needs:  # (B, Q, L): the last Q columns, every row's question among them
-                    queries = keys.shape[1] - min(int(q[0]) for q in self.question if len(q))
                     self._captured[f"{site}#post_image_attention"] = last_queries_attention(
-                        attn, args[0], keys, self._attention_kwargs, queries)
+                        attn, args[0], keys, self._attention_kwargs, self.question_tail)
         return hook
 
     def _layer_hook(self, k: int):
@@ -168,6 +169,8 @@ class RowLLMStages(RowRemoval):
                 layer_attention.append(self._layer_text_attention(site.layer, hidden, kwargs))
             return layer_attention[0]
 
+        made = bool(self.drops) and self.drops[-1].inserted  # an earlier stage made tokens
+        units = units_now(self.units, self.origin, made)  # per row its units as earlier stages left them
         chosen = []
         for row in range(b):
             columns, question = self.visual[row], self.question[row]
@@ -192,20 +195,22 @@ class RowLLMStages(RowRemoval):
                 question_signals["input_embeddings"] = lambda r=row, a=asked: entry[r, a[r]][None]
             states = (lambda r=row, q=question: (hidden[r, q][None],
                                                  torch.ones(1, len(q), dtype=torch.bool, device=hidden.device)))
-            chosen.append(self._choose_row(site, row, tokens, signals, states, question_signals, row == b - 1))
+            chosen.append(self._choose_row(site, row, tokens, units[row], signals, states, question_signals,
+                                           row == b - 1))
         kept, made = [c[0] for c in chosen], [c[2] for c in chosen]
         self._record_llm(site, kept, [len(m) for m in made])
         if self.soft:
             return self._mask_dropped(site, hidden, kept, [c[1] for c in chosen])
         return self._remove(site, hidden, kept, made, [c[3] for c in chosen], kwargs)
 
-    def _choose_row(self, site: Site, row: int, tokens: torch.Tensor, signals: dict, question, question_signals,
-                    last: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        """Row ``row``'s choice among its ``n_b`` visual tokens ``tokens`` ``(1, n_b, d)``: ``(K_b,)`` increasing
-        indices of those that stay, their ``(K_b,)`` key weights in soft mode (None: none given, or hard mode),
-        the ``(C_b, d)`` tokens the method made and ``(C_b,)`` the index among the ``n_b`` of the token whose
-        position each takes (``C_b = 0`` for most methods); last: the pass's last row, after which the plan
-        stops checking values."""
+    def _choose_row(self, site: Site, row: int, tokens: torch.Tensor, units: list[VisualUnit], signals: dict,
+                    question, question_signals, last: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor,
+                                                                     torch.Tensor]:
+        """Row ``row``'s choice among its ``n_b`` visual tokens ``tokens`` ``(1, n_b, d)`` (its ``units``):
+        ``(K_b,)`` increasing indices of those that stay, their ``(K_b,)`` key weights in soft mode (None: none
+        given, or hard mode), the ``(C_b, d)`` tokens the method made and ``(C_b,)`` the index among the ``n_b``
+        of the token whose position each takes (``C_b = 0`` for most methods); last: the pass's last row, after
+        which the plan stops checking values."""
         st, n = self.llm_stages[site], tokens.shape[1]
         if n == 0:
             raise TokensieveError(f"{st}: row {row} holds no image or video; every row of a batch pruned inside the LLM "
@@ -213,7 +218,6 @@ class RowLLMStages(RowRemoval):
         if st.budget.count is not None and st.budget.count > n:
             raise TokensieveError(f"{st}: row {row} holds {n} visual tokens, fewer than the budget of "
                                   f"{st.budget.count}; give a smaller count or a ratio")
-        units = units_now(self.units[row], self.origin[row])
         refuse_video(st, units, f"row {row}")
         keep = self.plan.keep_at(site, n)
         with self.handle.scoring():

@@ -17,6 +17,7 @@ import torch
 from tokensieve.backbones.base import Site
 from tokensieve.backbones.llama_decoder import drop_before, most_negative
 from tokensieve.backbones.stage_plan import EXTRA
+from tokensieve.ops import trues_first
 
 
 class RowRemoval:
@@ -40,7 +41,7 @@ class RowRemoval:
         for row, (columns, kept) in enumerate(zip(self.visual, chosen)):
             dropped = torch.ones(len(columns), dtype=torch.bool, device=device)
             dropped[kept] = False
-            dropped = columns[dropped]
+            dropped = columns[trues_first(dropped)[:len(columns) - len(kept)]]  # in order, with no read
             extra = dropping[row] - least
             fillers.append(dropped[:extra])
             gone[row, dropped[extra:]] = True
@@ -97,7 +98,7 @@ class RowRemoval:
         hidden = torch.cat([hidden, states], 1).gather(1, source[..., None].expand(-1, -1, d))
         local = torch.cat([local, sources], 1).gather(1, source)
         made_bias = torch.where(padding, most_negative(hidden.dtype), 0.0).to(hidden.dtype)
-        if key_bias is not None or bool(padding.any()):
+        if key_bias is not None or any(len(m) < c for m in made):  # a padding slot
             key_bias = hidden.new_zeros(b, short) if key_bias is None else key_bias
             key_bias = torch.cat([key_bias, made_bias], 1).gather(1, source)
         return local, hidden, key_bias

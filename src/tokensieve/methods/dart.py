@@ -32,6 +32,7 @@ import torch
 
 from tokensieve.errors import TokensieveError
 from tokensieve.method import Method, Selection, SiteInputs, register
+from tokensieve.ops import trues_first
 
 
 def unit_vectors(x: torch.Tensor) -> torch.Tensor:
@@ -46,7 +47,7 @@ def topk_among(values: torch.Tensor, among: torch.Tensor, counts: list[int], k: 
     is True (``counts[b]`` of them, known on the host). ``topk`` runs on exactly those values in their
     order, as the reference's ``topk`` of a list it indexed first: which of equal values it returns
     depends on the list it is given. Rows of one count run together, with no read of the device."""
-    first = (~among).to(torch.uint8).argsort(dim=1, stable=True)  # (B, N) the True positions first, in order
+    first = trues_first(among)  # (B, N)
     if len(set(counts)) == 1:
         inside = first[:, :counts[0]]
         return inside.gather(1, values.gather(1, inside).topk(k, dim=1).indices)
