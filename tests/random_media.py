@@ -6,6 +6,12 @@ import numpy as np
 from PIL import Image
 
 
+def seed_of(first, row: int) -> int:
+    """The seed of row ``row``'s media: ``first + row``, or ``first[row]`` where ``first`` lists every row's
+    (the same seed twice: the same image twice)."""
+    return first[row] if isinstance(first, (list, tuple)) else first + row
+
+
 def random_image(height: int, width: int, seed: int = 0) -> Image.Image:
     """A random RGB image of ``height x width`` px."""
     return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8))

@@ -8,7 +8,9 @@ Qwen-VL one row holds two images) and, if it takes videos, on a batch with a sho
   restores it bit for bit;
 - budgets exact: a count keeps that many tokens of every image (before the LLM) or row (inside it); a
   share (PyramidDrop's) that share of the tokens before each stage, counted down;
-- a padded batch equals each row alone (last logits, kept tokens);
+- a padded batch equals each row alone (last logits, kept tokens), and so does a batch holding each row
+  beside its twin (the same prompt and media sizes, other media: a stage chooses for consecutive images or
+  rows of one size in one call);
 - ``generate`` with the cache equals the steps run again without it, the prompt's choice replayed (a method
   reading the text, FastV say, would choose anew with the answer's tokens in the prompt);
 - soft mode with a binary mask equals hard mode (last logits, kept tokens and counts).
@@ -38,6 +40,7 @@ from tokensieve.errors import TokensieveError
 from tokensieve.method import Budget, Selection
 from tokensieve.methods import create_method, method_class
 
+TWIN = 100  # a row's twin: its media seeded TWIN + its index
 COUNT = 5  # the count budget: below the smallest image's tokens (Qwen's small image: 6), HiRED's 5 parts
 PYRAMIDDROP = {"name": "pyramiddrop", "positions": "original", "layers": (1, 2)}
 DART = {"name": "dart", "exact_budget": True}  # its paper's rule keeps a multiple of its pivots
@@ -253,15 +256,25 @@ def test_padded_batch_equals_each_row_alone(folders, make, name, label):
         try:
             with torch.no_grad():
                 together, kept = bb.forward(**fam.batch(kind)).logits[:, -1], kept_of(handle)
-                at = 0
-                for b in range(len(fam.rows[kind][0])):
+                at, twins, twins_kept = 0, [], []
+                rows, frames = fam.rows[kind]
+                for b in range(len(rows)):
                     single = bb.forward(**fam.alone(kind, b)).logits[:, -1]
                     torch.testing.assert_close(together[b:b + 1], single, rtol=1e-5, atol=1e-5)
                     alone = kept_of(handle)
                     for k in alone:  # before the LLM one row per image, inside it one per prompt row
                         assert torch.equal(kept[at], k), f"{label} row {b} keeps other tokens alone ({kind})"
                         at += 1
+                    # its twin: the same prompt and media sizes, other media
+                    twins += [single, bb.forward(**fam.inputs([rows[b]], [TWIN + b], frames)).logits[:, -1]]
+                    twins_kept += alone + kept_of(handle)
                 assert at == len(kept)
+                # each row then its twin: a stage chooses for consecutive images or rows of one size in one call
+                paired = fam.inputs([row for row in rows for _ in "ab"], [s for b in range(len(rows))
+                                                                         for s in (b, TWIN + b)], frames)
+                torch.testing.assert_close(bb.forward(**paired).logits[:, -1], torch.cat(twins), rtol=1e-5, atol=1e-5)
+                assert [k.tolist() for k in kept_of(handle)] == [k.tolist() for k in twins_kept], \
+                    f"{label}: a row beside its twin keeps other tokens than alone ({kind})"
         finally:
             handle.detach()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from select_spy import rows_per_call
 from tiny_llava_next import ROWS, VOCAB
 
 from tokensieve.attach import attach
@@ -69,6 +70,25 @@ def test_llm0_is_the_kept_path_with_every_newline(llava_next, next_batch, method
                 for k, layout in zip(kept, layouts_of(llava_next, next_batch))]
         assert (prepared.input_ids == llava_next.image_token_id).sum(1).tolist() == [24 + 4, 40 + 8, 24 + 8]
         assert torch.equal(pruned, llava_next.forward(**next_batch, kept=runs).logits)
+
+
+@pytest.mark.parametrize("method", ["random", "divprune"])
+def test_llm0_chooses_consecutive_images_of_one_count_in_one_call(llava_next, next_batch, method, monkeypatch):
+    """With each image twice in a row, each pair is one call of two rows, and every image keeps what it keeps
+    in the batch of one each (the wide and the tall image give 48 candidates each, but not in a row)."""
+    calls = rows_per_call(monkeypatch, method)
+    handle = attach(llava_next, method, 0.5, site="llm.0")
+    try:
+        with torch.no_grad():
+            llava_next.forward(**next_batch)
+            kept = kept_of(handle)
+            assert calls == [1, 1, 1]
+            twice = torch.tensor([0, 0, 1, 1, 2, 2])
+            llava_next.forward(**{key: value[twice] for key, value in next_batch.items()})
+            assert calls[3:] == [2, 2, 2]
+            assert [k.tolist() for k in kept_of(handle)] == [k.tolist() for k in kept for _ in range(2)]
+    finally:
+        handle.detach()
 
 
 def greedy_without_cache(llava_next, batch, steps: int, suppressed=SUPPRESSED) -> torch.Tensor:

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from select_spy import rows_per_call
 from tiny_clip_text import save_tiny_clip
-from tiny_qwen import kept_of
+from tiny_qwen import ROWS, inputs, kept_of
 
 from tokensieve.attach import attach
 from tokensieve.backbones.base import Backbone, Site
@@ -93,7 +94,29 @@ def test_merged_values_replace_the_kept_tokens_and_projector_input_is_the_merger
         assert not torch.equal(outputs[0], outputs[1])
         d_vision = seen[0][1].shape[-1] // qwen.merge_unit
         for tokens, merger_input in seen[:3]:  # the merger's input per token gives the token (window order undone)
-            torch.testing.assert_close(qwen.visual.merger(merger_input[0].reshape(-1, d_vision)), tokens[0])
+            for row in range(len(tokens)):
+                torch.testing.assert_close(qwen.visual.merger(merger_input[row].reshape(-1, d_vision)), tokens[row])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_consecutive_images_of_one_count_are_chosen_in_one_call_as_each_alone(qwen, method, monkeypatch):
+    """Two 16-token images (rows 0 and 1), then a 6-token one: two calls, the first of two rows; each image
+    keeps what it keeps when its row runs alone."""
+    rows = [ROWS[0], ("what shape is left and right ?", ["big", "small"])]
+    calls = rows_per_call(monkeypatch, method)
+    handle = attach(qwen, method, 0.5, site="llm.0")
+    try:
+        with torch.no_grad():
+            qwen.forward(**inputs(qwen, rows))
+            together = kept_of(handle)
+            assert calls == [2, 1]
+            alone = []
+            for row in (0, 1):
+                qwen.forward(**inputs(qwen, rows[row: row + 1], first=row))  # the same images as in the batch
+                alone += kept_of(handle)
+    finally:
+        handle.detach()
+    assert [k.tolist() for k in together] == [k.tolist() for k in alone]
 
 
 def test_cdpruner_reads_each_images_question_and_merger_input(qwen, mixed, tmp_path):
@@ -140,20 +163,20 @@ def test_refused_at_forward_in_one_line(qwen, mixed):
 
 @dataclass
 class BackwardsOnSecondImage(Method):
-    """Keeps the first ``keep`` tokens, but in descending order for the second image it is shown."""
+    """Keeps the first ``keep`` tokens, but in descending order in the second call (the second image size)."""
 
     name = "backwards_on_second_image"
     shown: int = 0
 
     def select(self, inputs: SiteInputs) -> Selection:
         self.shown += 1
-        idx = torch.arange(inputs.keep)[None]
+        idx = torch.arange(inputs.keep).expand(len(inputs.tokens), -1)
         return Selection(idx.flip(1) if self.shown == 2 else idx)
 
 
 def test_every_image_of_the_first_pass_is_checked(qwen, mixed):
     """The plan checks a selection's values on a stage's first pass only: on Qwen-VL that pass is
-    every image of the batch, not its first image alone."""
+    every call for the batch's images (one per image size), not its first call alone."""
     handle = attach(qwen, BackwardsOnSecondImage(), 4, site="llm.0")
     try:
         with pytest.raises(TokensieveError, match="kept indices must be sorted and unique"), torch.no_grad():

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from random_media import random_image
+from random_media import random_image, seed_of
 
 import tokensieve  # noqa: F401  (its torchvision shim must come before transformers)
 from tokensieve.backbones.llava_prompt import prompt
@@ -94,8 +94,9 @@ def image(size: str, seed: int = 0) -> Image.Image:
     return random_image(*IMAGE_SIZES[size], seed)
 
 
-def inputs(processor, rows, first: int = 0) -> dict:
+def inputs(processor, rows, first: int | list[int] = 0) -> dict:
     """Processor inputs of ``rows`` ``(question, image size)``, left-padded; row ``b``'s image is
-    ``image(size, seed=first + b)`` (``first``: a row's index in :data:`ROWS`, to ask it alone)."""
-    return dict(processor(images=[image(size, seed=first + b) for b, (_, size) in enumerate(rows)],
+    ``image(size, seed=first + b)`` (``first``: a row's index in :data:`ROWS`, to ask it alone; a list: each
+    row's seed)."""
+    return dict(processor(images=[image(size, seed=seed_of(first, b)) for b, (_, size) in enumerate(rows)],
                           text=[prompt(q) for q, _ in rows], return_tensors="pt", padding=True))

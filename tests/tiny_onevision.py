@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from random_media import random_image, random_video
+from random_media import random_image, random_video, seed_of
 
 import tokensieve  # noqa: F401  (its torchvision shim must come before transformers)
 from tokensieve.backbones.onevision_prompt import prompt
@@ -97,12 +97,12 @@ def video(seed: int = 0, frames: int = VIDEO_SHAPE[0]) -> np.ndarray:
     return random_video(frames, *VIDEO_SHAPE[1:], seed)
 
 
-def inputs(processor, rows, first: int = 0, frames: int = VIDEO_SHAPE[0]) -> dict:
+def inputs(processor, rows, first: int | list[int] = 0, frames: int = VIDEO_SHAPE[0]) -> dict:
     """Processor inputs of ``rows`` ``(question, image size or "video")``, left-padded; row ``b``'s image
     is ``image(size, seed=first + b)``, its video ``video(seed=first + b, frames)`` (``first``: a row's index in
-    its list, to ask it alone)."""
-    images = [image(v, seed=first + b) for b, (_, v) in enumerate(rows) if v != "video"]
-    videos = [video(seed=first + b, frames=frames) for b, (_, v) in enumerate(rows) if v == "video"]
+    its list, to ask it alone; a list: each row's seed)."""
+    images = [image(v, seed=seed_of(first, b)) for b, (_, v) in enumerate(rows) if v != "video"]
+    videos = [video(seed=seed_of(first, b), frames=frames) for b, (_, v) in enumerate(rows) if v == "video"]
     texts = [prompt(q, "video" if v == "video" else "image") for q, v in rows]
     return dict(processor(images=images or None, videos=videos or None, text=texts, return_tensors="pt",
                           padding=True))

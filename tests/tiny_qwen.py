@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from random_media import random_image, random_video
+from random_media import random_image, random_video, seed_of
 
 import tokensieve  # noqa: F401  (its torchvision shim must come before transformers' Qwen classes)
 from tokensieve.backbones.qwen_prompt import IMAGE, VIDEO, prompt
@@ -124,15 +124,16 @@ def video(seed: int = 0, frames: int = VIDEO_SHAPE[0]) -> np.ndarray:
     return random_video(frames, *VIDEO_SHAPE[1:], seed)
 
 
-def inputs(qwen, rows, first: int = 0, frames: int = VIDEO_SHAPE[0]) -> dict:
+def inputs(qwen, rows, first: int | list[int] = 0, frames: int = VIDEO_SHAPE[0]) -> dict:
     """Processor inputs of ``rows`` for the adapter ``qwen``, each row ``(question, [visuals])``, a visual an
-    image size of :data:`IMAGE_SIZES` or ``"video"``, left-padded; with ``first + row index`` as seed, the
-    row's images are ``image(size, seed)``, its videos ``video(seed, frames)`` (2 frames a second: Qwen3-VL's
-    timestamps, Qwen2.5-VL's seconds per temporal patch)."""
+    image size of :data:`IMAGE_SIZES` or ``"video"``, left-padded; with ``first + row index`` as seed
+    (``first[row]`` for a list), the row's images are ``image(size, seed)``, its videos ``video(seed, frames)``
+    (2 frames a second: Qwen3-VL's timestamps, Qwen2.5-VL's seconds per temporal patch)."""
     texts = [prompt("".join(VIDEO if v == "video" else IMAGE for v in visuals) + q, [], qwen.system_prompt)
              for q, visuals in rows]
-    images = [image(v, seed=first + i) for i, (_, visuals) in enumerate(rows) for v in visuals if v != "video"]
-    videos = [video(seed=first + i, frames=frames) for i, (_, visuals) in enumerate(rows) for v in visuals
+    images = [image(v, seed=seed_of(first, i)) for i, (_, visuals) in enumerate(rows) for v in visuals
+              if v != "video"]
+    videos = [video(seed=seed_of(first, i), frames=frames) for i, (_, visuals) in enumerate(rows) for v in visuals
               if v == "video"]
     clips = {} if not videos else {"videos": videos, "video_metadata": [
         {"fps": 2.0, "total_num_frames": frames, "frames_indices": list(range(frames))}] * len(videos)}

@@ -2,19 +2,21 @@
 Qwen-VL session (:mod:`.qwen_pruning`) and the LLaVA-NeXT session (:mod:`.anyres_pruning`) share.
 
 :class:`PerImageStagePlan` resolves budgets per image or row in each pass. :class:`PerImageStage`
-runs the stage before the LLM: each image (or video) is a batch of one, with its own token count
-and budget, and a choice that does not depend on the other images of the batch. Its selection is
-settled through the session's plan, and the pass's counts and kept tokens are recorded per image
-(``handle.last_kept[stage]``: one row per image, padded with ``PADDING``). A mixin: it reads the
-session's ``handle``, ``plan``, ``seed``, ``stage`` (the stage before the LLM) and ``site`` (its
-site), and calls its ``refuse_selection``.
+runs the stage before the LLM: each image (or video) has its own token count and budget, and a choice
+that does not depend on the other images of the batch; consecutive images of one kind and count are
+chosen in one call, as the rows of one batch. Its selection is settled through the session's plan, and the
+pass's counts and kept tokens are recorded per image (``handle.last_kept[stage]``: one row per image,
+padded with ``PADDING``). A mixin: it reads the session's ``handle``, ``plan``, ``seed``, ``stage`` (the
+stage before the LLM) and ``site`` (its site), and calls its ``refuse_selection``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import fields, replace
 
 import torch
+from torch.nn import functional as F
 
 from tokensieve.backbones.base import Site
 from tokensieve.backbones.stage_plan import PADDING, StagePlan, row_generator
@@ -92,7 +94,7 @@ def embedded_question(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 class PerImageStage:
-    """The stage before the LLM, run on each image alone (mixin of a session)."""
+    """The stage before the LLM, each image chosen as if alone (mixin of a session)."""
 
     tokens_note = ""  # what an image's token count leaves out, in a refusal, e.g. " (newlines left out)"
 
@@ -104,13 +106,25 @@ class PerImageStage:
         fields beyond its tokens, budget, site and generator (``signals``, ``question_text``, ...);
         kinds: per image ``"image"`` or ``"video"``, to name it in a refusal. Each selection is a
         batch of one: indices ``(1, K_i)`` into image ``i``'s tokens.
+
+        Each image has its own token count and budget, and its choice must not depend on the other
+        images of the batch; consecutive images of one kind and count are chosen in one call, as rows
+        of one batch (one call's dispatch for them all, as on LLaVA-1.5), which gives each what it gives
+        alone. A method still sees the images in prompt order.
         """
-        chosen = []
-        # One image at a time: each has its own token count and budget, and its choice must not depend
-        # on the other images of the batch. Images of equal count could go as one batch (a speed-up).
+        runs: list[list[int]] = []  # consecutive images of one kind and token count
         for i, image_tokens in enumerate(tokens):
-            fields = inputs(i)
-            chosen.append(self._choose_one(f"{kinds[i]} {i}", image_tokens[None], fields, i == len(tokens) - 1))
+            if runs and kinds[runs[-1][0]] == kinds[i] and tokens[runs[-1][0]].shape[0] == image_tokens.shape[0]:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        chosen = []
+        for r, members in enumerate(runs):
+            rows = torch.stack([tokens[i] for i in members])  # (G, N, d)
+            fields_of = stacked_fields([inputs(i) for i in members])
+            # a refusal names the first of them, which the budget refuses as it refuses them all
+            sel = self._choose_one(f"{kinds[members[0]]} {members[0]}", rows, fields_of, r == len(runs) - 1)
+            chosen += [row_of(sel, row) for row in range(len(members))]
         return chosen
 
     def image_keep(self, name: str, n: int) -> int:
@@ -123,16 +137,16 @@ class PerImageStage:
 
     def _choose_one(self, name: str, rows: torch.Tensor, fields: dict, last: bool, keep: int | None = None
                     ) -> Selection:
-        """The stage's settled selection for one image (named ``name`` in a refusal), whose tokens
-        ``rows`` are ``(1, N_i, d)`` (last: the pass's last image, after which the plan stops checking values;
-        keep: the budget, None for the stage's over the ``N_i`` tokens)."""
-        method, n, site = self.stage.method, rows.shape[1], self.site
+        """The stage's settled selection for images (named ``name`` in a refusal) of one token count, whose
+        tokens ``rows`` are ``(G, N_i, d)`` (last: the pass's last call, after which the plan stops checking
+        values; keep: the budget, None for the stage's over the ``N_i`` tokens)."""
+        method, (b, n), site = self.stage.method, rows.shape[:2], self.site
         keep = self.image_keep(name, n) if keep is None else keep
         with self.handle.scoring():
             sel = method.select(SiteInputs(rows, keep, str(site), lambda: row_generator(self.seed, rows), **fields))
             self.refuse_selection(sel)
-            sel = self.plan.settle(site, sel, 1, n, keep, pass_done=last)
-            if sel.tokens is not None and sel.tokens.shape != (1, sel.indices.shape[1], rows.shape[-1]):
+            sel = self.plan.settle(site, sel, b, n, keep, pass_done=last)
+            if sel.tokens is not None and sel.tokens.shape != (b, sel.indices.shape[1], rows.shape[-1]):
                 raise TokensieveError(f"{method.name} at {site}: merged tokens of shape {tuple(sel.tokens.shape)} "
                                       f"for kept indices of shape {tuple(sel.indices.shape)}")
         return sel
@@ -149,3 +163,36 @@ class PerImageStage:
         real = torch.arange(max(counts), device=device) < torch.tensor(counts, device=device)[:, None]
         self.plan.record(self.handle, self.site, Selection(padded.clamp(min=0), valid=padded >= 0), max(counts), real)
         self.handle.last_kept[str(self.stage)] = padded
+
+
+def stacked_fields(fields: list[dict]) -> dict:
+    """The ``SiteInputs`` fields of several images of one token count (each a batch of one, as ``inputs``
+    gives them) as one batch: signals concatenated over rows, questions padded to the longest (padding
+    marked invalid), question texts and units one per row."""
+    if len(fields) == 1:
+        return fields[0]
+    first = fields[0]
+    assert set(first) <= {"signals", "units", "question_text", "question_states"}, f"cannot stack {set(first)}"
+    out = {"signals": {name: (lambda name=name: torch.cat([f["signals"][name]() for f in fields]))
+                       for name in first.get("signals", {})}}
+    if "units" in first:
+        out["units"] = [row for f in fields for row in f["units"]]
+    if first.get("question_text") is not None:
+        out["question_text"] = lambda: [text for f in fields for text in f["question_text"]()]
+    if first.get("question_states") is not None:
+        out["question_states"] = lambda: padded_questions([f["question_states"]() for f in fields])
+    return out
+
+
+def padded_questions(questions: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(states (G, T, d), valid (G, T))`` of per-row questions ``(states (1, T_i, d), valid (1, T_i))``,
+    each padded after its end to the longest ``T`` (zero states, not valid)."""
+    length = max(states.shape[1] for states, _ in questions)
+    return (torch.cat([F.pad(states, (0, 0, 0, length - states.shape[1])) for states, _ in questions]),
+            torch.cat([F.pad(valid, (0, length - valid.shape[1]), value=False) for _, valid in questions]))
+
+
+def row_of(sel: Selection, row: int) -> Selection:
+    """Row ``row`` of a batch's selection, as a selection of a batch of one."""
+    return replace(sel, **{f.name: value[row: row + 1] for f in fields(sel)
+                           if isinstance(value := getattr(sel, f.name), torch.Tensor)})

@@ -171,58 +171,61 @@ class RowLLMStages(RowRemoval):
 
         made = bool(self.drops) and self.drops[-1].inserted  # an earlier stage made tokens
         units = units_now(self.units, self.origin, made)  # per row its units as earlier stages left them
+        entry = self._entry  # the image runs and questions as the LLM received them, where a method reads them
         chosen = []
-        for row in range(b):
-            columns, question = self.visual[row], self.question[row]
-            tokens = hidden[row, columns][None]  # (1, n_b, d)
+        for rows in row_runs(self.visual, self.question, entry):
+            index = torch.tensor(rows, device=hidden.device)[:, None]  # (G, 1)
+            columns = torch.stack([self.visual[r] for r in rows])  # (G, n)
+            question = torch.stack([self.question[r] for r in rows])  # (G, T)
+            tokens = hidden[index, columns]  # (G, n, d)
             signals = {"normed_states": lambda t=tokens: norm(t),
-                       "positions": lambda r=row, c=columns: positions[r, c][None],
-                       "layer_text_attention": lambda r=row, c=columns: layer_text_attention()[r, c][None]}
-            question_signals = {"normed_states": lambda r=row, q=question: norm(hidden[r, q][None]),
-                                "positions": lambda r=row, q=question: positions[r, q][None]}
+                       "positions": lambda i=index, c=columns: positions[i, c],
+                       "layer_text_attention": lambda i=index, c=columns: layer_text_attention()[i, c]}
+            question_signals = {"normed_states": lambda i=index, q=question: norm(hidden[i, q]),
+                                "positions": lambda i=index, q=question: positions[i, q]}
             for name in CAPTURED:
                 if f"{site}:{name}" in self._captured:
                     full = self._captured[f"{site}:{name}"]
-                    signals[name] = lambda f=full, r=row, c=columns: f[r, c][None]
-                    question_signals[name] = lambda f=full, r=row, q=question: f[r, q][None]
-            if f"{site}#post_image_attention" in self._captured:  # (1, T_b, n_b): the question's rows
+                    signals[name] = lambda f=full, i=index, c=columns: f[i, c]
+                    question_signals[name] = lambda f=full, i=index, q=question: f[i, q]
+            if f"{site}#post_image_attention" in self._captured:  # (G, T, n): the question's rows
                 full = self._captured[f"{site}#post_image_attention"]
-                signals["post_image_attention"] = lambda f=full, r=row, c=columns, q=question: (
-                    f[r, q - (hidden.shape[1] - f.shape[1])][:, c][None])
-            if self._entry is not None:  # the row's image run and question as the LLM received them
-                entry, visual, asked = self._entry
-                signals["input_image_embeddings"] = lambda r=row, v=visual: entry[r, v[r]][None]
-                question_signals["input_embeddings"] = lambda r=row, a=asked: entry[r, a[r]][None]
-            states = (lambda r=row, q=question: (hidden[r, q][None],
-                                                 torch.ones(1, len(q), dtype=torch.bool, device=hidden.device)))
-            chosen.append(self._choose_row(site, row, tokens, units[row], signals, states, question_signals,
-                                           row == b - 1))
+                signals["post_image_attention"] = lambda f=full, i=index, c=columns, q=question: f[
+                    i, q - (hidden.shape[1] - f.shape[1])].gather(2, c[:, None].expand(-1, q.shape[1], -1))
+            if entry is not None:
+                states, visual, asked = entry
+                run, said = torch.stack([visual[r] for r in rows]), torch.stack([asked[r] for r in rows])
+                signals["input_image_embeddings"] = lambda i=index, v=run: states[i, v]
+                question_signals["input_embeddings"] = lambda i=index, a=said: states[i, a]
+            asks = (lambda i=index, q=question: (hidden[i, q], torch.ones(q.shape, dtype=torch.bool, device=q.device)))
+            chosen += self._choose_rows(site, rows, tokens, [units[r] for r in rows], signals, asks, question_signals,
+                                        rows[-1] == b - 1)
         kept, made = [c[0] for c in chosen], [c[2] for c in chosen]
         self._record_llm(site, kept, [len(m) for m in made])
         if self.soft:
             return self._mask_dropped(site, hidden, kept, [c[1] for c in chosen])
         return self._remove(site, hidden, kept, made, [c[3] for c in chosen], kwargs)
 
-    def _choose_row(self, site: Site, row: int, tokens: torch.Tensor, units: list[VisualUnit], signals: dict,
-                    question, question_signals, last: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor,
-                                                                     torch.Tensor]:
-        """Row ``row``'s choice among its ``n_b`` visual tokens ``tokens`` ``(1, n_b, d)`` (its ``units``):
-        ``(K_b,)`` increasing indices of those that stay, their ``(K_b,)`` key weights in soft mode (None: none
-        given, or hard mode), the ``(C_b, d)`` tokens the method made and ``(C_b,)`` the index among the ``n_b``
-        of the token whose position each takes (``C_b = 0`` for most methods); last: the pass's last row, after
-        which the plan stops checking values."""
-        st, n = self.llm_stages[site], tokens.shape[1]
+    def _choose_rows(self, site: Site, rows: list[int], tokens: torch.Tensor, units: list[list[VisualUnit]],
+                     signals: dict, question, question_signals, last: bool) -> list[tuple]:
+        """The choice of rows ``rows`` (consecutive, :func:`row_runs`) among their ``n`` visual tokens each,
+        ``tokens`` ``(G, n, d)`` (their ``units``), in one call; per row: ``(K_b,)`` increasing indices of those
+        that stay, their ``(K_b,)`` key weights in soft mode (None: none given, or hard mode), the ``(C_b, d)``
+        tokens the method made and ``(C_b,)`` the index among the ``n`` of the token whose position each takes
+        (``C_b = 0`` for most methods); last: the pass's last rows, after which the plan stops checking values."""
+        st, (g, n) = self.llm_stages[site], tokens.shape[:2]
         if n == 0:
-            raise TokensieveError(f"{st}: row {row} holds no image or video; every row of a batch pruned inside the LLM "
-                                  "needs one")
+            raise TokensieveError(f"{st}: row {rows[0]} holds no image or video; every row of a batch pruned inside "
+                                  "the LLM needs one")
         if st.budget.count is not None and st.budget.count > n:
-            raise TokensieveError(f"{st}: row {row} holds {n} visual tokens, fewer than the budget of "
+            raise TokensieveError(f"{st}: row {rows[0]} holds {n} visual tokens, fewer than the budget of "
                                   f"{st.budget.count}; give a smaller count or a ratio")
-        refuse_video(st, units, f"row {row}")
+        for row, row_units in zip(rows, units):
+            refuse_video(st, row_units, f"row {row}")
         keep = self.plan.keep_at(site, n)
         with self.handle.scoring():
             sel = st.method.select(SiteInputs(tokens, keep, str(site), lambda: row_generator(self.seed, tokens),
-                                              signals, question, None, question_signals, units=[units]))
+                                              signals, question, None, question_signals, units=units))
             if sel.tokens is not None or sel.order is not None or (sel.extra is not None and self.soft) or (
                     sel.key_mask is not None and not self.soft):
                 raise TokensieveError(f"{st.method.name} at {site}: on {self.bb.family_name} a stage inside the LLM "
@@ -232,15 +235,18 @@ class RowLLMStages(RowRemoval):
             if sel.extra is not None and sel.extra_at is None and not renumbers:
                 raise TokensieveError(f"{st.method.name} at {site}: tokens of its own need a position to take "
                                       "(Selection.extra_at), since positions are not renumbered")
-            sel = self.plan.settle(site, sel, 1, n, keep, pass_done=last)
-        real = slice(None) if sel.valid is None else sel.valid[0]
-        made, made_at = tokens[0, :0], torch.zeros(0, dtype=torch.long, device=tokens.device)
-        if sel.extra is not None:
-            alive = slice(None) if sel.extra_valid is None else sel.extra_valid[0]
-            made = sel.extra[0][alive].to(tokens.dtype)
-            # where positions are renumbered a made token's place in the order is its position: any real token
-            made_at = sel.extra_at[0][alive] if sel.extra_at is not None else made_at.new_zeros(len(made))
-        return sel.indices[0][real], None if sel.key_mask is None else sel.key_mask[0][real], made, made_at
+            sel = self.plan.settle(site, sel, g, n, keep, pass_done=last)
+        out = []
+        for i in range(g):
+            real = slice(None) if sel.valid is None else sel.valid[i]
+            made, made_at = tokens[i, :0], torch.zeros(0, dtype=torch.long, device=tokens.device)
+            if sel.extra is not None:
+                alive = slice(None) if sel.extra_valid is None else sel.extra_valid[i]
+                made = sel.extra[i][alive].to(tokens.dtype)
+                # where positions are renumbered a made token's place in the order is its position: any real token
+                made_at = sel.extra_at[i][alive] if sel.extra_at is not None else made_at.new_zeros(len(made))
+            out.append((sel.indices[i][real], None if sel.key_mask is None else sel.key_mask[i][real], made, made_at))
+        return out
 
     def _record_llm(self, site: Site, chosen: list[torch.Tensor], made: list[int]) -> None:
         """Counts per row, and ``handle.last_kept[stage]``: ``(B, K_max)`` each row's kept tokens as
@@ -294,3 +300,19 @@ class RowLLMStages(RowRemoval):
         (:func:`.llama_decoder.adjusted_layer_kwargs`, cached per pass)."""
         return adjusted_layer_kwargs(self._adjusted, kwargs, hidden, self.drops, self.biases, self.length,
                                      self.bb.model.model.language_model.rotary_emb, k, decoding)
+
+
+def row_runs(visual: list[torch.Tensor], question: list[torch.Tensor], entry: tuple | None = None) -> list[list[int]]:
+    """The rows of a pass as runs of consecutive rows that hold as many visual columns (``visual``: per row
+    ``(n_b,)``) and question columns (``question``: per row ``(T_b,)``), and where ``entry`` is given (the LLM's
+    input, its rows' image runs, their questions) as many there: a stage chooses for a run in one call."""
+    def size(row: int) -> tuple:
+        return (len(visual[row]), len(question[row])) + (() if entry is None else (len(entry[1][row]),
+                                                                                  len(entry[2][row])))
+    runs: list[list[int]] = []
+    for row in range(len(visual)):
+        if runs and size(runs[-1][0]) == size(row):
+            runs[-1].append(row)
+        else:
+            runs.append([row])
+    return runs
