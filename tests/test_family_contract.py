@@ -9,8 +9,8 @@ Qwen-VL one row holds two images) and, if it takes videos, on a batch with a sho
 - budgets exact: a count keeps that many tokens of every image (before the LLM) or row (inside it); a
   share (PyramidDrop's) that share of the tokens before each stage, counted down;
 - a padded batch equals each row alone (last logits, kept tokens), and so does a batch holding each row
-  beside its twin (the same prompt and media sizes, other media: a stage chooses for consecutive images or
-  rows of one size in one call);
+  beside its twin (the same prompt and media sizes, other media), where a stage chooses for consecutive
+  images or rows of one size in one call (as on an accelerator: ``call_runs.BATCH_ON_CPU``);
 - ``generate`` with the cache equals the steps run again without it, the prompt's choice replayed (a method
   reading the text, FastV say, would choose anew with the answer's tokens in the prompt);
 - soft mode with a binary mask equals hard mode (last logits, kept tokens and counts).
@@ -35,6 +35,7 @@ import torch
 from tiny_clip_text import save_tiny_clip
 
 from tokensieve.attach import attach
+from tokensieve.backbones import call_runs
 from tokensieve.backbones.load import load_backbone
 from tokensieve.errors import TokensieveError
 from tokensieve.method import Budget, Selection
@@ -247,7 +248,7 @@ def test_keep_all_budgets_and_detach(folders, make, name, label):
 
 
 @pytest.mark.parametrize(("name", "label"), CASES)
-def test_padded_batch_equals_each_row_alone(folders, make, name, label):
+def test_padded_batch_equals_each_row_alone(folders, make, name, label, monkeypatch):
     fam, method, site, kinds = case(folders, make, name, label)
     bb = fam.backbone
     for kind in kinds:
@@ -270,9 +271,13 @@ def test_padded_batch_equals_each_row_alone(folders, make, name, label):
                     twins_kept += alone + kept_of(handle)
                 assert at == len(kept)
                 # each row then its twin: a stage chooses for consecutive images or rows of one size in one call
+                # (on an accelerator; here too, for the test)
                 paired = fam.inputs([row for row in rows for _ in "ab"], [s for b in range(len(rows))
                                                                          for s in (b, TWIN + b)], frames)
-                torch.testing.assert_close(bb.forward(**paired).logits[:, -1], torch.cat(twins), rtol=1e-5, atol=1e-5)
+                with monkeypatch.context() as patch:
+                    patch.setattr(call_runs, "BATCH_ON_CPU", True)
+                    together_twins = bb.forward(**paired).logits[:, -1]
+                torch.testing.assert_close(together_twins, torch.cat(twins), rtol=1e-5, atol=1e-5)
                 assert [k.tolist() for k in kept_of(handle)] == [k.tolist() for k in twins_kept], \
                     f"{label}: a row beside its twin keeps other tokens than alone ({kind})"
         finally:

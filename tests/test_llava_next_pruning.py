@@ -12,6 +12,7 @@ from select_spy import rows_per_call
 from tiny_llava_next import ROWS, VOCAB
 
 from tokensieve.attach import attach
+from tokensieve.backbones import call_runs
 
 SIZES = [size for _, size in ROWS]
 # DART with exact_budget keeps the budget exactly (its paper's rule keeps a multiple of its pivots).
@@ -74,9 +75,11 @@ def test_llm0_is_the_kept_path_with_every_newline(llava_next, next_batch, method
 
 @pytest.mark.parametrize("method", ["random", "divprune"])
 def test_llm0_chooses_consecutive_images_of_one_count_in_one_call(llava_next, next_batch, method, monkeypatch):
-    """With each image twice in a row, each pair is one call of two rows, and every image keeps what it keeps
-    in the batch of one each (the wide and the tall image give 48 candidates each, but not in a row)."""
+    """With each image twice in a row, each pair is one call of two rows (as on an accelerator; on a CPU each
+    image goes alone), and every image keeps what it keeps in the batch of one each (the wide and the tall
+    image give 48 candidates each, but not in a row)."""
     calls = rows_per_call(monkeypatch, method)
+    monkeypatch.setattr(call_runs, "BATCH_ON_CPU", True)
     handle = attach(llava_next, method, 0.5, site="llm.0")
     try:
         with torch.no_grad():

@@ -13,6 +13,7 @@ from tiny_clip_text import save_tiny_clip
 from tiny_qwen import ROWS, inputs, kept_of
 
 from tokensieve.attach import attach
+from tokensieve.backbones import call_runs
 from tokensieve.backbones.base import Backbone, Site
 from tokensieve.backbones.qwen_prompt import image_questions
 from tokensieve.errors import TokensieveError
@@ -100,10 +101,11 @@ def test_merged_values_replace_the_kept_tokens_and_projector_input_is_the_merger
 
 @pytest.mark.parametrize("method", METHODS)
 def test_consecutive_images_of_one_count_are_chosen_in_one_call_as_each_alone(qwen, method, monkeypatch):
-    """Two 16-token images (rows 0 and 1), then a 6-token one: two calls, the first of two rows; each image
-    keeps what it keeps when its row runs alone."""
+    """Two 16-token images (rows 0 and 1), then a 6-token one: two calls, the first of two rows (as on an
+    accelerator; on a CPU each image goes alone); each image keeps what it keeps when its row runs alone."""
     rows = [ROWS[0], ("what shape is left and right ?", ["big", "small"])]
     calls = rows_per_call(monkeypatch, method)
+    monkeypatch.setattr(call_runs, "BATCH_ON_CPU", True)
     handle = attach(qwen, method, 0.5, site="llm.0")
     try:
         with torch.no_grad():

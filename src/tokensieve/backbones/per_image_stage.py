@@ -3,8 +3,8 @@ Qwen-VL session (:mod:`.qwen_pruning`) and the LLaVA-NeXT session (:mod:`.anyres
 
 :class:`PerImageStagePlan` resolves budgets per image or row in each pass. :class:`PerImageStage`
 runs the stage before the LLM: each image (or video) has its own token count and budget, and a choice
-that does not depend on the other images of the batch; consecutive images of one kind and count are
-chosen in one call, as the rows of one batch. Its selection is settled through the session's plan, and the
+that does not depend on the other images of the batch; on an accelerator consecutive images of one kind
+and count are chosen in one call, as the rows of one batch (:mod:`.call_runs`). Its selection is settled through the session's plan, and the
 pass's counts and kept tokens are recorded per image (``handle.last_kept[stage]``: one row per image,
 padded with ``PADDING``). A mixin: it reads the session's ``handle``, ``plan``, ``seed``, ``stage`` (the
 stage before the LLM) and ``site`` (its site), and calls its ``refuse_selection``.
@@ -19,6 +19,7 @@ import torch
 from torch.nn import functional as F
 
 from tokensieve.backbones.base import Site
+from tokensieve.backbones.call_runs import call_runs
 from tokensieve.backbones.stage_plan import PADDING, StagePlan, row_generator
 from tokensieve.errors import TokensieveError
 from tokensieve.method import Selection, SiteInputs
@@ -108,16 +109,11 @@ class PerImageStage:
         batch of one: indices ``(1, K_i)`` into image ``i``'s tokens.
 
         Each image has its own token count and budget, and its choice must not depend on the other
-        images of the batch; consecutive images of one kind and count are chosen in one call, as rows
-        of one batch (one call's dispatch for them all, as on LLaVA-1.5), which gives each what it gives
-        alone. A method still sees the images in prompt order.
+        images of the batch; consecutive images of one kind and count may be chosen in one call, as rows
+        of one batch (:mod:`.call_runs`), which gives each what it gives alone. A method sees the images
+        in prompt order.
         """
-        runs: list[list[int]] = []  # consecutive images of one kind and token count
-        for i, image_tokens in enumerate(tokens):
-            if runs and kinds[runs[-1][0]] == kinds[i] and tokens[runs[-1][0]].shape[0] == image_tokens.shape[0]:
-                runs[-1].append(i)
-            else:
-                runs.append([i])
+        runs = call_runs([(kind, len(image_tokens)) for kind, image_tokens in zip(kinds, tokens)], tokens[0].device)
         chosen = []
         for r, members in enumerate(runs):
             rows = torch.stack([tokens[i] for i in members])  # (G, N, d)

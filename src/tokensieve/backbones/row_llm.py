@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from tokensieve.backbones.base import Site
+from tokensieve.backbones.call_runs import call_runs
 from tokensieve.backbones.llama_decoder import (
     adjusted_layer_kwargs,
     is_decoding,
@@ -173,7 +174,10 @@ class RowLLMStages(RowRemoval):
         units = units_now(self.units, self.origin, made)  # per row its units as earlier stages left them
         entry = self._entry  # the image runs and questions as the LLM received them, where a method reads them
         chosen = []
-        for rows in row_runs(self.visual, self.question, entry):
+        # rows share a call with as many visual and question columns (and as many where the LLM received them)
+        sizes = [(len(v), len(q)) + (() if entry is None else (len(entry[1][r]), len(entry[2][r])))
+                 for r, (v, q) in enumerate(zip(self.visual, self.question))]
+        for rows in call_runs(sizes, hidden.device):
             index = torch.tensor(rows, device=hidden.device)[:, None]  # (G, 1)
             columns = torch.stack([self.visual[r] for r in rows])  # (G, n)
             question = torch.stack([self.question[r] for r in rows])  # (G, T)
@@ -208,7 +212,7 @@ class RowLLMStages(RowRemoval):
 
     def _choose_rows(self, site: Site, rows: list[int], tokens: torch.Tensor, units: list[list[VisualUnit]],
                      signals: dict, question, question_signals, last: bool) -> list[tuple]:
-        """The choice of rows ``rows`` (consecutive, :func:`row_runs`) among their ``n`` visual tokens each,
+        """The choice of rows ``rows`` (consecutive, :func:`.call_runs.call_runs`) among their ``n`` visual tokens each,
         ``tokens`` ``(G, n, d)`` (their ``units``), in one call; per row: ``(K_b,)`` increasing indices of those
         that stay, their ``(K_b,)`` key weights in soft mode (None: none given, or hard mode), the ``(C_b, d)``
         tokens the method made and ``(C_b,)`` the index among the ``n`` of the token whose position each takes
@@ -301,18 +305,3 @@ class RowLLMStages(RowRemoval):
         return adjusted_layer_kwargs(self._adjusted, kwargs, hidden, self.drops, self.biases, self.length,
                                      self.bb.model.model.language_model.rotary_emb, k, decoding)
 
-
-def row_runs(visual: list[torch.Tensor], question: list[torch.Tensor], entry: tuple | None = None) -> list[list[int]]:
-    """The rows of a pass as runs of consecutive rows that hold as many visual columns (``visual``: per row
-    ``(n_b,)``) and question columns (``question``: per row ``(T_b,)``), and where ``entry`` is given (the LLM's
-    input, its rows' image runs, their questions) as many there: a stage chooses for a run in one call."""
-    def size(row: int) -> tuple:
-        return (len(visual[row]), len(question[row])) + (() if entry is None else (len(entry[1][row]),
-                                                                                  len(entry[2][row])))
-    runs: list[list[int]] = []
-    for row in range(len(visual)):
-        if runs and size(runs[-1][0]) == size(row):
-            runs[-1].append(row)
-        else:
-            runs.append([row])
-    return runs

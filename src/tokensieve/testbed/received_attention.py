@@ -27,7 +27,7 @@ class ReceivedAttentionRecorder(Method):
     seen: list = field(default_factory=list, repr=False, compare=False, metadata={"state": True})
 
     def select(self, inputs: SiteInputs) -> Selection:
-        attention = inputs.signal("received_attention")  # (G, N_i): consecutive images of one size, in order
+        attention = inputs.signal("received_attention")  # (G, N_i): images in prompt order
         self.seen.extend(row.float().cpu() for row in attention)
         b, n = inputs.tokens.shape[:2]
         return Selection(torch.arange(n, device=inputs.tokens.device).expand(b, n))
