@@ -4,10 +4,11 @@ Qwen-VL session (:mod:`.qwen_pruning`) and the LLaVA-NeXT session (:mod:`.anyres
 :class:`PerImageStagePlan` resolves budgets per image or row in each pass. :class:`PerImageStage`
 runs the stage before the LLM: each image (or video) has its own token count and budget, and a choice
 that does not depend on the other images of the batch; on an accelerator consecutive images of one kind
-and count are chosen in one call, as the rows of one batch (:mod:`.call_runs`). Its selection is settled through the session's plan, and the
-pass's counts and kept tokens are recorded per image (``handle.last_kept[stage]``: one row per image,
-padded with ``PADDING``). A mixin: it reads the session's ``handle``, ``plan``, ``seed``, ``stage`` (the
-stage before the LLM) and ``site`` (its site), and calls its ``refuse_selection``.
+and count are chosen in one call, as the rows of one batch (:mod:`.call_runs`). Its selection is settled
+through the session's plan, and the pass's counts and kept tokens are recorded per image
+(``handle.last_kept[stage]``: one row per image, padded with ``PADDING``). A mixin: it reads the session's
+``handle``, ``plan``, ``seed``, ``stage`` (the stage before the LLM) and ``site`` (its site), and calls its
+``refuse_selection``.
 """
 
 from __future__ import annotations
@@ -182,10 +183,11 @@ def stacked_fields(fields: list[dict]) -> dict:
 
 def padded_questions(questions: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(states (G, T, d), valid (G, T))`` of per-row questions ``(states (1, T_i, d), valid (1, T_i))``,
-    each padded after its end to the longest ``T`` (zero states, not valid)."""
+    each padded before its start to the longest ``T`` (zero states, not valid), as LLaVA-1.5's batches give
+    them (the question's last token last in every row)."""
     length = max(states.shape[1] for states, _ in questions)
-    return (torch.cat([F.pad(states, (0, 0, 0, length - states.shape[1])) for states, _ in questions]),
-            torch.cat([F.pad(valid, (0, length - valid.shape[1]), value=False) for _, valid in questions]))
+    return (torch.cat([F.pad(states, (0, 0, length - states.shape[1], 0)) for states, _ in questions]),
+            torch.cat([F.pad(valid, (length - valid.shape[1], 0), value=False) for _, valid in questions]))
 
 
 def row_of(sel: Selection, row: int) -> Selection:
