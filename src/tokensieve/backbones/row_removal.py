@@ -17,7 +17,7 @@ import torch
 from tokensieve.backbones.base import Site
 from tokensieve.backbones.llama_decoder import drop_before, most_negative
 from tokensieve.backbones.stage_plan import EXTRA
-from tokensieve.ops import trues_first
+from tokensieve.ops import complement
 
 
 class RowRemoval:
@@ -39,9 +39,7 @@ class RowRemoval:
         gone = torch.zeros(b, length, dtype=torch.bool, device=device)
         fillers = []
         for row, (columns, kept) in enumerate(zip(self.visual, chosen)):
-            dropped = torch.ones(len(columns), dtype=torch.bool, device=device)
-            dropped[kept] = False
-            dropped = columns[trues_first(dropped)[:len(columns) - len(kept)]]  # in order, with no read
+            dropped = columns[complement(kept[None], len(columns))[0]]  # in order, with no read
             extra = dropping[row] - least
             fillers.append(dropped[:extra])
             gone[row, dropped[extra:]] = True
