@@ -172,6 +172,20 @@ def test_when_the_kernel_rank_is_spent_the_rest_go_by_relevance():
     assert conditional_dpp_keep(tokens, relevance, 8).tolist() == [list(range(8))]
 
 
+def test_a_spent_row_beside_others_picks_as_it_does_alone():
+    """Rows spend their rank at different steps (or never); each row of the batch gives what it gives alone,
+    a spent one its relevance order from its first spent step on."""
+    g = torch.Generator().manual_seed(3)
+    spent = torch.eye(2)[torch.arange(8) % 2].expand(3, 8, 2)  # rank 2: spent after two picks
+    tokens = torch.cat([spent, torch.randn(2, 8, 2, generator=g), torch.randn(1, 8, 2, generator=g)])  # rank 2 each
+    relevance = torch.rand(6, 8, generator=g)
+    for keep in (1, 2, 3, 6):
+        batch = conditional_dpp_keep(tokens, relevance, keep)
+        alone = torch.cat([conditional_dpp_keep(tokens[b : b + 1], relevance[b : b + 1], keep) for b in range(6)])
+        assert torch.equal(batch, alone)
+    assert conditional_dpp_keep(tokens[:1], relevance[:1], 6)[0].unique().numel() == 6  # no pick repeated
+
+
 def test_padding_is_kept_only_when_no_real_token_is_left():
     g = torch.Generator().manual_seed(1)
     tokens, relevance = torch.randn(2, 10, 16, generator=g), torch.rand(2, 10, generator=g)

@@ -197,29 +197,51 @@ def conditional_dpp_keep(tokens: torch.Tensor, relevance: torch.Tensor, keep: in
     if valid is not None:
         gain.masked_fill_(~valid, -math.inf)
         fallback.masked_fill_(~valid, -1.0)  # below any relevance (all >= 0): padding goes last
-    # The incremental Cholesky factor twice: rows (B, T, N) for the product, columns (B * N, T) to read a
-    # pick's column as one row. Flat views are read by index_select with a pick's flat index (row b's
-    # token j at b * N + j): fewer dispatches per step than advanced indexing, the same values.
-    factor, columns = x.new_zeros(b, keep, n), x.new_zeros(b * n, keep)
-    kernel_rows, flat_gain, flat_fallback = kernel.view(b * n, n), gain.view(-1), fallback.view(-1)
-    offsets = torch.arange(0, b * n, n, device=tokens.device) if b > 1 else None  # none to add for one row
-    picks = torch.empty(keep, b, dtype=torch.long, device=tokens.device)
+    picks, best = _greedy_steps(kernel, gain, keep)
+    return _spent_by_relevance(picks, best, fallback).sort(1).values
+
+
+def _greedy_steps(kernel: torch.Tensor, gain: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(picks (B, keep), best (B, keep))``: the token each greedy step picks from the kernel ``(B, N, N)``
+    and the gains ``(B, N)`` (updated in place), and its gain when picked. A step whose best gain is not
+    positive (the row's rank is spent) leaves garbage in that row from then on: every later step of the
+    row is spent too (gains only decrease), and :func:`_spent_by_relevance` replaces them all.
+
+    A step is a dozen tensor operations (the launches, not the arithmetic, are its cost on these sizes):
+    the pick and its gain come from one ``max``, written into views made once, and the pick's factor
+    column is read as one row of a second copy of the factor, so that its update is one batched product.
+    """
+    b, n = gain.shape
+    # The incremental Cholesky factor twice: rows (B, keep, N) for the product, columns (B * N, 1, keep) to
+    # read a pick's column as one row, by index_select with its flat index (row b's token j at b * N + j).
+    factor, columns = gain.new_zeros(b, keep, n), gain.new_zeros(b * n, 1, keep)
+    factor_at = factor.split(1, dim=1)  # per step (B, 1, N)
+    columns_at = columns.view(b, n, keep).transpose(1, 2).split(1, dim=1)  # per step (B, 1, N), strided
+    kernel_rows, gain_rows, flat_gain = kernel.view(b * n, 1, n), gain.view(b, 1, n), gain.view(-1)
+    best, picks = gain.new_empty(keep, b, 1, 1), torch.empty(keep, b, 1, 1, dtype=torch.long, device=gain.device)
+    best_at, picks_at, flat_picks = best.unbind(0), picks.unbind(0), picks.view(keep, b).unbind(0)
+    offsets = torch.arange(0, b * n, n, device=gain.device) if b > 1 else None  # none to add for one row
     for step in range(keep):
-        pick = gain.argmax(1)
-        at = pick if offsets is None else pick + offsets  # (B,) flat index of the gain's pick
-        best = flat_gain.index_select(0, at)
-        spent = ~(best > 0)  # also NaN
-        at = torch.where(spent, fallback.argmax(1) if offsets is None else fallback.argmax(1) + offsets, at)
+        torch.max(gain_rows, 2, keepdim=True, out=(best_at[step], picks_at[step]))  # first index on ties
+        at = flat_picks[step] if offsets is None else flat_picks[step] + offsets  # (B,) flat index of the pick
         # sum_t c_t[pick] c_t as the reference's einsum("tb,tbn->bn"): the same batched product
-        taken = torch.bmm(columns.index_select(0, at)[:, None, :step], factor[:, :step])[:, 0]
-        e = torch.sub(kernel_rows.index_select(0, at), taken)
-        e = torch.div(e, best.sqrt().unsqueeze(-1), out=factor[:, step]).masked_fill_(spent.unsqueeze(-1), 0.0)
-        columns.view(b, n, keep)[:, :, step] = e
-        gain -= e.square()
+        taken = torch.bmm(columns.index_select(0, at).narrow(2, 0, step), factor.narrow(1, 0, step))  # (B, 1, N)
+        e = torch.div(torch.sub(kernel_rows.index_select(0, at), taken), best_at[step].sqrt(), out=factor_at[step])
+        columns_at[step].copy_(e)
+        gain_rows.sub_(torch.mul(e, e))  # the reference's square, as one product (pow dispatches slower)
         flat_gain.index_fill_(0, at, -math.inf)
-        flat_fallback.index_fill_(0, at, -math.inf)
-        picks[step] = at if offsets is None else at - offsets
-    return picks.t().sort(1).values
+    return picks.view(keep, b).t(), best.view(keep, b).t()
+
+
+def _spent_by_relevance(picks: torch.Tensor, best: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """``(B, keep)``: ``picks`` with the picks of every spent step (``best`` ``(B, keep)`` not positive, NaN
+    included) replaced, in order, by the tokens of highest ``fallback`` ``(B, N)`` (lowest index on ties)
+    that no step before them picked. No value is read on the host: the same operations on every row."""
+    spent = (~(best > 0)).cumsum(1) > 0  # (B, keep) a row's steps from its first spent one on
+    chosen = torch.zeros_like(fallback).scatter_add_(1, picks, (~spent).to(fallback.dtype)) > 0
+    order = fallback.masked_fill(chosen, -math.inf).sort(dim=1, descending=True, stable=True).indices  # (B, N)
+    rank = (spent.long().cumsum(1) - 1).clamp_(min=0)  # (B, keep) a spent step's place in that order
+    return torch.where(spent, order.gather(1, rank), picks)
 
 
 @register
