@@ -2,7 +2,8 @@
 after a stage's first pass, whose selection checks read values (docs/design.md), pruning on LLaVA-1.5
 adds no read to the forward, and DART, which must read its pivots' positions (the released claiming
 order is a Python set's), reads as often for six rows as for two. On Qwen-VL and LLaVA-NeXT, whose
-stages choose row by row, pruning adds as many reads for four rows as for two. Counted by intercepting
+stages choose row by row, pruning adds as many reads for four rows as for two, and the Qwen-VL adapter's own
+code (pruned or not) reads as often for four rows as for two. Counted by intercepting
 every torch call that returns values to Python, so the test runs on a CPU."""
 
 from __future__ import annotations
@@ -35,12 +36,14 @@ HOST_SIDE = ("anyres_layout.py", "pooled_video.py")
 
 class HostReads(TorchFunctionMode):
     """Counts, by function name, the torch calls made inside it that read tensor values to the host, but
-    for those made in the modules named in ``host_side`` (the innermost tokensieve file of the call)."""
+    for those made in the modules named in ``host_side`` (the innermost tokensieve file of the call); with
+    ``ours_only``, only those that tokensieve's code makes itself (not the model's code it calls)."""
 
-    def __init__(self, host_side: tuple[str, ...] = ()):
+    def __init__(self, host_side: tuple[str, ...] = (), ours_only: bool = False):
         super().__init__()
         self.reads = Counter()
         self.host_side = host_side
+        self.ours_only = ours_only
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = None
@@ -50,9 +53,16 @@ class HostReads(TorchFunctionMode):
             index = args[1] if isinstance(args[1], tuple) else (args[1],)
             if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index):
                 name = "bool index"
-        if name is not None and not self._on_host():
+        if name is not None and not self._on_host() and (not self.ours_only or self._ours()):
             self.reads[name] += 1
         return func(*args, **(kwargs or {}))
+
+    @staticmethod
+    def _ours() -> bool:
+        """Whether the innermost caller outside torch and this file is a tokensieve module."""
+        callers = [f.filename for f in traceback.extract_stack()
+                   if f"{os.sep}torch{os.sep}" not in f.filename and f.filename != __file__]
+        return f"tokensieve{os.sep}" in callers[-1]
 
     def _on_host(self) -> bool:
         if not self.host_side:
@@ -61,8 +71,8 @@ class HostReads(TorchFunctionMode):
         return bool(ours) and ours[-1].endswith(self.host_side)
 
 
-def reads_of(backbone, batch, host_side: tuple[str, ...] = ()) -> Counter:
-    with torch.no_grad(), HostReads(host_side) as mode:
+def reads_of(backbone, batch, host_side: tuple[str, ...] = (), ours_only: bool = False) -> Counter:
+    with torch.no_grad(), HostReads(host_side, ours_only) as mode:
         backbone.forward(**batch)
     return mode.reads
 
@@ -130,3 +140,21 @@ def test_llava_next_pruning_reads_as_often_for_six_rows_as_for_three(llava_next,
     batches = {3: next_inputs(llava_next.processor, NEXT_ROWS), 6: next_inputs(llava_next.processor, NEXT_ROWS * 2)}
     added = added_reads(llava_next, batches, method, site)
     assert added[6] == added[3]
+
+
+@pytest.mark.parametrize("method,site", [(None, None), ("random", "llm.0"), ("fastv", "llm.2")])
+def test_the_qwen_adapter_reads_as_often_for_four_rows_as_for_two(qwen, method, site):
+    """The adapter's own reads, pruned or not (the model's position ids read per row in transformers' code):
+    the layout once, the grids; the shrunk batch's columns and layout come from counts known on the host."""
+    batches = {2: qwen_inputs(qwen, QWEN_ROWS), 4: qwen_inputs(qwen, QWEN_ROWS * 2)}
+    handle = None if method is None else attach(qwen, method, 0.5, site=site, mode="hard")
+    try:
+        ours = {}
+        for size, batch in batches.items():
+            reads_of(qwen, batch)  # a stage's first pass checks values
+            ours[size] = reads_of(qwen, batch, ours_only=True)
+    finally:
+        if handle is not None:
+            handle.detach()
+    assert ours[4] == ours[2]
+    assert "bool index" not in ours[2]

@@ -269,7 +269,8 @@ class AnyresPruningSession(PerImageStage, RowLLMStages):
         counts = torch.stack([c.sum() for c in candidates]).tolist()  # one read for the batch
         among = [trues_first(c)[:count] for c, count in zip(candidates, counts)]  # each run's candidates, in order
         units = [[layout.unit(input_ids.device)] for layout in layouts]
-        super().begin_llm_pass(input_ids, attention_mask, [run[a] for run, a in zip(runs, among)], units)
+        super().begin_llm_pass(self.bb.layout(input_ids, attention_mask), [run[a] for run, a in zip(runs, among)],
+                               units)
         self.visual = [columns[a] for columns, a in zip(self.visual, among)]
         self.entering = [torch.arange(len(columns), device=input_ids.device) for columns in self.visual]
         if alive is not None:  # soft llm.0: only the chosen tokens stay candidates

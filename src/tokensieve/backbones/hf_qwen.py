@@ -45,8 +45,8 @@ from transformers.vision_utils import get_vision_window_index
 from tokensieve.backbones.base import Site
 from tokensieve.backbones.hf_checkpoint import checkpoint_config, load_complete, model_and_processor
 from tokensieve.backbones.per_image_stage import embedded_question
-from tokensieve.backbones.qwen_kept import checked_kept, kept_features, row_origins
-from tokensieve.backbones.qwen_layout import QwenInputs, QwenLayout, find_layout
+from tokensieve.backbones.qwen_kept import checked_kept, kept_features, kept_per_run, row_origins
+from tokensieve.backbones.qwen_layout import QwenInputs, QwenLayout, find_layout, shrunk_layout
 from tokensieve.backbones.qwen_positions import (
     keep_columns,
     rope_positions,
@@ -270,15 +270,16 @@ class QwenVLBackbone:
                     dropped[kept[run.unit]] = False
                     stays[b, run.start: run.start + run.count] &= ~dropped[run.offset: run.offset + run.count]
             features = kept_features(features, kept, values)
+        after = shrunk_layout(layout, None if kept is None or not counts else kept_per_run(layout, kept))
         pad = self.config.text_config.pad_token_id
-        shrunk = keep_columns(input_ids, positions, stays, 0 if pad is None else pad, attention_mask.dtype)
+        shrunk = keep_columns(input_ids, positions, stays, after.lengths, 0 if pad is None else pad,
+                              attention_mask.dtype)
         # Read by the model only when it builds positions itself (a later cached call without ids).
         self.model.model.rope_deltas = shrunk.rope_deltas
         if session is not None:
             exclude = None if answer_mask is None else keep_columns(  # the answers' columns, shrunk alike
-                answer_mask.long(), positions, stays, 0, attention_mask.dtype).input_ids.bool()
-            session.begin_llm_pass(shrunk.input_ids, shrunk.attention_mask,
-                                   row_origins(layout.units, counts, kept, input_ids.device), units, exclude)
+                answer_mask.long(), positions, stays, after.lengths, 0, attention_mask.dtype).input_ids.bool()
+            session.begin_llm_pass(after, row_origins(layout.units, counts, kept, input_ids.device), units, exclude)
             features = session.take_deepstack(features, layout.units)
         return QwenInputs(shrunk.input_ids, shrunk.attention_mask, shrunk.position_ids, features, layout.kinds)
 

@@ -3,11 +3,13 @@ the tower output cut to them, and where each row's remaining visual tokens came 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 import torch
 
 from tokensieve.backbones.kept_indices import checked_indices
+from tokensieve.backbones.qwen_layout import QwenLayout
 from tokensieve.errors import TokensieveError
 
 
@@ -19,6 +21,18 @@ def checked_kept(kept: Sequence, counts: list[int], kinds: list[str]) -> list[to
         raise TokensieveError(f"kept has {len(kept)} entries for the {len(counts)} {held} of the batch "
                               "(one index list per image or video, in prompt order)")
     return [checked_indices(k, n, f"kept {kind} {i}") for i, (k, n, kind) in enumerate(zip(kept, counts, kinds))]
+
+
+def kept_per_run(layout: QwenLayout, kept: list[torch.Tensor]) -> list[list[int]]:
+    """Per row and run of ``layout``, how many of its unit's ``kept`` ``(M_u,)`` (increasing) indices fall in it.
+    A unit of one run keeps them all, known from the shape; the runs of units spanning several (a Qwen3-VL
+    video's temporal patches) are counted in one read of values for the whole batch."""
+    spans = Counter(run.unit for row in layout.runs for run in row)
+    shared = [run for row in layout.runs for run in row if spans[run.unit] > 1]
+    ends = [torch.tensor([run.offset, run.offset + run.count], device=kept[run.unit].device) for run in shared]
+    counted = iter(torch.stack([torch.searchsorted(kept[run.unit], edges).diff()[0]
+                                for run, edges in zip(shared, ends)]).tolist() if shared else [])
+    return [[next(counted) if spans[run.unit] > 1 else len(kept[run.unit]) for run in row] for row in layout.runs]
 
 
 def row_origins(units: list[list[int]], counts: list[int], kept: list[torch.Tensor] | None,

@@ -30,11 +30,22 @@ class QwenLayout:
     question_mask: ``(B, L)`` True on real tokens after the row's last visual run.
     kinds: per visual unit (prompt order over the batch) ``"image"`` or ``"video"``; the ``i``-th image
     unit is row ``i`` of ``image_grid_thw``, the ``j``-th video unit row ``j`` of ``video_grid_thw``.
+    real_spans: per row, its runs of real (not padding) columns as ``(start, end)``.
     """
 
     runs: list[list[VisualRun]]
     question_mask: torch.Tensor
     kinds: list[str]
+    real_spans: list[list[tuple[int, int]]]
+
+    @property
+    def lengths(self) -> list[int]:
+        """Per row, how many of its columns are real."""
+        return [sum(end - start for start, end in row) for row in self.real_spans]
+
+    def real_before(self, row: int, column: int) -> int:
+        """How many real columns row ``row`` has before ``column``."""
+        return sum(min(end, column) - start for start, end in self.real_spans[row] if start < column)
 
     @property
     def units(self) -> list[list[int]]:
@@ -101,7 +112,7 @@ def find_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_tok
     how many runs it spans (Qwen3-VL: its temporal patches; else 1); None: every video run is a video."""
     real = attention_mask.bool()
     kinds = [input_ids == image_token_id] + ([] if video_token_id is None else [input_ids == video_token_id])
-    images, *videos = _spans(torch.stack(kinds) & real)
+    real_spans, images, *videos = _spans(torch.cat([real[None], torch.stack(kinds) & real]))
     videos = videos[0] if videos else [[]] * len(images)
     runs, kinds, left = [], [], 0  # left: runs still to come of the open video
     question = real.clone()
@@ -122,7 +133,33 @@ def find_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_tok
         left = 0  # a video never spans rows
         if row:
             question[b, : row[-1].start + row[-1].count] = False
-    return QwenLayout(runs, question, kinds)
+    return QwenLayout(runs, question, kinds, real_spans)
+
+
+def shrunk_layout(layout: QwenLayout, kept: list[list[int]] | None = None) -> QwenLayout:
+    """The layout of the batch :func:`.qwen_positions.keep_columns` gives: each row keeps its real columns, of
+    its run ``i`` only ``kept[b][i]`` columns (None: all), and is re-padded on the left. Found on the host from
+    ``layout``, with no read of values (finding it in the shrunk batch reads them). A run none of whose columns
+    stay is left out, as it is where nothing marks it; a run's ``offset`` counts its unit's staying tokens."""
+    kept = [[run.count for run in row] for row in layout.runs] if kept is None else kept
+    lengths = [n - sum(run.count for run in row) + sum(counts)
+               for n, row, counts in zip(layout.lengths, layout.runs, kept)]
+    width, device = max(lengths, default=0), layout.question_mask.device
+    runs, ends, before = [], [], {}  # before: per unit, its tokens staying in earlier runs
+    for b, (row, counts, length) in enumerate(zip(layout.runs, kept, lengths)):
+        pad, dropped, shrunk = width - length, 0, []
+        for run, count in zip(row, counts):
+            if count:
+                start = pad + layout.real_before(b, run.start) - dropped
+                shrunk.append(VisualRun(start, count, run.unit, before.get(run.unit, 0)))
+            before[run.unit] = before.get(run.unit, 0) + count
+            dropped += run.count - count
+        runs.append(shrunk)
+        ends.append(shrunk[-1].start + shrunk[-1].count if shrunk else width - length)
+    columns = torch.arange(width, device=device)
+    question = columns >= torch.tensor(ends, device=device)[:, None]  # (B, L') the real columns after the last run
+    real = [[(width - length, width)] if length else [] for length in lengths]
+    return QwenLayout(runs, question, layout.kinds, real)
 
 
 def question_columns(layout: QwenLayout, exclude: torch.Tensor | None = None) -> tuple[list[torch.Tensor], int]:

@@ -13,14 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
+from tokensieve.ops import trues_first
+
 
 def token_types(input_ids: torch.Tensor, image_token_id: int, video_token_id: int) -> torch.Tensor:
     """``(B, L)`` int: 0 text, 1 image placeholder, 2 video placeholder (the processor's
     ``mm_token_type_ids``)."""
-    types = torch.zeros_like(input_ids, dtype=torch.int)
-    types[input_ids == image_token_id] = 1
-    types[input_ids == video_token_id] = 2
-    return types
+    types = torch.where(input_ids == video_token_id, 2, 0)  # not a bool-mask write, which reads the mask
+    return torch.where(input_ids == image_token_id, 1, types).int()
 
 
 def rope_positions(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_grid_thw: torch.Tensor | None,
@@ -53,17 +53,22 @@ class KeptColumns:
     rope_deltas: torch.Tensor
 
 
-def keep_columns(input_ids: torch.Tensor, positions: torch.Tensor, stays: torch.Tensor, pad_id: int,
-                 mask_dtype: torch.dtype) -> KeptColumns:
-    """Gather the columns where ``stays`` ``(B, L)`` is True (real tokens that stay) from
-    ``input_ids`` ``(B, L)`` and ``positions`` ``(3, B, L)``; rows are re-padded on the left."""
-    rows = [input_ids[b][stays[b]] for b in range(input_ids.shape[0])]
-    kept_positions = [positions[:, b][:, stays[b]] for b in range(input_ids.shape[0])]
-    length = max(len(r) for r in rows)
-    ids = torch.stack([torch.cat([r.new_full((length - len(r),), pad_id), r]) for r in rows])
-    mask = torch.stack([torch.cat([torch.zeros(length - len(r), dtype=mask_dtype, device=r.device),
-                                   torch.ones(len(r), dtype=mask_dtype, device=r.device)]) for r in rows])
-    rope = torch.stack([torch.cat([p.new_zeros(3, length - p.shape[1]), p], 1) for p in kept_positions], 1)
+def keep_columns(input_ids: torch.Tensor, positions: torch.Tensor, stays: torch.Tensor, counts: list[int],
+                 pad_id: int, mask_dtype: torch.dtype) -> KeptColumns:
+    """Gather the columns where ``stays`` ``(B, L)`` is True (real tokens that stay) from ``input_ids``
+    ``(B, L)`` and ``positions`` ``(3, B, L)``; rows are re-padded on the left. counts: per row how many
+    columns stay, known on the host (its real tokens less the dropped ones), so that no value is read back:
+    a row's staying columns are the first ``count`` of a stable sort that puts them first."""
+    length = max(counts, default=0)
+    pads = torch.tensor([length - count for count in counts], device=input_ids.device)  # (B,)
+    slot = torch.arange(length, device=input_ids.device) - pads[:, None]  # (B, L') among a row's staying columns
+    padding = slot < 0
+    source = trues_first(stays).gather(1, slot.clamp(min=0))  # (B, L') the column each slot takes
+    ids = input_ids.gather(1, source).masked_fill(padding, pad_id)
+    mask = (~padding).to(mask_dtype)
+    rope = positions.gather(2, source.expand(3, -1, -1)).masked_fill(padding, 0)  # (3, B, L')
     text = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    deltas = torch.stack([p.max() + 1 - p.shape[1] if p.numel() else p.new_zeros(()) for p in kept_positions])
+    stayed = torch.tensor(counts, device=input_ids.device)
+    top = rope.masked_fill(padding, torch.iinfo(rope.dtype).min).amax(dim=(0, 2))  # (B,) a row's last position
+    deltas = torch.where(stayed > 0, top + 1 - stayed, 0)
     return KeptColumns(ids, mask, torch.cat([text[None], rope]), deltas[:, None])

@@ -38,7 +38,7 @@ from tokensieve.backbones.llama_decoder import (
     rotated_keys,
     soft_key_bias,
 )
-from tokensieve.backbones.qwen_layout import question_columns
+from tokensieve.backbones.qwen_layout import QwenLayout, question_columns
 from tokensieve.backbones.qwen_units import refuse_video, units_now
 from tokensieve.backbones.row_removal import RowRemoval
 from tokensieve.backbones.stage_plan import EXTRA, PADDING, row_generator
@@ -85,17 +85,16 @@ class RowLLMStages(RowRemoval):
             hooks.append(layers[k].register_forward_pre_hook(self._layer_hook(k), with_kwargs=True))
 
     # --- per-pass state -----------------------------------------------------------------
-    def begin_llm_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       origins: list[torch.Tensor], units: list[list[VisualUnit]],
+    def begin_llm_pass(self, layout: QwenLayout, origins: list[torch.Tensor], units: list[list[VisualUnit]],
                        exclude: torch.Tensor | None = None) -> None:
-        """Called by the adapter once the LLM input ``(B, L)`` is assembled (left-padded). origins: per
-        row ``(n_b,)`` the index of each of its visual columns among the row's visual tokens before any
-        pruning (its units' tokens in prompt order), for ``handle.last_kept``; units: per row its images
-        and videos before any pruning (:func:`.qwen_units.visual_units`), for ``SiteInputs.units``;
-        exclude: optional ``(B, L)`` columns that are not question (a teacher-forced sequence's answers)."""
-        layout = self.bb.layout(input_ids, attention_mask)
-        device = input_ids.device
-        self.length = input_ids.shape[1]
+        """Called by the adapter once the LLM input ``(B, L)`` is assembled (left-padded), with its layout
+        (its visual runs and question). origins: per row ``(n_b,)`` the index of each of its visual columns
+        among the row's visual tokens before any pruning (its units' tokens in prompt order), for
+        ``handle.last_kept``; units: per row its images and videos before any pruning
+        (:func:`.qwen_units.visual_units`), for ``SiteInputs.units``; exclude: optional ``(B, L)`` columns that
+        are not question (a teacher-forced sequence's answers)."""
+        device = layout.question_mask.device
+        self.length = layout.question_mask.shape[1]
         # Per row, in the sequence as it now is: its visual columns (n_b,) and the columns after its
         # last image (the question and the answer cue, (T_b,)).
         self.visual = [torch.cat([torch.arange(r.start, r.start + r.count, device=device) for r in row])
