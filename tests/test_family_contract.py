@@ -8,6 +8,7 @@ Qwen-VL one row holds two images) and, if it takes videos, on a batch with a sho
   restores it bit for bit;
 - budgets exact: a count keeps that many tokens of every image (before the LLM) or row (inside it); a
   share (PyramidDrop's) that share of the tokens before each stage, counted down;
+- a batch padded on the right gives what it gives padded on the left (last logits, kept tokens);
 - a padded batch equals each row alone (last logits, kept tokens), and so does a batch holding each row
   beside its twin (the same prompt and media sizes, other media), where a stage chooses for consecutive
   images or rows of one size in one call (as on an accelerator: ``call_runs.BATCH_ON_CPU``);
@@ -32,6 +33,7 @@ import tiny_next_video
 import tiny_onevision
 import tiny_qwen
 import torch
+from padding_side import right_padded
 from tiny_clip_text import save_tiny_clip
 
 from tokensieve.attach import attach
@@ -282,6 +284,22 @@ def test_padded_batch_equals_each_row_alone(folders, make, name, label, monkeypa
                     f"{label}: a row beside its twin keeps other tokens than alone ({kind})"
         finally:
             handle.detach()
+
+
+@pytest.mark.parametrize(("name", "label"), CASES)
+def test_a_batch_padded_on_the_right_gives_what_it_gives_padded_on_the_left(folders, make, name, label):
+    fam, method, site, kinds = case(folders, make, name, label)
+    pruning = method()
+    handle = attach(fam.backbone, pruning, budget_for(pruning), site=site)
+    try:
+        for kind in kinds:
+            with torch.no_grad():
+                left, left_kept = fam.backbone.forward(**fam.batch(kind)).logits[:, -1], kept_of(handle)
+                right = fam.backbone.forward(**right_padded(fam.batch(kind))).logits[:, -1]
+            torch.testing.assert_close(right, left, rtol=1e-5, atol=1e-5)
+            assert [k.tolist() for k in kept_of(handle)] == [k.tolist() for k in left_kept]
+    finally:
+        handle.detach()
 
 
 def recording(method):

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from padding_side import right_padded
 from tiny_clip_text import save_tiny_clip
 
 from tokensieve.attach import attach
@@ -161,6 +162,18 @@ def test_batch_equals_each_sample_alone(backbone, tiny_samples, name, site, make
     finally:
         handle.detach()
     torch.testing.assert_close(together, alone, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,site", CASES)
+def test_a_batch_padded_on_the_right_gives_what_it_gives_padded_on_the_left(backbone, batch, name, site, make):
+    handle = attach(backbone, make(name), budget(make(name), BUDGET), site=site, mode="hard")
+    try:
+        left, left_kept = last_logits(backbone, batch), dict(handle.last_kept)
+        right = last_logits(backbone, right_padded(batch))
+    finally:
+        handle.detach()
+    torch.testing.assert_close(right, left, atol=2e-5, rtol=1e-5)
+    assert all(torch.equal(handle.last_kept[stage], kept) for stage, kept in left_kept.items())
 
 
 @pytest.mark.parametrize("name,site", CASES)

@@ -26,7 +26,7 @@ from tokensieve.backbones.attention_signals import layer_cls_attention
 from tokensieve.backbones.base import Site
 from tokensieve.backbones.hf_checkpoint import model_and_processor
 from tokensieve.backbones.kept_indices import checked_indices
-from tokensieve.backbones.llava_assembly import AssembledInputs, assemble_rows
+from tokensieve.backbones.llava_assembly import AssembledInputs, assemble_rows, left_padded
 from tokensieve.backbones.llava_checkpoint import load_llava_weights
 from tokensieve.backbones.llava_pruning import LlavaPruningSession
 from tokensieve.backbones.llava_signals import llava_signals_at
@@ -228,7 +228,9 @@ class LlavaBackbone:
         per row), increasing: only these enter the LLM, in image order.
         answer_mask: optional ``(B, L)`` positions of a teacher-forced sequence that methods
         reading the question must not see (the answers and every token after the first one).
+        The prompts may be padded on either side; they are read as padded on the left.
         """
+        attention_mask, input_ids, answer_mask = left_padded(attention_mask, input_ids, answer_mask)
         for session in self._active_sessions():
             session.begin_prompt(input_ids, attention_mask, answer_mask)
         features = self.encode_images(pixel_values)

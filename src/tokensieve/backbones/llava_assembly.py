@@ -30,6 +30,14 @@ class AssembledInputs:
                 "position_ids": self.position_ids}
 
 
+def left_padded(attention_mask: torch.Tensor, *columns: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """``attention_mask`` ``(B, L)`` and each of ``columns`` (``(B, L)`` per-column values, e.g. the ids; None
+    stays None) with every row's padding moved before its real columns, in order: the identity on a
+    left-padded batch. A stable sort of the mask, so nothing is read back from the device."""
+    order = attention_mask.bool().to(torch.uint8).argsort(dim=1, stable=True)  # (B, L) padding first
+    return [None if c is None else c.gather(1, order) for c in (attention_mask, *columns)]
+
+
 def assemble_rows(embedding: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   image_start: torch.Tensor, image_count: torch.Tensor,
                   image_embeds: torch.Tensor | Sequence[torch.Tensor], image_token_id: int, pad_token_id: int | None,
@@ -44,18 +52,21 @@ def assemble_rows(embedding: nn.Module, input_ids: torch.Tensor, attention_mask:
     Positions follow the attention mask (``cumsum - 1``), as ``generate()`` computes them, so a row
     gives the same result alone or in a padded batch.
     """
-    # Each row's image start, padding and image count, read back from the device at once.
-    starts, pads, counts = torch.stack([image_start, (~attention_mask.bool()).sum(1), image_count]).tolist()
+    # Each row's real columns before its image run, padding and image count, read back from the device at once
+    # (the real columns before the run, not the run's column less the padding: a row may be padded on the right).
+    real = attention_mask.bool()
+    before = (real & (torch.arange(real.shape[1], device=real.device) < image_start[:, None])).sum(1)
+    starts, pads, counts = torch.stack([before, (~real).sum(1), image_count]).tolist()
     # Each row's real columns first, in order (a stable sort; a boolean mask would wait for the device).
-    real_first = (~attention_mask.bool()).to(torch.uint8).argsort(dim=1, stable=True)
+    real_first = (~real).to(torch.uint8).argsort(dim=1, stable=True)
     rows = []
     for b in range(input_ids.shape[0]):
-        real = input_ids[b].index_select(0, real_first[b, :input_ids.shape[1] - pads[b]])
-        start, count, kept = starts[b] - pads[b], counts[b], image_embeds[b].shape[0]
+        row = input_ids[b].index_select(0, real_first[b, :input_ids.shape[1] - pads[b]])
+        start, count, kept = starts[b], counts[b], image_embeds[b].shape[0]
         if kept > count:
             raise TokensieveError(f"row {b}: {kept} visual tokens for {count} <image> placeholders")
-        run = real.new_full((kept,), image_token_id)
-        rows.append(torch.cat([real[:start], run, real[start + count:]]))
+        run = row.new_full((kept,), image_token_id)
+        rows.append(torch.cat([row[:start], run, row[start + count:]]))
     length = max(len(r) for r in rows)
     pad = 0 if pad_token_id is None else pad_token_id
     ids = torch.stack([torch.cat([r.new_full((length - len(r),), pad), r]) for r in rows])
