@@ -47,6 +47,7 @@ from tokensieve.backbones.per_image_stage import (
     embedded_question,
     per_image_questions,
 )
+from tokensieve.backbones.qwen_layout import QwenLayout
 from tokensieve.backbones.qwen_tower import CLS_SIGNALS
 from tokensieve.backbones.qwen_units import refuse_video
 from tokensieve.backbones.row_llm import RowLLMStages
@@ -254,27 +255,25 @@ class AnyresPruningSession(PerImageStage, RowLLMStages):
                                   "tokens (no new values, tokens of its own or key weights) for now")
 
     # --- llm.k --------------------------------------------------------------------------
-    def begin_llm_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, runs: list[torch.Tensor],
-                       layouts: list) -> None:
-        """Called by the adapter once the LLM input ``(B, L)`` is assembled (left-padded). runs: per row
+    def begin_llm_pass(self, layout: QwenLayout, runs: list[torch.Tensor], layouts: list) -> None:
+        """Called by the adapter once the LLM input ``(B, L)`` is assembled (left-padded), with its layout
+        (:func:`.qwen_layout.shrunk_layout`; soft mode's masked tokens still in their runs). runs: per row
         ``(n_b,)`` the position in its image's packed run of each visual column that entered the LLM;
         layouts: the images' :class:`AnyresLayout` (a video's ``PooledVideoLayout``). Newline columns are
         left out of the candidates. ``SiteInputs.units`` shows each row's unit as its layout's ``unit()``:
         an image as one frame of one row of its packed run's positions (an anyres image is not one grid,
         its :class:`AnyresLayout` says where each position lies), a video as its frames of pooled grids."""
         alive, self.soft_alive = self.soft_alive, None
-        if alive is not None:  # the columns soft llm.0 masks (attention mask 0) still belong to their runs
-            attention_mask = attention_mask.bool() | (input_ids == self.bb.image_token_id)  # videos' too, assembled
-        candidates = [~layout.is_newline.to(run.device)[run] for run, layout in zip(runs, layouts)]
+        device = layout.question_mask.device
+        candidates = [~media.is_newline.to(run.device)[run] for run, media in zip(runs, layouts)]
         counts = torch.stack([c.sum() for c in candidates]).tolist()  # one read for the batch
         among = [trues_first(c)[:count] for c, count in zip(candidates, counts)]  # each run's candidates, in order
-        units = [[layout.unit(input_ids.device)] for layout in layouts]
-        super().begin_llm_pass(self.bb.layout(input_ids, attention_mask), [run[a] for run, a in zip(runs, among)],
-                               units)
+        units = [[media.unit(device)] for media in layouts]
+        super().begin_llm_pass(layout, [run[a] for run, a in zip(runs, among)], units)
         self.visual = [columns[a] for columns, a in zip(self.visual, among)]
-        self.entering = [torch.arange(len(columns), device=input_ids.device) for columns in self.visual]
+        self.entering = [torch.arange(len(columns), device=device) for columns in self.visual]
         if alive is not None:  # soft llm.0: only the chosen tokens stay candidates
-            chosen = [a.to(input_ids.device)[run][c] for a, run, c in zip(alive, runs, candidates)]
+            chosen = [a.to(device)[run][c] for a, run, c in zip(alive, runs, candidates)]
             self.visual = [columns[k] for columns, k in zip(self.visual, chosen)]
             self.origin = [origin[k] for origin, k in zip(self.origin, chosen)]
 

@@ -44,8 +44,8 @@ from tokensieve.backbones.anyres_tower import CROP_SIGNALS
 from tokensieve.backbones.base import Site
 from tokensieve.backbones.hf_checkpoint import checkpoint_config, load_complete, model_and_processor
 from tokensieve.backbones.llava_assembly import AssembledInputs, assemble_rows
-from tokensieve.backbones.qwen_kept import checked_kept
-from tokensieve.backbones.qwen_layout import QwenLayout, find_layout
+from tokensieve.backbones.qwen_kept import checked_kept, kept_per_run
+from tokensieve.backbones.qwen_layout import QwenLayout, find_layout, shrunk_layout
 from tokensieve.backbones.qwen_units import in_unit_order
 from tokensieve.backbones.row_llm import LLM_SIGNALS
 from tokensieve.devices import require_device
@@ -277,7 +277,9 @@ class LlavaNextBackbone:
         if session is not None:
             runs = [torch.arange(n, device=input_ids.device) for n in counts] if kept is None else \
                 [k.to(input_ids.device) for k in kept]
-            session.begin_llm_pass(inputs.input_ids, inputs.attention_mask, runs, layouts)
+            # the assembled rows' layout, from the prompts' (soft mode: every token stays in its run)
+            after = shrunk_layout(layout, None if kept is None else kept_per_run(layout, kept))
+            session.begin_llm_pass(after, runs, layouts)
         return inputs
 
     def _split_visual(self, kwargs: dict) -> dict:
