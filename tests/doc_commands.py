@@ -6,7 +6,7 @@ Every command meets the first :data:`RECIPES` entry whose pattern it matches:
 
 - ``run``: executed as written, in a scratch folder shared by the blocks of its file (so a
   run folder written by one command is read by the next), with arguments appended that make
-  it small (fewer steps, samples, repeats: later flags override earlier ones);
+  it small (fewer steps, samples, repeats, budgets: later flags override earlier ones);
 - ``parse``: it needs what this machine lacks (a GPU, a hub model or dataset, a cluster), so
   only its arguments go through tokensieve's own parser and config checks;
 - ``skip``: the set-up commands that made the environment these tests run in.
@@ -102,8 +102,9 @@ RECIPES = [
     Recipe(r"^tokensieve bench speed --shape llava-next-cpu ", "parse",
            "a LLaVA-NeXT-shaped prefill of 2,968 tokens takes seconds per case on a CPU; tests/test_next_bench.py "
            "runs the command on a tiny LLaVA-NeXT shape"),
-    Recipe(r"^tokensieve bench speed ", "run", extra=["--repeats", "1", "--new-tokens", "2"]),
-    Recipe(r"^tokensieve bench capacity ", "run", extra=["--max-batch", "2", "--new-tokens", "2", "--repeats", "1"]),
+    # one budget of the three (each runs the same code), one probe per method
+    Recipe(r"^tokensieve bench speed ", "run", extra=["--repeats", "1", "--new-tokens", "2", "--budget", "0.22"]),
+    Recipe(r"^tokensieve bench capacity ", "run", extra=["--max-batch", "1", "--new-tokens", "2", "--repeats", "1"]),
     Recipe(r"^tokensieve search ", "run", extra=["--trials", "1"],
            subs=[(r"^configs/search_testbed\.yaml$", "{small_search}")]),
     Recipe(r"^tokensieve clip-benchmark write-data ", "run",
