@@ -142,19 +142,33 @@ def test_llava_next_pruning_reads_as_often_for_six_rows_as_for_three(llava_next,
     assert added[6] == added[3]
 
 
+def adapter_reads(backbone, batches: dict, method: str | None, site: str | None) -> dict:
+    """Per batch size, the reads the adapter's own code makes in a forward (after a stage's first pass)."""
+    handle = None if method is None else attach(backbone, method, 0.5, site=site, mode="hard")
+    try:
+        ours = {}
+        for size, batch in batches.items():
+            reads_of(backbone, batch)  # a stage's first pass checks values
+            ours[size] = reads_of(backbone, batch, HOST_SIDE, ours_only=True)
+    finally:
+        if handle is not None:
+            handle.detach()
+    return ours
+
+
 @pytest.mark.parametrize("method,site", [(None, None), ("random", "llm.0"), ("fastv", "llm.2")])
 def test_the_qwen_adapter_reads_as_often_for_four_rows_as_for_two(qwen, method, site):
     """The adapter's own reads, pruned or not (the model's position ids read per row in transformers' code):
     the layout once, the grids; the shrunk batch's columns and layout come from counts known on the host."""
-    batches = {2: qwen_inputs(qwen, QWEN_ROWS), 4: qwen_inputs(qwen, QWEN_ROWS * 2)}
-    handle = None if method is None else attach(qwen, method, 0.5, site=site, mode="hard")
-    try:
-        ours = {}
-        for size, batch in batches.items():
-            reads_of(qwen, batch)  # a stage's first pass checks values
-            ours[size] = reads_of(qwen, batch, ours_only=True)
-    finally:
-        if handle is not None:
-            handle.detach()
+    ours = adapter_reads(qwen, {2: qwen_inputs(qwen, QWEN_ROWS), 4: qwen_inputs(qwen, QWEN_ROWS * 2)}, method, site)
     assert ours[4] == ours[2]
     assert "bool index" not in ours[2]
+
+
+@pytest.mark.parametrize("method,site", [(None, None), ("random", "llm.0"), ("fastv", "llm.2")])
+def test_the_llava_next_adapter_reads_the_layout_and_the_image_sizes_only(llava_next, method, site):
+    """Pruned or not, for three rows or six: the prompts' layout (one wait: nonzero, then its values) and the
+    image sizes; the assembled rows' places, layout and candidates come from what the host knows."""
+    batches = {3: next_inputs(llava_next.processor, NEXT_ROWS), 6: next_inputs(llava_next.processor, NEXT_ROWS * 2)}
+    ours = adapter_reads(llava_next, batches, method, site)
+    assert ours[3] == ours[6] == Counter({"nonzero": 1, "tolist": 2})

@@ -66,9 +66,9 @@ def test_a_pruned_llava_pass_waits_no_more_than_the_unpruned_one(backbone, batch
     finally:
         handle.detach()
     assert pruned == unpruned, f"more in the pruned pass: {sorted((pruned - unpruned).items())}"
-    # The adapter reads the prompt's layout back twice a pass (its refusals; each row's geometry).
+    # The adapter reads the prompt's layout back once a pass (its refusals and each row's geometry together).
     adapter = {call: n for call, n in unpruned.items() if call[1] in ("hf_llava.py", "llava_assembly.py")}
-    assert adapter == {("tolist", "hf_llava.py", "layout"): 1, ("tolist", "llava_assembly.py", "assemble_rows"): 1}
+    assert adapter == {("tolist", "hf_llava.py", "layout"): 1}
 
 
 def test_pruned_llava_decoding_waits_no_more_than_unpruned(backbone, batch):

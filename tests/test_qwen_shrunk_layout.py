@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from padding_side import right_padded
 from test_qwen_video import KEPT
 from test_qwen_video import ROWS as VIDEO_ROWS
-from padding_side import right_padded
 from tiny_qwen import inputs
 
 from tokensieve.backbones.qwen_kept import kept_per_run

@@ -120,6 +120,8 @@ class AnyresPruningSession(PerImageStage, RowLLMStages):
         self.split = handle.split
         # soft: per image (N_i,) True on the tokens llm.0 chose (and the newlines that enter), for the LLM pass
         self.soft_alive: list[torch.Tensor] | None = None
+        # hard: per image how many of its tokens llm.0 chose (newlines left out), for the LLM pass
+        self.chosen_counts: list[int] | None = None
         check_split(self.split, self.plan.stages)
         self.llm_stages = {site: st for site, st in self.plan.stages.items() if site != LLM0}
         self._projector_inputs: list[torch.Tensor] = []  # per tower pass (images, then videos): (crops, g*g, d_v)
@@ -226,6 +228,7 @@ class AnyresPruningSession(PerImageStage, RowLLMStages):
             else:  # a video's one newline ends its run, after its tokens in the method's order
                 runs.append(torch.cat([k, newlines]))
         self.record_images(kept, [len(layout.candidates) for layout in layouts])
+        self.chosen_counts = [len(k) for k in kept]
         return runs
 
     def _choose_by_part(self, i: int, tokens: torch.Tensor, layout, candidates: torch.Tensor,
@@ -264,9 +267,13 @@ class AnyresPruningSession(PerImageStage, RowLLMStages):
         an image as one frame of one row of its packed run's positions (an anyres image is not one grid,
         its :class:`AnyresLayout` says where each position lies), a video as its frames of pooled grids."""
         alive, self.soft_alive = self.soft_alive, None
+        chosen_counts, self.chosen_counts = self.chosen_counts, None
         device = layout.question_mask.device
         candidates = [~media.is_newline.to(run.device)[run] for run, media in zip(runs, layouts)]
-        counts = torch.stack([c.sum() for c in candidates]).tolist()  # one read for the batch
+        # each run's candidates (its tokens but the newlines), known on the host: llm.0's choice in hard mode,
+        # else every candidate of its image
+        counts = chosen_counts if chosen_counts is not None and alive is None else \
+            [len(media.candidates) for media in layouts]
         among = [trues_first(c)[:count] for c, count in zip(candidates, counts)]  # each run's candidates, in order
         units = [[media.unit(device)] for media in layouts]
         super().begin_llm_pass(layout, [run[a] for run, a in zip(runs, among)], units)

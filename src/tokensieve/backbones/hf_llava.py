@@ -26,7 +26,7 @@ from tokensieve.backbones.attention_signals import layer_cls_attention
 from tokensieve.backbones.base import Site
 from tokensieve.backbones.hf_checkpoint import model_and_processor
 from tokensieve.backbones.kept_indices import checked_indices
-from tokensieve.backbones.llava_assembly import AssembledInputs, assemble_rows, left_padded
+from tokensieve.backbones.llava_assembly import AssembledInputs, RowImage, assemble_rows, left_padded
 from tokensieve.backbones.llava_checkpoint import load_llava_weights
 from tokensieve.backbones.llava_pruning import LlavaPruningSession
 from tokensieve.backbones.llava_signals import llava_signals_at
@@ -41,11 +41,13 @@ class TokenLayout:
 
     image_start, image_count: ``(B,)`` first position and length of each row's image run.
     question_mask: ``(B, L)`` True on real tokens after the image run (question + answer cue).
+    images: per row where its image run lies, on the host.
     """
 
     image_start: torch.Tensor
     image_count: torch.Tensor
     question_mask: torch.Tensor
+    images: list[RowImage]
 
 
 class LlavaBackbone:
@@ -162,20 +164,24 @@ class LlavaBackbone:
 
     def layout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TokenLayout:
         """Image run and question tokens of each row of ``input_ids`` ``(B, L)``."""
-        is_image = (input_ids == self.image_token_id) & attention_mask.bool()
+        real = attention_mask.bool()
+        is_image = (input_ids == self.image_token_id) & real
         count = is_image.sum(1)
         start = is_image.int().argmax(1)
         last = input_ids.shape[1] - 1 - is_image.flip(1).int().argmax(1)
-        # Both refusals read back from the device at once: one wait, not two.
-        missing, scattered = torch.stack([(count == 0).any(), (last - start + 1 != count).any()]).tolist()
-        if missing:
-            raise TokensieveError("a prompt has no <image> token")
-        if scattered:
-            raise TokensieveError("the <image> tokens of a prompt are not one contiguous run")
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        end = start + count
-        question = attention_mask.bool() & (positions >= end[:, None])
-        return TokenLayout(start, count, question)
+        before = (real & (positions < start[:, None])).sum(1)  # real columns before the run
+        # Both refusals and each row's run read back from the device at once: one wait.
+        checks = torch.stack([(count == 0).any(), (last - start + 1 != count).any()]).long()
+        values = torch.cat([checks, before, count, (~real).sum(1)]).tolist()
+        if values[0]:
+            raise TokensieveError("a prompt has no <image> token")
+        if values[1]:
+            raise TokensieveError("the <image> tokens of a prompt are not one contiguous run")
+        b = input_ids.shape[0]
+        images = [RowImage(*row) for row in zip(values[2: 2 + b], values[2 + b: 2 + 2 * b], values[2 + 2 * b:])]
+        question = real & (positions >= (start + count)[:, None])
+        return TokenLayout(start, count, question, images)
 
     # --- pruning ------------------------------------------------------------------------
     def install(self, handle, seed: int = 0) -> None:
@@ -211,9 +217,8 @@ class LlavaBackbone:
             mask = session.image_mask_for_llm()
             if mask is not None:  # soft: tokens dropped before the LLM are masked, positions skip them
                 alive = torch.cat([mask.new_ones(mask.shape[0], 1), mask], 1) if self.keeps_cls else mask
-        inputs = assemble_rows(self.model.get_input_embeddings(), input_ids, attention_mask, layout.image_start,
-                               layout.image_count, image_embeds, self.image_token_id,
-                               self.config.text_config.pad_token_id, alive)
+        inputs = assemble_rows(self.model.get_input_embeddings(), input_ids, attention_mask, layout.images,
+                               image_embeds, self.image_token_id, self.config.text_config.pad_token_id, alive)
         ids, is_image = inputs.input_ids, inputs.input_ids == self.image_token_id
         for session in self._active_sessions():
             session.begin_llm_pass(is_image.int().argmax(1), len(image_embeds[0]), ids.shape[1])

@@ -43,7 +43,7 @@ from tokensieve.backbones.anyres_split import SPLITS
 from tokensieve.backbones.anyres_tower import CROP_SIGNALS
 from tokensieve.backbones.base import Site
 from tokensieve.backbones.hf_checkpoint import checkpoint_config, load_complete, model_and_processor
-from tokensieve.backbones.llava_assembly import AssembledInputs, assemble_rows
+from tokensieve.backbones.llava_assembly import AssembledInputs, RowImage, assemble_rows
 from tokensieve.backbones.qwen_kept import checked_kept, kept_per_run
 from tokensieve.backbones.qwen_layout import QwenLayout, find_layout, shrunk_layout
 from tokensieve.backbones.qwen_units import in_unit_order
@@ -269,11 +269,11 @@ class LlavaNextBackbone:
                 kept = None
         if kept is not None:
             features = [f[k.to(f.device)] for f, k in zip(features, kept)]
-        starts = torch.tensor([row[0].start for row in layout.runs], device=input_ids.device)
+        images = [RowImage(layout.real_before(b, row[0].start), count, input_ids.shape[1] - length)
+                  for b, (row, count, length) in enumerate(zip(layout.runs, counts, layout.lengths))]
         alive = None if session is None or session.soft_alive is None else torch.cat(session.soft_alive)
-        inputs = assemble_rows(self.model.get_input_embeddings(), input_ids, attention_mask, starts,
-                               torch.tensor(counts, device=input_ids.device), features, self.image_token_id,
-                               self.config.text_config.pad_token_id, alive)
+        inputs = assemble_rows(self.model.get_input_embeddings(), input_ids, attention_mask, images, features,
+                               self.image_token_id, self.config.text_config.pad_token_id, alive)
         if session is not None:
             runs = [torch.arange(n, device=input_ids.device) for n in counts] if kept is None else \
                 [k.to(input_ids.device) for k in kept]

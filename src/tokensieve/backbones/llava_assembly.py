@@ -38,31 +38,36 @@ def left_padded(attention_mask: torch.Tensor, *columns: torch.Tensor | None) -> 
     return [None if c is None else c.gather(1, order) for c in (attention_mask, *columns)]
 
 
-def assemble_rows(embedding: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  image_start: torch.Tensor, image_count: torch.Tensor,
+@dataclass(frozen=True)
+class RowImage:
+    """Where a row's one image run lies, known on the host: ``before`` real (not padding) columns precede it,
+    it holds ``count`` placeholders, and the row has ``padding`` columns of padding."""
+
+    before: int
+    count: int
+    padding: int
+
+
+def assemble_rows(embedding: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: list[RowImage],
                   image_embeds: torch.Tensor | Sequence[torch.Tensor], image_token_id: int, pad_token_id: int | None,
                   image_alive: torch.Tensor | None = None) -> AssembledInputs:
     """Put the visual tokens of each row into its placeholder run, shrinking the run to fit.
 
     embedding: the LLM's input embeddings. input_ids, attention_mask: ``(B, L)`` prompts with full
-    placeholder runs. image_start, image_count: ``(B,)`` each row's run (first column, length).
+    placeholder runs, padded on either side. images: per row where its run lies (from its layout, so that
+    nothing is read back from the device here).
     image_embeds: ``(B, M, d)`` or one ``(M_b, d)`` per row (rows may keep different counts).
     image_alive: optional ``(B, M)``, or the rows' ``(M_b,)`` one after the other (soft mode): False for
     visual tokens that stay in the run with attention mask 0 (their positions skipped).
     Positions follow the attention mask (``cumsum - 1``), as ``generate()`` computes them, so a row
     gives the same result alone or in a padded batch.
     """
-    # Each row's real columns before its image run, padding and image count, read back from the device at once
-    # (the real columns before the run, not the run's column less the padding: a row may be padded on the right).
-    real = attention_mask.bool()
-    before = (real & (torch.arange(real.shape[1], device=real.device) < image_start[:, None])).sum(1)
-    starts, pads, counts = torch.stack([before, (~real).sum(1), image_count]).tolist()
     # Each row's real columns first, in order (a stable sort; a boolean mask would wait for the device).
-    real_first = (~real).to(torch.uint8).argsort(dim=1, stable=True)
+    real_first = (~attention_mask.bool()).to(torch.uint8).argsort(dim=1, stable=True)
     rows = []
-    for b in range(input_ids.shape[0]):
-        row = input_ids[b].index_select(0, real_first[b, :input_ids.shape[1] - pads[b]])
-        start, count, kept = starts[b], counts[b], image_embeds[b].shape[0]
+    for b, image in enumerate(images):
+        row = input_ids[b].index_select(0, real_first[b, :input_ids.shape[1] - image.padding])
+        start, count, kept = image.before, image.count, image_embeds[b].shape[0]
         if kept > count:
             raise TokensieveError(f"row {b}: {kept} visual tokens for {count} <image> placeholders")
         run = row.new_full((kept,), image_token_id)

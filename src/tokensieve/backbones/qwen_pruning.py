@@ -31,9 +31,9 @@ import torch
 from tokensieve.backbones.base import Site
 from tokensieve.backbones.per_image_stage import PerImageStage, PerImageStagePlan, per_image_questions
 from tokensieve.backbones.qwen_deepstack import QwenDeepStack
-from tokensieve.backbones.qwen_units import merger_inputs, refuse_video
 from tokensieve.backbones.qwen_soft import QwenSoftMasks
 from tokensieve.backbones.qwen_tower import TOWER_SIGNALS, TowerCapture, refuse_without_cls, without_cls_hint
+from tokensieve.backbones.qwen_units import merger_inputs, refuse_video
 from tokensieve.backbones.row_llm import RowLLMStages
 from tokensieve.errors import TokensieveError
 from tokensieve.method import Selection, VisualUnit
