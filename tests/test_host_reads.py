@@ -142,9 +142,9 @@ def test_llava_next_pruning_reads_as_often_for_six_rows_as_for_three(llava_next,
     assert added[6] == added[3]
 
 
-def adapter_reads(backbone, batches: dict, method: str | None, site: str | None) -> dict:
+def adapter_reads(backbone, batches: dict, method: str | None, site: str | None, mode: str = "hard") -> dict:
     """Per batch size, the reads the adapter's own code makes in a forward (after a stage's first pass)."""
-    handle = None if method is None else attach(backbone, method, 0.5, site=site, mode="hard")
+    handle = None if method is None else attach(backbone, method, 0.5, site=site, mode=mode)
     try:
         ours = {}
         for size, batch in batches.items():
@@ -165,10 +165,11 @@ def test_the_qwen_adapter_reads_as_often_for_four_rows_as_for_two(qwen, method, 
     assert "bool index" not in ours[2]
 
 
-@pytest.mark.parametrize("method,site", [(None, None), ("random", "llm.0"), ("fastv", "llm.2")])
-def test_the_llava_next_adapter_reads_the_layout_and_the_image_sizes_only(llava_next, method, site):
+@pytest.mark.parametrize("method,site,mode", [(None, None, "hard"), ("random", "llm.0", "hard"),
+                                              ("fastv", "llm.2", "hard"), ("random", "llm.0", "soft")])
+def test_the_llava_next_adapter_reads_the_layout_and_the_image_sizes_only(llava_next, method, site, mode):
     """Pruned or not, for three rows or six: the prompts' layout (one wait: nonzero, then its values) and the
     image sizes; the assembled rows' places, layout and candidates come from what the host knows."""
     batches = {3: next_inputs(llava_next.processor, NEXT_ROWS), 6: next_inputs(llava_next.processor, NEXT_ROWS * 2)}
-    ours = adapter_reads(llava_next, batches, method, site)
+    ours = adapter_reads(llava_next, batches, method, site, mode)
     assert ours[3] == ours[6] == Counter({"nonzero": 1, "tolist": 2})

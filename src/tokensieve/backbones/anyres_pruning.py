@@ -279,8 +279,9 @@ class AnyresPruningSession(PerImageStage, RowLLMStages):
         super().begin_llm_pass(layout, [run[a] for run, a in zip(runs, among)], units)
         self.visual = [columns[a] for columns, a in zip(self.visual, among)]
         self.entering = [torch.arange(len(columns), device=device) for columns in self.visual]
-        if alive is not None:  # soft llm.0: only the chosen tokens stay candidates
-            chosen = [a.to(device)[run][c] for a, run, c in zip(alive, runs, candidates)]
+        if alive is not None:  # soft llm.0: only the chosen tokens stay candidates, as many as it chose
+            chosen = [trues_first(a.to(device)[run][at])[:count]
+                      for a, run, at, count in zip(alive, runs, among, chosen_counts)]
             self.visual = [columns[k] for columns, k in zip(self.visual, chosen)]
             self.origin = [origin[k] for origin, k in zip(self.origin, chosen)]
 

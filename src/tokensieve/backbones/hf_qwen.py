@@ -59,7 +59,6 @@ from tokensieve.backbones.qwen_units import (
     checked_counts,
     encode_units,
     frame_runs,
-    unit_grids,
     visual_units,
 )
 from tokensieve.backbones.row_llm import LLM_SIGNALS
@@ -240,7 +239,7 @@ class QwenVLBackbone:
         if answer_mask is not None:
             layout.question_mask &= ~answer_mask.bool()
         merge = self.config.vision_config.spatial_merge_size
-        counts = checked_counts(layout, image_grid_thw, video_grid_thw, merge)
+        counts, grids = checked_counts(layout, image_grid_thw, video_grid_thw, merge)
         kept = None if kept is None else checked_kept(kept, counts, layout.kinds)
         session = self._active_session()
         if session is not None and kept is not None:
@@ -252,7 +251,7 @@ class QwenVLBackbone:
                                    video_grid_thw, second_per_grid_ts)
         features = encode_units(self.model.model, layout.kinds, pixel_values, image_grid_thw, pixel_values_videos,
                                 video_grid_thw)
-        units = visual_units(layout, unit_grids(layout, image_grid_thw, video_grid_thw, merge), input_ids.device)
+        units = visual_units(layout, grids, input_ids.device)
         values = None
         if session is not None and session.stage is not None and counts:
             questions = None if self.processor is None else (

@@ -39,9 +39,10 @@ def unit_grids(layout: QwenLayout, image_grid_thw: torch.Tensor | None, video_gr
 
 
 def checked_counts(layout: QwenLayout, image_grid_thw: torch.Tensor | None, video_grid_thw: torch.Tensor | None,
-                   merge: int) -> list[int]:
-    """The token count of each unit, refused unless the prompts hold one unit per grid row and each
-    unit's placeholder runs hold its grid's tokens (a Qwen3-VL video: each run one temporal patch's)."""
+                   merge: int) -> tuple[list[int], list[tuple[int, int, int]]]:
+    """``(counts, grids)``: the token count of each unit and its :func:`unit_grids` grid, refused unless the
+    prompts hold one unit per grid row and each unit's placeholder runs hold its grid's tokens (a Qwen3-VL
+    video: each run one temporal patch's)."""
     for kind, grid in (("image", image_grid_thw), ("video", video_grid_thw)):
         have, given = len(layout.of_kind(kind)), 0 if grid is None else len(grid)
         if have != given:
@@ -62,7 +63,7 @@ def checked_counts(layout: QwenLayout, image_grid_thw: torch.Tensor | None, vide
             what = "placeholder run has" if len(runs) == 1 else f"{len(runs)} placeholder runs have"
             raise TokensieveError(f"{kind} {index}: its {what} {held[u]} tokens, its {shape} patch grid gives "
                                   f"{counts[u]}" + (f" ({h * w} per frame run)" if per_frame else ""))
-    return counts
+    return counts, grids
 
 
 def encode_units(model, kinds: list[str], pixel_values: torch.Tensor | None, image_grid_thw: torch.Tensor | None,
