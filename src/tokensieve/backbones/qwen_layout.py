@@ -140,7 +140,7 @@ def shrunk_layout(layout: QwenLayout, kept: list[list[int]] | None = None) -> Qw
     """The layout of the batch :func:`.qwen_positions.keep_columns` gives: each row keeps its real columns, of
     its run ``i`` only ``kept[b][i]`` columns (None: all), and is re-padded on the left. Found on the host from
     ``layout``, with no read of values (finding it in the shrunk batch reads them). A run none of whose columns
-    stay is left out, as it is where nothing marks it; a run's ``offset`` counts its unit's staying tokens."""
+    stay is left out (nothing marks it in the shrunk batch); a run's ``offset`` counts its unit's staying tokens."""
     kept = [[run.count for run in row] for row in layout.runs] if kept is None else kept
     lengths = [n - sum(run.count for run in row) + sum(counts)
                for n, row, counts in zip(layout.lengths, layout.runs, kept)]
