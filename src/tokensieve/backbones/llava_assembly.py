@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from tokensieve.errors import TokensieveError
+from tokensieve.ops import trues_first
 
 
 @dataclass
@@ -34,7 +35,7 @@ def left_padded(attention_mask: torch.Tensor, *columns: torch.Tensor | None) -> 
     """``attention_mask`` ``(B, L)`` and each of ``columns`` (``(B, L)`` per-column values, e.g. the ids; None
     stays None) with every row's padding moved before its real columns, in order: the identity on a
     left-padded batch. A stable sort of the mask, so nothing is read back from the device."""
-    order = attention_mask.bool().to(torch.uint8).argsort(dim=1, stable=True)  # (B, L) padding first
+    order = trues_first(~attention_mask.bool())  # (B, L) padding first
     return [None if c is None else c.gather(1, order) for c in (attention_mask, *columns)]
 
 
@@ -63,7 +64,7 @@ def assemble_rows(embedding: nn.Module, input_ids: torch.Tensor, attention_mask:
     gives the same result alone or in a padded batch.
     """
     # Each row's real columns first, in order (a stable sort; a boolean mask would wait for the device).
-    real_first = (~attention_mask.bool()).to(torch.uint8).argsort(dim=1, stable=True)
+    real_first = trues_first(attention_mask.bool())
     rows = []
     for b, image in enumerate(images):
         row = input_ids[b].index_select(0, real_first[b, :input_ids.shape[1] - image.padding])

@@ -29,6 +29,7 @@ from tokensieve.backbones.llama_decoder import (
 from tokensieve.backbones.stage_plan import EXTRA, PADDING
 from tokensieve.errors import TokensieveError
 from tokensieve.method import Selection
+from tokensieve.ops import trues_first
 
 
 class LLMReductions:
@@ -134,7 +135,7 @@ class LLMReductions:
         drop.scatter_(1, columns, True).scatter_(1, kept_columns, False)
         # (B, L'): the columns that stay, in order (every row drops the same count; a stable sort puts
         # them first, where a boolean mask would wait for the device)
-        local = drop.to(torch.uint8).argsort(dim=1, stable=True)[:, :length - columns.shape[1] + sel.indices.shape[1]]
+        local = trues_first(~drop)[:, :length - columns.shape[1] + sel.indices.shape[1]]
         previous = self.drops[-1] if self.drops else None
         kept_hidden = hidden.gather(1, local[..., None].expand(-1, -1, d))
         original = (previous.columns if previous else here).gather(1, local)  # current -> original columns

@@ -17,7 +17,7 @@ import torch
 from tokensieve.backbones.base import Site
 from tokensieve.backbones.llama_decoder import drop_before, most_negative
 from tokensieve.backbones.stage_plan import EXTRA
-from tokensieve.ops import complement
+from tokensieve.ops import complement, trues_first
 
 
 class RowRemoval:
@@ -43,7 +43,7 @@ class RowRemoval:
             extra = dropping[row] - least
             fillers.append(dropped[:extra])
             gone[row, dropped[extra:]] = True
-        local = gone.to(torch.uint8).argsort(dim=1, stable=True)[:, :length - least]  # (B, L'): columns that stay
+        local = trues_first(~gone)[:, :length - least]  # (B, L'): columns that stay
         moved = (~gone).long().cumsum(1) - 1  # (B, L) each staying column's index in the shorter sequence
         previous = self.drops[-1] if self.drops else None
         here = torch.arange(length, device=device).expand(b, length)
