@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import traceback
 from collections import Counter
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from tiny_qwen import inputs as qwen_inputs
 from torch.overrides import TorchFunctionMode
 
 from tokensieve.attach import attach
+from tokensieve.method import Method, Selection, SiteInputs
 
 VALUE_READS = {torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__int__,
                torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.nonzero, torch.nonzero, torch.equal,
@@ -84,8 +86,23 @@ def test_the_counter_sees_a_read():
     assert mode.reads == Counter({"__int__": 1, "bool index": 1, "tolist": 1})
 
 
+@dataclass
+class QuestionReader(Method):
+    """Keeps the tokens most aligned with the mean of the question's states: reads the question, no value."""
+
+    name = "question_reader"
+    stages = ("llm",)
+
+    def select(self, inputs: SiteInputs) -> Selection:
+        states, valid = inputs.question()  # (B, T, d), (B, T)
+        centre = (states * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)  # (B, d)
+        scores = (inputs.tokens * centre[:, None]).sum(-1)  # (B, N)
+        return Selection(scores.topk(inputs.keep, dim=1).indices.sort(1).values)
+
+
 @pytest.mark.parametrize("method,site", [("random", "projector"), ("visionzip", "projector"),
-                                         ("divprune", "llm.0"), ("fastv", "llm.2")])
+                                         ("divprune", "llm.0"), ("fastv", "llm.2"),
+                                         (QuestionReader(), "llm.0"), (QuestionReader(), "llm.2")], ids=str)
 def test_pruning_adds_no_read_after_the_first_pass(backbone, batch, method, site):
     unpruned = reads_of(backbone, batch)
     handle = attach(backbone, method, 0.5, site=site, mode="hard")

@@ -203,15 +203,17 @@ class LlavaBackbone:
         return torch.stack(list(out.pooler_output))
 
     def assemble(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 image_embeds: torch.Tensor | Sequence[torch.Tensor]) -> AssembledInputs:
+                 image_embeds: torch.Tensor | Sequence[torch.Tensor], layout: TokenLayout | None = None
+                 ) -> AssembledInputs:
         """Put the visual tokens of each row into its placeholder run, shrinking the run to fit.
 
         input_ids, attention_mask: ``(B, L)`` left-padded prompts with full placeholder runs.
         image_embeds: ``(B, M, d)`` or one ``(M_b, d)`` per row (rows may keep different counts).
+        layout: the prompts' :meth:`layout`, when already found.
         Positions follow the attention mask (``cumsum - 1``), as ``generate()`` computes them,
         so a row gives the same result alone or in a padded batch.
         """
-        layout = self.layout(input_ids, attention_mask)
+        layout = self.layout(input_ids, attention_mask) if layout is None else layout
         alive = None
         for session in self._active_sessions():
             mask = session.image_mask_for_llm()
@@ -236,12 +238,13 @@ class LlavaBackbone:
         The prompts may be padded on either side; they are read as padded on the left.
         """
         attention_mask, input_ids, answer_mask = left_padded(attention_mask, input_ids, answer_mask)
+        layout = self.layout(input_ids, attention_mask)
         for session in self._active_sessions():
-            session.begin_prompt(input_ids, attention_mask, answer_mask)
+            session.begin_prompt(input_ids, layout, answer_mask)
         features = self.encode_images(pixel_values)
         if kept is not None:
             features = [f[k] for f, k in zip(features, _checked_kept(kept, *features.shape[:2]))]
-        return self.assemble(input_ids, attention_mask, features)
+        return self.assemble(input_ids, attention_mask, features, layout)
 
     def forward(self, input_ids, attention_mask, pixel_values, kept=None, answer_mask=None, **kwargs):
         """Logits ``(B, L', vocab)`` of the assembled sequence (``L' < L`` when tokens were dropped)."""

@@ -76,35 +76,37 @@ class LlavaPruningSession(LlavaSignals, TowerReductions, LLMReductions):
         self.plan = LlavaStagePlan(backbone, handle)
         self.stages = self.plan.stages
         self.sizes = TokenSizes()  # tokens each tower token stands for, once a stage has merged (CLS included)
-        self.prompt: tuple | None = None  # (input_ids, attention_mask, exclude) of the latest prompt
+        self.prompt: tuple | None = None  # (input_ids, layout, exclude) of the latest prompt
         self.begin_image_pass()
         self.begin_llm_pass(None, 0, 0)
         self._register()
 
     # --- per-pass state -----------------------------------------------------------------
-    def begin_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     exclude: torch.Tensor | None = None) -> None:
+    def begin_prompt(self, input_ids: torch.Tensor, layout, exclude: torch.Tensor | None = None) -> None:
         """Remember the prompt, for methods that read its question (:meth:`question_span`).
 
-        input_ids, attention_mask: ``(B, L)`` left-padded prompts. exclude: optional ``(B, L)``
-        positions that are not question (the answers of a teacher-forced training sequence,
-        which a method must never see).
+        input_ids: ``(B, L)`` left-padded prompts; layout: their :class:`~.hf_llava.TokenLayout`. exclude:
+        optional ``(B, L)`` positions that are not question (the answers of a teacher-forced training
+        sequence, which a method must never see).
         """
-        self.prompt = (input_ids, attention_mask, exclude)
+        self.prompt = (input_ids, layout, exclude)
         self._question: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def question_span(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(ids (B, T), valid (B, T))``: the question of each row of the latest prompt. Questions
         follow the image run, so they are the last ``T`` columns of every row, before and after any
-        visual tokens are removed. Found when first asked (its width is read from the device, which
-        a pass whose methods never read the question does not wait for)."""
+        visual tokens are removed. Found when first asked: where its first column is, the layout knows on
+        the host (a row's padding, the real columns before its run and the run); with answers left out,
+        it is read from the device, which a pass whose methods never read the question does not wait for."""
         if self._question is None:
-            input_ids, attention_mask, exclude = self.prompt
-            question = self.bb.layout(input_ids, attention_mask).question_mask
-            if exclude is not None:
+            input_ids, layout, exclude = self.prompt
+            question = layout.question_mask
+            if exclude is None:
+                first = min(image.padding + image.before + image.count for image in layout.images)
+            else:
                 question = question & ~exclude.bool()
-            starts = torch.where(question.any(1), question.int().argmax(1), input_ids.shape[1])
-            first = int(starts.min())
+                starts = torch.where(question.any(1), question.int().argmax(1), input_ids.shape[1])
+                first = int(starts.min())
             self._question = (input_ids[:, first:], question[:, first:])
         return self._question
 
