@@ -60,15 +60,14 @@ def keep_columns(input_ids: torch.Tensor, positions: torch.Tensor, stays: torch.
     columns stay, known on the host (its real tokens less the dropped ones), so that no value is read back:
     a row's staying columns are the first ``count`` of a stable sort that puts them first."""
     length = max(counts, default=0)
-    pads = torch.tensor([length - count for count in counts], device=input_ids.device)  # (B,)
-    slot = torch.arange(length, device=input_ids.device) - pads[:, None]  # (B, L') among a row's staying columns
-    padding = slot < 0
+    stayed = torch.tensor(counts, device=input_ids.device)  # (B,)
+    slot = torch.arange(length, device=input_ids.device) - (length - stayed)[:, None]  # (B, L') among the row's
+    padding = slot < 0  # staying columns; below 0: its padding
     source = trues_first(stays).gather(1, slot.clamp(min=0))  # (B, L') the column each slot takes
     ids = input_ids.gather(1, source).masked_fill(padding, pad_id)
     mask = (~padding).to(mask_dtype)
     rope = positions.gather(2, source.expand(3, -1, -1)).masked_fill(padding, 0)  # (3, B, L')
     text = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    stayed = torch.tensor(counts, device=input_ids.device)
     top = rope.masked_fill(padding, torch.iinfo(rope.dtype).min).amax(dim=(0, 2))  # (B,) a row's last position
     deltas = torch.where(stayed > 0, top + 1 - stayed, 0)
     return KeptColumns(ids, mask, torch.cat([text[None], rope]), deltas[:, None])
